@@ -1,0 +1,63 @@
+//! The `pdgc` binary as a user runs it: exit codes, where output goes, JSON shape.
+
+use std::process::Command;
+
+fn pdgc(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pdgc"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("pdgc runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_prints_the_layer_table_and_totals() {
+    let (code, stdout, stderr) = pdgc(&["check", "samples/mnist_cnn.pdg", "samples/alexnet.pdg"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("model mnist_cnn"));
+    assert!(stdout.contains("conv1  conv2d     [16, 14, 14]"), "{stdout}");
+    assert!(stdout.contains("total: 61,100,840 parameters"), "{stdout}");
+}
+
+#[test]
+fn check_fails_with_located_diagnostics() {
+    let (code, stdout, stderr) = pdgc(&["check", "samples/errors/multiple_errors.pdg"]);
+    assert_eq!(code, 1);
+    assert!(stdout.is_empty());
+    assert!(stderr.contains("samples/errors/multiple_errors.pdg:7:37"), "{stderr}");
+    assert!(stderr.contains("did you mean `maxpool2d`?"), "{stderr}");
+    assert!(stderr.contains("3 error(s)"), "{stderr}");
+}
+
+#[test]
+fn warnings_pass_unless_denied() {
+    let (code, _, stderr) = pdgc(&["check", "samples/errors/unused_binding.pdg"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("warning[W0001]"));
+    let (code, _, _) = pdgc(&["check", "--deny-warnings", "samples/errors/unused_binding.pdg"]);
+    assert_eq!(code, 1);
+}
+
+#[test]
+fn check_json_is_machine_readable() {
+    let (code, stdout, _) = pdgc(&["check", "--format", "json", "samples/mnist_cnn.pdg", "samples/errors/batch_norm.pdg"]);
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("valid JSON");
+    assert_eq!(v[0]["ok"], true);
+    assert_eq!(v[0]["report"]["total_params"], 26010);
+    assert_eq!(v[0]["report"]["layers"][1]["name"], "conv1");
+    assert_eq!(v[1]["ok"], false);
+    assert_eq!(v[1]["diagnostics"][0]["code"], "E0101");
+}
+
+#[test]
+fn a_missing_file_is_a_clear_error() {
+    let (code, _, stderr) = pdgc(&["check", "no/such/file.pdg"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("cannot read no/such/file.pdg"), "{stderr}");
+}
