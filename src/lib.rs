@@ -11,8 +11,11 @@
 
 pub mod check;
 pub mod diag;
+pub mod explain;
+pub mod grad;
 pub mod graph;
 pub mod ops;
+pub mod plan;
 pub mod report;
 pub mod syntax;
 

@@ -1,0 +1,323 @@
+//! The rule table: one entry per op, giving its forward definition in index notation and —
+//! for ops that are not parameter contractions — its input-gradient rule. Parameter
+//! gradients are never written here: they come from [`derive_contraction`].
+
+use crate::graph::{Activation, Conv, Graph, LabelSpec, Loss, Node, Op, PoolKind};
+
+use super::index::{Access, Equation, Expr, Index, Reduction, Term, Var};
+use super::{derive_contraction, Contraction, GradStep, ParamGrad};
+
+const GENERIC: [Var; 8] = ["i0", "i1", "i2", "i3", "i4", "i5", "i6", "i7"];
+
+/// Variable names for a per-example tensor of `rank` dims (the batch var `n` not included).
+fn dim_vars(rank: usize) -> Vec<Var> {
+    match rank {
+        1 => vec!["i"],
+        2 => vec!["c", "l"],
+        3 => vec!["c", "h", "w"],
+        r => GENERIC[..r.min(GENERIC.len())].to_vec(),
+    }
+}
+
+fn with_n(vars: &[Var]) -> Vec<Var> {
+    let mut v = vec!["n"];
+    v.extend_from_slice(vars);
+    v
+}
+
+fn shape(s: &[usize]) -> String {
+    format!("[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
+}
+
+fn eq(lhs: Access, rhs: Expr) -> Equation {
+    Equation { lhs, accumulate: false, rhs }
+}
+
+fn scatter(lhs: Access, rhs: Expr) -> Equation {
+    Equation { lhs, accumulate: true, rhs }
+}
+
+fn rd(a: &Access) -> Expr {
+    Expr::Read(a.clone())
+}
+
+fn grad(a: &Access) -> Access {
+    a.renamed(format!("d{}", a.tensor))
+}
+
+/// Builds the backward step of one node; `input_needs[i]` says whether input `i` needs a
+/// gradient. Returns `None` for graph inputs (they have no backward).
+pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradStep> {
+    let mut bindings = Vec::new();
+    let in_shape = |i: usize| graph.node(node.inputs[i]).shape.clone();
+    for (i, id) in node.inputs.iter().enumerate() {
+        let local = match (&node.op, i) {
+            (Op::Add, 0) => "A",
+            (Op::Add, _) => "B",
+            _ => "X",
+        };
+        bindings.push(format!("{local} = {id} {}", shape(&in_shape(i))));
+    }
+    bindings.push(format!("Y = {} {}", node.id, shape(&node.shape)));
+    let params: Vec<_> = graph.params_of(node.id).collect();
+    for p in &params {
+        let local = if p.name.ends_with(".weight") { "W" } else { "b" };
+        bindings.push(format!("{local} = {} {}", p.name, shape(&p.shape)));
+    }
+    let title = match &node.layer {
+        Some(l) => format!("{l}: {}", node.op),
+        None => node.op.to_string(),
+    };
+    let mut step = GradStep {
+        node: node.id,
+        title,
+        bindings,
+        forward: vec![],
+        input_grads: vec![],
+        param_grads: vec![],
+    };
+    let needs_x = input_needs.first().copied().unwrap_or(false);
+    let param_name = |suffix: &str| format!("{}.{suffix}", node.layer.as_deref().unwrap_or("?"));
+
+    // Contractions with a parameter: one generic derivation.
+    let contraction = |step: &mut GradStep, c: Contraction| {
+        let d = derive_contraction(&c);
+        step.forward.push(d.forward);
+        step.param_grads.push(ParamGrad { param: param_name("weight"), eq: d.dw });
+        if let Some(db) = d.db {
+            step.param_grads.push(ParamGrad { param: param_name("bias"), eq: db });
+        }
+        d.dx
+    };
+
+    match &node.op {
+        Op::Input { .. } => return None,
+        Op::Conv(conv) => {
+            let c = conv_contraction(conv, &in_shape(0));
+            let dx = contraction(&mut step, c);
+            if needs_x {
+                step.input_grads.push(dx);
+            }
+        }
+        Op::Linear(l) => {
+            let rank = node.shape.len();
+            let lead: Vec<Var> = ["t", "u", "v", "s", "r", "q", "m"][..rank - 1].to_vec();
+            let mut yv = with_n(&lead);
+            let mut xv = yv.clone();
+            yv.push("o");
+            xv.push("i");
+            let c = Contraction {
+                y: Access::new("Y", &yv),
+                w: Access::new("W", &["o", "i"]),
+                x: Access::new("X", &xv),
+                bias: l.bias.then(|| Access::new("b", &["o"])),
+            };
+            let dx = contraction(&mut step, c);
+            if needs_x {
+                step.input_grads.push(dx);
+            }
+        }
+        Op::Activation(act) => {
+            let v = with_n(&dim_vars(node.shape.len()));
+            let (x, y) = (Access::new("X", &v), Access::new("Y", &v));
+            let (f, local_grad): (&'static str, Expr) = match act {
+                Activation::Relu => ("relu", Expr::call("step", vec![rd(&x)])),
+                Activation::LeakyRelu { slope } => {
+                    ("leaky_relu", Expr::call("leaky_step", vec![rd(&x), Expr::num(*slope)]))
+                }
+                Activation::Tanh => ("tanh", Expr::sub(Expr::num(1.0), Expr::mul(vec![rd(&y), rd(&y)]))),
+                Activation::Sigmoid => ("sigmoid", Expr::mul(vec![rd(&y), Expr::sub(Expr::num(1.0), rd(&y))])),
+                Activation::Gelu => ("gelu", Expr::call("gelu_grad", vec![rd(&x)])),
+            };
+            let fwd_args = match act {
+                Activation::LeakyRelu { slope } => vec![rd(&x), Expr::num(*slope)],
+                _ => vec![rd(&x)],
+            };
+            step.forward.push(eq(y.clone(), Expr::call(f, fwd_args)));
+            step.input_grads.push(eq(grad(&x), Expr::mul(vec![rd(&grad(&y)), local_grad])));
+        }
+        Op::Pool(p) => {
+            let spatial = p.kernel.len();
+            let (ov, kv): (Vec<Var>, Vec<Var>) =
+                if spatial == 1 { (vec!["ol"], vec!["kl"]) } else { (vec!["oh", "ow"], vec!["kh", "kw"]) };
+            let y = Access::new("Y", &[&["n", "c"][..], &ov].concat());
+            let mut xi = vec![Index::var("n"), Index::var("c")];
+            for a in 0..spatial {
+                xi.push(Index::window(ov[a], p.stride[a], kv[a], 1, p.padding[a]));
+            }
+            let x = Access { tensor: "X".into(), index: xi };
+            let window: f64 = p.kernel.iter().product::<usize>() as f64;
+            let (fwd, back) = match p.kind {
+                PoolKind::Max => (
+                    Expr::reduce(Reduction::Max, kv.clone(), rd(&x)),
+                    Expr::mul(vec![rd(&grad(&y)), Expr::call("is_argmax", vec![rd(&x), rd(&y)])]),
+                ),
+                PoolKind::Avg => (
+                    Expr::reduce(Reduction::Mean, kv.clone(), rd(&x)),
+                    Expr::div(rd(&grad(&y)), Expr::num(window)),
+                ),
+            };
+            step.forward.push(eq(y.clone(), fwd));
+            step.input_grads.push(scatter(grad(&x), back));
+        }
+        Op::GlobalAvgPool => {
+            let xv = with_n(&dim_vars(in_shape(0).len()));
+            let (x, y) = (Access::new("X", &xv), Access::new("Y", &["n", xv[1]]));
+            let positions: usize = in_shape(0)[1..].iter().product();
+            step.forward.push(eq(y.clone(), Expr::reduce(Reduction::Mean, xv[2..].to_vec(), rd(&x))));
+            step.input_grads.push(eq(grad(&x), Expr::div(rd(&grad(&y)), Expr::num(positions as f64))));
+        }
+        Op::Flatten => {
+            let s = in_shape(0);
+            let xv = with_n(&dim_vars(s.len()));
+            let x = Access::new("X", &xv);
+            // Row-major offset: Σ var·(product of the dims after it).
+            let terms = (0..s.len())
+                .map(|i| Term { var: xv[i + 1], coef: s[i + 1..].iter().product::<usize>() as i64, div: 1 })
+                .collect();
+            let y = Access { tensor: "Y".into(), index: vec![Index::var("n"), Index { terms, offset: 0 }] };
+            step.forward.push(eq(y.clone(), rd(&x)));
+            step.input_grads.push(eq(grad(&x), rd(&grad(&y))));
+        }
+        Op::Add => {
+            let v = with_n(&dim_vars(node.shape.len()));
+            let (a, b, y) = (Access::new("A", &v), Access::new("B", &v), Access::new("Y", &v));
+            step.forward.push(eq(y.clone(), Expr::Add(vec![rd(&a), rd(&b)])));
+            for (i, t) in [a, b].iter().enumerate() {
+                if input_needs[i] {
+                    step.input_grads.push(eq(grad(t), rd(&grad(&y))));
+                }
+            }
+        }
+        Op::GroupNorm(n) | Op::InstanceNorm(n) | Op::LayerNorm(n) => {
+            let s = &node.shape;
+            let v = with_n(&dim_vars(s.len()));
+            let x = Access::new("X", &v);
+            let xhat = Access::new("X̂", &v);
+            let y = Access::new("Y", &v);
+            // The statistics' index and the variables each statistic averages over.
+            let (stat, over): (Access, Vec<Var>) = match &node.op {
+                Op::GroupNorm(_) => {
+                    let per_group = s[0] / n.groups;
+                    let g = Index { terms: vec![Term { var: v[1], coef: 1, div: per_group as i64 }], offset: 0 };
+                    (Access { tensor: "σ".into(), index: vec![Index::var("n"), g] }, v[1..].to_vec())
+                }
+                Op::InstanceNorm(_) => (Access::new("σ", &v[..2]), v[2..].to_vec()),
+                _ => (Access::new("σ", &v[..v.len() - n.groups]), v[v.len() - n.groups..].to_vec()),
+            };
+            let mean = stat.renamed("μ");
+            let group_note = match &node.op {
+                Op::GroupNorm(_) => format!(" (c in the group of {})", v[1]),
+                _ => String::new(),
+            };
+            step.forward.push(eq(mean.clone(), Expr::reduce(Reduction::Mean, over.clone(), rd(&x))));
+            step.forward.push(eq(
+                stat.clone(),
+                Expr::call(
+                    "sqrt",
+                    vec![Expr::Add(vec![
+                        Expr::sub(
+                            Expr::reduce(Reduction::Mean, over.clone(), Expr::mul(vec![rd(&x), rd(&x)])),
+                            Expr::mul(vec![rd(&mean), rd(&mean)]),
+                        ),
+                        Expr::num(n.eps),
+                    ])],
+                ),
+            ));
+            step.forward.push(eq(xhat.clone(), Expr::div(Expr::sub(rd(&x), rd(&mean)), rd(&stat))));
+            if !group_note.is_empty() {
+                step.bindings.push(format!("μ, σ average over {}{group_note}", over.join(",")));
+            }
+            let dxhat = grad(&xhat);
+            if n.affine {
+                // The affine part Y = γ·X̂ + β is a contraction with the parameters.
+                let pv: Vec<Var> = match &node.op {
+                    Op::LayerNorm(_) => v[v.len() - n.groups..].to_vec(),
+                    _ => vec![v[1]],
+                };
+                let c = Contraction {
+                    y: y.clone(),
+                    w: Access::new("W", &pv),
+                    x: xhat.clone(),
+                    bias: Some(Access::new("b", &pv)),
+                };
+                let d = contraction(&mut step, c);
+                if needs_x {
+                    step.input_grads.push(d);
+                }
+            } else {
+                step.forward.push(eq(y.clone(), rd(&xhat)));
+                step.input_grads.push(eq(dxhat.clone(), rd(&grad(&y))));
+            }
+            if needs_x {
+                let m = |e: Expr| Expr::reduce(Reduction::Mean, over.clone(), e);
+                step.input_grads.push(eq(
+                    grad(&x),
+                    Expr::div(
+                        Expr::sub(
+                            Expr::sub(rd(&dxhat), m(rd(&dxhat))),
+                            Expr::mul(vec![rd(&xhat), m(Expr::mul(vec![rd(&dxhat), rd(&xhat)]))]),
+                        ),
+                        rd(&stat),
+                    ),
+                ));
+            }
+        }
+    }
+    Some(step)
+}
+
+fn conv_contraction(conv: &Conv, in_shape: &[usize]) -> Contraction {
+    let spatial = conv.spatial();
+    debug_assert_eq!(in_shape.len(), spatial + 1);
+    let (ov, kv): (Vec<Var>, Vec<Var>) =
+        if spatial == 1 { (vec!["ol"], vec!["kl"]) } else { (vec!["oh", "ow"], vec!["kh", "kw"]) };
+    let chan = if conv.groups == 1 {
+        Index::var("ci")
+    } else {
+        Index::grouped("co", conv.out_channels / conv.groups, conv.in_channels / conv.groups, "ci")
+    };
+    let mut xi = vec![Index::var("n"), chan];
+    for a in 0..spatial {
+        xi.push(Index::window(ov[a], conv.stride[a], kv[a], conv.dilation[a], conv.padding[a]));
+    }
+    Contraction {
+        y: Access::new("Y", &[&["n", "co"][..], &ov].concat()),
+        w: Access::new("W", &[&["co", "ci"][..], &kv].concat()),
+        x: Access { tensor: "X".into(), index: xi },
+        bias: conv.bias.then(|| Access::new("b", &["co"])),
+    }
+}
+
+/// The per-example loss and its gradient with respect to the network output.
+pub fn loss(graph: &Graph) -> Vec<Equation> {
+    let out = graph.node(graph.loss.input());
+    let loss = Access::new("ℓ", &["n"]);
+    match (&graph.loss, &graph.label) {
+        (Loss::CrossEntropy { .. }, LabelSpec::Classes { name, .. }) => {
+            let y = Access::new("Y", &["n", "k"]);
+            let onehot = Expr::call("onehot_k", vec![Expr::read(name.clone(), &["n"])]);
+            vec![
+                eq(
+                    loss,
+                    Expr::sub(
+                        Expr::reduce(Reduction::LogSumExp, vec!["k"], rd(&y)),
+                        Expr::sum(vec!["k"], Expr::mul(vec![onehot.clone(), rd(&y)])),
+                    ),
+                ),
+                eq(grad(&y), Expr::sub(Expr::call("softmax_k", vec![rd(&y)]), onehot)),
+            ]
+        }
+        (_, label) => {
+            let v = with_n(&dim_vars(out.shape.len()));
+            let y = Access::new("Y", &v);
+            let t = Access::new(label.name(), &v);
+            let diff = Expr::sub(rd(&y), rd(&t));
+            let count = out.shape.iter().product::<usize>() as f64;
+            vec![
+                eq(loss, Expr::reduce(Reduction::Mean, v[1..].to_vec(), Expr::mul(vec![diff.clone(), diff.clone()]))),
+                eq(grad(&y), Expr::div(Expr::mul(vec![Expr::num(2.0), diff]), Expr::num(count))),
+            ]
+        }
+    }
+}
