@@ -23,7 +23,19 @@ fn secs(s: f64) -> String {
 
 /// The text table.
 pub fn render_text(plan: &Plan) -> String {
-    let header = ["layer", "op", "T", "p·d", "strategy", "FLOPs", "bytes", "memory", "est. time", "runner-up", "fastDP"];
+    let header = [
+        "layer",
+        "op",
+        "T",
+        "p·d",
+        "strategy",
+        "FLOPs",
+        "bytes",
+        "memory",
+        "est. time",
+        "runner-up",
+        "fastDP",
+    ];
     let rows: Vec<Vec<String>> = plan
         .layers
         .iter()
@@ -36,7 +48,9 @@ pub fn render_text(plan: &Plan) -> String {
             } else {
                 ""
             };
-            let runner = l.runner_up().map_or("-".to_string(), |r| format!("{} {}", r.strategy, secs(r.seconds)));
+            let runner = l.runner_up().map_or("-".to_string(), |r| {
+                format!("{} {}", r.strategy, secs(r.seconds))
+            });
             vec![
                 l.layer.clone(),
                 l.op.to_string(),
@@ -92,7 +106,10 @@ pub fn render_text(plan: &Plan) -> String {
         let _ = writeln!(out, "  (* = forced by @strategy or --strategy)");
     }
     if plan.layers.iter().any(|l| l.budget_forced) {
-        let _ = writeln!(out, "  († = a slower strategy chosen to fit the memory budget)");
+        let _ = writeln!(
+            out,
+            "  († = a slower strategy chosen to fit the memory budget)"
+        );
     }
     for n in &plan.notes {
         let _ = writeln!(out, "note: {n}");
@@ -108,7 +125,12 @@ pub fn render_text(plan: &Plan) -> String {
         si(t.nonprivate_memory)
     );
     if plan.micro_batch < plan.batch {
-        let _ = writeln!(out, "       (as {} micro-batches of {})", plan.batch.div_ceil(plan.micro_batch), plan.micro_batch);
+        let _ = writeln!(
+            out,
+            "       (as {} micro-batches of {})",
+            plan.batch.div_ceil(plan.micro_batch),
+            plan.micro_batch
+        );
     }
     out
 }
@@ -159,7 +181,11 @@ pub fn render_json(plan: &Plan) -> String {
             }
         })
         .collect();
-    serde_json::to_string_pretty(&Json { plan, fastdp_comparison }).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    serde_json::to_string_pretty(&Json {
+        plan,
+        fastdp_comparison,
+    })
+    .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
 const COLORS: [(Strategy, &str); 6] = [
@@ -172,7 +198,10 @@ const COLORS: [(Strategy, &str); 6] = [
 ];
 
 fn color(s: Strategy) -> &'static str {
-    COLORS.iter().find(|(k, _)| *k == s).map_or("#000", |(_, c)| c)
+    COLORS
+        .iter()
+        .find(|(k, _)| *k == s)
+        .map_or("#000", |(_, c)| c)
 }
 
 /// An SVG chart: per layer, one horizontal bar per strategy (log-scale estimated time),
@@ -182,9 +211,26 @@ pub fn render_svg(plan: &Plan) -> String {
     let label_w = 170.0;
     let plot_w = 560.0;
     let row_gap = 8.0;
-    let times: Vec<f64> = plan.layers.iter().flat_map(|l| l.costs.iter().map(|c| c.seconds)).collect();
-    let lo = times.iter().copied().fold(f64::INFINITY, f64::min).max(1e-9).log10().floor();
-    let hi = times.iter().copied().fold(0.0, f64::max).max(1e-9).log10().ceil().max(lo + 1.0);
+    let times: Vec<f64> = plan
+        .layers
+        .iter()
+        .flat_map(|l| l.costs.iter().map(|c| c.seconds))
+        .collect();
+    let lo = times
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        .max(1e-9)
+        .log10()
+        .floor();
+    let hi = times
+        .iter()
+        .copied()
+        .fold(0.0, f64::max)
+        .max(1e-9)
+        .log10()
+        .ceil()
+        .max(lo + 1.0);
     let x = |s: f64| label_w + (s.max(1e-9).log10() - lo) / (hi - lo) * plot_w;
     let top = 50.0;
     let mut y = top;
@@ -201,7 +247,11 @@ pub fn render_svg(plan: &Plan) -> String {
         );
         for (i, c) in l.costs.iter().enumerate() {
             let chosen = c.strategy == l.chosen;
-            let stroke = if chosen { r##" stroke="#000" stroke-width="1.5""## } else { "" };
+            let stroke = if chosen {
+                r##" stroke="#000" stroke-width="1.5""##
+            } else {
+                ""
+            };
             let _ = writeln!(
                 body,
                 r#"<rect x="{label_w:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"{stroke}><title>{}: {} {}</title></rect>"#,
@@ -234,10 +284,17 @@ pub fn render_svg(plan: &Plan) -> String {
     );
     let mut lx = 10.0;
     for (s, c) in COLORS {
-        let _ = writeln!(svg, r#"<rect x="{lx:.0}" y="28" width="10" height="10" fill="{c}"/><text x="{:.0}" y="37" font-size="11">{s}</text>"#, lx + 13.0);
+        let _ = writeln!(
+            svg,
+            r#"<rect x="{lx:.0}" y="28" width="10" height="10" fill="{c}"/><text x="{:.0}" y="37" font-size="11">{s}</text>"#,
+            lx + 13.0
+        );
         lx += 75.0;
     }
-    let _ = writeln!(svg, r#"<text x="{lx:.0}" y="37" font-size="11">(outlined = chosen)</text>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{lx:.0}" y="37" font-size="11">(outlined = chosen)</text>"#
+    );
     svg.push_str(&body);
     let mut e = lo;
     while e <= hi {
@@ -256,5 +313,7 @@ pub fn render_svg(plan: &Plan) -> String {
 }
 
 fn xml(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

@@ -12,7 +12,11 @@ use pdgc::plan::{self, DeviceProfile, Goal, PlanOptions};
 use pdgc::report::check_report;
 
 #[derive(Parser)]
-#[command(name = "pdgc", version, about = "A compiler for per-example gradients (DP-SGD) of CNNs")]
+#[command(
+    name = "pdgc",
+    version,
+    about = "A compiler for per-example gradients (DP-SGD) of CNNs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -97,7 +101,10 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size (try 8G, 512M or 1000000)"))?;
+    let value: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (try 8G, 512M or 1000000)"))?;
     let scale = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -107,7 +114,11 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         "kib" => 1024.0,
         "mib" => 1024.0 * 1024.0,
         "gib" => 1024.0 * 1024.0 * 1024.0,
-        _ => return Err(format!("unknown unit `{unit}` in `{s}` (use K, M, G, T, KiB, MiB or GiB)")),
+        _ => {
+            return Err(format!(
+                "unknown unit `{unit}` in `{s}` (use K, M, G, T, KiB, MiB or GiB)"
+            ))
+        }
     };
     if !(value > 0.0) || !value.is_finite() {
         return Err(format!("`{s}` must be a positive size"));
@@ -116,10 +127,15 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 fn parse_override(s: &str) -> Result<(String, Strategy), String> {
-    let (layer, strategy) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected LAYER=STRATEGY"))?;
+    let (layer, strategy) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected LAYER=STRATEGY"))?;
     let st = Strategy::from_name(strategy.trim()).ok_or_else(|| {
         let names: Vec<&str> = Strategy::ALL.iter().map(|s| s.name()).collect();
-        format!("unknown strategy `{strategy}` (one of {})", names.join(", "))
+        format!(
+            "unknown strategy `{strategy}` (one of {})",
+            names.join(", ")
+        )
     })?;
     Ok((layer.trim().to_string(), st))
 }
@@ -127,11 +143,21 @@ fn parse_override(s: &str) -> Result<(String, Strategy), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { files, format, deny_warnings } => check(&files, format, deny_warnings),
-        Command::Explain { file, plan, format, plot, dump } => {
-            run(|| explain(&file, &plan, format, plot.as_deref(), dump))
+        Command::Check {
+            files,
+            format,
+            deny_warnings,
+        } => check(&files, format, deny_warnings),
+        Command::Explain {
+            file,
+            plan,
+            format,
+            plot,
+            dump,
+        } => run(|| explain(&file, &plan, format, plot.as_deref(), dump)),
+        Command::Compile { file, plan, dump } => {
+            run(|| explain(&file, &plan, Format::Text, None, Some(dump)))
         }
-        Command::Compile { file, plan, dump } => run(|| explain(&file, &plan, Format::Text, None, Some(dump))),
     }
 }
 
@@ -175,10 +201,16 @@ fn plan_options(args: &PlanArgs, graph: &pdgc::Graph) -> Result<PlanOptions, Str
             .iter()
             .find(|n| n.layer.as_deref() == Some(layer))
             .ok_or_else(|| format!("--strategy: no layer named `{layer}`"))?;
-        let kind = pdgc::ops::lookup(node.op.name()).map(|o| o.kind.strategies()).unwrap_or(&[]);
+        let kind = pdgc::ops::lookup(node.op.name())
+            .map(|o| o.kind.strategies())
+            .unwrap_or(&[]);
         if !kind.contains(s) {
             let names: Vec<&str> = kind.iter().map(|s| s.name()).collect();
-            return Err(format!("--strategy: `{s}` does not apply to `{layer}` ({}); use one of {}", node.op.name(), names.join(", ")));
+            return Err(format!(
+                "--strategy: `{s}` does not apply to `{layer}` ({}); use one of {}",
+                node.op.name(),
+                names.join(", ")
+            ));
         }
         if *s == Strategy::Ghost && args.goal == Goal::Grads {
             return Err(format!("--strategy: ghost computes norms only and cannot give per-example grads for `{layer}`"));
@@ -193,7 +225,13 @@ fn plan_options(args: &PlanArgs, graph: &pdgc::Graph) -> Result<PlanOptions, Str
     })
 }
 
-fn explain(path: &Path, args: &PlanArgs, format: Format, plot: Option<&Path>, dump: Option<Stage>) -> Result<(), String> {
+fn explain(
+    path: &Path,
+    args: &PlanArgs,
+    format: Format,
+    plot: Option<&Path>,
+    dump: Option<Stage>,
+) -> Result<(), String> {
     let (ast, graph) = front(path)?;
     match dump {
         Some(Stage::Ast) => {
@@ -239,7 +277,11 @@ fn check(files: &[PathBuf], format: Format, deny_warnings: bool) -> ExitCode {
             }
         };
         let front = pdgc::compile_front(&src);
-        let denied = deny_warnings && front.diagnostics.iter().any(|d| d.severity == Severity::Warning);
+        let denied = deny_warnings
+            && front
+                .diagnostics
+                .iter()
+                .any(|d| d.severity == Severity::Warning);
         if !front.diagnostics.is_empty() {
             eprint!("{}", render(&name, &src, &front.diagnostics));
         }
@@ -267,7 +309,10 @@ fn check(files: &[PathBuf], format: Format, deny_warnings: bool) -> ExitCode {
         }
     }
     if format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json).unwrap_or_default()
+        );
     }
     if failed {
         ExitCode::FAILURE

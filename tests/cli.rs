@@ -20,7 +20,10 @@ fn check_prints_the_layer_table_and_totals() {
     let (code, stdout, stderr) = pdgc(&["check", "samples/mnist_cnn.pdg", "samples/alexnet.pdg"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("model mnist_cnn"));
-    assert!(stdout.contains("conv1  conv2d     [16, 14, 14]"), "{stdout}");
+    assert!(
+        stdout.contains("conv1  conv2d     [16, 14, 14]"),
+        "{stdout}"
+    );
     assert!(stdout.contains("total: 61,100,840 parameters"), "{stdout}");
 }
 
@@ -29,7 +32,10 @@ fn check_fails_with_located_diagnostics() {
     let (code, stdout, stderr) = pdgc(&["check", "samples/errors/multiple_errors.pdg"]);
     assert_eq!(code, 1);
     assert!(stdout.is_empty());
-    assert!(stderr.contains("samples/errors/multiple_errors.pdg:7:37"), "{stderr}");
+    assert!(
+        stderr.contains("samples/errors/multiple_errors.pdg:7:37"),
+        "{stderr}"
+    );
     assert!(stderr.contains("did you mean `maxpool2d`?"), "{stderr}");
     assert!(stderr.contains("3 error(s)"), "{stderr}");
 }
@@ -39,13 +45,23 @@ fn warnings_pass_unless_denied() {
     let (code, _, stderr) = pdgc(&["check", "samples/errors/unused_binding.pdg"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("warning[W0001]"));
-    let (code, _, _) = pdgc(&["check", "--deny-warnings", "samples/errors/unused_binding.pdg"]);
+    let (code, _, _) = pdgc(&[
+        "check",
+        "--deny-warnings",
+        "samples/errors/unused_binding.pdg",
+    ]);
     assert_eq!(code, 1);
 }
 
 #[test]
 fn check_json_is_machine_readable() {
-    let (code, stdout, _) = pdgc(&["check", "--format", "json", "samples/mnist_cnn.pdg", "samples/errors/batch_norm.pdg"]);
+    let (code, stdout, _) = pdgc(&[
+        "check",
+        "--format",
+        "json",
+        "samples/mnist_cnn.pdg",
+        "samples/errors/batch_norm.pdg",
+    ]);
     assert_eq!(code, 1);
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("valid JSON");
     assert_eq!(v[0]["ok"], true);
@@ -60,4 +76,89 @@ fn a_missing_file_is_a_clear_error() {
     let (code, _, stderr) = pdgc(&["check", "no/such/file.pdg"]);
     assert_eq!(code, 1);
     assert!(stderr.contains("cannot read no/such/file.pdg"), "{stderr}");
+}
+
+#[test]
+fn explain_prints_the_plan_table_and_totals() {
+    let (code, stdout, stderr) = pdgc(&[
+        "explain",
+        "samples/mnist_cnn.pdg",
+        "--batch",
+        "128",
+        "--device",
+        "cpu2",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("mnist_cnn: batch 128 on cpu2 (goal: clipped-sum"),
+        "{stdout}"
+    );
+    for col in [
+        "strategy",
+        "runner-up",
+        "fastDP",
+        "why:",
+        "total: private step",
+    ] {
+        assert!(stdout.contains(col), "{col} missing:\n{stdout}");
+    }
+}
+
+#[test]
+fn explain_writes_json_and_an_svg_plot() {
+    let svg = std::env::temp_dir().join(format!("pdgc-test-{}.svg", std::process::id()));
+    let svg_arg = svg.to_str().expect("utf-8 temp path");
+    let (code, stdout, stderr) = pdgc(&[
+        "explain",
+        "samples/cifar_cnn.pdg",
+        "--batch",
+        "64",
+        "--format",
+        "json",
+        "--plot",
+        svg_arg,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("valid JSON");
+    assert_eq!(v["plan"]["batch"], 64);
+    let text = std::fs::read_to_string(&svg).expect("plot written");
+    let _ = std::fs::remove_file(&svg);
+    assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"));
+    assert_eq!(
+        text.matches("<rect x=\"170.0\"").count(),
+        6 * 5 + 2 * 3,
+        "one bar per candidate (6 convs, 2 linears)"
+    );
+}
+
+#[test]
+fn explain_rejects_bad_options_clearly() {
+    let (code, _, stderr) = pdgc(&["explain", "samples/mnist_cnn.pdg", "--device", "tpu"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("unknown device profile `tpu`"), "{stderr}");
+    let (code, _, stderr) = pdgc(&["explain", "samples/mnist_cnn.pdg", "--strategy", "fc1=crb"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("`crb` does not apply to `fc1`"), "{stderr}");
+    let (code, _, stderr) = pdgc(&[
+        "explain",
+        "samples/mnist_cnn.pdg",
+        "--memory-budget",
+        "12 parsecs",
+    ]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("unknown unit"), "{stderr}");
+}
+
+#[test]
+fn dumps_print_each_stage() {
+    for (stage, needle) in [
+        ("ast", "model mnist_cnn {"),
+        ("graph", "graph mnist_cnn"),
+        ("grads", "dW[n,co,ci,kh,kw] = Σ_{oh,ow}"),
+        ("plan", "plan mnist_cnn  batch=32"),
+    ] {
+        let (code, stdout, stderr) = pdgc(&["compile", "samples/mnist_cnn.pdg", "--dump", stage]);
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains(needle), "{stage}: {stdout}");
+    }
 }

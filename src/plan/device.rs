@@ -25,12 +25,20 @@ pub struct DeviceProfile {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
-    #[error("unknown device profile `{name}`: use one of {builtin}, or a path to a profile JSON file")]
+    #[error(
+        "unknown device profile `{name}`: use one of {builtin}, or a path to a profile JSON file"
+    )]
     Unknown { name: String, builtin: String },
     #[error("cannot read device profile {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("device profile {path} is not valid: {source}")]
-    Parse { path: String, source: serde_json::Error },
+    Parse {
+        path: String,
+        source: serde_json::Error,
+    },
     #[error("device profile {path}: `{field}` must be positive")]
     NonPositive { path: String, field: &'static str },
 }
@@ -104,9 +112,15 @@ impl DeviceProfile {
 
     pub fn load(path: &Path) -> Result<DeviceProfile, ProfileError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io { path: shown.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io {
+            path: shown.clone(),
+            source,
+        })?;
         let p: DeviceProfile =
-            serde_json::from_str(&text).map_err(|source| ProfileError::Parse { path: shown.clone(), source })?;
+            serde_json::from_str(&text).map_err(|source| ProfileError::Parse {
+                path: shown.clone(),
+                source,
+            })?;
         let checks: [(&'static str, bool); 6] = [
             ("peak_flops", p.peak_flops > 0.0),
             ("bandwidth", p.bandwidth > 0.0),
@@ -125,7 +139,13 @@ impl DeviceProfile {
     /// three dims times an occupancy ramp in its total work.
     pub fn gemm_efficiency(&self, m: u64, n: u64, k: u64, flops: f64) -> f64 {
         let t = self.tile as u64;
-        let util = |x: u64| if x == 0 { 1.0 } else { x as f64 / (x.div_ceil(t) * t) as f64 };
+        let util = |x: u64| {
+            if x == 0 {
+                1.0
+            } else {
+                x as f64 / (x.div_ceil(t) * t) as f64
+            }
+        };
         util(m) * util(n) * util(k).sqrt() * flops / (flops + self.half_efficiency_flops)
     }
 }

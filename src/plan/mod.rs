@@ -40,7 +40,13 @@ pub struct PlanOptions {
 
 impl PlanOptions {
     pub fn new(batch: usize, device: DeviceProfile) -> PlanOptions {
-        PlanOptions { batch, goal: Goal::ClippedSum, device, memory_budget: None, overrides: Vec::new() }
+        PlanOptions {
+            batch,
+            goal: Goal::ClippedSum,
+            device,
+            memory_budget: None,
+            overrides: Vec::new(),
+        }
     }
 }
 
@@ -94,7 +100,10 @@ pub struct Totals {
 
 impl LayerPlan {
     pub fn chosen_cost(&self) -> &Cost {
-        self.costs.iter().find(|c| c.strategy == self.chosen).expect("chosen is a candidate")
+        self.costs
+            .iter()
+            .find(|c| c.strategy == self.chosen)
+            .expect("chosen is a candidate")
     }
 
     pub fn runner_up(&self) -> Option<&Cost> {
@@ -112,10 +121,22 @@ fn initial_layers(graph: &Graph, opts: &PlanOptions, b: u64) -> Vec<LayerPlan> {
         .filter_map(|node| {
             let dims = LayerDims::of(graph, node)?;
             let name = node.layer.clone().unwrap_or_default();
-            let mut costs: Vec<Cost> =
-                dims.candidates(opts.goal).into_iter().map(|s| strategy_cost(&dims, s, opts.goal, b, dev)).collect();
-            costs.sort_by(|a, c| a.seconds.total_cmp(&c.seconds).then(a.strategy.cmp(&c.strategy)));
-            let forced = opts.overrides.iter().find(|(l, _)| *l == name).map(|(_, s)| *s).or(node.strategy);
+            let mut costs: Vec<Cost> = dims
+                .candidates(opts.goal)
+                .into_iter()
+                .map(|s| strategy_cost(&dims, s, opts.goal, b, dev))
+                .collect();
+            costs.sort_by(|a, c| {
+                a.seconds
+                    .total_cmp(&c.seconds)
+                    .then(a.strategy.cmp(&c.strategy))
+            });
+            let forced = opts
+                .overrides
+                .iter()
+                .find(|(l, _)| *l == name)
+                .map(|(_, s)| *s)
+                .or(node.strategy);
             let (chosen, overridden) = match forced {
                 Some(s) if costs.iter().any(|c| c.strategy == s) => (s, true),
                 _ => (costs[0].strategy, false),
@@ -148,7 +169,11 @@ fn base_memory(graph: &Graph, b: u64) -> u64 {
 
 fn peak_memory(base: u64, layers: &[LayerPlan]) -> u64 {
     let held: u64 = layers.iter().map(|l| l.chosen_cost().held).sum();
-    let workspace = layers.iter().map(|l| l.chosen_cost().workspace).max().unwrap_or(0);
+    let workspace = layers
+        .iter()
+        .map(|l| l.chosen_cost().workspace)
+        .max()
+        .unwrap_or(0);
     base + held + workspace
 }
 
@@ -234,7 +259,8 @@ pub fn plan(graph: &Graph, opts: &PlanOptions) -> Plan {
     let runs = batch.div_ceil(micro) as f64;
     let mut needs = vec![false; graph.nodes.len()];
     for n in &graph.nodes {
-        needs[n.id.index()] = graph.params_of(n.id).next().is_some() || n.inputs.iter().any(|i| needs[i.index()]);
+        needs[n.id.index()] =
+            graph.params_of(n.id).next().is_some() || n.inputs.iter().any(|i| needs[i.index()]);
     }
     let shared: f64 = graph
         .nodes
@@ -295,14 +321,20 @@ fn explain_choice(l: &LayerPlan) -> String {
     } else if other.bytes as f64 > 1.2 * chosen.bytes as f64 {
         let detail = match other.strategy {
             Strategy::Unfold => " (im2col buffer)",
-            Strategy::Naive | Strategy::Crb | Strategy::Direct | Strategy::Outer => " (B per-example grads)",
+            Strategy::Naive | Strategy::Crb | Strategy::Direct | Strategy::Outer => {
+                " (B per-example grads)"
+            }
             Strategy::Ghost => " (im2col + Gram matrices)",
         };
         format!("{}B more traffic{detail}", si(other.bytes - chosen.bytes))
     } else if other.launches > chosen.launches + 2 {
         format!("{} launches instead of {}", other.launches, chosen.launches)
     } else {
-        format!("lower efficiency ({:.0}% vs {:.0}% of peak)", other.efficiency * 100.0, chosen.efficiency * 100.0)
+        format!(
+            "lower efficiency ({:.0}% vs {:.0}% of peak)",
+            other.efficiency * 100.0,
+            chosen.efficiency * 100.0
+        )
     };
     format!("{} is {slower:.1}x slower: {reason}", other.strategy)
 }
@@ -356,11 +388,31 @@ impl fmt::Display for Plan {
                 c.launches,
                 secs(c.seconds),
             )?;
-            let others: Vec<String> =
-                l.costs.iter().filter(|o| o.strategy != l.chosen).map(|o| format!("{} {}", o.strategy, secs(o.seconds))).collect();
-            writeln!(f, "      others: {}", if others.is_empty() { "-".into() } else { others.join(", ") })?;
+            let others: Vec<String> = l
+                .costs
+                .iter()
+                .filter(|o| o.strategy != l.chosen)
+                .map(|o| format!("{} {}", o.strategy, secs(o.seconds)))
+                .collect();
+            writeln!(
+                f,
+                "      others: {}",
+                if others.is_empty() {
+                    "-".into()
+                } else {
+                    others.join(", ")
+                }
+            )?;
             writeln!(f, "      why: {}", l.why)?;
-            writeln!(f, "      fastDP rule (2T² ≤ p·d → ghost): {}", if l.fastdp_ghost { "ghost" } else { "materialize" })?;
+            writeln!(
+                f,
+                "      fastDP rule (2T² ≤ p·d → ghost): {}",
+                if l.fastdp_ghost {
+                    "ghost"
+                } else {
+                    "materialize"
+                }
+            )?;
         }
         for n in &self.notes {
             writeln!(f, "  note: {n}")?;
