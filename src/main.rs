@@ -291,6 +291,7 @@ fn check(files: &[PathBuf], format: Format, deny_warnings: bool) -> ExitCode {
                 "file": name,
                 "ok": true,
                 "report": check_report(g),
+                "graph": g,
                 "diagnostics": front.diagnostics,
             })),
             (_, Format::Json) => json.push(serde_json::json!({

@@ -1,0 +1,438 @@
+//! The kernel IR: loop nests over f32 buffers whose shapes are known at compile time,
+//! except the leading batch dimension, which is a run-time argument.
+//!
+//! Plain data throughout (Cranelift's entity style): buffers, loop variables and scalar
+//! accumulators are `u32` index newtypes into the kernel's tables. A kernel has one `args`
+//! list; every backend derives its signature from it, and a launch binds buffers in the
+//! same order, so the two cannot drift.
+//!
+//! Execution model: `grid` is the outermost loop. Its iterations are independent (no two
+//! write the same element, none reads what another writes), so a backend may split them
+//! over threads or GPU blocks. Everything inside runs sequentially, in order. Stores with
+//! `accumulate` add to the element; plain stores overwrite it. Accumulators are scalar
+//! registers private to one grid iteration.
+//!
+//! The entry point of a compiled kernel runs grid iterations `lo..hi` for a given `batch`:
+//! `fn(bufs: *const *mut f32, batch: u64, lo: u64, hi: u64)`, with `bufs[i]` the buffer of
+//! `args[i]`.
+
+use std::fmt;
+
+/// Index of an argument buffer in [`Kernel::args`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ArgId(pub u32);
+
+/// Index of a loop variable in [`Kernel::vars`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VarId(pub u32);
+
+/// Index of a scalar accumulator in [`Kernel::accs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccId(pub u32);
+
+/// A buffer dimension: the run-time batch (leading dim only) or a constant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dim {
+    Batch,
+    Fixed(u32),
+}
+
+/// How a kernel uses an argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    In,
+    Out,
+    InOut,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Arg {
+    pub name: String,
+    pub dims: Vec<Dim>,
+    pub mode: Mode,
+}
+
+/// A loop's trip count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Extent {
+    Batch,
+    Fixed(u32),
+}
+
+/// A hint for backends; it never changes the meaning of the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LoopKind {
+    Serial,
+    /// The innermost loop along a unit-stride dimension: a candidate for SIMD lanes.
+    Vector,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loop {
+    pub var: VarId,
+    pub extent: Extent,
+    pub kind: LoopKind,
+    pub body: Vec<Stmt>,
+}
+
+/// `coef · ⌊var / div⌋`; loop variables are never negative, so the floor is a plain
+/// unsigned division.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Term {
+    pub var: VarId,
+    pub coef: i64,
+    pub div: i64,
+}
+
+/// An integer index: `Σ terms + offset`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Affine {
+    pub terms: Vec<Term>,
+    pub offset: i64,
+}
+
+impl Affine {
+    pub fn var(v: VarId) -> Affine {
+        Affine { terms: vec![Term { var: v, coef: 1, div: 1 }], offset: 0 }
+    }
+
+    pub fn constant(c: i64) -> Affine {
+        Affine { terms: vec![], offset: c }
+    }
+
+    /// `coef · var` added to this index.
+    pub fn plus(mut self, v: VarId, coef: i64) -> Affine {
+        self.terms.push(Term { var: v, coef, div: 1 });
+        self
+    }
+
+    /// `coef · ⌊var/div⌋` added to this index.
+    pub fn plus_div(mut self, v: VarId, coef: i64, div: i64) -> Affine {
+        self.terms.push(Term { var: v, coef, div });
+        self
+    }
+
+    pub fn offset(mut self, c: i64) -> Affine {
+        self.offset += c;
+        self
+    }
+
+    /// The single variable this index is, if it is exactly one variable.
+    pub fn as_var(&self) -> Option<VarId> {
+        match self.terms.as_slice() {
+            [Term { var, coef: 1, div: 1 }] if self.offset == 0 => Some(*var),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unary {
+    Neg,
+    Exp,
+    Log,
+    Tanh,
+    Sqrt,
+    Erf,
+    Abs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Binary {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CmpOp {
+    Lt,
+    Le,
+    Eq,
+    Ne,
+    Gt,
+    Ge,
+}
+
+/// A float expression.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expr {
+    Const(f32),
+    Load { arg: ArgId, index: Vec<Affine> },
+    Acc(AccId),
+    /// An integer index as a float (one-hot comparisons, counts).
+    Index(Affine),
+    Unary(Unary, Box<Expr>),
+    Binary(Binary, Box<Expr>, Box<Expr>),
+    Select { cond: Box<Cond>, then: Box<Expr>, otherwise: Box<Expr> },
+}
+
+/// A condition.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cond {
+    /// `lo <= index < hi`.
+    InRange { index: Affine, lo: i64, hi: i64 },
+    Cmp { op: CmpOp, a: Expr, b: Expr },
+    And(Vec<Cond>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stmt {
+    Loop(Loop),
+    /// `acc = value`
+    Set { acc: AccId, value: Expr },
+    /// `arg[index] = value` or, with `accumulate`, `arg[index] += value`.
+    Store { arg: ArgId, index: Vec<Affine>, value: Expr, accumulate: bool },
+    If { cond: Cond, then: Vec<Stmt> },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kernel {
+    pub name: String,
+    pub args: Vec<Arg>,
+    /// Loop variable names, indexed by [`VarId`].
+    pub vars: Vec<String>,
+    /// Accumulator names, indexed by [`AccId`].
+    pub accs: Vec<String>,
+    pub grid: Loop,
+}
+
+// ---------------------------------------------------------------------------------------
+// Convenience constructors for building expressions.
+
+impl Expr {
+    pub fn load(arg: ArgId, index: Vec<Affine>) -> Expr {
+        Expr::Load { arg, index }
+    }
+
+    pub fn un(op: Unary, a: Expr) -> Expr {
+        Expr::Unary(op, Box::new(a))
+    }
+
+    pub fn bin(op: Binary, a: Expr, b: Expr) -> Expr {
+        Expr::Binary(op, Box::new(a), Box::new(b))
+    }
+
+    pub fn add(a: Expr, b: Expr) -> Expr {
+        Expr::bin(Binary::Add, a, b)
+    }
+
+    pub fn sub(a: Expr, b: Expr) -> Expr {
+        Expr::bin(Binary::Sub, a, b)
+    }
+
+    pub fn mul(a: Expr, b: Expr) -> Expr {
+        Expr::bin(Binary::Mul, a, b)
+    }
+
+    pub fn div(a: Expr, b: Expr) -> Expr {
+        Expr::bin(Binary::Div, a, b)
+    }
+
+    pub fn select(cond: Cond, then: Expr, otherwise: Expr) -> Expr {
+        Expr::Select { cond: Box::new(cond), then: Box::new(then), otherwise: Box::new(otherwise) }
+    }
+}
+
+impl Extent {
+    /// The trip count for a given batch size.
+    pub fn resolve(self, batch: u64) -> u64 {
+        match self {
+            Extent::Batch => batch,
+            Extent::Fixed(n) => n as u64,
+        }
+    }
+}
+
+impl Arg {
+    /// Element strides (row-major); the batch dim, if any, is the leading one, so every
+    /// stride is a constant.
+    pub fn strides(&self) -> Vec<u64> {
+        let mut strides = vec![1u64; self.dims.len()];
+        for i in (0..self.dims.len().saturating_sub(1)).rev() {
+            let next = match self.dims[i + 1] {
+                Dim::Fixed(n) => n as u64,
+                Dim::Batch => 1,
+            };
+            strides[i] = strides[i + 1] * next;
+        }
+        strides
+    }
+
+    /// Elements for a given batch size.
+    pub fn len(&self, batch: u64) -> u64 {
+        self.dims
+            .iter()
+            .map(|d| match d {
+                Dim::Batch => batch,
+                Dim::Fixed(n) => *n as u64,
+            })
+            .product()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Printer: a readable, deterministic text form (also what snapshots hold).
+
+struct Ctx<'k>(&'k Kernel);
+
+impl Ctx<'_> {
+    fn var(&self, v: VarId) -> &str {
+        self.0.vars.get(v.0 as usize).map_or("?", String::as_str)
+    }
+
+    fn affine(&self, a: &Affine) -> String {
+        let mut s = String::new();
+        for t in &a.terms {
+            let base = if t.div == 1 { self.var(t.var).to_string() } else { format!("{}/{}", self.var(t.var), t.div) };
+            let term = match t.coef {
+                1 => base,
+                -1 => format!("-{base}"),
+                c => format!("{c}*{base}"),
+            };
+            if !s.is_empty() && !term.starts_with('-') {
+                s.push('+');
+            }
+            s.push_str(&term);
+        }
+        if a.offset != 0 || s.is_empty() {
+            if !s.is_empty() && a.offset > 0 {
+                s.push('+');
+            }
+            s.push_str(&a.offset.to_string());
+        }
+        s
+    }
+
+    fn index(&self, arg: ArgId, index: &[Affine]) -> String {
+        let name = self.0.args.get(arg.0 as usize).map_or("?", |a| a.name.as_str());
+        let parts: Vec<String> = index.iter().map(|a| self.affine(a)).collect();
+        format!("{name}[{}]", parts.join(", "))
+    }
+
+    fn expr(&self, e: &Expr) -> String {
+        match e {
+            Expr::Const(c) => format_f32(*c),
+            Expr::Load { arg, index } => self.index(*arg, index),
+            Expr::Acc(a) => self.0.accs.get(a.0 as usize).cloned().unwrap_or_else(|| "?".into()),
+            Expr::Index(a) => format!("float({})", self.affine(a)),
+            Expr::Unary(op, a) => format!("{}({})", format!("{op:?}").to_lowercase(), self.expr(a)),
+            Expr::Binary(op, a, b) => match op {
+                Binary::Max | Binary::Min => {
+                    format!("{}({}, {})", format!("{op:?}").to_lowercase(), self.expr(a), self.expr(b))
+                }
+                _ => {
+                    let sym = match op {
+                        Binary::Add => "+",
+                        Binary::Sub => "-",
+                        Binary::Mul => "*",
+                        _ => "/",
+                    };
+                    format!("({} {sym} {})", self.expr(a), self.expr(b))
+                }
+            },
+            Expr::Select { cond, then, otherwise } => {
+                format!("({} ? {} : {})", self.cond(cond), self.expr(then), self.expr(otherwise))
+            }
+        }
+    }
+
+    fn cond(&self, c: &Cond) -> String {
+        match c {
+            Cond::InRange { index, lo, hi } => format!("{lo} <= {} < {hi}", self.affine(index)),
+            Cond::Cmp { op, a, b } => {
+                let sym = match op {
+                    CmpOp::Lt => "<",
+                    CmpOp::Le => "<=",
+                    CmpOp::Eq => "==",
+                    CmpOp::Ne => "!=",
+                    CmpOp::Gt => ">",
+                    CmpOp::Ge => ">=",
+                };
+                format!("{} {sym} {}", self.expr(a), self.expr(b))
+            }
+            Cond::And(cs) => cs.iter().map(|c| format!("({})", self.cond(c))).collect::<Vec<_>>().join(" && "),
+        }
+    }
+
+    fn extent(e: Extent) -> String {
+        match e {
+            Extent::Batch => "B".into(),
+            Extent::Fixed(n) => n.to_string(),
+        }
+    }
+
+    fn stmts(&self, f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::Result {
+        let pad = "  ".repeat(depth);
+        for s in body {
+            match s {
+                Stmt::Loop(l) => {
+                    let vec = if l.kind == LoopKind::Vector { " vector" } else { "" };
+                    writeln!(f, "{pad}for {} in 0..{}{vec} {{", self.var(l.var), Ctx::extent(l.extent))?;
+                    self.stmts(f, &l.body, depth + 1)?;
+                    writeln!(f, "{pad}}}")?;
+                }
+                Stmt::Set { acc, value } => {
+                    let name = self.0.accs.get(acc.0 as usize).map_or("?", String::as_str);
+                    writeln!(f, "{pad}{name} = {}", self.expr(value))?;
+                }
+                Stmt::Store { arg, index, value, accumulate } => {
+                    let op = if *accumulate { "+=" } else { "=" };
+                    writeln!(f, "{pad}{} {op} {}", self.index(*arg, index), self.expr(value))?;
+                }
+                Stmt::If { cond, then } => {
+                    writeln!(f, "{pad}if {} {{", self.cond(cond))?;
+                    self.stmts(f, then, depth + 1)?;
+                    writeln!(f, "{pad}}}")?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Prints an f32 so that it parses back to the same bits (NaN and infinities spelled out).
+pub fn format_f32(c: f32) -> String {
+    if c.is_nan() {
+        "nan".into()
+    } else if c.is_infinite() {
+        if c > 0.0 { "inf".into() } else { "-inf".into() }
+    } else {
+        let s = format!("{c:?}");
+        if s.contains('.') || s.contains('e') { s } else { format!("{s}.0") }
+    }
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ctx = Ctx(self);
+        let args: Vec<String> = self
+            .args
+            .iter()
+            .map(|a| {
+                let dims: Vec<String> = a
+                    .dims
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Batch => "B".to_string(),
+                        Dim::Fixed(n) => n.to_string(),
+                    })
+                    .collect();
+                let mode = match a.mode {
+                    Mode::In => "in",
+                    Mode::Out => "out",
+                    Mode::InOut => "inout",
+                };
+                format!("{mode} {}[{}]", a.name, dims.join(", "))
+            })
+            .collect();
+        writeln!(f, "kernel {}({}) {{", self.name, args.join(", "))?;
+        writeln!(f, "  grid {} in 0..{} {{", ctx.var(self.grid.var), Ctx::extent(self.grid.extent))?;
+        ctx.stmts(f, &self.grid.body, 2)?;
+        writeln!(f, "  }}")?;
+        writeln!(f, "}}")
+    }
+}
