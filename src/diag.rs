@@ -71,11 +71,7 @@ impl Diagnostic {
             severity,
             code,
             message: message.into(),
-            labels: vec![Label {
-                span,
-                message: String::new(),
-                primary: true,
-            }],
+            labels: vec![Label { span, message: String::new(), primary: true }],
             notes: Vec::new(),
         }
     }
@@ -88,11 +84,7 @@ impl Diagnostic {
 
     /// Adds a secondary span (e.g. "first defined here").
     pub fn with_secondary(mut self, span: Span, message: impl Into<String>) -> Self {
-        self.labels.push(Label {
-            span,
-            message: message.into(),
-            primary: false,
-        });
+        self.labels.push(Label { span, message: message.into(), primary: false });
         self
     }
 
@@ -125,8 +117,7 @@ pub fn render(file_name: &str, src: &str, diags: &[Diagnostic]) -> String {
     for d in diags {
         // A span past the end of the file (an "unexpected end of input", say) is clamped
         // so rendering can never fail.
-        let clamp =
-            |s: Span| s.start.min(src.len())..s.end.min(src.len()).max(s.start.min(src.len()));
+        let clamp = |s: Span| s.start.min(src.len())..s.end.min(src.len()).max(s.start.min(src.len()));
         let labels = d
             .labels
             .iter()
@@ -173,10 +164,7 @@ fn levenshtein(a: &str, b: &str) -> usize {
 }
 
 /// The candidate closest to `word`, if it is close enough to be a plausible typo.
-pub fn did_you_mean<'a>(
-    word: &str,
-    candidates: impl IntoIterator<Item = &'a str>,
-) -> Option<&'a str> {
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let limit = (word.chars().count() / 3).max(1);
     candidates
         .into_iter()
@@ -192,10 +180,7 @@ mod tests {
 
     #[test]
     fn suggestions_pick_the_nearest_plausible_word() {
-        assert_eq!(
-            did_you_mean("con2d", ["conv1d", "conv2d", "linear"]),
-            Some("conv2d")
-        );
+        assert_eq!(did_you_mean("con2d", ["conv1d", "conv2d", "linear"]), Some("conv2d"));
         assert_eq!(did_you_mean("strid", ["stride", "padding"]), Some("stride"));
         assert_eq!(did_you_mean("banana", ["stride", "padding"]), None);
     }
@@ -203,8 +188,7 @@ mod tests {
     #[test]
     fn rendering_points_at_line_and_column() {
         let src = "model m {\n  h = foo(x);\n}\n";
-        let d =
-            Diagnostic::error("E0100", "unknown layer `foo`", Span::new(16, 19)).with_label("here");
+        let d = Diagnostic::error("E0100", "unknown layer `foo`", Span::new(16, 19)).with_label("here");
         let text = render("m.pdg", src, &[d]);
         assert!(text.contains("m.pdg:2:7"), "{text}");
         assert!(text.contains("^^^"), "{text}");

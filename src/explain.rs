@@ -23,19 +23,8 @@ fn secs(s: f64) -> String {
 
 /// The text table.
 pub fn render_text(plan: &Plan) -> String {
-    let header = [
-        "layer",
-        "op",
-        "T",
-        "p·d",
-        "strategy",
-        "FLOPs",
-        "bytes",
-        "memory",
-        "est. time",
-        "runner-up",
-        "fastDP",
-    ];
+    let header =
+        ["layer", "op", "T", "p·d", "strategy", "FLOPs", "bytes", "memory", "est. time", "runner-up", "fastDP"];
     let rows: Vec<Vec<String>> = plan
         .layers
         .iter()
@@ -48,9 +37,7 @@ pub fn render_text(plan: &Plan) -> String {
             } else {
                 ""
             };
-            let runner = l.runner_up().map_or("-".to_string(), |r| {
-                format!("{} {}", r.strategy, secs(r.seconds))
-            });
+            let runner = l.runner_up().map_or("-".to_string(), |r| format!("{} {}", r.strategy, secs(r.seconds)));
             vec![
                 l.layer.clone(),
                 l.op.to_string(),
@@ -106,10 +93,7 @@ pub fn render_text(plan: &Plan) -> String {
         let _ = writeln!(out, "  (* = forced by @strategy or --strategy)");
     }
     if plan.layers.iter().any(|l| l.budget_forced) {
-        let _ = writeln!(
-            out,
-            "  († = a slower strategy chosen to fit the memory budget)"
-        );
+        let _ = writeln!(out, "  († = a slower strategy chosen to fit the memory budget)");
     }
     for n in &plan.notes {
         let _ = writeln!(out, "note: {n}");
@@ -181,11 +165,8 @@ pub fn render_json(plan: &Plan) -> String {
             }
         })
         .collect();
-    serde_json::to_string_pretty(&Json {
-        plan,
-        fastdp_comparison,
-    })
-    .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    serde_json::to_string_pretty(&Json { plan, fastdp_comparison })
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
 const COLORS: [(Strategy, &str); 6] = [
@@ -198,10 +179,7 @@ const COLORS: [(Strategy, &str); 6] = [
 ];
 
 fn color(s: Strategy) -> &'static str {
-    COLORS
-        .iter()
-        .find(|(k, _)| *k == s)
-        .map_or("#000", |(_, c)| c)
+    COLORS.iter().find(|(k, _)| *k == s).map_or("#000", |(_, c)| c)
 }
 
 /// An SVG chart: per layer, one horizontal bar per strategy (log-scale estimated time),
@@ -211,26 +189,9 @@ pub fn render_svg(plan: &Plan) -> String {
     let label_w = 170.0;
     let plot_w = 560.0;
     let row_gap = 8.0;
-    let times: Vec<f64> = plan
-        .layers
-        .iter()
-        .flat_map(|l| l.costs.iter().map(|c| c.seconds))
-        .collect();
-    let lo = times
-        .iter()
-        .copied()
-        .fold(f64::INFINITY, f64::min)
-        .max(1e-9)
-        .log10()
-        .floor();
-    let hi = times
-        .iter()
-        .copied()
-        .fold(0.0, f64::max)
-        .max(1e-9)
-        .log10()
-        .ceil()
-        .max(lo + 1.0);
+    let times: Vec<f64> = plan.layers.iter().flat_map(|l| l.costs.iter().map(|c| c.seconds)).collect();
+    let lo = times.iter().copied().fold(f64::INFINITY, f64::min).max(1e-9).log10().floor();
+    let hi = times.iter().copied().fold(0.0, f64::max).max(1e-9).log10().ceil().max(lo + 1.0);
     let x = |s: f64| label_w + (s.max(1e-9).log10() - lo) / (hi - lo) * plot_w;
     let top = 50.0;
     let mut y = top;
@@ -247,11 +208,7 @@ pub fn render_svg(plan: &Plan) -> String {
         );
         for (i, c) in l.costs.iter().enumerate() {
             let chosen = c.strategy == l.chosen;
-            let stroke = if chosen {
-                r##" stroke="#000" stroke-width="1.5""##
-            } else {
-                ""
-            };
+            let stroke = if chosen { r##" stroke="#000" stroke-width="1.5""## } else { "" };
             let _ = writeln!(
                 body,
                 r#"<rect x="{label_w:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"{stroke}><title>{}: {} {}</title></rect>"#,
@@ -291,10 +248,7 @@ pub fn render_svg(plan: &Plan) -> String {
         );
         lx += 75.0;
     }
-    let _ = writeln!(
-        svg,
-        r#"<text x="{lx:.0}" y="37" font-size="11">(outlined = chosen)</text>"#
-    );
+    let _ = writeln!(svg, r#"<text x="{lx:.0}" y="37" font-size="11">(outlined = chosen)</text>"#);
     svg.push_str(&body);
     let mut e = lo;
     while e <= hi {
@@ -313,7 +267,5 @@ pub fn render_svg(plan: &Plan) -> String {
 }
 
 fn xml(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }

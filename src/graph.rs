@@ -197,9 +197,7 @@ impl Graph {
     }
 
     pub fn inputs(&self) -> impl Iterator<Item = &Node> {
-        self.nodes
-            .iter()
-            .filter(|n| matches!(n.op, Op::Input { .. }))
+        self.nodes.iter().filter(|n| matches!(n.op, Op::Input { .. }))
     }
 }
 
@@ -233,20 +231,11 @@ impl Op {
 }
 
 fn dims(v: &[usize]) -> String {
-    v.iter()
-        .map(|d| d.to_string())
-        .collect::<Vec<_>>()
-        .join("x")
+    v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")
 }
 
 fn shape(v: &[usize]) -> String {
-    format!(
-        "[{}]",
-        v.iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
+    format!("[{}]", v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
 }
 
 impl fmt::Display for Op {
@@ -266,24 +255,12 @@ impl fmt::Display for Op {
                 c.groups,
                 c.bias
             ),
-            Op::Linear(l) => write!(
-                f,
-                " in={} out={} bias={}",
-                l.in_features, l.out_features, l.bias
-            ),
+            Op::Linear(l) => write!(f, " in={} out={} bias={}", l.in_features, l.out_features, l.bias),
             Op::Activation(Activation::LeakyRelu { slope }) => write!(f, " slope={slope:?}"),
-            Op::Pool(p) => write!(
-                f,
-                " kernel={} stride={} padding={}",
-                dims(&p.kernel),
-                dims(&p.stride),
-                dims(&p.padding)
-            ),
-            Op::GroupNorm(n) => write!(
-                f,
-                " groups={} eps={:?} affine={}",
-                n.groups, n.eps, n.affine
-            ),
+            Op::Pool(p) => {
+                write!(f, " kernel={} stride={} padding={}", dims(&p.kernel), dims(&p.stride), dims(&p.padding))
+            }
+            Op::GroupNorm(n) => write!(f, " groups={} eps={:?} affine={}", n.groups, n.eps, n.affine),
             Op::InstanceNorm(n) => write!(f, " eps={:?} affine={}", n.eps, n.affine),
             Op::LayerNorm(n) => write!(f, " dims={} eps={:?} affine={}", n.groups, n.eps, n.affine),
             Op::Activation(_) | Op::GlobalAvgPool | Op::Flatten | Op::Add => Ok(()),
@@ -310,33 +287,17 @@ impl fmt::Display for Graph {
             writeln!(f, " -> {}  flops={}", shape(&n.shape), n.flops)?;
         }
         match &self.label {
-            LabelSpec::Classes { name, classes } => {
-                writeln!(f, "  label {name}: classes({classes})")?
-            }
+            LabelSpec::Classes { name, classes } => writeln!(f, "  label {name}: classes({classes})")?,
             LabelSpec::Target { name, shape: s } => writeln!(f, "  label {name}: {}", shape(s))?,
         }
         match &self.loss {
-            Loss::CrossEntropy { logits } => {
-                writeln!(f, "  loss cross_entropy({logits}, {})", self.label.name())?
-            }
+            Loss::CrossEntropy { logits } => writeln!(f, "  loss cross_entropy({logits}, {})", self.label.name())?,
             Loss::Mse { pred } => writeln!(f, "  loss mse({pred}, {})", self.label.name())?,
         }
         writeln!(f, "params")?;
         for p in &self.params {
-            writeln!(
-                f,
-                "  {} {} ({})  of {}",
-                p.name,
-                shape(&p.shape),
-                numel(&p.shape),
-                p.node
-            )?;
+            writeln!(f, "  {} {} ({})  of {}", p.name, shape(&p.shape), numel(&p.shape), p.node)?;
         }
-        writeln!(
-            f,
-            "total params={} flops/example={}",
-            self.param_count(),
-            self.flops()
-        )
+        writeln!(f, "total params={} flops/example={}", self.param_count(), self.flops())
     }
 }

@@ -9,18 +9,29 @@
 //! [`compile_front`] runs the stages in order and stops after the first one that reports
 //! an error, returning every diagnostic collected so far.
 
+pub mod bench;
 pub mod check;
 pub mod diag;
+pub mod error;
 pub mod explain;
 pub mod grad;
 pub mod graph;
+pub mod lower;
+pub mod module;
 pub mod ops;
 pub mod plan;
+pub mod reference;
 pub mod report;
+pub mod runtime;
 pub mod syntax;
+pub mod tensor;
 
 pub use diag::{Diagnostic, Severity, Span};
+pub use error::{Error, Result};
 pub use graph::Graph;
+pub use module::{CompileOptions, Module};
+pub use runtime::{ClippedSum, Device, Session};
+pub use tensor::{Batch, Labels, Params, Tensor, TensorMap};
 
 /// The front end's result: the graph if the source is valid, and all diagnostics
 /// (warnings included even when the graph was built).
@@ -45,9 +56,5 @@ pub fn compile_front(src: &str) -> FrontEnd {
         _ => None,
     };
     diagnostics.sort_by_key(|d| (d.span().start, d.span().end));
-    FrontEnd {
-        ast,
-        graph,
-        diagnostics,
-    }
+    FrontEnd { ast, graph, diagnostics }
 }

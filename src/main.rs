@@ -12,11 +12,7 @@ use pdgc::plan::{self, DeviceProfile, Goal, PlanOptions};
 use pdgc::report::check_report;
 
 #[derive(Parser)]
-#[command(
-    name = "pdgc",
-    version,
-    about = "A compiler for per-example gradients (DP-SGD) of CNNs"
-)]
+#[command(name = "pdgc", version, about = "A compiler for per-example gradients (DP-SGD) of CNNs")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -85,26 +81,104 @@ enum Command {
         #[arg(long, value_enum)]
         dump: Option<Stage>,
     },
-    /// Run the compiler pipeline (parse, check, differentiate, plan) and print a stage's IR.
-    /// Writing a loadable module arrives with the runtime.
+    /// Compile a model into a module file (plan + kernels), or print a stage's IR.
     Compile {
         file: PathBuf,
         #[command(flatten)]
         plan: PlanArgs,
-        /// The IR to print.
-        #[arg(long, value_enum, default_value_t = Stage::Plan)]
-        dump: Stage,
+        /// Write the module here (e.g. net.pdgm).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Artifacts to embed in the module for inspection: plan, kernels, clif.
+        #[arg(long, value_delimiter = ',', default_value = "plan,kernels")]
+        emit: Vec<Emit>,
+        /// Print an IR instead of (or as well as) writing a module.
+        #[arg(long, value_enum)]
+        dump: Option<DumpStage>,
     },
+    /// Write PyTorch-default initial parameters of a model as safetensors.
+    Init {
+        /// A .pdg file or a compiled .pdgm module.
+        file: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Compute per-example gradients (and norms, losses, clipped sums) of a batch.
+    Grads {
+        /// A .pdg file or a compiled .pdgm module.
+        file: PathBuf,
+        /// Parameters (safetensors, PyTorch names).
+        #[arg(long)]
+        params: PathBuf,
+        /// The batch (safetensors): the model's inputs by name, the label (int64/int32).
+        #[arg(long)]
+        batch: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Only the per-example norms and losses.
+        #[arg(long)]
+        norms_only: bool,
+        /// Also the clipped sum Σ_n min(1, C/norm_n) g_n as `clipped_sum.NAME`.
+        #[arg(long)]
+        clip: Option<f32>,
+        /// Force strategies: `layer=strategy,...`.
+        #[arg(long, value_delimiter = ',', value_parser = parse_override)]
+        strategy: Vec<(String, Strategy)>,
+        /// Run on the kernel-IR interpreter instead of the JIT (slow; for checking).
+        #[arg(long)]
+        interpreter: bool,
+    },
+    /// Time the non-private step and every strategy's per-example step.
+    Bench {
+        file: PathBuf,
+        #[arg(long, short, default_value_t = 128)]
+        batch: usize,
+        /// Runs per measurement (the median is reported).
+        #[arg(long, default_value_t = 10)]
+        repeats: usize,
+        /// Only these forced strategies (default: all that apply).
+        #[arg(long, value_delimiter = ',', value_parser = parse_strategy)]
+        strategy: Vec<Strategy>,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Emit {
+    Plan,
+    Kernels,
+    Clif,
+}
+
+/// A stage for `compile --dump`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DumpStage {
+    Ast,
+    Graph,
+    Grads,
+    Plan,
+    Kernels,
+    Clif,
+}
+
+fn parse_strategy(s: &str) -> Result<Strategy, String> {
+    Strategy::from_name(s.trim()).ok_or_else(|| {
+        let names: Vec<&str> = Strategy::ALL.iter().map(|s| s.name()).collect();
+        format!("unknown strategy `{s}` (one of {})", names.join(", "))
+    })
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (try 8G, 512M or 1000000)"))?;
+    let value: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size (try 8G, 512M or 1000000)"))?;
     let scale = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -114,11 +188,7 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         "kib" => 1024.0,
         "mib" => 1024.0 * 1024.0,
         "gib" => 1024.0 * 1024.0 * 1024.0,
-        _ => {
-            return Err(format!(
-                "unknown unit `{unit}` in `{s}` (use K, M, G, T, KiB, MiB or GiB)"
-            ))
-        }
+        _ => return Err(format!("unknown unit `{unit}` in `{s}` (use K, M, G, T, KiB, MiB or GiB)")),
     };
     if !(value > 0.0) || !value.is_finite() {
         return Err(format!("`{s}` must be a positive size"));
@@ -127,15 +197,10 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 fn parse_override(s: &str) -> Result<(String, Strategy), String> {
-    let (layer, strategy) = s
-        .split_once('=')
-        .ok_or_else(|| format!("`{s}`: expected LAYER=STRATEGY"))?;
+    let (layer, strategy) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected LAYER=STRATEGY"))?;
     let st = Strategy::from_name(strategy.trim()).ok_or_else(|| {
         let names: Vec<&str> = Strategy::ALL.iter().map(|s| s.name()).collect();
-        format!(
-            "unknown strategy `{strategy}` (one of {})",
-            names.join(", ")
-        )
+        format!("unknown strategy `{strategy}` (one of {})", names.join(", "))
     })?;
     Ok((layer.trim().to_string(), st))
 }
@@ -143,22 +208,188 @@ fn parse_override(s: &str) -> Result<(String, Strategy), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check {
-            files,
-            format,
-            deny_warnings,
-        } => check(&files, format, deny_warnings),
-        Command::Explain {
-            file,
-            plan,
-            format,
-            plot,
-            dump,
-        } => run(|| explain(&file, &plan, format, plot.as_deref(), dump)),
-        Command::Compile { file, plan, dump } => {
-            run(|| explain(&file, &plan, Format::Text, None, Some(dump)))
+        Command::Check { files, format, deny_warnings } => check(&files, format, deny_warnings),
+        Command::Explain { file, plan, format, plot, dump } => {
+            run(|| explain(&file, &plan, format, plot.as_deref(), dump))
+        }
+        Command::Compile { file, plan, output, emit, dump } => {
+            run(|| compile(&file, &plan, output.as_deref(), &emit, dump))
+        }
+        Command::Init { file, output, seed } => run(|| {
+            let module = load_module(&file, &PlanArgs::default())?;
+            module.init_params(seed).save(&output).map_err(|e| e.to_string())?;
+            eprintln!("wrote {} ({} parameters)", output.display(), module.graph.param_count());
+            Ok(())
+        }),
+        Command::Grads { file, params, batch, output, norms_only, clip, strategy, interpreter } => {
+            run(|| grads(&file, &params, &batch, &output, norms_only, clip, strategy, interpreter))
+        }
+        Command::Bench { file, batch, repeats, strategy, threads, format } => run(|| {
+            let name = file.display().to_string();
+            let src = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {name}: {e}"))?;
+            if batch == 0 || repeats == 0 {
+                return Err("--batch and --repeats must be at least 1".into());
+            }
+            let report =
+                pdgc::bench::bench(&name, &src, batch, repeats, &strategy, threads).map_err(|e| e.to_string())?;
+            match format {
+                Format::Text => print!("{report}"),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?),
+            }
+            Ok(())
+        }),
+    }
+}
+
+impl Default for PlanArgs {
+    fn default() -> Self {
+        PlanArgs { batch: 32, device: "cpu2".into(), memory_budget: None, goal: Goal::ClippedSum, strategy: Vec::new() }
+    }
+}
+
+/// A `.pdgm` module file, or a `.pdg` source compiled with `args`.
+fn load_module(path: &Path, args: &PlanArgs) -> Result<pdgc::Module, String> {
+    if path.extension().is_some_and(|e| e == "pdgm") {
+        return pdgc::Module::load(path).map_err(|e| e.to_string());
+    }
+    let (_, graph) = front(path)?;
+    let opts = plan_options(args, &graph)?;
+    let src = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let options = pdgc::CompileOptions {
+        batch: opts.batch,
+        device: opts.device,
+        memory_budget: opts.memory_budget,
+        overrides: opts.overrides,
+    };
+    pdgc::Module::from_source(&path.display().to_string(), &src, &options).map_err(|e| e.to_string())
+}
+
+fn artifacts(module: &pdgc::Module, emit: &[Emit]) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in emit {
+        match e {
+            Emit::Plan => {
+                out.insert("plan".to_string(), module.plan(Goal::ClippedSum).to_string());
+            }
+            Emit::Kernels => {
+                out.insert("kernels".to_string(), module.program.to_string());
+            }
+            Emit::Clif => {
+                out.insert("clif".to_string(), clif_text(module)?);
+            }
         }
     }
+    Ok(out)
+}
+
+fn clif_text(module: &pdgc::Module) -> Result<String, String> {
+    let backend = pdgc_codegen::cpu::CpuBackend::new().map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    for k in &module.program.kernels {
+        text.push_str(&backend.clif_text(k).map_err(|e| e.to_string())?);
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+fn compile(
+    path: &Path,
+    args: &PlanArgs,
+    output: Option<&Path>,
+    emit: &[Emit],
+    dump: Option<DumpStage>,
+) -> Result<(), String> {
+    let early = match dump {
+        Some(DumpStage::Ast) => Some(Stage::Ast),
+        Some(DumpStage::Graph) => Some(Stage::Graph),
+        Some(DumpStage::Grads) => Some(Stage::Grads),
+        Some(DumpStage::Plan) if output.is_none() => Some(Stage::Plan),
+        _ => None,
+    };
+    if let Some(stage) = early {
+        return explain(path, args, Format::Text, None, Some(stage));
+    }
+    let mut args_batch = PlanArgs {
+        batch: args.batch,
+        device: args.device.clone(),
+        memory_budget: args.memory_budget,
+        goal: args.goal,
+        strategy: args.strategy.clone(),
+    };
+    if args_batch.device == "h200" && output.is_some() {
+        // Modules run on the CPU JIT for now: plan for this machine unless told otherwise.
+        args_batch.device = "cpu2".into();
+    }
+    let module = load_module(path, &args_batch)?;
+    match dump {
+        Some(DumpStage::Plan) => print!("{}", module.plan(Goal::ClippedSum)),
+        Some(DumpStage::Kernels) => print!("{}", module.program),
+        Some(DumpStage::Clif) => print!("{}", clif_text(&module)?),
+        _ => {}
+    }
+    if let Some(out) = output {
+        module.save(out, artifacts(&module, emit)?).map_err(|e| e.to_string())?;
+        eprintln!(
+            "wrote {} ({} kernels, max batch {}, planned for {})",
+            out.display(),
+            module.program.kernels.len(),
+            module.options.batch,
+            module.options.device.name
+        );
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn grads(
+    file: &Path,
+    params: &Path,
+    batch: &Path,
+    output: &Path,
+    norms_only: bool,
+    clip: Option<f32>,
+    strategy: Vec<(String, Strategy)>,
+    interpreter: bool,
+) -> Result<(), String> {
+    // Read the batch first to size the module.
+    let probe = load_module(
+        file,
+        &PlanArgs { batch: 1, device: "cpu2".into(), strategy: strategy.clone(), ..PlanArgs::default() },
+    )?;
+    let data = pdgc::Batch::load(batch, &probe.graph).map_err(|e| e.to_string())?;
+    let b = data.size().map_err(|e| e.to_string())?;
+    let module = if file.extension().is_some_and(|e| e == "pdgm") {
+        if b > probe.options.batch {
+            return Err(pdgc::Error::BatchTooLarge { batch: b, max: probe.options.batch }.to_string());
+        }
+        probe
+    } else {
+        load_module(file, &PlanArgs { batch: b, device: "cpu2".into(), strategy, ..PlanArgs::default() })?
+    };
+    let p = pdgc::Params::load(params, &module.graph).map_err(|e| e.to_string())?;
+    let device = if interpreter { pdgc::Device::Interpreter } else { pdgc::Device::Cpu };
+    let mut session = module.session(device).map_err(|e| e.to_string())?;
+    let mut out = pdgc::TensorMap::new();
+    let loss = session.loss(&p, &data).map_err(|e| e.to_string())?;
+    out.insert("loss".into(), pdgc::Tensor::new(vec![b], loss));
+    if norms_only {
+        let norms = session.per_example_norms(&p, &data).map_err(|e| e.to_string())?;
+        out.insert("norms".into(), pdgc::Tensor::new(vec![b], norms));
+    } else {
+        let grads = session.per_example_grads(&p, &data).map_err(|e| e.to_string())?;
+        let norms = session.per_example_norms(&p, &data).map_err(|e| e.to_string())?;
+        out.insert("norms".into(), pdgc::Tensor::new(vec![b], norms));
+        out.extend(grads);
+    }
+    if let Some(c) = clip {
+        let cs = session.clipped_grad_sum(&p, &data, c).map_err(|e| e.to_string())?;
+        for (name, t) in cs.sum {
+            out.insert(format!("clipped_sum.{name}"), t);
+        }
+    }
+    pdgc::tensor::save_tensors(output, &out, None).map_err(|e| e.to_string())?;
+    eprintln!("wrote {} ({} examples, {} tensors)", output.display(), b, out.len());
+    Ok(())
 }
 
 fn run(f: impl FnOnce() -> Result<(), String>) -> ExitCode {
@@ -201,9 +432,7 @@ fn plan_options(args: &PlanArgs, graph: &pdgc::Graph) -> Result<PlanOptions, Str
             .iter()
             .find(|n| n.layer.as_deref() == Some(layer))
             .ok_or_else(|| format!("--strategy: no layer named `{layer}`"))?;
-        let kind = pdgc::ops::lookup(node.op.name())
-            .map(|o| o.kind.strategies())
-            .unwrap_or(&[]);
+        let kind = pdgc::ops::lookup(node.op.name()).map(|o| o.kind.strategies()).unwrap_or(&[]);
         if !kind.contains(s) {
             let names: Vec<&str> = kind.iter().map(|s| s.name()).collect();
             return Err(format!(
@@ -213,7 +442,9 @@ fn plan_options(args: &PlanArgs, graph: &pdgc::Graph) -> Result<PlanOptions, Str
             ));
         }
         if *s == Strategy::Ghost && args.goal == Goal::Grads {
-            return Err(format!("--strategy: ghost computes norms only and cannot give per-example grads for `{layer}`"));
+            return Err(format!(
+                "--strategy: ghost computes norms only and cannot give per-example grads for `{layer}`"
+            ));
         }
     }
     Ok(PlanOptions {
@@ -277,11 +508,7 @@ fn check(files: &[PathBuf], format: Format, deny_warnings: bool) -> ExitCode {
             }
         };
         let front = pdgc::compile_front(&src);
-        let denied = deny_warnings
-            && front
-                .diagnostics
-                .iter()
-                .any(|d| d.severity == Severity::Warning);
+        let denied = deny_warnings && front.diagnostics.iter().any(|d| d.severity == Severity::Warning);
         if !front.diagnostics.is_empty() {
             eprint!("{}", render(&name, &src, &front.diagnostics));
         }
@@ -310,10 +537,7 @@ fn check(files: &[PathBuf], format: Format, deny_warnings: bool) -> ExitCode {
         }
     }
     if format == Format::Json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json).unwrap_or_default()
-        );
+        println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default());
     }
     if failed {
         ExitCode::FAILURE

@@ -102,21 +102,11 @@ pub struct OpSig {
 }
 
 const fn pos(name: &'static str, ty: ArgTy, default: Default) -> ArgSig {
-    ArgSig {
-        name,
-        ty,
-        default,
-        keyword_only: false,
-    }
+    ArgSig { name, ty, default, keyword_only: false }
 }
 
 const fn kw(name: &'static str, ty: ArgTy, default: Default) -> ArgSig {
-    ArgSig {
-        name,
-        ty,
-        default,
-        keyword_only: true,
-    }
+    ArgSig { name, ty, default, keyword_only: true }
 }
 
 const X: ArgSig = pos("input", ArgTy::Tensor, Default::Required);
@@ -158,11 +148,8 @@ const GROUP_NORM: &[ArgSig] = &[
     pos("affine", ArgTy::Bool, Default::Bool(true)),
 ];
 
-const INSTANCE_NORM: &[ArgSig] = &[
-    X,
-    pos("eps", ArgTy::Float, Default::Float(1e-5)),
-    pos("affine", ArgTy::Bool, Default::Bool(false)),
-];
+const INSTANCE_NORM: &[ArgSig] =
+    &[X, pos("eps", ArgTy::Float, Default::Float(1e-5)), pos("affine", ArgTy::Bool, Default::Bool(false))];
 
 const LAYER_NORM: &[ArgSig] = &[
     X,
@@ -171,118 +158,33 @@ const LAYER_NORM: &[ArgSig] = &[
     kw("affine", ArgTy::Bool, Default::Bool(true)),
 ];
 
-const BINARY: &[ArgSig] = &[
-    pos("a", ArgTy::Tensor, Default::Required),
-    pos("b", ArgTy::Tensor, Default::Required),
-];
+const BINARY: &[ArgSig] = &[pos("a", ArgTy::Tensor, Default::Required), pos("b", ArgTy::Tensor, Default::Required)];
 
-const LOSS: &[ArgSig] = &[
-    pos("input", ArgTy::Tensor, Default::Required),
-    pos("label", ArgTy::Tensor, Default::Required),
-];
+const LOSS: &[ArgSig] =
+    &[pos("input", ArgTy::Tensor, Default::Required), pos("label", ArgTy::Tensor, Default::Required)];
 
 /// Every op of the language.
 pub static OPS: &[OpSig] = &[
-    OpSig {
-        name: "conv1d",
-        kind: OpKind::Conv { spatial: 1 },
-        args: CONV,
-    },
-    OpSig {
-        name: "conv2d",
-        kind: OpKind::Conv { spatial: 2 },
-        args: CONV,
-    },
-    OpSig {
-        name: "linear",
-        kind: OpKind::Linear,
-        args: LINEAR,
-    },
-    OpSig {
-        name: "relu",
-        kind: OpKind::Relu,
-        args: UNARY,
-    },
-    OpSig {
-        name: "leaky_relu",
-        kind: OpKind::LeakyRelu,
-        args: LEAKY,
-    },
-    OpSig {
-        name: "tanh",
-        kind: OpKind::Tanh,
-        args: UNARY,
-    },
-    OpSig {
-        name: "sigmoid",
-        kind: OpKind::Sigmoid,
-        args: UNARY,
-    },
-    OpSig {
-        name: "gelu",
-        kind: OpKind::Gelu,
-        args: UNARY,
-    },
-    OpSig {
-        name: "maxpool1d",
-        kind: OpKind::MaxPool { spatial: 1 },
-        args: POOL,
-    },
-    OpSig {
-        name: "maxpool2d",
-        kind: OpKind::MaxPool { spatial: 2 },
-        args: POOL,
-    },
-    OpSig {
-        name: "avgpool1d",
-        kind: OpKind::AvgPool { spatial: 1 },
-        args: POOL,
-    },
-    OpSig {
-        name: "avgpool2d",
-        kind: OpKind::AvgPool { spatial: 2 },
-        args: POOL,
-    },
-    OpSig {
-        name: "global_avg_pool",
-        kind: OpKind::GlobalAvgPool,
-        args: UNARY,
-    },
-    OpSig {
-        name: "flatten",
-        kind: OpKind::Flatten,
-        args: UNARY,
-    },
-    OpSig {
-        name: "group_norm",
-        kind: OpKind::GroupNorm,
-        args: GROUP_NORM,
-    },
-    OpSig {
-        name: "instance_norm",
-        kind: OpKind::InstanceNorm,
-        args: INSTANCE_NORM,
-    },
-    OpSig {
-        name: "layer_norm",
-        kind: OpKind::LayerNorm,
-        args: LAYER_NORM,
-    },
-    OpSig {
-        name: "add",
-        kind: OpKind::Add,
-        args: BINARY,
-    },
-    OpSig {
-        name: "cross_entropy",
-        kind: OpKind::CrossEntropy,
-        args: LOSS,
-    },
-    OpSig {
-        name: "mse",
-        kind: OpKind::Mse,
-        args: LOSS,
-    },
+    OpSig { name: "conv1d", kind: OpKind::Conv { spatial: 1 }, args: CONV },
+    OpSig { name: "conv2d", kind: OpKind::Conv { spatial: 2 }, args: CONV },
+    OpSig { name: "linear", kind: OpKind::Linear, args: LINEAR },
+    OpSig { name: "relu", kind: OpKind::Relu, args: UNARY },
+    OpSig { name: "leaky_relu", kind: OpKind::LeakyRelu, args: LEAKY },
+    OpSig { name: "tanh", kind: OpKind::Tanh, args: UNARY },
+    OpSig { name: "sigmoid", kind: OpKind::Sigmoid, args: UNARY },
+    OpSig { name: "gelu", kind: OpKind::Gelu, args: UNARY },
+    OpSig { name: "maxpool1d", kind: OpKind::MaxPool { spatial: 1 }, args: POOL },
+    OpSig { name: "maxpool2d", kind: OpKind::MaxPool { spatial: 2 }, args: POOL },
+    OpSig { name: "avgpool1d", kind: OpKind::AvgPool { spatial: 1 }, args: POOL },
+    OpSig { name: "avgpool2d", kind: OpKind::AvgPool { spatial: 2 }, args: POOL },
+    OpSig { name: "global_avg_pool", kind: OpKind::GlobalAvgPool, args: UNARY },
+    OpSig { name: "flatten", kind: OpKind::Flatten, args: UNARY },
+    OpSig { name: "group_norm", kind: OpKind::GroupNorm, args: GROUP_NORM },
+    OpSig { name: "instance_norm", kind: OpKind::InstanceNorm, args: INSTANCE_NORM },
+    OpSig { name: "layer_norm", kind: OpKind::LayerNorm, args: LAYER_NORM },
+    OpSig { name: "add", kind: OpKind::Add, args: BINARY },
+    OpSig { name: "cross_entropy", kind: OpKind::CrossEntropy, args: LOSS },
+    OpSig { name: "mse", kind: OpKind::Mse, args: LOSS },
 ];
 
 /// Names that users coming from PyTorch may reach for, with the reason they are not ops.
@@ -304,7 +206,7 @@ pub fn lookup(name: &str) -> Option<&'static OpSig> {
 }
 
 /// A way to compute a layer's per-example gradients (see DESIGN.md, "Strategies").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
     /// A batch-1 backward per example.
@@ -322,14 +224,8 @@ pub enum Strategy {
 }
 
 impl Strategy {
-    pub const ALL: [Strategy; 6] = [
-        Strategy::Naive,
-        Strategy::Crb,
-        Strategy::Unfold,
-        Strategy::Direct,
-        Strategy::Outer,
-        Strategy::Ghost,
-    ];
+    pub const ALL: [Strategy; 6] =
+        [Strategy::Naive, Strategy::Crb, Strategy::Unfold, Strategy::Direct, Strategy::Outer, Strategy::Ghost];
 
     pub fn name(self) -> &'static str {
         match self {

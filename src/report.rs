@@ -50,14 +50,7 @@ pub fn check_report(g: &Graph) -> CheckReport {
     CheckReport {
         model: g.name.clone(),
         layers,
-        parameters: g
-            .params
-            .iter()
-            .map(|p| ParamRow {
-                name: p.name.clone(),
-                shape: p.shape.clone(),
-            })
-            .collect(),
+        parameters: g.params.iter().map(|p| ParamRow { name: p.name.clone(), shape: p.shape.clone() }).collect(),
         total_params: g.param_count(),
         total_flops: g.flops(),
     }
@@ -90,31 +83,13 @@ pub fn si(v: u64) -> String {
 
 impl std::fmt::Display for CheckReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let shape = |s: &[usize]| {
-            format!(
-                "[{}]",
-                s.iter()
-                    .map(|d| d.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        };
+        let shape = |s: &[usize]| format!("[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "));
         let rows: Vec<[String; 5]> = self
             .layers
             .iter()
             .map(|l| {
-                let params = if l.params == 0 {
-                    "-".to_string()
-                } else {
-                    thousands(l.params)
-                };
-                [
-                    l.name.clone(),
-                    l.op.clone(),
-                    shape(&l.shape),
-                    params,
-                    si(l.flops),
-                ]
+                let params = if l.params == 0 { "-".to_string() } else { thousands(l.params) };
+                [l.name.clone(), l.op.clone(), shape(&l.shape), params, si(l.flops)]
             })
             .collect();
         let header = ["layer", "op", "output (per example)", "params", "FLOPs"];

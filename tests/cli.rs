@@ -20,10 +20,7 @@ fn check_prints_the_layer_table_and_totals() {
     let (code, stdout, stderr) = pdgc(&["check", "samples/mnist_cnn.pdg", "samples/alexnet.pdg"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("model mnist_cnn"));
-    assert!(
-        stdout.contains("conv1  conv2d     [16, 14, 14]"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("conv1  conv2d     [16, 14, 14]"), "{stdout}");
     assert!(stdout.contains("total: 61,100,840 parameters"), "{stdout}");
 }
 
@@ -32,10 +29,7 @@ fn check_fails_with_located_diagnostics() {
     let (code, stdout, stderr) = pdgc(&["check", "samples/errors/multiple_errors.pdg"]);
     assert_eq!(code, 1);
     assert!(stdout.is_empty());
-    assert!(
-        stderr.contains("samples/errors/multiple_errors.pdg:7:37"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("samples/errors/multiple_errors.pdg:7:37"), "{stderr}");
     assert!(stderr.contains("did you mean `maxpool2d`?"), "{stderr}");
     assert!(stderr.contains("3 error(s)"), "{stderr}");
 }
@@ -45,23 +39,14 @@ fn warnings_pass_unless_denied() {
     let (code, _, stderr) = pdgc(&["check", "samples/errors/unused_binding.pdg"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("warning[W0001]"));
-    let (code, _, _) = pdgc(&[
-        "check",
-        "--deny-warnings",
-        "samples/errors/unused_binding.pdg",
-    ]);
+    let (code, _, _) = pdgc(&["check", "--deny-warnings", "samples/errors/unused_binding.pdg"]);
     assert_eq!(code, 1);
 }
 
 #[test]
 fn check_json_is_machine_readable() {
-    let (code, stdout, _) = pdgc(&[
-        "check",
-        "--format",
-        "json",
-        "samples/mnist_cnn.pdg",
-        "samples/errors/batch_norm.pdg",
-    ]);
+    let (code, stdout, _) =
+        pdgc(&["check", "--format", "json", "samples/mnist_cnn.pdg", "samples/errors/batch_norm.pdg"]);
     assert_eq!(code, 1);
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("valid JSON");
     assert_eq!(v[0]["ok"], true);
@@ -80,26 +65,10 @@ fn a_missing_file_is_a_clear_error() {
 
 #[test]
 fn explain_prints_the_plan_table_and_totals() {
-    let (code, stdout, stderr) = pdgc(&[
-        "explain",
-        "samples/mnist_cnn.pdg",
-        "--batch",
-        "128",
-        "--device",
-        "cpu2",
-    ]);
+    let (code, stdout, stderr) = pdgc(&["explain", "samples/mnist_cnn.pdg", "--batch", "128", "--device", "cpu2"]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(
-        stdout.contains("mnist_cnn: batch 128 on cpu2 (goal: clipped-sum"),
-        "{stdout}"
-    );
-    for col in [
-        "strategy",
-        "runner-up",
-        "fastDP",
-        "why:",
-        "total: private step",
-    ] {
+    assert!(stdout.contains("mnist_cnn: batch 128 on cpu2 (goal: clipped-sum"), "{stdout}");
+    for col in ["strategy", "runner-up", "fastDP", "why:", "total: private step"] {
         assert!(stdout.contains(col), "{col} missing:\n{stdout}");
     }
 }
@@ -108,27 +77,15 @@ fn explain_prints_the_plan_table_and_totals() {
 fn explain_writes_json_and_an_svg_plot() {
     let svg = std::env::temp_dir().join(format!("pdgc-test-{}.svg", std::process::id()));
     let svg_arg = svg.to_str().expect("utf-8 temp path");
-    let (code, stdout, stderr) = pdgc(&[
-        "explain",
-        "samples/cifar_cnn.pdg",
-        "--batch",
-        "64",
-        "--format",
-        "json",
-        "--plot",
-        svg_arg,
-    ]);
+    let (code, stdout, stderr) =
+        pdgc(&["explain", "samples/cifar_cnn.pdg", "--batch", "64", "--format", "json", "--plot", svg_arg]);
     assert_eq!(code, 0, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("valid JSON");
     assert_eq!(v["plan"]["batch"], 64);
     let text = std::fs::read_to_string(&svg).expect("plot written");
     let _ = std::fs::remove_file(&svg);
     assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"));
-    assert_eq!(
-        text.matches("<rect x=\"170.0\"").count(),
-        6 * 5 + 2 * 3,
-        "one bar per candidate (6 convs, 2 linears)"
-    );
+    assert_eq!(text.matches("<rect x=\"170.0\"").count(), 6 * 5 + 2 * 3, "one bar per candidate (6 convs, 2 linears)");
 }
 
 #[test]
@@ -139,12 +96,7 @@ fn explain_rejects_bad_options_clearly() {
     let (code, _, stderr) = pdgc(&["explain", "samples/mnist_cnn.pdg", "--strategy", "fc1=crb"]);
     assert_eq!(code, 1);
     assert!(stderr.contains("`crb` does not apply to `fc1`"), "{stderr}");
-    let (code, _, stderr) = pdgc(&[
-        "explain",
-        "samples/mnist_cnn.pdg",
-        "--memory-budget",
-        "12 parsecs",
-    ]);
+    let (code, _, stderr) = pdgc(&["explain", "samples/mnist_cnn.pdg", "--memory-budget", "12 parsecs"]);
     assert_eq!(code, 2);
     assert!(stderr.contains("unknown unit"), "{stderr}");
 }

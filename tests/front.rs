@@ -13,10 +13,7 @@ fn read(path: &Path) -> String {
 
 fn display_name(path: &Path) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    path.strip_prefix(root)
-        .unwrap_or(path)
-        .display()
-        .to_string()
+    path.strip_prefix(root).unwrap_or(path).display().to_string()
 }
 
 #[test]
@@ -25,11 +22,7 @@ fn every_sample_checks_and_its_stages_are_snapshotted() {
         let src = read(path);
         let front = compile_front(&src);
         let rendered = render(&display_name(path), &src, &front.diagnostics);
-        assert!(
-            front.diagnostics.is_empty(),
-            "{} should check cleanly:\n{rendered}",
-            path.display()
-        );
+        assert!(front.diagnostics.is_empty(), "{} should check cleanly:\n{rendered}", path.display());
         let ast = front.ast.expect("a valid sample parses");
         let graph = front.graph.expect("a valid sample checks");
         insta::assert_snapshot!("ast", ast.to_string());
@@ -75,10 +68,7 @@ const EXPECTED: &[(&str, &[&str])] = &[
 #[test]
 fn every_error_sample_fails_with_its_diagnostic() {
     insta::glob!("../samples/errors", "*.pdg", |path| {
-        let stem = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .expect("utf-8 file name");
+        let stem = path.file_stem().and_then(|s| s.to_str()).expect("utf-8 file name");
         let (_, expected) = EXPECTED
             .iter()
             .find(|(name, _)| *name == stem)
@@ -87,15 +77,8 @@ fn every_error_sample_fails_with_its_diagnostic() {
         let front = compile_front(&src);
         let codes: Vec<&str> = front.diagnostics.iter().map(|d| d.code).collect();
         assert_eq!(&codes, expected, "{stem}: wrong diagnostics");
-        let only_warnings = front
-            .diagnostics
-            .iter()
-            .all(|d| d.severity == Severity::Warning);
-        assert_eq!(
-            front.graph.is_some(),
-            only_warnings,
-            "{stem}: a graph is built iff there is no error"
-        );
+        let only_warnings = front.diagnostics.iter().all(|d| d.severity == Severity::Warning);
+        assert_eq!(front.graph.is_some(), only_warnings, "{stem}: a graph is built iff there is no error");
         insta::assert_snapshot!(render(&display_name(path), &src, &front.diagnostics));
     });
 }
@@ -106,12 +89,7 @@ fn every_error_sample_is_listed() {
     let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
         .expect("samples/errors exists")
         .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            e.path()
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .map(String::from)
-        })
+        .filter_map(|e| e.path().file_stem().and_then(|s| s.to_str()).map(String::from))
         .collect();
     on_disk.sort();
     let listed: Vec<String> = EXPECTED.iter().map(|(n, _)| n.to_string()).collect();
@@ -119,9 +97,7 @@ fn every_error_sample_is_listed() {
 }
 
 fn graph_of(sample: &str) -> pdgc::Graph {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("samples")
-        .join(format!("{sample}.pdg"));
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples").join(format!("{sample}.pdg"));
     compile_front(&read(&path)).graph.expect("sample checks")
 }
 
@@ -139,11 +115,7 @@ fn parameter_totals_match_torchvision() {
 #[test]
 fn parameters_use_pytorch_names_and_layouts() {
     let g = graph_of("mnist_cnn");
-    let params: Vec<(String, Vec<usize>)> = g
-        .params
-        .iter()
-        .map(|p| (p.name.clone(), p.shape.clone()))
-        .collect();
+    let params: Vec<(String, Vec<usize>)> = g.params.iter().map(|p| (p.name.clone(), p.shape.clone())).collect();
     assert_eq!(
         params,
         vec![

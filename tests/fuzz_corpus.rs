@@ -15,19 +15,11 @@ fn front_end_survives_every_corpus_input() {
         };
         let front = pdgc::compile_front(src);
         let text = pdgc::diag::render("corpus.pdg", src, &front.diagnostics);
-        assert_eq!(
-            front.diagnostics.is_empty(),
-            text.is_empty(),
-            "{}",
-            path.display()
-        );
+        assert_eq!(front.diagnostics.is_empty(), text.is_empty(), "{}", path.display());
         if let Some(g) = &front.graph {
             assert!(!g.to_string().is_empty());
         }
         count += 1;
     }
-    assert!(
-        count >= 40,
-        "expected the seeded corpus, found {count} inputs"
-    );
+    assert!(count >= 40, "expected the seeded corpus, found {count} inputs");
 }

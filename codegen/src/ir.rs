@@ -137,6 +137,9 @@ pub enum Unary {
     Abs,
 }
 
+/// Binary float operations. `Max` and `Min` propagate NaN (IEEE 754-2019 `maximum` and
+/// `minimum`, Cranelift's `fmax`/`fmin`): `max(NaN, x)` is NaN, so `max(x, 0)` keeps a NaN
+/// visible as PyTorch's `relu` does; `max(-0, +0)` is `+0`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Binary {
     Add,
@@ -161,21 +164,36 @@ pub enum CmpOp {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Expr {
     Const(f32),
-    Load { arg: ArgId, index: Vec<Affine> },
+    Load {
+        arg: ArgId,
+        index: Vec<Affine>,
+    },
     Acc(AccId),
     /// An integer index as a float (one-hot comparisons, counts).
     Index(Affine),
     Unary(Unary, Box<Expr>),
     Binary(Binary, Box<Expr>, Box<Expr>),
-    Select { cond: Box<Cond>, then: Box<Expr>, otherwise: Box<Expr> },
+    Select {
+        cond: Box<Cond>,
+        then: Box<Expr>,
+        otherwise: Box<Expr>,
+    },
 }
 
 /// A condition.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cond {
     /// `lo <= index < hi`.
-    InRange { index: Affine, lo: i64, hi: i64 },
-    Cmp { op: CmpOp, a: Expr, b: Expr },
+    InRange {
+        index: Affine,
+        lo: i64,
+        hi: i64,
+    },
+    Cmp {
+        op: CmpOp,
+        a: Expr,
+        b: Expr,
+    },
     And(Vec<Cond>),
 }
 
@@ -183,10 +201,21 @@ pub enum Cond {
 pub enum Stmt {
     Loop(Loop),
     /// `acc = value`
-    Set { acc: AccId, value: Expr },
+    Set {
+        acc: AccId,
+        value: Expr,
+    },
     /// `arg[index] = value` or, with `accumulate`, `arg[index] += value`.
-    Store { arg: ArgId, index: Vec<Affine>, value: Expr, accumulate: bool },
-    If { cond: Cond, then: Vec<Stmt> },
+    Store {
+        arg: ArgId,
+        index: Vec<Affine>,
+        value: Expr,
+        accumulate: bool,
+    },
+    If {
+        cond: Cond,
+        then: Vec<Stmt>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -262,6 +291,15 @@ impl Arg {
         strides
     }
 
+    /// Elements for a given batch size, or `None` when the count overflows `u64` (a
+    /// caller checking buffers uses this rather than [`Arg::len`], which would overflow).
+    pub fn checked_len(&self, batch: u64) -> Option<u64> {
+        self.dims.iter().try_fold(1u64, |n, d| match d {
+            Dim::Batch => n.checked_mul(batch),
+            Dim::Fixed(m) => n.checked_mul(*m as u64),
+        })
+    }
+
     /// Elements for a given batch size.
     pub fn len(&self, batch: u64) -> u64 {
         self.dims
@@ -271,6 +309,50 @@ impl Arg {
                 Dim::Fixed(n) => *n as u64,
             })
             .product()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Text of single pieces, for diagnostics (the verifier and the interpreter name the
+// offending statement with these).
+
+impl Kernel {
+    /// An index in the printer's notation, e.g. `2*oh+kh-1`.
+    pub fn affine_text(&self, a: &Affine) -> String {
+        Ctx(self).affine(a)
+    }
+
+    /// A buffer access in the printer's notation, e.g. `x[n, ci, 2*oh+kh-1]`.
+    pub fn access_text(&self, arg: ArgId, index: &[Affine]) -> String {
+        Ctx(self).index(arg, index)
+    }
+
+    pub fn expr_text(&self, e: &Expr) -> String {
+        Ctx(self).expr(e)
+    }
+
+    pub fn cond_text(&self, c: &Cond) -> String {
+        Ctx(self).cond(c)
+    }
+
+    /// A statement on one line: a loop or `if` header, or a whole `Set` or `Store`.
+    pub fn stmt_head(&self, s: &Stmt) -> String {
+        let ctx = Ctx(self);
+        match s {
+            Stmt::Loop(l) => {
+                let vec = if l.kind == LoopKind::Vector { " vector" } else { "" };
+                format!("for {} in 0..{}{vec}", ctx.var(l.var), Ctx::extent(l.extent))
+            }
+            Stmt::Set { acc, value } => {
+                let name = self.accs.get(acc.0 as usize).map_or("?", String::as_str);
+                format!("{name} = {}", ctx.expr(value))
+            }
+            Stmt::Store { arg, index, value, accumulate } => {
+                let op = if *accumulate { "+=" } else { "=" };
+                format!("{} {op} {}", ctx.index(*arg, index), ctx.expr(value))
+            }
+            Stmt::If { cond, .. } => format!("if {}", ctx.cond(cond)),
+        }
     }
 }
 
@@ -399,10 +481,18 @@ pub fn format_f32(c: f32) -> String {
     if c.is_nan() {
         "nan".into()
     } else if c.is_infinite() {
-        if c > 0.0 { "inf".into() } else { "-inf".into() }
+        if c > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        }
     } else {
         let s = format!("{c:?}");
-        if s.contains('.') || s.contains('e') { s } else { format!("{s}.0") }
+        if s.contains('.') || s.contains('e') {
+            s
+        } else {
+            format!("{s}.0")
+        }
     }
 }
 

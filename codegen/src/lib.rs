@@ -4,6 +4,13 @@
 //! known shapes ([`ir`]), their checks ([`verify`]), a reference interpreter that is the
 //! test oracle ([`interp`]) and the Cranelift CPU backend ([`cpu`]). It never imports the
 //! root crate and knows nothing of layers, the `.pdg` language or gradients. Every backend
-//! renders the same kernel description, so a kernel's meaning is defined once.
+//! renders the same kernel description, so a kernel's meaning is defined once. The
+//! interpreter and the CPU backend share their scalar float semantics (`math`: the `libm`
+//! transcendentals, NaN-propagating `max`/`min`), so the JIT's scalar code matches the
+//! oracle bit for bit.
 
+pub mod cpu;
+pub mod interp;
 pub mod ir;
+mod math;
+pub mod verify;

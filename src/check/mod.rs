@@ -92,15 +92,7 @@ impl Checker {
                 let dims = self.dims(shape);
                 let value = match dims {
                     Some(dims) => {
-                        let id = self.push_node(
-                            Op::Input {
-                                name: name.name.clone(),
-                            },
-                            vec![],
-                            dims,
-                            0,
-                            name.span,
-                        );
+                        let id = self.push_node(Op::Input { name: name.name.clone() }, vec![], dims, 0, name.span);
                         Value::Tensor(id)
                     }
                     None => Value::Poison,
@@ -131,12 +123,8 @@ impl Checker {
         for d in shape {
             if d.value < 1 {
                 self.error(
-                    Diagnostic::error(
-                        "E0116",
-                        format!("dimension {} is not positive", d.value),
-                        d.span,
-                    )
-                    .with_label("every dimension must be at least 1"),
+                    Diagnostic::error("E0116", format!("dimension {} is not positive", d.value), d.span)
+                        .with_label("every dimension must be at least 1"),
                 );
                 ok = false;
             }
@@ -160,14 +148,10 @@ impl Checker {
                 };
                 let prev_span = prev.span;
                 self.error(
-                    Diagnostic::error(
-                        "E0104",
-                        format!("`{}` is already defined as {what}", name.name),
-                        name.span,
-                    )
-                    .with_label("defined again here")
-                    .with_secondary(prev_span, "first defined here")
-                    .with_note("inputs and the label need names of their own"),
+                    Diagnostic::error("E0104", format!("`{}` is already defined as {what}", name.name), name.span)
+                        .with_label("defined again here")
+                        .with_secondary(prev_span, "first defined here")
+                        .with_note("inputs and the label need names of their own"),
                 );
                 return;
             }
@@ -175,15 +159,7 @@ impl Checker {
                 self.diags.extend(unused(&name.name, prev.span));
             }
         }
-        self.scope.insert(
-            name.name.clone(),
-            Binding {
-                value,
-                span: name.span,
-                kind,
-                used: false,
-            },
-        );
+        self.scope.insert(name.name.clone(), Binding { value, span: name.span, kind, used: false });
     }
 
     fn label(&mut self, name: &ast::Ident, kind: &LabelKind, span: Span) {
@@ -200,36 +176,22 @@ impl Checker {
             LabelKind::Classes { kind, count } => {
                 if kind.name != "classes" {
                     self.error(
-                        Diagnostic::error(
-                            "E0313",
-                            format!("unknown label kind `{}`", kind.name),
-                            kind.span,
-                        )
-                        .with_label("expected `classes(K)` or a shape like `[4]`"),
+                        Diagnostic::error("E0313", format!("unknown label kind `{}`", kind.name), kind.span)
+                            .with_label("expected `classes(K)` or a shape like `[4]`"),
                     );
                     return;
                 }
                 if count.value < 2 {
                     self.error(
-                        Diagnostic::error(
-                            "E0116",
-                            "a classification label needs at least 2 classes",
-                            count.span,
-                        )
-                        .with_label(format!("found {}", count.value)),
+                        Diagnostic::error("E0116", "a classification label needs at least 2 classes", count.span)
+                            .with_label(format!("found {}", count.value)),
                     );
                     return;
                 }
-                LabelSpec::Classes {
-                    name: name.name.clone(),
-                    classes: count.value as usize,
-                }
+                LabelSpec::Classes { name: name.name.clone(), classes: count.value as usize }
             }
             LabelKind::Target { shape } => match self.dims(shape) {
-                Some(dims) => LabelSpec::Target {
-                    name: name.name.clone(),
-                    shape: dims,
-                },
+                Some(dims) => LabelSpec::Target { name: name.name.clone(), shape: dims },
                 None => return,
             },
         };
@@ -264,12 +226,8 @@ impl Checker {
                         Value::Poison => return Value::Poison,
                         other => {
                             return self.error(
-                                Diagnostic::error(
-                                    "E0114",
-                                    "tuples hold integers (sizes)",
-                                    item.span,
-                                )
-                                .with_label(format!("this is {}", other.describe())),
+                                Diagnostic::error("E0114", "tuples hold integers (sizes)", item.span)
+                                    .with_label(format!("this is {}", other.describe())),
                             )
                         }
                     }
@@ -279,8 +237,7 @@ impl Checker {
             ExprKind::Add(a, b) => {
                 let va = self.expr(a);
                 let vb = self.expr(b);
-                let (Some(ia), Some(ib)) = (self.tensor(&va, a.span), self.tensor(&vb, b.span))
-                else {
+                let (Some(ia), Some(ib)) = (self.tensor(&va, a.span), self.tensor(&vb, b.span)) else {
                     return Value::Poison;
                 };
                 let sig = ops::lookup("add").expect("add is in the op table");
@@ -298,12 +255,8 @@ impl Checker {
             Value::Poison => None,
             Value::Label => {
                 self.error(
-                    Diagnostic::error(
-                        "E0114",
-                        "the label can only be used in the `loss` statement",
-                        span,
-                    )
-                    .with_label("this is the label"),
+                    Diagnostic::error("E0114", "the label can only be used in the `loss` statement", span)
+                        .with_label("this is the label"),
                 );
                 None
             }
@@ -331,23 +284,11 @@ impl Checker {
                     positional += 1;
                     let n_pos = sig.args.iter().filter(|a| !a.keyword_only).count();
                     if i >= n_pos {
-                        let names: Vec<&str> = sig
-                            .args
-                            .iter()
-                            .filter(|a| !a.keyword_only)
-                            .map(|a| a.name)
-                            .collect();
+                        let names: Vec<&str> = sig.args.iter().filter(|a| !a.keyword_only).map(|a| a.name).collect();
                         self.error(
-                            Diagnostic::error(
-                                "E0111",
-                                format!("too many arguments to `{}`", sig.name),
-                                arg.span,
-                            )
-                            .with_label(format!(
-                                "`{}` takes at most {n_pos} positional arguments",
-                                sig.name
-                            ))
-                            .with_note(format!("positional order: {}", names.join(", "))),
+                            Diagnostic::error("E0111", format!("too many arguments to `{}`", sig.name), arg.span)
+                                .with_label(format!("`{}` takes at most {n_pos} positional arguments", sig.name))
+                                .with_note(format!("positional order: {}", names.join(", "))),
                         );
                         ok = false;
                         continue;
@@ -378,10 +319,7 @@ impl Checker {
                 self.error(
                     Diagnostic::error(
                         "E0112",
-                        format!(
-                            "argument `{}` of `{}` is given twice",
-                            sig.args[index].name, sig.name
-                        ),
+                        format!("argument `{}` of `{}` is given twice", sig.args[index].name, sig.name),
                         arg.span,
                     )
                     .with_label("given again here")
@@ -399,13 +337,9 @@ impl Checker {
         for (i, a) in sig.args.iter().enumerate() {
             if slots[i].is_none() && a.default == Default::Required {
                 self.error(
-                    Diagnostic::error(
-                        "E0113",
-                        format!("`{}` needs the argument `{}`", sig.name, a.name),
-                        call.op.span,
-                    )
-                    .with_label(format!("`{}` is missing", a.name))
-                    .with_note(signature_note(sig)),
+                    Diagnostic::error("E0113", format!("`{}` needs the argument `{}`", sig.name, a.name), call.op.span)
+                        .with_label(format!("`{}` is missing", a.name))
+                        .with_note(signature_note(sig)),
                 );
                 ok = false;
             }
@@ -429,12 +363,8 @@ impl Checker {
             _ => false,
         };
         if !fits {
-            let mut d = Diagnostic::error(
-                "E0114",
-                format!("`{}` of `{}` expects {}", a.name, sig.name, a.ty),
-                span,
-            )
-            .with_label(format!("this is {}", value.describe()));
+            let mut d = Diagnostic::error("E0114", format!("`{}` of `{}` expects {}", a.name, sig.name, a.ty), span)
+                .with_label(format!("this is {}", value.describe()));
             if *value == Value::Label {
                 d = d.with_note("the label can only be used in the `loss` statement");
             }
@@ -452,16 +382,9 @@ impl Checker {
         };
         if sig.kind.is_loss() {
             return self.error(
-                Diagnostic::error(
-                    "E0102",
-                    format!("`{}` is a loss, not a layer", sig.name),
-                    call.op.span,
-                )
-                .with_label("used inside an expression")
-                .with_note(format!(
-                    "write it as its own statement: `loss {}(logits, y);`",
-                    sig.name
-                )),
+                Diagnostic::error("E0102", format!("`{}` is a loss, not a layer", sig.name), call.op.span)
+                    .with_label("used inside an expression")
+                    .with_note(format!("write it as its own statement: `loss {}(logits, y);`", sig.name)),
             );
         }
         let Some(args) = self.bind(sig, call) else {
@@ -475,14 +398,7 @@ impl Checker {
                 }
             }
         }
-        self.layer(
-            sig,
-            &args,
-            inputs,
-            call.layer.as_ref(),
-            &call.attrs,
-            call.span,
-        )
+        self.layer(sig, &args, inputs, call.layer.as_ref(), &call.attrs, call.span)
     }
 
     /// Infers the layer's shape and parameters, checks its name and attributes, and adds it.
@@ -495,10 +411,7 @@ impl Checker {
         attrs: &[ast::Attr],
         span: Span,
     ) -> Value {
-        let in_shapes: Vec<&[usize]> = inputs
-            .iter()
-            .map(|i| self.nodes[i.index()].shape.as_slice())
-            .collect();
+        let in_shapes: Vec<&[usize]> = inputs.iter().map(|i| self.nodes[i.index()].shape.as_slice()).collect();
         let built = match shapes::build(sig, args, &in_shapes) {
             Ok(b) => b,
             Err(d) => return self.error(d),
@@ -544,11 +457,7 @@ impl Checker {
         self.nodes[id.index()].strategy = strategy;
         if let Some(layer) = &name {
             for (suffix, shape) in built.params {
-                self.params.push(ParamSpec {
-                    name: format!("{layer}.{suffix}"),
-                    shape,
-                    node: id,
-                });
+                self.params.push(ParamSpec { name: format!("{layer}.{suffix}"), shape, node: id });
             }
         }
         self.nodes[id.index()].layer = name;
@@ -559,12 +468,8 @@ impl Checker {
         let mut strategy = None;
         for a in attrs {
             if a.name.name != "strategy" {
-                let mut d = Diagnostic::error(
-                    "E0130",
-                    format!("unknown attribute `@{}`", a.name.name),
-                    a.name.span,
-                )
-                .with_label("unknown attribute");
+                let mut d = Diagnostic::error("E0130", format!("unknown attribute `@{}`", a.name.name), a.name.span)
+                    .with_label("unknown attribute");
                 if did_you_mean(&a.name.name, ["strategy"]).is_some() {
                     d = d.with_note("did you mean `@strategy`?");
                 }
@@ -574,53 +479,30 @@ impl Checker {
             let valid: Vec<&str> = sig.kind.strategies().iter().map(|s| s.name()).collect();
             let [arg] = a.args.as_slice() else {
                 self.error(
-                    Diagnostic::error(
-                        "E0131",
-                        "`@strategy` takes exactly one strategy name",
-                        a.span,
-                    )
-                    .with_note(format!(
-                        "strategies for `{}`: {}",
-                        sig.name,
-                        valid.join(", ")
-                    )),
+                    Diagnostic::error("E0131", "`@strategy` takes exactly one strategy name", a.span)
+                        .with_note(format!("strategies for `{}`: {}", sig.name, valid.join(", "))),
                 );
                 return Err(());
             };
             let Some(s) = Strategy::from_name(&arg.name) else {
-                let mut d = Diagnostic::error(
-                    "E0131",
-                    format!("unknown strategy `{}`", arg.name),
-                    arg.span,
-                )
-                .with_label("not a strategy");
+                let mut d = Diagnostic::error("E0131", format!("unknown strategy `{}`", arg.name), arg.span)
+                    .with_label("not a strategy");
                 if let Some(s) = did_you_mean(&arg.name, Strategy::ALL.iter().map(|s| s.name())) {
                     d = d.with_note(format!("did you mean `{s}`?"));
                 }
-                self.error(d.with_note(format!(
-                    "strategies for `{}`: {}",
-                    sig.name,
-                    valid.join(", ")
-                )));
+                self.error(d.with_note(format!("strategies for `{}`: {}", sig.name, valid.join(", "))));
                 return Err(());
             };
             if !sig.kind.strategies().contains(&s) {
                 let note = if valid.is_empty() {
-                    format!(
-                        "`{}` has no parameters, so it has no per-example gradient strategy",
-                        sig.name
-                    )
+                    format!("`{}` has no parameters, so it has no per-example gradient strategy", sig.name)
                 } else {
                     format!("strategies for `{}`: {}", sig.name, valid.join(", "))
                 };
                 self.error(
-                    Diagnostic::error(
-                        "E0132",
-                        format!("strategy `{s}` does not apply to `{}`", sig.name),
-                        arg.span,
-                    )
-                    .with_label(format!("not available for `{}`", sig.name))
-                    .with_note(note),
+                    Diagnostic::error("E0132", format!("strategy `{s}` does not apply to `{}`", sig.name), arg.span)
+                        .with_label(format!("not available for `{}`", sig.name))
+                        .with_note(note),
                 );
                 return Err(());
             }
@@ -645,22 +527,14 @@ impl Checker {
             Some(sig) if sig.kind.is_loss() => sig,
             Some(sig) => {
                 self.error(
-                    Diagnostic::error(
-                        "E0302",
-                        format!("`{}` is a layer, not a loss", sig.name),
-                        call.op.span,
-                    )
-                    .with_label("expected `cross_entropy` or `mse`"),
+                    Diagnostic::error("E0302", format!("`{}` is a layer, not a loss", sig.name), call.op.span)
+                        .with_label("expected `cross_entropy` or `mse`"),
                 );
                 return;
             }
             None => {
-                let mut d = Diagnostic::error(
-                    "E0302",
-                    format!("unknown loss `{}`", call.op.name),
-                    call.op.span,
-                )
-                .with_label("expected `cross_entropy` or `mse`");
+                let mut d = Diagnostic::error("E0302", format!("unknown loss `{}`", call.op.name), call.op.span)
+                    .with_label("expected `cross_entropy` or `mse`");
                 if let Some(s) = did_you_mean(&call.op.name, ["cross_entropy", "mse"]) {
                     d = d.with_note(format!("did you mean `{s}`?"));
                 }
@@ -677,10 +551,7 @@ impl Checker {
                 self.error(
                     Diagnostic::error(
                         "E0305",
-                        format!(
-                            "the first argument of `{}` must be the network's output",
-                            sig.name
-                        ),
+                        format!("the first argument of `{}` must be the network's output", sig.name),
                         *s,
                     )
                     .with_label("this is the label"),
@@ -755,25 +626,9 @@ impl Checker {
         self.loss = Some((Some(loss), span));
     }
 
-    fn push_node(
-        &mut self,
-        op: Op,
-        inputs: Vec<NodeId>,
-        shape: Vec<usize>,
-        flops: u64,
-        span: Span,
-    ) -> NodeId {
+    fn push_node(&mut self, op: Op, inputs: Vec<NodeId>, shape: Vec<usize>, flops: u64, span: Span) -> NodeId {
         let id = NodeId(self.nodes.len() as u32);
-        self.nodes.push(Node {
-            id,
-            op,
-            inputs,
-            shape,
-            layer: None,
-            strategy: None,
-            flops,
-            span,
-        });
+        self.nodes.push(Node { id, op, inputs, shape, layer: None, strategy: None, flops, span });
         id
     }
 
@@ -782,15 +637,9 @@ impl Checker {
             && !self.scope.values().any(|b| b.kind == BindingKind::Input)
         {
             self.error(
-                Diagnostic::error(
-                    "E0310",
-                    format!("model `{}` has no input", model.name.name),
-                    model.name.span,
-                )
-                .with_label("no `input` statement")
-                .with_note(
-                    "declare one, e.g. `input x: [3, 32, 32];` (shape without the batch dim)",
-                ),
+                Diagnostic::error("E0310", format!("model `{}` has no input", model.name.name), model.name.span)
+                    .with_label("no `input` statement")
+                    .with_note("declare one, e.g. `input x: [3, 32, 32];` (shape without the batch dim)"),
             );
         }
         if self.label.is_none() {
@@ -802,13 +651,9 @@ impl Checker {
         }
         if self.loss.is_none() {
             self.error(
-                Diagnostic::error(
-                    "E0300",
-                    format!("model `{}` has no loss", model.name.name),
-                    model.name.span,
-                )
-                .with_label("no `loss` statement")
-                .with_note("end the model with e.g. `loss cross_entropy(logits, y);`"),
+                Diagnostic::error("E0300", format!("model `{}` has no loss", model.name.name), model.name.span)
+                    .with_label("no `loss` statement")
+                    .with_note("end the model with e.g. `loss cross_entropy(logits, y);`"),
             );
         }
         // Without a loss every binding looks unused; the missing loss is the one thing to say.
@@ -831,13 +676,9 @@ impl Checker {
 
         let errors = crate::diag::has_errors(&self.diags);
         let graph = match (errors, self.label, self.loss) {
-            (false, Some((label, _)), Some((Some(loss), _))) => Some(Graph {
-                name: model.name.name.clone(),
-                nodes: self.nodes,
-                label,
-                loss,
-                params: self.params,
-            }),
+            (false, Some((label, _)), Some((Some(loss), _))) => {
+                Some(Graph { name: model.name.name.clone(), nodes: self.nodes, label, loss, params: self.params })
+            }
             _ => None,
         };
         (graph, self.diags)
@@ -849,9 +690,7 @@ fn unused(name: &str, span: Span) -> Option<Diagnostic> {
     (!name.starts_with('_')).then(|| {
         Diagnostic::warning("W0001", format!("`{name}` is bound but never used"), span)
             .with_label("this value does not reach the loss")
-            .with_note(format!(
-                "remove the statement, use `{name}`, or rename it `_{name}` to keep it"
-            ))
+            .with_note(format!("remove the statement, use `{name}`, or rename it `_{name}` to keep it"))
     })
 }
 
@@ -862,12 +701,8 @@ fn unknown_op(op: &ast::Ident) -> Diagnostic {
             .with_note(*why)
             .with_note(format!("help: {fix}"));
     }
-    let mut d = Diagnostic::error("E0100", format!("unknown layer `{}`", op.name), op.span)
-        .with_label("unknown layer");
-    let names = ops::OPS
-        .iter()
-        .filter(|o| !o.kind.is_loss())
-        .map(|o| o.name);
+    let mut d = Diagnostic::error("E0100", format!("unknown layer `{}`", op.name), op.span).with_label("unknown layer");
+    let names = ops::OPS.iter().filter(|o| !o.kind.is_loss()).map(|o| o.name);
     if let Some(s) = did_you_mean(&op.name, names) {
         d = d.with_note(format!("did you mean `{s}`?"));
     }

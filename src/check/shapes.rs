@@ -31,26 +31,16 @@ pub struct Built {
 
 impl Args {
     pub fn new(sig: &'static OpSig, slots: Vec<Option<(Value, Span)>>, call_span: Span) -> Args {
-        Args {
-            sig,
-            slots,
-            call_span,
-        }
+        Args { sig, slots, call_span }
     }
 
     fn index(&self, name: &str) -> usize {
-        self.sig
-            .args
-            .iter()
-            .position(|a| a.name == name)
-            .expect("argument name is in the op table")
+        self.sig.args.iter().position(|a| a.name == name).expect("argument name is in the op table")
     }
 
     /// Where an argument was written, or the call if it was left to its default.
     pub fn span_of(&self, index: usize) -> Span {
-        self.slots[index]
-            .as_ref()
-            .map_or(self.call_span, |(_, s)| *s)
+        self.slots[index].as_ref().map_or(self.call_span, |(_, s)| *s)
     }
 
     fn span(&self, name: &str) -> Span {
@@ -93,11 +83,7 @@ impl Args {
             Some(Value::Tuple(v)) => {
                 return Err(Diagnostic::error(
                     "E0115",
-                    format!(
-                        "`{name}` of `{}` needs {spatial} sizes, found {}",
-                        self.sig.name,
-                        v.len()
-                    ),
+                    format!("`{name}` of `{}` needs {spatial} sizes, found {}", self.sig.name, v.len()),
                     self.span(name),
                 )
                 .with_label(format!("expected one integer, or a tuple of {spatial}")))
@@ -145,32 +131,18 @@ impl Args {
 }
 
 fn too_small(op: &str, name: &str, v: i64, min: i64, span: Span) -> Diagnostic {
-    let need = if min == 0 {
-        "non-negative"
-    } else {
-        "at least 1"
-    };
-    Diagnostic::error("E0116", format!("`{name}` of `{op}` must be {need}"), span)
-        .with_label(format!("found {v}"))
+    let need = if min == 0 { "non-negative" } else { "at least 1" };
+    Diagnostic::error("E0116", format!("`{name}` of `{op}` must be {need}"), span).with_label(format!("found {v}"))
 }
 
 fn fmt_shape(s: &[usize]) -> String {
-    format!(
-        "[{}]",
-        s.iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
+    format!("[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
 }
 
 fn rank_error(op: &str, expected: &str, found: &[usize], span: Span) -> Diagnostic {
     Diagnostic::error(
         "E0200",
-        format!(
-            "`{op}` expects a {expected} input per example, found {}",
-            fmt_shape(found)
-        ),
+        format!("`{op}` expects a {expected} input per example, found {}", fmt_shape(found)),
         span,
     )
     .with_label(format!("this has shape {}", fmt_shape(found)))
@@ -234,19 +206,13 @@ fn window(
 /// Builds one layer. `inputs` are the shapes of the tensor arguments, in signature order.
 pub fn build(sig: &'static OpSig, args: &Args, inputs: &[&[usize]]) -> Result<Built, Diagnostic> {
     let x = inputs[0];
-    let elementwise = |act: Activation| Built {
-        op: Op::Activation(act),
-        shape: x.to_vec(),
-        flops: numel(x),
-        params: vec![],
-    };
+    let elementwise =
+        |act: Activation| Built { op: Op::Activation(act), shape: x.to_vec(), flops: numel(x), params: vec![] };
     match sig.kind {
         OpKind::Conv { spatial } => conv(args, x, spatial),
         OpKind::Linear => linear(args, x),
         OpKind::Relu => Ok(elementwise(Activation::Relu)),
-        OpKind::LeakyRelu => Ok(elementwise(Activation::LeakyRelu {
-            slope: args.float("slope"),
-        })),
+        OpKind::LeakyRelu => Ok(elementwise(Activation::LeakyRelu { slope: args.float("slope") })),
         OpKind::Tanh => Ok(elementwise(Activation::Tanh)),
         OpKind::Sigmoid => Ok(elementwise(Activation::Sigmoid)),
         OpKind::Gelu => Ok(elementwise(Activation::Gelu)),
@@ -256,19 +222,9 @@ pub fn build(sig: &'static OpSig, args: &Args, inputs: &[&[usize]]) -> Result<Bu
             if x.len() < 2 {
                 return Err(rank_error(sig.name, "[C, ...]", x, args.tensor_span(0)));
             }
-            Ok(Built {
-                op: Op::GlobalAvgPool,
-                shape: vec![x[0]],
-                flops: numel(x),
-                params: vec![],
-            })
+            Ok(Built { op: Op::GlobalAvgPool, shape: vec![x[0]], flops: numel(x), params: vec![] })
         }
-        OpKind::Flatten => Ok(Built {
-            op: Op::Flatten,
-            shape: vec![numel(x) as usize],
-            flops: 0,
-            params: vec![],
-        }),
+        OpKind::Flatten => Ok(Built { op: Op::Flatten, shape: vec![numel(x) as usize], flops: 0, params: vec![] }),
         OpKind::GroupNorm | OpKind::InstanceNorm | OpKind::LayerNorm => norm(args, x, sig.kind),
         OpKind::Add => {
             let y = inputs[1];
@@ -283,12 +239,7 @@ pub fn build(sig: &'static OpSig, args: &Args, inputs: &[&[usize]]) -> Result<Bu
                 .with_secondary(args.tensor_span(1), format!("shape {}", fmt_shape(y)))
                 .with_note("a residual add needs equal shapes: match the shortcut with a 1x1 conv (downsample)"));
             }
-            Ok(Built {
-                op: Op::Add,
-                shape: x.to_vec(),
-                flops: numel(x),
-                params: vec![],
-            })
+            Ok(Built { op: Op::Add, shape: x.to_vec(), flops: numel(x), params: vec![] })
         }
         OpKind::CrossEntropy | OpKind::Mse => {
             unreachable!("losses are checked by the loss statement")
@@ -299,12 +250,7 @@ pub fn build(sig: &'static OpSig, args: &Args, inputs: &[&[usize]]) -> Result<Bu
 fn conv(args: &Args, x: &[usize], spatial: usize) -> Result<Built, Diagnostic> {
     let name = args.sig.name;
     if x.len() != spatial + 1 {
-        return Err(rank_error(
-            name,
-            spatial_names(spatial),
-            x,
-            args.tensor_span(0),
-        ));
+        return Err(rank_error(name, spatial_names(spatial), x, args.tensor_span(0)));
     }
     let in_channels = x[0];
     let out_channels = args.required_int("out", 1)?;
@@ -322,47 +268,32 @@ fn conv(args: &Args, x: &[usize], spatial: usize) -> Result<Built, Diagnostic> {
                 args.span("in"),
             )
             .with_label(format!("the input is {}", fmt_shape(x)))
-            .with_note(format!(
-                "write `in={in_channels}`, or drop `in=` and let pdgc infer it"
-            )));
+            .with_note(format!("write `in={in_channels}`, or drop `in=` and let pdgc infer it")));
         }
     }
     if in_channels % groups != 0 {
         return Err(Diagnostic::error(
             "E0203",
-            format!(
-                "`{name}` input channels ({in_channels}) are not divisible by groups ({groups})"
-            ),
+            format!("`{name}` input channels ({in_channels}) are not divisible by groups ({groups})"),
             args.span("groups"),
         )
-        .with_label(format!(
-            "{in_channels} channels cannot be split into {groups} groups"
-        ))
+        .with_label(format!("{in_channels} channels cannot be split into {groups} groups"))
         .with_note("groups must divide both the input and the output channels"));
     }
     if out_channels % groups != 0 {
         return Err(Diagnostic::error(
             "E0204",
-            format!(
-                "`{name}` output channels ({out_channels}) are not divisible by groups ({groups})"
-            ),
+            format!("`{name}` output channels ({out_channels}) are not divisible by groups ({groups})"),
             args.span("out"),
         )
-        .with_label(format!(
-            "{out_channels} channels cannot be split into {groups} groups"
-        ))
+        .with_label(format!("{out_channels} channels cannot be split into {groups} groups"))
         .with_note("groups must divide both the input and the output channels"));
     }
     let out_sp = window(args, &x[1..], &kernel, &stride, &padding, &dilation)?;
     let positions = numel(&out_sp);
     let kprod = numel(&kernel);
     let fan_in = (in_channels / groups) as u64 * kprod;
-    let flops = 2 * out_channels as u64 * positions * fan_in
-        + if bias {
-            out_channels as u64 * positions
-        } else {
-            0
-        };
+    let flops = 2 * out_channels as u64 * positions * fan_in + if bias { out_channels as u64 * positions } else { 0 };
     let mut wshape = vec![out_channels, in_channels / groups];
     wshape.extend(&kernel);
     let mut params = vec![("weight", wshape)];
@@ -371,22 +302,8 @@ fn conv(args: &Args, x: &[usize], spatial: usize) -> Result<Built, Diagnostic> {
     }
     let mut shape = vec![out_channels];
     shape.extend(out_sp);
-    let op = Op::Conv(Conv {
-        in_channels,
-        out_channels,
-        kernel,
-        stride,
-        padding,
-        dilation,
-        groups,
-        bias,
-    });
-    Ok(Built {
-        op,
-        shape,
-        flops,
-        params,
-    })
+    let op = Op::Conv(Conv { in_channels, out_channels, kernel, stride, padding, dilation, groups, bias });
+    Ok(Built { op, shape, flops, params })
 }
 
 fn linear(args: &Args, x: &[usize]) -> Result<Built, Diagnostic> {
@@ -407,43 +324,25 @@ fn linear(args: &Args, x: &[usize]) -> Result<Built, Diagnostic> {
                     numel(x)
                 ));
             } else {
-                d = d.with_note(format!(
-                    "write `in={in_features}`, or drop `in=` and let pdgc infer it"
-                ));
+                d = d.with_note(format!("write `in={in_features}`, or drop `in=` and let pdgc infer it"));
             }
             return Err(d);
         }
     }
     let rows = numel(&x[..x.len() - 1]);
-    let flops = rows
-        * (2 * in_features as u64 * out_features as u64
-            + if bias { out_features as u64 } else { 0 });
+    let flops = rows * (2 * in_features as u64 * out_features as u64 + if bias { out_features as u64 } else { 0 });
     let mut params = vec![("weight", vec![out_features, in_features])];
     if bias {
         params.push(("bias", vec![out_features]));
     }
     let mut shape = x.to_vec();
     *shape.last_mut().expect("rank >= 1") = out_features;
-    Ok(Built {
-        op: Op::Linear(Linear {
-            in_features,
-            out_features,
-            bias,
-        }),
-        shape,
-        flops,
-        params,
-    })
+    Ok(Built { op: Op::Linear(Linear { in_features, out_features, bias }), shape, flops, params })
 }
 
 fn pool(args: &Args, x: &[usize], spatial: usize, kind: PoolKind) -> Result<Built, Diagnostic> {
     if x.len() != spatial + 1 {
-        return Err(rank_error(
-            args.sig.name,
-            spatial_names(spatial),
-            x,
-            args.tensor_span(0),
-        ));
+        return Err(rank_error(args.sig.name, spatial_names(spatial), x, args.tensor_span(0)));
     }
     let kernel = args.size("kernel", spatial, 1)?;
     let stride = args.size("stride", spatial, 1)?;
@@ -451,10 +350,7 @@ fn pool(args: &Args, x: &[usize], spatial: usize, kind: PoolKind) -> Result<Buil
     if let Some(axis) = (0..spatial).find(|&a| 2 * padding[a] > kernel[a]) {
         return Err(Diagnostic::error(
             "E0210",
-            format!(
-                "`{}` padding {} is more than half its kernel {}",
-                args.sig.name, padding[axis], kernel[axis]
-            ),
+            format!("`{}` padding {} is more than half its kernel {}", args.sig.name, padding[axis], kernel[axis]),
             args.span("padding"),
         )
         .with_label("too much padding")
@@ -464,17 +360,7 @@ fn pool(args: &Args, x: &[usize], spatial: usize, kind: PoolKind) -> Result<Buil
     let mut shape = vec![x[0]];
     shape.extend(out_sp);
     let flops = numel(&shape) * numel(&kernel);
-    Ok(Built {
-        op: Op::Pool(Pool {
-            kind,
-            kernel,
-            stride,
-            padding,
-        }),
-        shape,
-        flops,
-        params: vec![],
-    })
+    Ok(Built { op: Op::Pool(Pool { kind, kernel, stride, padding }), shape, flops, params: vec![] })
 }
 
 fn norm(args: &Args, x: &[usize], kind: OpKind) -> Result<Built, Diagnostic> {
@@ -488,14 +374,7 @@ fn norm(args: &Args, x: &[usize], kind: OpKind) -> Result<Built, Diagnostic> {
             }
             let channels = x[0];
             if kind == OpKind::InstanceNorm {
-                (
-                    Op::InstanceNorm(Norm {
-                        groups: channels,
-                        eps,
-                        affine,
-                    }),
-                    vec![channels],
-                )
+                (Op::InstanceNorm(Norm { groups: channels, eps, affine }), vec![channels])
             } else {
                 let groups = args.required_int("groups", 1)?;
                 if channels % groups != 0 {
@@ -505,16 +384,12 @@ fn norm(args: &Args, x: &[usize], kind: OpKind) -> Result<Built, Diagnostic> {
                         args.span("groups"),
                     )
                     .with_label(format!("{groups} does not divide {channels}"))
-                    .with_note(format!("choose a divisor of {channels}, e.g. {}", largest_divisor_up_to(channels, groups))));
+                    .with_note(format!(
+                        "choose a divisor of {channels}, e.g. {}",
+                        largest_divisor_up_to(channels, groups)
+                    )));
                 }
-                (
-                    Op::GroupNorm(Norm {
-                        groups,
-                        eps,
-                        affine,
-                    }),
-                    vec![channels],
-                )
+                (Op::GroupNorm(Norm { groups, eps, affine }), vec![channels])
             }
         }
         OpKind::LayerNorm => {
@@ -522,37 +397,18 @@ fn norm(args: &Args, x: &[usize], kind: OpKind) -> Result<Built, Diagnostic> {
             if dims > x.len() {
                 return Err(Diagnostic::error(
                     "E0209",
-                    format!(
-                        "layer_norm over {dims} dims, but the input has only {}",
-                        x.len()
-                    ),
+                    format!("layer_norm over {dims} dims, but the input has only {}", x.len()),
                     args.span("dims"),
                 )
                 .with_label(format!("the input is {}", fmt_shape(x))));
             }
-            (
-                Op::LayerNorm(Norm {
-                    groups: dims,
-                    eps,
-                    affine,
-                }),
-                x[x.len() - dims..].to_vec(),
-            )
+            (Op::LayerNorm(Norm { groups: dims, eps, affine }), x[x.len() - dims..].to_vec())
         }
         _ => unreachable!("norm() is called for norm ops"),
     };
-    let params = if affine {
-        vec![("weight", param_shape.clone()), ("bias", param_shape)]
-    } else {
-        vec![]
-    };
+    let params = if affine { vec![("weight", param_shape.clone()), ("bias", param_shape)] } else { vec![] };
     let flops = numel(x) * if affine { 7 } else { 5 };
-    Ok(Built {
-        op,
-        shape: x.to_vec(),
-        flops,
-        params,
-    })
+    Ok(Built { op, shape: x.to_vec(), flops, params })
 }
 
 fn largest_divisor_up_to(n: usize, limit: usize) -> usize {

@@ -29,31 +29,13 @@ pub struct Index {
 
 impl Index {
     pub fn var(var: Var) -> Index {
-        Index {
-            terms: vec![Term {
-                var,
-                coef: 1,
-                div: 1,
-            }],
-            offset: 0,
-        }
+        Index { terms: vec![Term { var, coef: 1, div: 1 }], offset: 0 }
     }
 
     /// `var·stride + other·dilation − padding`: a sliding-window input position.
     pub fn window(var: Var, stride: usize, kvar: Var, dilation: usize, padding: usize) -> Index {
         Index {
-            terms: vec![
-                Term {
-                    var,
-                    coef: stride as i64,
-                    div: 1,
-                },
-                Term {
-                    var: kvar,
-                    coef: dilation as i64,
-                    div: 1,
-                },
-            ],
+            terms: vec![Term { var, coef: stride as i64, div: 1 }, Term { var: kvar, coef: dilation as i64, div: 1 }],
             offset: -(padding as i64),
         }
     }
@@ -61,18 +43,7 @@ impl Index {
     /// `⌊var/div⌋·coef + inner`: the channel of a grouped conv (`group(co)·Cin/G + ci`).
     pub fn grouped(var: Var, div: usize, coef: usize, inner: Var) -> Index {
         Index {
-            terms: vec![
-                Term {
-                    var,
-                    coef: coef as i64,
-                    div: div as i64,
-                },
-                Term {
-                    var: inner,
-                    coef: 1,
-                    div: 1,
-                },
-            ],
+            terms: vec![Term { var, coef: coef as i64, div: div as i64 }, Term { var: inner, coef: 1, div: 1 }],
             offset: 0,
         }
     }
@@ -80,11 +51,7 @@ impl Index {
     /// The single variable this index is, if it is a plain variable.
     pub fn as_var(&self) -> Option<Var> {
         match self.terms.as_slice() {
-            [Term {
-                var,
-                coef: 1,
-                div: 1,
-            }] if self.offset == 0 => Some(var),
+            [Term { var, coef: 1, div: 1 }] if self.offset == 0 => Some(var),
             _ => None,
         }
     }
@@ -103,10 +70,7 @@ pub struct Access {
 
 impl Access {
     pub fn new(tensor: impl Into<String>, vars: &[Var]) -> Access {
-        Access {
-            tensor: tensor.into(),
-            index: vars.iter().map(|v| Index::var(v)).collect(),
-        }
+        Access { tensor: tensor.into(), index: vars.iter().map(|v| Index::var(v)).collect() }
     }
 
     pub fn vars(&self) -> Vec<Var> {
@@ -122,18 +86,11 @@ impl Access {
     /// True if every index is a distinct plain variable (a "gather" target).
     pub fn is_plain(&self) -> bool {
         let plain: Vec<Var> = self.index.iter().filter_map(Index::as_var).collect();
-        plain.len() == self.index.len()
-            && plain
-                .iter()
-                .enumerate()
-                .all(|(i, v)| !plain[..i].contains(v))
+        plain.len() == self.index.len() && plain.iter().enumerate().all(|(i, v)| !plain[..i].contains(v))
     }
 
     pub fn renamed(&self, tensor: impl Into<String>) -> Access {
-        Access {
-            tensor: tensor.into(),
-            index: self.index.clone(),
-        }
+        Access { tensor: tensor.into(), index: self.index.clone() }
     }
 }
 
@@ -214,17 +171,9 @@ impl fmt::Display for Index {
             if t.coef == 0 {
                 continue;
             }
-            let base = if t.div == 1 {
-                t.var.to_string()
-            } else {
-                format!("⌊{}/{}⌋", t.var, t.div)
-            };
+            let base = if t.div == 1 { t.var.to_string() } else { format!("⌊{}/{}⌋", t.var, t.div) };
             let mag = t.coef.abs();
-            let text = if mag == 1 {
-                base
-            } else {
-                format!("{base}·{mag}")
-            };
+            let text = if mag == 1 { base } else { format!("{base}·{mag}") };
             match (first, t.coef < 0) {
                 (true, false) => write!(f, "{text}")?,
                 (true, true) => write!(f, "−{text}")?,
@@ -261,10 +210,7 @@ fn vars_list(vars: &[Var]) -> String {
 
 impl Expr {
     fn needs_parens(&self) -> bool {
-        matches!(
-            self,
-            Expr::Add(_) | Expr::Sub(..) | Expr::Reduce(Reduction::Sum, ..)
-        )
+        matches!(self, Expr::Add(_) | Expr::Sub(..) | Expr::Reduce(Reduction::Sum, ..))
     }
 }
 
@@ -356,10 +302,7 @@ mod tests {
     fn plain_accesses_are_gather_targets() {
         assert!(Access::new("X", &["n", "i"]).is_plain());
         assert!(!Access::new("X", &["n", "n"]).is_plain());
-        let a = Access {
-            tensor: "X".into(),
-            index: vec![Index::var("n"), Index::window("oh", 1, "kh", 1, 1)],
-        };
+        let a = Access { tensor: "X".into(), index: vec![Index::var("n"), Index::window("oh", 1, "kh", 1, 1)] };
         assert!(!a.is_plain());
         assert_eq!(a.vars(), vec!["n", "oh", "kh"]);
     }

@@ -100,11 +100,7 @@ pub fn derive_contraction(c: &Contraction) -> Derived {
     if let Some(b) = &c.bias {
         rhs = Expr::Add(vec![rhs, Expr::Read(b.clone())]);
     }
-    let forward = Equation {
-        lhs: c.y.clone(),
-        accumulate: false,
-        rhs,
-    };
+    let forward = Equation { lhs: c.y.clone(), accumulate: false, rhs };
 
     let dy = Expr::Read(c.y.renamed(grad_name(&c.y.tensor)));
     // dW[n, w...] = Σ_{(y ∪ x) − w − n} dY · X
@@ -124,35 +120,18 @@ pub fn derive_contraction(c: &Contraction) -> Derived {
         lhs.index.insert(0, Index::var("n"));
         let mut keep = b.vars();
         keep.push("n");
-        Equation {
-            lhs,
-            accumulate: false,
-            rhs: Expr::sum(minus(yv.clone(), &keep), dy.clone()),
-        }
+        Equation { lhs, accumulate: false, rhs: Expr::sum(minus(yv.clone(), &keep), dy.clone()) }
     });
     // dX: a gather over the variables X lacks, or a scatter through affine windows.
     let dx_lhs = c.x.renamed(grad_name(&c.x.tensor));
     let dx_product = Expr::mul(vec![dy, Expr::Read(c.w.clone())]);
     let dx = if c.x.is_plain() {
         let sum = minus(union(yv, wv), &xv);
-        Equation {
-            lhs: dx_lhs,
-            accumulate: false,
-            rhs: Expr::sum(sum, dx_product),
-        }
+        Equation { lhs: dx_lhs, accumulate: false, rhs: Expr::sum(sum, dx_product) }
     } else {
-        Equation {
-            lhs: dx_lhs,
-            accumulate: true,
-            rhs: dx_product,
-        }
+        Equation { lhs: dx_lhs, accumulate: true, rhs: dx_product }
     };
-    Derived {
-        forward,
-        dx,
-        dw,
-        db,
-    }
+    Derived { forward, dx, dw, db }
 }
 
 /// Stage 3: the per-example backward pass of `graph`.
@@ -160,8 +139,7 @@ pub fn differentiate(graph: &Graph) -> GradGraph {
     // A node needs a gradient if a parameter lies at or before it.
     let mut needs = vec![false; graph.nodes.len()];
     for n in &graph.nodes {
-        needs[n.id.index()] =
-            graph.params_of(n.id).next().is_some() || n.inputs.iter().any(|i| needs[i.index()]);
+        needs[n.id.index()] = graph.params_of(n.id).next().is_some() || n.inputs.iter().any(|i| needs[i.index()]);
     }
     let steps = graph
         .nodes
@@ -173,11 +151,7 @@ pub fn differentiate(graph: &Graph) -> GradGraph {
             rules::define(graph, n, &input_needs)
         })
         .collect();
-    GradGraph {
-        model: graph.name.clone(),
-        loss: rules::loss(graph),
-        steps,
-    }
+    GradGraph { model: graph.name.clone(), loss: rules::loss(graph), steps }
 }
 
 impl fmt::Display for GradGraph {
@@ -219,10 +193,7 @@ mod tests {
             bias: Some(Access::new("b", &["o"])),
         };
         let d = derive_contraction(&c);
-        assert_eq!(
-            d.forward.to_string(),
-            "Y[n,o] = Σ_{i} W[o,i] · X[n,i] + b[o]"
-        );
+        assert_eq!(d.forward.to_string(), "Y[n,o] = Σ_{i} W[o,i] · X[n,i] + b[o]");
         assert_eq!(d.dw.to_string(), "dW[n,o,i] = dY[n,o] · X[n,i]");
         assert_eq!(d.db.expect("bias").to_string(), "db[n,o] = dY[n,o]");
         assert_eq!(d.dx.to_string(), "dX[n,i] = Σ_{o} dY[n,o] · W[o,i]");
@@ -245,14 +216,8 @@ mod tests {
             bias: None,
         };
         let d = derive_contraction(&c);
-        assert_eq!(
-            d.dw.to_string(),
-            "dW[n,co,ci,kh,kw] = Σ_{oh,ow} dY[n,co,oh,ow] · X[n,ci,oh·2+kh−3,ow·2+kw−3]"
-        );
+        assert_eq!(d.dw.to_string(), "dW[n,co,ci,kh,kw] = Σ_{oh,ow} dY[n,co,oh,ow] · X[n,ci,oh·2+kh−3,ow·2+kw−3]");
         assert!(d.dx.accumulate, "an affine input is a scatter");
-        assert_eq!(
-            d.dx.to_string(),
-            "dX[n,ci,oh·2+kh−3,ow·2+kw−3] += dY[n,co,oh,ow] · W[co,ci,kh,kw]"
-        );
+        assert_eq!(d.dx.to_string(), "dX[n,ci,oh·2+kh−3,ow·2+kw−3] += dY[n,co,oh,ow] · W[co,ci,kh,kw]");
     }
 }

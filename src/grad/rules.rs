@@ -26,29 +26,15 @@ fn with_n(vars: &[Var]) -> Vec<Var> {
 }
 
 fn shape(s: &[usize]) -> String {
-    format!(
-        "[{}]",
-        s.iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
+    format!("[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
 }
 
 fn eq(lhs: Access, rhs: Expr) -> Equation {
-    Equation {
-        lhs,
-        accumulate: false,
-        rhs,
-    }
+    Equation { lhs, accumulate: false, rhs }
 }
 
 fn scatter(lhs: Access, rhs: Expr) -> Equation {
-    Equation {
-        lhs,
-        accumulate: true,
-        rhs,
-    }
+    Equation { lhs, accumulate: true, rhs }
 }
 
 fn rd(a: &Access) -> Expr {
@@ -75,25 +61,15 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
     bindings.push(format!("Y = {} {}", node.id, shape(&node.shape)));
     let params: Vec<_> = graph.params_of(node.id).collect();
     for p in &params {
-        let local = if p.name.ends_with(".weight") {
-            "W"
-        } else {
-            "b"
-        };
+        let local = if p.name.ends_with(".weight") { "W" } else { "b" };
         bindings.push(format!("{local} = {} {}", p.name, shape(&p.shape)));
     }
     let title = match &node.layer {
         Some(l) => format!("{l}: {}", node.op),
         None => node.op.to_string(),
     };
-    let mut step = GradStep {
-        node: node.id,
-        title,
-        bindings,
-        forward: vec![],
-        input_grads: vec![],
-        param_grads: vec![],
-    };
+    let mut step =
+        GradStep { node: node.id, title, bindings, forward: vec![], input_grads: vec![], param_grads: vec![] };
     let needs_x = input_needs.first().copied().unwrap_or(false);
     let param_name = |suffix: &str| format!("{}.{suffix}", node.layer.as_deref().unwrap_or("?"));
 
@@ -101,15 +77,9 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
     let contraction = |step: &mut GradStep, c: Contraction| {
         let d = derive_contraction(&c);
         step.forward.push(d.forward);
-        step.param_grads.push(ParamGrad {
-            param: param_name("weight"),
-            eq: d.dw,
-        });
+        step.param_grads.push(ParamGrad { param: param_name("weight"), eq: d.dw });
         if let Some(db) = d.db {
-            step.param_grads.push(ParamGrad {
-                param: param_name("bias"),
-                eq: db,
-            });
+            step.param_grads.push(ParamGrad { param: param_name("bias"), eq: db });
         }
         d.dx
     };
@@ -146,18 +116,11 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
             let (x, y) = (Access::new("X", &v), Access::new("Y", &v));
             let (f, local_grad): (&'static str, Expr) = match act {
                 Activation::Relu => ("relu", Expr::call("step", vec![rd(&x)])),
-                Activation::LeakyRelu { slope } => (
-                    "leaky_relu",
-                    Expr::call("leaky_step", vec![rd(&x), Expr::num(*slope)]),
-                ),
-                Activation::Tanh => (
-                    "tanh",
-                    Expr::sub(Expr::num(1.0), Expr::mul(vec![rd(&y), rd(&y)])),
-                ),
-                Activation::Sigmoid => (
-                    "sigmoid",
-                    Expr::mul(vec![rd(&y), Expr::sub(Expr::num(1.0), rd(&y))]),
-                ),
+                Activation::LeakyRelu { slope } => {
+                    ("leaky_relu", Expr::call("leaky_step", vec![rd(&x), Expr::num(*slope)]))
+                }
+                Activation::Tanh => ("tanh", Expr::sub(Expr::num(1.0), Expr::mul(vec![rd(&y), rd(&y)]))),
+                Activation::Sigmoid => ("sigmoid", Expr::mul(vec![rd(&y), Expr::sub(Expr::num(1.0), rd(&y))])),
                 Activation::Gelu => ("gelu", Expr::call("gelu_grad", vec![rd(&x)])),
             };
             let fwd_args = match act {
@@ -165,38 +128,27 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
                 _ => vec![rd(&x)],
             };
             step.forward.push(eq(y.clone(), Expr::call(f, fwd_args)));
-            step.input_grads
-                .push(eq(grad(&x), Expr::mul(vec![rd(&grad(&y)), local_grad])));
+            step.input_grads.push(eq(grad(&x), Expr::mul(vec![rd(&grad(&y)), local_grad])));
         }
         Op::Pool(p) => {
             let spatial = p.kernel.len();
-            let (ov, kv): (Vec<Var>, Vec<Var>) = if spatial == 1 {
-                (vec!["ol"], vec!["kl"])
-            } else {
-                (vec!["oh", "ow"], vec!["kh", "kw"])
-            };
+            let (ov, kv): (Vec<Var>, Vec<Var>) =
+                if spatial == 1 { (vec!["ol"], vec!["kl"]) } else { (vec!["oh", "ow"], vec!["kh", "kw"]) };
             let y = Access::new("Y", &[&["n", "c"][..], &ov].concat());
             let mut xi = vec![Index::var("n"), Index::var("c")];
             for a in 0..spatial {
                 xi.push(Index::window(ov[a], p.stride[a], kv[a], 1, p.padding[a]));
             }
-            let x = Access {
-                tensor: "X".into(),
-                index: xi,
-            };
+            let x = Access { tensor: "X".into(), index: xi };
             let window: f64 = p.kernel.iter().product::<usize>() as f64;
             let (fwd, back) = match p.kind {
                 PoolKind::Max => (
                     Expr::reduce(Reduction::Max, kv.clone(), rd(&x)),
-                    Expr::mul(vec![
-                        rd(&grad(&y)),
-                        Expr::call("is_argmax", vec![rd(&x), rd(&y)]),
-                    ]),
+                    Expr::mul(vec![rd(&grad(&y)), Expr::call("is_argmax", vec![rd(&x), rd(&y)])]),
                 ),
-                PoolKind::Avg => (
-                    Expr::reduce(Reduction::Mean, kv.clone(), rd(&x)),
-                    Expr::div(rd(&grad(&y)), Expr::num(window)),
-                ),
+                PoolKind::Avg => {
+                    (Expr::reduce(Reduction::Mean, kv.clone(), rd(&x)), Expr::div(rd(&grad(&y)), Expr::num(window)))
+                }
             };
             step.forward.push(eq(y.clone(), fwd));
             step.input_grads.push(scatter(grad(&x), back));
@@ -205,14 +157,8 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
             let xv = with_n(&dim_vars(in_shape(0).len()));
             let (x, y) = (Access::new("X", &xv), Access::new("Y", &["n", xv[1]]));
             let positions: usize = in_shape(0)[1..].iter().product();
-            step.forward.push(eq(
-                y.clone(),
-                Expr::reduce(Reduction::Mean, xv[2..].to_vec(), rd(&x)),
-            ));
-            step.input_grads.push(eq(
-                grad(&x),
-                Expr::div(rd(&grad(&y)), Expr::num(positions as f64)),
-            ));
+            step.forward.push(eq(y.clone(), Expr::reduce(Reduction::Mean, xv[2..].to_vec(), rd(&x))));
+            step.input_grads.push(eq(grad(&x), Expr::div(rd(&grad(&y)), Expr::num(positions as f64))));
         }
         Op::Flatten => {
             let s = in_shape(0);
@@ -220,28 +166,16 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
             let x = Access::new("X", &xv);
             // Row-major offset: Σ var·(product of the dims after it).
             let terms = (0..s.len())
-                .map(|i| Term {
-                    var: xv[i + 1],
-                    coef: s[i + 1..].iter().product::<usize>() as i64,
-                    div: 1,
-                })
+                .map(|i| Term { var: xv[i + 1], coef: s[i + 1..].iter().product::<usize>() as i64, div: 1 })
                 .collect();
-            let y = Access {
-                tensor: "Y".into(),
-                index: vec![Index::var("n"), Index { terms, offset: 0 }],
-            };
+            let y = Access { tensor: "Y".into(), index: vec![Index::var("n"), Index { terms, offset: 0 }] };
             step.forward.push(eq(y.clone(), rd(&x)));
             step.input_grads.push(eq(grad(&x), rd(&grad(&y))));
         }
         Op::Add => {
             let v = with_n(&dim_vars(node.shape.len()));
-            let (a, b, y) = (
-                Access::new("A", &v),
-                Access::new("B", &v),
-                Access::new("Y", &v),
-            );
-            step.forward
-                .push(eq(y.clone(), Expr::Add(vec![rd(&a), rd(&b)])));
+            let (a, b, y) = (Access::new("A", &v), Access::new("B", &v), Access::new("Y", &v));
+            step.forward.push(eq(y.clone(), Expr::Add(vec![rd(&a), rd(&b)])));
             for (i, t) in [a, b].iter().enumerate() {
                 if input_needs[i] {
                     step.input_grads.push(eq(grad(t), rd(&grad(&y))));
@@ -258,61 +192,34 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
             let (stat, over): (Access, Vec<Var>) = match &node.op {
                 Op::GroupNorm(_) => {
                     let per_group = s[0] / n.groups;
-                    let g = Index {
-                        terms: vec![Term {
-                            var: v[1],
-                            coef: 1,
-                            div: per_group as i64,
-                        }],
-                        offset: 0,
-                    };
-                    (
-                        Access {
-                            tensor: "σ".into(),
-                            index: vec![Index::var("n"), g],
-                        },
-                        v[1..].to_vec(),
-                    )
+                    let g = Index { terms: vec![Term { var: v[1], coef: 1, div: per_group as i64 }], offset: 0 };
+                    (Access { tensor: "σ".into(), index: vec![Index::var("n"), g] }, v[1..].to_vec())
                 }
                 Op::InstanceNorm(_) => (Access::new("σ", &v[..2]), v[2..].to_vec()),
-                _ => (
-                    Access::new("σ", &v[..v.len() - n.groups]),
-                    v[v.len() - n.groups..].to_vec(),
-                ),
+                _ => (Access::new("σ", &v[..v.len() - n.groups]), v[v.len() - n.groups..].to_vec()),
             };
             let mean = stat.renamed("μ");
             let group_note = match &node.op {
                 Op::GroupNorm(_) => format!(" (c in the group of {})", v[1]),
                 _ => String::new(),
             };
-            step.forward.push(eq(
-                mean.clone(),
-                Expr::reduce(Reduction::Mean, over.clone(), rd(&x)),
-            ));
+            step.forward.push(eq(mean.clone(), Expr::reduce(Reduction::Mean, over.clone(), rd(&x))));
             step.forward.push(eq(
                 stat.clone(),
                 Expr::call(
                     "sqrt",
                     vec![Expr::Add(vec![
                         Expr::sub(
-                            Expr::reduce(
-                                Reduction::Mean,
-                                over.clone(),
-                                Expr::mul(vec![rd(&x), rd(&x)]),
-                            ),
+                            Expr::reduce(Reduction::Mean, over.clone(), Expr::mul(vec![rd(&x), rd(&x)])),
                             Expr::mul(vec![rd(&mean), rd(&mean)]),
                         ),
                         Expr::num(n.eps),
                     ])],
                 ),
             ));
-            step.forward.push(eq(
-                xhat.clone(),
-                Expr::div(Expr::sub(rd(&x), rd(&mean)), rd(&stat)),
-            ));
+            step.forward.push(eq(xhat.clone(), Expr::div(Expr::sub(rd(&x), rd(&mean)), rd(&stat))));
             if !group_note.is_empty() {
-                step.bindings
-                    .push(format!("μ, σ average over {}{group_note}", over.join(",")));
+                step.bindings.push(format!("μ, σ average over {}{group_note}", over.join(",")));
             }
             let dxhat = grad(&xhat);
             if n.affine {
@@ -356,38 +263,21 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
 fn conv_contraction(conv: &Conv, in_shape: &[usize]) -> Contraction {
     let spatial = conv.spatial();
     debug_assert_eq!(in_shape.len(), spatial + 1);
-    let (ov, kv): (Vec<Var>, Vec<Var>) = if spatial == 1 {
-        (vec!["ol"], vec!["kl"])
-    } else {
-        (vec!["oh", "ow"], vec!["kh", "kw"])
-    };
+    let (ov, kv): (Vec<Var>, Vec<Var>) =
+        if spatial == 1 { (vec!["ol"], vec!["kl"]) } else { (vec!["oh", "ow"], vec!["kh", "kw"]) };
     let chan = if conv.groups == 1 {
         Index::var("ci")
     } else {
-        Index::grouped(
-            "co",
-            conv.out_channels / conv.groups,
-            conv.in_channels / conv.groups,
-            "ci",
-        )
+        Index::grouped("co", conv.out_channels / conv.groups, conv.in_channels / conv.groups, "ci")
     };
     let mut xi = vec![Index::var("n"), chan];
     for a in 0..spatial {
-        xi.push(Index::window(
-            ov[a],
-            conv.stride[a],
-            kv[a],
-            conv.dilation[a],
-            conv.padding[a],
-        ));
+        xi.push(Index::window(ov[a], conv.stride[a], kv[a], conv.dilation[a], conv.padding[a]));
     }
     Contraction {
         y: Access::new("Y", &[&["n", "co"][..], &ov].concat()),
         w: Access::new("W", &[&["co", "ci"][..], &kv].concat()),
-        x: Access {
-            tensor: "X".into(),
-            index: xi,
-        },
+        x: Access { tensor: "X".into(), index: xi },
         bias: conv.bias.then(|| Access::new("b", &["co"])),
     }
 }
@@ -408,10 +298,7 @@ pub fn loss(graph: &Graph) -> Vec<Equation> {
                         Expr::sum(vec!["k"], Expr::mul(vec![onehot.clone(), rd(&y)])),
                     ),
                 ),
-                eq(
-                    grad(&y),
-                    Expr::sub(Expr::call("softmax_k", vec![rd(&y)]), onehot),
-                ),
+                eq(grad(&y), Expr::sub(Expr::call("softmax_k", vec![rd(&y)]), onehot)),
             ]
         }
         (_, label) => {
@@ -421,18 +308,8 @@ pub fn loss(graph: &Graph) -> Vec<Equation> {
             let diff = Expr::sub(rd(&y), rd(&t));
             let count = out.shape.iter().product::<usize>() as f64;
             vec![
-                eq(
-                    loss,
-                    Expr::reduce(
-                        Reduction::Mean,
-                        v[1..].to_vec(),
-                        Expr::mul(vec![diff.clone(), diff.clone()]),
-                    ),
-                ),
-                eq(
-                    grad(&y),
-                    Expr::div(Expr::mul(vec![Expr::num(2.0), diff]), Expr::num(count)),
-                ),
+                eq(loss, Expr::reduce(Reduction::Mean, v[1..].to_vec(), Expr::mul(vec![diff.clone(), diff.clone()]))),
+                eq(grad(&y), Expr::div(Expr::mul(vec![Expr::num(2.0), diff]), Expr::num(count))),
             ]
         }
     }

@@ -136,10 +136,7 @@ impl LayerDims {
             LayerKind::Linear => &[Naive, Outer, Ghost],
             LayerKind::Norm => &[Direct],
         };
-        all.iter()
-            .copied()
-            .filter(|s| !(goal == Goal::Grads && *s == Ghost))
-            .collect()
+        all.iter().copied().filter(|s| !(goal == Goal::Grads && *s == Ghost)).collect()
     }
 
     /// 2·T·p·d: the FLOPs of one example's weight-gradient contraction.
@@ -175,13 +172,7 @@ impl Cost {
 }
 
 /// The cost of computing what `goal` asks for this layer with `strategy`, batch `b`.
-pub fn strategy_cost(
-    l: &LayerDims,
-    strategy: Strategy,
-    goal: Goal,
-    b: u64,
-    dev: &DeviceProfile,
-) -> Cost {
+pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev: &DeviceProfile) -> Cost {
     let per_example = l.contraction_flops();
     let bias_launch = u64::from(l.params > l.p * l.d && l.kind != LayerKind::Norm);
     // What follows materialized per-example gradients: norms (one read of B·P) and, for
@@ -191,11 +182,9 @@ pub fn strategy_cost(
         match goal {
             Goal::Grads => (0, 0, 0),
             Goal::Norms => (2 * b * l.params, norm_read, u64::from(!fused_norm)),
-            Goal::ClippedSum => (
-                4 * b * l.params,
-                norm_read + b * l.params * F32 + l.params * F32,
-                1 + u64::from(!fused_norm),
-            ),
+            Goal::ClippedSum => {
+                (4 * b * l.params, norm_read + b * l.params * F32 + l.params * F32, 1 + u64::from(!fused_norm))
+            }
         }
     };
     let held_grads = b * l.params * F32;
@@ -233,18 +222,20 @@ pub fn strategy_cost(
                 held: held_grads,
                 launches: 1 + u64::from(truncated) + bias_launch + la,
                 // A grouped conv with B·G groups of one input channel each reuses little.
-                efficiency: 0.5 * eff_batched(b),
+                efficiency: 0.5 * dev.window_efficiency * eff_batched(b),
                 seconds: 0.0,
             }
         }
         Strategy::Unfold => {
+            // The im2col columns are the forward pass's own (convs run as im2col + GEMM),
+            // so unfold only reads them: no extra buffer, no extra write.
             let (f, by, la) = after(false);
             let unfolded = b * l.groups * l.d * l.t;
             Cost {
                 strategy,
                 flops: b * per_example + f,
-                bytes: io + 2 * unfolded * F32 + held_grads + by,
-                workspace: unfolded * F32,
+                bytes: io + unfolded * F32 + held_grads + by,
+                workspace: 0,
                 held: held_grads,
                 launches: 2 + bias_launch + la,
                 efficiency: eff_batched(b),
@@ -263,32 +254,29 @@ pub fn strategy_cost(
                 workspace: 0,
                 held: written,
                 launches: 1 + la,
-                efficiency: if l.kind == LayerKind::Norm {
-                    1.0
-                } else {
-                    0.85 * eff_batched(b)
+                efficiency: match (l.kind, strategy) {
+                    (LayerKind::Norm, _) => 1.0,
+                    (LayerKind::Conv, _) => dev.window_efficiency * eff_batched(b),
+                    _ => eff_batched(b),
                 },
                 seconds: 0.0,
             }
         }
         Strategy::Ghost => {
             // ‖dW_n‖² = Σ_g ⟨U_gᵀU_g, G_gᵀG_g⟩ with T×T Gram matrices; for T = 1 it is
-            // ‖a‖²·‖g‖² (no Gram matrices).
-            let (gram_flops, gram_ws, unfolded) = if l.t == 1 {
-                (2 * b * (l.p + l.d), 0, 0)
+            // ‖a‖²·‖g‖² (no Gram matrices). The Gram entries live in registers and the
+            // im2col columns are the forward pass's, so there is no workspace.
+            let (gram_flops, unfolded) = if l.t == 1 {
+                (2 * b * (l.p + l.d), 0)
             } else {
                 let unfolded = b * l.groups * l.d * l.t;
-                (
-                    2 * b * l.t * l.t * (l.p + l.groups * l.d) + 2 * b * l.groups * l.t * l.t,
-                    2 * b * l.t * l.t * F32,
-                    unfolded,
-                )
+                (2 * b * l.t * l.t * (l.p + l.groups * l.d) + 2 * b * l.groups * l.t * l.t, unfolded)
             };
             let mut c = Cost {
                 strategy,
                 flops: gram_flops,
-                bytes: io + 2 * unfolded * F32 + gram_ws,
-                workspace: gram_ws + unfolded * F32,
+                bytes: io + unfolded * F32,
+                workspace: 0,
                 held: 0,
                 launches: 3,
                 efficiency: dev.gemm_efficiency(l.t, l.t, l.d.max(l.p), gram_flops as f64),
@@ -324,11 +312,7 @@ pub fn nonprivate_cost(l: &LayerDims, b: u64, dev: &DeviceProfile) -> Cost {
         workspace: 0,
         held: 0,
         launches: 1,
-        efficiency: if l.kind == LayerKind::Norm {
-            1.0
-        } else {
-            dev.gemm_efficiency(l.p, l.d, b * l.t, flops as f64)
-        },
+        efficiency: if l.kind == LayerKind::Norm { 1.0 } else { dev.gemm_efficiency(l.p, l.d, b * l.t, flops as f64) },
         seconds: 0.0,
     }
     .timed(dev)
@@ -336,27 +320,16 @@ pub fn nonprivate_cost(l: &LayerDims, b: u64, dev: &DeviceProfile) -> Cost {
 
 /// Forward plus input-gradient time of any node (the part of a step that every strategy
 /// shares): FLOPs ×2 for nodes whose input needs a gradient, bytes in and out.
-pub fn shared_node_seconds(
-    graph: &Graph,
-    node: &Node,
-    needs_input_grad: bool,
-    b: u64,
-    dev: &DeviceProfile,
-) -> f64 {
+pub fn shared_node_seconds(graph: &Graph, node: &Node, needs_input_grad: bool, b: u64, dev: &DeviceProfile) -> f64 {
     let passes = if needs_input_grad { 2.0 } else { 1.0 };
     let flops = passes * (b * node.flops) as f64;
-    let a_in: u64 = node
-        .inputs
-        .iter()
-        .map(|i| numel(&graph.node(*i).shape))
-        .sum();
+    let a_in: u64 = node.inputs.iter().map(|i| numel(&graph.node(*i).shape)).sum();
     let bytes = passes * (b * (a_in + numel(&node.shape)) * F32) as f64;
     let eff = match LayerDims::of(graph, node) {
         Some(l) if l.kind != LayerKind::Norm => dev.gemm_efficiency(l.p, l.d, b * l.t, flops),
         _ => 1.0,
     };
-    (flops / (dev.peak_flops * eff.max(1e-3))).max(bytes / dev.bandwidth)
-        + passes * dev.launch_latency
+    (flops / (dev.peak_flops * eff.max(1e-3))).max(bytes / dev.bandwidth) + passes * dev.launch_latency
 }
 
 #[cfg(test)]
@@ -365,11 +338,7 @@ mod tests {
 
     fn dims(src: &str) -> LayerDims {
         let g = crate::compile_front(src).graph.expect("valid test model");
-        let node = g
-            .nodes
-            .iter()
-            .find(|n| n.layer.as_deref() == Some("l"))
-            .expect("layer `l`");
+        let node = g.nodes.iter().find(|n| n.layer.as_deref() == Some("l")).expect("layer `l`");
         LayerDims::of(&g, node).expect("parameterized")
     }
 
@@ -386,22 +355,8 @@ mod tests {
     fn strategy_flops_match_the_closed_forms() {
         let dev = DeviceProfile::h200();
         let cases = [
-            (
-                "[3, 32, 32]",
-                "16, 3, padding=1",
-                16u64,
-                27u64,
-                1024u64,
-                1u64,
-            ),
-            (
-                "[8, 17, 15]",
-                "12, 3, stride=2, dilation=2, padding=1",
-                12,
-                72,
-                8 * 7,
-                1,
-            ),
+            ("[3, 32, 32]", "16, 3, padding=1", 16u64, 27u64, 1024u64, 1u64),
+            ("[8, 17, 15]", "12, 3, stride=2, dilation=2, padding=1", 12, 72, 8 * 7, 1),
             ("[8, 16, 16]", "8, 3, groups=4, padding=1", 8, 18, 256, 4),
             ("[4, 9, 9]", "6, (3, 2), stride=(2, 1)", 6, 24, 4 * 8, 1),
         ];
@@ -414,27 +369,17 @@ mod tests {
             for s in [Strategy::Naive, Strategy::Unfold, Strategy::Direct] {
                 assert_eq!(grads(s).flops, 2 * b * t * p * d, "{s} {args}");
             }
-            // unfold's workspace is the im2col buffer, B·G·d·T floats.
-            assert_eq!(
-                grads(Strategy::Unfold).workspace,
-                4 * b * g * d * t,
-                "{args}"
-            );
+            // unfold reads the forward pass's im2col columns (B·G·d·T floats) instead of
+            // building its own: no workspace, one more read.
+            assert_eq!(grads(Strategy::Unfold).workspace, 0, "{args}");
+            assert_eq!(grads(Strategy::Unfold).bytes - grads(Strategy::Direct).bytes, 4 * b * g * d * t, "{args}");
             assert_eq!(grads(Strategy::Direct).workspace, 0);
             // Materialized grads hold B·P floats.
             assert_eq!(grads(Strategy::Direct).held, 4 * b * l.params);
-            // ghost (norms): 2BT²(p + G·d) + 2BGT² FLOPs, 2BT² floats of Gram matrices.
+            // ghost (norms): 2BT²(p + G·d) + 2BGT² FLOPs; the Gram entries stay in registers.
             let ghost = strategy_cost(&l, Strategy::Ghost, Goal::Norms, b, &dev);
-            assert_eq!(
-                ghost.flops,
-                2 * b * t * t * (p + g * d) + 2 * b * g * t * t,
-                "{args}"
-            );
-            assert_eq!(
-                ghost.workspace,
-                4 * (2 * b * t * t + b * g * d * t),
-                "{args}"
-            );
+            assert_eq!(ghost.flops, 2 * b * t * t * (p + g * d) + 2 * b * g * t * t, "{args}");
+            assert_eq!(ghost.workspace, 0, "{args}");
             // book-keeping adds one ordinary weight-gradient contraction, 2BTpd.
             let bk = strategy_cost(&l, Strategy::Ghost, Goal::ClippedSum, b, &dev);
             assert_eq!(bk.flops, ghost.flops + 2 * b * t * p * d);
@@ -447,10 +392,7 @@ mod tests {
         // Stride 1: the grouped conv's output is exactly the kernel: crb = 2BTpd.
         let l = conv("[3, 32, 32]", "16, 3, padding=1");
         assert_eq!(l.crb_positions, 9);
-        assert_eq!(
-            strategy_cost(&l, Strategy::Crb, Goal::Grads, 8, &dev).flops,
-            2 * 8 * l.t * l.p * l.d
-        );
+        assert_eq!(strategy_cost(&l, Strategy::Crb, Goal::Grads, 8, &dev).flops, 2 * 8 * l.t * l.p * l.d);
         // Stride 2 on 32 with k=3, p=0: OH = 15, span 29, positions (32-29)+1 = 4 per axis:
         // 16 computed for 9 kept.
         let l = conv("[3, 32, 32]", "16, 3, stride=2");
@@ -467,13 +409,7 @@ mod tests {
             "model m { input x: [100]; label y: classes(10); logits = l: linear(x, 10); loss cross_entropy(logits, y); }",
         );
         assert_eq!((l.p, l.d, l.t), (10, 100, 1));
-        assert_eq!(
-            strategy_cost(&l, Strategy::Ghost, Goal::Norms, 4, &dev).flops,
-            2 * 4 * (10 + 100)
-        );
-        assert_eq!(
-            strategy_cost(&l, Strategy::Outer, Goal::Grads, 4, &dev).flops,
-            2 * 4 * 10 * 100
-        );
+        assert_eq!(strategy_cost(&l, Strategy::Ghost, Goal::Norms, 4, &dev).flops, 2 * 4 * (10 + 100));
+        assert_eq!(strategy_cost(&l, Strategy::Outer, Goal::Grads, 4, &dev).flops, 2 * 4 * 10 * 100);
     }
 }

@@ -21,24 +21,24 @@ pub struct DeviceProfile {
     pub tile: usize,
     /// FLOPs of one GEMM at which it reaches half of peak (occupancy ramp).
     pub half_efficiency_flops: f64,
+    /// The fraction of GEMM efficiency a fused sliding-window kernel (`direct`, `crb`)
+    /// reaches: strided window reads vectorize poorly on CPUs.
+    #[serde(default = "default_window_efficiency")]
+    pub window_efficiency: f64,
+}
+
+fn default_window_efficiency() -> f64 {
+    0.85
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
-    #[error(
-        "unknown device profile `{name}`: use one of {builtin}, or a path to a profile JSON file"
-    )]
+    #[error("unknown device profile `{name}`: use one of {builtin}, or a path to a profile JSON file")]
     Unknown { name: String, builtin: String },
     #[error("cannot read device profile {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("device profile {path} is not valid: {source}")]
-    Parse {
-        path: String,
-        source: serde_json::Error,
-    },
+    Parse { path: String, source: serde_json::Error },
     #[error("device profile {path}: `{field}` must be positive")]
     NonPositive { path: String, field: &'static str },
 }
@@ -54,6 +54,7 @@ impl DeviceProfile {
             memory: 141_000_000_000,
             tile: 64,
             half_efficiency_flops: 2e8,
+            window_efficiency: 0.85,
         }
     }
 
@@ -67,6 +68,7 @@ impl DeviceProfile {
             memory: 80_000_000_000,
             tile: 64,
             half_efficiency_flops: 2e8,
+            window_efficiency: 0.85,
         }
     }
 
@@ -81,6 +83,7 @@ impl DeviceProfile {
             memory: 24 * (1 << 30),
             tile: 8,
             half_efficiency_flops: 2e5,
+            window_efficiency: 0.25,
         }
     }
 
@@ -112,15 +115,9 @@ impl DeviceProfile {
 
     pub fn load(path: &Path) -> Result<DeviceProfile, ProfileError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io {
-            path: shown.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io { path: shown.clone(), source })?;
         let p: DeviceProfile =
-            serde_json::from_str(&text).map_err(|source| ProfileError::Parse {
-                path: shown.clone(),
-                source,
-            })?;
+            serde_json::from_str(&text).map_err(|source| ProfileError::Parse { path: shown.clone(), source })?;
         let checks: [(&'static str, bool); 6] = [
             ("peak_flops", p.peak_flops > 0.0),
             ("bandwidth", p.bandwidth > 0.0),

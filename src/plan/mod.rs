@@ -40,13 +40,7 @@ pub struct PlanOptions {
 
 impl PlanOptions {
     pub fn new(batch: usize, device: DeviceProfile) -> PlanOptions {
-        PlanOptions {
-            batch,
-            goal: Goal::ClippedSum,
-            device,
-            memory_budget: None,
-            overrides: Vec::new(),
-        }
+        PlanOptions { batch, goal: Goal::ClippedSum, device, memory_budget: None, overrides: Vec::new() }
     }
 }
 
@@ -100,10 +94,7 @@ pub struct Totals {
 
 impl LayerPlan {
     pub fn chosen_cost(&self) -> &Cost {
-        self.costs
-            .iter()
-            .find(|c| c.strategy == self.chosen)
-            .expect("chosen is a candidate")
+        self.costs.iter().find(|c| c.strategy == self.chosen).expect("chosen is a candidate")
     }
 
     pub fn runner_up(&self) -> Option<&Cost> {
@@ -121,22 +112,10 @@ fn initial_layers(graph: &Graph, opts: &PlanOptions, b: u64) -> Vec<LayerPlan> {
         .filter_map(|node| {
             let dims = LayerDims::of(graph, node)?;
             let name = node.layer.clone().unwrap_or_default();
-            let mut costs: Vec<Cost> = dims
-                .candidates(opts.goal)
-                .into_iter()
-                .map(|s| strategy_cost(&dims, s, opts.goal, b, dev))
-                .collect();
-            costs.sort_by(|a, c| {
-                a.seconds
-                    .total_cmp(&c.seconds)
-                    .then(a.strategy.cmp(&c.strategy))
-            });
-            let forced = opts
-                .overrides
-                .iter()
-                .find(|(l, _)| *l == name)
-                .map(|(_, s)| *s)
-                .or(node.strategy);
+            let mut costs: Vec<Cost> =
+                dims.candidates(opts.goal).into_iter().map(|s| strategy_cost(&dims, s, opts.goal, b, dev)).collect();
+            costs.sort_by(|a, c| a.seconds.total_cmp(&c.seconds).then(a.strategy.cmp(&c.strategy)));
+            let forced = opts.overrides.iter().find(|(l, _)| *l == name).map(|(_, s)| *s).or(node.strategy);
             let (chosen, overridden) = match forced {
                 Some(s) if costs.iter().any(|c| c.strategy == s) => (s, true),
                 _ => (costs[0].strategy, false),
@@ -164,16 +143,19 @@ fn initial_layers(graph: &Graph, opts: &PlanOptions, b: u64) -> Vec<LayerPlan> {
 fn base_memory(graph: &Graph, b: u64) -> u64 {
     let params = graph.param_count() * 4;
     let activations: u64 = graph.nodes.iter().map(|n| numel(&n.shape)).sum::<u64>() * b * 4;
-    2 * params + activations
+    // Convs run as im2col + GEMM: their columns (and the columns' gradient) are kept too.
+    let columns: u64 = graph
+        .nodes
+        .iter()
+        .filter_map(|n| LayerDims::of(graph, n).filter(|l| l.kind == LayerKind::Conv))
+        .map(|l| 2 * b * l.groups * l.d * l.t * 4)
+        .sum();
+    2 * params + activations + columns
 }
 
 fn peak_memory(base: u64, layers: &[LayerPlan]) -> u64 {
     let held: u64 = layers.iter().map(|l| l.chosen_cost().held).sum();
-    let workspace = layers
-        .iter()
-        .map(|l| l.chosen_cost().workspace)
-        .max()
-        .unwrap_or(0);
+    let workspace = layers.iter().map(|l| l.chosen_cost().workspace).max().unwrap_or(0);
     base + held + workspace
 }
 
@@ -240,10 +222,7 @@ pub fn plan(graph: &Graph, opts: &PlanOptions) -> Plan {
         notes.push(if lo == 0 {
             format!("even one example exceeds the memory budget of {}B; planned at micro-batch 1 anyway", si(budget))
         } else {
-            format!(
-                "the batch of {batch} does not fit in {}B: it runs as {runs} micro-batches of {micro}",
-                si(budget)
-            )
+            format!("the batch of {batch} does not fit in {}B: it runs as {runs} micro-batches of {micro}", si(budget))
         });
     }
     for l in &mut layers {
@@ -259,8 +238,7 @@ pub fn plan(graph: &Graph, opts: &PlanOptions) -> Plan {
     let runs = batch.div_ceil(micro) as f64;
     let mut needs = vec![false; graph.nodes.len()];
     for n in &graph.nodes {
-        needs[n.id.index()] =
-            graph.params_of(n.id).next().is_some() || n.inputs.iter().any(|i| needs[i.index()]);
+        needs[n.id.index()] = graph.params_of(n.id).next().is_some() || n.inputs.iter().any(|i| needs[i.index()]);
     }
     let shared: f64 = graph
         .nodes
@@ -321,20 +299,14 @@ fn explain_choice(l: &LayerPlan) -> String {
     } else if other.bytes as f64 > 1.2 * chosen.bytes as f64 {
         let detail = match other.strategy {
             Strategy::Unfold => " (im2col buffer)",
-            Strategy::Naive | Strategy::Crb | Strategy::Direct | Strategy::Outer => {
-                " (B per-example grads)"
-            }
+            Strategy::Naive | Strategy::Crb | Strategy::Direct | Strategy::Outer => " (B per-example grads)",
             Strategy::Ghost => " (im2col + Gram matrices)",
         };
         format!("{}B more traffic{detail}", si(other.bytes - chosen.bytes))
     } else if other.launches > chosen.launches + 2 {
         format!("{} launches instead of {}", other.launches, chosen.launches)
     } else {
-        format!(
-            "lower efficiency ({:.0}% vs {:.0}% of peak)",
-            other.efficiency * 100.0,
-            chosen.efficiency * 100.0
-        )
+        format!("lower efficiency ({:.0}% vs {:.0}% of peak)", other.efficiency * 100.0, chosen.efficiency * 100.0)
     };
     format!("{} is {slower:.1}x slower: {reason}", other.strategy)
 }
@@ -394,24 +366,12 @@ impl fmt::Display for Plan {
                 .filter(|o| o.strategy != l.chosen)
                 .map(|o| format!("{} {}", o.strategy, secs(o.seconds)))
                 .collect();
-            writeln!(
-                f,
-                "      others: {}",
-                if others.is_empty() {
-                    "-".into()
-                } else {
-                    others.join(", ")
-                }
-            )?;
+            writeln!(f, "      others: {}", if others.is_empty() { "-".into() } else { others.join(", ") })?;
             writeln!(f, "      why: {}", l.why)?;
             writeln!(
                 f,
                 "      fastDP rule (2T² ≤ p·d → ghost): {}",
-                if l.fastdp_ghost {
-                    "ghost"
-                } else {
-                    "materialize"
-                }
+                if l.fastdp_ghost { "ghost" } else { "materialize" }
             )?;
         }
         for n in &self.notes {

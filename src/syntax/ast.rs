@@ -24,23 +24,11 @@ pub struct Model {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Item {
     /// `input x: [1, 28, 28];`
-    Input {
-        name: Ident,
-        shape: Vec<Dim>,
-        span: Span,
-    },
+    Input { name: Ident, shape: Vec<Dim>, span: Span },
     /// `label y: classes(10);` or `label y: [4];`
-    Label {
-        name: Ident,
-        kind: LabelKind,
-        span: Span,
-    },
+    Label { name: Ident, kind: LabelKind, span: Span },
     /// `h = expr;`
-    Bind {
-        name: Ident,
-        value: Expr,
-        span: Span,
-    },
+    Bind { name: Ident, value: Expr, span: Span },
     /// `loss cross_entropy(logits, y);`
     Loss { call: Call, span: Span },
     /// A statement the parser could not read (already reported).
@@ -144,18 +132,10 @@ impl fmt::Display for Item {
                 comma(f, shape)?;
                 write!(f, "];  // {span}")
             }
-            Item::Label {
-                name,
-                kind: LabelKind::Classes { kind, count },
-                span,
-            } => {
+            Item::Label { name, kind: LabelKind::Classes { kind, count }, span } => {
                 write!(f, "label {name}: {kind}({count});  // {span}")
             }
-            Item::Label {
-                name,
-                kind: LabelKind::Target { shape },
-                span,
-            } => {
+            Item::Label { name, kind: LabelKind::Target { shape }, span } => {
                 write!(f, "label {name}: [")?;
                 comma(f, shape)?;
                 write!(f, "];  // {span}")

@@ -115,9 +115,7 @@ pub fn lex(src: &str) -> (Vec<(usize, Tok<'_>, usize)>, Vec<Diagnostic>) {
                 } else {
                     Diagnostic::error("E0001", format!("unexpected character `{text}`"), span)
                         .with_label("not part of the .pdg language")
-                        .with_note(
-                            "names use letters, digits and `_`; comments start with `//` or `#`",
-                        )
+                        .with_note("names use letters, digits and `_`; comments start with `//` or `#`")
                 };
                 diags.push(d);
             }

@@ -51,11 +51,7 @@ fn expected_list(expected: &[String]) -> String {
         0 => String::new(),
         1 => pretty[0].clone(),
         n if n <= 6 => format!("{} or {}", pretty[..n - 1].join(", "), pretty[n - 1]),
-        _ => format!(
-            "{}, ... ({} possibilities)",
-            pretty[..5].join(", "),
-            pretty.len()
-        ),
+        _ => format!("{}, ... ({} possibilities)", pretty[..5].join(", "), pretty.len()),
     }
 }
 
@@ -71,39 +67,23 @@ fn syntax_error(src: &str, ends: &[usize], e: ParseError<usize, Tok<'_>, ()>) ->
                 .with_label(format!("expected {}", expected_list(&expected)))
                 .with_note("every statement ends with `;` and the model with `}`")
         }
-        ParseError::UnrecognizedToken {
-            token: (l, tok, r),
-            expected,
-        } => {
+        ParseError::UnrecognizedToken { token: (l, tok, r), expected } => {
             let prev_end = ends.iter().rev().find(|&&e| e <= l).copied();
             match prev_end {
                 // A missing `;`: point at the end of the statement, where it belongs.
-                Some(end)
-                    if expected.iter().any(|e| e == "\";\"") && src[end..l].contains('\n') =>
-                {
-                    Diagnostic::error(
-                        "E0007",
-                        "missing `;` at the end of this statement",
-                        Span::new(end - 1, end),
-                    )
-                    .with_label("expected `;` after this")
-                    .with_secondary(
-                        Span::new(l, r),
-                        format!("the next statement starts with {tok}"),
-                    )
+                Some(end) if expected.iter().any(|e| e == "\";\"") && src[end..l].contains('\n') => {
+                    Diagnostic::error("E0007", "missing `;` at the end of this statement", Span::new(end - 1, end))
+                        .with_label("expected `;` after this")
+                        .with_secondary(Span::new(l, r), format!("the next statement starts with {tok}"))
                 }
                 _ => Diagnostic::error("E0005", format!("unexpected {tok}"), Span::new(l, r))
                     .with_label(format!("expected {}", expected_list(&expected))),
             }
         }
-        ParseError::ExtraToken { token: (l, tok, r) } => Diagnostic::error(
-            "E0006",
-            format!("unexpected {tok} after the model"),
-            Span::new(l, r),
-        )
-        .with_label("a file holds exactly one `model { ... }`"),
-        ParseError::User { error: () } => {
-            Diagnostic::error("E0003", "invalid token", Span::new(src.len(), src.len()))
+        ParseError::ExtraToken { token: (l, tok, r) } => {
+            Diagnostic::error("E0006", format!("unexpected {tok} after the model"), Span::new(l, r))
+                .with_label("a file holds exactly one `model { ... }`")
         }
+        ParseError::User { error: () } => Diagnostic::error("E0003", "invalid token", Span::new(src.len(), src.len())),
     }
 }

@@ -1,0 +1,575 @@
+//! The F32X4 path for `LoopKind::Vector` loops.
+//!
+//! A vector loop `for v in 0..n` (a fixed `n >= 4`) is vectorized when its body is a
+//! list of statements, each one of
+//!
+//! - a reduction `acc = acc + e`, `acc = e + acc`, `acc = acc - e`, `acc = max(acc, e)`
+//!   or `acc = min(acc, e)` (either operand order for `max`/`min`), each accumulator
+//!   reduced at most once, or
+//! - a map `arg[index] = e` or `arg[index] += e` whose index moves one element per step
+//!   of `v` (its flat offset is `v` plus terms without `v`),
+//!
+//! where `e` reads no reduced accumulator and is built from constants, loads that move
+//! one element per step of `v` or do not depend on `v`, other accumulators, `Neg`, `Abs`,
+//! `Sqrt`, the binary ops, and `Select`s over comparisons; any subexpression that does
+//! not depend on `v` (`exp` of a loop-invariant value included) is allowed, and is
+//! computed once in front of the loop. Lanes must be independent: every load of an
+//! argument the body stores to uses exactly the index of that store.
+//!
+//! Code: the body runs on four lanes at a time, unrolled up to four times (independent
+//! vector accumulators per reduction hide the add latency; at most 8 in all), then the
+//! leftover whole chunks run straight-line, then the remaining `n % 4` iterations run
+//! as the scalar loop. Reductions fold lanes pairwise
+//! and add the result to the accumulator's value from before the loop. With FMA,
+//! `acc + a*b` and `arg[..] += a*b` become one `fma`. Anything else runs as scalar code.
+
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::{F32X4, I32, I32X4, I64, I8};
+use cranelift_codegen::ir::{Endianness, InstBuilder, MemFlagsData, Value};
+use cranelift_frontend::Variable;
+
+use super::translate::{float_cc, internal, Translator};
+use super::CpuError;
+use crate::ir::{AccId, Affine, ArgId, Binary, Cond, Expr, Extent, Kernel, Loop, Stmt, Unary, VarId};
+
+const LANES: u32 = 4;
+/// At most this many vector accumulators in all: with the loads of one step they stay
+/// within the 16 vector registers of x86-64 (DESIGN: ≤ 11 live vectors).
+const MAX_VECTOR_ACCS: u32 = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reduction {
+    Add,
+    Sub,
+    Max,
+    Min,
+}
+
+enum Item<'k> {
+    Reduce { acc: AccId, op: Reduction, value: &'k Expr },
+    Store { arg: ArgId, index: &'k [Affine], value: &'k Expr, accumulate: bool },
+}
+
+impl Item<'_> {
+    fn value(&self) -> &Expr {
+        match self {
+            Item::Reduce { value, .. } | Item::Store { value, .. } => value,
+        }
+    }
+}
+
+/// How a vector loop runs on lanes.
+pub(super) struct Plan<'k> {
+    k: &'k Kernel,
+    n: u32,
+    var: VarId,
+    reduced: Vec<AccId>,
+    /// Vectors per iteration of the main loop.
+    unroll: u32,
+    /// Each argument the body stores to, with the index of its stores.
+    stored: Vec<(ArgId, &'k [Affine])>,
+    items: Vec<Item<'k>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// The flat offset moves one element per step of the loop variable.
+    Unit,
+    /// The flat offset does not depend on the loop variable.
+    Invariant,
+    Other,
+}
+
+/// The plan for a vector loop, or `None` when it must run as scalar code.
+pub(super) fn plan<'k>(k: &'k Kernel, l: &'k Loop) -> Option<Plan<'k>> {
+    let Extent::Fixed(n) = l.extent else {
+        return None;
+    };
+    if n < LANES {
+        return None;
+    }
+    let mut p = Plan { k, n, var: l.var, reduced: Vec::new(), unroll: 2, stored: Vec::new(), items: Vec::new() };
+    for s in &l.body {
+        match s {
+            Stmt::Set { acc, value } => {
+                let (op, e) = reduction(*acc, value)?;
+                if p.reduced.contains(acc) {
+                    return None;
+                }
+                p.reduced.push(*acc);
+                p.items.push(Item::Reduce { acc: *acc, op, value: e });
+            }
+            Stmt::Store { arg, index, value, accumulate } => {
+                if p.step(*arg, index) != Step::Unit {
+                    return None;
+                }
+                match p.stored.iter().find(|(a, _)| a == arg) {
+                    Some((_, ix)) if *ix != index.as_slice() => return None,
+                    Some(_) => {}
+                    None => p.stored.push((*arg, index)),
+                }
+                p.items.push(Item::Store { arg: *arg, index, value, accumulate: *accumulate });
+            }
+            Stmt::Loop(_) | Stmt::If { .. } => return None,
+        }
+    }
+    if p.items.iter().all(|item| p.lanes_ok(item.value())) {
+        // Independent accumulators hide the latency of the adds (4 cycles, 2 a cycle);
+        // a map has no chain to hide and unrolls twice to halve the loop overhead.
+        let r = p.reduced.len() as u32;
+        p.unroll = if r == 0 { 2 } else { (MAX_VECTOR_ACCS / r).clamp(1, 4) };
+        Some(p)
+    } else {
+        None
+    }
+}
+
+/// `(op, e)` when `value` reduces `acc` by `e`.
+fn reduction(acc: AccId, value: &Expr) -> Option<(Reduction, &Expr)> {
+    let Expr::Binary(op, a, b) = value else {
+        return None;
+    };
+    let is_acc = |e: &Expr| *e == Expr::Acc(acc);
+    match op {
+        Binary::Add | Binary::Max | Binary::Min => {
+            let e = if is_acc(a) {
+                b
+            } else if is_acc(b) {
+                a
+            } else {
+                return None;
+            };
+            let op = match op {
+                Binary::Add => Reduction::Add,
+                Binary::Max => Reduction::Max,
+                _ => Reduction::Min,
+            };
+            Some((op, e))
+        }
+        Binary::Sub if is_acc(a) => Some((Reduction::Sub, b)),
+        _ => None,
+    }
+}
+
+impl Plan<'_> {
+    fn step(&self, arg: ArgId, index: &[Affine]) -> Step {
+        let Some(a) = self.k.args.get(arg.0 as usize) else {
+            return Step::Other;
+        };
+        let mut coef: i128 = 0;
+        let mut uses = false;
+        for (ix, stride) in index.iter().zip(a.strides()) {
+            for t in ix.terms.iter().filter(|t| t.var == self.var) {
+                if t.div != 1 {
+                    return Step::Other;
+                }
+                uses = true;
+                coef += t.coef as i128 * stride as i128;
+            }
+        }
+        match (uses, coef) {
+            (false, _) => Step::Invariant,
+            (true, 1) => Step::Unit,
+            _ => Step::Other,
+        }
+    }
+
+    /// Whether `e` varies along the loop (or reads a reduced accumulator).
+    fn depends(&self, e: &Expr) -> bool {
+        match e {
+            Expr::Const(_) => false,
+            Expr::Load { arg, index } => self.step(*arg, index) != Step::Invariant,
+            Expr::Acc(a) => self.reduced.contains(a),
+            Expr::Index(a) => a.terms.iter().any(|t| t.var == self.var),
+            Expr::Unary(_, x) => self.depends(x),
+            Expr::Binary(_, a, b) => self.depends(a) || self.depends(b),
+            Expr::Select { cond, then, otherwise } => {
+                self.cond_depends(cond) || self.depends(then) || self.depends(otherwise)
+            }
+        }
+    }
+
+    fn cond_depends(&self, c: &Cond) -> bool {
+        match c {
+            Cond::InRange { index, .. } => index.terms.iter().any(|t| t.var == self.var),
+            Cond::Cmp { a, b, .. } => self.depends(a) || self.depends(b),
+            Cond::And(cs) => cs.iter().any(|c| self.cond_depends(c)),
+        }
+    }
+
+    /// Whether `e` can be evaluated on four lanes at once.
+    fn lanes_ok(&self, e: &Expr) -> bool {
+        if !self.depends(e) {
+            return self.invariant_ok(e);
+        }
+        match e {
+            Expr::Const(_) => true,
+            Expr::Load { arg, index } => {
+                self.step(*arg, index) == Step::Unit
+                    && self.stored.iter().all(|(a, ix)| a != arg || *ix == index.as_slice())
+            }
+            Expr::Acc(_) | Expr::Index(_) => false,
+            Expr::Unary(Unary::Neg | Unary::Abs | Unary::Sqrt, x) => self.lanes_ok(x),
+            Expr::Unary(..) => false,
+            Expr::Binary(_, a, b) => self.lanes_ok(a) && self.lanes_ok(b),
+            Expr::Select { cond, then, otherwise } => {
+                self.cond_lanes_ok(cond) && self.lanes_ok(then) && self.lanes_ok(otherwise)
+            }
+        }
+    }
+
+    fn cond_lanes_ok(&self, c: &Cond) -> bool {
+        if !self.cond_depends(c) {
+            return self.cond_invariant_ok(c);
+        }
+        match c {
+            Cond::InRange { .. } => false,
+            Cond::Cmp { a, b, .. } => self.lanes_ok(a) && self.lanes_ok(b),
+            Cond::And(cs) => cs.iter().all(|c| self.cond_lanes_ok(c)),
+        }
+    }
+
+    /// A loop-invariant expression may be computed once in front of the loop unless it
+    /// reads a buffer the loop writes.
+    fn invariant_ok(&self, e: &Expr) -> bool {
+        match e {
+            Expr::Const(_) | Expr::Acc(_) | Expr::Index(_) => true,
+            Expr::Load { arg, .. } => self.stored.iter().all(|(a, _)| a != arg),
+            Expr::Unary(_, x) => self.invariant_ok(x),
+            Expr::Binary(_, a, b) => self.invariant_ok(a) && self.invariant_ok(b),
+            Expr::Select { cond, then, otherwise } => {
+                self.cond_invariant_ok(cond) && self.invariant_ok(then) && self.invariant_ok(otherwise)
+            }
+        }
+    }
+
+    fn cond_invariant_ok(&self, c: &Cond) -> bool {
+        match c {
+            Cond::InRange { .. } => true,
+            Cond::Cmp { a, b, .. } => self.invariant_ok(a) && self.invariant_ok(b),
+            Cond::And(cs) => cs.iter().all(|c| self.cond_invariant_ok(c)),
+        }
+    }
+}
+
+/// A value in vector code: one scalar for all lanes, or four lanes.
+#[derive(Clone, Copy)]
+enum Lanes {
+    Scalar(Value),
+    Vector(Value),
+}
+
+/// A condition in vector code: one `i8` truth value, or an `I32X4` lane mask.
+#[derive(Clone, Copy)]
+enum LaneCond {
+    Scalar(Value),
+    Mask(Value),
+}
+
+impl Translator<'_, '_> {
+    pub(super) fn vector_loop(&mut self, l: &Loop, plan: &Plan) -> Result<(), CpuError> {
+        let n = plan.n as i64;
+        let chunks = n / LANES as i64;
+        let step = (LANES * plan.unroll) as i64;
+        let unrolled = n / step;
+
+        // The loop runs at least once and has no `If`, so every loop-invariant piece would
+        // be evaluated in its first iteration anyway: computing it up front reads nothing
+        // the scalar loop would not.
+        for item in &plan.items {
+            self.hoist(plan, item.value())?;
+        }
+
+        let mut vaccs: Vec<Vec<Variable>> = Vec::new();
+        for item in &plan.items {
+            if let Item::Reduce { op, .. } = item {
+                let identity = match op {
+                    Reduction::Add | Reduction::Sub => 0.0f32,
+                    Reduction::Max => f32::NEG_INFINITY,
+                    Reduction::Min => f32::INFINITY,
+                };
+                let s = self.b.ins().f32const(identity);
+                let v = self.b.ins().splat(F32X4, s);
+                let vars: Vec<Variable> = (0..plan.unroll).map(|_| self.b.declare_var(F32X4)).collect();
+                for &var in &vars {
+                    self.b.def_var(var, v);
+                }
+                vaccs.push(vars);
+            }
+        }
+
+        let var = self.var(plan.var)?;
+        if unrolled > 0 {
+            let counter = self.b.declare_var(I64);
+            let zero = self.b.ins().iconst(I64, 0);
+            self.b.def_var(counter, zero);
+            let end = self.b.ins().iconst(I64, unrolled * step);
+            let body = self.b.create_block();
+            let exit = self.b.create_block();
+            self.b.ins().jump(body, &[]);
+            self.b.switch_to_block(body);
+            for u in 0..plan.unroll as usize {
+                let base = self.b.use_var(counter);
+                let at = self.b.ins().iadd_imm_s(base, (u as u32 * LANES) as i64);
+                self.b.def_var(var, at);
+                self.chunk(plan, &vaccs, u)?;
+            }
+            let base = self.b.use_var(counter);
+            let next = self.b.ins().iadd_imm_s(base, step);
+            self.b.def_var(counter, next);
+            let more = self.b.ins().icmp(IntCC::UnsignedLessThan, next, end);
+            self.b.ins().brif(more, body, &[], exit, &[]);
+            self.b.seal_block(body);
+            self.b.seal_block(exit);
+            self.b.switch_to_block(exit);
+        }
+        for (u, c) in (unrolled * plan.unroll as i64..chunks).enumerate() {
+            let at = self.b.ins().iconst(I64, c * LANES as i64);
+            self.b.def_var(var, at);
+            self.chunk(plan, &vaccs, u)?;
+        }
+
+        let reductions = plan.items.iter().filter_map(|item| match item {
+            Item::Reduce { acc, op, .. } => Some((*acc, *op)),
+            Item::Store { .. } => None,
+        });
+        for ((acc, op), vars) in reductions.zip(&vaccs) {
+            let mut v = self.b.use_var(vars[0]);
+            for var in &vars[1..] {
+                let w = self.b.use_var(*var);
+                v = self.fold(op, v, w);
+            }
+            let lanes: Vec<Value> = (0..LANES as u8).map(|i| self.b.ins().extractlane(v, i)).collect();
+            let low = self.fold(op, lanes[0], lanes[1]);
+            let high = self.fold(op, lanes[2], lanes[3]);
+            let h = self.fold(op, low, high);
+            let a = self.acc(acc)?;
+            let before = self.b.use_var(a);
+            let after = match op {
+                Reduction::Add => self.b.ins().fadd(before, h),
+                Reduction::Sub => self.b.ins().fsub(before, h),
+                Reduction::Max => self.b.ins().fmax(before, h),
+                Reduction::Min => self.b.ins().fmin(before, h),
+            };
+            self.b.def_var(a, after);
+        }
+
+        let done = chunks * LANES as i64;
+        if done < n {
+            let start = self.b.ins().iconst(I64, done);
+            let end = self.b.ins().iconst(I64, n);
+            self.scalar_loop(l.var, start, end, true, &l.body, false)?;
+        }
+        self.hoisted.clear();
+        Ok(())
+    }
+
+    /// Combines two partial results of a reduction (lanes or vectors alike).
+    fn fold(&mut self, op: Reduction, a: Value, b: Value) -> Value {
+        match op {
+            Reduction::Add | Reduction::Sub => self.b.ins().fadd(a, b),
+            Reduction::Max => self.b.ins().fmax(a, b),
+            Reduction::Min => self.b.ins().fmin(a, b),
+        }
+    }
+
+    /// Computes the maximal loop-invariant subexpressions of `e` (but constants) now.
+    fn hoist(&mut self, plan: &Plan, e: &Expr) -> Result<(), CpuError> {
+        if !plan.depends(e) {
+            if !matches!(e, Expr::Const(_)) {
+                let v = self.expr(e)?;
+                self.hoisted.insert(e as *const Expr, v);
+            }
+            return Ok(());
+        }
+        match e {
+            Expr::Unary(_, x) => self.hoist(plan, x),
+            Expr::Binary(_, a, b) => {
+                self.hoist(plan, a)?;
+                self.hoist(plan, b)
+            }
+            Expr::Select { cond, then, otherwise } => {
+                self.hoist_cond(plan, cond)?;
+                self.hoist(plan, then)?;
+                self.hoist(plan, otherwise)
+            }
+            Expr::Const(_) | Expr::Load { .. } | Expr::Acc(_) | Expr::Index(_) => Ok(()),
+        }
+    }
+
+    fn hoist_cond(&mut self, plan: &Plan, c: &Cond) -> Result<(), CpuError> {
+        match c {
+            Cond::InRange { .. } => Ok(()),
+            Cond::Cmp { a, b, .. } => {
+                self.hoist(plan, a)?;
+                self.hoist(plan, b)
+            }
+            Cond::And(cs) => {
+                for c in cs {
+                    self.hoist_cond(plan, c)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// One step of four lanes, starting at the loop variable's current value; `u`
+    /// picks the vector accumulators.
+    fn chunk(&mut self, plan: &Plan, vaccs: &[Vec<Variable>], u: usize) -> Result<(), CpuError> {
+        let mut reduction = 0;
+        for item in &plan.items {
+            match item {
+                Item::Reduce { op, value, .. } => {
+                    let vacc =
+                        vaccs.get(reduction).map(|v| v[u]).ok_or_else(|| internal(self.k, "vector accumulator"))?;
+                    reduction += 1;
+                    let cur = self.b.use_var(vacc);
+                    let next = match (op, self.fusable(value)) {
+                        (Reduction::Add | Reduction::Sub, Some((a, b))) => {
+                            let x = self.lanes(a)?;
+                            let y = self.lanes(b)?;
+                            let (x, y) = (self.vector(x), self.vector(y));
+                            self.b.ins().fma(x, y, cur)
+                        }
+                        _ => {
+                            let e = self.lanes(value)?;
+                            let e = self.vector(e);
+                            self.fold(*op, cur, e)
+                        }
+                    };
+                    self.b.def_var(vacc, next);
+                }
+                Item::Store { arg, index, value, accumulate } => {
+                    let fused = if *accumulate { self.fusable(value) } else { None };
+                    let new = match fused {
+                        Some((a, b)) => {
+                            let x = self.lanes(a)?;
+                            let y = self.lanes(b)?;
+                            let (x, y) = (self.vector(x), self.vector(y));
+                            let addr = self.address(*arg, index)?;
+                            let old = self.b.ins().load(F32X4, vector_flags(), addr, 0);
+                            self.b.ins().fma(x, y, old)
+                        }
+                        None => {
+                            let e = self.lanes(value)?;
+                            let mut v = self.vector(e);
+                            if *accumulate {
+                                let addr = self.address(*arg, index)?;
+                                let old = self.b.ins().load(F32X4, vector_flags(), addr, 0);
+                                v = self.b.ins().fadd(old, v);
+                            }
+                            v
+                        }
+                    };
+                    let addr = self.address(*arg, index)?;
+                    self.b.ins().store(vector_flags(), new, addr, 0);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The factors of a product to fuse into an `fma`: only with FMA, and only for a
+    /// product that varies along the loop.
+    fn fusable<'e>(&self, e: &'e Expr) -> Option<(&'e Expr, &'e Expr)> {
+        match e {
+            Expr::Binary(Binary::Mul, a, b) if self.cfg.fma && !self.hoisted.contains_key(&(e as *const Expr)) => {
+                Some((a, b))
+            }
+            _ => None,
+        }
+    }
+
+    fn vector(&mut self, x: Lanes) -> Value {
+        match x {
+            Lanes::Vector(v) => v,
+            Lanes::Scalar(s) => self.b.ins().splat(F32X4, s),
+        }
+    }
+
+    /// An expression of a vectorizable loop body (see [`plan`]) on four lanes.
+    fn lanes(&mut self, e: &Expr) -> Result<Lanes, CpuError> {
+        if let Some(v) = self.hoisted.get(&(e as *const Expr)) {
+            return Ok(Lanes::Scalar(*v));
+        }
+        Ok(match e {
+            Expr::Load { arg, index } => {
+                let addr = self.address(*arg, index)?;
+                Lanes::Vector(self.b.ins().load(F32X4, vector_flags(), addr, 0))
+            }
+            Expr::Const(_) | Expr::Acc(_) | Expr::Index(_) => Lanes::Scalar(self.expr(e)?),
+            Expr::Unary(op, x) => match self.lanes(x)? {
+                Lanes::Scalar(s) => Lanes::Scalar(self.unary(*op, s)?),
+                Lanes::Vector(v) => match op {
+                    Unary::Neg | Unary::Abs | Unary::Sqrt => Lanes::Vector(self.unary(*op, v)?),
+                    _ => return Err(internal(self.k, "a call on vector lanes")),
+                },
+            },
+            Expr::Binary(op, a, b) => match (self.lanes(a)?, self.lanes(b)?) {
+                (Lanes::Scalar(x), Lanes::Scalar(y)) => Lanes::Scalar(self.binary(*op, x, y)),
+                (x, y) => {
+                    let (x, y) = (self.vector(x), self.vector(y));
+                    Lanes::Vector(self.binary(*op, x, y))
+                }
+            },
+            Expr::Select { cond, then, otherwise } => {
+                let c = self.lane_cond(cond)?;
+                let t = self.lanes(then)?;
+                let o = self.lanes(otherwise)?;
+                match (c, t, o) {
+                    (LaneCond::Scalar(c), Lanes::Scalar(t), Lanes::Scalar(o)) => {
+                        Lanes::Scalar(self.b.ins().select(c, t, o))
+                    }
+                    (LaneCond::Scalar(c), t, o) => {
+                        let (t, o) = (self.vector(t), self.vector(o));
+                        Lanes::Vector(self.b.ins().select(c, t, o))
+                    }
+                    (LaneCond::Mask(m), t, o) => {
+                        let (t, o) = (self.vector(t), self.vector(o));
+                        let m = self.b.ins().bitcast(F32X4, lane_order(), m);
+                        Lanes::Vector(self.b.ins().bitselect(m, t, o))
+                    }
+                }
+            }
+        })
+    }
+
+    fn lane_cond(&mut self, c: &Cond) -> Result<LaneCond, CpuError> {
+        Ok(match c {
+            Cond::InRange { .. } => LaneCond::Scalar(self.cond(c)?),
+            Cond::Cmp { op, a, b } => match (self.lanes(a)?, self.lanes(b)?) {
+                (Lanes::Scalar(x), Lanes::Scalar(y)) => LaneCond::Scalar(self.b.ins().fcmp(float_cc(*op), x, y)),
+                (x, y) => {
+                    let (x, y) = (self.vector(x), self.vector(y));
+                    LaneCond::Mask(self.b.ins().fcmp(float_cc(*op), x, y))
+                }
+            },
+            Cond::And(cs) => {
+                let mut all = LaneCond::Scalar(self.b.ins().iconst(I8, 1));
+                for c in cs {
+                    let next = self.lane_cond(c)?;
+                    all = match (all, next) {
+                        (LaneCond::Scalar(a), LaneCond::Scalar(b)) => LaneCond::Scalar(self.b.ins().band(a, b)),
+                        (LaneCond::Mask(a), LaneCond::Mask(b)) => LaneCond::Mask(self.b.ins().band(a, b)),
+                        (LaneCond::Scalar(s), LaneCond::Mask(m)) | (LaneCond::Mask(m), LaneCond::Scalar(s)) => {
+                            let wide = self.b.ins().bmask(I32, s);
+                            let s = self.b.ins().splat(I32X4, wide);
+                            LaneCond::Mask(self.b.ins().band(s, m))
+                        }
+                    };
+                }
+                all
+            }
+        })
+    }
+}
+
+/// Vector loads and stores: in bounds (verified), but only 4-byte aligned.
+fn vector_flags() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+/// Flags for reinterpreting a lane mask as floats lane by lane.
+fn lane_order() -> MemFlagsData {
+    MemFlagsData::new().with_endianness(Endianness::Little)
+}

@@ -1,0 +1,171 @@
+//! `pdgc bench`: measured times of the non-private batch gradient and of each strategy's
+//! per-example work (grads, norms, clipped sum) on one machine, side by side, with ratios
+//! to the non-private step. Medians over repeated runs after a warm-up.
+
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::module::{CompileOptions, Module};
+use crate::ops::Strategy;
+use crate::runtime::Device;
+use crate::tensor::Batch;
+
+/// One column of the table: a strategy configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Column {
+    /// `auto` (the cost model's plan) or a strategy forced on every layer it applies to.
+    pub config: String,
+    pub grads_ms: Option<f64>,
+    pub norms_ms: f64,
+    pub clipped_sum_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub batch: usize,
+    pub threads: usize,
+    pub repeats: usize,
+    pub nonprivate_ms: f64,
+    pub loss_ms: f64,
+    pub columns: Vec<Column>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time(repeats: usize, bar: &ProgressBar, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?; // warm-up
+    let mut t = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let start = Instant::now();
+        f()?;
+        t.push(start.elapsed().as_secs_f64() * 1e3);
+        bar.inc(1);
+    }
+    Ok(median(t))
+}
+
+/// The strategies worth a column for this model: every one that applies to some layer.
+fn configs(module: &Module, only: &[Strategy]) -> Vec<Option<Strategy>> {
+    let mut out = vec![None];
+    for s in [Strategy::Naive, Strategy::Crb, Strategy::Unfold, Strategy::Direct, Strategy::Outer, Strategy::Ghost] {
+        if !only.is_empty() && !only.contains(&s) {
+            continue;
+        }
+        if module.plans[2].layers.iter().any(|l| l.costs.iter().any(|c| c.strategy == s)) {
+            out.push(Some(s));
+        }
+    }
+    out
+}
+
+/// Runs the benchmark. `only` restricts the forced-strategy columns (empty: all).
+pub fn bench(
+    name: &str,
+    source: &str,
+    batch: usize,
+    repeats: usize,
+    only: &[Strategy],
+    threads: Option<usize>,
+) -> Result<BenchReport> {
+    let base = Module::from_source(name, source, &CompileOptions::new(batch))?;
+    let params = base.init_params(0);
+    let data = Batch::random(&base.graph, batch, 1);
+    let configs = configs(&base, only);
+    let total = (2 + configs.len() * 3) as u64 * repeats as u64;
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} runs ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut session = base.session(Device::Cpu)?;
+    if let Some(t) = threads {
+        session.set_threads(t);
+    }
+    bar.set_message("non-private");
+    let nonprivate_ms = time(repeats, &bar, || session.batch_grad(&params, &data).map(|_| ()))?;
+    bar.set_message("forward + loss");
+    let loss_ms = time(repeats, &bar, || session.loss(&params, &data).map(|_| ()))?;
+    let mut columns = Vec::new();
+    for config in configs {
+        let label = config.map_or("auto".to_string(), |s| s.to_string());
+        let module = match config {
+            None => base.clone(),
+            Some(s) => {
+                let mut opts = CompileOptions::new(batch);
+                opts.overrides = base.plans[2]
+                    .layers
+                    .iter()
+                    .filter(|l| l.costs.iter().any(|c| c.strategy == s))
+                    .map(|l| (l.layer.clone(), s))
+                    .collect();
+                Module::from_source(name, source, &opts)?
+            }
+        };
+        let mut s = module.session(Device::Cpu)?;
+        if let Some(t) = threads {
+            s.set_threads(t);
+        }
+        bar.set_message(format!("{label}: clipped sum"));
+        let clipped_sum_ms = time(repeats, &bar, || s.clipped_grad_sum(&params, &data, 1.0).map(|_| ()))?;
+        bar.set_message(format!("{label}: norms"));
+        let norms_ms = time(repeats, &bar, || s.per_example_norms(&params, &data).map(|_| ()))?;
+        bar.set_message(format!("{label}: grads"));
+        let grads_ms = if config == Some(Strategy::Ghost) {
+            bar.inc(repeats as u64);
+            None
+        } else {
+            Some(time(repeats, &bar, || s.per_example_grads(&params, &data).map(|_| ()))?)
+        };
+        columns.push(Column { config: label, grads_ms, norms_ms, clipped_sum_ms });
+    }
+    bar.finish_and_clear();
+    Ok(BenchReport {
+        model: base.name.clone(),
+        batch,
+        threads: threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        repeats,
+        nonprivate_ms,
+        loss_ms,
+        columns,
+    })
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{}: batch {}, {} threads, median of {} runs (ms; ratio to the non-private step in parentheses)",
+            self.model, self.batch, self.threads, self.repeats
+        )?;
+        writeln!(f, "  non-private batch gradient  {:>9.2}", self.nonprivate_ms)?;
+        writeln!(f, "  forward + loss only         {:>9.2}", self.loss_ms)?;
+        let cell = |ms: f64| format!("{ms:.2} ({:.2}x)", ms / self.nonprivate_ms);
+        let mut header = format!("  {:<10}", "config");
+        for h in ["clipped sum", "norms", "grads"] {
+            header.push_str(&format!(" {h:>18}"));
+        }
+        writeln!(f, "{header}")?;
+        for c in &self.columns {
+            writeln!(
+                f,
+                "  {:<10} {:>18} {:>18} {:>18}",
+                c.config,
+                cell(c.clipped_sum_ms),
+                cell(c.norms_ms),
+                c.grads_ms.map_or("-".to_string(), cell)
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,46 @@
+//! The library's typed errors. A user error (a bad file, a wrong shape, NaN in the input)
+//! says what and where; [`Error::Internal`] always represents a bug in pdgc.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a valid safetensors file: {message}")]
+    Safetensors { path: PathBuf, message: String },
+    #[error("{file}: missing tensor `{name}`{hint}")]
+    MissingTensor { file: String, name: String, hint: String },
+    #[error("{file}: tensor `{name}` is not a parameter of model `{model}` (is this the right file?)")]
+    UnexpectedTensor { file: String, name: String, model: String },
+    #[error("{file}: tensor `{name}` has shape {found:?}, expected {expected}")]
+    Shape { file: String, name: String, expected: String, found: Vec<usize> },
+    #[error("{file}: tensor `{name}` has dtype {found}, expected {expected}")]
+    Dtype { file: String, name: String, expected: String, found: String },
+    #[error("{file}: tensor `{name}` holds a non-finite value ({value}) at flat index {index}")]
+    NonFinite { file: String, name: String, index: usize, value: f32 },
+    #[error("{file}: label {value} of example {example} is not a class index in 0..{classes}")]
+    LabelOutOfRange { file: String, example: usize, value: i64, classes: usize },
+    #[error("a batch of {batch} examples is larger than the {max} this module was compiled for (recompile with --batch {batch})")]
+    BatchTooLarge { batch: usize, max: usize },
+    #[error("the batch is empty")]
+    EmptyBatch,
+    #[error("inputs disagree on the batch size: `{a}` has {na} examples, `{b}` has {nb}")]
+    BatchMismatch { a: String, na: usize, b: String, nb: usize },
+    #[error("the clip norm must be a positive finite number, got {0}")]
+    BadClipNorm(f32),
+    #[error("{0} has errors (see the diagnostics above)")]
+    Source(String),
+    #[error("{path}: {message}")]
+    Module { path: PathBuf, message: String },
+    #[error("device: {0}")]
+    Device(String),
+    #[error("kernel backend: {0}")]
+    Backend(String),
+    #[error("internal error (a bug in pdgc, please report it): {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,263 @@
+//! A small builder for kernels: named arguments, loop variables and accumulators, and
+//! shorthands for the loops and expressions the kernel generators write over and over.
+
+use pdgc_codegen::ir::{AccId, Affine, Arg, ArgId, Cond, Dim, Expr, Extent, Kernel, Loop, LoopKind, Mode, Stmt, VarId};
+
+pub struct KernelBuilder {
+    name: String,
+    args: Vec<Arg>,
+    vars: Vec<String>,
+    accs: Vec<String>,
+}
+
+/// `[Batch, d0, d1, ...]`: a per-example buffer's dims.
+pub fn batched(shape: &[usize]) -> Vec<Dim> {
+    let mut dims = vec![Dim::Batch];
+    dims.extend(shape.iter().map(|&d| Dim::Fixed(d as u32)));
+    dims
+}
+
+/// `[d0, d1, ...]`: a buffer without a batch dim (parameters, sums).
+pub fn fixed(shape: &[usize]) -> Vec<Dim> {
+    shape.iter().map(|&d| Dim::Fixed(d as u32)).collect()
+}
+
+impl KernelBuilder {
+    pub fn new(name: impl Into<String>) -> KernelBuilder {
+        KernelBuilder { name: name.into(), args: Vec::new(), vars: Vec::new(), accs: Vec::new() }
+    }
+
+    pub fn arg(&mut self, name: &str, dims: Vec<Dim>, mode: Mode) -> ArgId {
+        self.args.push(Arg { name: name.to_string(), dims, mode });
+        ArgId(self.args.len() as u32 - 1)
+    }
+
+    pub fn input(&mut self, name: &str, dims: Vec<Dim>) -> ArgId {
+        self.arg(name, dims, Mode::In)
+    }
+
+    pub fn output(&mut self, name: &str, dims: Vec<Dim>) -> ArgId {
+        self.arg(name, dims, Mode::Out)
+    }
+
+    /// An output that the kernel accumulates into (or overwrites when `first`).
+    pub fn target(&mut self, name: &str, dims: Vec<Dim>, first: bool) -> ArgId {
+        self.arg(name, dims, if first { Mode::Out } else { Mode::InOut })
+    }
+
+    pub fn var(&mut self, name: &str) -> VarId {
+        self.vars.push(name.to_string());
+        VarId(self.vars.len() as u32 - 1)
+    }
+
+    pub fn vars(&mut self, names: &[&str]) -> Vec<VarId> {
+        names.iter().map(|n| self.var(n)).collect()
+    }
+
+    pub fn acc(&mut self, name: &str) -> AccId {
+        self.accs.push(name.to_string());
+        AccId(self.accs.len() as u32 - 1)
+    }
+
+    /// The kernel. Generators may reuse a variable for several sequential loops; here
+    /// each loop gets a variable of its own, as the IR requires.
+    pub fn finish(mut self, grid_var: VarId, grid_extent: Extent, body: Vec<Stmt>) -> Kernel {
+        let mut bound = vec![false; self.vars.len()];
+        bound[grid_var.0 as usize] = true;
+        let mut body = self.unique(body, &mut bound);
+        // Drop variables no loop binds (declared but unused), renumbering the rest.
+        let mut vars = Vec::new();
+        let mut grid_var = grid_var;
+        for (old, name) in self.vars.iter().enumerate() {
+            if !bound[old] {
+                continue;
+            }
+            let new = VarId(vars.len() as u32);
+            vars.push(name.clone());
+            let old = VarId(old as u32);
+            if old != new {
+                body = body.into_iter().map(|s| rename_stmt(s, old, new)).collect();
+                body = rebind(body, old, new);
+                if grid_var == old {
+                    grid_var = new;
+                }
+            }
+        }
+        Kernel {
+            name: self.name,
+            args: self.args,
+            vars,
+            accs: self.accs,
+            grid: Loop { var: grid_var, extent: grid_extent, kind: LoopKind::Serial, body },
+        }
+    }
+
+    fn unique(&mut self, body: Vec<Stmt>, bound: &mut Vec<bool>) -> Vec<Stmt> {
+        body.into_iter()
+            .map(|s| match s {
+                Stmt::Loop(mut l) => {
+                    if bound[l.var.0 as usize] {
+                        let old = l.var;
+                        let fresh = self.var(&self.vars[old.0 as usize].clone());
+                        bound.push(false);
+                        l.body = l.body.into_iter().map(|s| rename_stmt(s, old, fresh)).collect();
+                        l.var = fresh;
+                    }
+                    bound[l.var.0 as usize] = true;
+                    l.body = self.unique(l.body, bound);
+                    Stmt::Loop(l)
+                }
+                Stmt::If { cond, then } => Stmt::If { cond, then: self.unique(then, bound) },
+                other => other,
+            })
+            .collect()
+    }
+}
+
+/// Renames the loops that bind `old` (their bodies are renamed by `rename_stmt`).
+fn rebind(body: Vec<Stmt>, old: VarId, new: VarId) -> Vec<Stmt> {
+    body.into_iter()
+        .map(|s| match s {
+            Stmt::Loop(mut l) => {
+                if l.var == old {
+                    l.var = new;
+                    l.body = l.body.into_iter().map(|s| rename_stmt(s, old, new)).collect();
+                }
+                l.body = rebind(l.body, old, new);
+                Stmt::Loop(l)
+            }
+            Stmt::If { cond, then } => Stmt::If { cond, then: rebind(then, old, new) },
+            other => other,
+        })
+        .collect()
+}
+
+fn rename_affine(mut a: Affine, old: VarId, new: VarId) -> Affine {
+    for t in &mut a.terms {
+        if t.var == old {
+            t.var = new;
+        }
+    }
+    a
+}
+
+fn rename_index(ix: Vec<Affine>, old: VarId, new: VarId) -> Vec<Affine> {
+    ix.into_iter().map(|a| rename_affine(a, old, new)).collect()
+}
+
+fn rename_expr(e: Expr, old: VarId, new: VarId) -> Expr {
+    match e {
+        Expr::Load { arg, index } => Expr::Load { arg, index: rename_index(index, old, new) },
+        Expr::Index(a) => Expr::Index(rename_affine(a, old, new)),
+        Expr::Unary(op, a) => Expr::Unary(op, Box::new(rename_expr(*a, old, new))),
+        Expr::Binary(op, a, b) => {
+            Expr::Binary(op, Box::new(rename_expr(*a, old, new)), Box::new(rename_expr(*b, old, new)))
+        }
+        Expr::Select { cond, then, otherwise } => Expr::Select {
+            cond: Box::new(rename_cond(*cond, old, new)),
+            then: Box::new(rename_expr(*then, old, new)),
+            otherwise: Box::new(rename_expr(*otherwise, old, new)),
+        },
+        other @ (Expr::Const(_) | Expr::Acc(_)) => other,
+    }
+}
+
+fn rename_cond(c: Cond, old: VarId, new: VarId) -> Cond {
+    match c {
+        Cond::InRange { index, lo, hi } => Cond::InRange { index: rename_affine(index, old, new), lo, hi },
+        Cond::Cmp { op, a, b } => Cond::Cmp { op, a: rename_expr(a, old, new), b: rename_expr(b, old, new) },
+        Cond::And(cs) => Cond::And(cs.into_iter().map(|c| rename_cond(c, old, new)).collect()),
+    }
+}
+
+/// Renames `old` to `new` in a statement (a loop that rebinds `old` keeps its own).
+fn rename_stmt(s: Stmt, old: VarId, new: VarId) -> Stmt {
+    match s {
+        Stmt::Loop(mut l) => {
+            if l.var != old {
+                l.body = l.body.into_iter().map(|s| rename_stmt(s, old, new)).collect();
+            }
+            Stmt::Loop(l)
+        }
+        Stmt::Set { acc, value } => Stmt::Set { acc, value: rename_expr(value, old, new) },
+        Stmt::Store { arg, index, value, accumulate } => {
+            Stmt::Store { arg, index: rename_index(index, old, new), value: rename_expr(value, old, new), accumulate }
+        }
+        Stmt::If { cond, then } => Stmt::If {
+            cond: rename_cond(cond, old, new),
+            then: then.into_iter().map(|s| rename_stmt(s, old, new)).collect(),
+        },
+    }
+}
+
+pub fn v(var: VarId) -> Affine {
+    Affine::var(var)
+}
+
+pub fn lp(var: VarId, extent: usize, body: Vec<Stmt>) -> Stmt {
+    Stmt::Loop(Loop { var, extent: Extent::Fixed(extent as u32), kind: LoopKind::Serial, body })
+}
+
+/// A loop along a unit-stride dim (a SIMD candidate).
+pub fn vlp(var: VarId, extent: usize, body: Vec<Stmt>) -> Stmt {
+    Stmt::Loop(Loop { var, extent: Extent::Fixed(extent as u32), kind: LoopKind::Vector, body })
+}
+
+pub fn batch_loop(var: VarId, body: Vec<Stmt>) -> Stmt {
+    Stmt::Loop(Loop { var, extent: Extent::Batch, kind: LoopKind::Serial, body })
+}
+
+/// Nested loops over `vars` with `extents`, outermost first.
+pub fn nest(vars: &[VarId], extents: &[usize], body: Vec<Stmt>) -> Vec<Stmt> {
+    let mut body = body;
+    for (var, extent) in vars.iter().zip(extents).rev() {
+        body = vec![lp(*var, *extent, body)];
+    }
+    body
+}
+
+pub fn set(acc: AccId, value: Expr) -> Stmt {
+    Stmt::Set { acc, value }
+}
+
+/// `acc = acc + value`
+pub fn add_to(acc: AccId, value: Expr) -> Stmt {
+    Stmt::Set { acc, value: Expr::add(Expr::Acc(acc), value) }
+}
+
+pub fn store(arg: ArgId, index: Vec<Affine>, value: Expr) -> Stmt {
+    Stmt::Store { arg, index, value, accumulate: false }
+}
+
+/// A store that overwrites when `first` and accumulates otherwise.
+pub fn put(arg: ArgId, index: Vec<Affine>, value: Expr, first: bool) -> Stmt {
+    Stmt::Store { arg, index, value, accumulate: !first }
+}
+
+pub fn accumulate(arg: ArgId, index: Vec<Affine>, value: Expr) -> Stmt {
+    Stmt::Store { arg, index, value, accumulate: true }
+}
+
+pub fn load(arg: ArgId, index: Vec<Affine>) -> Expr {
+    Expr::load(arg, index)
+}
+
+pub fn acc(a: AccId) -> Expr {
+    Expr::Acc(a)
+}
+
+pub fn lit(x: f32) -> Expr {
+    Expr::Const(x)
+}
+
+/// Runs `body` only where every index lies in `0..hi`; no guard when there is nothing
+/// to check.
+pub fn guarded(ranges: Vec<(Affine, usize)>, body: Vec<Stmt>) -> Vec<Stmt> {
+    let conds: Vec<Cond> =
+        ranges.into_iter().map(|(index, hi)| Cond::InRange { index, lo: 0, hi: hi as i64 }).collect();
+    match conds.len() {
+        0 => body,
+        1 => vec![Stmt::If { cond: conds.into_iter().next().expect("one condition"), then: body }],
+        _ => vec![Stmt::If { cond: Cond::And(conds), then: body }],
+    }
+}

@@ -1,0 +1,674 @@
+//! Kernel generators: one function per (op, phase). Each returns a complete kernel of the
+//! kernel IR; `lower` decides which run, in what order, on which buffers.
+//!
+//! Conventions: per-example buffers have a leading batch dim and are laid out row-major
+//! in the node's shape; a kernel may view a buffer flattened (same element count).
+//! Grids run over the batch (`n`), except the kernels that sum over the batch
+//! (non-private gradients, clipped sums), whose grid runs over parameter rows.
+//! `first` means "this kernel is the first to write this gradient": it overwrites
+//! (gathers) or zero-fills before scattering; later contributions accumulate.
+
+use pdgc_codegen::ir::{Affine, Binary, CmpOp, Cond, Expr, Extent, Kernel, Unary, VarId};
+
+use super::builder::*;
+use crate::graph::{Activation, Conv, PoolKind};
+
+/// Sliding-window geometry along the spatial axes (conv, pool, crb).
+pub struct Window {
+    pub input: Vec<usize>,
+    pub output: Vec<usize>,
+    pub kernel: Vec<usize>,
+    pub stride: Vec<usize>,
+    pub padding: Vec<usize>,
+    pub dilation: Vec<usize>,
+}
+
+impl Window {
+    pub fn of_conv(c: &Conv, in_shape: &[usize], out_shape: &[usize]) -> Window {
+        Window {
+            input: in_shape[1..].to_vec(),
+            output: out_shape[1..].to_vec(),
+            kernel: c.kernel.clone(),
+            stride: c.stride.clone(),
+            padding: c.padding.clone(),
+            dilation: c.dilation.clone(),
+        }
+    }
+
+    pub fn spatial(&self) -> usize {
+        self.kernel.len()
+    }
+
+    /// `o·stride + k·dilation − padding` along each axis.
+    pub fn input_index(&self, o: &[VarId], k: &[VarId]) -> Vec<Affine> {
+        (0..self.spatial())
+            .map(|a| {
+                v(o[a])
+                    .plus(k[a], self.dilation[a] as i64)
+                    .mul_first(self.stride[a] as i64)
+                    .offset(-(self.padding[a] as i64))
+            })
+            .collect()
+    }
+
+    /// Bounds guards, only on axes with padding (without padding every window lies inside
+    /// the input by the output-size formula).
+    pub fn guards(&self, idx: &[Affine]) -> Vec<(Affine, usize)> {
+        (0..self.spatial()).filter(|&a| self.padding[a] > 0).map(|a| (idx[a].clone(), self.input[a])).collect()
+    }
+}
+
+trait MulFirst {
+    fn mul_first(self, coef: i64) -> Self;
+}
+
+impl MulFirst for Affine {
+    /// Multiplies the first term's coefficient (the output position's stride).
+    fn mul_first(mut self, coef: i64) -> Affine {
+        if let Some(t) = self.terms.first_mut() {
+            t.coef *= coef;
+        }
+        self
+    }
+}
+
+fn spatial_vars(kb: &mut KernelBuilder, spatial: usize, out: bool) -> Vec<VarId> {
+    match (spatial, out) {
+        (1, true) => kb.vars(&["ol"]),
+        (1, false) => kb.vars(&["kl"]),
+        (_, true) => kb.vars(&["oh", "ow"]),
+        (_, false) => kb.vars(&["kh", "kw"]),
+    }
+}
+
+fn idx(vars: &[VarId]) -> Vec<Affine> {
+    vars.iter().map(|&x| v(x)).collect()
+}
+
+fn cat(a: Vec<Affine>, b: Vec<Affine>) -> Vec<Affine> {
+    let mut a = a;
+    a.extend(b);
+    a
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward
+
+/// One conv's GEMM view: `U[n, g, r, t]` (im2col) with `d` rows per group and `T`
+/// output positions; the weight `[Cout, d]`.
+pub struct ConvGemm {
+    pub groups: usize,
+    pub cout: usize,
+    pub d: usize,
+    pub positions: usize,
+    pub bias: bool,
+}
+
+impl ConvGemm {
+    pub fn of(c: &Conv, out_shape: &[usize]) -> ConvGemm {
+        ConvGemm {
+            groups: c.groups,
+            cout: c.out_channels,
+            d: c.in_channels / c.groups * c.kernel.iter().product::<usize>(),
+            positions: out_shape[1..].iter().product(),
+            bias: c.bias,
+        }
+    }
+
+    /// The group of output channel `co` as an index.
+    pub fn group(&self, co: VarId) -> Affine {
+        if self.groups == 1 {
+            Affine::constant(0)
+        } else {
+            Affine::default().plus_div(co, 1, (self.cout / self.groups) as i64)
+        }
+    }
+}
+
+/// Forward conv on im2col columns: `Y[n,co,:] = b[co] + Σ_r W[co,r] · U[n,g(co),r,:]`, an
+/// axpy along the unit-stride output positions.
+pub fn conv_forward_cols(name: &str, cg: &ConvGemm) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let u = kb.input("cols", batched(&[cg.groups, cg.d, cg.positions]));
+    let wt = kb.input("w", fixed(&[cg.cout, cg.d]));
+    let b = cg.bias.then(|| kb.input("b", fixed(&[cg.cout])));
+    let y = kb.output("y", batched(&[cg.cout, cg.positions]));
+    let [n, co, r, t] = [kb.var("n"), kb.var("co"), kb.var("r"), kb.var("t")];
+    let [bias, w] = [kb.acc("bias"), kb.acc("w")];
+    let out = vec![v(n), v(co), v(t)];
+    let body = vec![lp(
+        co,
+        cg.cout,
+        vec![
+            set(bias, b.map_or(lit(0.0), |b| load(b, vec![v(co)]))),
+            vlp(t, cg.positions, vec![store(y, out.clone(), acc(bias))]),
+            lp(
+                r,
+                cg.d,
+                vec![
+                    set(w, load(wt, vec![v(co), v(r)])),
+                    vlp(
+                        t,
+                        cg.positions,
+                        vec![accumulate(
+                            y,
+                            out.clone(),
+                            Expr::mul(acc(w), load(u, vec![v(n), cg.group(co), v(r), v(t)])),
+                        )],
+                    ),
+                ],
+            ),
+        ],
+    )];
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// Backward to the columns: `dU[n,g(co),r,:] += W[co,r] · dY[n,co,:]` (zero-filled first).
+pub fn conv_colgrad(name: &str, cg: &ConvGemm) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let dy = kb.input("dy", batched(&[cg.cout, cg.positions]));
+    let wt = kb.input("w", fixed(&[cg.cout, cg.d]));
+    let du = kb.output("dcols", batched(&[cg.groups, cg.d, cg.positions]));
+    let [n, g, co, r, t] = [kb.var("n"), kb.var("g"), kb.var("co"), kb.var("r"), kb.var("t")];
+    let w = kb.acc("w");
+    let body = vec![
+        lp(
+            g,
+            cg.groups,
+            vec![lp(r, cg.d, vec![vlp(t, cg.positions, vec![store(du, vec![v(n), v(g), v(r), v(t)], lit(0.0))])])],
+        ),
+        lp(
+            co,
+            cg.cout,
+            vec![lp(
+                r,
+                cg.d,
+                vec![
+                    set(w, load(wt, vec![v(co), v(r)])),
+                    vlp(
+                        t,
+                        cg.positions,
+                        vec![accumulate(
+                            du,
+                            vec![v(n), cg.group(co), v(r), v(t)],
+                            Expr::mul(acc(w), load(dy, vec![v(n), v(co), v(t)])),
+                        )],
+                    ),
+                ],
+            )],
+        ),
+    ];
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// col2im: `dX[n, chan, o·s+k·d−p] += dU[n, g, r, t]` where the window lies inside.
+pub fn col2im(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], first: bool) -> Kernel {
+    let w = Window::of_conv(c, in_shape, out_shape);
+    let cg = ConvGemm::of(c, out_shape);
+    let cin_g = c.in_channels / c.groups;
+    let kprod: usize = c.kernel.iter().product();
+    let mut kb = KernelBuilder::new(name);
+    let du = kb.input("dcols", batched(&[cg.groups, cg.d, cg.positions]));
+    let dx = kb.target("dx", batched(in_shape), first);
+    let n = kb.var("n");
+    let g = kb.var("g");
+    let ci = kb.var("ci");
+    let k = spatial_vars(&mut kb, w.spatial(), false);
+    let o = spatial_vars(&mut kb, w.spatial(), true);
+    let xi = w.input_index(&o, &k);
+    let mut r = Affine::default().plus(ci, kprod as i64);
+    let mut t = Affine::default();
+    for a in 0..w.spatial() {
+        r = r.plus(k[a], c.kernel[a + 1..].iter().product::<usize>() as i64);
+        t = t.plus(o[a], w.output[a + 1..].iter().product::<usize>() as i64);
+    }
+    let mut body = Vec::new();
+    if first {
+        let zero_vars: Vec<VarId> = (0..in_shape.len()).map(|a| kb.var(&format!("z{a}"))).collect();
+        body.extend(nest(&zero_vars, in_shape, vec![store(dx, cat(vec![v(n)], idx(&zero_vars)), lit(0.0))]));
+    }
+    let target = cat(vec![v(n), v(ci).plus(g, cin_g as i64)], xi.clone());
+    let add = accumulate(dx, target, load(du, vec![v(n), v(g), r, t]));
+    body.extend(nest(
+        &[&[g, ci][..], &k, &o].concat(),
+        &[&[c.groups, cin_g][..], &c.kernel, &w.output].concat(),
+        guarded(w.guards(&xi), vec![add]),
+    ));
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// `Y[n,t,o] = b[o] + Σ_i W[o,i]·X[n,t,i]` with `rows` = T leading positions.
+pub fn linear_forward(name: &str, rows: usize, inf: usize, outf: usize, bias: bool) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let x = kb.input("x", batched(&[rows, inf]));
+    let wt = kb.input("w", fixed(&[outf, inf]));
+    let b = bias.then(|| kb.input("b", fixed(&[outf])));
+    let y = kb.output("y", batched(&[rows, outf]));
+    let [n, t, o, i] = [kb.var("n"), kb.var("t"), kb.var("o"), kb.var("i")];
+    let a = kb.acc("acc");
+    let body = vec![lp(
+        t,
+        rows,
+        vec![lp(
+            o,
+            outf,
+            vec![
+                set(a, b.map_or(lit(0.0), |b| load(b, vec![v(o)]))),
+                vlp(i, inf, vec![add_to(a, Expr::mul(load(wt, vec![v(o), v(i)]), load(x, vec![v(n), v(t), v(i)])))]),
+                store(y, vec![v(n), v(t), v(o)], acc(a)),
+            ],
+        )],
+    )];
+    kb.finish(n, Extent::Batch, body)
+}
+
+fn activation_value(act: Activation, x: Expr) -> Expr {
+    match act {
+        Activation::Relu => Expr::bin(Binary::Max, x, lit(0.0)),
+        Activation::LeakyRelu { slope } => Expr::select(
+            Cond::Cmp { op: CmpOp::Gt, a: x.clone(), b: lit(0.0) },
+            x.clone(),
+            Expr::mul(lit(slope as f32), x),
+        ),
+        Activation::Tanh => Expr::un(Unary::Tanh, x),
+        Activation::Sigmoid => Expr::div(lit(1.0), Expr::add(lit(1.0), Expr::un(Unary::Exp, Expr::un(Unary::Neg, x)))),
+        Activation::Gelu => Expr::mul(
+            Expr::mul(lit(0.5), x.clone()),
+            Expr::add(lit(1.0), Expr::un(Unary::Erf, Expr::mul(x, lit(std::f32::consts::FRAC_1_SQRT_2)))),
+        ),
+    }
+}
+
+pub fn activation_forward(name: &str, act: Activation, size: usize) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let x = kb.input("x", batched(&[size]));
+    let y = kb.output("y", batched(&[size]));
+    let [n, i] = [kb.var("n"), kb.var("i")];
+    let body = vec![vlp(i, size, vec![store(y, vec![v(n), v(i)], activation_value(act, load(x, vec![v(n), v(i)])))])];
+    kb.finish(n, Extent::Batch, body)
+}
+
+pub fn add_forward(name: &str, size: usize) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let a = kb.input("a", batched(&[size]));
+    let b = kb.input("b", batched(&[size]));
+    let y = kb.output("y", batched(&[size]));
+    let [n, i] = [kb.var("n"), kb.var("i")];
+    let ix = vec![v(n), v(i)];
+    let body = vec![vlp(i, size, vec![store(y, ix.clone(), Expr::add(load(a, ix.clone()), load(b, ix)))])];
+    kb.finish(n, Extent::Batch, body)
+}
+
+pub struct PoolGeom {
+    pub kind: PoolKind,
+    pub channels: usize,
+    pub window: Window,
+}
+
+pub fn pool_forward(name: &str, p: &PoolGeom) -> Kernel {
+    let w = &p.window;
+    let mut kb = KernelBuilder::new(name);
+    let xs: Vec<usize> = [&[p.channels][..], &w.input].concat();
+    let ys: Vec<usize> = [&[p.channels][..], &w.output].concat();
+    let x = kb.input("x", batched(&xs));
+    let y = kb.output("y", batched(&ys));
+    let n = kb.var("n");
+    let ch = kb.var("c");
+    let o = spatial_vars(&mut kb, w.spatial(), true);
+    let k = spatial_vars(&mut kb, w.spatial(), false);
+    let a = kb.acc("acc");
+    let xi = w.input_index(&o, &k);
+    let xv = load(x, cat(vec![v(n), v(ch)], xi.clone()));
+    let (init, update, finish) = match p.kind {
+        PoolKind::Max => (lit(f32::NEG_INFINITY), Expr::bin(Binary::Max, acc(a), xv), acc(a)),
+        PoolKind::Avg => {
+            let count = w.kernel.iter().product::<usize>() as f32;
+            (lit(0.0), Expr::add(acc(a), xv), Expr::div(acc(a), lit(count)))
+        }
+    };
+    let mut per_output = vec![set(a, init)];
+    per_output.extend(nest(&k, &w.kernel, guarded(w.guards(&xi), vec![set(a, update)])));
+    per_output.push(store(y, cat(vec![v(n), v(ch)], idx(&o)), finish));
+    let body = nest(&[&[ch][..], &o].concat(), &[&[p.channels][..], &w.output].concat(), per_output);
+    kb.finish(n, Extent::Batch, body)
+}
+
+pub fn global_avg_pool_forward(name: &str, channels: usize, positions: usize) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let x = kb.input("x", batched(&[channels, positions]));
+    let y = kb.output("y", batched(&[channels]));
+    let [n, ch, s] = [kb.var("n"), kb.var("c"), kb.var("s")];
+    let a = kb.acc("acc");
+    let body = vec![lp(
+        ch,
+        channels,
+        vec![
+            set(a, lit(0.0)),
+            vlp(s, positions, vec![add_to(a, load(x, vec![v(n), v(ch), v(s)]))]),
+            store(y, vec![v(n), v(ch)], Expr::div(acc(a), lit(positions as f32))),
+        ],
+    )];
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// Normalization over contiguous rows: the input viewed as `[B, R, Cg, S]` has one
+/// statistic per row `r` over its `Cg·S` elements. The affine parameter of an element is
+/// `γ[r·Cg + cg]` (group/instance norm) or `γ[s]` (layer norm).
+#[derive(Clone, Copy)]
+pub struct NormGeom {
+    pub rows: usize,
+    pub cg: usize,
+    pub s: usize,
+    pub eps: f32,
+    pub affine: bool,
+    pub per_element_param: bool,
+}
+
+impl NormGeom {
+    pub fn size(&self) -> usize {
+        self.rows * self.cg * self.s
+    }
+
+    pub fn param_len(&self) -> usize {
+        if self.per_element_param {
+            self.s
+        } else {
+            self.rows * self.cg
+        }
+    }
+
+    fn param_index(&self, r: VarId, cg: VarId, s: VarId) -> Affine {
+        if self.per_element_param {
+            v(s)
+        } else {
+            v(cg).plus(r, self.cg as i64)
+        }
+    }
+}
+
+/// Writes `y`, and saves `xhat` and `rstd` (1/σ per row) for the backward pass.
+pub fn norm_forward(name: &str, g: &NormGeom) -> Kernel {
+    let dims = batched(&[g.rows, g.cg, g.s]);
+    let mut kb = KernelBuilder::new(name);
+    let x = kb.input("x", dims.clone());
+    let gamma =
+        g.affine.then(|| (kb.input("gamma", fixed(&[g.param_len()])), kb.input("beta", fixed(&[g.param_len()]))));
+    let y = kb.output("y", dims.clone());
+    let xhat = kb.output("xhat", dims);
+    let rstd = kb.output("rstd", batched(&[g.rows]));
+    let [n, r, cg, s] = [kb.var("n"), kb.var("r"), kb.var("cg"), kb.var("s")];
+    let [mean, var, rs] = [kb.acc("mean"), kb.acc("var"), kb.acc("rstd")];
+    let m = (g.cg * g.s) as f32;
+    let ix = vec![v(n), v(r), v(cg), v(s)];
+    let xv = load(x, ix.clone());
+    let centered = Expr::sub(xv.clone(), acc(mean));
+    let normalized = Expr::mul(centered.clone(), acc(rs));
+    let out = match gamma {
+        Some((ga, be)) => Expr::add(
+            Expr::mul(load(ga, vec![g.param_index(r, cg, s)]), normalized.clone()),
+            load(be, vec![g.param_index(r, cg, s)]),
+        ),
+        None => normalized.clone(),
+    };
+    let body = vec![lp(
+        r,
+        g.rows,
+        vec![
+            set(mean, lit(0.0)),
+            lp(cg, g.cg, vec![vlp(s, g.s, vec![add_to(mean, xv.clone())])]),
+            set(mean, Expr::div(acc(mean), lit(m))),
+            set(var, lit(0.0)),
+            lp(cg, g.cg, vec![vlp(s, g.s, vec![add_to(var, Expr::mul(centered.clone(), centered))])]),
+            set(rs, Expr::div(lit(1.0), Expr::un(Unary::Sqrt, Expr::add(Expr::div(acc(var), lit(m)), lit(g.eps))))),
+            store(rstd, vec![v(n), v(r)], acc(rs)),
+            lp(cg, g.cg, vec![vlp(s, g.s, vec![store(xhat, ix.clone(), normalized), store(y, ix.clone(), out)])]),
+        ],
+    )];
+    kb.finish(n, Extent::Batch, body)
+}
+
+// ---------------------------------------------------------------------------------------
+// Loss: per-example loss and its gradient w.r.t. the network output.
+
+/// Softmax cross-entropy: `loss[n] = logsumexp(z) − z[y_n]`, `dz = softmax(z) − onehot`.
+/// Labels arrive as floats (class indices are exact in f32 up to 2^24).
+pub fn cross_entropy(name: &str, classes: usize) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let z = kb.input("logits", batched(&[classes]));
+    let y = kb.input("label", batched(&[]));
+    let loss = kb.output("loss", batched(&[]));
+    let dz = kb.output("dlogits", batched(&[classes]));
+    let [n, k] = [kb.var("n"), kb.var("k")];
+    let [mx, sum, picked] = [kb.acc("max"), kb.acc("sumexp"), kb.acc("picked")];
+    let zk = load(z, vec![v(n), v(k)]);
+    let is_label = Cond::Cmp { op: CmpOp::Eq, a: Expr::Index(v(k)), b: load(y, vec![v(n)]) };
+    let onehot = Expr::select(is_label, lit(1.0), lit(0.0));
+    let lse = Expr::add(acc(mx), Expr::un(Unary::Log, acc(sum)));
+    let body = vec![
+        set(mx, lit(f32::NEG_INFINITY)),
+        lp(k, classes, vec![set(mx, Expr::bin(Binary::Max, acc(mx), zk.clone()))]),
+        set(sum, lit(0.0)),
+        set(picked, lit(0.0)),
+        lp(
+            k,
+            classes,
+            vec![
+                add_to(sum, Expr::un(Unary::Exp, Expr::sub(zk.clone(), acc(mx)))),
+                add_to(picked, Expr::mul(onehot.clone(), zk.clone())),
+            ],
+        ),
+        store(loss, vec![v(n)], Expr::sub(lse.clone(), acc(picked))),
+        lp(k, classes, vec![store(dz, vec![v(n), v(k)], Expr::sub(Expr::un(Unary::Exp, Expr::sub(zk, lse)), onehot))]),
+    ];
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// `loss[n] = mean_i (p − t)²`, `dp = 2(p − t)/D`.
+pub fn mse(name: &str, size: usize) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let p = kb.input("pred", batched(&[size]));
+    let t = kb.input("target", batched(&[size]));
+    let loss = kb.output("loss", batched(&[]));
+    let dp = kb.output("dpred", batched(&[size]));
+    let [n, i] = [kb.var("n"), kb.var("i")];
+    let a = kb.acc("sq");
+    let diff = Expr::sub(load(p, vec![v(n), v(i)]), load(t, vec![v(n), v(i)]));
+    let body = vec![
+        set(a, lit(0.0)),
+        vlp(
+            i,
+            size,
+            vec![
+                add_to(a, Expr::mul(diff.clone(), diff.clone())),
+                store(dp, vec![v(n), v(i)], Expr::mul(lit(2.0 / size as f32), diff)),
+            ],
+        ),
+        store(loss, vec![v(n)], Expr::div(acc(a), lit(size as f32))),
+    ];
+    kb.finish(n, Extent::Batch, body)
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward: input gradients.
+
+/// `dX[n,t,i] = Σ_o dY[n,t,o] · W[o,i]`.
+pub fn linear_backward_input(name: &str, rows: usize, inf: usize, outf: usize, first: bool) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let dy = kb.input("dy", batched(&[rows, outf]));
+    let wt = kb.input("w", fixed(&[outf, inf]));
+    let dx = kb.target("dx", batched(&[rows, inf]), first);
+    let [n, t, o, i] = [kb.var("n"), kb.var("t"), kb.var("o"), kb.var("i")];
+    let mut body = Vec::new();
+    let target = vec![v(n), v(t), v(i)];
+    if first {
+        body.push(lp(t, rows, vec![vlp(i, inf, vec![store(dx, target.clone(), lit(0.0))])]));
+    }
+    // Row-wise axpy: unit stride along i in both W and dX.
+    let g = kb.acc("g");
+    body.push(lp(
+        t,
+        rows,
+        vec![lp(
+            o,
+            outf,
+            vec![
+                set(g, load(dy, vec![v(n), v(t), v(o)])),
+                vlp(i, inf, vec![accumulate(dx, target, Expr::mul(acc(g), load(wt, vec![v(o), v(i)])))]),
+            ],
+        )],
+    ));
+    kb.finish(n, Extent::Batch, body)
+}
+
+fn activation_grad(act: Activation, x: Expr, y: Expr, dy: Expr) -> Expr {
+    match act {
+        Activation::Relu => Expr::select(Cond::Cmp { op: CmpOp::Gt, a: x, b: lit(0.0) }, dy, lit(0.0)),
+        Activation::LeakyRelu { slope } => {
+            Expr::select(Cond::Cmp { op: CmpOp::Gt, a: x, b: lit(0.0) }, dy.clone(), Expr::mul(lit(slope as f32), dy))
+        }
+        Activation::Tanh => Expr::mul(dy, Expr::sub(lit(1.0), Expr::mul(y.clone(), y))),
+        Activation::Sigmoid => Expr::mul(dy, Expr::mul(y.clone(), Expr::sub(lit(1.0), y))),
+        Activation::Gelu => {
+            // Φ(x) + x·φ(x)
+            let cdf = Expr::mul(
+                lit(0.5),
+                Expr::add(lit(1.0), Expr::un(Unary::Erf, Expr::mul(x.clone(), lit(std::f32::consts::FRAC_1_SQRT_2)))),
+            );
+            let pdf = Expr::mul(
+                lit(0.398_942_3),
+                Expr::un(Unary::Exp, Expr::mul(lit(-0.5), Expr::mul(x.clone(), x.clone()))),
+            );
+            Expr::mul(dy, Expr::add(cdf, Expr::mul(x, pdf)))
+        }
+    }
+}
+
+pub fn activation_backward(name: &str, act: Activation, size: usize, first: bool) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let x = kb.input("x", batched(&[size]));
+    let y = kb.input("y", batched(&[size]));
+    let dy = kb.input("dy", batched(&[size]));
+    let dx = kb.target("dx", batched(&[size]), first);
+    let [n, i] = [kb.var("n"), kb.var("i")];
+    let ix = vec![v(n), v(i)];
+    let value = activation_grad(act, load(x, ix.clone()), load(y, ix.clone()), load(dy, ix.clone()));
+    let body = vec![vlp(i, size, vec![put(dx, ix, value, first)])];
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// `dX += dY` (one operand of an add, or any identity).
+pub fn pass_through(name: &str, size: usize, first: bool) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let dy = kb.input("dy", batched(&[size]));
+    let dx = kb.target("dx", batched(&[size]), first);
+    let [n, i] = [kb.var("n"), kb.var("i")];
+    let ix = vec![v(n), v(i)];
+    let body = vec![vlp(i, size, vec![put(dx, ix.clone(), load(dy, ix), first)])];
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// Max pool: the gradient goes to the first maximum of each window (PyTorch's choice);
+/// average pool: spread evenly (padding counted, as PyTorch's default).
+pub fn pool_backward(name: &str, p: &PoolGeom, first: bool) -> Kernel {
+    let w = &p.window;
+    let mut kb = KernelBuilder::new(name);
+    let xs: Vec<usize> = [&[p.channels][..], &w.input].concat();
+    let ys: Vec<usize> = [&[p.channels][..], &w.output].concat();
+    let x = kb.input("x", batched(&xs));
+    let y = kb.input("y", batched(&ys));
+    let dy = kb.input("dy", batched(&ys));
+    let dx = kb.target("dx", batched(&xs), first);
+    let n = kb.var("n");
+    let ch = kb.var("c");
+    let o = spatial_vars(&mut kb, w.spatial(), true);
+    let k = spatial_vars(&mut kb, w.spatial(), false);
+    let [found, g] = [kb.acc("found"), kb.acc("g")];
+    let xi = w.input_index(&o, &k);
+    let target = cat(vec![v(n), v(ch)], xi.clone());
+    let out_ix = cat(vec![v(n), v(ch)], idx(&o));
+    let mut body = Vec::new();
+    if first {
+        let zero_vars: Vec<VarId> = (0..xs.len()).map(|a| kb.var(&format!("z{a}"))).collect();
+        let zero_ix = cat(vec![v(n)], idx(&zero_vars));
+        body.extend(nest(&zero_vars, &xs, vec![store(dx, zero_ix, lit(0.0))]));
+    }
+    let per_out = match p.kind {
+        PoolKind::Max => {
+            let xv = load(x, target.clone());
+            let is_max = Cond::Cmp { op: CmpOp::Eq, a: xv.clone(), b: load(y, out_ix.clone()) };
+            let take = Cond::And(vec![is_max.clone(), Cond::Cmp { op: CmpOp::Eq, a: acc(found), b: lit(0.0) }]);
+            let mut s = vec![set(found, lit(0.0)), set(g, load(dy, out_ix.clone()))];
+            s.extend(nest(
+                &k,
+                &w.kernel,
+                guarded(
+                    w.guards(&xi),
+                    vec![
+                        accumulate(dx, target.clone(), Expr::select(take, acc(g), lit(0.0))),
+                        set(found, Expr::bin(Binary::Max, acc(found), Expr::select(is_max, lit(1.0), lit(0.0)))),
+                    ],
+                ),
+            ));
+            s
+        }
+        PoolKind::Avg => {
+            let count = w.kernel.iter().product::<usize>() as f32;
+            let mut s = vec![set(g, Expr::div(load(dy, out_ix.clone()), lit(count)))];
+            s.extend(nest(&k, &w.kernel, guarded(w.guards(&xi), vec![accumulate(dx, target.clone(), acc(g))])));
+            s
+        }
+    };
+    body.extend(nest(&[&[ch][..], &o].concat(), &[&[p.channels][..], &w.output].concat(), per_out));
+    kb.finish(n, Extent::Batch, body)
+}
+
+pub fn global_avg_pool_backward(name: &str, channels: usize, positions: usize, first: bool) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let dy = kb.input("dy", batched(&[channels]));
+    let dx = kb.target("dx", batched(&[channels, positions]), first);
+    let [n, ch, s] = [kb.var("n"), kb.var("c"), kb.var("s")];
+    let value = Expr::div(load(dy, vec![v(n), v(ch)]), lit(positions as f32));
+    let body = vec![lp(ch, channels, vec![vlp(s, positions, vec![put(dx, vec![v(n), v(ch), v(s)], value, first)])])];
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// `dX̂ = dY·γ`, `dX = rstd · (dX̂ − mean(dX̂) − X̂ · mean(dX̂·X̂))` per row.
+pub fn norm_backward_input(name: &str, g: &NormGeom, first: bool) -> Kernel {
+    let dims = batched(&[g.rows, g.cg, g.s]);
+    let mut kb = KernelBuilder::new(name);
+    let dy = kb.input("dy", dims.clone());
+    let xhat = kb.input("xhat", dims.clone());
+    let rstd = kb.input("rstd", batched(&[g.rows]));
+    let gamma = g.affine.then(|| kb.input("gamma", fixed(&[g.param_len()])));
+    let dx = kb.target("dx", dims, first);
+    let [n, r, cg, s] = [kb.var("n"), kb.var("r"), kb.var("cg"), kb.var("s")];
+    let [m1, m2] = [kb.acc("mean_dxhat"), kb.acc("mean_dxhat_xhat")];
+    let ix = vec![v(n), v(r), v(cg), v(s)];
+    let dxhat = match gamma {
+        Some(ga) => Expr::mul(load(dy, ix.clone()), load(ga, vec![g.param_index(r, cg, s)])),
+        None => load(dy, ix.clone()),
+    };
+    let xh = load(xhat, ix.clone());
+    let m = (g.cg * g.s) as f32;
+    let value = Expr::mul(
+        load(rstd, vec![v(n), v(r)]),
+        Expr::sub(Expr::sub(dxhat.clone(), acc(m1)), Expr::mul(xh.clone(), acc(m2))),
+    );
+    let body = vec![lp(
+        r,
+        g.rows,
+        vec![
+            set(m1, lit(0.0)),
+            set(m2, lit(0.0)),
+            lp(
+                cg,
+                g.cg,
+                vec![vlp(s, g.s, vec![add_to(m1, dxhat.clone()), add_to(m2, Expr::mul(dxhat.clone(), xh.clone()))])],
+            ),
+            set(m1, Expr::div(acc(m1), lit(m))),
+            set(m2, Expr::div(acc(m2), lit(m))),
+            lp(cg, g.cg, vec![vlp(s, g.s, vec![put(dx, ix.clone(), value, first)])]),
+        ],
+    )];
+    kb.finish(n, Extent::Batch, body)
+}

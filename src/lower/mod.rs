@@ -1,0 +1,810 @@
+//! Stage 5, `lower`: Graph + plans to a [`Program`] of kernels.
+//!
+//! A program declares buffers (inputs, label, parameters, activations and their
+//! gradients, saved statistics, per-example gradients, norms, clip factors, sums,
+//! workspaces), holds every kernel once, and lists for each entry point (loss, batch
+//! gradient, per-example grads, per-example norms, clipped sum) the launches that compute
+//! it, in order. Nothing is computed outside kernels.
+//!
+//! Invariants: every launch binds exactly one buffer per kernel argument, with the same
+//! per-example element count (a kernel may view a buffer flattened); no launch binds one
+//! buffer twice; within an entry, a gradient buffer's first writer overwrites it and the
+//! later ones accumulate; every `sqnorm` slot (one per parameter tensor) is written
+//! before `norms_and_clip` reads it.
+
+mod builder;
+pub mod kernels;
+pub mod param_grads;
+
+use std::collections::HashMap;
+use std::fmt;
+
+use pdgc_codegen::ir::{Dim, Kernel};
+use serde::{Deserialize, Serialize};
+
+use crate::graph::{numel, Graph, LabelSpec, Loss, NodeId, Op};
+use crate::ops::Strategy;
+use crate::plan::{Goal, Plan};
+use builder::{batched, fixed};
+use kernels::{ConvGemm, NormGeom, PoolGeom, Window};
+use param_grads::Outputs;
+
+/// Index of a buffer in [`Program::buffers`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BufId(pub u32);
+
+/// What a buffer holds, for the runtime and for people reading a dump.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    Input(String),
+    Label,
+    Param(String),
+    Activation(u32),
+    /// Saved by a norm's forward for its backward: `xhat` or `rstd`.
+    Saved(u32, String),
+    ActivationGrad(u32),
+    Loss,
+    PerExampleGrad(String),
+    BatchGrad(String),
+    SqNormParts,
+    Norms,
+    ClipFactors,
+    ClipNorm,
+    ClippedSum(String),
+    Workspace(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BufferDecl {
+    pub name: String,
+    /// `true` if the leading dim is the batch.
+    pub batched: bool,
+    /// Per-example shape (without the batch dim).
+    pub shape: Vec<usize>,
+    pub role: Role,
+}
+
+impl BufferDecl {
+    pub fn per_example_len(&self) -> u64 {
+        numel(&self.shape)
+    }
+
+    pub fn len(&self, batch: u64) -> u64 {
+        if self.batched {
+            batch * self.per_example_len()
+        } else {
+            self.per_example_len()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LaunchMode {
+    /// The whole grid, split over threads.
+    Grid,
+    /// One launch per example, each seeing a batch of 1 (the `naive` strategy).
+    PerExample,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Launch {
+    pub kernel: usize,
+    pub args: Vec<BufId>,
+    pub mode: LaunchMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum EntryKind {
+    Loss,
+    BatchGrad,
+    PerExampleGrads,
+    PerExampleNorms,
+    ClippedSum,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub kind: EntryKind,
+    pub launches: Vec<Launch>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Program {
+    pub buffers: Vec<BufferDecl>,
+    pub kernels: Vec<Kernel>,
+    pub entries: Vec<Entry>,
+}
+
+impl Program {
+    pub fn entry(&self, kind: EntryKind) -> &Entry {
+        self.entries.iter().find(|e| e.kind == kind).expect("lower emits every entry kind")
+    }
+
+    pub fn buffer(&self, id: BufId) -> &BufferDecl {
+        &self.buffers[id.0 as usize]
+    }
+
+    pub fn find(&self, role: &Role) -> Option<BufId> {
+        self.buffers.iter().position(|b| &b.role == role).map(|i| BufId(i as u32))
+    }
+}
+
+/// The plans `lower` needs: one per goal (their strategies differ: `grads` cannot use
+/// ghost, `norms` need not store, the clipped sum may book-keep).
+pub struct Plans<'a> {
+    pub grads: &'a Plan,
+    pub norms: &'a Plan,
+    pub clipped_sum: &'a Plan,
+}
+
+struct Lowering<'g> {
+    graph: &'g Graph,
+    buffers: Vec<BufferDecl>,
+    kernels: Vec<Kernel>,
+    by_name: HashMap<String, usize>,
+    act: Vec<BufId>,
+    grad: Vec<BufId>,
+    /// Saved by a node's forward for its backward: norms' `xhat`/`rstd`, convs' `cols`
+    /// (im2col) and `dcols` (their gradient).
+    saved: HashMap<(u32, &'static str), BufId>,
+    params: HashMap<String, BufId>,
+    extra: HashMap<Role, BufId>,
+}
+
+/// Stage 5: the program of `graph` under `plans`.
+pub fn lower(graph: &Graph, plans: &Plans<'_>) -> Program {
+    let mut l = Lowering {
+        graph,
+        buffers: Vec::new(),
+        kernels: Vec::new(),
+        by_name: HashMap::new(),
+        act: Vec::new(),
+        grad: Vec::new(),
+        saved: HashMap::new(),
+        params: HashMap::new(),
+        extra: HashMap::new(),
+    };
+    l.declare_buffers();
+    let forward = l.forward();
+    let backward = |l: &mut Lowering| l.backward_inputs();
+
+    let mut entries = Vec::new();
+    entries.push(Entry { kind: EntryKind::Loss, launches: forward.clone() });
+
+    let mut launches = forward.clone();
+    launches.extend(backward(&mut l));
+    launches.extend(l.batch_grads());
+    entries.push(Entry { kind: EntryKind::BatchGrad, launches });
+
+    for (kind, plan) in [
+        (EntryKind::PerExampleGrads, plans.grads),
+        (EntryKind::PerExampleNorms, plans.norms),
+        (EntryKind::ClippedSum, plans.clipped_sum),
+    ] {
+        let mut launches = forward.clone();
+        launches.extend(backward(&mut l));
+        launches.extend(l.per_example(plan, kind));
+        entries.push(Entry { kind, launches });
+    }
+    Program { buffers: l.buffers, kernels: l.kernels, entries }
+}
+
+fn strategy_of(plan: &Plan, node: NodeId) -> Strategy {
+    plan.layers.iter().find(|l| l.node == node).map_or(Strategy::Direct, |l| l.chosen)
+}
+
+impl<'g> Lowering<'g> {
+    fn buffer(&mut self, name: String, batched: bool, shape: Vec<usize>, role: Role) -> BufId {
+        self.buffers.push(BufferDecl { name, batched, shape, role });
+        BufId(self.buffers.len() as u32 - 1)
+    }
+
+    /// The buffer for a role, declared on first use.
+    fn extra(&mut self, role: Role, name: &str, batched: bool, shape: Vec<usize>) -> BufId {
+        if let Some(id) = self.extra.get(&role) {
+            return *id;
+        }
+        let id = self.buffer(name.to_string(), batched, shape, role.clone());
+        self.extra.insert(role, id);
+        id
+    }
+
+    fn declare_buffers(&mut self) {
+        let g = self.graph;
+        for p in &g.params {
+            let id = self.buffer(p.name.clone(), false, p.shape.clone(), Role::Param(p.name.clone()));
+            self.params.insert(p.name.clone(), id);
+        }
+        match &g.label {
+            LabelSpec::Classes { name, .. } => {
+                self.buffer(name.clone(), true, vec![], Role::Label);
+            }
+            LabelSpec::Target { name, shape } => {
+                self.buffer(name.clone(), true, shape.clone(), Role::Label);
+            }
+        }
+        for n in &g.nodes {
+            let id = match &n.op {
+                Op::Input { name } => self.buffer(name.clone(), true, n.shape.clone(), Role::Input(name.clone())),
+                // A flatten is a view of its input.
+                Op::Flatten => self.act[n.inputs[0].index()],
+                _ => self.buffer(format!("act{}", n.id.0), true, n.shape.clone(), Role::Activation(n.id.0)),
+            };
+            self.act.push(id);
+        }
+        for n in &g.nodes {
+            let id = match &n.op {
+                Op::Flatten => self.grad[n.inputs[0].index()],
+                _ => self.buffer(format!("grad{}", n.id.0), true, n.shape.clone(), Role::ActivationGrad(n.id.0)),
+            };
+            self.grad.push(id);
+            if let Op::Conv(c) = &n.op {
+                let cg = ConvGemm::of(c, &n.shape);
+                let shape = vec![cg.groups, cg.d, cg.positions];
+                let cols =
+                    self.buffer(format!("cols{}", n.id.0), true, shape.clone(), Role::Saved(n.id.0, "cols".into()));
+                let dcols = self.buffer(format!("dcols{}", n.id.0), true, shape, Role::Saved(n.id.0, "dcols".into()));
+                self.saved.insert((n.id.0, "cols"), cols);
+                self.saved.insert((n.id.0, "dcols"), dcols);
+            }
+            if let Some(geom) = norm_geom(n) {
+                let x =
+                    self.buffer(format!("xhat{}", n.id.0), true, n.shape.clone(), Role::Saved(n.id.0, "xhat".into()));
+                let r =
+                    self.buffer(format!("rstd{}", n.id.0), true, vec![geom.rows], Role::Saved(n.id.0, "rstd".into()));
+                self.saved.insert((n.id.0, "xhat"), x);
+                self.saved.insert((n.id.0, "rstd"), r);
+            }
+        }
+        self.extra(Role::Loss, "loss", true, vec![]);
+    }
+
+    fn label(&self) -> BufId {
+        BufId(self.buffers.iter().position(|b| b.role == Role::Label).expect("label declared") as u32)
+    }
+
+    fn kernel(&mut self, k: Kernel) -> usize {
+        if let Some(i) = self.by_name.get(&k.name) {
+            debug_assert_eq!(self.kernels[*i], k, "kernel names identify kernels");
+            return *i;
+        }
+        self.by_name.insert(k.name.clone(), self.kernels.len());
+        self.kernels.push(k);
+        self.kernels.len() - 1
+    }
+
+    fn launch(&mut self, k: Kernel, args: Vec<BufId>) -> Launch {
+        Launch { kernel: self.kernel(k), args, mode: LaunchMode::Grid }
+    }
+
+    fn param(&self, node: NodeId, suffix: &str) -> Option<BufId> {
+        let layer = self.graph.node(node).layer.as_ref()?;
+        self.params.get(&format!("{layer}.{suffix}")).copied()
+    }
+
+    fn tag(&self, node: NodeId) -> String {
+        let n = self.graph.node(node);
+        match &n.layer {
+            Some(l) => format!("n{}_{l}", node.0),
+            None => format!("n{}_{}", node.0, n.op.name()),
+        }
+    }
+
+    fn forward(&mut self) -> Vec<Launch> {
+        let g = self.graph;
+        let mut out = Vec::new();
+        for n in &g.nodes {
+            let tag = self.tag(n.id);
+            let y = self.act[n.id.index()];
+            let x = n.inputs.first().map(|i| self.act[i.index()]);
+            let in_shape = n.inputs.first().map(|i| g.node(*i).shape.clone()).unwrap_or_default();
+            let launch = match &n.op {
+                Op::Input { .. } | Op::Flatten => continue,
+                Op::Conv(c) => {
+                    let cols = self.saved[&(n.id.0, "cols")];
+                    let k = param_grads::im2col(&format!("{tag}_im2col"), c, &in_shape, &n.shape);
+                    out.push(self.launch(k, vec![x.expect("conv input"), cols]));
+                    let k = kernels::conv_forward_cols(&format!("{tag}_fwd"), &ConvGemm::of(c, &n.shape));
+                    let mut args = vec![cols, self.param(n.id, "weight").expect("weight")];
+                    args.extend(self.param(n.id, "bias"));
+                    args.push(y);
+                    self.launch(k, args)
+                }
+                Op::Linear(lin) => {
+                    let rows = (numel(&n.shape) / lin.out_features as u64) as usize;
+                    let k = kernels::linear_forward(
+                        &format!("{tag}_fwd"),
+                        rows,
+                        lin.in_features,
+                        lin.out_features,
+                        lin.bias,
+                    );
+                    let mut args = vec![x.expect("linear input"), self.param(n.id, "weight").expect("weight")];
+                    args.extend(self.param(n.id, "bias"));
+                    args.push(y);
+                    self.launch(k, args)
+                }
+                Op::Activation(act) => {
+                    let k = kernels::activation_forward(&format!("{tag}_fwd"), *act, numel(&n.shape) as usize);
+                    self.launch(k, vec![x.expect("input"), y])
+                }
+                Op::Pool(p) => {
+                    let geom = pool_geom(p, &in_shape, &n.shape);
+                    let k = kernels::pool_forward(&format!("{tag}_fwd"), &geom);
+                    self.launch(k, vec![x.expect("input"), y])
+                }
+                Op::GlobalAvgPool => {
+                    let positions = (numel(&in_shape) / in_shape[0] as u64) as usize;
+                    let k = kernels::global_avg_pool_forward(&format!("{tag}_fwd"), in_shape[0], positions);
+                    self.launch(k, vec![x.expect("input"), y])
+                }
+                Op::GroupNorm(_) | Op::InstanceNorm(_) | Op::LayerNorm(_) => {
+                    let geom = norm_geom(n).expect("norm op");
+                    let k = kernels::norm_forward(&format!("{tag}_fwd"), &geom);
+                    let mut args = vec![x.expect("input")];
+                    if geom.affine {
+                        args.push(self.param(n.id, "weight").expect("gamma"));
+                        args.push(self.param(n.id, "bias").expect("beta"));
+                    }
+                    args.extend([y, self.saved[&(n.id.0, "xhat")], self.saved[&(n.id.0, "rstd")]]);
+                    self.launch(k, args)
+                }
+                Op::Add => {
+                    let k = kernels::add_forward(&format!("{tag}_fwd"), numel(&n.shape) as usize);
+                    self.launch(k, vec![self.act[n.inputs[0].index()], self.act[n.inputs[1].index()], y])
+                }
+            };
+            out.push(launch);
+        }
+        // The per-example loss and its gradient w.r.t. the network output.
+        let out_node = g.loss.input();
+        let (z, dz, loss, label) =
+            (self.act[out_node.index()], self.grad[out_node.index()], self.extra[&Role::Loss], self.label());
+        let k = match &g.loss {
+            Loss::CrossEntropy { .. } => kernels::cross_entropy("loss_cross_entropy", g.node(out_node).shape[0]),
+            Loss::Mse { .. } => kernels::mse("loss_mse", numel(&g.node(out_node).shape) as usize),
+        };
+        out.push(self.launch(k, vec![z, label, loss, dz]));
+        out
+    }
+
+    /// Input gradients of every node that needs them, output to input.
+    fn backward_inputs(&mut self) -> Vec<Launch> {
+        let g = self.graph;
+        let mut needs = vec![false; g.nodes.len()];
+        for n in &g.nodes {
+            needs[n.id.index()] = g.params_of(n.id).next().is_some() || n.inputs.iter().any(|i| needs[i.index()]);
+        }
+        let mut written: Vec<BufId> = vec![self.grad[g.loss.input().index()]];
+        let mut out = Vec::new();
+        for n in g.nodes.iter().rev() {
+            for (slot, input) in n.inputs.iter().enumerate() {
+                if !needs[input.index()] || matches!(n.op, Op::Flatten) {
+                    continue;
+                }
+                let dx = self.grad[input.index()];
+                let first = !written.contains(&dx);
+                written.push(dx);
+                let tag = format!("{}_bwd{slot}{}", self.tag(n.id), if first { "_first" } else { "" });
+                let dy = self.grad[n.id.index()];
+                let in_shape = g.node(*input).shape.clone();
+                let size = numel(&n.shape) as usize;
+                let launch = match &n.op {
+                    Op::Input { .. } | Op::Flatten => continue,
+                    Op::Conv(c) => {
+                        let dcols = self.saved[&(n.id.0, "dcols")];
+                        let k =
+                            kernels::conv_colgrad(&format!("{}_colgrad", self.tag(n.id)), &ConvGemm::of(c, &n.shape));
+                        out.push(self.launch(k, vec![dy, self.param(n.id, "weight").expect("weight"), dcols]));
+                        let k = kernels::col2im(&tag, c, &in_shape, &n.shape, first);
+                        self.launch(k, vec![dcols, dx])
+                    }
+                    Op::Linear(lin) => {
+                        let rows = size / lin.out_features;
+                        let k = kernels::linear_backward_input(&tag, rows, lin.in_features, lin.out_features, first);
+                        self.launch(k, vec![dy, self.param(n.id, "weight").expect("weight"), dx])
+                    }
+                    Op::Activation(act) => {
+                        let k = kernels::activation_backward(&tag, *act, size, first);
+                        self.launch(k, vec![self.act[input.index()], self.act[n.id.index()], dy, dx])
+                    }
+                    Op::Pool(p) => {
+                        let geom = pool_geom(p, &in_shape, &n.shape);
+                        let k = kernels::pool_backward(&tag, &geom, first);
+                        self.launch(k, vec![self.act[input.index()], self.act[n.id.index()], dy, dx])
+                    }
+                    Op::GlobalAvgPool => {
+                        let positions = (numel(&in_shape) / in_shape[0] as u64) as usize;
+                        let k = kernels::global_avg_pool_backward(&tag, in_shape[0], positions, first);
+                        self.launch(k, vec![dy, dx])
+                    }
+                    Op::GroupNorm(_) | Op::InstanceNorm(_) | Op::LayerNorm(_) => {
+                        let geom = norm_geom(n).expect("norm op");
+                        let k = kernels::norm_backward_input(&tag, &geom, first);
+                        let mut args = vec![dy, self.saved[&(n.id.0, "xhat")], self.saved[&(n.id.0, "rstd")]];
+                        if geom.affine {
+                            args.push(self.param(n.id, "weight").expect("gamma"));
+                        }
+                        args.push(dx);
+                        self.launch(k, args)
+                    }
+                    Op::Add => self.launch(kernels::pass_through(&tag, size, first), vec![dy, dx]),
+                };
+                out.push(launch);
+            }
+        }
+        out
+    }
+
+    fn conv_io(&self, node: NodeId) -> (BufId, BufId, Vec<usize>) {
+        let n = self.graph.node(node);
+        let input = n.inputs[0];
+        (self.act[input.index()], self.grad[node.index()], self.graph.node(input).shape.clone())
+    }
+
+    /// The non-private gradient of every parameter, summed over the batch.
+    fn batch_grads(&mut self) -> Vec<Launch> {
+        let g = self.graph;
+        let mut out = Vec::new();
+        for n in g.nodes.iter().filter(|n| n.layer.is_some()) {
+            let targets: Vec<BufId> = g
+                .params_of(n.id)
+                .map(|p| {
+                    self.extra(
+                        Role::BatchGrad(p.name.clone()),
+                        &format!("batch_grad.{}", p.name),
+                        false,
+                        p.shape.clone(),
+                    )
+                })
+                .collect();
+            let (x, dy, _) = self.conv_io(n.id);
+            let tag = self.tag(n.id);
+            out.push(self.batch_grad_launch(n.id, &tag, x, dy, targets, LaunchMode::Grid));
+        }
+        out
+    }
+
+    /// The batch-gradient kernel of one layer, writing into `targets` (weight, bias).
+    fn batch_grad_launch(
+        &mut self,
+        node: NodeId,
+        tag: &str,
+        x: BufId,
+        dy: BufId,
+        targets: Vec<BufId>,
+        mode: LaunchMode,
+    ) -> Launch {
+        let n = self.graph.node(node);
+        let k = match &n.op {
+            Op::Conv(c) => {
+                let k = param_grads::conv_batch_grad(&format!("{tag}_batch_grad"), &ConvGemm::of(c, &n.shape));
+                let args = vec![self.saved[&(node.0, "cols")], dy].into_iter().chain(targets).collect();
+                return Launch { kernel: self.kernel(k), args, mode };
+            }
+            Op::Linear(lin) => {
+                let rows = (numel(&n.shape) / lin.out_features as u64) as usize;
+                param_grads::linear_batch_grad(
+                    &format!("{tag}_batch_grad"),
+                    rows,
+                    lin.in_features,
+                    lin.out_features,
+                    lin.bias,
+                )
+            }
+            _ => {
+                let geom = norm_geom(n).expect("a norm with parameters");
+                let k = param_grads::norm_batch_grad(&format!("{tag}_batch_grad"), &geom);
+                let args = vec![dy, self.saved[&(node.0, "xhat")]].into_iter().chain(targets).collect();
+                return Launch { kernel: self.kernel(k), args, mode };
+            }
+        };
+        let args = vec![x, dy].into_iter().chain(targets).collect();
+        Launch { kernel: self.kernel(k), args, mode }
+    }
+
+    fn slot(&self, param: &str) -> usize {
+        self.graph.params.iter().position(|p| p.name == param).expect("a parameter of the graph")
+    }
+
+    /// Per-example gradients, norms or the clipped sum, each layer by its planned strategy.
+    fn per_example(&mut self, plan: &Plan, kind: EntryKind) -> Vec<Launch> {
+        let g = self.graph;
+        let slots = g.params.len();
+        let want_norms = kind != EntryKind::PerExampleGrads;
+        // Materialized grads are stored unless only norms are wanted and the kernel can fuse.
+        let sq = self.extra(Role::SqNormParts, "sqnorm", true, vec![slots]);
+        let mut out = Vec::new();
+        let mut ghost_layers = Vec::new();
+        for n in g.nodes.iter().filter(|n| n.layer.is_some()) {
+            let strategy = strategy_of(plan, n.id);
+            let names: Vec<String> = g.params_of(n.id).map(|p| p.name.clone()).collect();
+            let slot = self.slot(&names[0]);
+            let norm = want_norms.then_some((slot, slots));
+            let store = !(kind == EntryKind::PerExampleNorms && matches!(strategy, Strategy::Direct | Strategy::Outer));
+            let pe: Vec<BufId> = if strategy == Strategy::Ghost || !store {
+                Vec::new()
+            } else {
+                g.params_of(n.id)
+                    .map(|p| {
+                        self.extra(
+                            Role::PerExampleGrad(p.name.clone()),
+                            &format!("grad.{}", p.name),
+                            true,
+                            p.shape.clone(),
+                        )
+                    })
+                    .collect()
+            };
+            let (x, dy, in_shape) = self.conv_io(n.id);
+            let tag = format!("{}_{}{}", self.tag(n.id), strategy, if store { "" } else { "_norm_only" });
+            let tag = if want_norms && store { format!("{tag}_norm") } else { tag };
+            let launches =
+                self.layer_strategy(n.id, strategy, &tag, x, dy, &in_shape, &pe, Outputs { store, norm }, sq);
+            out.extend(launches);
+            if strategy == Strategy::Ghost {
+                ghost_layers.push(n.id);
+            }
+        }
+        if !want_norms {
+            return out;
+        }
+        let norms = self.extra(Role::Norms, "norms", true, vec![]);
+        let clip = self.extra(Role::ClipFactors, "clip", true, vec![]);
+        let clip_norm = self.extra(Role::ClipNorm, "clip_norm", false, vec![1]);
+        out.push(self.launch(param_grads::norms_and_clip("norms_and_clip", slots), vec![sq, clip_norm, norms, clip]));
+        if kind != EntryKind::ClippedSum {
+            return out;
+        }
+        for n in g.nodes.iter().filter(|n| n.layer.is_some()) {
+            let tag = self.tag(n.id);
+            let sums: Vec<BufId> = g
+                .params_of(n.id)
+                .map(|p| {
+                    self.extra(
+                        Role::ClippedSum(p.name.clone()),
+                        &format!("clipped_sum.{}", p.name),
+                        false,
+                        p.shape.clone(),
+                    )
+                })
+                .collect();
+            if ghost_layers.contains(&n.id) {
+                // Book-keeping: rescale the stored output gradient, one ordinary GEMM.
+                let (x, dy, _) = self.conv_io(n.id);
+                let shape = n.shape.clone();
+                let dyc = self.extra(
+                    Role::Workspace(format!("dy_clipped{}", n.id.0)),
+                    &format!("dy_clipped{}", n.id.0),
+                    true,
+                    shape.clone(),
+                );
+                let k = param_grads::scale_rows(&format!("{tag}_bookkeep_scale"), numel(&shape) as usize);
+                out.push(self.launch(k, vec![dy, clip, dyc]));
+                out.push(self.batch_grad_launch(n.id, &tag, x, dyc, sums, LaunchMode::Grid));
+            } else {
+                for (p, sum) in g.params_of(n.id).zip(sums) {
+                    let pe = self.extra[&Role::PerExampleGrad(p.name.clone())];
+                    let rows = p.shape[0];
+                    let width = (numel(&p.shape) / rows as u64) as usize;
+                    let k = param_grads::weighted_sum(&format!("weighted_sum_{rows}x{width}"), rows, width);
+                    out.push(self.launch(k, vec![pe, clip, sum]));
+                }
+            }
+        }
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_strategy(
+        &mut self,
+        node: NodeId,
+        strategy: Strategy,
+        tag: &str,
+        x: BufId,
+        dy: BufId,
+        in_shape: &[usize],
+        pe: &[BufId],
+        out: Outputs,
+        sq: BufId,
+    ) -> Vec<Launch> {
+        let g = self.graph;
+        let n = g.node(node);
+        let slots = g.params.len();
+        let sqnorms = |l: &mut Self, names: &[(usize, u64)], bufs: &[BufId]| -> Vec<Launch> {
+            match out.norm {
+                None => Vec::new(),
+                Some(_) => names
+                    .iter()
+                    .zip(bufs)
+                    .map(|((slot, size), buf)| {
+                        let k = param_grads::sqnorm(
+                            &format!("sqnorm_{size}_slot{slot}of{slots}"),
+                            *size as usize,
+                            *slot,
+                            slots,
+                        );
+                        l.launch(k, vec![*buf, sq])
+                    })
+                    .collect(),
+            }
+        };
+        let param_slots: Vec<(usize, u64)> = g.params_of(node).map(|p| (self.slot(&p.name), numel(&p.shape))).collect();
+        let with_sq = |mut args: Vec<BufId>| {
+            if out.norm.is_some() {
+                args.push(sq);
+            }
+            args
+        };
+        match (&n.op, strategy) {
+            (_, Strategy::Naive) => {
+                let mut v = vec![self.batch_grad_launch(node, tag, x, dy, pe.to_vec(), LaunchMode::PerExample)];
+                v.extend(sqnorms(self, &param_slots, pe));
+                v
+            }
+            (Op::Conv(c), Strategy::Direct) => {
+                let k = param_grads::conv_direct(tag, c, in_shape, &n.shape, out);
+                vec![self.launch(k, with_sq([vec![x, dy], pe.to_vec()].concat()))]
+            }
+            (Op::Conv(c), Strategy::Crb) => {
+                let positions = crb_positions(c, in_shape, &n.shape);
+                let mut full_shape = vec![c.out_channels, c.in_channels / c.groups];
+                full_shape.extend(&positions);
+                let full = self.extra(
+                    Role::Workspace(format!("crb{}", node.0)),
+                    &format!("crb_full{}", node.0),
+                    true,
+                    full_shape,
+                );
+                let k1 = param_grads::crb_conv(&format!("{tag}_conv"), c, in_shape, &n.shape, &positions);
+                let k2 = param_grads::crb_truncate(&format!("{tag}_truncate"), c, &positions);
+                let mut v = vec![self.launch(k1, vec![x, dy, full]), self.launch(k2, vec![full, pe[0]])];
+                let positions_out = (numel(&n.shape) / c.out_channels as u64) as usize;
+                if c.bias {
+                    let k = param_grads::bias_per_example(
+                        &format!("{tag}_bias"),
+                        c.out_channels,
+                        positions_out,
+                        Outputs { store: true, norm: None },
+                    );
+                    v.push(self.launch(k, vec![dy, pe[1]]));
+                }
+                v.extend(sqnorms(self, &param_slots, pe));
+                v
+            }
+            (Op::Conv(c), Strategy::Unfold | Strategy::Ghost) => {
+                let positions = (numel(&n.shape) / c.out_channels as u64) as usize;
+                // The forward pass's im2col columns serve here too.
+                let u = self.saved[&(node.0, "cols")];
+                let mut v = Vec::new();
+                let bias_out = Outputs {
+                    store: out.store && strategy == Strategy::Unfold,
+                    norm: out.norm.map(|(s, t)| (s + 1, t)),
+                };
+                if strategy == Strategy::Unfold {
+                    let k = param_grads::unfold_gemm(tag, c, positions, out);
+                    v.push(self.launch(k, with_sq(vec![u, dy, pe[0]])));
+                } else {
+                    let (slot, _) = out.norm.expect("ghost computes norms");
+                    let k = param_grads::ghost_conv(tag, c, positions, slot, slots);
+                    v.push(self.launch(k, vec![u, dy, sq]));
+                }
+                if c.bias && (bias_out.store || bias_out.norm.is_some()) {
+                    let k = param_grads::bias_per_example(&format!("{tag}_bias"), c.out_channels, positions, bias_out);
+                    let mut args = vec![dy];
+                    if bias_out.store {
+                        args.push(pe[1]);
+                    }
+                    if bias_out.norm.is_some() {
+                        args.push(sq);
+                    }
+                    v.push(self.launch(k, args));
+                }
+                v
+            }
+            (Op::Linear(lin), Strategy::Outer | Strategy::Direct) => {
+                let rows = (numel(&n.shape) / lin.out_features as u64) as usize;
+                let k = param_grads::linear_outer(tag, rows, lin.in_features, lin.out_features, lin.bias, out);
+                vec![self.launch(k, with_sq([vec![x, dy], pe.to_vec()].concat()))]
+            }
+            (Op::Linear(lin), Strategy::Ghost) => {
+                let rows = (numel(&n.shape) / lin.out_features as u64) as usize;
+                let (slot, _) = out.norm.expect("ghost computes norms");
+                let k = param_grads::ghost_linear(tag, rows, lin.in_features, lin.out_features, lin.bias, slot, slots);
+                vec![self.launch(k, vec![x, dy, sq])]
+            }
+            (_, _) => {
+                // Norm layers: direct.
+                let geom = norm_geom(n).expect("a norm with parameters");
+                let k = param_grads::norm_per_example(tag, &geom, out);
+                vec![self.launch(k, with_sq([vec![dy, self.saved[&(node.0, "xhat")]], pe.to_vec()].concat()))]
+            }
+        }
+    }
+}
+
+fn pool_geom(p: &crate::graph::Pool, in_shape: &[usize], out_shape: &[usize]) -> PoolGeom {
+    PoolGeom {
+        kind: p.kind,
+        channels: in_shape[0],
+        window: Window {
+            input: in_shape[1..].to_vec(),
+            output: out_shape[1..].to_vec(),
+            kernel: p.kernel.clone(),
+            stride: p.stride.clone(),
+            padding: p.padding.clone(),
+            dilation: vec![1; p.kernel.len()],
+        },
+    }
+}
+
+/// The geometry of a norm node, `None` for other ops.
+fn norm_geom(n: &crate::graph::Node) -> Option<NormGeom> {
+    let shape = &n.shape;
+    let total = numel(shape) as usize;
+    let (norm, rows, cg, per_element) = match &n.op {
+        Op::GroupNorm(norm) => (norm, norm.groups, shape[0] / norm.groups, false),
+        Op::InstanceNorm(norm) => (norm, shape[0], 1, false),
+        Op::LayerNorm(norm) => {
+            let inner: usize = shape[shape.len() - norm.groups..].iter().product();
+            (norm, total / inner, 1, true)
+        }
+        _ => return None,
+    };
+    let s = total / (rows * cg);
+    Some(NormGeom { rows, cg, s, eps: norm.eps as f32, affine: norm.affine, per_element_param: per_element })
+}
+
+/// The positions per spatial axis crb's grouped convolution produces (≥ the kernel).
+pub fn crb_positions(c: &crate::graph::Conv, in_shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
+    (0..c.kernel.len())
+        .map(|a| {
+            let padded = in_shape[a + 1] + 2 * c.padding[a];
+            let span = c.stride[a] * (out_shape[a + 1] - 1) + 1;
+            (padded - span) / c.dilation[a] + 1
+        })
+        .collect()
+}
+
+impl fmt::Display for Program {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "buffers")?;
+        for (i, b) in self.buffers.iter().enumerate() {
+            let dims: Vec<String> = b.shape.iter().map(|d| d.to_string()).collect();
+            let batch = if b.batched { "B, " } else { "" };
+            writeln!(f, "  b{i} {} [{batch}{}] {:?}", b.name, dims.join(", "), b.role)?;
+        }
+        for e in &self.entries {
+            writeln!(f, "entry {:?}", e.kind)?;
+            for l in &e.launches {
+                let args: Vec<String> = l.args.iter().map(|a| self.buffers[a.0 as usize].name.clone()).collect();
+                let mode = if l.mode == LaunchMode::PerExample { " per-example" } else { "" };
+                writeln!(f, "  {}({}){mode}", self.kernels[l.kernel].name, args.join(", "))?;
+            }
+        }
+        for k in &self.kernels {
+            writeln!(f)?;
+            write!(f, "{k}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every program buffer's dims as a kernel would see them unflattened.
+pub fn buffer_dims(b: &BufferDecl) -> Vec<Dim> {
+    if b.batched {
+        batched(&b.shape)
+    } else {
+        fixed(&b.shape)
+    }
+}
+
+/// The goal each entry's plan must have been made for.
+pub fn goal_of(kind: EntryKind) -> Option<Goal> {
+    match kind {
+        EntryKind::PerExampleGrads => Some(Goal::Grads),
+        EntryKind::PerExampleNorms => Some(Goal::Norms),
+        EntryKind::ClippedSum => Some(Goal::ClippedSum),
+        EntryKind::Loss | EntryKind::BatchGrad => None,
+    }
+}

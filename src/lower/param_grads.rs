@@ -1,0 +1,676 @@
+//! Parameter-gradient kernels: the non-private batch gradient, every per-example strategy
+//! (naive reuses the batch kernel one example at a time), ghost norms, and the DP-SGD
+//! tail (norms, clip factors, weighted sums, book-keeping's rescaling).
+//!
+//! A per-example kernel may also write each example's squared norm of the gradient it
+//! computes into `sqnorm[n, slot]` (one slot per parameter tensor): `direct` and `outer`
+//! fuse it into their epilogue; with `store: false` they compute norms without ever
+//! writing the per-example gradient.
+
+use pdgc_codegen::ir::{Binary, Expr, Extent, Kernel, Unary, VarId};
+
+use super::builder::*;
+use super::kernels::{ConvGemm, NormGeom, Window};
+use crate::graph::Conv;
+
+/// Where a per-example kernel puts its results.
+#[derive(Clone, Copy, Debug)]
+pub struct Outputs {
+    /// Write the per-example gradient `[B, ...]`.
+    pub store: bool,
+    /// Write `sqnorm[n, slot]` for the weight (and `slot + 1` for a bias), out of `slots`.
+    pub norm: Option<(usize, usize)>,
+}
+
+fn wshape(c: &Conv) -> Vec<usize> {
+    let mut s = vec![c.out_channels, c.in_channels / c.groups];
+    s.extend(&c.kernel);
+    s
+}
+
+fn spatial(kb: &mut KernelBuilder, n: usize, out: bool) -> Vec<VarId> {
+    match (n, out) {
+        (1, true) => kb.vars(&["ol"]),
+        (1, false) => kb.vars(&["kl"]),
+        (_, true) => kb.vars(&["oh", "ow"]),
+        (_, false) => kb.vars(&["kh", "kw"]),
+    }
+}
+
+fn ix(vars: &[VarId]) -> Vec<pdgc_codegen::ir::Affine> {
+    vars.iter().map(|&x| v(x)).collect()
+}
+
+fn channel(c: &Conv, co: VarId, ci: VarId) -> pdgc_codegen::ir::Affine {
+    if c.groups == 1 {
+        v(ci)
+    } else {
+        v(ci).plus_div(co, (c.in_channels / c.groups) as i64, (c.out_channels / c.groups) as i64)
+    }
+}
+
+/// The non-private conv weight gradient on im2col columns, `dW[co, r] = Σ_n Σ_t dY[n,co,t]
+/// · U[n,g(co),r,t]` (a dot product along unit-stride `t`; grid over `co`). Launched one
+/// example at a time, it is the `naive` strategy; on rescaled output gradients,
+/// book-keeping's clipped sum.
+pub fn conv_batch_grad(name: &str, cg: &ConvGemm) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let u = kb.input("cols", batched(&[cg.groups, cg.d, cg.positions]));
+    let dy = kb.input("dy", batched(&[cg.cout, cg.positions]));
+    let dw = kb.output("dw", fixed(&[cg.cout, cg.d]));
+    let db = cg.bias.then(|| kb.output("db", fixed(&[cg.cout])));
+    let [co, r, n, t] = [kb.var("co"), kb.var("r"), kb.var("n"), kb.var("t")];
+    let a = kb.acc("acc");
+    let mut body = vec![lp(
+        r,
+        cg.d,
+        vec![
+            set(a, lit(0.0)),
+            batch_loop(
+                n,
+                vec![vlp(
+                    t,
+                    cg.positions,
+                    vec![add_to(
+                        a,
+                        Expr::mul(load(dy, vec![v(n), v(co), v(t)]), load(u, vec![v(n), cg.group(co), v(r), v(t)])),
+                    )],
+                )],
+            ),
+            store(dw, vec![v(co), v(r)], acc(a)),
+        ],
+    )];
+    if let Some(db) = db {
+        body.push(set(a, lit(0.0)));
+        body.push(batch_loop(n, vec![vlp(t, cg.positions, vec![add_to(a, load(dy, vec![v(n), v(co), v(t)]))])]));
+        body.push(store(db, vec![v(co)], acc(a)));
+    }
+    kb.finish(co, Extent::Fixed(cg.cout as u32), body)
+}
+
+/// Per-example bias gradient `db[n,co] = Σ_t dY[n,co,t]` (and its squared norm).
+pub fn bias_per_example(name: &str, channels: usize, positions: usize, out: Outputs) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let dy = kb.input("dy", batched(&[channels, positions]));
+    let db = out.store.then(|| kb.output("db", batched(&[channels])));
+    let part = out.norm.map(|(_, slots)| kb.arg("sqnorm", batched(&[slots]), pdgc_codegen::ir::Mode::InOut));
+    let [n, ch, t] = [kb.var("n"), kb.var("c"), kb.var("t")];
+    let [a, sq] = [kb.acc("acc"), kb.acc("sq")];
+    let mut per_c = vec![set(a, lit(0.0)), vlp(t, positions, vec![add_to(a, load(dy, vec![v(n), v(ch), v(t)]))])];
+    if let Some(db) = db {
+        per_c.push(store(db, vec![v(n), v(ch)], acc(a)));
+    }
+    per_c.push(add_to(sq, Expr::mul(acc(a), acc(a))));
+    let mut body = vec![set(sq, lit(0.0)), lp(ch, channels, per_c)];
+    if let (Some(part), Some((slot, _))) = (part, out.norm) {
+        body.push(store(part, vec![v(n), pdgc_codegen::ir::Affine::constant(slot as i64)], acc(sq)));
+    }
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// `direct`: the fused per-example conv weight gradient, no im2col buffer; the weight's
+/// squared norm (and the bias's) accumulated in the epilogue.
+pub fn conv_direct(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], out: Outputs) -> Kernel {
+    let w = Window::of_conv(c, in_shape, out_shape);
+    let mut kb = KernelBuilder::new(name);
+    let x = kb.input("x", batched(in_shape));
+    let dy = kb.input("dy", batched(out_shape));
+    let gw = out.store.then(|| kb.output("gw", batched(&wshape(c))));
+    let gb = (out.store && c.bias).then(|| kb.output("gb", batched(&[c.out_channels])));
+    let part = out.norm.map(|(_, slots)| kb.arg("sqnorm", batched(&[slots]), pdgc_codegen::ir::Mode::InOut));
+    let n = kb.var("n");
+    let co = kb.var("co");
+    let ci = kb.var("ci");
+    let k = spatial(&mut kb, w.spatial(), false);
+    let o = spatial(&mut kb, w.spatial(), true);
+    let [a, sq, bsq] = [kb.acc("acc"), kb.acc("sq"), kb.acc("bias_sq")];
+    let xi = w.input_index(&o, &k);
+    let prod = Expr::mul(
+        load(dy, [vec![v(n), v(co)], ix(&o)].concat()),
+        load(x, [vec![v(n), channel(c, co, ci)], xi.clone()].concat()),
+    );
+    let mut per_w = vec![set(a, lit(0.0))];
+    per_w.extend(nest(&o, &w.output, guarded(w.guards(&xi), vec![add_to(a, prod)])));
+    if let Some(gw) = gw {
+        per_w.push(store(gw, [vec![v(n), v(co), v(ci)], ix(&k)].concat(), acc(a)));
+    }
+    per_w.push(add_to(sq, Expr::mul(acc(a), acc(a))));
+    let mut per_co = nest(&[&[ci][..], &k].concat(), &[&[c.in_channels / c.groups][..], &c.kernel].concat(), per_w);
+    if c.bias {
+        let o2 = spatial(&mut kb, w.spatial(), true);
+        per_co.push(set(a, lit(0.0)));
+        per_co.extend(nest(&o2, &w.output, vec![add_to(a, load(dy, [vec![v(n), v(co)], ix(&o2)].concat()))]));
+        if let Some(gb) = gb {
+            per_co.push(store(gb, vec![v(n), v(co)], acc(a)));
+        }
+        per_co.push(add_to(bsq, Expr::mul(acc(a), acc(a))));
+    }
+    let mut body = vec![set(sq, lit(0.0)), set(bsq, lit(0.0)), lp(co, c.out_channels, per_co)];
+    if let (Some(part), Some((slot, _))) = (part, out.norm) {
+        body.push(store(part, vec![v(n), pdgc_codegen::ir::Affine::constant(slot as i64)], acc(sq)));
+        if c.bias {
+            body.push(store(part, vec![v(n), pdgc_codegen::ir::Affine::constant(slot as i64 + 1)], acc(bsq)));
+        }
+    }
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// crb (Rochette et al. 2019): the weight gradient as a convolution of X by dY with
+/// stride and dilation swapped, computed over every position the grouped convolution
+/// produces (`positions` per axis, ≥ the kernel) into `full`; [`crb_truncate`] keeps the
+/// kernel-sized part.
+pub fn crb_conv(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], positions: &[usize]) -> Kernel {
+    let w = Window::of_conv(c, in_shape, out_shape);
+    let mut kb = KernelBuilder::new(name);
+    let x = kb.input("x", batched(in_shape));
+    let dy = kb.input("dy", batched(out_shape));
+    let mut full_shape = vec![c.out_channels, c.in_channels / c.groups];
+    full_shape.extend(positions);
+    let full = kb.output("full", batched(&full_shape));
+    let n = kb.var("n");
+    let co = kb.var("co");
+    let ci = kb.var("ci");
+    let q = spatial(&mut kb, w.spatial(), false);
+    let o = spatial(&mut kb, w.spatial(), true);
+    let a = kb.acc("acc");
+    // Output position q of the grouped conv reads X at q·dilation + o·stride − padding.
+    let xi = w.input_index(&o, &q);
+    let guards: Vec<_> = (0..w.spatial())
+        .filter(|&ax| w.padding[ax] > 0 || positions[ax] > c.kernel[ax])
+        .map(|ax| (xi[ax].clone(), w.input[ax]))
+        .collect();
+    let prod = Expr::mul(
+        load(dy, [vec![v(n), v(co)], ix(&o)].concat()),
+        load(x, [vec![v(n), channel(c, co, ci)], xi.clone()].concat()),
+    );
+    let mut per_q = vec![set(a, lit(0.0))];
+    per_q.extend(nest(&o, &w.output, guarded(guards, vec![add_to(a, prod)])));
+    per_q.push(store(full, [vec![v(n), v(co), v(ci)], ix(&q)].concat(), acc(a)));
+    let body = nest(
+        &[&[co, ci][..], &q].concat(),
+        &[&[c.out_channels, c.in_channels / c.groups][..], positions].concat(),
+        per_q,
+    );
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// Copies the kernel-sized corner of crb's output into the per-example gradient.
+pub fn crb_truncate(name: &str, c: &Conv, positions: &[usize]) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let mut full_shape = vec![c.out_channels, c.in_channels / c.groups];
+    full_shape.extend(positions);
+    let full = kb.input("full", batched(&full_shape));
+    let gw = kb.output("gw", batched(&wshape(c)));
+    let n = kb.var("n");
+    let vars: Vec<VarId> = (0..2 + c.kernel.len()).map(|i| kb.var(&format!("i{i}"))).collect();
+    let index = [vec![v(n)], ix(&vars)].concat();
+    let body = nest(&vars, &wshape(c), vec![store(gw, index.clone(), load(full, index))]);
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// im2col: `U[n, g, r, t]` with `r` = (ci, k) of one group and `t` the output position;
+/// zero where the window reads padding.
+pub fn im2col(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize]) -> Kernel {
+    let w = Window::of_conv(c, in_shape, out_shape);
+    let cin_g = c.in_channels / c.groups;
+    let kprod: usize = c.kernel.iter().product();
+    let positions: usize = w.output.iter().product();
+    let mut kb = KernelBuilder::new(name);
+    let x = kb.input("x", batched(in_shape));
+    let u = kb.output("u", batched(&[c.groups, cin_g * kprod, positions]));
+    let n = kb.var("n");
+    let g = kb.var("g");
+    let ci = kb.var("ci");
+    let k = spatial(&mut kb, w.spatial(), false);
+    let o = spatial(&mut kb, w.spatial(), true);
+    let xi = w.input_index(&o, &k);
+    // r = ci·Πk + Σ k_a·stride_a ; t = Σ o_a·stride_a
+    let mut r = v(ci);
+    r.terms[0].coef = kprod as i64;
+    let mut t = pdgc_codegen::ir::Affine::default();
+    for a in 0..w.spatial() {
+        let ks: usize = c.kernel[a + 1..].iter().product();
+        let os: usize = w.output[a + 1..].iter().product();
+        r = r.plus(k[a], ks as i64);
+        t = t.plus(o[a], os as i64);
+    }
+    let chan = v(ci).plus(g, cin_g as i64);
+    let value = load(x, [vec![v(n), chan], xi.clone()].concat());
+    let target = vec![v(n), v(g), r, t];
+    // Zero first, then copy where the window lies inside the input (a `select` would
+    // evaluate the load out of bounds).
+    let mut write = vec![store(u, target.clone(), lit(0.0))];
+    write.extend(guarded(w.guards(&xi), vec![store(u, target, value)]));
+    let body = nest(&[&[g, ci][..], &k, &o].concat(), &[&[c.groups, cin_g][..], &c.kernel, &w.output].concat(), write);
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// `unfold`: the batched GEMM `gW[n, co, r] = Σ_t dY[n, co, t] · U[n, g(co), r, t]`.
+pub fn unfold_gemm(name: &str, c: &Conv, positions: usize, out: Outputs) -> Kernel {
+    let cin_g = c.in_channels / c.groups;
+    let d = cin_g * c.kernel.iter().product::<usize>();
+    let mut kb = KernelBuilder::new(name);
+    let u = kb.input("u", batched(&[c.groups, d, positions]));
+    let dy = kb.input("dy", batched(&[c.out_channels, positions]));
+    let gw = kb.output("gw", batched(&[c.out_channels, d]));
+    let part = out.norm.map(|(_, slots)| kb.arg("sqnorm", batched(&[slots]), pdgc_codegen::ir::Mode::InOut));
+    let [n, co, r, t] = [kb.var("n"), kb.var("co"), kb.var("r"), kb.var("t")];
+    let [a, sq] = [kb.acc("acc"), kb.acc("sq")];
+    let group = if c.groups == 1 {
+        pdgc_codegen::ir::Affine::constant(0)
+    } else {
+        pdgc_codegen::ir::Affine::default().plus_div(co, 1, (c.out_channels / c.groups) as i64)
+    };
+    let prod = Expr::mul(load(dy, vec![v(n), v(co), v(t)]), load(u, vec![v(n), group, v(r), v(t)]));
+    let body = vec![
+        set(sq, lit(0.0)),
+        lp(
+            co,
+            c.out_channels,
+            vec![lp(
+                r,
+                d,
+                vec![
+                    set(a, lit(0.0)),
+                    vlp(t, positions, vec![add_to(a, prod)]),
+                    store(gw, vec![v(n), v(co), v(r)], acc(a)),
+                    add_to(sq, Expr::mul(acc(a), acc(a))),
+                ],
+            )],
+        ),
+    ];
+    let mut body = body;
+    if let (Some(part), Some((slot, _))) = (part, out.norm) {
+        body.push(store(part, vec![v(n), pdgc_codegen::ir::Affine::constant(slot as i64)], acc(sq)));
+    }
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// Ghost norm of a conv (Li et al. 2021): `‖dW_n‖² = Σ_g Σ_{t,t'} (U_gᵀU_g)[t,t'] ·
+/// (G_gᵀG_g)[t,t']`, both Gram entries computed in registers (no T×T buffer), plus the
+/// bias's `Σ_co (Σ_t dY)²`.
+pub fn ghost_conv(name: &str, c: &Conv, positions: usize, slot: usize, slots: usize) -> Kernel {
+    let cin_g = c.in_channels / c.groups;
+    let d = cin_g * c.kernel.iter().product::<usize>();
+    let cout_g = c.out_channels / c.groups;
+    let mut kb = KernelBuilder::new(name);
+    let u = kb.input("u", batched(&[c.groups, d, positions]));
+    let dy = kb.input("dy", batched(&[c.out_channels, positions]));
+    let part = kb.arg("sqnorm", batched(&[slots]), pdgc_codegen::ir::Mode::InOut);
+    let [n, g, t, t2, r, co] = [kb.var("n"), kb.var("g"), kb.var("t"), kb.var("t2"), kb.var("r"), kb.var("co")];
+    let [total, gu, gg] = [kb.acc("total"), kb.acc("gram_u"), kb.acc("gram_g")];
+    let dy_at = |tv: VarId| load(dy, vec![v(n), v(co).plus(g, cout_g as i64), v(tv)]);
+    let body = vec![
+        set(total, lit(0.0)),
+        lp(
+            g,
+            c.groups,
+            vec![lp(
+                t,
+                positions,
+                vec![lp(
+                    t2,
+                    positions,
+                    vec![
+                        set(gu, lit(0.0)),
+                        lp(
+                            r,
+                            d,
+                            vec![add_to(
+                                gu,
+                                Expr::mul(
+                                    load(u, vec![v(n), v(g), v(r), v(t)]),
+                                    load(u, vec![v(n), v(g), v(r), v(t2)]),
+                                ),
+                            )],
+                        ),
+                        set(gg, lit(0.0)),
+                        lp(co, cout_g, vec![add_to(gg, Expr::mul(dy_at(t), dy_at(t2)))]),
+                        add_to(total, Expr::mul(acc(gu), acc(gg))),
+                    ],
+                )],
+            )],
+        ),
+        store(
+            part,
+            vec![v(n), pdgc_codegen::ir::Affine::constant(slot as i64)],
+            Expr::bin(Binary::Max, acc(total), lit(0.0)),
+        ),
+    ];
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// The non-private linear gradient `dW[o,i] = Σ_n Σ_t dY[n,t,o]·X[n,t,i]` (grid over `o`).
+pub fn linear_batch_grad(name: &str, rows: usize, inf: usize, outf: usize, bias: bool) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let x = kb.input("x", batched(&[rows, inf]));
+    let dy = kb.input("dy", batched(&[rows, outf]));
+    let dw = kb.output("dw", fixed(&[outf, inf]));
+    let db = bias.then(|| kb.output("db", fixed(&[outf])));
+    let [o, i, n, t] = [kb.var("o"), kb.var("i"), kb.var("n"), kb.var("t")];
+    let [g, a] = [kb.acc("g"), kb.acc("acc")];
+    // dw[o, :] = Σ_{n,t} dY[n,t,o] · X[n,t,:], an axpy per (n, t) along unit-stride i.
+    let mut body = vec![vlp(i, inf, vec![store(dw, vec![v(o), v(i)], lit(0.0))])];
+    body.push(batch_loop(
+        n,
+        vec![lp(
+            t,
+            rows,
+            vec![
+                set(g, load(dy, vec![v(n), v(t), v(o)])),
+                vlp(i, inf, vec![accumulate(dw, vec![v(o), v(i)], Expr::mul(acc(g), load(x, vec![v(n), v(t), v(i)])))]),
+            ],
+        )],
+    ));
+    if let Some(db) = db {
+        let (n2, t2) = (kb.var("n"), kb.var("t"));
+        body.push(set(a, lit(0.0)));
+        body.push(batch_loop(n2, vec![lp(t2, rows, vec![add_to(a, load(dy, vec![v(n2), v(t2), v(o)]))])]));
+        body.push(store(db, vec![v(o)], acc(a)));
+    }
+    kb.finish(o, Extent::Fixed(outf as u32), body)
+}
+
+/// `outer` (Goodfellow 2015): `gW[n,o,i] = Σ_t dY[n,t,o]·X[n,t,i]`, `gb[n,o] = Σ_t dY`,
+/// squared norms fused.
+pub fn linear_outer(name: &str, rows: usize, inf: usize, outf: usize, bias: bool, out: Outputs) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let x = kb.input("x", batched(&[rows, inf]));
+    let dy = kb.input("dy", batched(&[rows, outf]));
+    let gw = out.store.then(|| kb.output("gw", batched(&[outf, inf])));
+    let gb = (out.store && bias).then(|| kb.output("gb", batched(&[outf])));
+    let part = out.norm.map(|(_, slots)| kb.arg("sqnorm", batched(&[slots]), pdgc_codegen::ir::Mode::InOut));
+    let [n, o, i, t] = [kb.var("n"), kb.var("o"), kb.var("i"), kb.var("t")];
+    let [a, sq, bsq] = [kb.acc("acc"), kb.acc("sq"), kb.acc("bias_sq")];
+    let mut per_o = Vec::new();
+    if rows == 1 {
+        // A plain outer product: a map along unit-stride i, the norm from ‖g_o‖·‖a‖.
+        let xsq = kb.acc("x_sq");
+        let gv = load(dy, vec![v(n), c0(), v(o)]);
+        if let Some(gw) = gw {
+            per_o.push(vlp(
+                i,
+                inf,
+                vec![store(gw, vec![v(n), v(o), v(i)], Expr::mul(gv.clone(), load(x, vec![v(n), c0(), v(i)])))],
+            ));
+        }
+        per_o.push(add_to(sq, Expr::mul(gv.clone(), gv.clone())));
+        if let Some(gb) = gb {
+            per_o.push(store(gb, vec![v(n), v(o)], gv.clone()));
+        }
+        let body = vec![
+            set(sq, lit(0.0)),
+            set(xsq, lit(0.0)),
+            vlp(i, inf, vec![add_to(xsq, Expr::mul(load(x, vec![v(n), c0(), v(i)]), load(x, vec![v(n), c0(), v(i)])))]),
+            lp(o, outf, per_o),
+        ];
+        let mut body = body;
+        if let (Some(part), Some((slot, _))) = (part, out.norm) {
+            body.push(store(part, vec![v(n), slot_ix(slot)], Expr::mul(acc(sq), acc(xsq))));
+            if bias {
+                body.push(store(part, vec![v(n), slot_ix(slot + 1)], acc(sq)));
+            }
+        }
+        return kb.finish(n, Extent::Batch, body);
+    }
+    let mut per_oi = vec![set(a, lit(0.0))];
+    per_oi.push(lp(
+        t,
+        rows,
+        vec![add_to(a, Expr::mul(load(dy, vec![v(n), v(t), v(o)]), load(x, vec![v(n), v(t), v(i)])))],
+    ));
+    if let Some(gw) = gw {
+        per_oi.push(store(gw, vec![v(n), v(o), v(i)], acc(a)));
+    }
+    per_oi.push(add_to(sq, Expr::mul(acc(a), acc(a))));
+    per_o.push(lp(i, inf, per_oi));
+    if bias {
+        let t2 = kb.var("t");
+        per_o.push(set(a, lit(0.0)));
+        per_o.push(lp(t2, rows, vec![add_to(a, load(dy, vec![v(n), v(t2), v(o)]))]));
+        if let Some(gb) = gb {
+            per_o.push(store(gb, vec![v(n), v(o)], acc(a)));
+        }
+        per_o.push(add_to(bsq, Expr::mul(acc(a), acc(a))));
+    }
+    let mut body = vec![set(sq, lit(0.0)), set(bsq, lit(0.0)), lp(o, outf, per_o)];
+    if let (Some(part), Some((slot, _))) = (part, out.norm) {
+        body.push(store(part, vec![v(n), slot_ix(slot)], acc(sq)));
+        if bias {
+            body.push(store(part, vec![v(n), slot_ix(slot + 1)], acc(bsq)));
+        }
+    }
+    kb.finish(n, Extent::Batch, body)
+}
+
+fn c0() -> pdgc_codegen::ir::Affine {
+    pdgc_codegen::ir::Affine::constant(0)
+}
+
+fn slot_ix(slot: usize) -> pdgc_codegen::ir::Affine {
+    pdgc_codegen::ir::Affine::constant(slot as i64)
+}
+
+/// Ghost norm of a linear layer: `Σ_{t,t'} (X Xᵀ)[t,t'] (G Gᵀ)[t,t']`; for T = 1 it is
+/// `‖a‖²·‖g‖²`. The bias adds `‖Σ_t g_t‖²`.
+pub fn ghost_linear(name: &str, rows: usize, inf: usize, outf: usize, bias: bool, slot: usize, slots: usize) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let x = kb.input("x", batched(&[rows, inf]));
+    let dy = kb.input("dy", batched(&[rows, outf]));
+    let part = kb.arg("sqnorm", batched(&[slots]), pdgc_codegen::ir::Mode::InOut);
+    let [n, t, t2, i, o] = [kb.var("n"), kb.var("t"), kb.var("t2"), kb.var("i"), kb.var("o")];
+    let [total, gx, gg, b] = [kb.acc("total"), kb.acc("gram_x"), kb.acc("gram_g"), kb.acc("bias")];
+    let mut body = vec![
+        set(total, lit(0.0)),
+        lp(
+            t,
+            rows,
+            vec![lp(
+                t2,
+                rows,
+                vec![
+                    set(gx, lit(0.0)),
+                    vlp(
+                        i,
+                        inf,
+                        vec![add_to(gx, Expr::mul(load(x, vec![v(n), v(t), v(i)]), load(x, vec![v(n), v(t2), v(i)])))],
+                    ),
+                    set(gg, lit(0.0)),
+                    vlp(
+                        o,
+                        outf,
+                        vec![add_to(
+                            gg,
+                            Expr::mul(load(dy, vec![v(n), v(t), v(o)]), load(dy, vec![v(n), v(t2), v(o)])),
+                        )],
+                    ),
+                    add_to(total, Expr::mul(acc(gx), acc(gg))),
+                ],
+            )],
+        ),
+        store(part, vec![v(n), slot_ix(slot)], Expr::bin(Binary::Max, acc(total), lit(0.0))),
+    ];
+    if bias {
+        let (o2, t3) = (kb.var("o"), kb.var("t"));
+        let bsum = kb.acc("bias_sq");
+        body.push(set(bsum, lit(0.0)));
+        body.push(lp(
+            o2,
+            outf,
+            vec![
+                set(b, lit(0.0)),
+                lp(t3, rows, vec![add_to(b, load(dy, vec![v(n), v(t3), v(o2)]))]),
+                add_to(bsum, Expr::mul(acc(b), acc(b))),
+            ],
+        ));
+        body.push(store(part, vec![v(n), slot_ix(slot + 1)], acc(bsum)));
+    }
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// Per-example affine-norm gradients `gγ[n,p] = Σ dY·X̂`, `gβ[n,p] = Σ dY` (direct).
+pub fn norm_per_example(name: &str, g: &NormGeom, out: Outputs) -> Kernel {
+    let dims = batched(&[g.rows, g.cg, g.s]);
+    let mut kb = KernelBuilder::new(name);
+    let dy = kb.input("dy", dims.clone());
+    let xhat = kb.input("xhat", dims);
+    let gg = out.store.then(|| kb.output("ggamma", batched(&[g.param_len()])));
+    let gb = out.store.then(|| kb.output("gbeta", batched(&[g.param_len()])));
+    let part = out.norm.map(|(_, slots)| kb.arg("sqnorm", batched(&[slots]), pdgc_codegen::ir::Mode::InOut));
+    let [n, r, cg, s] = [kb.var("n"), kb.var("r"), kb.var("cg"), kb.var("s")];
+    let [a, b, sqa, sqb] = [kb.acc("dgamma"), kb.acc("dbeta"), kb.acc("sq_gamma"), kb.acc("sq_beta")];
+    let ixs = vec![v(n), v(r), v(cg), v(s)];
+    let dyv = load(dy, ixs.clone());
+    let prod = Expr::mul(dyv.clone(), load(xhat, ixs));
+    let mut body = vec![set(sqa, lit(0.0)), set(sqb, lit(0.0))];
+    let finish = |p: pdgc_codegen::ir::Affine| {
+        let mut s = Vec::new();
+        if let (Some(gg), Some(gb)) = (gg, gb) {
+            s.push(store(gg, vec![v(n), p.clone()], acc(a)));
+            s.push(store(gb, vec![v(n), p], acc(b)));
+        }
+        s.push(add_to(sqa, Expr::mul(acc(a), acc(a))));
+        s.push(add_to(sqb, Expr::mul(acc(b), acc(b))));
+        s
+    };
+    if g.per_element_param {
+        // Layer norm: parameter s, summed over the rows.
+        let mut per_s = vec![set(a, lit(0.0)), set(b, lit(0.0))];
+        per_s.push(lp(r, g.rows, vec![lp(cg, g.cg, vec![add_to(a, prod), add_to(b, dyv)])]));
+        per_s.extend(finish(v(s)));
+        body.push(lp(s, g.s, per_s));
+    } else {
+        let mut per_p = vec![set(a, lit(0.0)), set(b, lit(0.0))];
+        per_p.push(vlp(s, g.s, vec![add_to(a, prod), add_to(b, dyv)]));
+        per_p.extend(finish(v(cg).plus(r, g.cg as i64)));
+        body.push(lp(r, g.rows, vec![lp(cg, g.cg, per_p)]));
+    }
+    if let (Some(part), Some((slot, _))) = (part, out.norm) {
+        body.push(store(part, vec![v(n), slot_ix(slot)], acc(sqa)));
+        body.push(store(part, vec![v(n), slot_ix(slot + 1)], acc(sqb)));
+    }
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// The non-private affine-norm gradients, summed over the batch (grid over rows `r`
+/// for group/instance norm, over `s` for layer norm).
+pub fn norm_batch_grad(name: &str, g: &NormGeom) -> Kernel {
+    let dims = batched(&[g.rows, g.cg, g.s]);
+    let mut kb = KernelBuilder::new(name);
+    let dy = kb.input("dy", dims.clone());
+    let xhat = kb.input("xhat", dims);
+    let gg = kb.output("dgamma", fixed(&[g.param_len()]));
+    let gb = kb.output("dbeta", fixed(&[g.param_len()]));
+    let [n, r, cg, s] = [kb.var("n"), kb.var("r"), kb.var("cg"), kb.var("s")];
+    let [a, b] = [kb.acc("dgamma"), kb.acc("dbeta")];
+    let ixs = vec![v(n), v(r), v(cg), v(s)];
+    let dyv = load(dy, ixs.clone());
+    let prod = Expr::mul(dyv.clone(), load(xhat, ixs));
+    let acc_both = vec![add_to(a, prod), add_to(b, dyv)];
+    let (grid, extent, body) = if g.per_element_param {
+        let body = vec![
+            set(a, lit(0.0)),
+            set(b, lit(0.0)),
+            batch_loop(n, vec![lp(r, g.rows, vec![lp(cg, g.cg, acc_both)])]),
+            store(gg, vec![v(s)], acc(a)),
+            store(gb, vec![v(s)], acc(b)),
+        ];
+        (s, g.s, body)
+    } else {
+        let p = v(cg).plus(r, g.cg as i64);
+        let body = vec![lp(
+            cg,
+            g.cg,
+            vec![
+                set(a, lit(0.0)),
+                set(b, lit(0.0)),
+                batch_loop(n, vec![vlp(s, g.s, acc_both)]),
+                store(gg, vec![p.clone()], acc(a)),
+                store(gb, vec![p], acc(b)),
+            ],
+        )];
+        (r, g.rows, body)
+    };
+    kb.finish(grid, Extent::Fixed(extent as u32), body)
+}
+
+/// `sqnorm[n, slot] = Σ_j g[n, j]²` of a materialized per-example gradient.
+pub fn sqnorm(name: &str, size: usize, slot: usize, slots: usize) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let g = kb.input("g", batched(&[size]));
+    let part = kb.arg("sqnorm", batched(&[slots]), pdgc_codegen::ir::Mode::InOut);
+    let [n, j] = [kb.var("n"), kb.var("j")];
+    let a = kb.acc("sq");
+    let gv = load(g, vec![v(n), v(j)]);
+    let body = vec![
+        set(a, lit(0.0)),
+        vlp(j, size, vec![add_to(a, Expr::mul(gv.clone(), gv))]),
+        store(part, vec![v(n), slot_ix(slot)], acc(a)),
+    ];
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// `norm[n] = sqrt(Σ_slot sqnorm[n, slot])`, then `clip[n] = min(1, C / (norm[n] + 1e-6))`
+/// (Opacus' clip factor) with `C = clip_norm[0]`.
+pub fn norms_and_clip(name: &str, slots: usize) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let part = kb.input("sqnorm", batched(&[slots]));
+    let clip_norm = kb.input("clip_norm", fixed(&[1]));
+    let norms = kb.output("norms", batched(&[]));
+    let clip = kb.output("clip", batched(&[]));
+    let [n, s] = [kb.var("n"), kb.var("s")];
+    let a = kb.acc("sq");
+    let body = vec![
+        set(a, lit(0.0)),
+        lp(s, slots, vec![add_to(a, load(part, vec![v(n), v(s)]))]),
+        set(a, Expr::un(Unary::Sqrt, acc(a))),
+        store(norms, vec![v(n)], acc(a)),
+        store(
+            clip,
+            vec![v(n)],
+            Expr::bin(Binary::Min, lit(1.0), Expr::div(load(clip_norm, vec![c0()]), Expr::add(acc(a), lit(1e-6)))),
+        ),
+    ];
+    kb.finish(n, Extent::Batch, body)
+}
+
+/// `sum[j] = Σ_n clip[n] · g[n, j]`: the clipped sum of materialized gradients, grid over
+/// rows of `width` elements.
+pub fn weighted_sum(name: &str, rows: usize, width: usize) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let g = kb.input("g", batched(&[rows, width]));
+    let clip = kb.input("clip", batched(&[]));
+    let sum = kb.output("sum", fixed(&[rows, width]));
+    let [row, j, n] = [kb.var("row"), kb.var("j"), kb.var("n")];
+    let w = kb.acc("w");
+    let body = vec![
+        vlp(j, width, vec![store(sum, vec![v(row), v(j)], lit(0.0))]),
+        batch_loop(
+            n,
+            vec![
+                set(w, load(clip, vec![v(n)])),
+                vlp(
+                    j,
+                    width,
+                    vec![accumulate(sum, vec![v(row), v(j)], Expr::mul(acc(w), load(g, vec![v(n), v(row), v(j)])))],
+                ),
+            ],
+        ),
+    ];
+    kb.finish(row, Extent::Fixed(rows as u32), body)
+}
+
+/// Book-keeping's rescaling (Bu et al. 2023): `dy_clipped[n, i] = clip[n] · dy[n, i]`.
+pub fn scale_rows(name: &str, size: usize) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let dy = kb.input("dy", batched(&[size]));
+    let clip = kb.input("clip", batched(&[]));
+    let out = kb.output("dy_clipped", batched(&[size]));
+    let [n, i] = [kb.var("n"), kb.var("i")];
+    let w = kb.acc("w");
+    let body = vec![
+        set(w, load(clip, vec![v(n)])),
+        vlp(i, size, vec![store(out, vec![v(n), v(i)], Expr::mul(acc(w), load(dy, vec![v(n), v(i)])))]),
+    ];
+    kb.finish(n, Extent::Batch, body)
+}

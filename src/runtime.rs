@@ -1,0 +1,302 @@
+//! Sessions: a compiled program bound to a device, with its buffers allocated for the
+//! module's maximum batch. A session runs an entry point of the program (loss, batch
+//! gradient, per-example grads, norms, clipped sum) on a batch and returns named tensors.
+//!
+//! The session only moves data in and out of buffers and launches kernels; all arithmetic
+//! happens in the kernels. Backends: the Cranelift CPU JIT, and the kernel-IR interpreter
+//! (slow; the test oracle for the JIT).
+
+use std::sync::Arc;
+
+use pdgc_codegen::cpu::{CompiledKernel, CpuBackend};
+use pdgc_codegen::interp;
+
+use crate::error::{Error, Result};
+use crate::graph::Graph;
+use crate::lower::{BufId, EntryKind, LaunchMode, Program, Role};
+use crate::tensor::{Batch, Labels, Params, Tensor, TensorMap};
+
+/// Where a session runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// CUDA if present, else the CPU.
+    Auto,
+    /// The Cranelift JIT on this machine's cores.
+    Cpu,
+    /// The kernel-IR reference interpreter: exact semantics, slow; for testing.
+    Interpreter,
+}
+
+enum Executor {
+    Cpu(Vec<CompiledKernel>),
+    Interpreter,
+}
+
+/// The results of a clipped-sum step.
+#[derive(Debug, Clone)]
+pub struct ClippedSum {
+    /// `Σ_n min(1, C/‖g_n‖) g_n` per parameter.
+    pub sum: TensorMap,
+    /// `‖g_n‖` over all parameters, `[B]`.
+    pub norms: Vec<f32>,
+    /// The per-example losses, `[B]`.
+    pub loss: Vec<f32>,
+}
+
+pub struct Session {
+    graph: Arc<Graph>,
+    program: Arc<Program>,
+    executor: Executor,
+    buffers: Vec<Vec<f32>>,
+    max_batch: usize,
+    threads: usize,
+    /// Per-kernel cumulative seconds and launches, when profiling is on.
+    profile: Option<Vec<(f64, u64)>>,
+}
+
+impl Session {
+    pub fn new(graph: Arc<Graph>, program: Arc<Program>, max_batch: usize, device: Device) -> Result<Session> {
+        let executor = match device {
+            Device::Interpreter => Executor::Interpreter,
+            Device::Cpu | Device::Auto => {
+                let mut backend = CpuBackend::new().map_err(|e| Error::Backend(e.to_string()))?;
+                Executor::Cpu(backend.compile(&program.kernels).map_err(|e| Error::Backend(e.to_string()))?)
+            }
+        };
+        let buffers = program.buffers.iter().map(|b| vec![0.0f32; b.len(max_batch as u64) as usize]).collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Ok(Session { graph, program, executor, buffers, max_batch, threads, profile: None })
+    }
+
+    /// Sets the number of worker threads (default: all cores).
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
+    }
+
+    /// Starts (or restarts) timing every kernel launch.
+    pub fn enable_profiling(&mut self) {
+        self.profile = Some(vec![(0.0, 0); self.program.kernels.len()]);
+    }
+
+    /// Kernel name, total seconds and launches since profiling started, slowest first.
+    pub fn profile(&self) -> Vec<(String, f64, u64)> {
+        let Some(p) = &self.profile else { return Vec::new() };
+        let mut rows: Vec<(String, f64, u64)> = p
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, n))| *n > 0)
+            .map(|(i, (t, n))| (self.program.kernels[i].name.clone(), *t, *n))
+            .collect();
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        rows
+    }
+
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    fn bind(&mut self, params: &Params, batch: &Batch) -> Result<usize> {
+        let b = batch.size()?;
+        if b > self.max_batch {
+            return Err(Error::BatchTooLarge { batch: b, max: self.max_batch });
+        }
+        for (i, decl) in self.program.buffers.iter().enumerate() {
+            let data: &[f32] = match &decl.role {
+                Role::Param(name) => {
+                    let t = params.get(name).ok_or_else(|| Error::MissingTensor {
+                        file: "params".into(),
+                        name: name.clone(),
+                        hint: String::new(),
+                    })?;
+                    if t.shape != decl.shape {
+                        return Err(Error::Shape {
+                            file: "params".into(),
+                            name: name.clone(),
+                            expected: format!("{:?}", decl.shape),
+                            found: t.shape.clone(),
+                        });
+                    }
+                    &t.data
+                }
+                Role::Input(name) => {
+                    let t = batch.inputs.get(name).ok_or_else(|| Error::MissingTensor {
+                        file: "batch".into(),
+                        name: name.clone(),
+                        hint: " (a model input)".into(),
+                    })?;
+                    if t.shape[1..] != decl.shape[..] {
+                        return Err(Error::Shape {
+                            file: "batch".into(),
+                            name: name.clone(),
+                            expected: format!("[B, {:?}]", decl.shape),
+                            found: t.shape.clone(),
+                        });
+                    }
+                    &t.data
+                }
+                Role::Label => match &batch.labels {
+                    Labels::Classes(v) => {
+                        let buf = &mut self.buffers[i];
+                        for (dst, &c) in buf.iter_mut().zip(v) {
+                            *dst = c as f32;
+                        }
+                        continue;
+                    }
+                    Labels::Target(t) => &t.data,
+                },
+                _ => continue,
+            };
+            self.buffers[i][..data.len()].copy_from_slice(data);
+        }
+        Ok(b)
+    }
+
+    fn set_clip_norm(&mut self, clip: f32) {
+        if let Some(id) = self.program.find(&Role::ClipNorm) {
+            self.buffers[id.0 as usize][0] = clip;
+        }
+    }
+
+    /// Runs one entry point on the bound buffers.
+    fn run(&mut self, kind: EntryKind, batch: usize) -> Result<()> {
+        let program = Arc::clone(&self.program);
+        let entry = program.entry(kind);
+        for launch in &entry.launches {
+            let mut seen = launch.args.clone();
+            seen.sort();
+            seen.dedup();
+            if seen.len() != launch.args.len() {
+                return Err(Error::Internal(format!(
+                    "kernel {} binds one buffer twice",
+                    program.kernels[launch.kernel].name
+                )));
+            }
+            match launch.mode {
+                LaunchMode::Grid => self.launch(&program, launch.kernel, &launch.args, batch as u64, None)?,
+                LaunchMode::PerExample => {
+                    for n in 0..batch {
+                        self.launch(&program, launch.kernel, &launch.args, 1, Some(n))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Launches one kernel. With `example = Some(n)`, batched buffers are narrowed to
+    /// example `n` and the kernel sees a batch of one.
+    fn launch(
+        &mut self,
+        program: &Program,
+        kernel: usize,
+        args: &[BufId],
+        batch: u64,
+        example: Option<usize>,
+    ) -> Result<()> {
+        let started = self.profile.is_some().then(std::time::Instant::now);
+        let mut taken: Vec<Vec<f32>> = args.iter().map(|b| std::mem::take(&mut self.buffers[b.0 as usize])).collect();
+        let result = {
+            let mut slices: Vec<&mut [f32]> = taken
+                .iter_mut()
+                .zip(args)
+                .map(|(buf, id)| {
+                    let decl = program.buffer(*id);
+                    match (example, decl.batched) {
+                        (Some(n), true) => {
+                            let per = decl.per_example_len() as usize;
+                            &mut buf[n * per..(n + 1) * per]
+                        }
+                        _ => &mut buf[..decl.len(batch) as usize],
+                    }
+                })
+                .collect();
+            match &self.executor {
+                Executor::Cpu(kernels) => kernels[kernel]
+                    .run_parallel(&mut slices, batch, self.threads)
+                    .map_err(|e| Error::Backend(e.to_string())),
+                Executor::Interpreter => {
+                    interp::run(&program.kernels[kernel], &mut slices, batch).map_err(|e| Error::Backend(e.to_string()))
+                }
+            }
+        };
+        for (id, buf) in args.iter().zip(taken) {
+            self.buffers[id.0 as usize] = buf;
+        }
+        if let (Some(p), Some(t)) = (&mut self.profile, started) {
+            p[kernel].0 += t.elapsed().as_secs_f64();
+            p[kernel].1 += 1;
+        }
+        result
+    }
+
+    fn read(&self, role: &Role, batch: usize) -> Result<Tensor> {
+        let id = self.program.find(role).ok_or_else(|| Error::Internal(format!("no buffer for {role:?}")))?;
+        let decl = self.program.buffer(id);
+        let mut shape = decl.shape.clone();
+        if decl.batched {
+            shape.insert(0, batch);
+        }
+        let len = decl.len(batch as u64) as usize;
+        Ok(Tensor::new(shape, self.buffers[id.0 as usize][..len].to_vec()))
+    }
+
+    fn per_param(&self, batch: usize, role: impl Fn(String) -> Role) -> Result<TensorMap> {
+        self.graph.params.iter().map(|p| Ok((p.name.clone(), self.read(&role(p.name.clone()), batch)?))).collect()
+    }
+
+    /// The per-example losses `[B]`.
+    pub fn loss(&mut self, params: &Params, batch: &Batch) -> Result<Vec<f32>> {
+        let b = self.bind(params, batch)?;
+        self.run(EntryKind::Loss, b)?;
+        Ok(self.read(&Role::Loss, b)?.data)
+    }
+
+    /// The network's output (logits or prediction) `[B, ...]`.
+    pub fn forward(&mut self, params: &Params, batch: &Batch) -> Result<Tensor> {
+        let b = self.bind(params, batch)?;
+        self.run(EntryKind::Loss, b)?;
+        let out = self.graph.loss.input();
+        let role = match &self.graph.node(out).op {
+            crate::graph::Op::Input { name } => Role::Input(name.clone()),
+            _ => Role::Activation(out.0),
+        };
+        self.read(&role, b)
+    }
+
+    /// The ordinary (non-private) gradient of Σ_n loss_n.
+    pub fn batch_grad(&mut self, params: &Params, batch: &Batch) -> Result<TensorMap> {
+        let b = self.bind(params, batch)?;
+        self.run(EntryKind::BatchGrad, b)?;
+        self.per_param(b, Role::BatchGrad)
+    }
+
+    /// The gradient of each example's own loss, `NAME -> [B, ...]`.
+    pub fn per_example_grads(&mut self, params: &Params, batch: &Batch) -> Result<TensorMap> {
+        let b = self.bind(params, batch)?;
+        self.run(EntryKind::PerExampleGrads, b)?;
+        self.per_param(b, Role::PerExampleGrad)
+    }
+
+    /// `‖g_n‖` over all parameters, `[B]`.
+    pub fn per_example_norms(&mut self, params: &Params, batch: &Batch) -> Result<Vec<f32>> {
+        let b = self.bind(params, batch)?;
+        self.set_clip_norm(1.0);
+        self.run(EntryKind::PerExampleNorms, b)?;
+        Ok(self.read(&Role::Norms, b)?.data)
+    }
+
+    /// `Σ_n min(1, C/(‖g_n‖ + 1e-6)) g_n`, with the norms and losses it saw.
+    pub fn clipped_grad_sum(&mut self, params: &Params, batch: &Batch, clip: f32) -> Result<ClippedSum> {
+        if !(clip > 0.0 && clip.is_finite()) {
+            return Err(Error::BadClipNorm(clip));
+        }
+        let b = self.bind(params, batch)?;
+        self.set_clip_norm(clip);
+        self.run(EntryKind::ClippedSum, b)?;
+        Ok(ClippedSum {
+            sum: self.per_param(b, Role::ClippedSum)?,
+            norms: self.read(&Role::Norms, b)?.data,
+            loss: self.read(&Role::Loss, b)?.data,
+        })
+    }
+}

@@ -1,0 +1,272 @@
+//! Numbers: for every small sample and every strategy, pdgc's per-example gradients equal
+//! the f64 reference evaluator, sum to the batch gradient, give the reference's norms and
+//! clipped sums; the JIT equals the kernel-IR interpreter; and everything matches the
+//! vectors PyTorch wrote (tests/data). Written once, run per backend.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use pdgc::ops::Strategy;
+use pdgc::reference;
+use pdgc::{Batch, CompileOptions, Device, Labels, Module, Params, TensorMap};
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).expect("test input exists")
+}
+
+fn module(rel: &str, batch: usize, overrides: Vec<(String, Strategy)>) -> Module {
+    let mut opts = CompileOptions::new(batch);
+    opts.overrides = overrides;
+    Module::from_source(rel, &read(rel), &opts).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+fn to_reference(params: &Params, batch: &Batch) -> (reference::Params, reference::Batch) {
+    let p = params.tensors.iter().map(|(k, t)| (k.clone(), t.data.iter().map(|&x| x as f64).collect())).collect();
+    let size = batch.size().expect("valid batch");
+    let b = reference::Batch {
+        inputs: batch.inputs.iter().map(|(k, t)| (k.clone(), t.data.iter().map(|&x| x as f64).collect())).collect(),
+        labels: match &batch.labels {
+            Labels::Classes(v) => reference::Labels::Classes(v.iter().map(|&x| x as usize).collect()),
+            Labels::Target(t) => reference::Labels::Target(t.data.iter().map(|&x| x as f64).collect()),
+        },
+        size,
+    };
+    (p, b)
+}
+
+/// max |ours − expected| / max(max |expected|, floor): a tensor-scaled relative error.
+fn rel_err(ours: &[f32], expected: &[f64]) -> f64 {
+    assert_eq!(ours.len(), expected.len());
+    let scale = expected.iter().fold(0f64, |a, b| a.max(b.abs())).max(1e-8);
+    ours.iter().zip(expected).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max) / scale
+}
+
+fn check_grads(what: &str, ours: &TensorMap, expected: &BTreeMap<String, Vec<f64>>, tol: f64) {
+    for (name, e) in expected {
+        let o = ours.get(name).unwrap_or_else(|| panic!("{what}: no {name}"));
+        let err = rel_err(&o.data, e);
+        assert!(err < tol, "{what}: {name} differs by {err:.2e} (relative to its largest entry)");
+    }
+}
+
+/// The strategies to force, one configuration each (`None`: the cost model's choice).
+fn configs(m: &Module) -> Vec<Option<Strategy>> {
+    let mut out = vec![None];
+    for s in [Strategy::Naive, Strategy::Crb, Strategy::Unfold, Strategy::Direct, Strategy::Outer, Strategy::Ghost] {
+        if m.plans[2].layers.iter().any(|l| l.costs.iter().any(|c| c.strategy == s)) {
+            out.push(Some(s));
+        }
+    }
+    out
+}
+
+fn forced(m: &Module, s: Strategy) -> Vec<(String, Strategy)> {
+    m.plans[2].layers.iter().filter(|l| l.costs.iter().any(|c| c.strategy == s)).map(|l| (l.layer.clone(), s)).collect()
+}
+
+/// Every entry point against the reference, for one model, strategy configuration and
+/// device.
+fn check_model(rel: &str, batch_size: usize, device: Device, only_auto: bool) {
+    let base = module(rel, batch_size, vec![]);
+    let params = base.init_params(3);
+    let batch = Batch::random(&base.graph, batch_size, 11);
+    let (rp, rb) = to_reference(&params, &batch);
+    let expected = reference::evaluate(&base.graph, &rp, &rb).expect("reference runs");
+    let b = batch_size;
+    let ref_norms: Vec<f64> = (0..b)
+        .map(|n| {
+            expected
+                .grads
+                .values()
+                .map(|g| {
+                    let per = g.len() / b;
+                    g[n * per..(n + 1) * per].iter().map(|x| x * x).sum::<f64>()
+                })
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect();
+    let clip = (ref_norms.iter().sum::<f64>() / b as f64) as f32; // clips about half of them
+    let ref_sum: BTreeMap<String, Vec<f64>> = expected
+        .grads
+        .iter()
+        .map(|(k, g)| {
+            let per = g.len() / b;
+            let sum = (0..per)
+                .map(|j| (0..b).map(|n| g[n * per + j] * (clip as f64 / (ref_norms[n] + 1e-6)).min(1.0)).sum())
+                .collect();
+            (k.clone(), sum)
+        })
+        .collect();
+    let configs = if only_auto { vec![None] } else { configs(&base) };
+    for config in configs {
+        let what = format!("{rel} {:?} {}", device, config.map_or("auto".into(), |s: Strategy| s.to_string()));
+        let m = match config {
+            None => base.clone(),
+            Some(s) => module(rel, batch_size, forced(&base, s)),
+        };
+        let mut s = m.session(device).expect("session");
+        let loss = s.loss(&params, &batch).expect("loss");
+        assert!(rel_err(&loss, &expected.loss) < 1e-5, "{what}: loss");
+        let pe = s.per_example_grads(&params, &batch).expect("per-example grads");
+        check_grads(&format!("{what} grads"), &pe, &expected.grads, 2e-5);
+        // Σ_n of the per-example grads is the batch gradient.
+        let bg = s.batch_grad(&params, &batch).expect("batch grad");
+        for (name, g) in &pe {
+            let per = g.data.len() / b;
+            let summed: Vec<f64> = (0..per).map(|j| (0..b).map(|n| g.data[n * per + j] as f64).sum()).collect();
+            assert!(rel_err(&bg[name].data, &summed) < 1e-5, "{what}: Σ_n {name} ≠ batch gradient");
+        }
+        let norms = s.per_example_norms(&params, &batch).expect("norms");
+        assert!(rel_err(&norms, &ref_norms) < 2e-5, "{what}: norms {norms:?} vs {ref_norms:?}");
+        let cs = s.clipped_grad_sum(&params, &batch, clip).expect("clipped sum");
+        check_grads(&format!("{what} clipped sum"), &cs.sum, &ref_sum, 5e-5);
+    }
+}
+
+#[test]
+fn mnist_cnn_every_strategy_matches_the_reference() {
+    check_model("samples/mnist_cnn.pdg", 3, Device::Cpu, false);
+}
+
+#[test]
+fn cifar_cnn_every_strategy_matches_the_reference() {
+    check_model("samples/cifar_cnn.pdg", 2, Device::Cpu, false);
+}
+
+#[test]
+fn conv1d_net_every_strategy_matches_the_reference() {
+    check_model("samples/conv1d_net.pdg", 3, Device::Cpu, false);
+}
+
+#[test]
+fn depthwise_separable_every_strategy_matches_the_reference() {
+    check_model("samples/depthwise_separable.pdg", 2, Device::Cpu, false);
+}
+
+#[test]
+fn regression_mlp_ln_every_strategy_matches_the_reference() {
+    check_model("samples/regression_mlp_ln.pdg", 3, Device::Cpu, false);
+}
+
+#[test]
+fn toy_grid_matches_the_reference() {
+    for rel in ["samples/toy_l2_r4_k3.pdg", "samples/toy_l3_r2_k5.pdg", "samples/toy_l4_r2_k3.pdg"] {
+        check_model(rel, 2, Device::Cpu, true);
+    }
+}
+
+#[test]
+fn test_models_every_strategy_matches_the_reference() {
+    for rel in ["tests/data/models/gn_residual_block.pdg", "tests/data/models/conv_geometry.pdg"] {
+        check_model(rel, 2, Device::Cpu, false);
+    }
+}
+
+#[test]
+fn the_interpreter_agrees_with_the_reference() {
+    check_model("samples/mnist_cnn.pdg", 2, Device::Interpreter, false);
+    check_model("tests/data/models/conv_geometry.pdg", 2, Device::Interpreter, true);
+}
+
+#[test]
+fn per_example_grads_match_central_finite_differences() {
+    // f64 finite differences of each example's own loss, on a few entries per tensor.
+    let rel = "tests/data/models/gn_residual_block.pdg";
+    let m = module(rel, 2, vec![]);
+    let params = m.init_params(5);
+    let batch = Batch::random(&m.graph, 2, 9);
+    let (rp, rb) = to_reference(&params, &batch);
+    let ours = m.session(Device::Cpu).expect("session").per_example_grads(&params, &batch).expect("grads");
+    for p in &m.graph.params {
+        let per = ours[&p.name].data.len() / 2;
+        for index in [0, per / 3, per - 1] {
+            let fd = reference::finite_difference(&m.graph, &rp, &rb, &p.name, index, 1e-5).expect("fd");
+            for n in 0..2 {
+                let got = ours[&p.name].data[n * per + index] as f64;
+                assert!(
+                    (got - fd[n]).abs() <= 1e-3 * fd[n].abs().max(1e-2),
+                    "{}[{index}] example {n}: {got} vs fd {}",
+                    p.name,
+                    fd[n]
+                );
+            }
+        }
+    }
+}
+
+/// f64 tensors of a safetensors file written by `tests/data/make_vectors.py`.
+fn torch_vectors(rel: &str) -> (BTreeMap<String, (Vec<usize>, Vec<f64>)>, String) {
+    let bytes = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).expect("vectors exist");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("metadata");
+    let model = meta.metadata().as_ref().and_then(|m| m.get("model").cloned()).expect("model path in metadata");
+    let mut out = BTreeMap::new();
+    for (name, t) in st.tensors() {
+        let data: Vec<f64> = match t.dtype() {
+            safetensors::Dtype::F64 => {
+                t.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8"))).collect()
+            }
+            safetensors::Dtype::I64 => {
+                t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8")) as f64).collect()
+            }
+            safetensors::Dtype::F32 => {
+                t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4")) as f64).collect()
+            }
+            other => panic!("{rel}: unexpected dtype {other:?} for {name}"),
+        };
+        out.insert(name.to_string(), (t.shape().to_vec(), data));
+    }
+    (out, model)
+}
+
+#[test]
+fn per_example_grads_match_pytorch_vectors() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .expect("tests/data")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 6, "PyTorch vectors missing: {files:?}");
+    for file in files {
+        let (v, model_path) = torch_vectors(&format!("tests/data/{file}"));
+        let rel = model_path.trim_start_matches("./");
+        let b = v["loss"].0[0];
+        let m = module(rel, b, vec![]);
+        let to_t = |name: &str| {
+            let (shape, data) = &v[name];
+            pdgc::Tensor::new(shape.clone(), data.iter().map(|&x| x as f32).collect())
+        };
+        let params = Params { tensors: m.graph.params.iter().map(|p| (p.name.clone(), to_t(&p.name))).collect() };
+        let inputs = m
+            .graph
+            .inputs()
+            .map(|n| match &n.op {
+                pdgc::graph::Op::Input { name } => (name.clone(), to_t(name)),
+                _ => unreachable!(),
+            })
+            .collect();
+        let label = m.graph.label.name().to_string();
+        let labels = match &m.graph.label {
+            pdgc::graph::LabelSpec::Classes { .. } => Labels::Classes(v[&label].1.iter().map(|&x| x as i64).collect()),
+            pdgc::graph::LabelSpec::Target { .. } => Labels::Target(to_t(&label)),
+        };
+        let batch = Batch { inputs, labels };
+        for config in configs(&m) {
+            let mm = match config {
+                None => m.clone(),
+                Some(s) => module(rel, b, forced(&m, s)),
+            };
+            let mut s = mm.session(Device::Cpu).expect("session");
+            let loss = s.loss(&params, &batch).expect("loss");
+            assert!(rel_err(&loss, &v["loss"].1) < 1e-4, "{file}: loss");
+            let pe = s.per_example_grads(&params, &batch).expect("grads");
+            let expected: BTreeMap<String, Vec<f64>> =
+                m.graph.params.iter().map(|p| (p.name.clone(), v[&format!("grad.{}", p.name)].1.clone())).collect();
+            check_grads(&format!("{file} vs PyTorch ({config:?})"), &pe, &expected, 1e-4);
+        }
+    }
+}
