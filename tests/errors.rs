@@ -49,7 +49,8 @@ fn modules_round_trip_and_damage_is_detected() {
 
 #[test]
 fn source_errors_come_back_rendered() {
-    let err = Module::from_source("bad.pdg", "model m { input x: [3]; }", &CompileOptions::new(2)).expect_err("no loss");
+    let err =
+        Module::from_source("bad.pdg", "model m { input x: [3]; }", &CompileOptions::new(2)).expect_err("no loss");
     let text = err.to_string();
     assert!(text.contains("bad.pdg") && text.contains("has no loss"), "{text}");
 }

@@ -460,12 +460,12 @@ impl<'g> Lowering<'g> {
                 .collect();
             let (x, dy, _) = self.conv_io(n.id);
             let tag = self.tag(n.id);
-            out.push(self.batch_grad_launch(n.id, &tag, x, dy, targets, LaunchMode::Grid));
+            out.extend(self.batch_grad_launch(n.id, &tag, x, dy, targets, LaunchMode::Grid));
         }
         out
     }
 
-    /// The batch-gradient kernel of one layer, writing into `targets` (weight, bias).
+    /// The batch-gradient kernels of one layer, writing into `targets` (weight, bias).
     fn batch_grad_launch(
         &mut self,
         node: NodeId,
@@ -474,13 +474,22 @@ impl<'g> Lowering<'g> {
         dy: BufId,
         targets: Vec<BufId>,
         mode: LaunchMode,
-    ) -> Launch {
+    ) -> Vec<Launch> {
         let n = self.graph.node(node);
         let k = match &n.op {
             Op::Conv(c) => {
-                let k = param_grads::conv_batch_grad(&format!("{tag}_batch_grad"), &ConvGemm::of(c, &n.shape));
-                let args = vec![self.saved[&(node.0, "cols")], dy].into_iter().chain(targets).collect();
-                return Launch { kernel: self.kernel(k), args, mode };
+                let cg = ConvGemm::of(c, &n.shape);
+                let k = param_grads::conv_batch_grad(&format!("{tag}_batch_grad"), &cg);
+                let mut out = vec![Launch {
+                    kernel: self.kernel(k),
+                    args: vec![self.saved[&(node.0, "cols")], dy, targets[0]],
+                    mode,
+                }];
+                if c.bias {
+                    let k = param_grads::conv_bias_batch_grad(&format!("{tag}_bias_batch_grad"), cg.cout, cg.positions);
+                    out.push(Launch { kernel: self.kernel(k), args: vec![dy, targets[1]], mode });
+                }
+                return out;
             }
             Op::Linear(lin) => {
                 let rows = (numel(&n.shape) / lin.out_features as u64) as usize;
@@ -496,11 +505,11 @@ impl<'g> Lowering<'g> {
                 let geom = norm_geom(n).expect("a norm with parameters");
                 let k = param_grads::norm_batch_grad(&format!("{tag}_batch_grad"), &geom);
                 let args = vec![dy, self.saved[&(node.0, "xhat")]].into_iter().chain(targets).collect();
-                return Launch { kernel: self.kernel(k), args, mode };
+                return vec![Launch { kernel: self.kernel(k), args, mode }];
             }
         };
         let args = vec![x, dy].into_iter().chain(targets).collect();
-        Launch { kernel: self.kernel(k), args, mode }
+        vec![Launch { kernel: self.kernel(k), args, mode }]
     }
 
     fn slot(&self, param: &str) -> usize {
@@ -581,7 +590,7 @@ impl<'g> Lowering<'g> {
                 );
                 let k = param_grads::scale_rows(&format!("{tag}_bookkeep_scale"), numel(&shape) as usize);
                 out.push(self.launch(k, vec![dy, clip, dyc]));
-                out.push(self.batch_grad_launch(n.id, &tag, x, dyc, sums, LaunchMode::Grid));
+                out.extend(self.batch_grad_launch(n.id, &tag, x, dyc, sums, LaunchMode::Grid));
             } else {
                 for (p, sum) in g.params_of(n.id).zip(sums) {
                     let pe = self.extra[&Role::PerExampleGrad(p.name.clone())];
@@ -638,7 +647,7 @@ impl<'g> Lowering<'g> {
         };
         match (&n.op, strategy) {
             (_, Strategy::Naive) => {
-                let mut v = vec![self.batch_grad_launch(node, tag, x, dy, pe.to_vec(), LaunchMode::PerExample)];
+                let mut v = self.batch_grad_launch(node, tag, x, dy, pe.to_vec(), LaunchMode::PerExample);
                 v.extend(sqnorms(self, &param_slots, pe));
                 v
             }

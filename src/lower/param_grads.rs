@@ -50,42 +50,55 @@ fn channel(c: &Conv, co: VarId, ci: VarId) -> pdgc_codegen::ir::Affine {
 }
 
 /// The non-private conv weight gradient on im2col columns, `dW[co, r] = Σ_n Σ_t dY[n,co,t]
-/// · U[n,g(co),r,t]` (a dot product along unit-stride `t`; grid over `co`). Launched one
-/// example at a time, it is the `naive` strategy; on rescaled output gradients,
+/// · U[n,g(co),r,t]`: a dot product along unit-stride `t`. The grid runs over the column
+/// rows `r`, so one row of `U` stays in L1 while every output channel reads it. Launched
+/// one example at a time, it is the `naive` strategy; on rescaled output gradients,
 /// book-keeping's clipped sum.
 pub fn conv_batch_grad(name: &str, cg: &ConvGemm) -> Kernel {
     let mut kb = KernelBuilder::new(name);
     let u = kb.input("cols", batched(&[cg.groups, cg.d, cg.positions]));
     let dy = kb.input("dy", batched(&[cg.cout, cg.positions]));
     let dw = kb.output("dw", fixed(&[cg.cout, cg.d]));
-    let db = cg.bias.then(|| kb.output("db", fixed(&[cg.cout])));
-    let [co, r, n, t] = [kb.var("co"), kb.var("r"), kb.var("n"), kb.var("t")];
+    let [r, co, n, t] = [kb.var("r"), kb.var("co"), kb.var("n"), kb.var("t")];
     let a = kb.acc("acc");
-    let mut body = vec![lp(
-        r,
-        cg.d,
-        vec![
-            set(a, lit(0.0)),
-            batch_loop(
-                n,
-                vec![vlp(
-                    t,
-                    cg.positions,
-                    vec![add_to(
-                        a,
-                        Expr::mul(load(dy, vec![v(n), v(co), v(t)]), load(u, vec![v(n), cg.group(co), v(r), v(t)])),
-                    )],
-                )],
-            ),
-            store(dw, vec![v(co), v(r)], acc(a)),
-        ],
-    )];
-    if let Some(db) = db {
-        body.push(set(a, lit(0.0)));
-        body.push(batch_loop(n, vec![vlp(t, cg.positions, vec![add_to(a, load(dy, vec![v(n), v(co), v(t)]))])]));
-        body.push(store(db, vec![v(co)], acc(a)));
-    }
-    kb.finish(co, Extent::Fixed(cg.cout as u32), body)
+    let body = vec![
+        lp(co, cg.cout, vec![store(dw, vec![v(co), v(r)], lit(0.0))]),
+        batch_loop(
+            n,
+            vec![lp(
+                co,
+                cg.cout,
+                vec![
+                    set(a, lit(0.0)),
+                    vlp(
+                        t,
+                        cg.positions,
+                        vec![add_to(
+                            a,
+                            Expr::mul(load(dy, vec![v(n), v(co), v(t)]), load(u, vec![v(n), cg.group(co), v(r), v(t)])),
+                        )],
+                    ),
+                    accumulate(dw, vec![v(co), v(r)], acc(a)),
+                ],
+            )],
+        ),
+    ];
+    kb.finish(r, Extent::Fixed(cg.d as u32), body)
+}
+
+/// The non-private conv bias gradient `db[co] = Σ_n Σ_t dY[n,co,t]` (grid over `co`).
+pub fn conv_bias_batch_grad(name: &str, channels: usize, positions: usize) -> Kernel {
+    let mut kb = KernelBuilder::new(name);
+    let dy = kb.input("dy", batched(&[channels, positions]));
+    let db = kb.output("db", fixed(&[channels]));
+    let [co, n, t] = [kb.var("co"), kb.var("n"), kb.var("t")];
+    let a = kb.acc("acc");
+    let body = vec![
+        set(a, lit(0.0)),
+        batch_loop(n, vec![vlp(t, positions, vec![add_to(a, load(dy, vec![v(n), v(co), v(t)]))])]),
+        store(db, vec![v(co)], acc(a)),
+    ];
+    kb.finish(co, Extent::Fixed(channels as u32), body)
 }
 
 /// Per-example bias gradient `db[n,co] = Σ_t dY[n,co,t]` (and its squared norm).
