@@ -9,17 +9,7 @@ use serde::Serialize;
 
 use crate::ops::Strategy;
 use crate::plan::{LayerPlan, Plan};
-use crate::report::si;
-
-fn secs(s: f64) -> String {
-    if s >= 1.0 {
-        format!("{s:.2} s")
-    } else if s >= 1e-3 {
-        format!("{:.2} ms", s * 1e3)
-    } else {
-        format!("{:.1} µs", s * 1e6)
-    }
-}
+use crate::report::{secs, si};
 
 /// The text table.
 pub fn render_text(plan: &Plan) -> String {

@@ -69,6 +69,17 @@ pub fn thousands(v: u64) -> String {
     out
 }
 
+/// Seconds in the unit that reads best: `1.20 s`, `3.40 ms`, `56.0 µs`.
+pub fn secs(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.2} s")
+    } else if s >= 1e-3 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{:.1} µs", s * 1e6)
+    }
+}
+
 /// FLOPs with an SI suffix: 1.23 GFLOP.
 pub fn si(v: u64) -> String {
     let (scale, unit) = match v {

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::graph::{numel, Graph, NodeId};
 use crate::ops::Strategy;
-use crate::report::si;
+use crate::report::{secs, si};
 use cost::{nonprivate_cost, shared_node_seconds, strategy_cost, Cost, LayerDims};
 pub use cost::{Goal, LayerKind};
 pub use device::DeviceProfile;
@@ -309,16 +309,6 @@ fn explain_choice(l: &LayerPlan) -> String {
         format!("lower efficiency ({:.0}% vs {:.0}% of peak)", other.efficiency * 100.0, chosen.efficiency * 100.0)
     };
     format!("{} is {slower:.1}x slower: {reason}", other.strategy)
-}
-
-fn secs(s: f64) -> String {
-    if s >= 1.0 {
-        format!("{s:.2} s")
-    } else if s >= 1e-3 {
-        format!("{:.2} ms", s * 1e3)
-    } else {
-        format!("{:.1} µs", s * 1e6)
-    }
 }
 
 impl fmt::Display for Plan {
