@@ -49,13 +49,12 @@ pub fn run_range(k: &Kernel, bufs: &mut [&mut [f32]], batch: u64, lo: u64, hi: u
                 message: format!("the batch dim is dim {}; it may only be the first", i + 1),
             });
         }
-        let expected = a.checked_len(batch);
-        if expected != Some(b.len() as u64) {
+        if let Some(expected) = a.len_mismatch(batch, b.len()) {
             return Err(InterpError::BufferLen {
                 kernel: k.name.clone(),
                 arg: a.name.clone(),
                 batch,
-                expected: expected.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string()),
+                expected,
                 got: b.len(),
             });
         }

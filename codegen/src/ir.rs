@@ -300,6 +300,16 @@ impl Arg {
         })
     }
 
+    /// `None` when a buffer of `got` elements fits this argument at `batch`; otherwise
+    /// the expected element count as text (for the backends' length errors).
+    pub fn len_mismatch(&self, batch: u64, got: usize) -> Option<String> {
+        match self.checked_len(batch) {
+            Some(n) if n == got as u64 => None,
+            Some(n) => Some(n.to_string()),
+            None => Some("more than 2^64".to_string()),
+        }
+    }
+
     /// Elements for a given batch size.
     pub fn len(&self, batch: u64) -> u64 {
         self.dims

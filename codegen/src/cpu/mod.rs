@@ -327,13 +327,12 @@ impl CompiledKernel {
             });
         }
         for (a, b) in self.args.iter().zip(bufs) {
-            let expected = a.checked_len(batch);
-            if expected != Some(b.len() as u64) {
+            if let Some(expected) = a.len_mismatch(batch, b.len()) {
                 return Err(CpuError::BufferLen {
                     kernel: self.name.clone(),
                     arg: a.name.clone(),
                     batch,
-                    expected: expected.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string()),
+                    expected,
                     got: b.len(),
                 });
             }
