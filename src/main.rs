@@ -154,6 +154,8 @@ enum Emit {
     Plan,
     Kernels,
     Clif,
+    /// The CUDA C module NVRTC compiles.
+    Cuda,
 }
 
 /// A stage for `compile --dump`.
@@ -165,6 +167,8 @@ enum DumpStage {
     Plan,
     Kernels,
     Clif,
+    /// The CUDA C module (what NVRTC compiles).
+    Cuda,
 }
 
 fn parse_strategy(s: &str) -> Result<Strategy, String> {
@@ -277,9 +281,16 @@ fn artifacts(module: &pdgc::Module, emit: &[Emit]) -> Result<std::collections::B
             Emit::Clif => {
                 out.insert("clif".to_string(), clif_text(module)?);
             }
+            Emit::Cuda => {
+                out.insert("cuda".to_string(), cuda_text(module)?);
+            }
         }
     }
     Ok(out)
+}
+
+fn cuda_text(module: &pdgc::Module) -> Result<String, String> {
+    pdgc_codegen::cuda::render_module(&module.program.kernels).map(|m| m.source).map_err(|e| e.to_string())
 }
 
 fn clif_text(module: &pdgc::Module) -> Result<String, String> {
@@ -325,6 +336,7 @@ fn compile(
         Some(DumpStage::Plan) => print!("{}", module.plan(Goal::ClippedSum)),
         Some(DumpStage::Kernels) => print!("{}", module.program),
         Some(DumpStage::Clif) => print!("{}", clif_text(&module)?),
+        Some(DumpStage::Cuda) => print!("{}", cuda_text(&module)?),
         _ => {}
     }
     if let Some(out) = output {

@@ -1,6 +1,6 @@
 //! Generated-kernel snapshots: for every sample, the lowered program (buffers, entry
-//! points, kernel IR) and the Cranelift IR of every kernel. A change to lowering or to
-//! the CPU backend shows up here as a diff of the generated code.
+//! points, kernel IR), the Cranelift IR of every kernel and the CUDA C module. A change to
+//! lowering or to a backend shows up here as a diff of the generated code.
 //!
 //! Re-bless with `INSTA_UPDATE=always cargo test --test kernels`.
 
@@ -42,5 +42,15 @@ fn every_sample_kernel_compiles_on_the_cpu() {
         let mut backend = pdgc_codegen::cpu::CpuBackend::new().expect("host ISA");
         let compiled = backend.compile(&m.program.kernels).expect("every kernel JIT-compiles");
         assert_eq!(compiled.len(), m.program.kernels.len());
+    });
+}
+
+#[test]
+fn every_sample_has_its_cuda_c_snapshotted() {
+    insta::glob!("../samples", "*.pdg", |path| {
+        let m = module(path);
+        let cuda = pdgc_codegen::cuda::render_module(&m.program.kernels).expect("every kernel renders");
+        assert_eq!(cuda.kernels.len(), m.program.kernels.len());
+        insta::assert_snapshot!("cuda", cuda.source);
     });
 }

@@ -2,7 +2,8 @@
 //!
 //! Architecture invariant: this crate knows only kernels — loop nests over buffers with
 //! known shapes ([`ir`]), their checks ([`verify`]), a reference interpreter that is the
-//! test oracle ([`interp`]) and the Cranelift CPU backend ([`cpu`]). It never imports the
+//! test oracle ([`interp`]), the Cranelift CPU backend ([`cpu`]) and the CUDA backend
+//! ([`cuda`]: CUDA C, NVRTC, device launches). It never imports the
 //! root crate and knows nothing of layers, the `.pdg` language or gradients. Every backend
 //! renders the same kernel description, so a kernel's meaning is defined once. The
 //! interpreter and the CPU backend share their scalar float semantics (`math`: the `libm`
@@ -10,6 +11,7 @@
 //! oracle bit for bit.
 
 pub mod cpu;
+pub mod cuda;
 pub mod interp;
 pub mod ir;
 mod math;

@@ -435,30 +435,43 @@ fn normalize(a: &Affine) -> (Vec<NormalTerm>, i64) {
 /// then touches only elements whose coordinate there is `g`, so iterations run on
 /// different threads never touch the same element. Assumes a verified kernel.
 pub fn grid_independent(k: &Kernel) -> bool {
-    let g = k.grid.var;
-    let mut stored = vec![false; k.args.len()];
-    visit_accesses(&k.grid.body, &mut |arg, _, store| {
+    independent_over(k.args.len(), &k.grid.body, &[k.grid.var])
+}
+
+/// The same condition for several loop variables at once (the grid's and those of loops
+/// nested in it): every stored argument is accessed, by every load and store of it in
+/// `body`, with each variable of `vars` alone in a position fixed per variable. Then
+/// distinct combinations of the variables' values touch disjoint elements of every stored
+/// argument, so the combinations may run on different threads.
+pub fn independent_over(args: usize, body: &[Stmt], vars: &[VarId]) -> bool {
+    let mut stored = vec![false; args];
+    visit_accesses(body, &mut |arg, _, store| {
         if store {
             if let Some(s) = stored.get_mut(arg.0 as usize) {
                 *s = true;
             }
         }
     });
-    // For each stored argument, the positions that are the grid variable in every access
-    // seen so far (a bit set; buffers have few dims).
-    let mut positions: Vec<Option<u64>> = vec![None; k.args.len()];
+    // For each stored argument and variable, the positions that are that variable in every
+    // access seen so far (a bit set; buffers have few dims).
+    let mut positions: Vec<Vec<u64>> = vec![vec![u64::MAX; vars.len()]; args];
     let mut ok = true;
-    visit_accesses(&k.grid.body, &mut |arg, index, _| {
+    visit_accesses(body, &mut |arg, index, _| {
         let i = arg.0 as usize;
         if !stored.get(i).copied().unwrap_or(false) {
             return;
         }
-        let here =
-            index.iter().take(64).enumerate().filter(|(_, a)| a.as_var() == Some(g)).fold(0u64, |m, (p, _)| m | 1 << p);
-        let p = positions[i].get_or_insert(u64::MAX);
-        *p &= here;
-        if *p == 0 {
-            ok = false;
+        for (slot, &v) in positions[i].iter_mut().zip(vars) {
+            let here = index
+                .iter()
+                .take(64)
+                .enumerate()
+                .filter(|(_, a)| a.as_var() == Some(v))
+                .fold(0u64, |m, (p, _)| m | 1 << p);
+            *slot &= here;
+            if *slot == 0 {
+                ok = false;
+            }
         }
     });
     ok

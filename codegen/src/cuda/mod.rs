@@ -1,0 +1,521 @@
+//! The CUDA backend: kernel IR → CUDA C (this file), compiled to a cubin by NVRTC
+//! ([`nvrtc`]), loaded and launched through the CUDA driver ([`device`]). All three go
+//! through cudarc, which loads `libnvrtc` and `libcuda` at run time, so nothing here needs
+//! CUDA at build time, and a machine without it gets a typed error, never a panic.
+//!
+//! Rendering is one `match` per IR node writing text. A module is one translation unit:
+//! the helpers of `pdgc.cuh` (NaN-propagating max/min, NaN and infinity constants), then one
+//! `extern "C" __global__` function per kernel. Signature and launch arguments both come
+//! from the kernel's `args` (one `float*` per argument, in order, then the batch), so the two
+//! cannot drift.
+//!
+//! Launch model: when [`grid_independent`] proves the grid's iterations touch disjoint
+//! elements, the grid and the perfectly nested loops directly inside it that are proved
+//! independent too ([`parallel_nest`]) become one flat thread index (blocks of [`BLOCK`]
+//! threads; the innermost of those loops varies fastest between neighbouring threads, so
+//! unit-stride accesses along it coalesce). Otherwise one thread runs the whole grid loop in
+//! order, which is what the IR's sequential semantics asks for. Everything inside runs
+//! sequentially in the thread, exactly in IR order; accumulators are registers.
+//!
+//! Floating point: constants print so that they parse back to the same bits; `exp`, `log`,
+//! `tanh`, `erf` are CUDA's `expf`, `logf`, `tanhf`, `erff` (within a few ulps of the `libm`
+//! functions the interpreter uses, not bit-equal); NVRTC may contract `a·b + c` into an FMA.
+//! So CUDA results agree with the interpreter to rounding, as the CPU's vector code does.
+//!
+//! Integer indices are 64-bit: a buffer's length depends on the run-time batch.
+
+pub mod device;
+pub mod nvrtc;
+
+use std::collections::HashSet;
+use std::fmt::Write;
+
+use crate::ir::Loop;
+use crate::ir::{Affine, Binary, CmpOp, Cond, Expr, Extent, Kernel, Mode, Stmt, Unary, VarId};
+use crate::verify::{grid_independent, independent_over, verify, VerifyError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("NVRTC is not available: {0}")]
+    NvrtcMissing(String),
+    #[error("no CUDA driver: {0}")]
+    DriverMissing(String),
+    #[error("NVRTC: {0}")]
+    Nvrtc(String),
+    /// The generated CUDA C did not compile: always a bug in the renderer. Carries the log
+    /// and the source it refers to.
+    #[error(
+        "NVRTC could not compile the generated module for {arch} ({status}):\n{log}\n--- generated source ---\n{}",
+        nvrtc::numbered(code)
+    )]
+    Compile { arch: String, status: String, log: String, code: String },
+    #[error("CUDA driver: {0}")]
+    Driver(String),
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    #[error("kernel `{kernel}`: {expected} buffers expected, {got} given")]
+    BufferCount { kernel: String, expected: usize, got: usize },
+    #[error("kernel `{kernel}`: buffer `{arg}` has {got} elements, batch {batch} needs {expected}")]
+    BufferLen { kernel: String, arg: String, batch: u64, expected: String, got: usize },
+}
+
+/// Threads per block for grid-parallel kernels.
+pub const BLOCK: u32 = 128;
+
+/// The helpers every module starts with.
+pub const HELPERS: &str = include_str!("pdgc.cuh");
+
+/// How a rendered kernel is launched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchInfo {
+    /// The `extern "C"` symbol in the module.
+    pub symbol: String,
+    /// One thread per iteration of the parallel nest (else one thread runs the whole grid).
+    pub parallel: bool,
+    /// The extents of the parallel nest, outermost (the grid) first; just the grid when
+    /// not `parallel`.
+    pub extents: Vec<Extent>,
+    /// Argument count (buffers); the batch follows them.
+    pub args: usize,
+}
+
+impl LaunchInfo {
+    /// `(blocks, threads per block)` for a batch, or `None` when there is nothing to run.
+    pub fn dims(&self, batch: u64) -> Option<(u32, u32)> {
+        let extent = self.extents.iter().try_fold(1u64, |n, e| n.checked_mul(e.resolve(batch)))?;
+        if extent == 0 {
+            return None;
+        }
+        if !self.parallel {
+            return Some((1, 1));
+        }
+        let blocks = extent.div_ceil(BLOCK as u64);
+        Some((u32::try_from(blocks).unwrap_or(u32::MAX), BLOCK))
+    }
+}
+
+/// A rendered module: the CUDA C of every kernel, and how to launch each.
+#[derive(Debug, Clone)]
+pub struct CudaModule {
+    pub source: String,
+    pub kernels: Vec<LaunchInfo>,
+}
+
+/// The symbol of kernel `index`: unique in a module, a valid C identifier.
+pub fn symbol(index: usize, k: &Kernel) -> String {
+    format!("pdgc_k{index}_{}", sanitize(&k.name))
+}
+
+/// Verifies and renders `kernels` into one translation unit.
+pub fn render_module(kernels: &[Kernel]) -> Result<CudaModule, VerifyError> {
+    let mut source = String::new();
+    source.push_str("// Generated by pdgc from the kernel IR. Do not edit.\n");
+    source.push_str(HELPERS);
+    let mut infos = Vec::with_capacity(kernels.len());
+    for (i, k) in kernels.iter().enumerate() {
+        verify(k)?;
+        let sym = symbol(i, k);
+        source.push('\n');
+        source.push_str(&render_kernel(k, &sym));
+        let nest = parallel_nest(k);
+        let (parallel, extents) = match nest.is_empty() {
+            true => (false, vec![k.grid.extent]),
+            false => (true, nest.iter().map(|l| l.extent).collect()),
+        };
+        infos.push(LaunchInfo { symbol: sym, parallel, extents, args: k.args.len() });
+    }
+    Ok(CudaModule { source, kernels: infos })
+}
+
+/// The CUDA C of one kernel as a `__global__` function named `symbol` (no helpers; see
+/// [`render_module`]). Assumes a verified kernel.
+pub fn render_kernel(k: &Kernel, symbol: &str) -> String {
+    let r = Renderer::new(k);
+    let mut out = String::new();
+    // The IR text as a comment: what this function computes, in the notation of the
+    // kernel snapshots.
+    for line in k.to_string().lines() {
+        let _ = writeln!(out, "// {line}");
+    }
+    let params: Vec<String> = k
+        .args
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let constness = if a.mode == Mode::In { "const " } else { "" };
+            format!("{constness}float* __restrict__ {}", r.args[i])
+        })
+        .chain(std::iter::once("const unsigned long long batch".to_string()))
+        .collect();
+    let nest = parallel_nest(k);
+    let bounds = if nest.is_empty() { 1 } else { BLOCK };
+    let _ = writeln!(out, "extern \"C\" __global__ void __launch_bounds__({bounds}) {symbol}(");
+    let _ = writeln!(out, "    {}) {{", params.join(",\n    "));
+    let _ = writeln!(out, "  (void)batch;");
+    match nest.as_slice() {
+        [] => {
+            let g = r.var(k.grid.var);
+            let extent = Renderer::extent(k.grid.extent);
+            let _ =
+                writeln!(out, "  // The grid's iterations are not proved independent: one thread runs them in order.");
+            let _ = writeln!(out, "  if (blockIdx.x != 0 || threadIdx.x != 0) return;");
+            let _ = writeln!(out, "  for (long long {g} = 0; {g} < {extent}; ++{g}) {{");
+            r.locals(&mut out, 2);
+            r.stmts(&mut out, &k.grid.body, 2);
+            let _ = writeln!(out, "  }}");
+        }
+        [grid] => {
+            let g = r.var(grid.var);
+            let _ = writeln!(out, "  const long long {g} = (long long)blockIdx.x * blockDim.x + threadIdx.x;");
+            let _ = writeln!(out, "  if ({g} >= {}) return;", Renderer::extent(grid.extent));
+            r.locals(&mut out, 1);
+            r.stmts(&mut out, &grid.body, 1);
+        }
+        [.., inner] => {
+            let total: Vec<String> = nest.iter().map(|l| Renderer::extent(l.extent)).collect();
+            let _ = writeln!(out, "  const long long pdgc_tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;");
+            let _ = writeln!(out, "  if (pdgc_tid >= {}) return;", total.join(" * "));
+            let _ = writeln!(out, "  long long pdgc_rest = pdgc_tid;");
+            for (i, l) in nest.iter().enumerate().rev() {
+                let v = r.var(l.var);
+                if i == 0 {
+                    let _ = writeln!(out, "  const long long {v} = pdgc_rest;");
+                } else {
+                    let e = Renderer::extent(l.extent);
+                    let _ = writeln!(out, "  const long long {v} = pdgc_rest % {e};");
+                    let _ = writeln!(out, "  pdgc_rest /= {e};");
+                }
+            }
+            r.locals(&mut out, 1);
+            r.stmts(&mut out, &inner.body, 1);
+        }
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// The loops that become the thread index: the grid, then each loop that is the whole
+/// body of the previous one, as long as every stored argument stays indexed by all of
+/// their variables ([`independent_over`]) and every accumulator read in the loop's body is
+/// set earlier in the same iteration (so per-thread registers see the same values the
+/// sequential loop would). Empty when the grid itself is not independent.
+pub fn parallel_nest(k: &Kernel) -> Vec<&Loop> {
+    if !grid_independent(k) || !accs_set_before_read(&k.grid.body, &mut Vec::new()) {
+        return Vec::new();
+    }
+    let mut nest = vec![&k.grid];
+    let mut vars = vec![k.grid.var];
+    while let [Stmt::Loop(inner)] = nest[nest.len() - 1].body.as_slice() {
+        vars.push(inner.var);
+        if !independent_over(k.args.len(), &k.grid.body, &vars) || !accs_set_before_read(&inner.body, &mut Vec::new()) {
+            break;
+        }
+        nest.push(inner);
+    }
+    nest
+}
+
+/// Whether every accumulator read in `body` was set before, in program order, within one
+/// execution of `body` (sets inside nested loops and `if`s count only inside them).
+fn accs_set_before_read(body: &[Stmt], set: &mut Vec<crate::ir::AccId>) -> bool {
+    fn reads_ok(e: &Expr, set: &[crate::ir::AccId]) -> bool {
+        match e {
+            Expr::Const(_) | Expr::Load { .. } | Expr::Index(_) => true,
+            Expr::Acc(a) => set.contains(a),
+            Expr::Unary(_, a) => reads_ok(a, set),
+            Expr::Binary(_, a, b) => reads_ok(a, set) && reads_ok(b, set),
+            Expr::Select { cond, then, otherwise } => {
+                cond_ok(cond, set) && reads_ok(then, set) && reads_ok(otherwise, set)
+            }
+        }
+    }
+    fn cond_ok(c: &Cond, set: &[crate::ir::AccId]) -> bool {
+        match c {
+            Cond::InRange { .. } => true,
+            Cond::Cmp { a, b, .. } => reads_ok(a, set) && reads_ok(b, set),
+            Cond::And(cs) => cs.iter().all(|c| cond_ok(c, set)),
+        }
+    }
+    for s in body {
+        let ok = match s {
+            Stmt::Set { acc, value } => {
+                let ok = reads_ok(value, set);
+                set.push(*acc);
+                ok
+            }
+            Stmt::Store { value, .. } => reads_ok(value, set),
+            Stmt::Loop(l) => accs_set_before_read(&l.body, &mut set.clone()),
+            Stmt::If { cond, then } => cond_ok(cond, set) && accs_set_before_read(then, &mut set.clone()),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// A C identifier from any text: other characters become `_`.
+fn sanitize(name: &str) -> String {
+    let mut s: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
+    if s.is_empty() || s.starts_with(|c: char| c.is_ascii_digit()) {
+        s.insert(0, '_');
+    }
+    s
+}
+
+/// C and CUDA words a variable must not be named.
+const RESERVED: &[&str] = &[
+    "auto",
+    "batch",
+    "blockDim",
+    "blockIdx",
+    "break",
+    "case",
+    "char",
+    "const",
+    "continue",
+    "default",
+    "do",
+    "double",
+    "else",
+    "enum",
+    "extern",
+    "float",
+    "for",
+    "goto",
+    "gridDim",
+    "if",
+    "int",
+    "long",
+    "register",
+    "return",
+    "short",
+    "signed",
+    "sizeof",
+    "static",
+    "struct",
+    "switch",
+    "threadIdx",
+    "typedef",
+    "union",
+    "unsigned",
+    "void",
+    "volatile",
+    "while",
+    "warpSize",
+    "bool",
+    "true",
+    "false",
+    "new",
+    "delete",
+    "this",
+    "class",
+    "template",
+    "namespace",
+    "operator",
+    "private",
+    "public",
+    "protected",
+    "virtual",
+    "inline",
+];
+
+struct Renderer<'k> {
+    k: &'k Kernel,
+    vars: Vec<String>,
+    accs: Vec<String>,
+    args: Vec<String>,
+}
+
+impl<'k> Renderer<'k> {
+    /// Gives every variable, accumulator and argument a distinct C name, as close to its
+    /// IR name as possible.
+    fn new(k: &'k Kernel) -> Renderer<'k> {
+        let mut taken: HashSet<String> = RESERVED.iter().map(|s| s.to_string()).collect();
+        let mut name = |base: String, prefix: &str, id: usize| {
+            let mut n = base;
+            if n.starts_with("pdgc_") || taken.contains(&n) {
+                n = format!("{prefix}{id}_{n}");
+            }
+            taken.insert(n.clone());
+            n
+        };
+        let args = k.args.iter().enumerate().map(|(i, a)| name(sanitize(&a.name), "a", i)).collect();
+        let vars = k.vars.iter().enumerate().map(|(i, v)| name(sanitize(v), "v", i)).collect();
+        let accs = k.accs.iter().enumerate().map(|(i, a)| name(sanitize(a), "s", i)).collect();
+        Renderer { k, vars, accs, args }
+    }
+
+    fn var(&self, v: VarId) -> &str {
+        &self.vars[v.0 as usize]
+    }
+
+    fn extent(e: Extent) -> String {
+        match e {
+            Extent::Batch => "(long long)batch".into(),
+            Extent::Fixed(n) => n.to_string(),
+        }
+    }
+
+    /// Declares the accumulators (zero) at the top of a grid iteration.
+    fn locals(&self, out: &mut String, depth: usize) {
+        if !self.accs.is_empty() {
+            let decls: Vec<String> = self.accs.iter().map(|a| format!("{a} = 0.0f")).collect();
+            let _ = writeln!(out, "{}float {};", pad(depth), decls.join(", "));
+        }
+    }
+
+    fn affine(&self, a: &Affine) -> String {
+        let mut s = String::new();
+        for t in &a.terms {
+            let v = self.var(t.var);
+            let base = if t.div == 1 { v.to_string() } else { format!("({v} / {}LL)", t.div) };
+            let term = match t.coef {
+                1 => base,
+                c => format!("{c}LL * {base}"),
+            };
+            if !s.is_empty() {
+                s.push_str(" + ");
+            }
+            s.push_str(&term);
+        }
+        if a.offset != 0 || s.is_empty() {
+            if s.is_empty() {
+                s = format!("{}LL", a.offset);
+            } else if a.offset > 0 {
+                let _ = write!(s, " + {}LL", a.offset);
+            } else {
+                let _ = write!(s, " - {}LL", a.offset.unsigned_abs());
+            }
+        }
+        s
+    }
+
+    /// `name[flat index]`, row-major with the argument's constant strides.
+    fn access(&self, arg: crate::ir::ArgId, index: &[Affine]) -> String {
+        let a = &self.k.args[arg.0 as usize];
+        let strides = a.strides();
+        let parts: Vec<String> = index
+            .iter()
+            .zip(&strides)
+            .map(|(ix, &st)| {
+                let e = self.affine(ix);
+                if st == 1 {
+                    e
+                } else if ix.terms.len() + usize::from(ix.offset != 0) > 1 {
+                    format!("({e}) * {st}LL")
+                } else {
+                    format!("{e} * {st}LL")
+                }
+            })
+            .collect();
+        let flat = if parts.is_empty() { "0".to_string() } else { parts.join(" + ") };
+        format!("{}[{flat}]", self.args[arg.0 as usize])
+    }
+
+    fn expr(&self, e: &Expr) -> String {
+        match e {
+            Expr::Const(c) => float_literal(*c),
+            Expr::Load { arg, index } => self.access(*arg, index),
+            Expr::Acc(a) => self.accs[a.0 as usize].clone(),
+            Expr::Index(a) => format!("(float)({})", self.affine(a)),
+            Expr::Unary(op, a) => {
+                let x = self.expr(a);
+                match op {
+                    Unary::Neg => format!("(-({x}))"),
+                    Unary::Exp => format!("expf({x})"),
+                    Unary::Log => format!("logf({x})"),
+                    Unary::Tanh => format!("tanhf({x})"),
+                    Unary::Sqrt => format!("sqrtf({x})"),
+                    Unary::Erf => format!("erff({x})"),
+                    Unary::Abs => format!("fabsf({x})"),
+                }
+            }
+            Expr::Binary(op, a, b) => {
+                let (x, y) = (self.expr(a), self.expr(b));
+                match op {
+                    Binary::Add => format!("({x} + {y})"),
+                    Binary::Sub => format!("({x} - {y})"),
+                    Binary::Mul => format!("({x} * {y})"),
+                    Binary::Div => format!("({x} / {y})"),
+                    Binary::Max => format!("pdgc_max({x}, {y})"),
+                    Binary::Min => format!("pdgc_min({x}, {y})"),
+                }
+            }
+            Expr::Select { cond, then, otherwise } => {
+                format!("({} ? {} : {})", self.cond(cond), self.expr(then), self.expr(otherwise))
+            }
+        }
+    }
+
+    fn cond(&self, c: &Cond) -> String {
+        match c {
+            Cond::InRange { index, lo, hi } => {
+                let i = self.affine(index);
+                format!("({lo}LL <= {i} && {i} < {hi}LL)")
+            }
+            Cond::Cmp { op, a, b } => {
+                let sym = match op {
+                    CmpOp::Lt => "<",
+                    CmpOp::Le => "<=",
+                    CmpOp::Eq => "==",
+                    CmpOp::Ne => "!=",
+                    CmpOp::Gt => ">",
+                    CmpOp::Ge => ">=",
+                };
+                format!("({} {sym} {})", self.expr(a), self.expr(b))
+            }
+            Cond::And(cs) if cs.is_empty() => "true".into(),
+            Cond::And(cs) => format!("({})", cs.iter().map(|c| self.cond(c)).collect::<Vec<_>>().join(" && ")),
+        }
+    }
+
+    fn stmts(&self, out: &mut String, body: &[Stmt], depth: usize) {
+        let p = pad(depth);
+        for s in body {
+            match s {
+                Stmt::Loop(l) => {
+                    let v = self.var(l.var);
+                    let _ = writeln!(out, "{p}for (long long {v} = 0; {v} < {}; ++{v}) {{", Self::extent(l.extent));
+                    self.stmts(out, &l.body, depth + 1);
+                    let _ = writeln!(out, "{p}}}");
+                }
+                Stmt::Set { acc, value } => {
+                    let _ = writeln!(out, "{p}{} = {};", self.accs[acc.0 as usize], self.expr(value));
+                }
+                Stmt::Store { arg, index, value, accumulate } => {
+                    let op = if *accumulate { "+=" } else { "=" };
+                    let _ = writeln!(out, "{p}{} {op} {};", self.access(*arg, index), self.expr(value));
+                }
+                Stmt::If { cond, then } => {
+                    let _ = writeln!(out, "{p}if {} {{", self.cond(cond));
+                    self.stmts(out, then, depth + 1);
+                    let _ = writeln!(out, "{p}}}");
+                }
+            }
+        }
+    }
+}
+
+fn pad(depth: usize) -> String {
+    "  ".repeat(depth)
+}
+
+/// An f32 as C text that parses back to the same bits.
+pub fn float_literal(c: f32) -> String {
+    if c.is_nan() {
+        "PDGC_NAN".into()
+    } else if c.is_infinite() {
+        if c > 0.0 {
+            "PDGC_INF".into()
+        } else {
+            "(-PDGC_INF)".into()
+        }
+    } else {
+        // Rust's `{:?}` is the shortest decimal that rounds back to `c`; C's parser rounds
+        // correctly, so the literal is exact.
+        let s = format!("{c:?}");
+        let s = if s.contains('.') || s.contains('e') { s } else { format!("{s}.0") };
+        format!("{s}f")
+    }
+}
