@@ -28,6 +28,8 @@ pub struct BenchReport {
     pub model: String,
     pub batch: usize,
     pub threads: usize,
+    /// What the sessions ran on (see [`crate::Session::device_description`]).
+    pub device: String,
     pub repeats: usize,
     pub nonprivate_ms: f64,
     pub loss_ms: f64,
@@ -73,6 +75,7 @@ pub fn bench(
     repeats: usize,
     only: &[Strategy],
     threads: Option<usize>,
+    device: Device,
 ) -> Result<BenchReport> {
     let base = Module::from_source(name, source, &CompileOptions::new(batch))?;
     let params = base.init_params(0);
@@ -88,7 +91,10 @@ pub fn bench(
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let mut session = base.session(Device::Cpu)?;
+    let mut session = base.session(device)?;
+    if let Some(why) = session.fallback_reason() {
+        log::debug!("bench: no CUDA ({why})");
+    }
     if let Some(t) = threads {
         session.set_threads(t);
     }
@@ -112,7 +118,7 @@ pub fn bench(
                 Module::from_source(name, source, &opts)?
             }
         };
-        let mut s = module.session(Device::Cpu)?;
+        let mut s = module.session(device)?;
         if let Some(t) = threads {
             s.set_threads(t);
         }
@@ -134,6 +140,7 @@ pub fn bench(
         model: base.name.clone(),
         batch,
         threads: threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        device: session.device_description(),
         repeats,
         nonprivate_ms,
         loss_ms,
@@ -145,8 +152,8 @@ impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{}: batch {}, {} threads, median of {} runs (ms; ratio to the non-private step in parentheses)",
-            self.model, self.batch, self.threads, self.repeats
+            "{}: batch {}, on {}, median of {} runs (ms; ratio to the non-private step in parentheses)",
+            self.model, self.batch, self.device, self.repeats
         )?;
         writeln!(f, "  non-private batch gradient  {:>9.2}", self.nonprivate_ms)?;
         writeln!(f, "  forward + loss only         {:>9.2}", self.loss_ms)?;

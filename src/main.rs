@@ -161,8 +161,11 @@ enum Command {
         #[arg(long, value_delimiter = ',', value_parser = parse_override)]
         strategy: Vec<(String, Strategy)>,
         /// Run on the kernel-IR interpreter instead of the JIT (slow; for checking).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "device")]
         interpreter: bool,
+        /// Where to run: auto (CUDA if usable, else the CPU), cpu, cuda, interpreter.
+        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+        device: DeviceArg,
     },
     /// Time the non-private step and every strategy's per-example step.
     Bench {
@@ -178,11 +181,37 @@ enum Command {
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// Where to run: auto (CUDA if usable, else the CPU), cpu, cuda, interpreter.
+        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+        device: DeviceArg,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
     /// DP-SGD privacy accounting (RDP, as Opacus): ε spent by σ, or σ for a target ε.
     Privacy(PrivacyArgs),
+}
+
+/// `--device`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+    Interpreter,
+    /// The CUDA C compiled for this CPU (checks the CUDA backend without a GPU; slow).
+    CudaHost,
+}
+
+impl DeviceArg {
+    fn device(self) -> pdgc::Device {
+        match self {
+            DeviceArg::Auto => pdgc::Device::Auto,
+            DeviceArg::Cpu => pdgc::Device::Cpu,
+            DeviceArg::Cuda => pdgc::Device::Cuda,
+            DeviceArg::Interpreter => pdgc::Device::Interpreter,
+            DeviceArg::CudaHost => pdgc::Device::CudaHost,
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -246,6 +275,8 @@ fn parse_override(s: &str) -> Result<(String, Strategy), String> {
 }
 
 fn main() -> ExitCode {
+    // Debug output (e.g. why `--device auto` fell back to the CPU): PDGC_LOG=debug.
+    env_logger::Builder::from_env(env_logger::Env::new().filter("PDGC_LOG")).format_timestamp(None).init();
     let cli = Cli::parse();
     match cli.command {
         Command::Check { files, format, deny_warnings } => check(&files, format, deny_warnings),
@@ -261,17 +292,18 @@ fn main() -> ExitCode {
             eprintln!("wrote {} ({} parameters)", output.display(), module.graph.param_count());
             Ok(())
         }),
-        Command::Grads { file, params, batch, output, norms_only, clip, strategy, interpreter } => {
-            run(|| grads(&file, &params, &batch, &output, norms_only, clip, strategy, interpreter))
+        Command::Grads { file, params, batch, output, norms_only, clip, strategy, interpreter, device } => {
+            let device = if interpreter { pdgc::Device::Interpreter } else { device.device() };
+            run(|| grads(&file, &params, &batch, &output, norms_only, clip, strategy, device))
         }
-        Command::Bench { file, batch, repeats, strategy, threads, format } => run(|| {
+        Command::Bench { file, batch, repeats, strategy, threads, device, format } => run(|| {
             let name = file.display().to_string();
             let src = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {name}: {e}"))?;
             if batch == 0 || repeats == 0 {
                 return Err("--batch and --repeats must be at least 1".into());
             }
-            let report =
-                pdgc::bench::bench(&name, &src, batch, repeats, &strategy, threads).map_err(|e| e.to_string())?;
+            let report = pdgc::bench::bench(&name, &src, batch, repeats, &strategy, threads, device.device())
+                .map_err(|e| e.to_string())?;
             match format {
                 Format::Text => print!("{report}"),
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?),
@@ -398,7 +430,7 @@ fn grads(
     norms_only: bool,
     clip: Option<f32>,
     strategy: Vec<(String, Strategy)>,
-    interpreter: bool,
+    device: pdgc::Device,
 ) -> Result<(), String> {
     // Read the batch first to size the module.
     let probe = load_module(
@@ -416,8 +448,11 @@ fn grads(
         load_module(file, &PlanArgs { batch: b, device: "cpu2".into(), strategy, ..PlanArgs::default() })?
     };
     let p = pdgc::Params::load(params, &module.graph).map_err(|e| e.to_string())?;
-    let device = if interpreter { pdgc::Device::Interpreter } else { pdgc::Device::Cpu };
     let mut session = module.session(device).map_err(|e| e.to_string())?;
+    eprintln!("running on {}", session.device_description());
+    if let Some(why) = session.fallback_reason() {
+        eprintln!("  (no CUDA: {why})");
+    }
     let mut out = pdgc::TensorMap::new();
     let loss = session.loss(&p, &data).map_err(|e| e.to_string())?;
     out.insert("loss".into(), pdgc::Tensor::new(vec![b], loss));

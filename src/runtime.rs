@@ -3,12 +3,19 @@
 //! gradient, per-example grads, norms, clipped sum) on a batch and returns named tensors.
 //!
 //! The session only moves data in and out of buffers and launches kernels; all arithmetic
-//! happens in the kernels. Backends: the Cranelift CPU JIT, and the kernel-IR interpreter
+//! happens in the kernels. Backends: CUDA (the program's CUDA C compiled by NVRTC for the
+//! device, buffers in device memory), the Cranelift CPU JIT, and the kernel-IR interpreter
 //! (slow; the test oracle for the JIT).
+//!
+//! Host buffers exist for every backend: inputs are bound into them, and on CUDA they are
+//! uploaded before a run (only the inputs: parameters, batch, labels, clip norm) and results
+//! are downloaded from the device when read.
 
 use std::sync::Arc;
 
 use pdgc_codegen::cpu::{CompiledKernel, CpuBackend};
+use pdgc_codegen::cuda::device::{CudaDevice, DeviceBuffer, LoadedModule, View};
+use pdgc_codegen::cuda::host::HostModule;
 use pdgc_codegen::interp;
 
 use crate::error::{Error, Result};
@@ -19,17 +26,49 @@ use crate::tensor::{Batch, Labels, Params, Tensor, TensorMap};
 /// Where a session runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
-    /// CUDA if present, else the CPU.
+    /// CUDA if a GPU, its driver and NVRTC are present, else the CPU (the reason is
+    /// logged at debug level and kept in [`Session::fallback_reason`]).
     Auto,
     /// The Cranelift JIT on this machine's cores.
     Cpu,
+    /// The first CUDA GPU; an error (not a fallback) when there is none.
+    Cuda,
     /// The kernel-IR reference interpreter: exact semantics, slow; for testing.
     Interpreter,
+    /// The generated CUDA C compiled for this machine by its C++ compiler and run one
+    /// GPU thread at a time (`pdgc_codegen::cuda::host`): checks the CUDA backend's code
+    /// without a GPU. Slow; for testing.
+    CudaHost,
 }
 
 enum Executor {
     Cpu(Vec<CompiledKernel>),
     Interpreter,
+    Cuda(Box<CudaExec>),
+    CudaHost(HostModule),
+}
+
+/// A program loaded on a GPU, with one device buffer per program buffer.
+struct CudaExec {
+    dev: CudaDevice,
+    module: LoadedModule,
+    buffers: Vec<DeviceBuffer>,
+}
+
+impl CudaExec {
+    fn new(program: &Program, max_batch: usize) -> Result<CudaExec> {
+        let dev = CudaDevice::open(0).map_err(|e| Error::Device(e.to_string()))?;
+        let rendered =
+            pdgc_codegen::cuda::render_module(&program.kernels).map_err(|e| Error::Backend(e.to_string()))?;
+        let module = dev.load(&rendered, &program.kernels).map_err(|e| Error::Backend(e.to_string()))?;
+        let buffers = program
+            .buffers
+            .iter()
+            .map(|b| dev.alloc(b.len(max_batch as u64) as usize))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Device(e.to_string()))?;
+        Ok(CudaExec { dev, module, buffers })
+    }
 }
 
 /// The results of a clipped-sum step.
@@ -52,20 +91,57 @@ pub struct Session {
     threads: usize,
     /// Per-kernel cumulative seconds and launches, when profiling is on.
     profile: Option<Vec<(f64, u64)>>,
+    /// Why `Device::Auto` did not get CUDA.
+    fallback: Option<String>,
 }
 
 impl Session {
     pub fn new(graph: Arc<Graph>, program: Arc<Program>, max_batch: usize, device: Device) -> Result<Session> {
+        let cpu = |program: &Program| -> Result<Executor> {
+            let mut backend = CpuBackend::new().map_err(|e| Error::Backend(e.to_string()))?;
+            Ok(Executor::Cpu(backend.compile(&program.kernels).map_err(|e| Error::Backend(e.to_string()))?))
+        };
+        let mut fallback = None;
         let executor = match device {
             Device::Interpreter => Executor::Interpreter,
-            Device::Cpu | Device::Auto => {
-                let mut backend = CpuBackend::new().map_err(|e| Error::Backend(e.to_string()))?;
-                Executor::Cpu(backend.compile(&program.kernels).map_err(|e| Error::Backend(e.to_string()))?)
+            Device::Cpu => cpu(&program)?,
+            Device::Cuda => Executor::Cuda(Box::new(CudaExec::new(&program, max_batch)?)),
+            Device::CudaHost => {
+                let rendered =
+                    pdgc_codegen::cuda::render_module(&program.kernels).map_err(|e| Error::Backend(e.to_string()))?;
+                Executor::CudaHost(
+                    pdgc_codegen::cuda::host::compile(&rendered, &program.kernels)
+                        .map_err(|e| Error::Backend(e.to_string()))?,
+                )
             }
+            Device::Auto => match CudaExec::new(&program, max_batch) {
+                Ok(exec) => Executor::Cuda(Box::new(exec)),
+                Err(e) => {
+                    log::debug!("Device::Auto: using the CPU, because CUDA is not usable: {e}");
+                    fallback = Some(e.to_string());
+                    cpu(&program)?
+                }
+            },
         };
         let buffers = program.buffers.iter().map(|b| vec![0.0f32; b.len(max_batch as u64) as usize]).collect();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Ok(Session { graph, program, executor, buffers, max_batch, threads, profile: None })
+        Ok(Session { graph, program, executor, buffers, max_batch, threads, profile: None, fallback })
+    }
+
+    /// What the session runs on, e.g. `cuda (NVIDIA H200, sm_90)` or `cpu (2 threads)`.
+    pub fn device_description(&self) -> String {
+        match &self.executor {
+            Executor::Cpu(_) => format!("cpu ({} threads)", self.threads),
+            Executor::Interpreter => "interpreter".to_string(),
+            Executor::CudaHost(_) => "cuda-host (CUDA C on the CPU, one thread at a time)".to_string(),
+            Executor::Cuda(c) => format!("cuda ({}, {})", c.dev.name(), c.dev.arch()),
+        }
+    }
+
+    /// Why a [`Device::Auto`] session runs on the CPU rather than CUDA (`None` if it did
+    /// not fall back).
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.fallback.as_deref()
     }
 
     /// Sets the number of worker threads (default: all cores).
@@ -157,8 +233,21 @@ impl Session {
         }
     }
 
+    /// Copies the bound inputs (parameters, batch, labels, clip norm) to the device.
+    fn upload_inputs(&mut self, batch: usize) -> Result<()> {
+        let Executor::Cuda(c) = &mut self.executor else { return Ok(()) };
+        for (i, decl) in self.program.buffers.iter().enumerate() {
+            if matches!(decl.role, Role::Param(_) | Role::Input(_) | Role::Label | Role::ClipNorm) {
+                let len = decl.len(batch as u64) as usize;
+                c.dev.upload(&mut c.buffers[i], &self.buffers[i][..len]).map_err(|e| Error::Device(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Runs one entry point on the bound buffers.
     fn run(&mut self, kind: EntryKind, batch: usize) -> Result<()> {
+        self.upload_inputs(batch)?;
         let program = Arc::clone(&self.program);
         let entry = program.entry(kind);
         for launch in &entry.launches {
@@ -194,6 +283,29 @@ impl Session {
         example: Option<usize>,
     ) -> Result<()> {
         let started = self.profile.is_some().then(std::time::Instant::now);
+        if let Executor::Cuda(c) = &self.executor {
+            let views: Vec<View<'_>> = args
+                .iter()
+                .map(|id| {
+                    let decl = program.buffer(*id);
+                    let buffer = &c.buffers[id.0 as usize];
+                    match (example, decl.batched) {
+                        (Some(n), true) => {
+                            let per = decl.per_example_len() as usize;
+                            View { buffer, offset: n * per, len: per }
+                        }
+                        _ => View { buffer, offset: 0, len: decl.len(batch) as usize },
+                    }
+                })
+                .collect();
+            c.dev.launch(&c.module, kernel, &views, batch).map_err(|e| Error::Backend(e.to_string()))?;
+            if let (Some(p), Some(t)) = (&mut self.profile, started) {
+                c.dev.synchronize().map_err(|e| Error::Device(e.to_string()))?;
+                p[kernel].0 += t.elapsed().as_secs_f64();
+                p[kernel].1 += 1;
+            }
+            return Ok(());
+        }
         let mut taken: Vec<Vec<f32>> = args.iter().map(|b| std::mem::take(&mut self.buffers[b.0 as usize])).collect();
         let result = {
             let mut slices: Vec<&mut [f32]> = taken
@@ -217,6 +329,10 @@ impl Session {
                 Executor::Interpreter => {
                     interp::run(&program.kernels[kernel], &mut slices, batch).map_err(|e| Error::Backend(e.to_string()))
                 }
+                Executor::CudaHost(m) => {
+                    m.launch(kernel, &mut slices, batch).map_err(|e| Error::Backend(e.to_string()))
+                }
+                Executor::Cuda(_) => Err(Error::Internal("a CUDA launch reached the host path".into())),
             }
         };
         for (id, buf) in args.iter().zip(taken) {
@@ -237,7 +353,13 @@ impl Session {
             shape.insert(0, batch);
         }
         let len = decl.len(batch as u64) as usize;
-        Ok(Tensor::new(shape, self.buffers[id.0 as usize][..len].to_vec()))
+        let data = match &self.executor {
+            Executor::Cuda(c) => {
+                c.dev.download(&c.buffers[id.0 as usize], len).map_err(|e| Error::Device(e.to_string()))?
+            }
+            _ => self.buffers[id.0 as usize][..len].to_vec(),
+        };
+        Ok(Tensor::new(shape, data))
     }
 
     fn per_param(&self, batch: usize, role: impl Fn(String) -> Role) -> Result<TensorMap> {

@@ -118,9 +118,16 @@ fn check_model(rel: &str, batch_size: usize, device: Device, only_auto: bool) {
             assert!(rel_err(&bg[name].data, &summed) < 1e-5, "{what}: Σ_n {name} ≠ batch gradient");
         }
         let norms = s.per_example_norms(&params, &batch).expect("norms");
-        assert!(rel_err(&norms, &ref_norms) < 2e-5, "{what}: norms {norms:?} vs {ref_norms:?}");
+        // A norm sums the squares of every parameter's gradient (~600k terms on cifar_cnn).
+        // The CPU JIT sums in four vector lanes; the CUDA code sums in one thread, in order,
+        // whose f32 rounding error grows like sqrt(terms)·2^-24 ≈ 5e-5 there.
+        let norm_tol = match device {
+            Device::CudaHost | Device::Cuda => 1e-4,
+            _ => 2e-5,
+        };
+        assert!(rel_err(&norms, &ref_norms) < norm_tol, "{what}: norms {norms:?} vs {ref_norms:?}");
         let cs = s.clipped_grad_sum(&params, &batch, clip).expect("clipped sum");
-        check_grads(&format!("{what} clipped sum"), &cs.sum, &ref_sum, 5e-5);
+        check_grads(&format!("{what} clipped sum"), &cs.sum, &ref_sum, 2.5 * norm_tol);
     }
 }
 
@@ -167,6 +174,75 @@ fn test_models_every_strategy_matches_the_reference() {
 fn the_interpreter_agrees_with_the_reference() {
     check_model("samples/mnist_cnn.pdg", 2, Device::Interpreter, false);
     check_model("tests/data/models/conv_geometry.pdg", 2, Device::Interpreter, true);
+}
+
+#[test]
+fn the_generated_cuda_c_agrees_with_the_reference() {
+    // The CUDA backend's code, compiled for this CPU and run one GPU thread at a time, on
+    // the models and strategies the GPU test runs.
+    for (rel, b) in CUDA_MODELS {
+        check_model(rel, b, Device::CudaHost, false);
+    }
+}
+
+/// The models the CUDA tests run, with their batch sizes.
+const CUDA_MODELS: [(&str, usize); 7] = [
+    ("samples/mnist_cnn.pdg", 3),
+    ("samples/cifar_cnn.pdg", 2),
+    ("samples/conv1d_net.pdg", 3),
+    ("samples/depthwise_separable.pdg", 2),
+    ("samples/regression_mlp_ln.pdg", 3),
+    ("tests/data/models/conv_geometry.pdg", 2),
+    ("tests/data/models/gn_residual_block.pdg", 2),
+];
+
+/// Whether a CUDA device is usable here. `PDGC_REQUIRE_GPU=1` (scripts/gpu-check.sh) turns
+/// its absence into a failure; otherwise the CUDA tests say they skipped.
+fn gpu_here(test: &str) -> bool {
+    match pdgc_codegen::cuda::device::CudaDevice::open(0) {
+        Ok(dev) => {
+            eprintln!("{test}: on {} ({})", dev.name(), dev.arch());
+            true
+        }
+        Err(e) if std::env::var("PDGC_REQUIRE_GPU").is_ok_and(|v| v == "1") => panic!("PDGC_REQUIRE_GPU=1 but {e}"),
+        Err(e) => {
+            eprintln!("{test}: SKIPPED: {e}");
+            false
+        }
+    }
+}
+
+#[test]
+fn cuda_every_strategy_matches_the_reference() {
+    if !gpu_here("cuda_every_strategy_matches_the_reference") {
+        return;
+    }
+    for (rel, b) in CUDA_MODELS {
+        check_model(rel, b, Device::Cuda, false);
+    }
+}
+
+#[test]
+fn cuda_matches_pytorch_vectors() {
+    if !gpu_here("cuda_matches_pytorch_vectors") {
+        return;
+    }
+    pytorch_vectors_on(Device::Cuda);
+}
+
+#[test]
+fn auto_without_cuda_runs_on_the_cpu_and_says_why() {
+    let m = module("samples/mnist_cnn.pdg", 2, vec![]);
+    let s = m.session(Device::Auto).expect("an Auto session always starts");
+    match pdgc_codegen::cuda::device::CudaDevice::open(0) {
+        Ok(_) => assert!(s.device_description().starts_with("cuda"), "{}", s.device_description()),
+        Err(_) => {
+            assert!(s.device_description().starts_with("cpu"), "{}", s.device_description());
+            assert!(s.fallback_reason().is_some_and(|r| !r.is_empty()));
+            let err = m.session(Device::Cuda).err().expect("Device::Cuda without a GPU is an error");
+            assert!(matches!(err, pdgc::Error::Device(_)), "{err}");
+        }
+    }
 }
 
 #[test]
@@ -222,6 +298,10 @@ fn torch_vectors(rel: &str) -> (BTreeMap<String, (Vec<usize>, Vec<f64>)>, String
 
 #[test]
 fn per_example_grads_match_pytorch_vectors() {
+    pytorch_vectors_on(Device::Cpu);
+}
+
+fn pytorch_vectors_on(device: Device) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
     let mut files: Vec<String> = std::fs::read_dir(&dir)
         .expect("tests/data")
@@ -260,7 +340,7 @@ fn per_example_grads_match_pytorch_vectors() {
                 None => m.clone(),
                 Some(s) => module(rel, b, forced(&m, s)),
             };
-            let mut s = mm.session(Device::Cpu).expect("session");
+            let mut s = mm.session(device).expect("session");
             let loss = s.loss(&params, &batch).expect("loss");
             assert!(rel_err(&loss, &v["loss"].1) < 1e-4, "{file}: loss");
             let pe = s.per_example_grads(&params, &batch).expect("grads");

@@ -40,6 +40,31 @@ backend_tests!(
     vector_selects_and_invariants,
 );
 
+/// The generated CUDA C, compiled for the host (`cuda::host`), on the same cases: what the
+/// CUDA renderer writes, checked without a GPU. (`grid_subrange` has no CUDA form: a launch
+/// always covers the whole grid.)
+mod cuda_c {
+    macro_rules! cuda_c_tests {
+        ($($case:ident),* $(,)?) => {
+            $(#[test] fn $case() { super::$case(super::Backend::CudaC) })*
+        };
+    }
+    cuda_c_tests!(
+        matmul,
+        matmul_vector_reduction,
+        conv2d_padding_stride_dilation_groups,
+        grouped_index,
+        batch_extent_inner_loop,
+        accumulate_stores,
+        relu_backward_and_leaky_relu,
+        argmax_first_one_hot,
+        unary_ops,
+        vector_reductions_and_maps,
+        nan_semantics,
+        vector_selects_and_invariants,
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Kernels and their references.
 
@@ -522,6 +547,7 @@ fn grid_subrange(be: Backend) {
             let compiled = jit(be == Backend::Vector).compile(&[k]).unwrap();
             compiled[0].run(&mut views, 4, 1, 3).unwrap();
         }
+        Backend::CudaC => unreachable!("not run on CUDA C (see mod cuda_c)"),
     }
     assert_eq!(bufs[1], vec![0.0, 0.0, 3.0, 4.0, 5.0, 6.0, 0.0, 0.0]);
 }

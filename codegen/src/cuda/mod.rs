@@ -25,6 +25,7 @@
 //! Integer indices are 64-bit: a buffer's length depends on the run-time batch.
 
 pub mod device;
+pub mod host;
 pub mod nvrtc;
 
 use std::collections::HashSet;
@@ -51,6 +52,8 @@ pub enum CudaError {
     Compile { arch: String, status: String, log: String, code: String },
     #[error("CUDA driver: {0}")]
     Driver(String),
+    #[error("CUDA C on the host: {0}")]
+    Host(String),
     #[error(transparent)]
     Verify(#[from] VerifyError),
     #[error("kernel `{kernel}`: {expected} buffers expected, {got} given")]

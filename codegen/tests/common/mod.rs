@@ -150,6 +150,8 @@ pub enum Backend {
     Scalar,
     /// The Cranelift JIT with the F32X4 path (and FMA where the host has it).
     Vector,
+    /// The CUDA C renderer's output compiled for the host (see `cuda::host`).
+    CudaC,
 }
 
 pub const ALL: [Backend; 3] = [Backend::Interp, Backend::Scalar, Backend::Vector];
@@ -167,6 +169,12 @@ pub fn exec(be: Backend, k: &Kernel, bufs: &mut [Vec<f32>], batch: u64) {
             let compiled = jit(be == Backend::Vector).compile(std::slice::from_ref(k)).expect("compile");
             let extent = k.grid.extent.resolve(batch);
             compiled[0].run(&mut views, batch, 0, extent).expect("run");
+        }
+        Backend::CudaC => {
+            let module = pdgc_codegen::cuda::render_module(std::slice::from_ref(k)).expect("renders");
+            let host =
+                pdgc_codegen::cuda::host::compile(&module, std::slice::from_ref(k)).unwrap_or_else(|e| panic!("{e}"));
+            host.launch(0, &mut views, batch).expect("launch");
         }
     }
 }
