@@ -10,7 +10,8 @@
 //! launches that narrow a batched buffer to one example), checked against the kernel's
 //! argument lengths before every launch.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
@@ -18,6 +19,21 @@ use cudarc::nvrtc::Ptx;
 use super::nvrtc::{compile_cubin, Arch, Opt};
 use super::{CudaError, CudaModule, LaunchInfo};
 use crate::ir::Arg;
+
+/// NVRTC takes seconds on a large module, and a process often loads the same one several
+/// times (one session per strategy in `pdgc bench`), so cubins are kept per (source, arch).
+fn cached_cubin(source: &str, arch: Arch) -> Result<Vec<u8>, CudaError> {
+    static CACHE: Mutex<BTreeMap<(u32, String), Vec<u8>>> = Mutex::new(BTreeMap::new());
+    let key = (arch.0, source.to_string());
+    if let Some(c) = CACHE.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        return Ok(c);
+    }
+    let cubin = compile_cubin(source, "pdgc_module.cu", arch, Opt::Full)?;
+    if let Ok(mut m) = CACHE.lock() {
+        m.insert(key, cubin.clone());
+    }
+    Ok(cubin)
+}
 
 /// An open device: context, stream, name and architecture.
 pub struct CudaDevice {
@@ -74,7 +90,7 @@ impl CudaDevice {
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(CudaError::DriverMissing(format!(
                 "the CUDA driver library was not found (tried {}); is there an NVIDIA GPU and driver on this machine?",
-                cudarc::get_lib_name_candidates("cuda").join(", ")
+                super::candidates("cuda")
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(driver("creating a context"))?;
@@ -94,7 +110,7 @@ impl CudaDevice {
 
     /// Compiles `module` with NVRTC for this device's architecture and loads it.
     pub fn load(&self, module: &CudaModule, kernels: &[crate::ir::Kernel]) -> Result<LoadedModule, CudaError> {
-        let cubin = compile_cubin(&module.source, "pdgc_module.cu", self.arch, Opt::Full)?;
+        let cubin = cached_cubin(&module.source, self.arch)?;
         let loaded = self.ctx.load_module(Ptx::from_binary(cubin)).map_err(driver("loading the module"))?;
         let funcs = module
             .kernels

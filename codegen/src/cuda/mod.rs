@@ -62,6 +62,17 @@ pub enum CudaError {
     BufferLen { kernel: String, arg: String, batch: u64, expected: String, got: usize },
 }
 
+/// The file names cudarc tries for a library, without repeats, for error messages.
+fn candidates(lib: &str) -> String {
+    let mut seen = Vec::new();
+    for c in cudarc::get_lib_name_candidates(lib) {
+        if !seen.contains(&c) {
+            seen.push(c);
+        }
+    }
+    seen.join(", ")
+}
+
 /// Threads per block for grid-parallel kernels.
 pub const BLOCK: u32 = 128;
 

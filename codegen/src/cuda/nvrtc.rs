@@ -39,7 +39,7 @@ pub fn available() -> Result<(i32, i32), CudaError> {
         return Err(CudaError::NvrtcMissing(format!(
             "libnvrtc was not found (tried {}); install NVRTC (e.g. `pip install nvidia-cuda-nvrtc-cu12==12.9.86`) \
              and put its lib folder on LD_LIBRARY_PATH",
-            cudarc::get_lib_name_candidates("nvrtc").join(", ")
+            super::candidates("nvrtc")
         )));
     }
     let (mut major, mut minor) = (0, 0);
