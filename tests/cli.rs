@@ -114,3 +114,27 @@ fn dumps_print_each_stage() {
         assert!(stdout.contains(needle), "{stage}: {stdout}");
     }
 }
+
+#[test]
+fn compile_dumps_the_cuda_module() {
+    let (code, stdout, stderr) = pdgc(&["compile", "samples/mnist_cnn.pdg", "--batch", "8", "--dump", "cuda"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("extern \"C\" __global__ void"), "{stdout}");
+    assert!(stdout.contains("static __device__ __forceinline__ float pdgc_max"), "the helpers come first");
+}
+
+#[test]
+fn bench_says_where_it_ran_and_cuda_without_a_gpu_is_a_clear_error() {
+    let (code, stdout, stderr) =
+        pdgc(&["bench", "samples/toy_l2_r4_k3.pdg", "--batch", "2", "--repeats", "1", "--strategy", "unfold"]);
+    assert_eq!(code, 0, "{stderr}");
+    let gpu = pdgc_codegen::cuda::device::CudaDevice::open(0).is_ok();
+    let device = if gpu { "on cuda (" } else { "on cpu (" };
+    assert!(stdout.contains(device), "{stdout}");
+    if !gpu {
+        let (code, _, stderr) = pdgc(&["bench", "samples/toy_l2_r4_k3.pdg", "--batch", "2", "--device", "cuda"]);
+        assert_eq!(code, 1);
+        assert!(stderr.contains("no CUDA driver") && stderr.contains("libcuda.so"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
