@@ -27,6 +27,7 @@ pub mod report;
 pub mod runtime;
 pub mod syntax;
 pub mod tensor;
+pub mod train;
 
 pub use diag::{Diagnostic, Severity, Span};
 pub use dp::{DpSettings, Optimizer, OptimizerState, Sampling, StepReport};
