@@ -56,6 +56,8 @@ pub enum Error {
     Source(String),
     #[error("{path}: {message}")]
     Module { path: PathBuf, message: String },
+    #[error("privacy accounting: {0}")]
+    Privacy(String),
     #[error("device: {0}")]
     Device(String),
     #[error("kernel backend: {0}")]

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 
 use pdgc::diag::{render, Severity};
 use pdgc::ops::Strategy;
@@ -50,6 +50,40 @@ struct PlanArgs {
     /// Force strategies: `layer=strategy,...` (beats the cost model and `@strategy`).
     #[arg(long, value_delimiter = ',', value_parser = parse_override)]
     strategy: Vec<(String, Strategy)>,
+}
+
+/// `pdgc privacy`: one of σ or a target ε, one way to give q, one way to give T.
+#[derive(clap::Args)]
+#[command(group(ArgGroup::new("given").required(true).args(["noise", "epsilon"])))]
+#[command(group(ArgGroup::new("rate").required(true).args(["sample_rate", "batch"])))]
+#[command(group(ArgGroup::new("length").required(true).args(["steps", "epochs"])))]
+struct PrivacyArgs {
+    /// Noise multiplier σ (noise std / clip norm): print the ε it spends.
+    #[arg(long, allow_negative_numbers = true)]
+    noise: Option<f64>,
+    /// Target ε: print the smallest σ that stays within it.
+    #[arg(long, allow_negative_numbers = true)]
+    epsilon: Option<f64>,
+    /// Poisson sampling rate q: the probability that a step uses a given example.
+    #[arg(long, allow_negative_numbers = true)]
+    sample_rate: Option<f64>,
+    /// Expected batch size B, with --dataset-size N instead of --sample-rate (q = B/N).
+    #[arg(long, requires = "dataset_size")]
+    batch: Option<u64>,
+    /// Dataset size N (with --batch).
+    #[arg(long, requires = "batch")]
+    dataset_size: Option<u64>,
+    /// Number of steps T.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Number of epochs E instead of --steps (T = ceil(E/q)).
+    #[arg(long, allow_negative_numbers = true)]
+    epochs: Option<f64>,
+    /// The δ of the (ε, δ) guarantee.
+    #[arg(long, default_value_t = 1e-5, allow_negative_numbers = true)]
+    delta: f64,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
 }
 
 #[derive(Subcommand)]
@@ -147,6 +181,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// DP-SGD privacy accounting (RDP, as Opacus): ε spent by σ, or σ for a target ε.
+    Privacy(PrivacyArgs),
     /// Train a model with DP-SGD (or without privacy, for a baseline) on Fashion-MNIST.
     Train(TrainArgs),
 }
@@ -308,6 +344,7 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
+        Command::Privacy(args) => run(|| privacy(&args)),
         Command::Train(args) => run(|| train(&args)),
     }
 }
@@ -548,6 +585,74 @@ fn grads(
     pdgc::tensor::save_tensors(output, &out, None).map_err(|e| e.to_string())?;
     eprintln!("wrote {} ({} examples, {} tensors)", output.display(), b, out.len());
     Ok(())
+}
+
+fn privacy(args: &PrivacyArgs) -> Result<(), String> {
+    let q = match (args.sample_rate, args.batch, args.dataset_size) {
+        (Some(q), _, _) => q,
+        (None, Some(_), Some(0)) => return Err("--dataset-size must be at least 1".into()),
+        (None, Some(b), Some(n)) => b as f64 / n as f64,
+        _ => return Err("give --sample-rate, or --batch with --dataset-size".into()),
+    };
+    let steps = match (args.steps, args.epochs) {
+        (Some(t), _) => t,
+        (None, Some(e)) => epochs_to_steps(e, q, args.batch.zip(args.dataset_size))?,
+        (None, None) => return Err("give --steps or --epochs".into()),
+    };
+    let err = |e: pdgc::Error| e.to_string();
+    let (sigma, spent) = match (args.noise, args.epsilon) {
+        (Some(sigma), _) => (sigma, pdgc::privacy::epsilon(sigma, q, steps, args.delta).map_err(err)?),
+        (None, Some(target)) => {
+            let sigma = pdgc::privacy::noise_multiplier(target, q, steps, args.delta).map_err(err)?;
+            (sigma, pdgc::privacy::epsilon(sigma, q, steps, args.delta).map_err(err)?)
+        }
+        (None, None) => return Err("give --noise or --epsilon".into()),
+    };
+    match args.format {
+        Format::Text => {
+            if let Some(target) = args.epsilon {
+                println!("target epsilon    {target} (within {})", pdgc::privacy::EPSILON_TOLERANCE);
+            }
+            println!("noise multiplier  {sigma}");
+            println!("sample rate       {q}");
+            println!("steps             {steps}");
+            println!("delta             {:e}", args.delta);
+            println!("epsilon           {:.4}", spent.epsilon);
+            println!("best RDP order    {}", spent.best_order);
+        }
+        Format::Json => {
+            let json = serde_json::json!({
+                "target_epsilon": args.epsilon,
+                "noise_multiplier": sigma,
+                "sample_rate": q,
+                "steps": steps,
+                "delta": args.delta,
+                "epsilon": spent.epsilon,
+                "best_order": spent.best_order,
+            });
+            println!("{}", serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?);
+        }
+    }
+    Ok(())
+}
+
+/// T = ceil(E/q), with E·N/B when q = B/N so that a whole number of steps stays whole.
+fn epochs_to_steps(epochs: f64, q: f64, batch_of: Option<(u64, u64)>) -> Result<u64, String> {
+    if !(epochs >= 0.0 && epochs.is_finite()) {
+        return Err(format!("--epochs must be a finite number ≥ 0, got {epochs}"));
+    }
+    if !(q > 0.0 && q <= 1.0) {
+        return Err(format!("--epochs needs a sample rate in (0, 1], got {q}; give --steps instead"));
+    }
+    let exact = match batch_of {
+        Some((b, n)) => epochs * n as f64 / b as f64,
+        None => epochs / q,
+    };
+    let steps = if (exact - exact.round()).abs() <= 1e-9 * exact.max(1.0) { exact.round() } else { exact.ceil() };
+    if steps > 9.0e15 {
+        return Err(format!("{epochs} epochs at sample rate {q} is too many steps ({steps})"));
+    }
+    Ok(steps as u64)
 }
 
 fn run(f: impl FnOnce() -> Result<(), String>) -> ExitCode {
