@@ -87,6 +87,20 @@ fn resuming_from_a_checkpoint_reproduces_the_uninterrupted_run() {
 }
 
 #[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let module = tiny(8);
+    let (train, test) = (task(48, 0), task(10, 3));
+    let run = |threads: usize| {
+        let mut t = Trainer::new(&module, config(2, Optimizer::Sgd { lr: 0.2, momentum: 0.9 }, PRIVATE), &train)
+            .expect("trainer");
+        t.set_threads(threads);
+        t.run(&train, &test, None, |_| {}).expect("run");
+        t.params
+    };
+    assert_eq!(run(1), run(3));
+}
+
+#[test]
 fn resume_refuses_other_settings_and_torn_checkpoints() {
     let module = tiny(8);
     let (train, test) = (task(32, 0), task(10, 3));
