@@ -31,6 +31,27 @@ pub enum Error {
     BatchMismatch { a: String, na: usize, b: String, nb: usize },
     #[error("the clip norm must be a positive finite number, got {0}")]
     BadClipNorm(f32),
+    #[error(
+        "{dataset} not found: {path} does not exist.\n  Install it with `apt-get install dataset-fashion-mnist` \
+         (it goes to /usr/share/datasets/fashion-mnist),\n  or pass `--data fashion-mnist:DIR` where DIR holds \
+         train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte \
+         (each may end in .gz)"
+    )]
+    DataMissing { dataset: String, path: PathBuf },
+    #[error("{path}: not a readable gzip stream: {message}")]
+    Gzip { path: PathBuf, message: String },
+    #[error("{path}: IDX magic number {found:#010x}, expected {expected:#010x} ({what})")]
+    IdxMagic { path: PathBuf, found: u32, expected: u32, what: &'static str },
+    #[error("{path}: truncated or damaged IDX file: {message}")]
+    IdxDamaged { path: PathBuf, message: String },
+    #[error("{images} holds {n_images} images but {labels} holds {n_labels} labels")]
+    DatasetMismatch { images: PathBuf, n_images: usize, labels: PathBuf, n_labels: usize },
+    #[error("the data does not fit model `{model}`: {message}")]
+    DataModelMismatch { model: String, message: String },
+    #[error("{name} {value}: {reason}")]
+    InvalidSetting { name: &'static str, value: String, reason: String },
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
     #[error("{0} has errors (see the diagnostics above)")]
     Source(String),
     #[error("{path}: {message}")]

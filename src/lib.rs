@@ -11,7 +11,9 @@
 
 pub mod bench;
 pub mod check;
+pub mod data;
 pub mod diag;
+pub mod dp;
 pub mod error;
 pub mod explain;
 pub mod grad;
@@ -26,8 +28,10 @@ pub mod report;
 pub mod runtime;
 pub mod syntax;
 pub mod tensor;
+pub mod train;
 
 pub use diag::{Diagnostic, Severity, Span};
+pub use dp::{DpSettings, Optimizer, OptimizerState, Sampling, StepReport};
 pub use error::{Error, Result};
 pub use graph::Graph;
 pub use module::{CompileOptions, Module};

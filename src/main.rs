@@ -189,6 +189,79 @@ enum Command {
     },
     /// DP-SGD privacy accounting (RDP, as Opacus): ε spent by σ, or σ for a target ε.
     Privacy(PrivacyArgs),
+    /// Train a model with DP-SGD (or without privacy, for a baseline) on Fashion-MNIST.
+    Train(TrainArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SamplingKind {
+    /// Each example independently with rate q (what the accountant assumes).
+    Poisson,
+    /// A random permutation per epoch, cut into batches of exactly --batch.
+    Shuffle,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// The model (.pdg): one [1, 28, 28] input, a 10-class label.
+    file: PathBuf,
+    /// `fashion-mnist` (Debian's /usr/share/datasets/fashion-mnist) or `fashion-mnist:DIR`.
+    #[arg(long)]
+    data: String,
+    /// Total epochs (an epoch is 1/q steps under Poisson sampling).
+    #[arg(long, default_value_t = 10)]
+    epochs: u64,
+    /// Expected batch size (Poisson: q = B/N), or the exact batch with --sampling shuffle.
+    #[arg(long, conflicts_with = "sample_rate")]
+    batch: Option<usize>,
+    /// The Poisson sampling rate q (instead of --batch).
+    #[arg(long)]
+    sample_rate: Option<f64>,
+    /// How batches are drawn.
+    #[arg(long, value_enum, default_value_t = SamplingKind::Poisson)]
+    sampling: SamplingKind,
+    /// Learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    lr: f32,
+    /// SGD momentum (PyTorch semantics).
+    #[arg(long, conflicts_with = "adam")]
+    momentum: Option<f32>,
+    /// Adam (β = 0.9, 0.999, ε = 1e-8) instead of SGD.
+    #[arg(long)]
+    adam: bool,
+    /// Per-example clip norm C.
+    #[arg(long)]
+    clip: Option<f32>,
+    /// Noise multiplier σ (the noise's std is σ·C).
+    #[arg(long, conflicts_with = "epsilon")]
+    noise: Option<f64>,
+    /// Target ε for the whole run: σ is chosen to spend exactly this.
+    #[arg(long)]
+    epsilon: Option<f64>,
+    /// δ of the (ε, δ) guarantee.
+    #[arg(long, default_value_t = 1e-5)]
+    delta: f64,
+    /// Seed of every random stream (default: drawn from the OS and kept in the checkpoint).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Write a checkpoint into this directory after every epoch.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Continue the run checkpointed in this directory (same settings; --epochs may grow).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Train without clipping or noise: the non-private baseline.
+    #[arg(long, conflicts_with_all = ["clip", "noise", "epsilon"])]
+    non_private: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Where to run: auto (CUDA if usable, else the CPU), cpu, cuda, interpreter, cuda-host.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// Physical batch: the logical batch is cut into micro-batches of this size.
+    #[arg(long, default_value_t = 256)]
+    micro_batch: usize,
 }
 
 /// `--device`.
@@ -311,7 +384,99 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Privacy(args) => run(|| privacy(&args)),
+        Command::Train(args) => run(|| train(&args)),
     }
+}
+
+fn train(args: &TrainArgs) -> Result<(), String> {
+    use pdgc::train::{Privacy, TrainConfig, Trainer};
+    let e = |e: pdgc::Error| e.to_string();
+    let dir = pdgc::data::parse_data_spec(&args.data).map_err(e)?;
+    if args.micro_batch == 0 {
+        return Err("--micro-batch must be at least 1".into());
+    }
+    let name = args.file.display().to_string();
+    let src = std::fs::read_to_string(&args.file).map_err(|err| format!("cannot read {name}: {err}"))?;
+    let module = pdgc::Module::from_source(&name, &src, &pdgc::CompileOptions::new(args.micro_batch)).map_err(e)?;
+    let data = pdgc::data::load_fashion_mnist(&dir).map_err(e)?;
+    let n = data.train.len();
+    let sampling = match (args.sampling, args.batch, args.sample_rate) {
+        (SamplingKind::Poisson, _, Some(rate)) => pdgc::Sampling::Poisson { rate },
+        (SamplingKind::Poisson, batch, None) => {
+            pdgc::Sampling::Poisson { rate: batch.unwrap_or(256) as f64 / n as f64 }
+        }
+        (SamplingKind::Shuffle, Some(batch), _) => pdgc::Sampling::Shuffle { batch },
+        (SamplingKind::Shuffle, None, _) => return Err("--sampling shuffle needs --batch B".into()),
+    };
+    let optimizer = if args.adam {
+        pdgc::Optimizer::adam(args.lr)
+    } else {
+        pdgc::Optimizer::Sgd { lr: args.lr, momentum: args.momentum.unwrap_or(0.0) }
+    };
+    let privacy = if args.non_private {
+        Privacy::NonPrivate
+    } else {
+        let clip = args.clip.ok_or("--clip C is required (or --non-private for the baseline)")?;
+        let noise_multiplier = match (args.noise, args.epsilon) {
+            (Some(sigma), _) => sigma,
+            (None, Some(eps)) => {
+                sampling.validate(n).map_err(e)?;
+                let sigma = pdgc::train::noise_for_epsilon(eps, &sampling, n, args.epochs, args.delta).map_err(e)?;
+                eprintln!(
+                    "noise multiplier σ = {sigma:.4} spends ε = {eps} at δ = {:e} over {} epochs",
+                    args.delta, args.epochs
+                );
+                sigma
+            }
+            (None, None) => return Err("--noise σ or --epsilon ε is required (or --non-private)".into()),
+        };
+        Privacy::Private { clip, noise_multiplier, delta: args.delta }
+    };
+    let seed = match (args.seed, &args.resume) {
+        (Some(s), _) => s,
+        (None, Some(dir)) => resume_seed(dir)?,
+        (None, None) => rand::random::<u64>(),
+    };
+    let config = TrainConfig { epochs: args.epochs, sampling, optimizer, privacy, seed, micro_batch: args.micro_batch };
+    let mut trainer = match &args.resume {
+        Some(dir) => Trainer::resume_on(&module, config, &data.train, dir, args.device.device()).map_err(e)?,
+        None => Trainer::new_on(&module, config, &data.train, args.device.device()).map_err(e)?,
+    };
+    if let Some(t) = args.threads {
+        trainer.set_threads(t);
+    }
+    eprintln!("running on {}", trainer.session().device_description());
+    if let Some(why) = trainer.session().fallback_reason() {
+        log::debug!("train: no CUDA ({why})");
+    }
+    trainer.progress = true;
+    let steps = trainer.config.sampling.steps_per_epoch(n);
+    eprintln!(
+        "{}: {} training / {} test examples, {} steps per epoch, expected batch {:.1}, micro-batch {}{}",
+        module.name,
+        n,
+        data.test.len(),
+        steps,
+        trainer.config.sampling.expected_batch(n),
+        args.micro_batch,
+        if trainer.epochs_done > 0 { format!(", resuming after epoch {}", trainer.epochs_done) } else { String::new() }
+    );
+    let summary = trainer
+        .run(&data.train, &data.test, args.checkpoint.as_deref(), |r| {
+            println!("{r}");
+        })
+        .map_err(e)?;
+    println!("{summary}");
+    Ok(())
+}
+
+/// The seed stored in a checkpoint's state.json (for a resume without --seed).
+fn resume_seed(dir: &Path) -> Result<u64, String> {
+    let path = dir.join("state.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("checkpoint {}: unreadable state.json: {e}", dir.display()))?;
+    v["config"]["seed"].as_u64().ok_or_else(|| format!("checkpoint {}: state.json has no seed", dir.display()))
 }
 
 impl Default for PlanArgs {
