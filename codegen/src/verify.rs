@@ -478,7 +478,7 @@ pub fn independent_over(args: usize, body: &[Stmt], vars: &[VarId]) -> bool {
 }
 
 /// Calls `f(arg, index, is_store)` for every load and store in program order.
-fn visit_accesses(body: &[Stmt], f: &mut impl FnMut(ArgId, &[Affine], bool)) {
+pub(crate) fn visit_accesses(body: &[Stmt], f: &mut impl FnMut(ArgId, &[Affine], bool)) {
     fn expr(e: &Expr, f: &mut impl FnMut(ArgId, &[Affine], bool)) {
         match e {
             Expr::Const(_) | Expr::Acc(_) | Expr::Index(_) => {}

@@ -13,8 +13,11 @@
 //! elements, the grid and the perfectly nested loops directly inside it that are proved
 //! independent too ([`parallel_nest`]) become one flat thread index (blocks of [`BLOCK`]
 //! threads; the innermost of those loops varies fastest between neighbouring threads, so
-//! unit-stride accesses along it coalesce). Otherwise one thread runs the whole grid loop in
-//! order, which is what the IR's sequential semantics asks for. Everything inside runs
+//! unit-stride accesses along it coalesce). Inside that nest, loops that hold every access to
+//! the stored buffers, all indexed by the loop variable at a fixed position, are sunk into
+//! the thread index too ([`sunk_loops`]): a GEMM-shaped axpy nest becomes one thread per
+//! output element that reduces in its own registers. Otherwise one thread runs the whole
+//! grid loop in order, which is what the IR's sequential semantics asks for. Everything inside runs
 //! sequentially in the thread, exactly in IR order; accumulators are registers.
 //!
 //! Floating point: constants print so that they parse back to the same bits; `exp`, `log`,
@@ -132,9 +135,13 @@ pub fn render_module(kernels: &[Kernel]) -> Result<CudaModule, VerifyError> {
         source.push('\n');
         source.push_str(&render_kernel(k, &sym));
         let nest = parallel_nest(k);
-        let (parallel, extents) = match nest.is_empty() {
-            true => (false, vec![k.grid.extent]),
-            false => (true, nest.iter().map(|l| l.extent).collect()),
+        let (parallel, extents) = match nest.last() {
+            None => (false, vec![k.grid.extent]),
+            Some(inner) => {
+                let mut e: Vec<Extent> = nest.iter().map(|l| l.extent).collect();
+                e.extend(sunk_loops(k, &inner.body).map(|s| s.extent));
+                (true, e)
+            }
         };
         infos.push(LaunchInfo { symbol: sym, parallel, extents, args: k.args.len() });
     }
@@ -162,6 +169,9 @@ pub fn render_kernel(k: &Kernel, symbol: &str) -> String {
         .chain(std::iter::once("const unsigned long long batch".to_string()))
         .collect();
     let nest = parallel_nest(k);
+    let sunk = nest.last().and_then(|inner| sunk_loops(k, &inner.body));
+    let mut r = r;
+    r.sunk = sunk.as_ref().map(|s| s.vars.clone()).unwrap_or_default();
     let bounds = if nest.is_empty() { 1 } else { BLOCK };
     let _ = writeln!(out, "extern \"C\" __global__ void __launch_bounds__({bounds}) {symbol}(");
     let _ = writeln!(out, "    {}) {{", params.join(",\n    "));
@@ -178,7 +188,7 @@ pub fn render_kernel(k: &Kernel, symbol: &str) -> String {
             r.stmts(&mut out, &k.grid.body, 2);
             let _ = writeln!(out, "  }}");
         }
-        [grid] => {
+        [grid] if sunk.is_none() => {
             let g = r.var(grid.var);
             let _ = writeln!(out, "  const long long {g} = (long long)blockIdx.x * blockDim.x + threadIdx.x;");
             let _ = writeln!(out, "  if ({g} >= {}) return;", Renderer::extent(grid.extent));
@@ -186,16 +196,25 @@ pub fn render_kernel(k: &Kernel, symbol: &str) -> String {
             r.stmts(&mut out, &grid.body, 1);
         }
         [.., inner] => {
-            let total: Vec<String> = nest.iter().map(|l| Renderer::extent(l.extent)).collect();
+            // Thread dimensions, outermost first: the nest's loops, then the sunk loops.
+            let mut dims: Vec<(String, Extent)> = nest.iter().map(|l| (r.var(l.var).to_string(), l.extent)).collect();
+            if let Some(sunk) = &sunk {
+                let _ = writeln!(
+                    out,
+                    "  // Sunk into the thread index (pdgc_t): the loops over {}.",
+                    sunk.vars.iter().map(|v| r.var(*v)).collect::<Vec<_>>().join(", ")
+                );
+                dims.push(("pdgc_t".to_string(), sunk.extent));
+            }
+            let total: Vec<String> = dims.iter().map(|d| Renderer::extent(d.1)).collect();
             let _ = writeln!(out, "  const long long pdgc_tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;");
             let _ = writeln!(out, "  if (pdgc_tid >= {}) return;", total.join(" * "));
             let _ = writeln!(out, "  long long pdgc_rest = pdgc_tid;");
-            for (i, l) in nest.iter().enumerate().rev() {
-                let v = r.var(l.var);
+            for (i, (v, e)) in dims.iter().enumerate().rev() {
                 if i == 0 {
                     let _ = writeln!(out, "  const long long {v} = pdgc_rest;");
                 } else {
-                    let e = Renderer::extent(l.extent);
+                    let e = Renderer::extent(*e);
                     let _ = writeln!(out, "  const long long {v} = pdgc_rest % {e};");
                     let _ = writeln!(out, "  pdgc_rest /= {e};");
                 }
@@ -227,6 +246,189 @@ pub fn parallel_nest(k: &Kernel) -> Vec<&Loop> {
         nest.push(inner);
     }
     nest
+}
+
+/// Loops inside the parallel nest's body that also become a thread dimension ("sunk"):
+/// each thread runs the body with every loop of `vars` cut down to the single iteration
+/// `pdgc_t`, the innermost thread index. Found by [`sunk_loops`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sunk {
+    pub extent: Extent,
+    pub vars: Vec<VarId>,
+}
+
+/// The loops of the parallel nest's innermost `body` that can be sunk into the thread
+/// index, if any. Every load and store of every stored argument lies in one of them, and
+/// indexes that argument with the loop's variable alone at one position fixed per argument;
+/// they all have the same extent, none contains another, and no accumulator set in one is
+/// read outside them. Then threads that differ only in `pdgc_t` touch disjoint elements of
+/// every stored argument, and each sees the values the sequential loops would give it.
+///
+/// This turns the GEMM-shaped loops (`for r { w = W[co,r]; for t { y[t] += w·x[r,t] } }`)
+/// into one thread per output element, reducing over `r` in its own registers, with
+/// neighbouring threads on neighbouring `t` (coalesced loads and stores).
+pub fn sunk_loops(k: &Kernel, body: &[Stmt]) -> Option<Sunk> {
+    let mut stored = vec![false; k.args.len()];
+    crate::verify::visit_accesses(body, &mut |arg, _, store| {
+        if store {
+            stored[arg.0 as usize] = true;
+        }
+    });
+    // For each access of a stored argument: the innermost enclosing loop whose variable is
+    // alone at some index position.
+    struct Walk<'a> {
+        stored: &'a [bool],
+        stack: Vec<(VarId, Extent)>,
+        chosen: Vec<(VarId, Extent)>,
+        positions: Vec<Option<usize>>,
+        ok: bool,
+    }
+    impl Walk<'_> {
+        fn access(&mut self, arg: crate::ir::ArgId, index: &[Affine]) {
+            if !self.stored[arg.0 as usize] {
+                return;
+            }
+            let found = self
+                .stack
+                .iter()
+                .rev()
+                .find_map(|&(v, e)| index.iter().position(|a| a.as_var() == Some(v)).map(|p| (v, e, p)));
+            let Some((v, e, p)) = found else {
+                self.ok = false;
+                return;
+            };
+            match self.positions[arg.0 as usize] {
+                Some(q) if q != p => self.ok = false,
+                _ => self.positions[arg.0 as usize] = Some(p),
+            }
+            if !self.chosen.iter().any(|c| c.0 == v) {
+                self.chosen.push((v, e));
+            }
+        }
+        fn expr(&mut self, e: &Expr) {
+            match e {
+                Expr::Const(_) | Expr::Acc(_) | Expr::Index(_) => {}
+                Expr::Load { arg, index } => self.access(*arg, index),
+                Expr::Unary(_, a) => self.expr(a),
+                Expr::Binary(_, a, b) => {
+                    self.expr(a);
+                    self.expr(b);
+                }
+                Expr::Select { cond, then, otherwise } => {
+                    self.cond(cond);
+                    self.expr(then);
+                    self.expr(otherwise);
+                }
+            }
+        }
+        fn cond(&mut self, c: &Cond) {
+            match c {
+                Cond::InRange { .. } => {}
+                Cond::Cmp { a, b, .. } => {
+                    self.expr(a);
+                    self.expr(b);
+                }
+                Cond::And(cs) => cs.iter().for_each(|c| self.cond(c)),
+            }
+        }
+        fn stmts(&mut self, body: &[Stmt]) {
+            for s in body {
+                match s {
+                    Stmt::Loop(l) => {
+                        self.stack.push((l.var, l.extent));
+                        self.stmts(&l.body);
+                        self.stack.pop();
+                    }
+                    Stmt::Set { value, .. } => self.expr(value),
+                    Stmt::Store { arg, index, value, .. } => {
+                        self.expr(value);
+                        self.access(*arg, index);
+                    }
+                    Stmt::If { cond, then } => {
+                        self.cond(cond);
+                        self.stmts(then);
+                    }
+                }
+            }
+        }
+    }
+    let mut w =
+        Walk { stored: &stored, stack: Vec::new(), chosen: Vec::new(), positions: vec![None; k.args.len()], ok: true };
+    w.stmts(body);
+    let (first, rest) = w.chosen.split_first()?;
+    if !w.ok || rest.iter().any(|c| c.1 != first.1) || first.1 == Extent::Fixed(1) {
+        return None;
+    }
+    let vars: Vec<VarId> = w.chosen.iter().map(|c| c.0).collect();
+    // None contains another, and accumulators set inside one are not read outside them.
+    fn check(
+        body: &[Stmt],
+        vars: &[VarId],
+        inside: bool,
+        set_inside: &mut Vec<crate::ir::AccId>,
+        acc_count: usize,
+    ) -> bool {
+        body.iter().all(|s| match s {
+            Stmt::Loop(l) if vars.contains(&l.var) => {
+                // An accumulator the loop assigns must be set before it is read in each
+                // iteration (no value carried from one iteration to the next, as in a
+                // running sum); one it does not assign is loop-invariant and fine.
+                let mut assigned = Vec::new();
+                collect_sets(&l.body, &mut assigned);
+                let outside: Vec<crate::ir::AccId> =
+                    (0..acc_count as u32).map(crate::ir::AccId).filter(|a| !assigned.contains(a)).collect();
+                !inside && accs_set_before_read(&l.body, &mut outside.clone()) && {
+                    set_inside.extend(assigned);
+                    check(&l.body, vars, true, set_inside, acc_count)
+                }
+            }
+            Stmt::Loop(l) => check(&l.body, vars, inside, set_inside, acc_count),
+            Stmt::If { then, .. } => check(then, vars, inside, set_inside, acc_count),
+            _ => true,
+        })
+    }
+    fn collect_sets(body: &[Stmt], out: &mut Vec<crate::ir::AccId>) {
+        for s in body {
+            match s {
+                Stmt::Set { acc, .. } => out.push(*acc),
+                Stmt::Loop(l) => collect_sets(&l.body, out),
+                Stmt::If { then, .. } => collect_sets(then, out),
+                Stmt::Store { .. } => {}
+            }
+        }
+    }
+    fn reads_outside(body: &[Stmt], vars: &[VarId], accs: &[crate::ir::AccId]) -> bool {
+        fn in_expr(e: &Expr, accs: &[crate::ir::AccId]) -> bool {
+            match e {
+                Expr::Acc(a) => accs.contains(a),
+                Expr::Const(_) | Expr::Load { .. } | Expr::Index(_) => false,
+                Expr::Unary(_, a) => in_expr(a, accs),
+                Expr::Binary(_, a, b) => in_expr(a, accs) || in_expr(b, accs),
+                Expr::Select { cond, then, otherwise } => {
+                    in_cond(cond, accs) || in_expr(then, accs) || in_expr(otherwise, accs)
+                }
+            }
+        }
+        fn in_cond(c: &Cond, accs: &[crate::ir::AccId]) -> bool {
+            match c {
+                Cond::InRange { .. } => false,
+                Cond::Cmp { a, b, .. } => in_expr(a, accs) || in_expr(b, accs),
+                Cond::And(cs) => cs.iter().any(|c| in_cond(c, accs)),
+            }
+        }
+        body.iter().any(|s| match s {
+            Stmt::Loop(l) if vars.contains(&l.var) => false,
+            Stmt::Loop(l) => reads_outside(&l.body, vars, accs),
+            Stmt::Set { value, .. } => in_expr(value, accs),
+            Stmt::Store { value, .. } => in_expr(value, accs),
+            Stmt::If { cond, then } => in_cond(cond, accs) || reads_outside(then, vars, accs),
+        })
+    }
+    let mut set_inside = Vec::new();
+    if !check(body, &vars, false, &mut set_inside, k.accs.len()) || reads_outside(body, &vars, &set_inside) {
+        return None;
+    }
+    Some(Sunk { extent: first.1, vars })
 }
 
 /// Whether every accumulator read in `body` was set before, in program order, within one
@@ -339,6 +541,8 @@ struct Renderer<'k> {
     vars: Vec<String>,
     accs: Vec<String>,
     args: Vec<String>,
+    /// Loops sunk into the thread index: rendered as their one iteration `pdgc_t`.
+    sunk: Vec<VarId>,
 }
 
 impl<'k> Renderer<'k> {
@@ -357,7 +561,7 @@ impl<'k> Renderer<'k> {
         let args = k.args.iter().enumerate().map(|(i, a)| name(sanitize(&a.name), "a", i)).collect();
         let vars = k.vars.iter().enumerate().map(|(i, v)| name(sanitize(v), "v", i)).collect();
         let accs = k.accs.iter().enumerate().map(|(i, a)| name(sanitize(a), "s", i)).collect();
-        Renderer { k, vars, accs, args }
+        Renderer { k, vars, accs, args, sunk: Vec::new() }
     }
 
     fn var(&self, v: VarId) -> &str {
@@ -488,6 +692,12 @@ impl<'k> Renderer<'k> {
         let p = pad(depth);
         for s in body {
             match s {
+                Stmt::Loop(l) if self.sunk.contains(&l.var) => {
+                    let _ = writeln!(out, "{p}{{");
+                    let _ = writeln!(out, "{p}  const long long {} = pdgc_t;", self.var(l.var));
+                    self.stmts(out, &l.body, depth + 1);
+                    let _ = writeln!(out, "{p}}}");
+                }
                 Stmt::Loop(l) => {
                     let v = self.var(l.var);
                     let _ = writeln!(out, "{p}for (long long {v} = 0; {v} < {}; ++{v}) {{", Self::extent(l.extent));
