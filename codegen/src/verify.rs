@@ -479,43 +479,57 @@ pub fn independent_over(args: usize, body: &[Stmt], vars: &[VarId]) -> bool {
 
 /// Calls `f(arg, index, is_store)` for every load and store in program order.
 pub(crate) fn visit_accesses(body: &[Stmt], f: &mut impl FnMut(ArgId, &[Affine], bool)) {
-    fn expr(e: &Expr, f: &mut impl FnMut(ArgId, &[Affine], bool)) {
+    visit_accesses_in_loops(body, &mut Vec::new(), &mut |arg, index, store, _| f(arg, index, store));
+}
+
+/// [`visit_accesses`], also passing the loops of `body` that enclose each access,
+/// outermost first (`loops` starts as the enclosing loops outside `body`).
+pub(crate) fn visit_accesses_in_loops<'a>(
+    body: &'a [Stmt],
+    loops: &mut Vec<&'a Loop>,
+    f: &mut impl FnMut(ArgId, &'a [Affine], bool, &[&'a Loop]),
+) {
+    fn expr<'a>(e: &'a Expr, loops: &[&'a Loop], f: &mut impl FnMut(ArgId, &'a [Affine], bool, &[&'a Loop])) {
         match e {
             Expr::Const(_) | Expr::Acc(_) | Expr::Index(_) => {}
-            Expr::Load { arg, index } => f(*arg, index, false),
-            Expr::Unary(_, a) => expr(a, f),
+            Expr::Load { arg, index } => f(*arg, index, false, loops),
+            Expr::Unary(_, a) => expr(a, loops, f),
             Expr::Binary(_, a, b) => {
-                expr(a, f);
-                expr(b, f);
+                expr(a, loops, f);
+                expr(b, loops, f);
             }
             Expr::Select { cond: c, then, otherwise } => {
-                cond(c, f);
-                expr(then, f);
-                expr(otherwise, f);
+                cond(c, loops, f);
+                expr(then, loops, f);
+                expr(otherwise, loops, f);
             }
         }
     }
-    fn cond(c: &Cond, f: &mut impl FnMut(ArgId, &[Affine], bool)) {
+    fn cond<'a>(c: &'a Cond, loops: &[&'a Loop], f: &mut impl FnMut(ArgId, &'a [Affine], bool, &[&'a Loop])) {
         match c {
             Cond::InRange { .. } => {}
             Cond::Cmp { a, b, .. } => {
-                expr(a, f);
-                expr(b, f);
+                expr(a, loops, f);
+                expr(b, loops, f);
             }
-            Cond::And(cs) => cs.iter().for_each(|c| cond(c, f)),
+            Cond::And(cs) => cs.iter().for_each(|c| cond(c, loops, f)),
         }
     }
     for s in body {
         match s {
-            Stmt::Loop(l) => visit_accesses(&l.body, f),
-            Stmt::Set { value, .. } => expr(value, f),
+            Stmt::Loop(l) => {
+                loops.push(l);
+                visit_accesses_in_loops(&l.body, loops, f);
+                loops.pop();
+            }
+            Stmt::Set { value, .. } => expr(value, loops, f),
             Stmt::Store { arg, index, value, .. } => {
-                expr(value, f);
-                f(*arg, index, true);
+                expr(value, loops, f);
+                f(*arg, index, true, loops);
             }
             Stmt::If { cond: c, then } => {
-                cond(c, f);
-                visit_accesses(then, f);
+                cond(c, loops, f);
+                visit_accesses_in_loops(then, loops, f);
             }
         }
     }

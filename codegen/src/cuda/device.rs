@@ -173,19 +173,8 @@ impl CudaDevice {
             _ => return Err(CudaError::Driver(format!("no kernel {index} in the module"))),
         };
         let name = &module.names[index];
-        if views.len() != args.len() {
-            return Err(CudaError::BufferCount { kernel: name.clone(), expected: args.len(), got: views.len() });
-        }
+        super::check_lengths(name, args, &views.iter().map(|v| v.len).collect::<Vec<_>>(), batch)?;
         for (a, v) in args.iter().zip(views) {
-            if let Some(expected) = a.len_mismatch(batch, v.len) {
-                return Err(CudaError::BufferLen {
-                    kernel: name.clone(),
-                    arg: a.name.clone(),
-                    batch,
-                    expected,
-                    got: v.len,
-                });
-            }
             if v.offset.checked_add(v.len).is_none_or(|end| end > v.buffer.len()) {
                 return Err(CudaError::BufferLen {
                     kernel: name.clone(),

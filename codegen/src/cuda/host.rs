@@ -122,20 +122,7 @@ impl HostModule {
             return Err(CudaError::Host(format!("no kernel {index} in the module")));
         };
         let name = &self.names[index];
-        if bufs.len() != args.len() {
-            return Err(CudaError::BufferCount { kernel: name.clone(), expected: args.len(), got: bufs.len() });
-        }
-        for (a, b) in args.iter().zip(bufs.iter()) {
-            if let Some(expected) = a.len_mismatch(batch, b.len()) {
-                return Err(CudaError::BufferLen {
-                    kernel: name.clone(),
-                    arg: a.name.clone(),
-                    batch,
-                    expected,
-                    got: b.len(),
-                });
-            }
-        }
+        super::check_lengths(name, args, &bufs.iter().map(|b| b.len()).collect::<Vec<_>>(), batch)?;
         let Some((blocks, threads)) = info.dims(batch) else { return Ok(()) };
         let ptrs: Vec<*mut f32> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
         // SAFETY: one pointer per argument, each to a buffer of the checked length, borrowed

@@ -34,9 +34,8 @@ pub mod nvrtc;
 use std::collections::HashSet;
 use std::fmt::Write;
 
-use crate::ir::Loop;
-use crate::ir::{Affine, Binary, CmpOp, Cond, Expr, Extent, Kernel, Mode, Stmt, Unary, VarId};
-use crate::verify::{grid_independent, independent_over, verify, VerifyError};
+use crate::ir::{AccId, Affine, Binary, CmpOp, Cond, Expr, Extent, Kernel, Loop, Mode, Stmt, Unary, VarId};
+use crate::verify::{grid_independent, independent_over, verify, visit_accesses, visit_accesses_in_loops, VerifyError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
@@ -118,6 +117,21 @@ pub struct CudaModule {
     pub kernels: Vec<LaunchInfo>,
 }
 
+/// Checks a launch's buffer lengths (in argument order) against the kernel's arguments at
+/// `batch`: what both the device and the host launch must hold before running code that
+/// does not check its accesses.
+fn check_lengths(kernel: &str, args: &[crate::ir::Arg], lens: &[usize], batch: u64) -> Result<(), CudaError> {
+    if lens.len() != args.len() {
+        return Err(CudaError::BufferCount { kernel: kernel.to_string(), expected: args.len(), got: lens.len() });
+    }
+    for (a, &got) in args.iter().zip(lens) {
+        if let Some(expected) = a.len_mismatch(batch, got) {
+            return Err(CudaError::BufferLen { kernel: kernel.to_string(), arg: a.name.clone(), batch, expected, got });
+        }
+    }
+    Ok(())
+}
+
 /// The symbol of kernel `index`: unique in a module, a valid C identifier.
 pub fn symbol(index: usize, k: &Kernel) -> String {
     format!("pdgc_k{index}_{}", sanitize(&k.name))
@@ -132,18 +146,14 @@ pub fn render_module(kernels: &[Kernel]) -> Result<CudaModule, VerifyError> {
     for (i, k) in kernels.iter().enumerate() {
         verify(k)?;
         let sym = symbol(i, k);
+        let threads = Threads::of(k);
         source.push('\n');
-        source.push_str(&render_kernel(k, &sym));
-        let nest = parallel_nest(k);
-        let (parallel, extents) = match nest.last() {
-            None => (false, vec![k.grid.extent]),
-            Some(inner) => {
-                let mut e: Vec<Extent> = nest.iter().map(|l| l.extent).collect();
-                e.extend(sunk_loops(k, &inner.body).map(|s| s.extent));
-                (true, e)
-            }
+        source.push_str(&render_with(k, &sym, &threads));
+        let extents = match threads.nest.is_empty() {
+            true => vec![k.grid.extent],
+            false => threads.nest.iter().map(|l| l.extent).chain(threads.sunk.map(|s| s.extent)).collect(),
         };
-        infos.push(LaunchInfo { symbol: sym, parallel, extents, args: k.args.len() });
+        infos.push(LaunchInfo { symbol: sym, parallel: !threads.nest.is_empty(), extents, args: k.args.len() });
     }
     Ok(CudaModule { source, kernels: infos })
 }
@@ -151,7 +161,27 @@ pub fn render_module(kernels: &[Kernel]) -> Result<CudaModule, VerifyError> {
 /// The CUDA C of one kernel as a `__global__` function named `symbol` (no helpers; see
 /// [`render_module`]). Assumes a verified kernel.
 pub fn render_kernel(k: &Kernel, symbol: &str) -> String {
-    let r = Renderer::new(k);
+    render_with(k, symbol, &Threads::of(k))
+}
+
+/// How a kernel's iterations map onto GPU threads: the parallel nest ([`parallel_nest`];
+/// empty: one thread runs the grid) and the loops sunk into it ([`sunk_loops`]).
+struct Threads<'k> {
+    nest: Vec<&'k Loop>,
+    sunk: Option<Sunk>,
+}
+
+impl<'k> Threads<'k> {
+    fn of(k: &'k Kernel) -> Threads<'k> {
+        let nest = parallel_nest(k);
+        let sunk = nest.last().and_then(|inner| sunk_loops(k, &inner.body));
+        Threads { nest, sunk }
+    }
+}
+
+fn render_with(k: &Kernel, symbol: &str, threads: &Threads<'_>) -> String {
+    let Threads { nest, sunk } = threads;
+    let r = Renderer::new(k, sunk.as_ref().map(|s| s.vars.clone()).unwrap_or_default());
     let mut out = String::new();
     // The IR text as a comment: what this function computes, in the notation of the
     // kernel snapshots.
@@ -168,10 +198,6 @@ pub fn render_kernel(k: &Kernel, symbol: &str) -> String {
         })
         .chain(std::iter::once("const unsigned long long batch".to_string()))
         .collect();
-    let nest = parallel_nest(k);
-    let sunk = nest.last().and_then(|inner| sunk_loops(k, &inner.body));
-    let mut r = r;
-    r.sunk = sunk.as_ref().map(|s| s.vars.clone()).unwrap_or_default();
     let bounds = if nest.is_empty() { 1 } else { BLOCK };
     let _ = writeln!(out, "extern \"C\" __global__ void __launch_bounds__({bounds}) {symbol}(");
     let _ = writeln!(out, "    {}) {{", params.join(",\n    "));
@@ -260,208 +286,123 @@ pub struct Sunk {
 /// The loops of the parallel nest's innermost `body` that can be sunk into the thread
 /// index, if any. Every load and store of every stored argument lies in one of them, and
 /// indexes that argument with the loop's variable alone at one position fixed per argument;
-/// they all have the same extent, none contains another, and no accumulator set in one is
-/// read outside them. Then threads that differ only in `pdgc_t` touch disjoint elements of
-/// every stored argument, and each sees the values the sequential loops would give it.
+/// they all have the same extent, none contains another, none carries a register value from
+/// one iteration to the next, and no register set in one is read outside them. Then threads
+/// that differ only in `pdgc_t` touch disjoint elements of every stored argument, and each
+/// sees the values the sequential loops would give it.
 ///
 /// This turns the GEMM-shaped loops (`for r { w = W[co,r]; for t { y[t] += w·x[r,t] } }`)
 /// into one thread per output element, reducing over `r` in its own registers, with
 /// neighbouring threads on neighbouring `t` (coalesced loads and stores).
 pub fn sunk_loops(k: &Kernel, body: &[Stmt]) -> Option<Sunk> {
     let mut stored = vec![false; k.args.len()];
-    crate::verify::visit_accesses(body, &mut |arg, _, store| {
-        if store {
-            stored[arg.0 as usize] = true;
+    visit_accesses(body, &mut |arg, _, store| stored[arg.0 as usize] |= store);
+    // For each access of a stored argument, the innermost enclosing loop whose variable is
+    // alone at some index position; that position must be the same for every access.
+    let mut chosen: Vec<&Loop> = Vec::new();
+    let mut positions: Vec<Option<usize>> = vec![None; k.args.len()];
+    let mut ok = true;
+    visit_accesses_in_loops(body, &mut Vec::new(), &mut |arg, index, _, loops| {
+        if !stored[arg.0 as usize] {
+            return;
+        }
+        let found =
+            loops.iter().rev().find_map(|l| index.iter().position(|a| a.as_var() == Some(l.var)).map(|p| (*l, p)));
+        let Some((l, p)) = found else {
+            ok = false;
+            return;
+        };
+        ok &= positions[arg.0 as usize].replace(p).is_none_or(|q| q == p);
+        if !chosen.iter().any(|c| c.var == l.var) {
+            chosen.push(l);
         }
     });
-    // For each access of a stored argument: the innermost enclosing loop whose variable is
-    // alone at some index position.
-    struct Walk<'a> {
-        stored: &'a [bool],
-        stack: Vec<(VarId, Extent)>,
-        chosen: Vec<(VarId, Extent)>,
-        positions: Vec<Option<usize>>,
-        ok: bool,
-    }
-    impl Walk<'_> {
-        fn access(&mut self, arg: crate::ir::ArgId, index: &[Affine]) {
-            if !self.stored[arg.0 as usize] {
-                return;
-            }
-            let found = self
-                .stack
-                .iter()
-                .rev()
-                .find_map(|&(v, e)| index.iter().position(|a| a.as_var() == Some(v)).map(|p| (v, e, p)));
-            let Some((v, e, p)) = found else {
-                self.ok = false;
-                return;
-            };
-            match self.positions[arg.0 as usize] {
-                Some(q) if q != p => self.ok = false,
-                _ => self.positions[arg.0 as usize] = Some(p),
-            }
-            if !self.chosen.iter().any(|c| c.0 == v) {
-                self.chosen.push((v, e));
-            }
-        }
-        fn expr(&mut self, e: &Expr) {
-            match e {
-                Expr::Const(_) | Expr::Acc(_) | Expr::Index(_) => {}
-                Expr::Load { arg, index } => self.access(*arg, index),
-                Expr::Unary(_, a) => self.expr(a),
-                Expr::Binary(_, a, b) => {
-                    self.expr(a);
-                    self.expr(b);
-                }
-                Expr::Select { cond, then, otherwise } => {
-                    self.cond(cond);
-                    self.expr(then);
-                    self.expr(otherwise);
-                }
-            }
-        }
-        fn cond(&mut self, c: &Cond) {
-            match c {
-                Cond::InRange { .. } => {}
-                Cond::Cmp { a, b, .. } => {
-                    self.expr(a);
-                    self.expr(b);
-                }
-                Cond::And(cs) => cs.iter().for_each(|c| self.cond(c)),
-            }
-        }
-        fn stmts(&mut self, body: &[Stmt]) {
-            for s in body {
-                match s {
-                    Stmt::Loop(l) => {
-                        self.stack.push((l.var, l.extent));
-                        self.stmts(&l.body);
-                        self.stack.pop();
-                    }
-                    Stmt::Set { value, .. } => self.expr(value),
-                    Stmt::Store { arg, index, value, .. } => {
-                        self.expr(value);
-                        self.access(*arg, index);
-                    }
-                    Stmt::If { cond, then } => {
-                        self.cond(cond);
-                        self.stmts(then);
-                    }
-                }
-            }
-        }
-    }
-    let mut w =
-        Walk { stored: &stored, stack: Vec::new(), chosen: Vec::new(), positions: vec![None; k.args.len()], ok: true };
-    w.stmts(body);
-    let (first, rest) = w.chosen.split_first()?;
-    if !w.ok || rest.iter().any(|c| c.1 != first.1) || first.1 == Extent::Fixed(1) {
+    let extent = chosen.first()?.extent;
+    if !ok || extent == Extent::Fixed(1) || chosen.iter().any(|l| l.extent != extent) {
         return None;
     }
-    let vars: Vec<VarId> = w.chosen.iter().map(|c| c.0).collect();
-    // None contains another, and accumulators set inside one are not read outside them.
-    fn check(
-        body: &[Stmt],
-        vars: &[VarId],
-        inside: bool,
-        set_inside: &mut Vec<crate::ir::AccId>,
-        acc_count: usize,
-    ) -> bool {
-        body.iter().all(|s| match s {
-            Stmt::Loop(l) if vars.contains(&l.var) => {
-                // An accumulator the loop assigns must be set before it is read in each
-                // iteration (no value carried from one iteration to the next, as in a
-                // running sum); one it does not assign is loop-invariant and fine.
-                let mut assigned = Vec::new();
-                collect_sets(&l.body, &mut assigned);
-                let outside: Vec<crate::ir::AccId> =
-                    (0..acc_count as u32).map(crate::ir::AccId).filter(|a| !assigned.contains(a)).collect();
-                !inside && accs_set_before_read(&l.body, &mut outside.clone()) && {
-                    set_inside.extend(assigned);
-                    check(&l.body, vars, true, set_inside, acc_count)
-                }
-            }
-            Stmt::Loop(l) => check(&l.body, vars, inside, set_inside, acc_count),
-            Stmt::If { then, .. } => check(then, vars, inside, set_inside, acc_count),
-            _ => true,
-        })
-    }
-    fn collect_sets(body: &[Stmt], out: &mut Vec<crate::ir::AccId>) {
-        for s in body {
-            match s {
-                Stmt::Set { acc, .. } => out.push(*acc),
-                Stmt::Loop(l) => collect_sets(&l.body, out),
-                Stmt::If { then, .. } => collect_sets(then, out),
-                Stmt::Store { .. } => {}
-            }
+    let vars: Vec<VarId> = chosen.iter().map(|l| l.var).collect();
+    let mut assigned_inside = Vec::new();
+    for l in &chosen {
+        let mut assigned = Vec::new();
+        collect_sets(&l.body, &mut assigned, &mut Vec::new());
+        // A register the loop assigns must be set before it is read in each iteration (a
+        // running sum is not); one it does not assign is loop-invariant.
+        let mut invariant: Vec<AccId> = (0..k.accs.len() as u32).map(AccId).filter(|a| !assigned.contains(a)).collect();
+        let mut inner_loops = Vec::new();
+        collect_sets(&l.body, &mut Vec::new(), &mut inner_loops);
+        if inner_loops.iter().any(|v| vars.contains(v)) || !accs_set_before_read(&l.body, &mut invariant) {
+            return None;
         }
+        assigned_inside.extend(assigned);
     }
-    fn reads_outside(body: &[Stmt], vars: &[VarId], accs: &[crate::ir::AccId]) -> bool {
-        fn in_expr(e: &Expr, accs: &[crate::ir::AccId]) -> bool {
-            match e {
-                Expr::Acc(a) => accs.contains(a),
-                Expr::Const(_) | Expr::Load { .. } | Expr::Index(_) => false,
-                Expr::Unary(_, a) => in_expr(a, accs),
-                Expr::Binary(_, a, b) => in_expr(a, accs) || in_expr(b, accs),
-                Expr::Select { cond, then, otherwise } => {
-                    in_cond(cond, accs) || in_expr(then, accs) || in_expr(otherwise, accs)
-                }
-            }
-        }
-        fn in_cond(c: &Cond, accs: &[crate::ir::AccId]) -> bool {
-            match c {
-                Cond::InRange { .. } => false,
-                Cond::Cmp { a, b, .. } => in_expr(a, accs) || in_expr(b, accs),
-                Cond::And(cs) => cs.iter().any(|c| in_cond(c, accs)),
-            }
-        }
-        body.iter().any(|s| match s {
-            Stmt::Loop(l) if vars.contains(&l.var) => false,
-            Stmt::Loop(l) => reads_outside(&l.body, vars, accs),
-            Stmt::Set { value, .. } => in_expr(value, accs),
-            Stmt::Store { value, .. } => in_expr(value, accs),
-            Stmt::If { cond, then } => in_cond(cond, accs) || reads_outside(then, vars, accs),
-        })
-    }
-    let mut set_inside = Vec::new();
-    if !check(body, &vars, false, &mut set_inside, k.accs.len()) || reads_outside(body, &vars, &set_inside) {
+    if reads_outside(body, &vars, &assigned_inside) {
         return None;
     }
-    Some(Sunk { extent: first.1, vars })
+    Some(Sunk { extent, vars })
+}
+
+/// The registers `body` sets and the loop variables it binds, at any depth.
+fn collect_sets(body: &[Stmt], accs: &mut Vec<AccId>, loops: &mut Vec<VarId>) {
+    for s in body {
+        match s {
+            Stmt::Set { acc, .. } => accs.push(*acc),
+            Stmt::Loop(l) => {
+                loops.push(l.var);
+                collect_sets(&l.body, accs, loops);
+            }
+            Stmt::If { then, .. } => collect_sets(then, accs, loops),
+            Stmt::Store { .. } => {}
+        }
+    }
+}
+
+/// Whether `body`, outside the loops over `vars`, reads one of `accs`.
+fn reads_outside(body: &[Stmt], vars: &[VarId], accs: &[AccId]) -> bool {
+    let hit = |a: AccId| accs.contains(&a);
+    body.iter().any(|s| match s {
+        Stmt::Loop(l) if vars.contains(&l.var) => false,
+        Stmt::Loop(l) => reads_outside(&l.body, vars, accs),
+        Stmt::Set { value, .. } | Stmt::Store { value, .. } => reads_acc(value, &hit),
+        Stmt::If { cond, then } => cond_reads_acc(cond, &hit) || reads_outside(then, vars, accs),
+    })
+}
+
+/// Whether `e` reads a register for which `p` holds.
+fn reads_acc(e: &Expr, p: &impl Fn(AccId) -> bool) -> bool {
+    match e {
+        Expr::Acc(a) => p(*a),
+        Expr::Const(_) | Expr::Load { .. } | Expr::Index(_) => false,
+        Expr::Unary(_, a) => reads_acc(a, p),
+        Expr::Binary(_, a, b) => reads_acc(a, p) || reads_acc(b, p),
+        Expr::Select { cond, then, otherwise } => {
+            cond_reads_acc(cond, p) || reads_acc(then, p) || reads_acc(otherwise, p)
+        }
+    }
+}
+
+fn cond_reads_acc(c: &Cond, p: &impl Fn(AccId) -> bool) -> bool {
+    match c {
+        Cond::InRange { .. } => false,
+        Cond::Cmp { a, b, .. } => reads_acc(a, p) || reads_acc(b, p),
+        Cond::And(cs) => cs.iter().any(|c| cond_reads_acc(c, p)),
+    }
 }
 
 /// Whether every accumulator read in `body` was set before, in program order, within one
 /// execution of `body` (sets inside nested loops and `if`s count only inside them).
-fn accs_set_before_read(body: &[Stmt], set: &mut Vec<crate::ir::AccId>) -> bool {
-    fn reads_ok(e: &Expr, set: &[crate::ir::AccId]) -> bool {
-        match e {
-            Expr::Const(_) | Expr::Load { .. } | Expr::Index(_) => true,
-            Expr::Acc(a) => set.contains(a),
-            Expr::Unary(_, a) => reads_ok(a, set),
-            Expr::Binary(_, a, b) => reads_ok(a, set) && reads_ok(b, set),
-            Expr::Select { cond, then, otherwise } => {
-                cond_ok(cond, set) && reads_ok(then, set) && reads_ok(otherwise, set)
-            }
-        }
-    }
-    fn cond_ok(c: &Cond, set: &[crate::ir::AccId]) -> bool {
-        match c {
-            Cond::InRange { .. } => true,
-            Cond::Cmp { a, b, .. } => reads_ok(a, set) && reads_ok(b, set),
-            Cond::And(cs) => cs.iter().all(|c| cond_ok(c, set)),
-        }
-    }
+fn accs_set_before_read(body: &[Stmt], set: &mut Vec<AccId>) -> bool {
     for s in body {
+        let unset = |a: AccId| !set.contains(&a);
         let ok = match s {
             Stmt::Set { acc, value } => {
-                let ok = reads_ok(value, set);
+                let ok = !reads_acc(value, &unset);
                 set.push(*acc);
                 ok
             }
-            Stmt::Store { value, .. } => reads_ok(value, set),
+            Stmt::Store { value, .. } => !reads_acc(value, &unset),
             Stmt::Loop(l) => accs_set_before_read(&l.body, &mut set.clone()),
-            Stmt::If { cond, then } => cond_ok(cond, set) && accs_set_before_read(then, &mut set.clone()),
+            Stmt::If { cond, then } => !cond_reads_acc(cond, &unset) && accs_set_before_read(then, &mut set.clone()),
         };
         if !ok {
             return false;
@@ -548,7 +489,7 @@ struct Renderer<'k> {
 impl<'k> Renderer<'k> {
     /// Gives every variable, accumulator and argument a distinct C name, as close to its
     /// IR name as possible.
-    fn new(k: &'k Kernel) -> Renderer<'k> {
+    fn new(k: &'k Kernel, sunk: Vec<VarId>) -> Renderer<'k> {
         let mut taken: HashSet<String> = RESERVED.iter().map(|s| s.to_string()).collect();
         let mut name = |base: String, prefix: &str, id: usize| {
             let mut n = base;
@@ -561,7 +502,7 @@ impl<'k> Renderer<'k> {
         let args = k.args.iter().enumerate().map(|(i, a)| name(sanitize(&a.name), "a", i)).collect();
         let vars = k.vars.iter().enumerate().map(|(i, v)| name(sanitize(v), "v", i)).collect();
         let accs = k.accs.iter().enumerate().map(|(i, a)| name(sanitize(a), "s", i)).collect();
-        Renderer { k, vars, accs, args, sunk: Vec::new() }
+        Renderer { k, vars, accs, args, sunk }
     }
 
     fn var(&self, v: VarId) -> &str {
@@ -736,10 +677,8 @@ pub fn float_literal(c: f32) -> String {
             "(-PDGC_INF)".into()
         }
     } else {
-        // Rust's `{:?}` is the shortest decimal that rounds back to `c`; C's parser rounds
+        // The printer's shortest decimal that rounds back to `c`; C's parser rounds
         // correctly, so the literal is exact.
-        let s = format!("{c:?}");
-        let s = if s.contains('.') || s.contains('e') { s } else { format!("{s}.0") };
-        format!("{s}f")
+        format!("{}f", crate::ir::format_f32(c))
     }
 }
