@@ -460,8 +460,9 @@ impl Session {
         while start < n {
             let end = (start + self.max_batch()).min(n);
             let part = batch.slice(start, end);
-            add_into(&mut grad, &self.batch_grad(params, &part)?)?;
-            losses.extend(self.loss(params, &part)?);
+            let (g, loss) = self.batch_grad_and_loss(params, &part)?;
+            add_into(&mut grad, &g)?;
+            losses.extend(loss);
             start = end;
         }
         for t in grad.values_mut() {

@@ -387,9 +387,14 @@ impl Session {
 
     /// The ordinary (non-private) gradient of Σ_n loss_n.
     pub fn batch_grad(&mut self, params: &Params, batch: &Batch) -> Result<TensorMap> {
+        Ok(self.batch_grad_and_loss(params, batch)?.0)
+    }
+
+    /// [`Session::batch_grad`] with the per-example losses `[B]` of the same forward pass.
+    pub fn batch_grad_and_loss(&mut self, params: &Params, batch: &Batch) -> Result<(TensorMap, Vec<f32>)> {
         let b = self.bind(params, batch)?;
         self.run(EntryKind::BatchGrad, b)?;
-        self.per_param(b, Role::BatchGrad)
+        Ok((self.per_param(b, Role::BatchGrad)?, self.read(&Role::Loss, b)?.data))
     }
 
     /// The gradient of each example's own loss, `NAME -> [B, ...]`.
