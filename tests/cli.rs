@@ -1,19 +1,8 @@
 //! The `pdgc` binary as a user runs it: exit codes, where output goes, JSON shape.
 
-use std::process::Command;
+mod common;
 
-fn pdgc(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pdgc"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("pdgc runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::pdgc;
 
 #[test]
 fn check_prints_the_layer_table_and_totals() {

@@ -12,7 +12,9 @@
 //! rdp._compute_rdp(q, sigma, alpha)
 //! ```
 
-use std::process::Command;
+mod common;
+
+use common::pdgc;
 
 use pdgc::privacy::{self, PrivacySpent};
 
@@ -188,15 +190,6 @@ fn bad_arguments_are_typed_errors() {
     assert!(unreachable.starts_with("privacy accounting: ε = 0.05 at δ = "), "{unreachable}");
     assert!(unreachable.contains("out of reach"), "{unreachable}");
     assert!(message(privacy::privacy_spent(&[2.0], &[], DELTA)).contains("1 orders but 0 RDP values"));
-}
-
-fn pdgc(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pdgc")).args(args).output().expect("pdgc runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// The value of a `name  value` line of `pdgc privacy`'s text output.

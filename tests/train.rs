@@ -2,9 +2,12 @@
 //! run bit for bit, checkpoints with other settings or torn files are refused, ε follows the
 //! accountant, the non-private baseline learns; and `pdgc train` end to end on IDX files.
 
+mod common;
+
+use common::pdgc;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use pdgc::data::Dataset;
 use pdgc::train::{self, EpochReport, Privacy, TrainConfig, Trainer};
@@ -221,19 +224,6 @@ fn fashion_dir(name: &str, n: usize) -> PathBuf {
             .expect("write");
     }
     dir
-}
-
-fn pdgc(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pdgc"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("pdgc runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn data_arg(dir: &Path) -> String {
