@@ -115,6 +115,7 @@ pub enum Activation {
     Tanh,
     Sigmoid,
     Gelu,
+    Hardswish,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -209,11 +210,7 @@ impl Op {
             Op::Conv(c) if c.spatial() == 1 => "conv1d",
             Op::Conv(_) => "conv2d",
             Op::Linear(_) => "linear",
-            Op::Activation(Activation::Relu) => "relu",
-            Op::Activation(Activation::LeakyRelu { .. }) => "leaky_relu",
-            Op::Activation(Activation::Tanh) => "tanh",
-            Op::Activation(Activation::Sigmoid) => "sigmoid",
-            Op::Activation(Activation::Gelu) => "gelu",
+            Op::Activation(a) => a.name(),
             Op::Pool(p) => match (p.kind, p.kernel.len()) {
                 (PoolKind::Max, 1) => "maxpool1d",
                 (PoolKind::Max, _) => "maxpool2d",

@@ -9,6 +9,7 @@
 //! [`compile_front`] runs the stages in order and stops after the first one that reports
 //! an error, returning every diagnostic collected so far.
 
+pub mod activation;
 pub mod bench;
 pub mod check;
 pub mod data;

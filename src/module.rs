@@ -99,12 +99,13 @@ impl Module {
             let text = crate::diag::render(name, source, &front.diagnostics);
             return Err(Error::Source(format!("{name}\n{text}")));
         };
+        let grads = crate::grad::differentiate(&graph);
         let plans = [
             plan(&graph, &options.plan_options(Goal::Grads)),
             plan(&graph, &options.plan_options(Goal::Norms)),
             plan(&graph, &options.plan_options(Goal::ClippedSum)),
         ];
-        let program = lower(&graph, &Plans { grads: &plans[0], norms: &plans[1], clipped_sum: &plans[2] });
+        let program = lower(&graph, &grads, &Plans { grads: &plans[0], norms: &plans[1], clipped_sum: &plans[2] });
         for k in &program.kernels {
             pdgc_codegen::verify::verify(k)
                 .map_err(|e| Error::Internal(format!("lowering produced an invalid kernel: {e}")))?;

@@ -9,6 +9,8 @@ use std::fmt;
 
 use serde::Serialize;
 
+use crate::graph::Activation;
+
 /// What kind of value an argument takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArgTy {
@@ -55,17 +57,21 @@ pub struct ArgSig {
     pub keyword_only: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum OpKind {
-    Conv { spatial: usize },
+    Conv {
+        spatial: usize,
+    },
     Linear,
-    Relu,
-    LeakyRelu,
-    Tanh,
-    Sigmoid,
-    Gelu,
-    MaxPool { spatial: usize },
-    AvgPool { spatial: usize },
+    /// A pointwise nonlinearity of the activation table (`crate::activation`); leaky_relu's
+    /// slope here is a placeholder that the checker replaces with the argument.
+    Activation(Activation),
+    MaxPool {
+        spatial: usize,
+    },
+    AvgPool {
+        spatial: usize,
+    },
     GlobalAvgPool,
     Flatten,
     GroupNorm,
@@ -168,11 +174,12 @@ pub static OPS: &[OpSig] = &[
     OpSig { name: "conv1d", kind: OpKind::Conv { spatial: 1 }, args: CONV },
     OpSig { name: "conv2d", kind: OpKind::Conv { spatial: 2 }, args: CONV },
     OpSig { name: "linear", kind: OpKind::Linear, args: LINEAR },
-    OpSig { name: "relu", kind: OpKind::Relu, args: UNARY },
-    OpSig { name: "leaky_relu", kind: OpKind::LeakyRelu, args: LEAKY },
-    OpSig { name: "tanh", kind: OpKind::Tanh, args: UNARY },
-    OpSig { name: "sigmoid", kind: OpKind::Sigmoid, args: UNARY },
-    OpSig { name: "gelu", kind: OpKind::Gelu, args: UNARY },
+    OpSig { name: "relu", kind: OpKind::Activation(Activation::Relu), args: UNARY },
+    OpSig { name: "leaky_relu", kind: OpKind::Activation(Activation::LeakyRelu { slope: 0.01 }), args: LEAKY },
+    OpSig { name: "tanh", kind: OpKind::Activation(Activation::Tanh), args: UNARY },
+    OpSig { name: "sigmoid", kind: OpKind::Activation(Activation::Sigmoid), args: UNARY },
+    OpSig { name: "gelu", kind: OpKind::Activation(Activation::Gelu), args: UNARY },
+    OpSig { name: "hardswish", kind: OpKind::Activation(Activation::Hardswish), args: UNARY },
     OpSig { name: "maxpool1d", kind: OpKind::MaxPool { spatial: 1 }, args: POOL },
     OpSig { name: "maxpool2d", kind: OpKind::MaxPool { spatial: 2 }, args: POOL },
     OpSig { name: "avgpool1d", kind: OpKind::AvgPool { spatial: 1 }, args: POOL },
@@ -205,7 +212,7 @@ pub fn lookup(name: &str) -> Option<&'static OpSig> {
     OPS.iter().find(|op| op.name == name)
 }
 
-/// A way to compute a layer's per-example gradients (see DESIGN.md, "Strategies").
+/// A way to compute a layer's per-example gradients (README, "`pdgc explain`").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {

@@ -14,7 +14,7 @@
 //!   `[out, in/groups, k...]`.
 //! - linear: over the last dim (extra leading dims are rows); weight `[out, in]`.
 //! - relu (gradient 0 at 0), leaky_relu (gradient `slope` at 0), tanh, sigmoid, gelu (exact
-//!   erf form).
+//!   erf form), hardswish (gradient x/3 + 1/2 on [-3, 3], 0 below, 1 above).
 //! - maxpool: padding acts as -inf; the gradient goes to the *first* maximum of the window in
 //!   row-major order. avgpool: `count_include_pad=True` (PyTorch's default), `ceil_mode=False`.
 //! - global_avg_pool: mean over all non-channel dims, `[C, ...] -> [C]`. flatten: row-major.
@@ -644,6 +644,7 @@ fn act(a: Activation, x: f64) -> f64 {
         Activation::Tanh => x.tanh(),
         Activation::Sigmoid => sigmoid(x),
         Activation::Gelu => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+        Activation::Hardswish => x * (x + 3.0).clamp(0.0, 6.0) / 6.0,
     }
 }
 
@@ -670,6 +671,16 @@ fn act_grad(a: Activation, x: f64) -> f64 {
             let cdf = 0.5 * (1.0 + libm::erf(x / std::f64::consts::SQRT_2));
             let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
             cdf + x * pdf
+        }
+        // PyTorch's hardswish_backward: 0 below -3, x/3 + 1/2 on [-3, 3], 1 above.
+        Activation::Hardswish => {
+            if x < -3.0 {
+                0.0
+            } else if x <= 3.0 {
+                x / 3.0 + 0.5
+            } else {
+                1.0
+            }
         }
     }
 }

@@ -165,7 +165,11 @@ fn toy_grid_matches_the_reference() {
 
 #[test]
 fn test_models_every_strategy_matches_the_reference() {
-    for rel in ["tests/data/models/gn_residual_block.pdg", "tests/data/models/conv_geometry.pdg"] {
+    for rel in [
+        "tests/data/models/gn_residual_block.pdg",
+        "tests/data/models/conv_geometry.pdg",
+        "tests/data/models/hardswish_net.pdg",
+    ] {
         check_model(rel, 2, Device::Cpu, false);
     }
 }

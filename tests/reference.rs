@@ -478,6 +478,11 @@ fn fd_conv_geometry() {
     check_finite_differences("tests/data/models/conv_geometry.pdg", 3, 10);
 }
 
+#[test]
+fn fd_hardswish_net() {
+    check_finite_differences("tests/data/models/hardswish_net.pdg", 3, 11);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. PyTorch vectors.
 
@@ -627,6 +632,11 @@ fn torch_conv_geometry() {
     check_torch_vectors("conv_geometry.safetensors");
 }
 
+#[test]
+fn torch_hardswish_net() {
+    check_torch_vectors("hardswish_net.safetensors");
+}
+
 /// Every vector file in tests/data has a test above (a new one must be added there).
 #[test]
 fn every_vector_file_is_tested() {
@@ -638,6 +648,7 @@ fn every_vector_file_is_tested() {
         "regression_mlp_ln",
         "gn_residual_block",
         "conv_geometry",
+        "hardswish_net",
     ];
     for entry in std::fs::read_dir(root().join("tests/data")).unwrap() {
         let path = entry.unwrap().path();

@@ -9,7 +9,8 @@
 //! Details the IR leaves to the executor, shared with the CPU backend: accumulators start
 //! every grid iteration at `0.0`; index arithmetic wraps in 64 bits; `Select` and
 //! `Cond::And` evaluate all their operands (no short circuit), so a load in the arm not
-//! taken must be in bounds too.
+//! taken must be in bounds too. A [`crate::ir::Contract`] runs as the loop nest that
+//! defines it.
 
 use thiserror::Error;
 
@@ -38,6 +39,9 @@ pub fn run(k: &Kernel, bufs: &mut [&mut [f32]], batch: u64) -> Result<(), Interp
 
 /// Runs grid iterations `lo..hi` of `k`, as a compiled kernel's entry point does.
 pub fn run_range(k: &Kernel, bufs: &mut [&mut [f32]], batch: u64, lo: u64, hi: u64) -> Result<(), InterpError> {
+    // A contraction means the loop nest that defines it (`Kernel::desugared`).
+    let desugared = k.desugared();
+    let k: &Kernel = &desugared;
     if bufs.len() != k.args.len() {
         return Err(InterpError::BufferCount { kernel: k.name.clone(), expected: k.args.len(), got: bufs.len() });
     }
@@ -156,6 +160,8 @@ impl Machine<'_, '_, '_> {
                 }
                 Ok(())
             }
+            // `run_range` desugars every contraction before it runs a kernel.
+            Stmt::Contract(_) => Err(self.malformed(self.k.stmt_head(s), "a contraction survived desugaring".into())),
         }
     }
 

@@ -216,6 +216,109 @@ pub enum Stmt {
         cond: Cond,
         then: Vec<Stmt>,
     },
+    /// A matrix product, see [`Contract`].
+    Contract(Contract),
+}
+
+/// An operand of a [`Contract`]: `arg[index]`, the index affine in the contraction's own
+/// variables and any enclosing loop variable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Operand {
+    pub arg: ArgId,
+    pub index: Vec<Affine>,
+}
+
+/// The contraction node: `C[m, n] (+)= Σ_k A[m, k] · B[k, n]` for every `m < M`, `n < N`,
+/// where `A`, `B` and `C` are buffers read (and written) through affine index maps — so a
+/// transposed operand, an im2col column block or one group of a grouped weight is a view,
+/// not a copy. `m`, `n` and `k` are loop variables bound by this statement; their terms in
+/// the operands' indices must have `div == 1` (each operand is then a strided matrix, which
+/// is what lets a backend hand the whole product to a tuned GEMM).
+///
+/// Its meaning is defined by [`Contract::as_loops`]: for each `m`, each `n`, a fresh sum over
+/// `k` in ascending order starting at `0.0`, then a store (or, with `accumulate`, an add)
+/// into `C`. Backends that reassociate the sum (register tiles, vector lanes) agree with it
+/// to rounding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contract {
+    pub m: VarId,
+    pub n: VarId,
+    pub k: VarId,
+    /// The trip counts of `m`, `n` and `k`. Any of them may be the batch (its variable then
+    /// indexes a batch dim, e.g. a linear layer's examples as GEMM rows).
+    pub extents: [Extent; 3],
+    pub a: Operand,
+    pub b: Operand,
+    pub c: Operand,
+    pub accumulate: bool,
+}
+
+impl Contract {
+    /// The loop nest that defines this statement's meaning; `acc` is the accumulator it
+    /// sums in (the caller supplies one that nothing else uses).
+    pub fn as_loops(&self, acc: AccId) -> Stmt {
+        let product =
+            Expr::mul(Expr::load(self.a.arg, self.a.index.clone()), Expr::load(self.b.arg, self.b.index.clone()));
+        let lp = |var, extent, kind, body| Stmt::Loop(Loop { var, extent, kind, body });
+        let sum = vec![
+            Stmt::Set { acc, value: Expr::Const(0.0) },
+            lp(
+                self.k,
+                self.extents[2],
+                LoopKind::Serial,
+                vec![Stmt::Set { acc, value: Expr::add(Expr::Acc(acc), product) }],
+            ),
+            Stmt::Store {
+                arg: self.c.arg,
+                index: self.c.index.clone(),
+                value: Expr::Acc(acc),
+                accumulate: self.accumulate,
+            },
+        ];
+        lp(self.m, self.extents[0], LoopKind::Serial, vec![lp(self.n, self.extents[1], LoopKind::Serial, sum)])
+    }
+}
+
+impl Kernel {
+    /// Whether any statement is a [`Contract`].
+    pub fn has_contractions(&self) -> bool {
+        fn any(body: &[Stmt]) -> bool {
+            body.iter().any(|s| match s {
+                Stmt::Contract(_) => true,
+                Stmt::Loop(l) => any(&l.body),
+                Stmt::If { then, .. } => any(then),
+                Stmt::Set { .. } | Stmt::Store { .. } => false,
+            })
+        }
+        any(&self.grid.body)
+    }
+
+    /// This kernel with every [`Contract`] replaced by the loop nest that defines it
+    /// ([`Contract::as_loops`]), each with an accumulator of its own. Backends without a
+    /// contraction of their own (the interpreter, CUDA C today) and the analyses (bounds,
+    /// independence) work on this form, so a contraction means exactly what its loops mean.
+    pub fn desugared(&self) -> std::borrow::Cow<'_, Kernel> {
+        if !self.has_contractions() {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        let mut k = self.clone();
+        fn walk(body: &mut [Stmt], accs: &mut Vec<String>) {
+            for s in body {
+                match s {
+                    Stmt::Contract(c) => {
+                        let acc = AccId(accs.len() as u32);
+                        accs.push(format!("contract{}", acc.0));
+                        *s = c.as_loops(acc);
+                    }
+                    Stmt::Loop(l) => walk(&mut l.body, accs),
+                    Stmt::If { then, .. } => walk(then, accs),
+                    Stmt::Set { .. } | Stmt::Store { .. } => {}
+                }
+            }
+        }
+        walk(&mut k.grid.body, &mut k.accs);
+        std::borrow::Cow::Owned(k)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -362,6 +465,7 @@ impl Kernel {
                 format!("{} {op} {}", ctx.index(*arg, index), ctx.expr(value))
             }
             Stmt::If { cond, .. } => format!("if {}", ctx.cond(cond)),
+            Stmt::Contract(c) => ctx.contract(c),
         }
     }
 }
@@ -480,9 +584,27 @@ impl Ctx<'_> {
                     self.stmts(f, then, depth + 1)?;
                     writeln!(f, "{pad}}}")?;
                 }
+                Stmt::Contract(c) => writeln!(f, "{pad}{}", self.contract(c))?,
             }
         }
         Ok(())
+    }
+
+    /// `contract m<M, n<N: c[..] += Σ_{k<K} a[..] * b[..]`
+    fn contract(&self, c: &Contract) -> String {
+        let op = if c.accumulate { "+=" } else { "=" };
+        format!(
+            "contract {}<{}, {}<{}: {} {op} sum {}<{} {} * {}",
+            self.var(c.m),
+            Ctx::extent(c.extents[0]),
+            self.var(c.n),
+            Ctx::extent(c.extents[1]),
+            self.index(c.c.arg, &c.c.index),
+            self.var(c.k),
+            Ctx::extent(c.extents[2]),
+            self.index(c.a.arg, &c.a.index),
+            self.index(c.b.arg, &c.b.index),
+        )
     }
 }
 

@@ -31,6 +31,12 @@
 //!    position. An access that is never reached (inside a `Fixed(0)` loop, or narrowed
 //!    to an empty interval) is accepted.
 //!
+//! 9. The variables a [`crate::ir::Contract`] binds (`m`, `n`, `k`) appear in its operands'
+//!    indices only with `div == 1`. Checks 1–8 run on the kernel's desugared form
+//!    ([`crate::ir::Kernel::desugared`]), where a contraction is the loop nest that defines
+//!    it, so its variables are loop variables there and its accesses are proved in bounds
+//!    like any other.
+//!
 //! What it does not check: that grid iterations are independent (see
 //! [`grid_independent`] for the sufficient condition the CPU backend uses before it
 //! splits a grid over threads).
@@ -47,8 +53,51 @@ pub struct VerifyError {
     pub errors: Vec<String>,
 }
 
-/// Checks every invariant listed in the module doc.
+/// Checks every invariant listed in the module doc. A kernel with contractions is checked
+/// in its desugared form ([`Kernel::desugared`]), which defines what they mean, plus
+/// invariant 9.
 pub fn verify(k: &Kernel) -> Result<(), VerifyError> {
+    let desugared = k.desugared();
+    let mut errors = contract_errors(k);
+    if let Err(e) = verify_loops(&desugared) {
+        errors.extend(e.errors);
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(VerifyError { kernel: k.name.clone(), errors })
+    }
+}
+
+/// Invariant 9: the contraction variables `m`, `n`, `k` appear in the operands only as
+/// plain terms (`div == 1`), so every operand is a strided matrix.
+fn contract_errors(k: &Kernel) -> Vec<String> {
+    fn walk(k: &Kernel, body: &[Stmt], out: &mut Vec<String>) {
+        for s in body {
+            match s {
+                Stmt::Contract(c) => {
+                    let own = [c.m, c.n, c.k];
+                    for op in [&c.a, &c.b, &c.c] {
+                        if op.index.iter().flat_map(|a| &a.terms).any(|t| own.contains(&t.var) && t.div != 1) {
+                            out.push(format!(
+                                "in `{}`: a contraction variable is divided in an operand index",
+                                k.stmt_head(s)
+                            ));
+                        }
+                    }
+                }
+                Stmt::Loop(l) => walk(k, &l.body, out),
+                Stmt::If { then, .. } => walk(k, then, out),
+                Stmt::Set { .. } | Stmt::Store { .. } => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(k, &k.grid.body, &mut out);
+    out
+}
+
+fn verify_loops(k: &Kernel) -> Result<(), VerifyError> {
     let mut v = Verifier {
         k,
         errors: Vec::new(),
@@ -223,6 +272,7 @@ impl Verifier<'_> {
                 self.stmts(then);
                 self.facts.truncate(before);
             }
+            Stmt::Contract(_) => self.err(&self.k.stmt_head(s), "a contraction survived desugaring".into()),
         }
     }
 
@@ -530,6 +580,14 @@ pub(crate) fn visit_accesses_in_loops<'a>(
             Stmt::If { cond: c, then } => {
                 cond(c, loops, f);
                 visit_accesses_in_loops(then, loops, f);
+            }
+            Stmt::Contract(c) => {
+                f(c.a.arg, &c.a.index, false, loops);
+                f(c.b.arg, &c.b.index, false, loops);
+                if c.accumulate {
+                    f(c.c.arg, &c.c.index, false, loops);
+                }
+                f(c.c.arg, &c.c.index, true, loops);
             }
         }
     }

@@ -211,11 +211,10 @@ pub fn build(sig: &'static OpSig, args: &Args, inputs: &[&[usize]]) -> Result<Bu
     match sig.kind {
         OpKind::Conv { spatial } => conv(args, x, spatial),
         OpKind::Linear => linear(args, x),
-        OpKind::Relu => Ok(elementwise(Activation::Relu)),
-        OpKind::LeakyRelu => Ok(elementwise(Activation::LeakyRelu { slope: args.float("slope") })),
-        OpKind::Tanh => Ok(elementwise(Activation::Tanh)),
-        OpKind::Sigmoid => Ok(elementwise(Activation::Sigmoid)),
-        OpKind::Gelu => Ok(elementwise(Activation::Gelu)),
+        OpKind::Activation(Activation::LeakyRelu { .. }) => {
+            Ok(elementwise(Activation::LeakyRelu { slope: args.float("slope") }))
+        }
+        OpKind::Activation(a) => Ok(elementwise(a)),
         OpKind::MaxPool { spatial } => pool(args, x, spatial, PoolKind::Max),
         OpKind::AvgPool { spatial } => pool(args, x, spatial, PoolKind::Avg),
         OpKind::GlobalAvgPool => {

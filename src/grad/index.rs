@@ -103,10 +103,77 @@ pub enum Expr {
     Add(Vec<Expr>),
     Sub(Box<Expr>, Box<Expr>),
     Div(Box<Expr>, Box<Expr>),
-    /// A named scalar function (`tanh`, `softmax_k`, `[·>0]`), applied elementwise.
-    Call(&'static str, Vec<Expr>),
+    /// A scalar function, applied elementwise.
+    Apply(Func, Vec<Expr>),
+    /// `a op b ? then : otherwise` (an Iverson bracket when the arms are 1 and 0).
+    Select {
+        a: Box<Expr>,
+        op: Cmp,
+        b: Box<Expr>,
+        then: Box<Expr>,
+        otherwise: Box<Expr>,
+    },
+    /// The value of a loop variable (one-hot comparisons: `k = y[n]`).
+    Var(Var),
+    /// Max pooling's routing: 1 where `x` is the first (row-major) maximum `y` of its
+    /// window, else 0. Not a pure function of one element: it needs the window's order.
+    FirstMax(Box<Expr>, Box<Expr>),
     /// `Σ_{vars} body`, `mean_{vars}(body)`, `max_{vars}(body)`, ...
     Reduce(Reduction, Vec<Var>, Box<Expr>),
+}
+
+/// Scalar functions of the index notation. An activation prints by its name and means its
+/// definition in the activation table (`crate::activation`), which is the one place that
+/// defines it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum Func {
+    Exp,
+    Log,
+    Tanh,
+    Sqrt,
+    Erf,
+    /// NaN-propagating maximum of two values.
+    Max,
+    /// NaN-propagating minimum of two values.
+    Min,
+    Activation(crate::graph::Activation),
+}
+
+impl Func {
+    pub fn name(self) -> &'static str {
+        match self {
+            Func::Exp => "exp",
+            Func::Log => "log",
+            Func::Tanh => "tanh",
+            Func::Sqrt => "sqrt",
+            Func::Erf => "erf",
+            Func::Max => "max",
+            Func::Min => "min",
+            Func::Activation(a) => a.name(),
+        }
+    }
+}
+
+/// Comparisons in [`Expr::Select`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Cmp {
+    Lt,
+    Le,
+    Eq,
+    Gt,
+    Ge,
+}
+
+impl Cmp {
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Cmp::Lt => "<",
+            Cmp::Le => "≤",
+            Cmp::Eq => "=",
+            Cmp::Gt => ">",
+            Cmp::Ge => "≥",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -134,8 +201,13 @@ impl Expr {
         Expr::Div(Box::new(a), Box::new(b))
     }
 
-    pub fn call(f: &'static str, args: Vec<Expr>) -> Expr {
-        Expr::Call(f, args)
+    pub fn apply(f: Func, args: Vec<Expr>) -> Expr {
+        Expr::Apply(f, args)
+    }
+
+    /// `a op b ? then : otherwise`
+    pub fn select(a: Expr, op: Cmp, b: Expr, then: Expr, otherwise: Expr) -> Expr {
+        Expr::Select { a: Box::new(a), op, b: Box::new(b), then: Box::new(then), otherwise: Box::new(otherwise) }
     }
 
     /// `Σ_{vars} body`, or the body itself when there is nothing to sum.
@@ -253,8 +325,13 @@ impl fmt::Display for Expr {
                 f.write_str(" / ")?;
                 paren(f, b)
             }
-            Expr::Call(name, args) => {
-                write!(f, "{name}(")?;
+            Expr::Select { a, op, b, then, otherwise } => {
+                write!(f, "({a} {} {b} ? {then} : {otherwise})", op.symbol())
+            }
+            Expr::Var(v) => write!(f, "{v}"),
+            Expr::FirstMax(x, y) => write!(f, "first_max({x}, {y})"),
+            Expr::Apply(func, args) => {
+                write!(f, "{}(", func.name())?;
                 for (i, a) in args.iter().enumerate() {
                     if i > 0 {
                         f.write_str(", ")?;

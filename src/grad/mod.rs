@@ -10,9 +10,13 @@
 //! it is indexed by affine windows). Nonlinear ops carry their input-gradient rule in the
 //! same table.
 //!
-//! Invariants: steps are in reverse topological order; a step exists for a node iff it has
-//! parameters or some input needs a gradient (depends on a parameter); every parameter of
-//! the graph has exactly one [`ParamGrad`], whose left-hand side starts with `n`.
+//! `lower` consumes these equations: pointwise ones (activations, adds) are lowered
+//! generically (`lower::equation`), the rest by the op's kernel generators.
+//!
+//! Invariants: steps are in reverse topological order; a step exists for every node but the
+//! inputs (its forward definition), with input gradients exactly for the inputs that need
+//! one (depend on a parameter); every parameter of the graph has exactly one
+//! [`ParamGrad`], whose left-hand side starts with `n`.
 
 mod index;
 mod rules;
@@ -21,7 +25,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-pub use index::{Access, Equation, Expr, Index, Reduction, Term, Var};
+pub use index::{Access, Cmp, Equation, Expr, Func, Index, Reduction, Term, Var};
 
 use crate::graph::{Graph, NodeId};
 
@@ -145,13 +149,19 @@ pub fn differentiate(graph: &Graph) -> GradGraph {
         .nodes
         .iter()
         .rev()
-        .filter(|n| needs[n.id.index()])
         .filter_map(|n| {
             let input_needs: Vec<bool> = n.inputs.iter().map(|i| needs[i.index()]).collect();
             rules::define(graph, n, &input_needs)
         })
         .collect();
     GradGraph { model: graph.name.clone(), loss: rules::loss(graph), steps }
+}
+
+impl GradGraph {
+    /// The step of `node` (`None` for graph inputs).
+    pub fn step(&self, node: NodeId) -> Option<&GradStep> {
+        self.steps.iter().find(|s| s.node == node)
+    }
 }
 
 impl fmt::Display for GradGraph {

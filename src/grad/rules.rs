@@ -2,9 +2,9 @@
 //! for ops that are not parameter contractions — its input-gradient rule. Parameter
 //! gradients are never written here: they come from [`derive_contraction`].
 
-use crate::graph::{Activation, Conv, Graph, LabelSpec, Loss, Node, Op, PoolKind};
+use crate::graph::{Conv, Graph, LabelSpec, Loss, Node, Op, PoolKind};
 
-use super::index::{Access, Equation, Expr, Index, Reduction, Term, Var};
+use super::index::{Access, Cmp, Equation, Expr, Func, Index, Reduction, Term, Var};
 use super::{derive_contraction, Contraction, GradStep, ParamGrad};
 
 const GENERIC: [Var; 8] = ["i0", "i1", "i2", "i3", "i4", "i5", "i6", "i7"];
@@ -114,21 +114,11 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
         Op::Activation(act) => {
             let v = with_n(&dim_vars(node.shape.len()));
             let (x, y) = (Access::new("X", &v), Access::new("Y", &v));
-            let (f, local_grad): (&'static str, Expr) = match act {
-                Activation::Relu => ("relu", Expr::call("step", vec![rd(&x)])),
-                Activation::LeakyRelu { slope } => {
-                    ("leaky_relu", Expr::call("leaky_step", vec![rd(&x), Expr::num(*slope)]))
-                }
-                Activation::Tanh => ("tanh", Expr::sub(Expr::num(1.0), Expr::mul(vec![rd(&y), rd(&y)]))),
-                Activation::Sigmoid => ("sigmoid", Expr::mul(vec![rd(&y), Expr::sub(Expr::num(1.0), rd(&y))])),
-                Activation::Gelu => ("gelu", Expr::call("gelu_grad", vec![rd(&x)])),
-            };
-            let fwd_args = match act {
-                Activation::LeakyRelu { slope } => vec![rd(&x), Expr::num(*slope)],
-                _ => vec![rd(&x)],
-            };
-            step.forward.push(eq(y.clone(), Expr::call(f, fwd_args)));
-            step.input_grads.push(eq(grad(&x), Expr::mul(vec![rd(&grad(&y)), local_grad])));
+            // The activation table (`crate::activation`) defines both directions.
+            step.forward.push(eq(y.clone(), Expr::apply(Func::Activation(*act), vec![rd(&x)])));
+            if needs_x {
+                step.input_grads.push(eq(grad(&x), act.backward(rd(&x), rd(&y), rd(&grad(&y)))));
+            }
         }
         Op::Pool(p) => {
             let spatial = p.kernel.len();
@@ -144,21 +134,25 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
             let (fwd, back) = match p.kind {
                 PoolKind::Max => (
                     Expr::reduce(Reduction::Max, kv.clone(), rd(&x)),
-                    Expr::mul(vec![rd(&grad(&y)), Expr::call("is_argmax", vec![rd(&x), rd(&y)])]),
+                    Expr::mul(vec![rd(&grad(&y)), Expr::FirstMax(Box::new(rd(&x)), Box::new(rd(&y)))]),
                 ),
                 PoolKind::Avg => {
                     (Expr::reduce(Reduction::Mean, kv.clone(), rd(&x)), Expr::div(rd(&grad(&y)), Expr::num(window)))
                 }
             };
             step.forward.push(eq(y.clone(), fwd));
-            step.input_grads.push(scatter(grad(&x), back));
+            if needs_x {
+                step.input_grads.push(scatter(grad(&x), back));
+            }
         }
         Op::GlobalAvgPool => {
             let xv = with_n(&dim_vars(in_shape(0).len()));
             let (x, y) = (Access::new("X", &xv), Access::new("Y", &["n", xv[1]]));
             let positions: usize = in_shape(0)[1..].iter().product();
             step.forward.push(eq(y.clone(), Expr::reduce(Reduction::Mean, xv[2..].to_vec(), rd(&x))));
-            step.input_grads.push(eq(grad(&x), Expr::div(rd(&grad(&y)), Expr::num(positions as f64))));
+            if needs_x {
+                step.input_grads.push(eq(grad(&x), Expr::div(rd(&grad(&y)), Expr::num(positions as f64))));
+            }
         }
         Op::Flatten => {
             let s = in_shape(0);
@@ -170,7 +164,9 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
                 .collect();
             let y = Access { tensor: "Y".into(), index: vec![Index::var("n"), Index { terms, offset: 0 }] };
             step.forward.push(eq(y.clone(), rd(&x)));
-            step.input_grads.push(eq(grad(&x), rd(&grad(&y))));
+            if needs_x {
+                step.input_grads.push(eq(grad(&x), rd(&grad(&y))));
+            }
         }
         Op::Add => {
             let v = with_n(&dim_vars(node.shape.len()));
@@ -206,8 +202,8 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
             step.forward.push(eq(mean.clone(), Expr::reduce(Reduction::Mean, over.clone(), rd(&x))));
             step.forward.push(eq(
                 stat.clone(),
-                Expr::call(
-                    "sqrt",
+                Expr::apply(
+                    Func::Sqrt,
                     vec![Expr::Add(vec![
                         Expr::sub(
                             Expr::reduce(Reduction::Mean, over.clone(), Expr::mul(vec![rd(&x), rd(&x)])),
@@ -240,7 +236,9 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
                 }
             } else {
                 step.forward.push(eq(y.clone(), rd(&xhat)));
-                step.input_grads.push(eq(dxhat.clone(), rd(&grad(&y))));
+                if needs_x {
+                    step.input_grads.push(eq(dxhat.clone(), rd(&grad(&y))));
+                }
             }
             if needs_x {
                 let m = |e: Expr| Expr::reduce(Reduction::Mean, over.clone(), e);
@@ -289,7 +287,13 @@ pub fn loss(graph: &Graph) -> Vec<Equation> {
     match (&graph.loss, &graph.label) {
         (Loss::CrossEntropy { .. }, LabelSpec::Classes { name, .. }) => {
             let y = Access::new("Y", &["n", "k"]);
-            let onehot = Expr::call("onehot_k", vec![Expr::read(name.clone(), &["n"])]);
+            let onehot =
+                Expr::select(Expr::Var("k"), Cmp::Eq, Expr::read(name.clone(), &["n"]), Expr::num(1.0), Expr::num(0.0));
+            // softmax: exp(Y[n,k] − logsumexp_j Y[n,j])
+            let softmax = Expr::apply(
+                Func::Exp,
+                vec![Expr::sub(rd(&y), Expr::reduce(Reduction::LogSumExp, vec!["j"], Expr::read("Y", &["n", "j"])))],
+            );
             vec![
                 eq(
                     loss,
@@ -298,7 +302,7 @@ pub fn loss(graph: &Graph) -> Vec<Equation> {
                         Expr::sum(vec!["k"], Expr::mul(vec![onehot.clone(), rd(&y)])),
                     ),
                 ),
-                eq(grad(&y), Expr::sub(Expr::call("softmax_k", vec![rd(&y)]), onehot)),
+                eq(grad(&y), Expr::sub(softmax, onehot)),
             ]
         }
         (_, label) => {

@@ -1,7 +1,9 @@
 //! A small builder for kernels: named arguments, loop variables and accumulators, and
 //! shorthands for the loops and expressions the kernel generators write over and over.
 
-use pdgc_codegen::ir::{AccId, Affine, Arg, ArgId, Cond, Dim, Expr, Extent, Kernel, Loop, LoopKind, Mode, Stmt, VarId};
+use pdgc_codegen::ir::{
+    AccId, Affine, Arg, ArgId, Cond, Contract, Dim, Expr, Extent, Kernel, Loop, LoopKind, Mode, Operand, Stmt, VarId,
+};
 
 pub struct KernelBuilder {
     name: String,
@@ -108,6 +110,13 @@ impl KernelBuilder {
                     Stmt::Loop(l)
                 }
                 Stmt::If { cond, then } => Stmt::If { cond, then: self.unique(then, bound) },
+                Stmt::Contract(c) => {
+                    // A contraction binds its own variables, fresh ones from `contract`.
+                    for v in [c.m, c.n, c.k] {
+                        bound[v.0 as usize] = true;
+                    }
+                    Stmt::Contract(c)
+                }
                 other => other,
             })
             .collect()
@@ -127,9 +136,24 @@ fn rebind(body: Vec<Stmt>, old: VarId, new: VarId) -> Vec<Stmt> {
                 Stmt::Loop(l)
             }
             Stmt::If { cond, then } => Stmt::If { cond, then: rebind(then, old, new) },
+            Stmt::Contract(mut c) => {
+                for v in [&mut c.m, &mut c.n, &mut c.k] {
+                    if *v == old {
+                        *v = new;
+                    }
+                }
+                Stmt::Contract(rename_contract(c, old, new))
+            }
             other => other,
         })
         .collect()
+}
+
+fn rename_contract(mut c: Contract, old: VarId, new: VarId) -> Contract {
+    for op in [&mut c.a, &mut c.b, &mut c.c] {
+        op.index = rename_index(std::mem::take(&mut op.index), old, new);
+    }
+    c
 }
 
 fn rename_affine(mut a: Affine, old: VarId, new: VarId) -> Affine {
@@ -187,6 +211,8 @@ fn rename_stmt(s: Stmt, old: VarId, new: VarId) -> Stmt {
             cond: rename_cond(cond, old, new),
             then: then.into_iter().map(|s| rename_stmt(s, old, new)).collect(),
         },
+        Stmt::Contract(c) if [c.m, c.n, c.k].contains(&old) => Stmt::Contract(c),
+        Stmt::Contract(c) => Stmt::Contract(rename_contract(c, old, new)),
     }
 }
 
@@ -260,4 +286,32 @@ pub fn guarded(ranges: Vec<(Affine, usize)>, body: Vec<Stmt>) -> Vec<Stmt> {
         1 => vec![Stmt::If { cond: conds.into_iter().next().expect("one condition"), then: body }],
         _ => vec![Stmt::If { cond: Cond::And(conds), then: body }],
     }
+}
+
+/// The contraction `c (+)= Σ_k a · b` over fresh variables `m < M`, `n < N`, `k < K`: the
+/// closure gets the three variables and returns the operands' indices `(a, b, c)`.
+pub fn contract(
+    kb: &mut KernelBuilder,
+    extents: [Extent; 3],
+    (a, b, c): (ArgId, ArgId, ArgId),
+    accumulate: bool,
+    index: impl FnOnce(VarId, VarId, VarId) -> (Vec<Affine>, Vec<Affine>, Vec<Affine>),
+) -> Stmt {
+    let [m, n, k] = [kb.var("m"), kb.var("n"), kb.var("k")];
+    let (ai, bi, ci) = index(m, n, k);
+    Stmt::Contract(Contract {
+        m,
+        n,
+        k,
+        extents,
+        a: Operand { arg: a, index: ai },
+        b: Operand { arg: b, index: bi },
+        c: Operand { arg: c, index: ci },
+        accumulate,
+    })
+}
+
+/// A fixed trip count.
+pub fn fx(n: usize) -> Extent {
+    Extent::Fixed(n as u32)
 }

@@ -1,5 +1,8 @@
-//! Kernel generators: one function per (op, phase). Each returns a complete kernel of the
-//! kernel IR; `lower` decides which run, in what order, on which buffers.
+//! Kernel generators for the ops whose equations are not yet lowered generically (convs,
+//! linears, pools, norms, losses; activations and adds go through `lower::equation`): one
+//! function per (op, phase). Each returns a complete kernel of the kernel IR; `lower`
+//! decides which run, in what order, on which buffers. GEMM-shaped work is a contraction
+//! node (`ir::Contract`), which each backend maps onto its best matrix-product code.
 //!
 //! Conventions: per-example buffers have a leading batch dim and are laid out row-major
 //! in the node's shape; a kernel may view a buffer flattened (same element count).
@@ -11,7 +14,7 @@
 use pdgc_codegen::ir::{Affine, Binary, CmpOp, Cond, Expr, Extent, Kernel, Unary, VarId};
 
 use super::builder::*;
-use crate::graph::{Activation, Conv, PoolKind};
+use crate::graph::{Conv, PoolKind};
 
 /// Sliding-window geometry along the spatial axes (conv, pool, crb).
 pub struct Window {
@@ -125,80 +128,50 @@ impl ConvGemm {
     }
 }
 
-/// Forward conv on im2col columns: `Y[n,co,:] = b[co] + Σ_r W[co,r] · U[n,g(co),r,:]`, an
-/// axpy along the unit-stride output positions.
+/// Forward conv on im2col columns, one contraction per group: `Y[n, g·Cg + m, t] = b[co] +
+/// Σ_r W[g·Cg + m, r] · U[n, g, r, t]` (the bias is written first and the product added).
 pub fn conv_forward_cols(name: &str, cg: &ConvGemm) -> Kernel {
     let mut kb = KernelBuilder::new(name);
     let u = kb.input("cols", batched(&[cg.groups, cg.d, cg.positions]));
     let wt = kb.input("w", fixed(&[cg.cout, cg.d]));
     let b = cg.bias.then(|| kb.input("b", fixed(&[cg.cout])));
     let y = kb.output("y", batched(&[cg.cout, cg.positions]));
-    let [n, co, r, t] = [kb.var("n"), kb.var("co"), kb.var("r"), kb.var("t")];
-    let [bias, w] = [kb.acc("bias"), kb.acc("w")];
-    let out = vec![v(n), v(co), v(t)];
-    let body = vec![lp(
-        co,
-        cg.cout,
-        vec![
-            set(bias, b.map_or(lit(0.0), |b| load(b, vec![v(co)]))),
-            vlp(t, cg.positions, vec![store(y, out.clone(), acc(bias))]),
-            lp(
-                r,
-                cg.d,
-                vec![
-                    set(w, load(wt, vec![v(co), v(r)])),
-                    vlp(
-                        t,
-                        cg.positions,
-                        vec![accumulate(
-                            y,
-                            out.clone(),
-                            Expr::mul(acc(w), load(u, vec![v(n), cg.group(co), v(r), v(t)])),
-                        )],
-                    ),
-                ],
-            ),
-        ],
-    )];
+    let [n, co, t, g] = [kb.var("n"), kb.var("co"), kb.var("t"), kb.var("g")];
+    let cout_g = cg.cout / cg.groups;
+    let mut body = Vec::new();
+    if let Some(b) = b {
+        let bias = kb.acc("bias");
+        body.push(lp(
+            co,
+            cg.cout,
+            vec![
+                set(bias, load(b, vec![v(co)])),
+                vlp(t, cg.positions, vec![store(y, vec![v(n), v(co), v(t)], acc(bias))]),
+            ],
+        ));
+    }
+    let product = contract(&mut kb, [fx(cout_g), fx(cg.positions), fx(cg.d)], (wt, u, y), cg.bias, |m, p, r| {
+        let row = v(m).plus(g, cout_g as i64);
+        (vec![row.clone(), v(r)], vec![v(n), v(g), v(r), v(p)], vec![v(n), row, v(p)])
+    });
+    body.push(lp(g, cg.groups, vec![product]));
     kb.finish(n, Extent::Batch, body)
 }
 
-/// Backward to the columns: `dU[n,g(co),r,:] += W[co,r] · dY[n,co,:]` (zero-filled first).
+/// Backward to the columns, one contraction per group: `dU[n, g, r, t] = Σ_j W[g·Cg + j, r]
+/// · dY[n, g·Cg + j, t]`.
 pub fn conv_colgrad(name: &str, cg: &ConvGemm) -> Kernel {
     let mut kb = KernelBuilder::new(name);
     let dy = kb.input("dy", batched(&[cg.cout, cg.positions]));
     let wt = kb.input("w", fixed(&[cg.cout, cg.d]));
     let du = kb.output("dcols", batched(&[cg.groups, cg.d, cg.positions]));
-    let [n, g, co, r, t] = [kb.var("n"), kb.var("g"), kb.var("co"), kb.var("r"), kb.var("t")];
-    let w = kb.acc("w");
-    let body = vec![
-        lp(
-            g,
-            cg.groups,
-            vec![lp(r, cg.d, vec![vlp(t, cg.positions, vec![store(du, vec![v(n), v(g), v(r), v(t)], lit(0.0))])])],
-        ),
-        lp(
-            co,
-            cg.cout,
-            vec![lp(
-                r,
-                cg.d,
-                vec![
-                    set(w, load(wt, vec![v(co), v(r)])),
-                    vlp(
-                        t,
-                        cg.positions,
-                        vec![accumulate(
-                            du,
-                            vec![v(n), cg.group(co), v(r), v(t)],
-                            Expr::mul(acc(w), load(dy, vec![v(n), v(co), v(t)])),
-                        )],
-                    ),
-                ],
-            )],
-        ),
-    ];
-    kb.finish(n, Extent::Batch, body)
+    let [n, g] = [kb.var("n"), kb.var("g")];
+    let cout_g = cg.cout / cg.groups;
+    let product = contract(&mut kb, [fx(cg.d), fx(cg.positions), fx(cout_g)], (wt, dy, du), false, |r, t, j| {
+        let row = v(j).plus(g, cout_g as i64);
+        (vec![row.clone(), v(r)], vec![v(n), row, v(t)], vec![v(n), v(g), v(r), v(t)])
+    });
+    kb.finish(n, Extent::Batch, vec![lp(g, cg.groups, vec![product])])
 }
 
 /// col2im: `dX[n, chan, o·s+k·d−p] += dU[n, g, r, t]` where the window lies inside.
@@ -237,66 +210,39 @@ pub fn col2im(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], fir
     kb.finish(n, Extent::Batch, body)
 }
 
-/// `Y[n,t,o] = b[o] + Σ_i W[o,i]·X[n,t,i]` with `rows` = T leading positions.
+/// `Y[n,t,o] = b[o] + Σ_i W[o,i]·X[n,t,i]` with `rows` = T leading positions: one
+/// contraction whose rows are the batch's examples when `rows == 1`, else one per example.
 pub fn linear_forward(name: &str, rows: usize, inf: usize, outf: usize, bias: bool) -> Kernel {
     let mut kb = KernelBuilder::new(name);
     let x = kb.input("x", batched(&[rows, inf]));
     let wt = kb.input("w", fixed(&[outf, inf]));
     let b = bias.then(|| kb.input("b", fixed(&[outf])));
     let y = kb.output("y", batched(&[rows, outf]));
-    let [n, t, o, i] = [kb.var("n"), kb.var("t"), kb.var("o"), kb.var("i")];
-    let a = kb.acc("acc");
-    let body = vec![lp(
-        t,
-        rows,
-        vec![lp(
-            o,
-            outf,
-            vec![
-                set(a, b.map_or(lit(0.0), |b| load(b, vec![v(o)]))),
-                vlp(i, inf, vec![add_to(a, Expr::mul(load(wt, vec![v(o), v(i)]), load(x, vec![v(n), v(t), v(i)])))]),
-                store(y, vec![v(n), v(t), v(o)], acc(a)),
-            ],
-        )],
-    )];
-    kb.finish(n, Extent::Batch, body)
-}
-
-fn activation_value(act: Activation, x: Expr) -> Expr {
-    match act {
-        Activation::Relu => Expr::bin(Binary::Max, x, lit(0.0)),
-        Activation::LeakyRelu { slope } => Expr::select(
-            Cond::Cmp { op: CmpOp::Gt, a: x.clone(), b: lit(0.0) },
-            x.clone(),
-            Expr::mul(lit(slope as f32), x),
-        ),
-        Activation::Tanh => Expr::un(Unary::Tanh, x),
-        Activation::Sigmoid => Expr::div(lit(1.0), Expr::add(lit(1.0), Expr::un(Unary::Exp, Expr::un(Unary::Neg, x)))),
-        Activation::Gelu => Expr::mul(
-            Expr::mul(lit(0.5), x.clone()),
-            Expr::add(lit(1.0), Expr::un(Unary::Erf, Expr::mul(x, lit(std::f32::consts::FRAC_1_SQRT_2)))),
-        ),
+    let [n, t, o] = [kb.var("n"), kb.var("t"), kb.var("o")];
+    let mut fill = Vec::new();
+    if let Some(b) = b {
+        fill.push(lp(t, rows, vec![vlp(o, outf, vec![store(y, vec![v(n), v(t), v(o)], load(b, vec![v(o)]))])]));
     }
+    if rows == 1 {
+        // The whole batch as the rows of one product: W is read once, not once per example.
+        let grid = kb.var("all");
+        let mut body = Vec::new();
+        if !fill.is_empty() {
+            body.push(batch_loop(n, fill));
+        }
+        body.push(contract(&mut kb, [Extent::Batch, fx(outf), fx(inf)], (x, wt, y), bias, |e, o, i| {
+            (vec![v(e), c0(), v(i)], vec![v(o), v(i)], vec![v(e), c0(), v(o)])
+        }));
+        return kb.finish(grid, fx(1), body);
+    }
+    fill.push(contract(&mut kb, [fx(rows), fx(outf), fx(inf)], (x, wt, y), bias, |t, o, i| {
+        (vec![v(n), v(t), v(i)], vec![v(o), v(i)], vec![v(n), v(t), v(o)])
+    }));
+    kb.finish(n, Extent::Batch, fill)
 }
 
-pub fn activation_forward(name: &str, act: Activation, size: usize) -> Kernel {
-    let mut kb = KernelBuilder::new(name);
-    let x = kb.input("x", batched(&[size]));
-    let y = kb.output("y", batched(&[size]));
-    let [n, i] = [kb.var("n"), kb.var("i")];
-    let body = vec![vlp(i, size, vec![store(y, vec![v(n), v(i)], activation_value(act, load(x, vec![v(n), v(i)])))])];
-    kb.finish(n, Extent::Batch, body)
-}
-
-pub fn add_forward(name: &str, size: usize) -> Kernel {
-    let mut kb = KernelBuilder::new(name);
-    let a = kb.input("a", batched(&[size]));
-    let b = kb.input("b", batched(&[size]));
-    let y = kb.output("y", batched(&[size]));
-    let [n, i] = [kb.var("n"), kb.var("i")];
-    let ix = vec![v(n), v(i)];
-    let body = vec![vlp(i, size, vec![store(y, ix.clone(), Expr::add(load(a, ix.clone()), load(b, ix)))])];
-    kb.finish(n, Extent::Batch, body)
+fn c0() -> Affine {
+    Affine::constant(0)
 }
 
 pub struct PoolGeom {
@@ -491,80 +437,25 @@ pub fn mse(name: &str, size: usize) -> Kernel {
 // ---------------------------------------------------------------------------------------
 // Backward: input gradients.
 
-/// `dX[n,t,i] = Σ_o dY[n,t,o] · W[o,i]`.
+/// `dX[n,t,i] (+)= Σ_o dY[n,t,o] · W[o,i]`: one contraction over the whole batch when
+/// `rows == 1`, else one per example.
 pub fn linear_backward_input(name: &str, rows: usize, inf: usize, outf: usize, first: bool) -> Kernel {
     let mut kb = KernelBuilder::new(name);
     let dy = kb.input("dy", batched(&[rows, outf]));
     let wt = kb.input("w", fixed(&[outf, inf]));
     let dx = kb.target("dx", batched(&[rows, inf]), first);
-    let [n, t, o, i] = [kb.var("n"), kb.var("t"), kb.var("o"), kb.var("i")];
-    let mut body = Vec::new();
-    let target = vec![v(n), v(t), v(i)];
-    if first {
-        body.push(lp(t, rows, vec![vlp(i, inf, vec![store(dx, target.clone(), lit(0.0))])]));
+    if rows == 1 {
+        let grid = kb.var("all");
+        let product = contract(&mut kb, [Extent::Batch, fx(inf), fx(outf)], (dy, wt, dx), !first, |e, i, o| {
+            (vec![v(e), c0(), v(o)], vec![v(o), v(i)], vec![v(e), c0(), v(i)])
+        });
+        return kb.finish(grid, fx(1), vec![product]);
     }
-    // Row-wise axpy: unit stride along i in both W and dX.
-    let g = kb.acc("g");
-    body.push(lp(
-        t,
-        rows,
-        vec![lp(
-            o,
-            outf,
-            vec![
-                set(g, load(dy, vec![v(n), v(t), v(o)])),
-                vlp(i, inf, vec![accumulate(dx, target, Expr::mul(acc(g), load(wt, vec![v(o), v(i)])))]),
-            ],
-        )],
-    ));
-    kb.finish(n, Extent::Batch, body)
-}
-
-fn activation_grad(act: Activation, x: Expr, y: Expr, dy: Expr) -> Expr {
-    match act {
-        Activation::Relu => Expr::select(Cond::Cmp { op: CmpOp::Gt, a: x, b: lit(0.0) }, dy, lit(0.0)),
-        Activation::LeakyRelu { slope } => {
-            Expr::select(Cond::Cmp { op: CmpOp::Gt, a: x, b: lit(0.0) }, dy.clone(), Expr::mul(lit(slope as f32), dy))
-        }
-        Activation::Tanh => Expr::mul(dy, Expr::sub(lit(1.0), Expr::mul(y.clone(), y))),
-        Activation::Sigmoid => Expr::mul(dy, Expr::mul(y.clone(), Expr::sub(lit(1.0), y))),
-        Activation::Gelu => {
-            // Φ(x) + x·φ(x)
-            let cdf = Expr::mul(
-                lit(0.5),
-                Expr::add(lit(1.0), Expr::un(Unary::Erf, Expr::mul(x.clone(), lit(std::f32::consts::FRAC_1_SQRT_2)))),
-            );
-            let pdf = Expr::mul(
-                lit(0.398_942_3),
-                Expr::un(Unary::Exp, Expr::mul(lit(-0.5), Expr::mul(x.clone(), x.clone()))),
-            );
-            Expr::mul(dy, Expr::add(cdf, Expr::mul(x, pdf)))
-        }
-    }
-}
-
-pub fn activation_backward(name: &str, act: Activation, size: usize, first: bool) -> Kernel {
-    let mut kb = KernelBuilder::new(name);
-    let x = kb.input("x", batched(&[size]));
-    let y = kb.input("y", batched(&[size]));
-    let dy = kb.input("dy", batched(&[size]));
-    let dx = kb.target("dx", batched(&[size]), first);
-    let [n, i] = [kb.var("n"), kb.var("i")];
-    let ix = vec![v(n), v(i)];
-    let value = activation_grad(act, load(x, ix.clone()), load(y, ix.clone()), load(dy, ix.clone()));
-    let body = vec![vlp(i, size, vec![put(dx, ix, value, first)])];
-    kb.finish(n, Extent::Batch, body)
-}
-
-/// `dX += dY` (one operand of an add, or any identity).
-pub fn pass_through(name: &str, size: usize, first: bool) -> Kernel {
-    let mut kb = KernelBuilder::new(name);
-    let dy = kb.input("dy", batched(&[size]));
-    let dx = kb.target("dx", batched(&[size]), first);
-    let [n, i] = [kb.var("n"), kb.var("i")];
-    let ix = vec![v(n), v(i)];
-    let body = vec![vlp(i, size, vec![put(dx, ix.clone(), load(dy, ix), first)])];
-    kb.finish(n, Extent::Batch, body)
+    let n = kb.var("n");
+    let product = contract(&mut kb, [fx(rows), fx(inf), fx(outf)], (dy, wt, dx), !first, |t, i, o| {
+        (vec![v(n), v(t), v(o)], vec![v(o), v(i)], vec![v(n), v(t), v(i)])
+    });
+    kb.finish(n, Extent::Batch, vec![product])
 }
 
 /// Max pool: the gradient goes to the first maximum of each window (PyTorch's choice);

@@ -13,19 +13,20 @@
 //! before `norms_and_clip` reads it.
 
 mod builder;
+pub mod equation;
 pub mod kernels;
 pub mod param_grads;
 
 use std::collections::HashMap;
 use std::fmt;
 
-use pdgc_codegen::ir::{Dim, Kernel};
+use pdgc_codegen::ir::Kernel;
 use serde::{Deserialize, Serialize};
 
+use crate::grad::GradGraph;
 use crate::graph::{numel, Graph, LabelSpec, Loss, NodeId, Op};
 use crate::ops::Strategy;
-use crate::plan::{Goal, Plan};
-use builder::{batched, fixed};
+use crate::plan::Plan;
 use kernels::{ConvGemm, NormGeom, PoolGeom, Window};
 use param_grads::Outputs;
 
@@ -139,6 +140,7 @@ pub struct Plans<'a> {
 
 struct Lowering<'g> {
     graph: &'g Graph,
+    grads: &'g GradGraph,
     buffers: Vec<BufferDecl>,
     kernels: Vec<Kernel>,
     by_name: HashMap<String, usize>,
@@ -151,10 +153,12 @@ struct Lowering<'g> {
     extra: HashMap<Role, BufId>,
 }
 
-/// Stage 5: the program of `graph` under `plans`.
-pub fn lower(graph: &Graph, plans: &Plans<'_>) -> Program {
+/// Stage 5: the program of `graph`, whose per-example backward pass `differentiate`
+/// derived as `grads`, under `plans`.
+pub fn lower(graph: &Graph, grads: &GradGraph, plans: &Plans<'_>) -> Program {
     let mut l = Lowering {
         graph,
+        grads,
         buffers: Vec::new(),
         kernels: Vec::new(),
         by_name: HashMap::new(),
@@ -324,9 +328,9 @@ impl<'g> Lowering<'g> {
                     args.push(y);
                     self.launch(k, args)
                 }
-                Op::Activation(act) => {
-                    let k = kernels::activation_forward(&format!("{tag}_fwd"), *act, numel(&n.shape) as usize);
-                    self.launch(k, vec![x.expect("input"), y])
+                Op::Activation(_) | Op::Add => {
+                    let eq = self.grads.step(n.id).and_then(|s| s.forward.first()).expect("a derived forward");
+                    self.pointwise(n.id, &format!("{tag}_fwd"), eq, true)
                 }
                 Op::Pool(p) => {
                     let geom = pool_geom(p, &in_shape, &n.shape);
@@ -348,10 +352,6 @@ impl<'g> Lowering<'g> {
                     }
                     args.extend([y, self.saved[&(n.id.0, "xhat")], self.saved[&(n.id.0, "rstd")]]);
                     self.launch(k, args)
-                }
-                Op::Add => {
-                    let k = kernels::add_forward(&format!("{tag}_fwd"), numel(&n.shape) as usize);
-                    self.launch(k, vec![self.act[n.inputs[0].index()], self.act[n.inputs[1].index()], y])
                 }
             };
             out.push(launch);
@@ -404,9 +404,19 @@ impl<'g> Lowering<'g> {
                         let k = kernels::linear_backward_input(&tag, rows, lin.in_features, lin.out_features, first);
                         self.launch(k, vec![dy, self.param(n.id, "weight").expect("weight"), dx])
                     }
-                    Op::Activation(act) => {
-                        let k = kernels::activation_backward(&tag, *act, size, first);
-                        self.launch(k, vec![self.act[input.index()], self.act[n.id.index()], dy, dx])
+                    Op::Activation(_) | Op::Add => {
+                        // The derived input gradient of this operand (`dX`, `dA` or `dB`).
+                        let target = match (&n.op, slot) {
+                            (Op::Add, 0) => "dA",
+                            (Op::Add, _) => "dB",
+                            _ => "dX",
+                        };
+                        let eq = self
+                            .grads
+                            .step(n.id)
+                            .and_then(|s| s.input_grads.iter().find(|e| e.lhs.tensor == target))
+                            .expect("a derived input gradient");
+                        self.pointwise(n.id, &tag, eq, first)
                     }
                     Op::Pool(p) => {
                         let geom = pool_geom(p, &in_shape, &n.shape);
@@ -428,12 +438,35 @@ impl<'g> Lowering<'g> {
                         args.push(dx);
                         self.launch(k, args)
                     }
-                    Op::Add => self.launch(kernels::pass_through(&tag, size, first), vec![dy, dx]),
                 };
                 out.push(launch);
             }
         }
         out
+    }
+
+    /// The buffer a step's local tensor name stands for (`X`, `Y`, `dX`, `A`, `dB`, ...).
+    fn local(&self, node: NodeId, tensor: &str) -> Option<BufId> {
+        let n = self.graph.node(node);
+        let input = |i: usize| n.inputs.get(i).map(|id| id.index());
+        Some(match tensor {
+            "Y" => self.act[node.index()],
+            "dY" => self.grad[node.index()],
+            "X" | "A" => self.act[input(0)?],
+            "B" => self.act[input(1)?],
+            "dX" | "dA" => self.grad[input(0)?],
+            "dB" => self.grad[input(1)?],
+            _ => return None,
+        })
+    }
+
+    /// The launch of a pointwise derived equation of `node`'s step.
+    fn pointwise(&mut self, node: NodeId, name: &str, eq: &crate::grad::Equation, first: bool) -> Launch {
+        let size = numel(&self.graph.node(node).shape) as usize;
+        let (k, tensors) =
+            equation::pointwise(name, eq, size, first).expect("activation and add equations are pointwise");
+        let args = tensors.iter().map(|t| self.local(node, t).expect("a step's tensors are bound")).collect();
+        self.launch(k, args)
     }
 
     fn conv_io(&self, node: NodeId) -> (BufId, BufId, Vec<usize>) {
@@ -796,24 +829,5 @@ impl fmt::Display for Program {
             write!(f, "{k}")?;
         }
         Ok(())
-    }
-}
-
-/// Every program buffer's dims as a kernel would see them unflattened.
-pub fn buffer_dims(b: &BufferDecl) -> Vec<Dim> {
-    if b.batched {
-        batched(&b.shape)
-    } else {
-        fixed(&b.shape)
-    }
-}
-
-/// The goal each entry's plan must have been made for.
-pub fn goal_of(kind: EntryKind) -> Option<Goal> {
-    match kind {
-        EntryKind::PerExampleGrads => Some(Goal::Grads),
-        EntryKind::PerExampleNorms => Some(Goal::Norms),
-        EntryKind::ClippedSum => Some(Goal::ClippedSum),
-        EntryKind::Loss | EntryKind::BatchGrad => None,
     }
 }

@@ -7,7 +7,7 @@
 //! fuse it into their epilogue; with `store: false` they compute norms without ever
 //! writing the per-example gradient.
 
-use pdgc_codegen::ir::{Binary, Expr, Extent, Kernel, Unary, VarId};
+use pdgc_codegen::ir::{Binary, Expr, Extent, Kernel, Mode, Unary, VarId};
 
 use super::builder::*;
 use super::kernels::{ConvGemm, NormGeom, Window};
@@ -49,41 +49,23 @@ fn channel(c: &Conv, co: VarId, ci: VarId) -> pdgc_codegen::ir::Affine {
     }
 }
 
-/// The non-private conv weight gradient on im2col columns, `dW[co, r] = Σ_n Σ_t dY[n,co,t]
-/// · U[n,g(co),r,t]`: a dot product along unit-stride `t`. The grid runs over the column
-/// rows `r`, so one row of `U` stays in L1 while every output channel reads it. Launched
-/// one example at a time, it is the `naive` strategy; on rescaled output gradients,
-/// book-keeping's clipped sum.
+/// The non-private conv weight gradient on im2col columns, one contraction per example
+/// and group accumulated into `dW[g·Cg + m, r] = Σ_n Σ_t dY[n, g·Cg + m, t] · U[n, g, r, t]`
+/// (grid over the groups). Launched one example at a time, it is the `naive` strategy; on
+/// rescaled output gradients, book-keeping's clipped sum.
 pub fn conv_batch_grad(name: &str, cg: &ConvGemm) -> Kernel {
     let mut kb = KernelBuilder::new(name);
     let u = kb.input("cols", batched(&[cg.groups, cg.d, cg.positions]));
     let dy = kb.input("dy", batched(&[cg.cout, cg.positions]));
-    let dw = kb.output("dw", fixed(&[cg.cout, cg.d]));
-    let [r, co, n, t] = [kb.var("r"), kb.var("co"), kb.var("n"), kb.var("t")];
-    let a = kb.acc("acc");
-    let body = vec![
-        lp(co, cg.cout, vec![store(dw, vec![v(co), v(r)], lit(0.0))]),
-        batch_loop(
-            n,
-            vec![lp(
-                co,
-                cg.cout,
-                vec![
-                    set(a, lit(0.0)),
-                    vlp(
-                        t,
-                        cg.positions,
-                        vec![add_to(
-                            a,
-                            Expr::mul(load(dy, vec![v(n), v(co), v(t)]), load(u, vec![v(n), cg.group(co), v(r), v(t)])),
-                        )],
-                    ),
-                    accumulate(dw, vec![v(co), v(r)], acc(a)),
-                ],
-            )],
-        ),
-    ];
-    kb.finish(r, Extent::Fixed(cg.d as u32), body)
+    let dw = kb.arg("dw", fixed(&[cg.cout, cg.d]), Mode::InOut);
+    let [g, co, r, n] = [kb.var("g"), kb.var("co"), kb.var("r"), kb.var("n")];
+    let cout_g = cg.cout / cg.groups;
+    let row = |m: VarId| v(m).plus(g, cout_g as i64);
+    let zero = lp(co, cout_g, vec![vlp(r, cg.d, vec![store(dw, vec![row(co), v(r)], lit(0.0))])]);
+    let product = contract(&mut kb, [fx(cout_g), fx(cg.d), fx(cg.positions)], (dy, u, dw), true, |m, r, t| {
+        (vec![v(n), row(m), v(t)], vec![v(n), v(g), v(r), v(t)], vec![row(m), v(r)])
+    });
+    kb.finish(g, fx(cg.groups), vec![zero, batch_loop(n, vec![product])])
 }
 
 /// The non-private conv bias gradient `db[co] = Σ_n Σ_t dY[n,co,t]` (grid over `co`).
@@ -258,42 +240,28 @@ pub fn im2col(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize]) -> 
     kb.finish(n, Extent::Batch, body)
 }
 
-/// `unfold`: the batched GEMM `gW[n, co, r] = Σ_t dY[n, co, t] · U[n, g(co), r, t]`.
+/// `unfold`: per example and group, the contraction `gW[n, g·Cg + m, r] = Σ_t dY[n, g·Cg +
+/// m, t] · U[n, g, r, t]`, then (for norms) the squared norm of the example's gradient.
 pub fn unfold_gemm(name: &str, c: &Conv, positions: usize, out: Outputs) -> Kernel {
     let cin_g = c.in_channels / c.groups;
     let d = cin_g * c.kernel.iter().product::<usize>();
+    let cout_g = c.out_channels / c.groups;
     let mut kb = KernelBuilder::new(name);
     let u = kb.input("u", batched(&[c.groups, d, positions]));
     let dy = kb.input("dy", batched(&[c.out_channels, positions]));
-    let gw = kb.output("gw", batched(&[c.out_channels, d]));
-    let part = out.norm.map(|(_, slots)| kb.arg("sqnorm", batched(&[slots]), pdgc_codegen::ir::Mode::InOut));
-    let [n, co, r, t] = [kb.var("n"), kb.var("co"), kb.var("r"), kb.var("t")];
-    let [a, sq] = [kb.acc("acc"), kb.acc("sq")];
-    let group = if c.groups == 1 {
-        pdgc_codegen::ir::Affine::constant(0)
-    } else {
-        pdgc_codegen::ir::Affine::default().plus_div(co, 1, (c.out_channels / c.groups) as i64)
-    };
-    let prod = Expr::mul(load(dy, vec![v(n), v(co), v(t)]), load(u, vec![v(n), group, v(r), v(t)]));
-    let body = vec![
-        set(sq, lit(0.0)),
-        lp(
-            co,
-            c.out_channels,
-            vec![lp(
-                r,
-                d,
-                vec![
-                    set(a, lit(0.0)),
-                    vlp(t, positions, vec![add_to(a, prod)]),
-                    store(gw, vec![v(n), v(co), v(r)], acc(a)),
-                    add_to(sq, Expr::mul(acc(a), acc(a))),
-                ],
-            )],
-        ),
-    ];
-    let mut body = body;
+    let gw = kb.arg("gw", batched(&[c.out_channels, d]), if out.norm.is_some() { Mode::InOut } else { Mode::Out });
+    let part = out.norm.map(|(_, slots)| kb.arg("sqnorm", batched(&[slots]), Mode::InOut));
+    let [n, g, co, r] = [kb.var("n"), kb.var("g"), kb.var("co"), kb.var("r")];
+    let sq = kb.acc("sq");
+    let product = contract(&mut kb, [fx(cout_g), fx(d), fx(positions)], (dy, u, gw), false, |m, r, t| {
+        let row = v(m).plus(g, cout_g as i64);
+        (vec![v(n), row.clone(), v(t)], vec![v(n), v(g), v(r), v(t)], vec![v(n), row, v(r)])
+    });
+    let mut body = vec![lp(g, c.groups, vec![product])];
     if let (Some(part), Some((slot, _))) = (part, out.norm) {
+        let gv = load(gw, vec![v(n), v(co), v(r)]);
+        body.push(set(sq, lit(0.0)));
+        body.push(lp(co, c.out_channels, vec![vlp(r, d, vec![add_to(sq, Expr::mul(gv.clone(), gv))])]));
         body.push(store(part, vec![v(n), pdgc_codegen::ir::Affine::constant(slot as i64)], acc(sq)));
     }
     kb.finish(n, Extent::Batch, body)
@@ -353,35 +321,43 @@ pub fn ghost_conv(name: &str, c: &Conv, positions: usize, slot: usize, slots: us
     kb.finish(n, Extent::Batch, body)
 }
 
-/// The non-private linear gradient `dW[o,i] = Σ_n Σ_t dY[n,t,o]·X[n,t,i]` (grid over `o`).
+/// The non-private linear gradient `dW[o,i] = Σ_n Σ_t dY[n,t,o]·X[n,t,i]`: one contraction
+/// over the examples when `rows == 1`, else one per example accumulated; then the bias
+/// `db[o] = Σ_n Σ_t dY[n,t,o]`.
 pub fn linear_batch_grad(name: &str, rows: usize, inf: usize, outf: usize, bias: bool) -> Kernel {
     let mut kb = KernelBuilder::new(name);
     let x = kb.input("x", batched(&[rows, inf]));
     let dy = kb.input("dy", batched(&[rows, outf]));
-    let dw = kb.output("dw", fixed(&[outf, inf]));
+    let dw = kb.arg("dw", fixed(&[outf, inf]), Mode::InOut);
     let db = bias.then(|| kb.output("db", fixed(&[outf])));
-    let [o, i, n, t] = [kb.var("o"), kb.var("i"), kb.var("n"), kb.var("t")];
-    let [g, a] = [kb.acc("g"), kb.acc("acc")];
-    // dw[o, :] = Σ_{n,t} dY[n,t,o] · X[n,t,:], an axpy per (n, t) along unit-stride i.
-    let mut body = vec![vlp(i, inf, vec![store(dw, vec![v(o), v(i)], lit(0.0))])];
-    body.push(batch_loop(
-        n,
-        vec![lp(
-            t,
-            rows,
-            vec![
-                set(g, load(dy, vec![v(n), v(t), v(o)])),
-                vlp(i, inf, vec![accumulate(dw, vec![v(o), v(i)], Expr::mul(acc(g), load(x, vec![v(n), v(t), v(i)])))]),
-            ],
-        )],
-    ));
-    if let Some(db) = db {
-        let (n2, t2) = (kb.var("n"), kb.var("t"));
-        body.push(set(a, lit(0.0)));
-        body.push(batch_loop(n2, vec![lp(t2, rows, vec![add_to(a, load(dy, vec![v(n2), v(t2), v(o)]))])]));
-        body.push(store(db, vec![v(o)], acc(a)));
+    let [all, o, n, t] = [kb.var("all"), kb.var("o"), kb.var("n"), kb.var("t")];
+    let a = kb.acc("acc");
+    let mut body = Vec::new();
+    if rows == 1 {
+        body.push(contract(&mut kb, [fx(outf), fx(inf), Extent::Batch], (dy, x, dw), false, |o, i, e| {
+            (vec![v(e), c0(), v(o)], vec![v(e), c0(), v(i)], vec![v(o), v(i)])
+        }));
+    } else {
+        let i = kb.var("i");
+        body.push(lp(o, outf, vec![vlp(i, inf, vec![store(dw, vec![v(o), v(i)], lit(0.0))])]));
+        let product = contract(&mut kb, [fx(outf), fx(inf), fx(rows)], (dy, x, dw), true, |o, i, t| {
+            (vec![v(n), v(t), v(o)], vec![v(n), v(t), v(i)], vec![v(o), v(i)])
+        });
+        body.push(batch_loop(n, vec![product]));
     }
-    kb.finish(o, Extent::Fixed(outf as u32), body)
+    if let Some(db) = db {
+        let (o2, n2) = (kb.var("o"), kb.var("n"));
+        body.push(lp(
+            o2,
+            outf,
+            vec![
+                set(a, lit(0.0)),
+                batch_loop(n2, vec![lp(t, rows, vec![add_to(a, load(dy, vec![v(n2), v(t), v(o2)]))])]),
+                store(db, vec![v(o2)], acc(a)),
+            ],
+        ));
+    }
+    kb.finish(all, fx(1), body)
 }
 
 /// `outer` (Goodfellow 2015): `gW[n,o,i] = Σ_t dY[n,t,o]·X[n,t,i]`, `gb[n,o] = Σ_t dY`,

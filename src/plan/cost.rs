@@ -1,7 +1,7 @@
 //! The cost model's formulas: for one parameterized layer, one strategy and a batch size,
 //! FLOPs, bytes moved, workspace, per-example memory held and launches — and their time on
-//! a device profile. Pure functions of the shapes; closed forms are in DESIGN.md
-//! ("Strategies") and checked by the unit tests below.
+//! a device profile. Pure functions of the shapes; the closed forms are the README's
+//! strategy table ("`pdgc explain`") and are checked by the unit tests below.
 //!
 //! Notation (per layer): G groups, p = Cout, d = (Cin/G)·Πk (one group's fan-in), T output
 //! positions (1 for a plain linear), P = p·d (+p with a bias) parameters, `a_in`/`a_out`
@@ -171,20 +171,29 @@ impl Cost {
     }
 }
 
+/// Where a strategy takes the squared norm of the per-example gradient it materializes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NormPass {
+    Epilogue,
+    InKernel,
+    Separate,
+}
+
 /// The cost of computing what `goal` asks for this layer with `strategy`, batch `b`.
 pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev: &DeviceProfile) -> Cost {
     let per_example = l.contraction_flops();
     let bias_launch = u64::from(l.params > l.p * l.d && l.kind != LayerKind::Norm);
-    // What follows materialized per-example gradients: norms (one read of B·P) and, for
-    // the clipped sum, the weighted sum (another read of B·P, a write of P).
-    let after = |fused_norm: bool| -> (u64, u64, u64) {
-        let norm_read = if fused_norm { 0 } else { b * l.params * F32 };
+    // What follows materialized per-example gradients: the squared norms — taken in the
+    // contraction's epilogue (no extra read), in a pass inside the same kernel (one read of
+    // B·P, no launch), or by kernels of their own (a read and a launch) — and, for the
+    // clipped sum, the weighted sum (another read of B·P, a write of P, a launch).
+    let after = |norm: NormPass| -> (u64, u64, u64) {
+        let norm_read = if norm == NormPass::Epilogue { 0 } else { b * l.params * F32 };
+        let norm_launch = u64::from(norm == NormPass::Separate);
         match goal {
             Goal::Grads => (0, 0, 0),
-            Goal::Norms => (2 * b * l.params, norm_read, u64::from(!fused_norm)),
-            Goal::ClippedSum => {
-                (4 * b * l.params, norm_read + b * l.params * F32 + l.params * F32, 1 + u64::from(!fused_norm))
-            }
+            Goal::Norms => (2 * b * l.params, norm_read, norm_launch),
+            Goal::ClippedSum => (4 * b * l.params, norm_read + b * l.params * F32 + l.params * F32, 1 + norm_launch),
         }
     };
     let held_grads = b * l.params * F32;
@@ -195,7 +204,7 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
     };
     let cost = match strategy {
         Strategy::Naive => {
-            let (f, by, la) = after(false);
+            let (f, by, la) = after(NormPass::Separate);
             let m = l.p / l.groups;
             Cost {
                 strategy,
@@ -209,7 +218,7 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
             }
         }
         Strategy::Crb => {
-            let (f, by, la) = after(false);
+            let (f, by, la) = after(NormPass::Separate);
             let full = b * l.p * l.cin_per_group * l.crb_positions;
             let truncated = full > b * l.p * l.d;
             Cost {
@@ -228,8 +237,10 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
         }
         Strategy::Unfold => {
             // The im2col columns are the forward pass's own (convs run as im2col + GEMM),
-            // so unfold only reads them: no extra buffer, no extra write.
-            let (f, by, la) = after(false);
+            // so unfold only reads them: no extra buffer, no extra write. The lowered kernel
+            // is one contraction per example and group, then the squared norm of what it
+            // wrote, in the same launch.
+            let (f, by, la) = after(NormPass::InKernel);
             let unfolded = b * l.groups * l.d * l.t;
             Cost {
                 strategy,
@@ -237,7 +248,7 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
                 bytes: io + unfolded * F32 + held_grads + by,
                 workspace: 0,
                 held: held_grads,
-                launches: 2 + bias_launch + la,
+                launches: 1 + bias_launch + la,
                 efficiency: eff_batched(b),
                 seconds: 0.0,
             }
@@ -245,7 +256,7 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
         Strategy::Direct | Strategy::Outer => {
             // Fused: the norm is accumulated in the kernel's epilogue, and for the norms
             // goal the per-example gradient is never written at all.
-            let (f, by, la) = after(true);
+            let (f, by, la) = after(NormPass::Epilogue);
             let written = if goal == Goal::Norms { 0 } else { held_grads };
             Cost {
                 strategy,
@@ -349,7 +360,7 @@ mod tests {
         ))
     }
 
-    /// Closed forms from DESIGN.md's strategy table, on shapes with stride, dilation,
+    /// The strategy table's closed forms, on shapes with stride, dilation,
     /// padding and groups.
     #[test]
     fn strategy_flops_match_the_closed_forms() {

@@ -61,6 +61,7 @@ MODELS = [
     ("samples/regression_mlp_ln.pdg", 4, 5),
     ("tests/data/models/gn_residual_block.pdg", 3, 6),
     ("tests/data/models/conv_geometry.pdg", 3, 7),
+    ("tests/data/models/hardswish_net.pdg", 3, 8),
 ]
 
 GRAD_F64_LIMIT_BYTES = 2 * 1024 * 1024
@@ -144,6 +145,8 @@ def run_graph(graph: dict, params: dict, inputs: dict) -> torch.Tensor:
                 y = torch.sigmoid(xs[0])
             elif arg == "Gelu":
                 y = F.gelu(xs[0])  # exact erf form
+            elif arg == "Hardswish":
+                y = F.hardswish(xs[0])
             elif isinstance(arg, dict) and "LeakyRelu" in arg:
                 y = F.leaky_relu(xs[0], negative_slope=arg["LeakyRelu"]["slope"])
             else:

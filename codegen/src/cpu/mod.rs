@@ -9,7 +9,8 @@
 //! Code map: this file owns the JIT module, the compiled-kernel handle and the safe
 //! entry points; `translate` turns one kernel into a Cranelift function (scalar code,
 //! the reference path); `vector` is the F32X4 path for `LoopKind::Vector` loops it can
-//! prove lane-independent, falling back to scalar code for everything else.
+//! prove lane-independent, falling back to scalar code for everything else; `gemm` runs
+//! contractions ([`crate::ir::Contract`]) on the `gemm` crate's tuned micro-kernels.
 //!
 //! Floating point: scalar code computes exactly what [`crate::interp`] computes (same
 //! operations, same order, the same `libm` functions for `exp`, `log`, `tanh`, `erf`,
@@ -19,6 +20,7 @@
 //! to the bit. `Max`/`Min` are Cranelift's NaN-propagating `fmax`/`fmin`, the semantics
 //! [`crate::ir::Binary`] defines.
 
+mod gemm;
 mod translate;
 mod vector;
 
@@ -135,6 +137,7 @@ impl CpuBackend {
         for (name, f) in MATH_SYMBOLS {
             builder.symbol(name, f as *const u8);
         }
+        builder.symbol("pdgc_sgemm", gemm::pdgc_sgemm as *const u8);
         let mut module = JITModule::new(builder);
         let mut math = [FuncId::from_u32(0); MATH_SYMBOLS.len()];
         for (id, (name, _)) in math.iter_mut().zip(MATH_SYMBOLS) {
@@ -142,8 +145,17 @@ impl CpuBackend {
                 .declare_function(name, Linkage::Import, &math_signature(call_conv))
                 .map_err(|e| CpuError::Setup(format!("declaring {name}: {e}")))?;
         }
-        let cfg =
-            translate::Config { call_conv, frontend, fma: options.fma && host_fma, vectorize: options.vectorize, math };
+        let gemm = module
+            .declare_function("pdgc_sgemm", Linkage::Import, &gemm_signature(call_conv))
+            .map_err(|e| CpuError::Setup(format!("declaring pdgc_sgemm: {e}")))?;
+        let cfg = translate::Config {
+            call_conv,
+            frontend,
+            fma: options.fma && host_fma,
+            vectorize: options.vectorize,
+            math,
+            gemm,
+        };
         Ok(CpuBackend { jit: Arc::new(Jit(Mutex::new(Some(module)))), cfg, host_fma, options })
     }
 
@@ -233,6 +245,13 @@ fn math_signature(call_conv: CallConv) -> Signature {
     let mut sig = Signature::new(call_conv);
     sig.params.push(AbiParam::new(types::F32));
     sig.returns.push(AbiParam::new(types::F32));
+    sig
+}
+
+/// `pdgc_sgemm(m, n, k, c, c_rs, c_cs, a, a_rs, a_cs, b, b_rs, b_cs, accumulate)`: all i64.
+fn gemm_signature(call_conv: CallConv) -> Signature {
+    let mut sig = Signature::new(call_conv);
+    sig.params.extend([AbiParam::new(types::I64); 13]);
     sig
 }
 
@@ -357,10 +376,12 @@ impl CompiledKernel {
     /// when the kernel [`is_parallel`](Self::is_parallel), else on the calling thread.
     pub fn run_parallel(&self, bufs: &mut [&mut [f32]], batch: u64, threads: usize) -> Result<(), CpuError> {
         let extent = self.check(bufs, batch)?;
-        let threads = (threads.max(1) as u64).min(extent.max(1));
-        if threads == 1 || !self.parallel {
-            return self.run(bufs, batch, 0, extent);
+        let split = (threads.max(1) as u64).min(extent.max(1));
+        if split == 1 || !self.parallel {
+            // One thread runs the grid: its contractions may use all the threads.
+            return gemm::with_threads(threads, || self.run(bufs, batch, 0, extent));
         }
+        let threads = split;
         let ptrs = SendPtrs(bufs.iter_mut().map(|b| b.as_mut_ptr()).collect());
         let chunk = extent.div_ceil(threads);
         let failed = std::thread::scope(|s| {

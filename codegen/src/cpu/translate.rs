@@ -22,8 +22,10 @@ use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_module::FuncId;
 
-use super::{math_signature, vector, CpuError};
-use crate::ir::{AccId, Affine, ArgId, Binary, CmpOp, Cond, Expr, Extent, Kernel, LoopKind, Stmt, Unary, VarId};
+use super::{gemm_signature, math_signature, vector, CpuError};
+use crate::ir::{
+    AccId, Affine, ArgId, Binary, CmpOp, Cond, Contract, Expr, Extent, Kernel, LoopKind, Operand, Stmt, Unary, VarId,
+};
 
 /// What translation needs from the backend.
 pub(super) struct Config {
@@ -34,6 +36,8 @@ pub(super) struct Config {
     pub vectorize: bool,
     /// `pdgc_expf`, `pdgc_logf`, `pdgc_tanhf`, `pdgc_erff`, declared in the JIT module.
     pub math: [FuncId; 4],
+    /// `pdgc_sgemm`, the contraction kernel (`gemm.rs`).
+    pub gemm: FuncId,
 }
 
 /// The Cranelift function of a verified kernel, named after it.
@@ -67,6 +71,7 @@ pub(super) fn function(k: &Kernel, cfg: &Config, fctx: &mut FunctionBuilderConte
         vars,
         accs,
         math_refs: [None; 4],
+        gemm_ref: None,
         hoisted: HashMap::new(),
     };
     t.scalar_loop(k.grid.var, lo, hi, false, &k.grid.body, true)?;
@@ -92,6 +97,7 @@ pub(super) struct Translator<'k, 'f> {
     vars: Vec<Variable>,
     accs: Vec<Variable>,
     math_refs: [Option<FuncRef>; 4],
+    gemm_ref: Option<FuncRef>,
     /// Scalar values of the loop-invariant subexpressions of the vector loop being
     /// emitted, computed once in front of it, by the address of the expression.
     pub hoisted: HashMap<*const Expr, Value>,
@@ -189,6 +195,7 @@ impl Translator<'_, '_> {
                 self.b.ins().store(MemFlagsData::trusted(), v, addr, 0);
                 Ok(())
             }
+            Stmt::Contract(c) => self.contract(c),
             Stmt::If { cond, then } => {
                 let c = self.cond(cond)?;
                 let then_block = self.b.create_block();
@@ -203,6 +210,65 @@ impl Translator<'_, '_> {
                 Ok(())
             }
         }
+    }
+
+    /// A contraction as one call of `pdgc_sgemm`: each operand's address at `m = n = k = 0`
+    /// and its element strides along the contraction's variables (constants: the verifier
+    /// proved those variables appear with `div == 1`).
+    fn contract(&mut self, c: &Contract) -> Result<(), CpuError> {
+        let [cp, c_rs, c_cs] = self.operand(c, &c.c, c.m, c.n)?;
+        let [ap, a_rs, a_cs] = self.operand(c, &c.a, c.m, c.k)?;
+        let [bp, b_rs, b_cs] = self.operand(c, &c.b, c.k, c.n)?;
+        let [m, n, k] = c.extents.map(|e| match e {
+            Extent::Batch => self.batch,
+            Extent::Fixed(x) => self.b.ins().iconst(I64, x as i64),
+        });
+        let acc = self.b.ins().iconst(I64, i64::from(c.accumulate));
+        let func = match self.gemm_ref {
+            Some(f) => f,
+            None => {
+                let signature = self.b.import_signature(gemm_signature(self.cfg.call_conv));
+                let name = self.b.func.declare_imported_user_function(UserExternalName::new(0, self.cfg.gemm.as_u32()));
+                let f = self.b.import_function(ExtFuncData {
+                    name: ExternalName::user(name),
+                    signature,
+                    colocated: false,
+                    patchable: false,
+                });
+                self.gemm_ref = Some(f);
+                f
+            }
+        };
+        self.b.ins().call(func, &[m, n, k, cp, c_rs, c_cs, ap, a_rs, a_cs, bp, b_rs, b_cs, acc]);
+        Ok(())
+    }
+
+    /// One operand of a contraction: its address with the contraction's own variables at
+    /// 0, and its element strides along `rows` and `cols`.
+    fn operand(&mut self, c: &Contract, op: &Operand, rows: VarId, cols: VarId) -> Result<[Value; 3], CpuError> {
+        let own = [c.m, c.n, c.k];
+        let strides = self.strides.get(op.arg.0 as usize).ok_or_else(|| internal(self.k, "argument out of range"))?;
+        let along = |v: VarId| -> i64 {
+            op.index
+                .iter()
+                .zip(strides)
+                .map(|(ix, &s)| {
+                    let coef = ix.terms.iter().filter(|t| t.var == v).fold(0i64, |a, t| a.wrapping_add(t.coef));
+                    coef.wrapping_mul(s as i64)
+                })
+                .fold(0i64, i64::wrapping_add)
+        };
+        let (rs, cs) = (along(rows), along(cols));
+        let base: Vec<Affine> = op
+            .index
+            .iter()
+            .map(|ix| Affine {
+                terms: ix.terms.iter().filter(|t| !own.contains(&t.var)).copied().collect(),
+                offset: ix.offset,
+            })
+            .collect();
+        let addr = self.address(op.arg, &base)?;
+        Ok([addr, self.b.ins().iconst(I64, rs), self.b.ins().iconst(I64, cs)])
     }
 
     /// `Σ coef·⌊var/div⌋ + offset` in wrapping i64 arithmetic, terms in the given order.

@@ -34,7 +34,7 @@ use crate::ir::{AccId, Affine, ArgId, Binary, Cond, Expr, Extent, Kernel, Loop, 
 
 const LANES: u32 = 4;
 /// At most this many vector accumulators in all: with the loads of one step they stay
-/// within the 16 vector registers of x86-64 (DESIGN: ≤ 11 live vectors).
+/// within the 16 vector registers of x86-64 (at most 11 live vectors).
 const MAX_VECTOR_ACCS: u32 = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,7 +110,7 @@ pub(super) fn plan<'k>(k: &'k Kernel, l: &'k Loop) -> Option<Plan<'k>> {
                 }
                 p.items.push(Item::Store { arg: *arg, index, value, accumulate: *accumulate });
             }
-            Stmt::Loop(_) | Stmt::If { .. } => return None,
+            Stmt::Loop(_) | Stmt::If { .. } | Stmt::Contract(_) => return None,
         }
     }
     if p.items.iter().all(|item| p.lanes_ok(item.value())) {

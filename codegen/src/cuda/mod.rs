@@ -145,6 +145,9 @@ pub fn render_module(kernels: &[Kernel]) -> Result<CudaModule, VerifyError> {
     let mut infos = Vec::with_capacity(kernels.len());
     for (i, k) in kernels.iter().enumerate() {
         verify(k)?;
+        // A contraction renders as the loop nest that defines it (one thread per output
+        // element where the independence proofs allow).
+        let k: &Kernel = &k.desugared();
         let sym = symbol(i, k);
         let threads = Threads::of(k);
         source.push('\n');
@@ -161,6 +164,7 @@ pub fn render_module(kernels: &[Kernel]) -> Result<CudaModule, VerifyError> {
 /// The CUDA C of one kernel as a `__global__` function named `symbol` (no helpers; see
 /// [`render_module`]). Assumes a verified kernel.
 pub fn render_kernel(k: &Kernel, symbol: &str) -> String {
+    let k: &Kernel = &k.desugared();
     render_with(k, symbol, &Threads::of(k))
 }
 
@@ -352,7 +356,8 @@ fn collect_sets(body: &[Stmt], accs: &mut Vec<AccId>, loops: &mut Vec<VarId>) {
                 collect_sets(&l.body, accs, loops);
             }
             Stmt::If { then, .. } => collect_sets(then, accs, loops),
-            Stmt::Store { .. } => {}
+            // Kernels are desugared before any analysis here (`render_module`).
+            Stmt::Store { .. } | Stmt::Contract(_) => {}
         }
     }
 }
@@ -365,6 +370,7 @@ fn reads_outside(body: &[Stmt], vars: &[VarId], accs: &[AccId]) -> bool {
         Stmt::Loop(l) => reads_outside(&l.body, vars, accs),
         Stmt::Set { value, .. } | Stmt::Store { value, .. } => reads_acc(value, &hit),
         Stmt::If { cond, then } => cond_reads_acc(cond, &hit) || reads_outside(then, vars, accs),
+        Stmt::Contract(_) => false,
     })
 }
 
@@ -403,6 +409,7 @@ fn accs_set_before_read(body: &[Stmt], set: &mut Vec<AccId>) -> bool {
             Stmt::Store { value, .. } => !reads_acc(value, &unset),
             Stmt::Loop(l) => accs_set_before_read(&l.body, &mut set.clone()),
             Stmt::If { cond, then } => !cond_reads_acc(cond, &unset) && accs_set_before_read(then, &mut set.clone()),
+            Stmt::Contract(_) => true,
         };
         if !ok {
             return false;
@@ -656,6 +663,11 @@ impl<'k> Renderer<'k> {
                     let _ = writeln!(out, "{p}if {} {{", self.cond(cond));
                     self.stmts(out, then, depth + 1);
                     let _ = writeln!(out, "{p}}}");
+                }
+                // `render_module` and `render_kernel` render the desugared kernel, in which
+                // a contraction is the loop nest that defines it.
+                Stmt::Contract(_) => {
+                    let _ = writeln!(out, "{p}#error \"contraction not desugared\"");
                 }
             }
         }
