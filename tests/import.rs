@@ -311,3 +311,24 @@ fn every_import_error_exits_with_code_1() {
     assert!(err.contains("cannot read"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_torchscript_exporters_patterns_import_too() {
+    // Opset 17: GELU as Div/Erf/Add/Mul/Mul, padding="same" as auto_pad=SAME_UPPER, group norm
+    // with Constant nodes and its affine weights renamed `onnx::Mul_*` (the layer name comes
+    // from the node's scope, `/gn/Mul`), a linear over the last dim as MatMul + Add.
+    let imported = import_file(&onnx_path("legacy_opset17"), &options("legacy")).expect("imports");
+    assert_eq!(imported.opset, 17);
+    for line in [
+        "h1 = c1: conv2d(img, 4, kernel=(4, 2), padding=((1, 2), (0, 1)));",
+        "h2 = gn: group_norm(h1, 2);",
+        "h3 = gelu(h2);",
+        "h4 = ln: layer_norm(h3, dims=1);",
+        "h5 = rows: linear(h4, 3);",
+        "h8 = fc: linear(h7, 5);",
+    ] {
+        assert!(imported.source.contains(line), "{line}\n{}", imported.source);
+    }
+    let names: Vec<&str> = imported.graph.params.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names.len(), 10, "{names:?}");
+}

@@ -1,8 +1,8 @@
 """Writes the ONNX test files tests/data/onnx/<model>.onnx for `pdgc import` (tests/import.rs).
 
-Each file is ``torch.onnx.export`` (the default dynamo exporter, dynamic batch dim) of a
+Each file is ``torch.onnx.export`` (the default dynamo exporter at opset 20, dynamic batch dim) of a
 PyTorch model written to be equivalent to one .pdg model: every sample network in samples/,
-the two test models in tests/data/models/, and ``same_padding`` (convs with
+two test models in tests/data/models/, ``legacy_opset17`` (below) and ``same_padding`` (convs with
 ``padding="same"`` and even kernels, which export per-side ``pads``). Module names are chosen
 so that pdgc's name mapping (``.`` -> ``_``, ``_`` -> ``__``) gives the sample's layer names:
 ``features.0`` -> ``features_0``, ``layer2.0.down.conv`` -> ``layer2_0_down_conv``.
@@ -13,7 +13,10 @@ Weights:
   make_vectors.py) are exported with the vector file's parameters loaded, so the imported
   weights can be checked against them and the imported model's per-example gradients
   against the stored ones;
-* the others (alexnet, vgg16, resnet18_gn, the toy grid, cifar_cnn, same_padding) are
+* ``legacy_opset17`` is written by the TorchScript exporter (``dynamo=False``) at opset 17,
+  whose GELU, ``padding="same"`` and group norm look different;
+* the others (alexnet, vgg16, resnet18_gn, the toy grid, cifar_cnn, same_padding,
+  legacy_opset17) are
   weight-free: after the export every parameter initializer is marked as external data in a
   file that is not kept (``<model>.onnx.data``), so the repository stays small; pdgc imports
   their structure with ``--no-weights``.
@@ -308,6 +311,25 @@ class SamePadding(nn.Module):
         return self.fc(torch.flatten(torch.tanh(self.c2(torch.tanh(self.c1(img)))), 1))
 
 
+class Legacy(nn.Module):
+    """For the TorchScript exporter at opset 17 (``legacy_opset17``): GELU as erf arithmetic,
+    ``padding="same"`` as ``auto_pad=SAME_UPPER``, group norm with Constant nodes, layer
+    norm, a 3-D linear as MatMul + Add."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, (4, 2), padding="same")
+        self.gn = nn.GroupNorm(2, 4)
+        self.ln = nn.LayerNorm(8)
+        self.rows = nn.Linear(8, 3)
+        self.fc = nn.Linear(4 * 9 * 3, 5)
+
+    def forward(self, img):
+        h = F.gelu(self.gn(self.c1(img)))
+        h = torch.sigmoid(self.rows(self.ln(h)))
+        return self.fc(torch.flatten(h, 1))
+
+
 # name -> (model factory, {input name: per-example shape}, weights from the vector file?)
 MODELS = {
     "mnist_cnn": (MnistCnn, {"x": [1, 28, 28]}, True),
@@ -324,6 +346,7 @@ MODELS = {
     "toy_l3_r2_k5": (lambda: Toy(3, 2, 5, 25600), {"x": [3, 32, 32]}, False),
     "toy_l4_r2_k3": (lambda: Toy(4, 2, 3, 24200), {"x": [3, 32, 32]}, False),
     "same_padding": (SamePadding, {"img": [2, 9, 8]}, False),
+    "legacy_opset17": (Legacy, {"img": [2, 9, 8]}, False),
 }
 
 
@@ -362,9 +385,13 @@ def make(name: str):
     args = tuple(torch.randn([2] + shape) for shape in inputs.values())
     batch = torch.export.Dim("batch")
     path = OUT / f"{name}.onnx"
-    torch.onnx.export(model, args, str(path), dynamo=True, opset_version=20, external_data=False,
-                      input_names=list(inputs), output_names=["logits"],
-                      dynamic_shapes=tuple({0: batch} for _ in inputs))
+    if name == "legacy_opset17":
+        torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17, input_names=list(inputs),
+                          output_names=["logits"], dynamic_axes={k: {0: "batch"} for k in inputs})
+    else:
+        torch.onnx.export(model, args, str(path), dynamo=True, opset_version=20, external_data=False,
+                          input_names=list(inputs), output_names=["logits"],
+                          dynamic_shapes=tuple({0: batch} for _ in inputs))
     onnx.checker.check_model(onnx.load(str(path)))
     if not with_weights:
         strip_weights(path, set(model.state_dict()))
