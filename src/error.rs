@@ -62,6 +62,8 @@ pub enum Error {
     Device(String),
     #[error("kernel backend: {0}")]
     Backend(String),
+    #[error(transparent)]
+    Import(#[from] crate::import::ImportError),
     #[error("internal error (a bug in pdgc, please report it): {0}")]
     Internal(String),
 }

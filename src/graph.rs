@@ -82,14 +82,16 @@ pub enum Op {
     Add,
 }
 
-/// conv1d (`spatial == 1`) or conv2d (`spatial == 2`). All vectors have `spatial` entries.
+/// conv1d (`spatial == 1`) or conv2d (`spatial == 2`). All vectors have `spatial` entries;
+/// `pad_lo[a]` zeros pad the input before axis `a`, `pad_hi[a]` after it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Conv {
     pub in_channels: usize,
     pub out_channels: usize,
     pub kernel: Vec<usize>,
     pub stride: Vec<usize>,
-    pub padding: Vec<usize>,
+    pub pad_lo: Vec<usize>,
+    pub pad_hi: Vec<usize>,
     pub dilation: Vec<usize>,
     pub groups: usize,
     pub bias: bool,
@@ -124,12 +126,14 @@ pub enum PoolKind {
     Avg,
 }
 
+/// A max or average pool; padding as in [`Conv`] (`-inf` for max, counted zeros for average).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Pool {
     pub kind: PoolKind,
     pub kernel: Vec<usize>,
     pub stride: Vec<usize>,
-    pub padding: Vec<usize>,
+    pub pad_lo: Vec<usize>,
+    pub pad_hi: Vec<usize>,
 }
 
 /// group_norm (`groups` groups over channels), instance_norm (`groups == channels`) and
@@ -231,6 +235,14 @@ fn dims(v: &[usize]) -> String {
     v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")
 }
 
+/// Padding as `1x1` when every axis is symmetric, else `(lo,hi)` per axis: `(0,1)x(1,1)`.
+fn pads(lo: &[usize], hi: &[usize]) -> String {
+    if lo == hi {
+        return dims(lo);
+    }
+    lo.iter().zip(hi).map(|(l, h)| format!("({l},{h})")).collect::<Vec<_>>().join("x")
+}
+
 fn shape(v: &[usize]) -> String {
     format!("[{}]", v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
 }
@@ -247,7 +259,7 @@ impl fmt::Display for Op {
                 c.out_channels,
                 dims(&c.kernel),
                 dims(&c.stride),
-                dims(&c.padding),
+                pads(&c.pad_lo, &c.pad_hi),
                 dims(&c.dilation),
                 c.groups,
                 c.bias
@@ -255,7 +267,13 @@ impl fmt::Display for Op {
             Op::Linear(l) => write!(f, " in={} out={} bias={}", l.in_features, l.out_features, l.bias),
             Op::Activation(Activation::LeakyRelu { slope }) => write!(f, " slope={slope:?}"),
             Op::Pool(p) => {
-                write!(f, " kernel={} stride={} padding={}", dims(&p.kernel), dims(&p.stride), dims(&p.padding))
+                write!(
+                    f,
+                    " kernel={} stride={} padding={}",
+                    dims(&p.kernel),
+                    dims(&p.stride),
+                    pads(&p.pad_lo, &p.pad_hi)
+                )
             }
             Op::GroupNorm(n) => write!(f, " groups={} eps={:?} affine={}", n.groups, n.eps, n.affine),
             Op::InstanceNorm(n) => write!(f, " eps={:?} affine={}", n.eps, n.affine),

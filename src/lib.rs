@@ -19,6 +19,7 @@ pub mod error;
 pub mod explain;
 pub mod grad;
 pub mod graph;
+pub mod import;
 pub mod lower;
 pub mod module;
 pub mod ops;

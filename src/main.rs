@@ -26,6 +26,12 @@ enum Format {
 
 /// A pipeline stage's IR, for `--dump`.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LossArg {
+    CrossEntropy,
+    Mse,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Stage {
     Ast,
     Graph,
@@ -129,6 +135,25 @@ enum Command {
         /// Print an IR instead of (or as well as) writing a module.
         #[arg(long, value_enum)]
         dump: Option<DumpStage>,
+    },
+    /// Import an ONNX model (as torch.onnx.export writes it): write a .pdg file and, beside it,
+    /// its weights as safetensors under their PyTorch names.
+    Import {
+        /// The .onnx file.
+        file: PathBuf,
+        /// The .pdg file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The weights file (default: OUTPUT with the extension .safetensors).
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// The loss to add: cross-entropy (the output is [K] logits; the label is a class
+        /// index) or mse (the label is a real-valued target shaped like the output).
+        #[arg(long, value_enum, default_value_t = LossArg::CrossEntropy)]
+        loss: LossArg,
+        /// Write only the .pdg file (e.g. for a weight-free export whose external data is absent).
+        #[arg(long, conflicts_with = "weights")]
+        no_weights: bool,
     },
     /// Write PyTorch-default initial parameters of a model as safetensors.
     Init {
@@ -358,6 +383,9 @@ fn main() -> ExitCode {
         }
         Command::Compile { file, plan, output, emit, dump } => {
             run(|| compile(&file, &plan, output.as_deref(), &emit, dump))
+        }
+        Command::Import { file, output, weights, loss, no_weights } => {
+            run(|| import(&file, &output, weights, loss, no_weights))
         }
         Command::Init { file, output, seed } => run(|| {
             let module = load_module(&file, &PlanArgs::default())?;
@@ -707,6 +735,47 @@ fn epochs_to_steps(epochs: f64, q: f64, batch_of: Option<(u64, u64)>) -> Result<
         return Err(format!("{epochs} epochs at sample rate {q} is too many steps ({steps})"));
     }
     Ok(steps as u64)
+}
+
+fn import(file: &Path, output: &Path, weights: Option<PathBuf>, loss: LossArg, no_weights: bool) -> Result<(), String> {
+    use pdgc::import::{import_file, ImportLoss, ImportOptions};
+    let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut name: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
+    if !name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+        name.insert_str(0, "model_");
+    }
+    let loss = match loss {
+        LossArg::CrossEntropy => ImportLoss::CrossEntropy,
+        LossArg::Mse => ImportLoss::Mse,
+    };
+    let imported = import_file(file, &ImportOptions { name, loss }).map_err(|e| e.to_string())?;
+    let weights_path = weights.unwrap_or_else(|| output.with_extension("safetensors"));
+    let tensors = match (&imported.weights, no_weights) {
+        (_, true) => None,
+        (Some(t), false) => Some(t),
+        (None, false) => {
+            return Err(format!(
+                "{}: the weights are stored outside the file (external data) and that file is missing; put it \
+                 beside the model, or pass --no-weights to import only the network",
+                file.display()
+            ))
+        }
+    };
+    std::fs::write(output, &imported.source).map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+    let g = &imported.graph;
+    eprintln!(
+        "wrote {} (model `{}`, {} layers, {} parameters, ONNX opset {})",
+        output.display(),
+        g.name,
+        g.nodes.len(),
+        g.param_count(),
+        imported.opset
+    );
+    if let Some(t) = tensors {
+        pdgc::tensor::save_tensors(&weights_path, t, None).map_err(|e| e.to_string())?;
+        eprintln!("wrote {} ({} tensors, PyTorch names)", weights_path.display(), t.len());
+    }
+    Ok(())
 }
 
 fn run(f: impl FnOnce() -> Result<(), String>) -> ExitCode {

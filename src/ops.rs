@@ -19,6 +19,9 @@ pub enum ArgTy {
     Int,
     /// An integer, or a tuple with one integer per spatial dim.
     Size,
+    /// Padding: a size (the same before and after), or a tuple with one `(lo, hi)` pair
+    /// per spatial dim (`lo` elements before the input, `hi` after).
+    Padding,
     Float,
     Bool,
 }
@@ -29,6 +32,7 @@ impl fmt::Display for ArgTy {
             ArgTy::Tensor => "a tensor",
             ArgTy::Int => "an integer",
             ArgTy::Size => "an integer or a tuple of integers",
+            ArgTy::Padding => "an integer, a tuple of integers or a tuple of (lo, hi) pairs",
             ArgTy::Float => "a number",
             ArgTy::Bool => "`true` or `false`",
         })
@@ -122,7 +126,7 @@ const CONV: &[ArgSig] = &[
     pos("out", ArgTy::Int, Default::Required),
     pos("kernel", ArgTy::Size, Default::Required),
     pos("stride", ArgTy::Size, Default::Int(1)),
-    pos("padding", ArgTy::Size, Default::Int(0)),
+    pos("padding", ArgTy::Padding, Default::Int(0)),
     pos("dilation", ArgTy::Size, Default::Int(1)),
     pos("groups", ArgTy::Int, Default::Int(1)),
     pos("bias", ArgTy::Bool, Default::Bool(true)),
@@ -140,7 +144,7 @@ const POOL: &[ArgSig] = &[
     X,
     pos("kernel", ArgTy::Size, Default::Required),
     pos("stride", ArgTy::Size, Default::SameAs("kernel")),
-    pos("padding", ArgTy::Size, Default::Int(0)),
+    pos("padding", ArgTy::Padding, Default::Int(0)),
 ];
 
 const UNARY: &[ArgSig] = &[X];

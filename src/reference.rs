@@ -10,7 +10,7 @@
 //! autograd, see `tests/reference.rs`). It is never used on the fast path.
 //!
 //! Semantics follow PyTorch exactly:
-//! - conv1d/conv2d: zero padding, stride, dilation, groups, optional bias; weights
+//! - conv1d/conv2d: zero padding (per side: `pad_lo` before, `pad_hi` after), stride, dilation, groups, optional bias; weights
 //!   `[out, in/groups, k...]`.
 //! - linear: over the last dim (extra leading dims are rows); weight `[out, in]`.
 //! - relu (gradient 0 at 0), leaky_relu (gradient `slope` at 0), tanh, sigmoid, gelu (exact
@@ -493,7 +493,7 @@ fn conv_forward(
     let (co, oh, ow) = chw(out_shape);
     let (kh, kw) = hw(&c.kernel, 1);
     let (sh, sw) = hw(&c.stride, 1);
-    let (ph, pw) = hw(&c.padding, 0);
+    let (ph, pw) = hw(&c.pad_lo, 0);
     let (dh, dw) = hw(&c.dilation, 1);
     let (cig, cog) = (ci / c.groups, co / c.groups);
     let mut y = vec![0.0; co * oh * ow];
@@ -542,7 +542,7 @@ fn conv_backward(
     let (co, oh, ow) = chw(out_shape);
     let (kh, kw) = hw(&c.kernel, 1);
     let (sh, sw) = hw(&c.stride, 1);
-    let (ph, pw) = hw(&c.padding, 0);
+    let (ph, pw) = hw(&c.pad_lo, 0);
     let (dh, dw) = hw(&c.dilation, 1);
     let (cig, cog) = (ci / c.groups, co / c.groups);
     let mut dx = vec![0.0; x.len()];
@@ -687,9 +687,10 @@ fn act_grad(a: Activation, x: f64) -> f64 {
 
 /// PyTorch's pooling divisor for `count_include_pad=True`: the window clipped to the padded
 /// extent (not to the input). With `ceil_mode=False` this is always the full kernel.
-fn pool_extent(o: usize, k: usize, stride: usize, pad: usize, size: usize) -> usize {
+/// `padded` is the input size plus the padding on both sides.
+fn pool_extent(o: usize, k: usize, stride: usize, padded: usize) -> usize {
     let start = o * stride; // in padded coordinates
-    (start + k).min(size + 2 * pad) - start
+    (start + k).min(padded) - start
 }
 
 /// The input index of the first maximum of window (c, oy, ox) in row-major order.
@@ -730,7 +731,9 @@ fn pool_forward(p: &Pool, in_shape: &[usize], out_shape: &[usize], x: &[f64]) ->
     let (c, oh, ow) = chw(out_shape);
     let k = hw(&p.kernel, 1);
     let s = hw(&p.stride, 1);
-    let pd = hw(&p.padding, 0);
+    let pd = hw(&p.pad_lo, 0);
+    let ph = hw(&p.pad_hi, 0);
+    let padded = (ih + pd.0 + ph.0, iw + pd.1 + ph.1);
     let mut y = vec![0.0; c * oh * ow];
     for ch in 0..c {
         for oy in 0..oh {
@@ -750,7 +753,7 @@ fn pool_forward(p: &Pool, in_shape: &[usize], out_shape: &[usize], x: &[f64]) ->
                                 sum += x[(ch * ih + iy) * iw + ix];
                             }
                         }
-                        let count = pool_extent(oy, k.0, s.0, pd.0, ih) * pool_extent(ox, k.1, s.1, pd.1, iw);
+                        let count = pool_extent(oy, k.0, s.0, padded.0) * pool_extent(ox, k.1, s.1, padded.1);
                         sum / count as f64
                     }
                 };
@@ -765,7 +768,9 @@ fn pool_backward(p: &Pool, in_shape: &[usize], out_shape: &[usize], x: &[f64], g
     let (c, oh, ow) = chw(out_shape);
     let k = hw(&p.kernel, 1);
     let s = hw(&p.stride, 1);
-    let pd = hw(&p.padding, 0);
+    let pd = hw(&p.pad_lo, 0);
+    let ph = hw(&p.pad_hi, 0);
+    let padded = (ih + pd.0 + ph.0, iw + pd.1 + ph.1);
     let mut dx = vec![0.0; x.len()];
     for ch in 0..c {
         for oy in 0..oh {
@@ -774,7 +779,7 @@ fn pool_backward(p: &Pool, in_shape: &[usize], out_shape: &[usize], x: &[f64], g
                 match p.kind {
                     PoolKind::Max => dx[argmax_window(x, (ih, iw), k, s, pd, ch, oy, ox)] += g,
                     PoolKind::Avg => {
-                        let count = pool_extent(oy, k.0, s.0, pd.0, ih) * pool_extent(ox, k.1, s.1, pd.1, iw);
+                        let count = pool_extent(oy, k.0, s.0, padded.0) * pool_extent(ox, k.1, s.1, padded.1);
                         for ky in 0..k.0 {
                             let Some(iy) = tap(oy, ky, s.0, 1, pd.0, ih) else {
                                 continue;
@@ -889,7 +894,7 @@ mod tests {
     use super::*;
 
     fn pool(kind: PoolKind, kernel: usize, stride: usize, padding: usize) -> Pool {
-        Pool { kind, kernel: vec![kernel], stride: vec![stride], padding: vec![padding] }
+        Pool { kind, kernel: vec![kernel], stride: vec![stride], pad_lo: vec![padding], pad_hi: vec![padding] }
     }
 
     #[test]

@@ -122,7 +122,10 @@ impl Params {
         let file = path.display().to_string();
         let mut tensors = TensorMap::new();
         for p in &graph.params {
-            let t = st.tensor(&p.name).map_err(|_| Error::MissingTensor {
+            // A parameter may also go by its PyTorch module path (`features.0.weight` for
+            // `features_0.weight`), as `pdgc import` writes them.
+            let torch_name = crate::import::names::pytorch_param_name(&p.name);
+            let t = st.tensor(&p.name).or_else(|_| st.tensor(&torch_name)).map_err(|_| Error::MissingTensor {
                 file: file.clone(),
                 name: p.name.clone(),
                 hint: format!(" (the model `{}` has {} parameter tensors)", graph.name, graph.params.len()),
@@ -139,7 +142,10 @@ impl Params {
             check_finite(&file, &p.name, &data)?;
             tensors.insert(p.name.clone(), Tensor::new(p.shape.clone(), data));
         }
-        if let Some(extra) = st.names().into_iter().find(|n| !graph.params.iter().any(|p| &p.name == *n)) {
+        let known = |n: &str| {
+            graph.params.iter().any(|p| p.name == n || crate::import::names::pytorch_param_name(&p.name) == n)
+        };
+        if let Some(extra) = st.names().into_iter().find(|n| !known(n)) {
             return Err(Error::UnexpectedTensor { file, name: extra.to_string(), model: graph.name.clone() });
         }
         Ok(Params { tensors })

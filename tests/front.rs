@@ -130,3 +130,52 @@ fn parameters_use_pytorch_names_and_layouts() {
         ]
     );
 }
+
+/// Checks a one-conv model whose conv (or pool) is `layer`, returning the graph's text or
+/// the diagnostics' codes and messages.
+fn padded(layer: &str) -> Result<String, Vec<String>> {
+    let src = format!(
+        "model m {{ input x: [2, 9, 8]; label y: classes(3); \
+         h = {layer}; logits = fc: linear(flatten(h), 3); loss cross_entropy(logits, y); }}"
+    );
+    let front = compile_front(&src);
+    match front.graph {
+        Some(g) => Ok(g.to_string()),
+        None => Err(front.diagnostics.iter().map(|d| format!("{} {}", d.code, d.message)).collect()),
+    }
+}
+
+#[test]
+fn per_side_padding_sets_the_output_size() {
+    // PyTorch's padding="same" with a 4x2 kernel: 1 + 2 rows, 0 + 1 columns keep 9 x 8.
+    let g = padded("c: conv2d(x, 4, kernel=(4, 2), padding=((1, 2), (0, 1)))").expect("checks");
+    assert!(g.contains("padding=(1,2)x(0,1) dilation=1x1 groups=1 bias=true (%0) -> [4, 9, 8]"), "{g}");
+    // A pool padded after the input only: (9 + 1 - 2) / 2 + 1 = 5 rows, (8 - 2) / 2 + 1 = 4 columns.
+    let g = padded("maxpool2d(x, 2, padding=((0, 1), (0, 0)))").expect("checks");
+    assert!(g.contains("padding=(0,1)x(0,0) (%0) -> [2, 5, 4]"), "{g}");
+    // Symmetric pairs print as plain sizes, as before.
+    let g = padded("c: conv2d(x, 4, 3, padding=((1, 1), (1, 1)))").expect("checks");
+    assert!(g.contains("padding=1x1 dilation"), "{g}");
+}
+
+#[test]
+fn malformed_per_side_padding_is_an_error() {
+    for (layer, expected) in [
+        ("c: conv2d(x, 4, 3, padding=((1, 2),))", "E0115 `padding` of `conv2d` needs 2 (lo, hi) pairs, found 1"),
+        ("c: conv2d(x, 4, 3, padding=((1, 2, 3), (0, 1)))", "E0114 a padding pair holds exactly two integers"),
+        ("c: conv2d(x, 4, 3, padding=((1, 2), 1))", "E0114 a tuple of pairs holds only `(lo, hi)` pairs"),
+        ("c: conv2d(x, 4, 3, padding=((-1, 2), (0, 1)))", "E0116 `padding` of `conv2d` must be non-negative"),
+        (
+            "c: conv2d(x, 4, kernel=((1, 2), (0, 1)))",
+            "E0114 `kernel` of `conv2d` expects an integer or a tuple of integers",
+        ),
+        ("maxpool2d(x, 2, padding=((0, 2), (0, 0)))", "E0210 `maxpool2d` padding 2 is more than half its kernel 2"),
+        (
+            "c: conv2d(x, 4, 12, padding=((0, 2), (0, 0)))",
+            "E0205 `conv2d` kernel 12 is larger than its padded input 11 (= 9 + 0 + 2)",
+        ),
+    ] {
+        let errors = padded(layer).expect_err(layer);
+        assert_eq!(errors, vec![expected.to_string()], "{layer}");
+    }
+}

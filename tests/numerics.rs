@@ -169,6 +169,7 @@ fn test_models_every_strategy_matches_the_reference() {
         "tests/data/models/gn_residual_block.pdg",
         "tests/data/models/conv_geometry.pdg",
         "tests/data/models/hardswish_net.pdg",
+        "tests/data/models/per_side_padding.pdg",
     ] {
         check_model(rel, 2, Device::Cpu, false);
     }
@@ -190,7 +191,7 @@ fn the_generated_cuda_c_agrees_with_the_reference() {
 }
 
 /// The models the CUDA tests run, with their batch sizes.
-const CUDA_MODELS: [(&str, usize); 7] = [
+const CUDA_MODELS: [(&str, usize); 8] = [
     ("samples/mnist_cnn.pdg", 3),
     ("samples/cifar_cnn.pdg", 2),
     ("samples/conv1d_net.pdg", 3),
@@ -198,6 +199,7 @@ const CUDA_MODELS: [(&str, usize); 7] = [
     ("samples/regression_mlp_ln.pdg", 3),
     ("tests/data/models/conv_geometry.pdg", 2),
     ("tests/data/models/gn_residual_block.pdg", 2),
+    ("tests/data/models/per_side_padding.pdg", 2),
 ];
 
 /// Whether a CUDA device is usable here. `PDGC_REQUIRE_GPU=1` (scripts/gpu-check.sh) turns

@@ -4,7 +4,8 @@
 //! 1. Finite differences, for every sample network (except the three ImageNet-sized ones,
 //!    alexnet, vgg16 and resnet18_gn, replaced by the scaled-down residual GroupNorm block
 //!    `tests/data/models/gn_residual_block.pdg`) and the geometry model
-//!    `tests/data/models/conv_geometry.pdg`, with seeded random parameters and inputs:
+//!    `tests/data/models/conv_geometry.pdg` and the per-side padding model
+//!    `tests/data/models/per_side_padding.pdg`, with seeded random parameters and inputs:
 //!    - per-example gradients against central differences (ε = 1e-6) of each example's own
 //!      loss, on up to 20 sampled entries of every parameter tensor (biases included) and
 //!      along one random direction through the whole tensor;
@@ -474,6 +475,11 @@ fn fd_gn_residual_block() {
 }
 
 #[test]
+fn fd_per_side_padding() {
+    check_finite_differences("tests/data/models/per_side_padding.pdg", 3, 12);
+}
+
+#[test]
 fn fd_conv_geometry() {
     check_finite_differences("tests/data/models/conv_geometry.pdg", 3, 10);
 }
@@ -637,6 +643,11 @@ fn torch_hardswish_net() {
     check_torch_vectors("hardswish_net.safetensors");
 }
 
+#[test]
+fn torch_per_side_padding() {
+    check_torch_vectors("per_side_padding.safetensors");
+}
+
 /// Every vector file in tests/data has a test above (a new one must be added there).
 #[test]
 fn every_vector_file_is_tested() {
@@ -649,6 +660,7 @@ fn every_vector_file_is_tested() {
         "gn_residual_block",
         "conv_geometry",
         "hardswish_net",
+        "per_side_padding",
     ];
     for entry in std::fs::read_dir(root().join("tests/data")).unwrap() {
         let path = entry.unwrap().path();

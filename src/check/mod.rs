@@ -27,6 +27,8 @@ pub enum Value {
     Float(f64),
     Bool(bool),
     Tuple(Vec<i64>),
+    /// A tuple of `(lo, hi)` pairs: per-side padding, one pair per spatial dim.
+    Pairs(Vec<(i64, i64)>),
     /// Something already reported; accepted anywhere without further errors.
     Poison,
 }
@@ -40,6 +42,7 @@ impl Value {
             Value::Float(_) => "a number",
             Value::Bool(_) => "a boolean",
             Value::Tuple(_) => "a tuple",
+            Value::Pairs(_) => "a tuple of pairs",
             Value::Poison => "an invalid value",
         }
     }
@@ -218,22 +221,7 @@ impl Checker {
             ExprKind::Int(i) => Value::Int(*i),
             ExprKind::Float(x) => Value::Float(*x),
             ExprKind::Bool(b) => Value::Bool(*b),
-            ExprKind::Tuple(items) => {
-                let mut out = Vec::new();
-                for item in items {
-                    match self.expr(item) {
-                        Value::Int(i) => out.push(i),
-                        Value::Poison => return Value::Poison,
-                        other => {
-                            return self.error(
-                                Diagnostic::error("E0114", "tuples hold integers (sizes)", item.span)
-                                    .with_label(format!("this is {}", other.describe())),
-                            )
-                        }
-                    }
-                }
-                Value::Tuple(out)
-            }
+            ExprKind::Tuple(items) => self.tuple(items),
             ExprKind::Add(a, b) => {
                 let va = self.expr(a);
                 let vb = self.expr(b);
@@ -245,6 +233,45 @@ impl Checker {
                 self.layer(sig, &args, vec![ia, ib], None, &[], e.span)
             }
             ExprKind::Call(call) => self.call(call),
+        }
+    }
+
+    /// A tuple of integers (sizes), or a tuple of `(lo, hi)` integer pairs (per-side padding).
+    fn tuple(&mut self, items: &[Expr]) -> Value {
+        let nested = items.iter().any(|i| matches!(i.kind, ExprKind::Tuple(_)));
+        let mut ints = Vec::new();
+        let mut pairs = Vec::new();
+        for item in items {
+            match (nested, self.expr(item)) {
+                (_, Value::Poison) => return Value::Poison,
+                (false, Value::Int(i)) => ints.push(i),
+                (true, Value::Tuple(pair)) if pair.len() == 2 => pairs.push((pair[0], pair[1])),
+                (true, Value::Tuple(other)) => {
+                    return self.error(
+                        Diagnostic::error("E0114", "a padding pair holds exactly two integers", item.span)
+                            .with_label(format!("this tuple has {} integers", other.len()))
+                            .with_note("write `(lo, hi)`: the padding before and after the input on this axis"),
+                    )
+                }
+                (true, other) => return self.error(
+                    Diagnostic::error("E0114", "a tuple of pairs holds only `(lo, hi)` pairs", item.span)
+                        .with_label(format!("this is {}", other.describe()))
+                        .with_note(
+                            "per-side padding is one `(lo, hi)` pair per spatial dim, e.g. `padding=((0, 1), (1, 1))`",
+                        ),
+                ),
+                (false, other) => {
+                    return self.error(
+                        Diagnostic::error("E0114", "tuples hold integers (sizes)", item.span)
+                            .with_label(format!("this is {}", other.describe())),
+                    )
+                }
+            }
+        }
+        if nested {
+            Value::Pairs(pairs)
+        } else {
+            Value::Tuple(ints)
         }
     }
 
@@ -358,6 +385,7 @@ impl Checker {
             (ArgTy::Tensor, Value::Label) => sig.kind.is_loss(),
             (ArgTy::Int, Value::Int(_)) => true,
             (ArgTy::Size, Value::Int(_) | Value::Tuple(_)) => true,
+            (ArgTy::Padding, Value::Int(_) | Value::Tuple(_) | Value::Pairs(_)) => true,
             (ArgTy::Float, Value::Float(_) | Value::Int(_)) => true,
             (ArgTy::Bool, Value::Bool(_)) => true,
             _ => false,

@@ -98,6 +98,34 @@ impl Args {
         Ok(values.into_iter().map(|v| v as usize).collect())
     }
 
+    /// Padding: a size (the same on both sides) or one `(lo, hi)` pair per axis. Returns
+    /// the padding before (`lo`) and after (`hi`) the input along each axis.
+    fn padding(&self, name: &str, spatial: usize) -> Result<(Vec<usize>, Vec<usize>), Diagnostic> {
+        let pairs = match self.value(name) {
+            Some(Value::Pairs(p)) if p.len() == spatial => p,
+            Some(Value::Pairs(p)) => {
+                return Err(Diagnostic::error(
+                    "E0115",
+                    format!("`{name}` of `{}` needs {spatial} (lo, hi) pairs, found {}", self.sig.name, p.len()),
+                    self.span(name),
+                )
+                .with_label(format!("expected one (lo, hi) pair per spatial dim ({spatial})")))
+            }
+            _ => {
+                let sym = self.size(name, spatial, 0)?;
+                return Ok((sym.clone(), sym));
+            }
+        };
+        for &(lo, hi) in &pairs {
+            for v in [lo, hi] {
+                if v < 0 {
+                    return Err(too_small(self.sig.name, name, v, 0, self.span(name)));
+                }
+            }
+        }
+        Ok(pairs.iter().map(|&(lo, hi)| (lo as usize, hi as usize)).unzip())
+    }
+
     fn float(&self, name: &str) -> f64 {
         match self.value(name) {
             Some(Value::Float(v)) => v,
@@ -157,25 +185,36 @@ fn spatial_names(spatial: usize) -> &'static str {
     }
 }
 
+/// How the padding of one axis reads in a message: `2·p` when symmetric, `lo + hi` otherwise.
+fn pad_terms(lo: usize, hi: usize) -> String {
+    if lo == hi {
+        format!("2·{lo}")
+    } else {
+        format!("{lo} + {hi}")
+    }
+}
+
 /// Output sizes of a sliding window (conv or pool) along each spatial axis, with the
-/// "kernel larger than padded input" and "non-positive output" diagnostics.
+/// "kernel larger than padded input" and "non-positive output" diagnostics. The padded
+/// input of an axis is `input + lo + hi`.
 fn window(
     args: &Args,
     input: &[usize],
     kernel: &[usize],
     stride: &[usize],
-    padding: &[usize],
+    (lo, hi): (&[usize], &[usize]),
     dilation: &[usize],
 ) -> Result<Vec<usize>, Diagnostic> {
     let mut out = Vec::new();
     for axis in 0..kernel.len() {
-        let padded = input[axis] + 2 * padding[axis];
+        let padded = input[axis] + lo[axis] + hi[axis];
+        let pads = pad_terms(lo[axis], hi[axis]);
         if kernel[axis] > padded {
             return Err(Diagnostic::error(
                 "E0205",
                 format!(
-                    "`{}` kernel {} is larger than its padded input {} (= {} + 2·{})",
-                    args.sig.name, kernel[axis], padded, input[axis], padding[axis]
+                    "`{}` kernel {} is larger than its padded input {} (= {} + {pads})",
+                    args.sig.name, kernel[axis], padded, input[axis]
                 ),
                 args.span("kernel"),
             )
@@ -193,8 +232,8 @@ fn window(
                 args.call_span,
             )
             .with_label(format!(
-                "{} + 2·{} - ({}·({} - 1) + 1) < 0",
-                input[axis], padding[axis], dilation[axis], kernel[axis]
+                "{} + {pads} - ({}·({} - 1) + 1) < 0",
+                input[axis], dilation[axis], kernel[axis]
             ))
             .with_note("reduce the dilation or the kernel, or add padding"));
         }
@@ -255,7 +294,7 @@ fn conv(args: &Args, x: &[usize], spatial: usize) -> Result<Built, Diagnostic> {
     let out_channels = args.required_int("out", 1)?;
     let kernel = args.size("kernel", spatial, 1)?;
     let stride = args.size("stride", spatial, 1)?;
-    let padding = args.size("padding", spatial, 0)?;
+    let (pad_lo, pad_hi) = args.padding("padding", spatial)?;
     let dilation = args.size("dilation", spatial, 1)?;
     let groups = args.required_int("groups", 1)?;
     let bias = args.bool("bias");
@@ -288,7 +327,7 @@ fn conv(args: &Args, x: &[usize], spatial: usize) -> Result<Built, Diagnostic> {
         .with_label(format!("{out_channels} channels cannot be split into {groups} groups"))
         .with_note("groups must divide both the input and the output channels"));
     }
-    let out_sp = window(args, &x[1..], &kernel, &stride, &padding, &dilation)?;
+    let out_sp = window(args, &x[1..], &kernel, &stride, (&pad_lo, &pad_hi), &dilation)?;
     let positions = numel(&out_sp);
     let kprod = numel(&kernel);
     let fan_in = (in_channels / groups) as u64 * kprod;
@@ -301,7 +340,7 @@ fn conv(args: &Args, x: &[usize], spatial: usize) -> Result<Built, Diagnostic> {
     }
     let mut shape = vec![out_channels];
     shape.extend(out_sp);
-    let op = Op::Conv(Conv { in_channels, out_channels, kernel, stride, padding, dilation, groups, bias });
+    let op = Op::Conv(Conv { in_channels, out_channels, kernel, stride, pad_lo, pad_hi, dilation, groups, bias });
     Ok(Built { op, shape, flops, params })
 }
 
@@ -345,21 +384,23 @@ fn pool(args: &Args, x: &[usize], spatial: usize, kind: PoolKind) -> Result<Buil
     }
     let kernel = args.size("kernel", spatial, 1)?;
     let stride = args.size("stride", spatial, 1)?;
-    let padding = args.size("padding", spatial, 0)?;
-    if let Some(axis) = (0..spatial).find(|&a| 2 * padding[a] > kernel[a]) {
+    let (pad_lo, pad_hi) = args.padding("padding", spatial)?;
+    let too_much =
+        (0..spatial).find_map(|a| [pad_lo[a], pad_hi[a]].into_iter().find(|&p| 2 * p > kernel[a]).map(|p| (a, p)));
+    if let Some((axis, p)) = too_much {
         return Err(Diagnostic::error(
             "E0210",
-            format!("`{}` padding {} is more than half its kernel {}", args.sig.name, padding[axis], kernel[axis]),
+            format!("`{}` padding {} is more than half its kernel {}", args.sig.name, p, kernel[axis]),
             args.span("padding"),
         )
         .with_label("too much padding")
         .with_note("a window could then lie entirely in the padding (PyTorch rejects this too)"));
     }
-    let out_sp = window(args, &x[1..], &kernel, &stride, &padding, &vec![1; spatial])?;
+    let out_sp = window(args, &x[1..], &kernel, &stride, (&pad_lo, &pad_hi), &vec![1; spatial])?;
     let mut shape = vec![x[0]];
     shape.extend(out_sp);
     let flops = numel(&shape) * numel(&kernel);
-    Ok(Built { op: Op::Pool(Pool { kind, kernel, stride, padding }), shape, flops, params: vec![] })
+    Ok(Built { op: Op::Pool(Pool { kind, kernel, stride, pad_lo, pad_hi }), shape, flops, params: vec![] })
 }
 
 fn norm(args: &Args, x: &[usize], kind: OpKind) -> Result<Built, Diagnostic> {

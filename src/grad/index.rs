@@ -32,7 +32,8 @@ impl Index {
         Index { terms: vec![Term { var, coef: 1, div: 1 }], offset: 0 }
     }
 
-    /// `var·stride + other·dilation − padding`: a sliding-window input position.
+    /// `var·stride + other·dilation − padding`: a sliding-window input position (`padding`
+    /// is the padding before the input).
     pub fn window(var: Var, stride: usize, kvar: Var, dilation: usize, padding: usize) -> Index {
         Index {
             terms: vec![Term { var, coef: stride as i64, div: 1 }, Term { var: kvar, coef: dilation as i64, div: 1 }],

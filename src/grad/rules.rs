@@ -127,7 +127,7 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
             let y = Access::new("Y", &[&["n", "c"][..], &ov].concat());
             let mut xi = vec![Index::var("n"), Index::var("c")];
             for a in 0..spatial {
-                xi.push(Index::window(ov[a], p.stride[a], kv[a], 1, p.padding[a]));
+                xi.push(Index::window(ov[a], p.stride[a], kv[a], 1, p.pad_lo[a]));
             }
             let x = Access { tensor: "X".into(), index: xi };
             let window: f64 = p.kernel.iter().product::<usize>() as f64;
@@ -270,7 +270,7 @@ fn conv_contraction(conv: &Conv, in_shape: &[usize]) -> Contraction {
     };
     let mut xi = vec![Index::var("n"), chan];
     for a in 0..spatial {
-        xi.push(Index::window(ov[a], conv.stride[a], kv[a], conv.dilation[a], conv.padding[a]));
+        xi.push(Index::window(ov[a], conv.stride[a], kv[a], conv.dilation[a], conv.pad_lo[a]));
     }
     Contraction {
         y: Access::new("Y", &[&["n", "co"][..], &ov].concat()),

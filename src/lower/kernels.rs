@@ -22,7 +22,10 @@ pub struct Window {
     pub output: Vec<usize>,
     pub kernel: Vec<usize>,
     pub stride: Vec<usize>,
-    pub padding: Vec<usize>,
+    /// Padding before the input along each axis.
+    pub pad_lo: Vec<usize>,
+    /// Padding after the input along each axis.
+    pub pad_hi: Vec<usize>,
     pub dilation: Vec<usize>,
 }
 
@@ -33,7 +36,8 @@ impl Window {
             output: out_shape[1..].to_vec(),
             kernel: c.kernel.clone(),
             stride: c.stride.clone(),
-            padding: c.padding.clone(),
+            pad_lo: c.pad_lo.clone(),
+            pad_hi: c.pad_hi.clone(),
             dilation: c.dilation.clone(),
         }
     }
@@ -42,22 +46,27 @@ impl Window {
         self.kernel.len()
     }
 
-    /// `o·stride + k·dilation − padding` along each axis.
+    /// `o·stride + k·dilation − pad_lo` along each axis.
     pub fn input_index(&self, o: &[VarId], k: &[VarId]) -> Vec<Affine> {
         (0..self.spatial())
             .map(|a| {
                 v(o[a])
                     .plus(k[a], self.dilation[a] as i64)
                     .mul_first(self.stride[a] as i64)
-                    .offset(-(self.padding[a] as i64))
+                    .offset(-(self.pad_lo[a] as i64))
             })
             .collect()
+    }
+
+    /// Whether axis `a` has padding on either side.
+    pub fn padded(&self, a: usize) -> bool {
+        self.pad_lo[a] > 0 || self.pad_hi[a] > 0
     }
 
     /// Bounds guards, only on axes with padding (without padding every window lies inside
     /// the input by the output-size formula).
     pub fn guards(&self, idx: &[Affine]) -> Vec<(Affine, usize)> {
-        (0..self.spatial()).filter(|&a| self.padding[a] > 0).map(|a| (idx[a].clone(), self.input[a])).collect()
+        (0..self.spatial()).filter(|&a| self.padded(a)).map(|a| (idx[a].clone(), self.input[a])).collect()
     }
 }
 

@@ -774,7 +774,8 @@ fn pool_geom(p: &crate::graph::Pool, in_shape: &[usize], out_shape: &[usize]) ->
             output: out_shape[1..].to_vec(),
             kernel: p.kernel.clone(),
             stride: p.stride.clone(),
-            padding: p.padding.clone(),
+            pad_lo: p.pad_lo.clone(),
+            pad_hi: p.pad_hi.clone(),
             dilation: vec![1; p.kernel.len()],
         },
     }
@@ -801,7 +802,7 @@ fn norm_geom(n: &crate::graph::Node) -> Option<NormGeom> {
 pub fn crb_positions(c: &crate::graph::Conv, in_shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
     (0..c.kernel.len())
         .map(|a| {
-            let padded = in_shape[a + 1] + 2 * c.padding[a];
+            let padded = in_shape[a + 1] + c.pad_lo[a] + c.pad_hi[a];
             let span = c.stride[a] * (out_shape[a + 1] - 1) + 1;
             (padded - span) / c.dilation[a] + 1
         })

@@ -168,10 +168,10 @@ pub fn crb_conv(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], p
     let q = spatial(&mut kb, w.spatial(), false);
     let o = spatial(&mut kb, w.spatial(), true);
     let a = kb.acc("acc");
-    // Output position q of the grouped conv reads X at q·dilation + o·stride − padding.
+    // Output position q of the grouped conv reads X at q·dilation + o·stride − pad_lo.
     let xi = w.input_index(&o, &q);
     let guards: Vec<_> = (0..w.spatial())
-        .filter(|&ax| w.padding[ax] > 0 || positions[ax] > c.kernel[ax])
+        .filter(|&ax| w.padded(ax) || positions[ax] > c.kernel[ax])
         .map(|ax| (xi[ax].clone(), w.input[ax]))
         .collect();
     let prod = Expr::mul(

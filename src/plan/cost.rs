@@ -79,7 +79,7 @@ impl LayerDims {
                 // dilation = forward stride, "kernel" = the output size.
                 let crb_positions = (0..c.spatial())
                     .map(|a| {
-                        let padded = (input[a + 1] + 2 * c.padding[a]) as u64;
+                        let padded = (input[a + 1] + c.pad_lo[a] + c.pad_hi[a]) as u64;
                         let span = c.stride[a] as u64 * (node.shape[a + 1] as u64 - 1) + 1;
                         (padded - span) / c.dilation[a] as u64 + 1
                     })

@@ -62,6 +62,7 @@ MODELS = [
     ("tests/data/models/gn_residual_block.pdg", 3, 6),
     ("tests/data/models/conv_geometry.pdg", 3, 7),
     ("tests/data/models/hardswish_net.pdg", 3, 8),
+    ("tests/data/models/per_side_padding.pdg", 3, 8),
 ]
 
 GRAD_F64_LIMIT_BYTES = 2 * 1024 * 1024
@@ -118,6 +119,18 @@ def init_params(graph: dict, gen_seed: int) -> dict:
     return params
 
 
+def pad_input(x: torch.Tensor, arg: dict, value: float):
+    """Symmetric padding as the op's own `padding`; per-side padding (pad_lo != pad_hi) as an
+    explicit F.pad with `value` (0 for convs and average pools, -inf for max pools)."""
+    lo, hi = arg["pad_lo"], arg["pad_hi"]
+    if lo == hi:
+        return x, tuple(lo)
+    sides = []
+    for l, h in zip(reversed(lo), reversed(hi)):  # F.pad lists the last axis first
+        sides += [l, h]
+    return F.pad(x, sides, value=value), (0,) * len(lo)
+
+
 def run_graph(graph: dict, params: dict, inputs: dict) -> torch.Tensor:
     """The forward pass on a batch (leading dim), returning the loss's input."""
     acts = []
@@ -131,9 +144,9 @@ def run_graph(graph: dict, params: dict, inputs: dict) -> torch.Tensor:
             y = inputs[arg["name"]]
         elif kind == "Conv":
             conv = F.conv1d if len(arg["kernel"]) == 1 else F.conv2d
-            y = conv(xs[0], w, b if arg["bias"] else None, stride=tuple(arg["stride"]),
-                     padding=tuple(arg["padding"]), dilation=tuple(arg["dilation"]),
-                     groups=arg["groups"])
+            x, padding = pad_input(xs[0], arg, 0.0)
+            y = conv(x, w, b if arg["bias"] else None, stride=tuple(arg["stride"]),
+                     padding=padding, dilation=tuple(arg["dilation"]), groups=arg["groups"])
         elif kind == "Linear":
             y = F.linear(xs[0], w, b if arg["bias"] else None)
         elif kind == "Activation":
@@ -153,13 +166,16 @@ def run_graph(graph: dict, params: dict, inputs: dict) -> torch.Tensor:
                 raise ValueError(f"activation {arg}")
         elif kind == "Pool":
             one_d = len(arg["kernel"]) == 1
-            k, s, p = tuple(arg["kernel"]), tuple(arg["stride"]), tuple(arg["padding"])
+            k, s = tuple(arg["kernel"]), tuple(arg["stride"])
             if arg["kind"] == "Max":
                 pool = F.max_pool1d if one_d else F.max_pool2d
-                y = pool(xs[0], k, s, p)
+                x, p = pad_input(xs[0], arg, float("-inf"))
+                y = pool(x, k, s, p)
             else:
                 pool = F.avg_pool1d if one_d else F.avg_pool2d
-                y = pool(xs[0], k, s, p, ceil_mode=False, count_include_pad=True)
+                # Zeros padded explicitly are counted like count_include_pad's.
+                x, p = pad_input(xs[0], arg, 0.0)
+                y = pool(x, k, s, p, ceil_mode=False, count_include_pad=True)
         elif kind == "GlobalAvgPool":
             y = xs[0].mean(dim=tuple(range(2, xs[0].dim())))
         elif kind == "Flatten":
