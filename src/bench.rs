@@ -34,6 +34,33 @@ pub struct BenchReport {
     pub nonprivate_ms: f64,
     pub loss_ms: f64,
     pub columns: Vec<Column>,
+    /// With `--profile`: per kernel, ms per step and launches per step, slowest first, of
+    /// the non-private step and of the `auto` plan's clipped-sum step.
+    pub profile: Vec<ProfiledStep>,
+}
+
+/// Where one step's time goes, kernel by kernel.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProfiledStep {
+    pub step: String,
+    /// `(kernel, ms per step, launches per step)`, slowest first.
+    pub kernels: Vec<(String, f64, f64)>,
+}
+
+/// Runs `f` `repeats` times with the session's kernel profiling on.
+fn profiled(
+    session: &mut crate::Session,
+    step: &str,
+    repeats: usize,
+    mut f: impl FnMut(&mut crate::Session) -> Result<()>,
+) -> Result<ProfiledStep> {
+    session.enable_profiling();
+    for _ in 0..repeats {
+        f(session)?;
+    }
+    let per = repeats as f64;
+    let kernels = session.profile().into_iter().map(|(k, secs, n)| (k, secs * 1e3 / per, n as f64 / per)).collect();
+    Ok(ProfiledStep { step: step.to_string(), kernels })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -67,7 +94,9 @@ fn configs(module: &Module, only: &[Strategy]) -> Vec<Option<Strategy>> {
     out
 }
 
-/// Runs the benchmark. `only` restricts the forced-strategy columns (empty: all).
+/// Runs the benchmark. `only` restricts the forced-strategy columns (empty: all); `profile`
+/// adds per-kernel times of the non-private and the auto clipped-sum step.
+#[allow(clippy::too_many_arguments)]
 pub fn bench(
     name: &str,
     source: &str,
@@ -76,6 +105,7 @@ pub fn bench(
     only: &[Strategy],
     threads: Option<usize>,
     device: Device,
+    profile: bool,
 ) -> Result<BenchReport> {
     let base = Module::from_source(name, source, &CompileOptions::new(batch))?;
     let params = base.init_params(0);
@@ -102,6 +132,12 @@ pub fn bench(
     let nonprivate_ms = time(repeats, &bar, || session.batch_grad(&params, &data).map(|_| ()))?;
     bar.set_message("forward + loss");
     let loss_ms = time(repeats, &bar, || session.loss(&params, &data).map(|_| ()))?;
+    let mut profiles = Vec::new();
+    if profile {
+        profiles.push(profiled(&mut session, "non-private batch gradient", repeats, |s| {
+            s.batch_grad(&params, &data).map(|_| ())
+        })?);
+    }
     let mut columns = Vec::new();
     for config in configs {
         let label = config.map_or("auto".to_string(), |s| s.to_string());
@@ -133,6 +169,11 @@ pub fn bench(
         } else {
             Some(time(repeats, &bar, || s.per_example_grads(&params, &data).map(|_| ()))?)
         };
+        if profile && config.is_none() {
+            profiles.push(profiled(&mut s, "auto: clipped sum", repeats, |s| {
+                s.clipped_grad_sum(&params, &data, 1.0).map(|_| ())
+            })?);
+        }
         columns.push(Column { config: label, grads_ms, norms_ms, clipped_sum_ms });
     }
     bar.finish_and_clear();
@@ -145,6 +186,7 @@ pub fn bench(
         nonprivate_ms,
         loss_ms,
         columns,
+        profile: profiles,
     })
 }
 
@@ -172,6 +214,13 @@ impl std::fmt::Display for BenchReport {
                 cell(c.norms_ms),
                 c.grads_ms.map_or("-".to_string(), cell)
             )?;
+        }
+        for p in &self.profile {
+            let total: f64 = p.kernels.iter().map(|k| k.1).sum();
+            writeln!(f, "  profile, {} ({total:.2} ms in kernels per step):", p.step)?;
+            for (name, ms, launches) in p.kernels.iter().take(12) {
+                writeln!(f, "    {ms:>9.2} ms {:>5.1}%  x{launches:<6} {name}", 100.0 * ms / total.max(1e-12))?;
+            }
         }
         Ok(())
     }

@@ -211,6 +211,10 @@ enum Command {
         device: DeviceArg,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+        /// Also time every kernel of the non-private step and of the auto plan's clipped
+        /// sum, and print where the time goes.
+        #[arg(long)]
+        profile: bool,
     },
     /// DP-SGD privacy accounting (RDP, as Opacus): ε spent by σ, or σ for a target ε.
     Privacy(PrivacyArgs),
@@ -397,13 +401,13 @@ fn main() -> ExitCode {
             let device = if interpreter { pdgc::Device::Interpreter } else { device.device() };
             run(|| grads(&file, &params, &batch, &output, norms_only, clip, strategy, device))
         }
-        Command::Bench { file, batch, repeats, strategy, threads, device, format } => run(|| {
+        Command::Bench { file, batch, repeats, strategy, threads, device, format, profile } => run(|| {
             let name = file.display().to_string();
             let src = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {name}: {e}"))?;
             if batch == 0 || repeats == 0 {
                 return Err("--batch and --repeats must be at least 1".into());
             }
-            let report = pdgc::bench::bench(&name, &src, batch, repeats, &strategy, threads, device.device())
+            let report = pdgc::bench::bench(&name, &src, batch, repeats, &strategy, threads, device.device(), profile)
                 .map_err(|e| e.to_string())?;
             match format {
                 Format::Text => print!("{report}"),
