@@ -150,6 +150,8 @@ class Session:
         """Σ_n min(1, C/(‖g_n‖+1e-6)) g_n with the norms and losses it saw."""
     def batch_grad(self, params: Arrays, batch: Arrays) -> Dict[str, F32Array]:
         """The gradient of Σ_n loss_n: name → shape."""
+    def _timed_clipped_grad_sum(self, params: Arrays, batch: Arrays, clip: float) -> Tuple[ClippedSum, float]:
+        """`clipped_grad_sum` and the seconds of its Rust API call (for overhead timing)."""
     def dp_sgd_step(
         self,
         params: Arrays,

@@ -435,3 +435,14 @@ def test_privacy_errors():
     with pytest.raises(pdgc.SettingError, match="accountant 'pld'"):
         pdgc.privacy.epsilon(1.0, 0.01, 100, 1e-5, accountant="pld")
     assert pdgc.privacy.ACCOUNTANTS == ("rdp",)
+
+
+def test_the_timed_clipped_sum_is_the_clipped_sum(tiny):
+    s = tiny.session()
+    params, batch = tiny.init_params(2), random_batch(3, classes=3, shape=(1, 6, 6))
+    timed, seconds = s._timed_clipped_grad_sum(params, batch, 0.5)
+    plain = s.clipped_grad_sum(params, batch, 0.5)
+    assert 0.0 < seconds < 60.0
+    np.testing.assert_array_equal(timed.norms, plain.norms)
+    for k in plain.sum:
+        np.testing.assert_array_equal(timed.sum[k], plain.sum[k])
