@@ -7,6 +7,7 @@ target/{debug,release}/pdgc); not torch.
 import array
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -446,3 +447,20 @@ def test_the_timed_clipped_sum_is_the_clipped_sum(tiny):
     np.testing.assert_array_equal(timed.norms, plain.norms)
     for k in plain.sum:
         np.testing.assert_array_equal(timed.sum[k], plain.sum[k])
+
+
+def test_the_worked_example_trains_and_prints_epsilon_per_epoch(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 200)
+    x = rng.standard_normal((200, 3, 32, 32), dtype=np.float32)
+    np.savez(tmp_path / "data.npz", x=x, y=y)  # the user's own arrays
+    script = ROOT / "python" / "examples" / "dp_sgd_loop.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--data", str(tmp_path / "data.npz"), "--epochs", "2", "--sample-rate", "0.25",
+         "--max-batch", "32", "--epsilon", "4", "--threads", "2"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    eps = [float(line.split("ε = ")[1].split()[0]) for line in out.stdout.splitlines() if line.startswith("epoch")]
+    assert len(eps) == 2 and 0 < eps[0] < eps[1] <= 4.0, out.stdout
+    assert "180 examples" in out.stdout, out.stdout  # 10% held out for the test accuracy
