@@ -460,8 +460,9 @@ impl Session {
     /// The batch may be larger than `max_batch` (it is cut into micro-batches) or empty (a
     /// noise-only step, as Poisson sampling requires). `expected_batch` is `q·N` under
     /// Poisson sampling (`B` for fixed-size batches): dividing by the actual size would leak
-    /// it. The parameter arrays must be writable float32 NumPy arrays (or views of tensors,
-    /// e.g. `t.numpy()` of a PyTorch CPU tensor).
+    /// it. The parameter arrays must be writable float32 NumPy arrays (or objects whose
+    /// `__array__` returns a view, as a PyTorch CPU tensor's does; an object that hands out a
+    /// copy would not see the update).
     ///
     /// Args:
     ///     clip: the per-example clip norm C > 0.
