@@ -357,7 +357,8 @@ impl StepReport {
     }
 }
 
-/// The number of examples of a batch, which may be zero (`Batch::size` refuses that).
+/// The number of examples of a batch, which may be zero, without checking that the inputs
+/// agree (see [`Batch::size`]).
 pub fn batch_len(batch: &Batch) -> usize {
     match &batch.labels {
         Labels::Classes(v) => v.len(),

@@ -25,7 +25,7 @@ pub enum Error {
     LabelOutOfRange { file: String, example: usize, value: i64, classes: usize },
     #[error("a batch of {batch} examples is larger than the {max} this module was compiled for (recompile with --batch {batch})")]
     BatchTooLarge { batch: usize, max: usize },
-    #[error("the batch is empty")]
+    #[error("the batch size must be at least 1")]
     EmptyBatch,
     #[error("inputs disagree on the batch size: `{a}` has {na} examples, `{b}` has {nb}")]
     BatchMismatch { a: String, na: usize, b: String, nb: usize },

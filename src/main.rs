@@ -642,7 +642,9 @@ fn grads(
         }
         probe
     } else {
-        load_module(file, &PlanArgs { batch: b, device: "cpu2".into(), strategy, ..PlanArgs::default() })?
+        // An empty batch is valid (empty per-example outputs, a zero clipped sum), but a module
+        // is compiled for at least one example.
+        load_module(file, &PlanArgs { batch: b.max(1), device: "cpu2".into(), strategy, ..PlanArgs::default() })?
     };
     let p = pdgc::Params::load(params, &module.graph).map_err(|e| e.to_string())?;
     let mut session = module.session(device).map_err(|e| e.to_string())?;

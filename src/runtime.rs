@@ -247,6 +247,9 @@ impl Session {
 
     /// Runs one entry point on the bound buffers.
     fn run(&mut self, kind: EntryKind, batch: usize) -> Result<()> {
+        if batch == 0 {
+            return Ok(()); // Nothing to launch: `read` gives the empty batch's results.
+        }
         self.upload_inputs(batch)?;
         let program = Arc::clone(&self.program);
         let entry = program.entry(kind);
@@ -351,6 +354,10 @@ impl Session {
         let mut shape = decl.shape.clone();
         if decl.batched {
             shape.insert(0, batch);
+        }
+        if batch == 0 {
+            // An empty batch: per-example results are empty, sums over no examples are zero.
+            return Ok(Tensor::zeros(shape));
         }
         let len = decl.len(batch as u64) as usize;
         let data = match &self.executor {

@@ -119,13 +119,25 @@ impl Params {
     pub fn load(path: &Path, graph: &Graph) -> Result<Params> {
         let bytes = read_file(path)?;
         let st = parse(path, &bytes)?;
-        let file = path.display().to_string();
+        Params::from_views(&path.display().to_string(), graph, &st.names(), |name| st.tensor(name).ok())
+    }
+
+    /// Checks named tensors against the model as [`Params::load`] does, with the same
+    /// errors: `names` are all the tensors there are, `get` finds one by name, and `file`
+    /// names their source in messages. Array bindings (Python) use this with their arrays.
+    pub fn from_views<'a>(
+        file: &str,
+        graph: &Graph,
+        names: &[&str],
+        get: impl Fn(&str) -> Option<TensorView<'a>>,
+    ) -> Result<Params> {
+        let file = file.to_string();
         let mut tensors = TensorMap::new();
         for p in &graph.params {
             // A parameter may also go by its PyTorch module path (`features.0.weight` for
             // `features_0.weight`), as `pdgc import` writes them.
             let torch_name = crate::import::names::pytorch_param_name(&p.name);
-            let t = st.tensor(&p.name).or_else(|_| st.tensor(&torch_name)).map_err(|_| Error::MissingTensor {
+            let t = get(&p.name).or_else(|| get(&torch_name)).ok_or_else(|| Error::MissingTensor {
                 file: file.clone(),
                 name: p.name.clone(),
                 hint: format!(" (the model `{}` has {} parameter tensors)", graph.name, graph.params.len()),
@@ -145,7 +157,7 @@ impl Params {
         let known = |n: &str| {
             graph.params.iter().any(|p| p.name == n || crate::import::names::pytorch_param_name(&p.name) == n)
         };
-        if let Some(extra) = st.names().into_iter().find(|n| !known(n)) {
+        if let Some(extra) = names.iter().find(|n| !known(n)) {
             return Err(Error::UnexpectedTensor { file, name: extra.to_string(), model: graph.name.clone() });
         }
         Ok(Params { tensors })
@@ -189,6 +201,13 @@ impl Batch {
     }
 
     pub fn from_safetensors(file: &str, st: &SafeTensors<'_>, graph: &Graph) -> Result<Batch> {
+        Batch::from_views(file, graph, |name| st.tensor(name).ok())
+    }
+
+    /// Reads a batch from named tensors as [`Batch::load`] does, with the same checks and
+    /// errors: `get` finds a tensor by name (other tensors are ignored), `file` names their
+    /// source in messages. Array bindings (Python) use this with their arrays.
+    pub fn from_views<'a>(file: &str, graph: &Graph, get: impl Fn(&str) -> Option<TensorView<'a>>) -> Result<Batch> {
         let missing = |name: &str, what: &str| Error::MissingTensor {
             file: file.into(),
             name: name.into(),
@@ -197,7 +216,7 @@ impl Batch {
         let mut inputs = TensorMap::new();
         for node in graph.inputs() {
             let Op::Input { name } = &node.op else { continue };
-            let t = st.tensor(name).map_err(|_| missing(name, "input"))?;
+            let t = get(name).ok_or_else(|| missing(name, "input"))?;
             if t.shape().len() != node.shape.len() + 1 || t.shape()[1..] != node.shape[..] {
                 return Err(Error::Shape {
                     file: file.into(),
@@ -214,7 +233,7 @@ impl Batch {
             inputs.insert(name.clone(), Tensor::new(t.shape().to_vec(), data));
         }
         let label_name = graph.label.name();
-        let t = st.tensor(label_name).map_err(|_| missing(label_name, "label"))?;
+        let t = get(label_name).ok_or_else(|| missing(label_name, "label"))?;
         let labels = match &graph.label {
             LabelSpec::Classes { classes, .. } => {
                 if t.shape().len() != 1 {
@@ -272,7 +291,9 @@ impl Batch {
         Ok(batch)
     }
 
-    /// The number of examples; every input and the label must agree.
+    /// The number of examples; every input and the label must agree. It may be zero: an
+    /// empty batch (Poisson sampling draws them) is valid and gives empty per-example
+    /// results and zero sums.
     pub fn size(&self) -> Result<usize> {
         let label_n = match &self.labels {
             Labels::Classes(v) => v.len(),
@@ -282,9 +303,6 @@ impl Batch {
             if t.shape[0] != label_n {
                 return Err(Error::BatchMismatch { a: name.clone(), na: t.shape[0], b: "label".into(), nb: label_n });
             }
-        }
-        if label_n == 0 {
-            return Err(Error::EmptyBatch);
         }
         Ok(label_n)
     }

@@ -127,3 +127,49 @@ fn bench_says_where_it_ran_and_cuda_without_a_gpu_is_a_clear_error() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// `pdgc grads` on an empty batch (Poisson sampling draws them): empty per-example outputs
+/// and a zero clipped sum, exit code 0.
+#[test]
+fn grads_on_an_empty_batch_gives_empty_outputs_and_a_zero_sum() {
+    use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+    let dir = std::env::temp_dir().join(format!("pdgc-cli-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let src = std::fs::read_to_string("samples/mnist_cnn.pdg").expect("reads");
+    let module = pdgc::Module::from_source("mnist_cnn.pdg", &src, &pdgc::CompileOptions::new(1)).expect("compiles");
+    let params = dir.join("params.safetensors");
+    module.init_params(0).save(&params).expect("saves");
+    let batch = dir.join("batch.safetensors");
+    let views = vec![
+        ("x".to_string(), TensorView::new(Dtype::F32, vec![0, 1, 28, 28], &[]).expect("view")),
+        ("y".to_string(), TensorView::new(Dtype::I64, vec![0], &[]).expect("view")),
+    ];
+    std::fs::write(&batch, safetensors::serialize(views, None).expect("serializes")).expect("writes");
+    let out = dir.join("out.safetensors");
+    let (p, b, o) = (params.to_str().unwrap(), batch.to_str().unwrap(), out.to_str().unwrap());
+    let (code, _, stderr) = pdgc(&[
+        "grads",
+        "samples/mnist_cnn.pdg",
+        "--params",
+        p,
+        "--batch",
+        b,
+        "-o",
+        o,
+        "--clip",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("(0 examples,"), "{stderr}");
+    let bytes = std::fs::read(&out).expect("output");
+    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
+    assert_eq!(st.tensor("loss").expect("loss").shape(), &[0]);
+    assert_eq!(st.tensor("norms").expect("norms").shape(), &[0]);
+    assert_eq!(st.tensor("conv1.weight").expect("grads").shape(), &[0, 16, 1, 8, 8]);
+    let sum = st.tensor("clipped_sum.conv1.weight").expect("clipped sum");
+    assert_eq!(sum.shape(), &[16, 1, 8, 8]);
+    assert!(sum.data().iter().all(|&b| b == 0), "the clipped sum of no examples is zero");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -283,6 +283,44 @@ fn an_empty_batch_is_a_noise_only_step() {
     assert!(update.iter().all(|&u| u != 0.0), "every coordinate got noise");
 }
 
+/// An empty batch (Poisson sampling draws them) is valid for every entry point, as in PyTorch
+/// and Opacus: empty per-example outputs, zero sums. A full batch runs first so that stale
+/// buffers would show.
+#[test]
+fn every_entry_point_accepts_an_empty_batch() {
+    let module = tiny(4);
+    let params = module.init_params(3);
+    let full = spread_batch(&module, 4, 1);
+    let empty = full.slice(0, 0);
+    assert_eq!(empty.size().expect("an empty batch has a size"), 0);
+    for device in [Device::Cpu, Device::Interpreter] {
+        let mut s = module.session(device).expect("session");
+        let cs = s.clipped_grad_sum(&params, &full, 0.1).expect("full batch");
+        assert!(cs.sum.values().any(|t| t.data.iter().any(|&x| x != 0.0)), "the full batch has a non-zero sum");
+        s.batch_grad(&params, &full).expect("full batch");
+
+        assert!(s.loss(&params, &empty).expect("loss").is_empty());
+        assert!(s.per_example_norms(&params, &empty).expect("norms").is_empty());
+        let grads = s.per_example_grads(&params, &empty).expect("grads");
+        let cs = s.clipped_grad_sum(&params, &empty, 0.1).expect("clipped sum");
+        let bg = s.batch_grad(&params, &empty).expect("batch grad");
+        assert!(cs.norms.is_empty() && cs.loss.is_empty());
+        for (name, p) in &params.tensors {
+            let mut per_example = vec![0];
+            per_example.extend(&p.shape);
+            assert_eq!(grads[name].shape, per_example, "{name}");
+            assert!(grads[name].data.is_empty());
+            assert_eq!(cs.sum[name], Tensor::zeros(p.shape.clone()), "{name}");
+            assert_eq!(bg[name], Tensor::zeros(p.shape.clone()), "{name}");
+        }
+        let out = s.forward(&params, &empty).expect("forward");
+        assert_eq!(out.shape, vec![0, 10]);
+        // The session still works on a full batch afterwards.
+        let again = s.clipped_grad_sum(&params, &full, 0.1).expect("full batch again");
+        assert_close(&flat(&again.sum), &flat(&s.clipped_grad_sum(&params, &full, 0.1).expect("x").sum), 0.0, "sum");
+    }
+}
+
 #[test]
 fn poisson_batch_sizes_are_binomial_with_mean_qn() {
     let (n, q, steps) = (1000usize, 0.05, 2000u64);
