@@ -493,10 +493,10 @@ mod tests {
         for len in [1, 2, 3, 5, 7, 100, 1000, 4097, 100_001] {
             let n = fft_len(len);
             let mut m = n;
-            while m % 2 == 0 {
+            while m.is_multiple_of(2) {
                 m /= 2;
             }
-            while m % 3 == 0 {
+            while m.is_multiple_of(3) {
                 m /= 3;
             }
             assert!(n >= len && m == 1 && n < 2 * len.max(2), "{len} → {n}");

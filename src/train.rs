@@ -8,7 +8,8 @@
 //!
 //! A checkpoint directory holds `params.safetensors`, `optimizer.safetensors` and
 //! `state.json` (format version, model fingerprint, number of training examples, epochs
-//! and steps done, the [`TrainConfig`], and the per-epoch history). Files are written under
+//! and steps done, the [`TrainConfig`] with the accountant among its privacy settings, and the
+//! per-epoch history). A resume must use the checkpoint's accountant. Files are written under
 //! temporary names and renamed, `state.json` last; the epoch count is also stored in the
 //! parameters' metadata and checked on load, so a torn checkpoint is refused.
 
