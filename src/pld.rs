@@ -172,43 +172,22 @@ pub fn noise_multiplier(target_epsilon: f64, sample_rate: f64, steps: u64, delta
 
 /// One step's exact δ(ε) in one direction: ∫ (P − e^ε Q)₊ with (P, Q) = (μ, μ₀) for
 /// [`Direction::Remove`] and (μ₀, μ) for [`Direction::Add`], from normal tail
-/// probabilities. The set S where P/Q > e^ε is a half-line x > x* (remove) or x < x* (add).
+/// probabilities. The set where P/Q > e^ε is a half-line x > x* (remove) or x < x* (add).
 pub fn step_delta(sigma: f64, q: f64, direction: Direction, eps: f64) -> f64 {
-    step_delta_and_complement(sigma, q, direction, eps).0
-}
-
-/// (δ(ε), 1 − δ(ε)), each from sums of positive terms where it is small:
-/// δ = P(S) − e^ε Q(S) and 1 − δ = P(Sᶜ) + e^ε Q(S). Differences of δ near 1 would
-/// otherwise lose all their digits where ε is very negative.
-fn step_delta_and_complement(sigma: f64, q: f64, direction: Direction, eps: f64) -> (f64, f64) {
     let em1 = eps.exp_m1(); // e^ε − 1, exact near ε = 0.
-    let exp = eps.exp();
-    let (delta, complement) = match direction {
-        Direction::Remove => {
-            // μ/μ₀ = 1 − q + q e^{(2x − 1)/(2σ²)} > e^ε ⇔ x > x*, and everywhere if e^ε ≤ 1 − q.
-            if em1 <= -q {
-                return (-em1, exp);
-            }
-            let x = sigma * sigma * (em1 / q).ln_1p() + 0.5;
-            let (above0, above1) = (upper_tail(x / sigma), upper_tail((x - 1.0) / sigma));
-            let (below0, below1) = (upper_tail(-x / sigma), upper_tail((1.0 - x) / sigma));
-            (q * above1 - (em1 + q) * above0, (1.0 - q) * below0 + q * below1 + exp * above0)
-        }
+    let x = threshold(sigma, q, direction, eps);
+    let delta = match direction {
+        // μ/μ₀ = 1 − q + q e^{(2x − 1)/(2σ²)} > e^ε everywhere if e^ε ≤ 1 − q.
+        Direction::Remove if x == f64::NEG_INFINITY => -em1,
+        Direction::Remove => q * upper_tail((x - 1.0) / sigma) - (em1 + q) * upper_tail(x / sigma),
+        // μ₀/μ > e^ε nowhere if e^{−ε} ≤ 1 − q.
+        Direction::Add if x == f64::NEG_INFINITY => 0.0,
+        // Φ(x/σ)·(1 − e^ε(1 − q)) − q e^ε Φ((x − 1)/σ), with 1 − e^ε(1 − q) = q − (1 − q)(e^ε − 1).
         Direction::Add => {
-            // μ₀/μ > e^ε ⇔ 1 − q + q e^{(2x − 1)/(2σ²)} < e^{−ε} ⇔ x < x*, nowhere if e^{−ε} ≤ 1 − q.
-            let em1_neg = (-eps).exp_m1();
-            if em1_neg <= -q {
-                return (0.0, 1.0);
-            }
-            let x = sigma * sigma * (em1_neg / q).ln_1p() + 0.5;
-            let (below0, below1) = (upper_tail(-x / sigma), upper_tail((1.0 - x) / sigma));
-            let above0 = upper_tail(x / sigma);
-            // Φ(x/σ)·(1 − e^ε(1 − q)) − q e^ε Φ((x − 1)/σ), with 1 − e^ε(1 − q) = q − (1 − q)(e^ε − 1).
-            let delta = (q - (1.0 - q) * em1) * below0 - q * exp * below1;
-            (delta, above0 + exp * ((1.0 - q) * below0 + q * below1))
+            (q - (1.0 - q) * em1) * upper_tail(-x / sigma) - q * eps.exp() * upper_tail((1.0 - x) / sigma)
         }
     };
-    (delta.clamp(0.0, 1.0), complement.clamp(0.0, 1.0))
+    delta.clamp(0.0, 1.0)
 }
 
 fn check(sigma: f64, q: f64, steps: u64, delta: f64) -> Result<()> {
