@@ -24,6 +24,7 @@ pub mod lower;
 pub mod module;
 pub mod ops;
 pub mod plan;
+pub mod pld;
 pub mod privacy;
 pub mod reference;
 pub mod report;

@@ -88,8 +88,33 @@ struct PrivacyArgs {
     /// The δ of the (ε, δ) guarantee.
     #[arg(long, default_value_t = 1e-5, allow_negative_numbers = true)]
     delta: f64,
+    /// The accountant: pld (privacy loss distributions, tight) or rdp (Rényi DP, as Opacus).
+    #[arg(long, value_enum, default_value_t = AccountantArg::Pld)]
+    accountant: AccountantArg,
+    /// The PLD accountant's loss grid spacing h: finer is tighter and slower.
+    #[arg(long, default_value_t = pdgc::pld::DEFAULT_DISCRETIZATION, allow_negative_numbers = true)]
+    discretization: f64,
+    /// Output format (json prints both accountants' ε).
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
+}
+
+/// `--accountant`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AccountantArg {
+    /// Privacy loss distributions: numerical, an upper bound within about 10⁻⁴ of the exact ε.
+    Pld,
+    /// Rényi DP converted to (ε, δ), exactly as Opacus' RDPAccountant.
+    Rdp,
+}
+
+impl AccountantArg {
+    fn accountant(self) -> pdgc::privacy::Accountant {
+        match self {
+            AccountantArg::Pld => pdgc::privacy::Accountant::Pld,
+            AccountantArg::Rdp => pdgc::privacy::Accountant::Rdp,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -216,7 +241,7 @@ enum Command {
         #[arg(long)]
         profile: bool,
     },
-    /// DP-SGD privacy accounting (RDP, as Opacus): ε spent by σ, or σ for a target ε.
+    /// DP-SGD privacy accounting (PLD, or RDP as Opacus): ε spent by σ, or σ for a target ε.
     Privacy(PrivacyArgs),
     /// Train a model with DP-SGD (or without privacy, for a baseline) on Fashion-MNIST.
     Train(TrainArgs),
@@ -270,6 +295,9 @@ struct TrainArgs {
     /// δ of the (ε, δ) guarantee.
     #[arg(long, default_value_t = 1e-5)]
     delta: f64,
+    /// The accountant for ε and --epsilon: pld or rdp (a resume must use the checkpoint's).
+    #[arg(long, value_enum, default_value_t = AccountantArg::Pld)]
+    accountant: AccountantArg,
     /// Seed of every random stream (default: drawn from the OS and kept in the checkpoint).
     #[arg(long)]
     seed: Option<u64>,
@@ -453,16 +481,18 @@ fn train(args: &TrainArgs) -> Result<(), String> {
             (Some(sigma), _) => sigma,
             (None, Some(eps)) => {
                 sampling.validate(n).map_err(e)?;
-                let sigma = pdgc::train::noise_for_epsilon(eps, &sampling, n, args.epochs, args.delta).map_err(e)?;
+                let accountant = args.accountant.accountant();
+                let sigma = pdgc::train::noise_for_epsilon(eps, &sampling, n, args.epochs, args.delta, accountant)
+                    .map_err(e)?;
                 eprintln!(
-                    "noise multiplier σ = {sigma:.4} spends ε = {eps} at δ = {:e} over {} epochs",
+                    "noise multiplier σ = {sigma:.4} spends at most ε = {eps} at δ = {:e} over {} epochs ({accountant})",
                     args.delta, args.epochs
                 );
                 sigma
             }
             (None, None) => return Err("--noise σ or --epsilon ε is required (or --non-private)".into()),
         };
-        Privacy::Private { clip, noise_multiplier, delta: args.delta }
+        Privacy::Private { clip, noise_multiplier, delta: args.delta, accountant: args.accountant.accountant() }
     };
     let seed = match (args.seed, &args.resume) {
         (Some(s), _) => s,
@@ -688,35 +718,54 @@ fn privacy(args: &PrivacyArgs) -> Result<(), String> {
         (None, None) => return Err("give --steps or --epochs".into()),
     };
     let err = |e: pdgc::Error| e.to_string();
-    let (sigma, spent) = match (args.noise, args.epsilon) {
-        (Some(sigma), _) => (sigma, pdgc::privacy::epsilon(sigma, q, steps, args.delta).map_err(err)?),
-        (None, Some(target)) => {
-            let sigma = pdgc::privacy::noise_multiplier(target, q, steps, args.delta).map_err(err)?;
-            (sigma, pdgc::privacy::epsilon(sigma, q, steps, args.delta).map_err(err)?)
-        }
+    let accountant = args.accountant.accountant();
+    let sigma = match (args.noise, args.epsilon) {
+        (Some(sigma), _) => sigma,
+        (None, Some(target)) => accountant.noise_multiplier(target, q, steps, args.delta).map_err(err)?,
         (None, None) => return Err("give --noise or --epsilon".into()),
+    };
+    let pld = |sigma: f64| pdgc::pld::epsilon_with(sigma, q, steps, args.delta, args.discretization);
+    let chosen = match accountant {
+        pdgc::privacy::Accountant::Pld => pld(sigma),
+        pdgc::privacy::Accountant::Rdp => accountant.epsilon(sigma, q, steps, args.delta),
+    }
+    .map_err(err)?;
+    let tolerance = match accountant {
+        pdgc::privacy::Accountant::Pld => format!("σ within {}", pdgc::pld::SIGMA_TOLERANCE),
+        pdgc::privacy::Accountant::Rdp => format!("ε within {}", pdgc::privacy::EPSILON_TOLERANCE),
     };
     match args.format {
         Format::Text => {
             if let Some(target) = args.epsilon {
-                println!("target epsilon    {target} (within {})", pdgc::privacy::EPSILON_TOLERANCE);
+                println!("target epsilon    {target} ({tolerance})");
             }
             println!("noise multiplier  {sigma}");
             println!("sample rate       {q}");
             println!("steps             {steps}");
             println!("delta             {:e}", args.delta);
-            println!("epsilon           {:.4}", spent.epsilon);
-            println!("best RDP order    {}", spent.best_order);
+            println!("accountant        {accountant}");
+            println!("epsilon           {chosen:.4}");
+            if accountant == pdgc::privacy::Accountant::Rdp {
+                let spent = pdgc::privacy::epsilon(sigma, q, steps, args.delta).map_err(err)?;
+                println!("best RDP order    {}", spent.best_order);
+            }
         }
         Format::Json => {
+            // Both accountants; the one not chosen is null where it refuses the arguments
+            // (RDP accepts σ = 0 and q = 0, PLD does not).
+            let pld = pld(sigma).ok();
+            let rdp = pdgc::privacy::epsilon(sigma, q, steps, args.delta).ok();
             let json = serde_json::json!({
                 "target_epsilon": args.epsilon,
                 "noise_multiplier": sigma,
                 "sample_rate": q,
                 "steps": steps,
                 "delta": args.delta,
-                "epsilon": spent.epsilon,
-                "best_order": spent.best_order,
+                "accountant": accountant.name(),
+                "epsilon": chosen,
+                "epsilon_pld": pld,
+                "epsilon_rdp": rdp.map(|s| s.epsilon),
+                "best_order": rdp.map(|s| s.best_order),
             });
             println!("{}", serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?);
         }

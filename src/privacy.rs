@@ -1,5 +1,6 @@
-//! Privacy accounting for DP-SGD: the Rényi-DP (RDP) accountant of the sampled Gaussian
-//! mechanism, and its conversion to an (ε, δ) guarantee. It owns no training state; callers
+//! Privacy accounting for DP-SGD: the choice of accountant ([`Accountant`]: PLD, in
+//! [`crate::pld`], or RDP), and the Rényi-DP (RDP) accountant of the sampled Gaussian
+//! mechanism with its conversion to an (ε, δ) guarantee. It owns no training state; callers
 //! pass the noise multiplier σ, the sampling rate q and the number of steps T.
 //!
 //! One DP-SGD step samples each example independently with probability q (Poisson
@@ -35,9 +36,57 @@
 //! steps have RDP 0 even at σ = 0 (Opacus: ∞·0 = NaN). Bad arguments are [`Error::Privacy`],
 //! never a panic.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+
+/// Which accountant turns (σ, q, T, δ) into ε: PLD ([`crate::pld`], tight, the default) or
+/// RDP (this module, what Opacus' `RDPAccountant` reports, looser).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accountant {
+    #[default]
+    Pld,
+    Rdp,
+}
+
+impl Accountant {
+    /// What runs recorded before there was a choice used.
+    pub fn legacy() -> Accountant {
+        Accountant::Rdp
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Accountant::Pld => "pld",
+            Accountant::Rdp => "rdp",
+        }
+    }
+
+    /// ε spent after `steps` steps of the sampled Gaussian mechanism at δ.
+    pub fn epsilon(self, noise_multiplier: f64, sample_rate: f64, steps: u64, delta: f64) -> Result<f64> {
+        match self {
+            Accountant::Pld => crate::pld::epsilon(noise_multiplier, sample_rate, steps, delta),
+            Accountant::Rdp => epsilon(noise_multiplier, sample_rate, steps, delta).map(|s| s.epsilon),
+        }
+    }
+
+    /// The σ this accountant finds for a target ε: [`crate::pld::noise_multiplier`] (the
+    /// smallest σ within [`crate::pld::SIGMA_TOLERANCE`]) or [`noise_multiplier`] (Opacus'
+    /// search, ε within [`EPSILON_TOLERANCE`] below the target).
+    pub fn noise_multiplier(self, target_epsilon: f64, sample_rate: f64, steps: u64, delta: f64) -> Result<f64> {
+        match self {
+            Accountant::Pld => crate::pld::noise_multiplier(target_epsilon, sample_rate, steps, delta),
+            Accountant::Rdp => noise_multiplier(target_epsilon, sample_rate, steps, delta),
+        }
+    }
+}
+
+impl std::fmt::Display for Accountant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// An (ε, δ) guarantee's ε, and the RDP order α whose bound gave it (NaN when no order gave
 /// a finite or infinite ε, which does not happen for valid arguments).

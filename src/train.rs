@@ -8,7 +8,8 @@
 //!
 //! A checkpoint directory holds `params.safetensors`, `optimizer.safetensors` and
 //! `state.json` (format version, model fingerprint, number of training examples, epochs
-//! and steps done, the [`TrainConfig`], and the per-epoch history). Files are written under
+//! and steps done, the [`TrainConfig`] with the accountant among its privacy settings, and the
+//! per-epoch history). A resume must use the checkpoint's accountant. Files are written under
 //! temporary names and renamed, `state.json` last; the epoch count is also stored in the
 //! parameters' metadata and checked on load, so a torn checkpoint is refused.
 
@@ -23,6 +24,7 @@ use crate::data::Dataset;
 use crate::dp::{self, stream, DpSettings, Optimizer, OptimizerState, Purpose, Sampling, StepReport};
 use crate::error::{Error, Result};
 use crate::module::Module;
+use crate::privacy::Accountant;
 use crate::runtime::{Device, Session};
 use crate::tensor::{save_tensors, Params};
 
@@ -33,8 +35,15 @@ pub const CHECKPOINT_FORMAT: u32 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Privacy {
-    /// DP-SGD with clip norm C, noise multiplier σ, accounted at δ.
-    Private { clip: f32, noise_multiplier: f64, delta: f64 },
+    /// DP-SGD with clip norm C, noise multiplier σ, accounted at δ by `accountant`
+    /// (checkpoints written before the choice existed were accounted with RDP).
+    Private {
+        clip: f32,
+        noise_multiplier: f64,
+        delta: f64,
+        #[serde(default = "Accountant::legacy")]
+        accountant: Accountant,
+    },
     /// Mean gradients, no clipping, no noise: the baseline.
     NonPrivate,
 }
@@ -67,7 +76,7 @@ impl TrainConfig {
                 reason: format!("must be between 1 and {}", dp::MAX_EPOCHS - 1),
             });
         }
-        if let Privacy::Private { clip, noise_multiplier, delta } = self.privacy {
+        if let Privacy::Private { clip, noise_multiplier, delta, .. } = self.privacy {
             if !(clip > 0.0 && clip.is_finite()) {
                 return Err(Error::BadClipNorm(clip));
             }
@@ -103,10 +112,18 @@ impl TrainConfig {
     }
 }
 
-/// The noise multiplier σ that spends `target_epsilon` at `delta` over the whole run.
-pub fn noise_for_epsilon(target_epsilon: f64, sampling: &Sampling, n: usize, epochs: u64, delta: f64) -> Result<f64> {
+/// The noise multiplier σ that spends at most `target_epsilon` at `delta` over the whole
+/// run, as `accountant` finds it ([`Accountant::noise_multiplier`]).
+pub fn noise_for_epsilon(
+    target_epsilon: f64,
+    sampling: &Sampling,
+    n: usize,
+    epochs: u64,
+    delta: f64,
+    accountant: Accountant,
+) -> Result<f64> {
     let steps = sampling.steps_per_epoch(n) * epochs;
-    crate::privacy::noise_multiplier(target_epsilon, sampling.rate(n), steps, delta)
+    accountant.noise_multiplier(target_epsilon, sampling.rate(n), steps, delta)
 }
 
 /// What one epoch did.
@@ -157,6 +174,9 @@ pub struct TrainSummary {
     pub test_accuracy: f64,
     pub epsilon: Option<f64>,
     pub delta: Option<f64>,
+    /// The accountant that gave ε (None for non-private runs).
+    pub accountant: Option<Accountant>,
+    /// The RDP order that gave ε (RDP accounting only).
     pub best_order: Option<f64>,
     pub epochs: u64,
     pub steps: u64,
@@ -169,6 +189,7 @@ impl std::fmt::Display for TrainSummary {
         write!(f, "final: test accuracy {:.2}%, ", 100.0 * self.test_accuracy)?;
         match (self.epsilon, self.delta, self.best_order) {
             (Some(e), Some(d), Some(o)) => write!(f, "ε = {e:.3} at δ = {d:e} (RDP order {o})")?,
+            (Some(e), Some(d), None) => write!(f, "ε = {e:.3} at δ = {d:e} (PLD)")?,
             _ => write!(f, "ε = ∞ (non-private)")?,
         }
         write!(f, ", {} epochs, {} steps, wall time {:.1} s", self.epochs, self.steps, self.wall_seconds)
@@ -265,6 +286,16 @@ impl<'m> Trainer<'m> {
                 train.len()
             )));
         }
+        if let (Privacy::Private { accountant: theirs, .. }, Privacy::Private { accountant: ours, .. }) =
+            (state.config.privacy, t.config.privacy)
+        {
+            if theirs != ours {
+                return Err(bad(format!(
+                    "its ε was accounted with {theirs}, this run asks for {ours}; one run cannot mix \
+                     accountants (resume with --accountant {theirs})"
+                )));
+            }
+        }
         let diffs = state.config.differences(&t.config);
         if !diffs.is_empty() {
             return Err(bad(format!(
@@ -352,16 +383,21 @@ impl<'m> Trainer<'m> {
         evaluate(&mut self.session, self.module, &self.params, test)
     }
 
-    /// ε spent after the steps done so far, and the best RDP order.
-    pub fn epsilon(&self, n: usize) -> Result<Option<(f64, f64)>> {
+    /// ε spent after the steps done so far, and the best RDP order (RDP accounting only).
+    pub fn epsilon(&self, n: usize) -> Result<Option<(f64, Option<f64>)>> {
         match self.config.privacy {
-            Privacy::Private { noise_multiplier, delta, .. } => {
-                if self.steps_done == 0 {
-                    return Ok(Some((0.0, f64::NAN)));
+            Privacy::Private { noise_multiplier, delta, accountant, .. } => {
+                let rate = self.config.sampling.rate(n);
+                match (accountant, self.steps_done) {
+                    (_, 0) => Ok(Some((0.0, None))),
+                    (Accountant::Pld, steps) => {
+                        Ok(Some((crate::pld::epsilon(noise_multiplier, rate, steps, delta)?, None)))
+                    }
+                    (Accountant::Rdp, steps) => {
+                        let spent = crate::privacy::epsilon(noise_multiplier, rate, steps, delta)?;
+                        Ok(Some((spent.epsilon, Some(spent.best_order))))
+                    }
                 }
-                let spent =
-                    crate::privacy::epsilon(noise_multiplier, self.config.sampling.rate(n), self.steps_done, delta)?;
-                Ok(Some((spent.epsilon, spent.best_order)))
             }
             Privacy::NonPrivate => Ok(None),
         }
@@ -413,7 +449,11 @@ impl<'m> Trainer<'m> {
             test_accuracy,
             epsilon: spent.map(|(e, _)| e),
             delta,
-            best_order: spent.map(|(_, o)| o),
+            accountant: match self.config.privacy {
+                Privacy::Private { accountant, .. } => Some(accountant),
+                Privacy::NonPrivate => None,
+            },
+            best_order: spent.and_then(|(_, o)| o),
             epochs: self.epochs_done,
             steps: self.steps_done,
             wall_seconds: started.elapsed().as_secs_f64(),

@@ -1,4 +1,5 @@
-//! The RDP accountant against Opacus, its edge cases and errors, and `pdgc privacy`.
+//! The RDP accountant against Opacus, its edge cases and errors, and `pdgc privacy` with
+//! both accountants (the PLD accountant itself is tested in `tests/pld.rs`).
 //!
 //! The expected numbers come from Opacus 1.6 (scipy 1.17), δ = 1e-5:
 //!
@@ -202,10 +203,22 @@ fn field(stdout: &str, name: &str) -> f64 {
 fn cli_prints_opacus_epsilons() {
     for (sigma, q, steps, eps, order, _) in OPACUS {
         let (sigma, q, steps) = (sigma.to_string(), q.to_string(), steps.to_string());
-        let (code, stdout, stderr) =
-            pdgc(&["privacy", "--noise", &sigma, "--sample-rate", &q, "--steps", &steps, "--delta", "1e-5"]);
+        let (code, stdout, stderr) = pdgc(&[
+            "privacy",
+            "--noise",
+            &sigma,
+            "--sample-rate",
+            &q,
+            "--steps",
+            &steps,
+            "--delta",
+            "1e-5",
+            "--accountant",
+            "rdp",
+        ]);
         assert_eq!(code, 0, "{stderr}");
         assert!((field(&stdout, "epsilon") - eps).abs() < 1e-3, "σ={sigma}:\n{stdout}");
+        assert!(stdout.contains("accountant        rdp"), "{stdout}");
         assert_eq!(field(&stdout, "best RDP order"), order, "{stdout}");
     }
 }
@@ -214,18 +227,41 @@ fn cli_prints_opacus_epsilons() {
 fn cli_finds_the_noise_for_a_target_epsilon() {
     for (_, q, steps, eps, _, opacus_sigma) in OPACUS {
         let (eps, q, steps) = (eps.to_string(), q.to_string(), steps.to_string());
-        let (code, stdout, stderr) = pdgc(&["privacy", "--epsilon", &eps, "--sample-rate", &q, "--steps", &steps]);
+        let (code, stdout, stderr) =
+            pdgc(&["privacy", "--epsilon", &eps, "--sample-rate", &q, "--steps", &steps, "--accountant", "rdp"]);
         assert_eq!(code, 0, "{stderr}");
         assert_eq!(field(&stdout, "noise multiplier"), opacus_sigma, "{stdout}");
         assert!(field(&stdout, "epsilon") <= field(&stdout, "target epsilon"), "{stdout}");
     }
+    // The default accountant, PLD: the smallest σ (within its tolerance) that stays within
+    // the target, and less noise than RDP needs for it.
+    let (code, stdout, stderr) = pdgc(&["privacy", "--epsilon", "2.5", "--sample-rate", "0.05", "--steps", "100"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("accountant        pld") && stdout.contains("(σ within 0.001)"), "{stdout}");
+    let sigma = field(&stdout, "noise multiplier");
+    assert!(field(&stdout, "epsilon") <= 2.5, "{stdout}");
+    let below = privacy::Accountant::Pld.epsilon(sigma - 0.001, 0.05, 100, DELTA).expect("valid");
+    assert!(below > 2.5, "σ − 0.001 = {} spends {below}", sigma - 0.001);
+    let rdp_sigma = privacy::noise_multiplier(2.5, 0.05, 100, DELTA).expect("reachable");
+    assert!(sigma < rdp_sigma, "PLD σ {sigma} vs RDP σ {rdp_sigma}");
 }
 
 #[test]
 fn cli_takes_batch_dataset_size_and_epochs() {
     // 60 epochs of batches of 256 out of 60000: q = 256/60000, T = ceil(60·60000/256) = 14063.
-    let (code, stdout, stderr) =
-        pdgc(&["privacy", "--noise", "1.1", "--batch", "256", "--dataset-size", "60000", "--epochs", "60"]);
+    let (code, stdout, stderr) = pdgc(&[
+        "privacy",
+        "--noise",
+        "1.1",
+        "--batch",
+        "256",
+        "--dataset-size",
+        "60000",
+        "--epochs",
+        "60",
+        "--accountant",
+        "rdp",
+    ]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(field(&stdout, "sample rate"), 256.0 / 60000.0);
     assert_eq!(field(&stdout, "steps"), 14063.0);
@@ -242,31 +278,87 @@ fn cli_json_output() {
         pdgc(&["privacy", "--noise", "1.0", "--sample-rate", "0.01", "--steps", "1000", "--format", "json"]);
     assert_eq!(code, 0, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("valid JSON");
-    assert!((v["epsilon"].as_f64().expect("a number") - 2.1013652716430564).abs() < 1e-9, "{v}");
+    // Both accountants; `epsilon` is the chosen one's (PLD by default).
+    let rdp = v["epsilon_rdp"].as_f64().expect("a number");
+    assert!((rdp - 2.1013652716430564).abs() < 1e-9, "{v}");
     assert_eq!(v["best_order"], 7.8);
+    let pld = v["epsilon_pld"].as_f64().expect("a number");
+    assert!((pld - 1.8282).abs() < 1e-3, "{v}");
+    assert_eq!((v["accountant"].as_str(), v["epsilon"].as_f64()), (Some("pld"), Some(pld)));
     assert_eq!(v["steps"], 1000);
     assert_eq!(v["delta"], 1e-5);
     assert_eq!(v["target_epsilon"], serde_json::Value::Null);
+    let (code, stdout, stderr) = pdgc(&[
+        "privacy",
+        "--noise",
+        "1.0",
+        "--sample-rate",
+        "0.01",
+        "--steps",
+        "1000",
+        "--format",
+        "json",
+        "--accountant",
+        "rdp",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("valid JSON");
+    assert_eq!((v["accountant"].as_str(), v["epsilon"].as_f64()), (Some("rdp"), Some(rdp)));
+    assert_eq!(v["epsilon_pld"].as_f64(), Some(pld));
+    // RDP accepts σ = 0 (ε = ∞, printed as null); PLD refuses it, so its ε is null.
+    let (code, stdout, stderr) = pdgc(&[
+        "privacy",
+        "--noise",
+        "0",
+        "--sample-rate",
+        "0.01",
+        "--steps",
+        "10",
+        "--format",
+        "json",
+        "--accountant",
+        "rdp",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("valid JSON");
+    assert_eq!(v["epsilon_pld"], serde_json::Value::Null, "{v}");
 }
 
 #[test]
 fn cli_rejects_bad_arguments_clearly() {
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 16] = [
         (
             &["--noise", "-1", "--sample-rate", "0.01", "--steps", "10"],
+            "noise multiplier σ must be a finite number > 0",
+        ),
+        (
+            &["--noise", "-1", "--sample-rate", "0.01", "--steps", "10", "--accountant", "rdp"],
             "noise multiplier σ must be a finite number ≥ 0",
         ),
-        (&["--noise", "1", "--sample-rate", "1.5", "--steps", "10"], "sample rate q must be in [0, 1], got 1.5"),
+        (&["--noise", "0", "--sample-rate", "0.01", "--steps", "10"], "must be a finite number > 0, got 0"),
+        (&["--noise", "1", "--sample-rate", "1.5", "--steps", "10"], "sample rate q must be in (0, 1], got 1.5"),
+        (&["--noise", "1", "--sample-rate", "0", "--steps", "10"], "sample rate q must be in (0, 1], got 0"),
+        (&["--noise", "1", "--sample-rate", "nan", "--steps", "10"], "sample rate q must be in (0, 1], got NaN"),
+        (
+            &["--noise", "1", "--sample-rate", "1.5", "--steps", "10", "--accountant", "rdp"],
+            "sample rate q must be in [0, 1], got 1.5",
+        ),
         (
             &["--noise", "1", "--batch", "300", "--dataset-size", "100", "--steps", "10"],
-            "sample rate q must be in [0, 1]",
+            "sample rate q must be in (0, 1]",
         ),
+        (&["--noise", "1", "--sample-rate", "0.01", "--steps", "0"], "the number of steps must be at least 1"),
+        (&["--noise", "1", "--sample-rate", "0.01", "--steps", "10", "--delta", "1"], "δ must be in (0, 1), got 1"),
         (
             &["--noise", "1", "--batch", "3", "--dataset-size", "0", "--steps", "10"],
             "--dataset-size must be at least 1",
         ),
         (&["--noise", "1", "--sample-rate", "0.01", "--steps", "10", "--delta", "0"], "δ must be in (0, 1), got 0"),
-        (&["--epsilon", "0.01", "--sample-rate", "0.01", "--steps", "10"], "out of reach"),
+        (&["--epsilon", "0.01", "--sample-rate", "0.01", "--steps", "10", "--accountant", "rdp"], "out of reach"),
+        (
+            &["--epsilon", "0", "--sample-rate", "0.01", "--steps", "10"],
+            "the target ε must be a positive finite number",
+        ),
         (&["--noise", "nan", "--sample-rate", "0.01", "--steps", "10"], "got NaN"),
         (&["--noise", "1", "--sample-rate", "0.01", "--epochs", "-2"], "--epochs must be a finite number ≥ 0"),
     ];

@@ -10,6 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use pdgc::data::Dataset;
+use pdgc::privacy::Accountant;
 use pdgc::train::{self, EpochReport, Privacy, TrainConfig, Trainer};
 use pdgc::{CompileOptions, Error, Module, Optimizer, Sampling};
 
@@ -52,7 +53,12 @@ fn config(epochs: u64, optimizer: Optimizer, privacy: Privacy) -> TrainConfig {
     TrainConfig { epochs, sampling: Sampling::Poisson { rate: 0.25 }, optimizer, privacy, seed: 77, micro_batch: 8 }
 }
 
-const PRIVATE: Privacy = Privacy::Private { clip: 1.0, noise_multiplier: 0.8, delta: 1e-5 };
+const PRIVATE: Privacy =
+    Privacy::Private { clip: 1.0, noise_multiplier: 0.8, delta: 1e-5, accountant: Accountant::Pld };
+
+/// [`PRIVATE`] accounted with RDP.
+const PRIVATE_RDP: Privacy =
+    Privacy::Private { clip: 1.0, noise_multiplier: 0.8, delta: 1e-5, accountant: Accountant::Rdp };
 
 #[test]
 fn resuming_from_a_checkpoint_reproduces_the_uninterrupted_run() {
@@ -112,7 +118,7 @@ fn resume_refuses_other_settings_and_torn_checkpoints() {
     let mut t = Trainer::new(&module, config(1, opt, PRIVATE), &train).expect("trainer");
     t.run(&train, &test, Some(&dir), |_| {}).expect("run");
 
-    let other = Privacy::Private { clip: 0.5, noise_multiplier: 0.8, delta: 1e-5 };
+    let other = Privacy::Private { clip: 0.5, noise_multiplier: 0.8, delta: 1e-5, accountant: Accountant::Pld };
     let err = Trainer::resume(&module, config(2, opt, other), &train, &dir).err().expect("other clip");
     assert!(matches!(err, Error::Checkpoint { .. }) && err.to_string().contains("privacy"), "{err}");
     let err =
@@ -142,6 +148,35 @@ fn resume_refuses_other_settings_and_torn_checkpoints() {
 }
 
 #[test]
+fn resume_refuses_another_accountant_and_reads_old_checkpoints_as_rdp() {
+    let module = tiny(8);
+    let (train, test) = (task(32, 0), task(10, 3));
+    let opt = Optimizer::Sgd { lr: 0.1, momentum: 0.0 };
+    let dir = tmp_dir("accountant");
+    let mut t = Trainer::new(&module, config(1, opt, PRIVATE), &train).expect("trainer");
+    t.run(&train, &test, Some(&dir), |_| {}).expect("run");
+    let state = std::fs::read_to_string(dir.join("state.json")).expect("state.json");
+    assert!(state.contains("\"accountant\": \"pld\""), "the checkpoint records the accountant:\n{state}");
+    let err = Trainer::resume(&module, config(2, opt, PRIVATE_RDP), &train, &dir).err().expect("other accountant");
+    assert!(matches!(err, Error::Checkpoint { .. }), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("accounted with pld, this run asks for rdp"), "{message}");
+    assert!(message.contains("--accountant pld"), "{message}");
+    Trainer::resume(&module, config(2, opt, PRIVATE), &train, &dir).expect("same accountant");
+
+    // A checkpoint from before the choice existed has no `accountant`: it was RDP.
+    let mut old: serde_json::Value = serde_json::from_str(&state).expect("JSON");
+    let private = old["config"]["privacy"]["private"].as_object_mut().expect("a private run");
+    assert!(private.remove("accountant").is_some());
+    let old = serde_json::to_string_pretty(&old).expect("JSON");
+    std::fs::write(dir.join("state.json"), &old).expect("write");
+    let err = Trainer::resume(&module, config(2, opt, PRIVATE), &train, &dir).err().expect("old checkpoint, PLD");
+    assert!(err.to_string().contains("accounted with rdp, this run asks for pld"), "{err}\n{old}");
+    let resumed = Trainer::resume(&module, config(2, opt, PRIVATE_RDP), &train, &dir).expect("old checkpoint, RDP");
+    assert_eq!(resumed.epochs_done, 1);
+}
+
+#[test]
 fn epsilon_after_each_epoch_is_the_accountants() {
     let module = tiny(8);
     let (train, test) = (task(40, 0), task(10, 3));
@@ -151,17 +186,33 @@ fn epsilon_after_each_epoch_is_the_accountants() {
     let summary = t.run(&train, &test, None, |r| seen.push((r.steps, r.epsilon))).expect("run");
     assert_eq!(seen.len(), 3);
     for (steps, eps) in &seen {
-        let want = pdgc::privacy::epsilon(0.8, 0.25, *steps, 1e-5).expect("accountant").epsilon;
+        let want = pdgc::pld::epsilon(0.8, 0.25, *steps, 1e-5).expect("accountant");
         assert_eq!(*eps, Some(want));
     }
     assert!(seen[0].1 < seen[1].1 && seen[1].1 < seen[2].1, "ε grows: {seen:?}");
     assert_eq!(summary.epsilon, seen[2].1);
+    assert_eq!((summary.accountant, summary.best_order), (Some(Accountant::Pld), None));
+    assert!(summary.to_string().contains("(PLD)"), "{summary}");
 
-    // --epsilon: the σ it picks spends that ε over the whole run.
+    // The same run accounted with RDP: Opacus' numbers, larger.
+    let mut t = Trainer::new(&module, config(3, Optimizer::Sgd { lr: 0.1, momentum: 0.0 }, PRIVATE_RDP), &train)
+        .expect("trainer");
+    let rdp = t.run(&train, &test, None, |_| {}).expect("run");
+    let want = pdgc::privacy::epsilon(0.8, 0.25, 12, 1e-5).expect("accountant");
+    assert_eq!((rdp.epsilon, rdp.best_order), (Some(want.epsilon), Some(want.best_order)));
+    assert!(want.epsilon > summary.epsilon.expect("ε"), "PLD is tighter than RDP");
+
+    // --epsilon: the σ each accountant picks spends at most that ε over the whole run, and
+    // PLD needs less noise for it.
     let sampling = Sampling::Poisson { rate: 0.25 };
-    let sigma = train::noise_for_epsilon(4.0, &sampling, 40, 3, 1e-5).expect("σ");
+    let sigma = train::noise_for_epsilon(4.0, &sampling, 40, 3, 1e-5, Accountant::Rdp).expect("σ");
     let spent = pdgc::privacy::epsilon(sigma, 0.25, 12, 1e-5).expect("ε").epsilon;
-    assert!((spent - 4.0).abs() < 0.01, "σ = {sigma} spends ε = {spent}");
+    assert!(spent <= 4.0 && spent > 4.0 - 0.01, "σ = {sigma} spends ε = {spent}");
+    let pld_sigma = train::noise_for_epsilon(4.0, &sampling, 40, 3, 1e-5, Accountant::Pld).expect("σ");
+    let spent = pdgc::pld::epsilon(pld_sigma, 0.25, 12, 1e-5).expect("ε");
+    let less = pdgc::pld::epsilon(pld_sigma - pdgc::pld::SIGMA_TOLERANCE, 0.25, 12, 1e-5).expect("ε");
+    assert!(spent <= 4.0 && less > 4.0, "σ = {pld_sigma} spends ε = {spent}, σ − tolerance {less}");
+    assert!(pld_sigma < sigma, "PLD σ {pld_sigma} vs RDP σ {sigma}");
 }
 
 #[test]
@@ -186,9 +237,13 @@ fn bad_training_settings_are_typed_errors() {
     let opt = Optimizer::Sgd { lr: 0.1, momentum: 0.0 };
     let bad = [
         config(0, opt, PRIVATE),
-        config(1, opt, Privacy::Private { clip: 1.0, noise_multiplier: 0.0, delta: 1e-5 }),
-        config(1, opt, Privacy::Private { clip: 1.0, noise_multiplier: 1.0, delta: 1.5 }),
-        config(1, opt, Privacy::Private { clip: -1.0, noise_multiplier: 1.0, delta: 1e-5 }),
+        config(1, opt, Privacy::Private { clip: 1.0, noise_multiplier: 0.0, delta: 1e-5, accountant: Accountant::Pld }),
+        config(1, opt, Privacy::Private { clip: 1.0, noise_multiplier: 1.0, delta: 1.5, accountant: Accountant::Pld }),
+        config(
+            1,
+            opt,
+            Privacy::Private { clip: -1.0, noise_multiplier: 1.0, delta: 1e-5, accountant: Accountant::Rdp },
+        ),
         TrainConfig { sampling: Sampling::Poisson { rate: 0.0 }, ..config(1, opt, PRIVATE) },
         config(1, Optimizer::Sgd { lr: 0.0, momentum: 0.0 }, PRIVATE),
     ];
