@@ -592,11 +592,25 @@ fn _rdp_noise_multiplier(
     pdgc::privacy::noise_multiplier_within(target_epsilon, sample_rate, steps, delta, tolerance).map_err(to_py)
 }
 
+/// ε spent after `steps` steps (PLD accountant, an upper bound).
+#[pyfunction]
+fn _pld_epsilon(noise_multiplier: f64, sample_rate: f64, steps: u64, delta: f64) -> PyResult<f64> {
+    pdgc::pld::epsilon(noise_multiplier, sample_rate, steps, delta).map_err(to_py)
+}
+
+/// The smallest σ (to 0.001) whose PLD ε after `steps` steps is ≤ `target_epsilon`.
+#[pyfunction]
+fn _pld_noise_multiplier(target_epsilon: f64, sample_rate: f64, steps: u64, delta: f64) -> PyResult<f64> {
+    pdgc::pld::noise_multiplier(target_epsilon, sample_rate, steps, delta).map_err(to_py)
+}
+
 #[pymodule]
 fn _pdgc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(compile, m)?)?;
     m.add_function(wrap_pyfunction!(_rdp_epsilon, m)?)?;
     m.add_function(wrap_pyfunction!(_rdp_noise_multiplier, m)?)?;
+    m.add_function(wrap_pyfunction!(_pld_epsilon, m)?)?;
+    m.add_function(wrap_pyfunction!(_pld_noise_multiplier, m)?)?;
     m.add_class::<Module>()?;
     m.add_class::<Session>()?;
     m.add_class::<Optimizer>()?;

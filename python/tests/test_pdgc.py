@@ -412,18 +412,38 @@ def test_dp_sgd_step_errors_leave_params_unchanged(tiny):
 
 def test_privacy_matches_opacus_and_the_cli():
     # Opacus 1.6's RDPAccountant on (σ, q, T) at δ = 1e-5, as the Rust tests pin it.
-    eps, order = pdgc.privacy.epsilon_and_order(1.0, 0.01, 1000, 1e-5)
+    eps, order = pdgc.privacy.epsilon_and_order(1.0, 0.01, 1000, 1e-5, accountant="rdp")
     assert abs(eps - 2.1013652716430564) < 1e-9 and order == 7.8
-    assert pdgc.privacy.epsilon(1.1, 256 / 60000, 14062, 1e-5) == pytest.approx(2.5965558689607486, rel=1e-9)
-    out = run_cli("privacy", "--noise", "1.0", "--sample-rate", "0.01", "--steps", "1000", "--delta", "1e-5")
+    rdp = pdgc.privacy.epsilon(1.1, 256 / 60000, 14062, 1e-5, accountant="rdp")
+    assert rdp == pytest.approx(2.5965558689607486, rel=1e-9)
+    out = run_cli(
+        "privacy", "--noise", "1.0", "--sample-rate", "0.01", "--steps", "1000", "--delta", "1e-5",
+        "--accountant", "rdp",
+    )
     assert out.returncode == 0, out.stderr
     assert f"{eps:.3f}" in out.stdout, out.stdout
-    sigma = pdgc.privacy.noise_multiplier(2.0, 0.01, 1000, 1e-5)
-    spent = pdgc.privacy.epsilon(sigma, 0.01, 1000, 1e-5)
+    sigma = pdgc.privacy.noise_multiplier(2.0, 0.01, 1000, 1e-5, accountant="rdp")
+    spent = pdgc.privacy.epsilon(sigma, 0.01, 1000, 1e-5, accountant="rdp")
     assert 2.0 - pdgc.privacy.EPSILON_TOLERANCE <= spent <= 2.0
-    tight = pdgc.privacy.noise_multiplier(2.0, 0.01, 1000, 1e-5, tolerance=1e-6)
-    assert abs(pdgc.privacy.epsilon(tight, 0.01, 1000, 1e-5) - 2.0) <= 1e-6
-    assert pdgc.privacy.epsilon(0.0, 0.01, 10, 1e-5) == float("inf")
+    tight = pdgc.privacy.noise_multiplier(2.0, 0.01, 1000, 1e-5, accountant="rdp", tolerance=1e-6)
+    assert abs(pdgc.privacy.epsilon(tight, 0.01, 1000, 1e-5, accountant="rdp") - 2.0) <= 1e-6
+    assert pdgc.privacy.epsilon(0.0, 0.01, 10, 1e-5, accountant="rdp") == float("inf")
+
+
+def test_privacy_pld_is_the_default_and_matches_the_cli():
+    # dp_accounting 0.6's PLD on (σ, q, T) = (1.1, 256/60000, 14062) at δ = 1e-5: 2.3817.
+    eps = pdgc.privacy.epsilon(1.1, 256 / 60000, 14062, 1e-5)
+    assert eps == pytest.approx(2.3817, abs=2e-3)
+    assert eps == pdgc.privacy.epsilon(1.1, 256 / 60000, 14062, 1e-5, accountant="pld")
+    assert eps < pdgc.privacy.epsilon(1.1, 256 / 60000, 14062, 1e-5, accountant="rdp")
+    out = run_cli("privacy", "--noise", "1.1", "--sample-rate", str(256 / 60000), "--steps", "14062")
+    assert out.returncode == 0, out.stderr
+    assert f"{eps:.4f}" in out.stdout, out.stdout
+    sigma = pdgc.privacy.noise_multiplier(2.0, 0.01, 1000, 1e-5)
+    assert pdgc.privacy.epsilon(sigma, 0.01, 1000, 1e-5) <= 2.0
+    assert pdgc.privacy.epsilon(sigma - 0.002, 0.01, 1000, 1e-5) > 2.0
+    eps_pld, order = pdgc.privacy.epsilon_and_order(1.0, 0.01, 1000, 1e-5)
+    assert order != order  # NaN: PLD has no RDP order
 
 
 def test_privacy_errors():
@@ -431,11 +451,13 @@ def test_privacy_errors():
         pdgc.privacy.epsilon(1.0, 0.01, 100, 0.0)
     with pytest.raises(pdgc.PrivacyError):
         pdgc.privacy.epsilon(1.0, 1.5, 100, 1e-5)
+    with pytest.raises(pdgc.PrivacyError):
+        pdgc.privacy.epsilon(0.0, 0.01, 100, 1e-5)
     with pytest.raises(pdgc.PrivacyError, match="target ε"):
-        pdgc.privacy.noise_multiplier(-1.0, 0.01, 100, 1e-5)
-    with pytest.raises(pdgc.SettingError, match="accountant 'pld'"):
-        pdgc.privacy.epsilon(1.0, 0.01, 100, 1e-5, accountant="pld")
-    assert pdgc.privacy.ACCOUNTANTS == ("rdp",)
+        pdgc.privacy.noise_multiplier(-1.0, 0.01, 100, 1e-5, accountant="rdp")
+    with pytest.raises(pdgc.SettingError, match="accountant 'prv'"):
+        pdgc.privacy.epsilon(1.0, 0.01, 100, 1e-5, accountant="prv")
+    assert pdgc.privacy.ACCOUNTANTS == ("pld", "rdp")
 
 
 def test_the_timed_clipped_sum_is_the_clipped_sum(tiny):
