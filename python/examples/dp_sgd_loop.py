@@ -22,7 +22,14 @@ The equivalent PyTorch module (its `state_dict()` has the same names and shapes)
 and `params = {k: v.detach().numpy() for k, v in model.state_dict().items()}` hands its
 weights to pdgc (the arrays share memory with the tensors, so the steps update them).
 
-Run: python python/examples/dp_sgd_loop.py [--data FILE.npz] [--epochs 3] [--epsilon 8] ...
+A model of your own: export it from PyTorch to ONNX, import it, and pass the files::
+
+    torch.onnx.export(model, torch.zeros(1, 3, 32, 32), "model.onnx", dynamo=True)
+    pdgc import model.onnx -o model.pdg          # writes model.safetensors beside it
+    python python/examples/dp_sgd_loop.py --model model.pdg --weights model.safetensors
+
+Run: python python/examples/dp_sgd_loop.py [--model F.pdg [--weights F.safetensors]] [--data FILE.npz]
+[--epochs 3] [--epsilon 8] ...
 """
 
 import argparse
@@ -45,8 +52,9 @@ model small_cnn {
 """
 
 
-def load(args):
-    """Training and test arrays: the user's `.npz`, or synthetic CIFAR-shaped data."""
+def load(args, shape, classes):
+    """Training and test arrays: the user's `.npz`, or synthetic data of the model's input
+    `shape` (CIFAR's by default) with `classes` classes."""
     if args.data:
         d = np.load(args.data)
         x, y = np.ascontiguousarray(d["x"], np.float32), d["y"].astype(np.int64)
@@ -54,23 +62,26 @@ def load(args):
             return x, y, np.ascontiguousarray(d["x_test"], np.float32), d["y_test"].astype(np.int64)
         return x[: -len(x) // 10], y[: -len(y) // 10], x[-len(x) // 10 :], y[-len(y) // 10 :]
     rng = np.random.default_rng(args.seed)
-    y = rng.integers(0, 10, args.examples + 256)
-    patterns = rng.standard_normal((10, 3, 32, 32), dtype=np.float32)  # one faint image per class
-    x = rng.standard_normal((args.examples + 256, 3, 32, 32), dtype=np.float32) + 1.0 * patterns[y]
+    y = rng.integers(0, classes, args.examples + 256)
+    patterns = rng.standard_normal((classes, *shape), dtype=np.float32)  # one faint image per class
+    x = rng.standard_normal((args.examples + 256, *shape), dtype=np.float32) + 1.0 * patterns[y]
     return x[: args.examples], y[: args.examples], x[args.examples :], y[args.examples :]
 
 
-def accuracy(session, params, x, y):
+def accuracy(session, params, names, x, y):
     """Test accuracy from the logits, in chunks of the session's batch."""
     hits = 0
     for i in range(0, len(x), session.max_batch):
-        logits = session.forward(params, {"x": x[i : i + session.max_batch], "y": y[i : i + session.max_batch]})
+        chunk = {names[0]: x[i : i + session.max_batch], names[1]: y[i : i + session.max_batch]}
+        logits = session.forward(params, chunk)
         hits += int((logits.argmax(1) == y[i : i + session.max_batch]).sum())
     return hits / len(x)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="a .pdg file (e.g. from `pdgc import`); default: the CNN above")
+    ap.add_argument("--weights", help="a .safetensors of the model's parameters (e.g. from `pdgc import`)")
     ap.add_argument("--data", help="an .npz with x, y (and optionally x_test, y_test)")
     ap.add_argument("--examples", type=int, default=4096, help="synthetic examples when there is no --data")
     ap.add_argument("--epochs", type=int, default=3)
@@ -85,7 +96,13 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    x, y, x_test, y_test = load(args)
+    module = pdgc.compile(args.model or MODEL, batch=args.max_batch, device="auto")
+    if len(module.inputs) != 1:
+        raise SystemExit(f"the model has {len(module.inputs)} inputs; this example feeds one")
+    (input_name, shape), = module.inputs.items()
+    names = (input_name, module.label)
+    classes = module.params[list(module.params)[-1]][0]  # the last layer's outputs
+    x, y, x_test, y_test = load(args, shape, classes)
     n, q = len(x), args.sample_rate
     steps_per_epoch = max(1, round(1 / q))
     total_steps = args.epochs * steps_per_epoch
@@ -93,9 +110,13 @@ def main(argv=None):
     print(f"{n} examples, q = {q}, {steps_per_epoch} steps per epoch, expected batch {q * n:.1f}, "
           f"σ = {sigma:.4f} for ε = {args.epsilon} at δ = {args.delta} after {args.epochs} epochs")
 
-    module = pdgc.compile(MODEL, batch=args.max_batch, device="auto")
     session = module.session(threads=args.threads, seed=args.seed)
-    params = module.init_params(args.seed)  # or a PyTorch model's state_dict as NumPy arrays
+    if args.weights:
+        from safetensors.numpy import load_file  # PyTorch names, as `pdgc import` writes them
+
+        params = {k: np.ascontiguousarray(v, np.float32) for k, v in load_file(args.weights).items()}
+    else:
+        params = module.init_params(args.seed)  # or a PyTorch model's state_dict as NumPy arrays
     opt = pdgc.Optimizer.sgd(lr=args.lr, momentum=args.momentum)
     # Poisson sampling from a seeded stream (use a cryptographic source for a real deployment).
     sampler = np.random.default_rng(args.seed + 1)
@@ -104,14 +125,14 @@ def main(argv=None):
         for _ in range(steps_per_epoch):
             take = sampler.random(n) < q  # empty samples happen: a noise-only step
             report = session.dp_sgd_step(
-                params, {"x": x[take], "y": y[take]},
+                params, {names[0]: x[take], names[1]: y[take]},
                 clip=args.clip, noise_multiplier=sigma, expected_batch=q * n, optimizer=opt,
             )
             losses.extend(report.losses.tolist())
             sizes.append(report.batch_size)
         spent = pdgc.privacy.epsilon(sigma, q, epoch * steps_per_epoch, args.delta)
         print(f"epoch {epoch}: train loss {np.mean(losses) if losses else float('nan'):.4f}, "
-              f"test accuracy {accuracy(session, params, x_test, y_test):.2%}, mean batch {np.mean(sizes):.1f}, "
+              f"test accuracy {accuracy(session, params, names, x_test, y_test):.2%}, mean batch {np.mean(sizes):.1f}, "
               f"ε = {spent:.3f} (δ = {args.delta}), {time.time() - started:.1f} s")
 
 

@@ -7,7 +7,12 @@ use pyo3::prelude::*;
 
 create_exception!(pdgc, Error, PyValueError, "Base class of every error pdgc raises (a `ValueError`).");
 create_exception!(pdgc, SourceError, Error, "A `.pdg` source with errors; the message holds the diagnostics.");
-create_exception!(pdgc, FileError, Error, "A file that cannot be read or written, or is not what it should be.");
+create_exception!(
+    pdgc,
+    FileError,
+    Error,
+    "A file that cannot be read or written, or is not what it should be (ONNX files included)."
+);
 create_exception!(pdgc, MissingTensorError, Error, "A parameter, model input or label is missing.");
 create_exception!(pdgc, UnexpectedTensorError, Error, "A parameter that the model does not have.");
 create_exception!(pdgc, ShapeError, Error, "An array of the wrong shape, or inputs that disagree on the batch size.");
@@ -50,7 +55,8 @@ pub fn to_py(e: pdgc::Error) -> PyErr {
         | E::IdxMagic { .. }
         | E::IdxDamaged { .. }
         | E::DatasetMismatch { .. }
-        | E::DataModelMismatch { .. } => FileError::new_err(msg),
+        | E::DataModelMismatch { .. }
+        | E::Import(_) => FileError::new_err(msg),
         E::Internal(_) => InternalError::new_err(msg),
     }
 }

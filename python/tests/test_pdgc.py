@@ -486,3 +486,22 @@ def test_the_worked_example_trains_and_prints_epsilon_per_epoch(tmp_path):
     eps = [float(line.split("ε = ")[1].split()[0]) for line in out.stdout.splitlines() if line.startswith("epoch")]
     assert len(eps) == 2 and 0 < eps[0] < eps[1] <= 4.0, out.stdout
     assert "180 examples" in out.stdout, out.stdout  # 10% held out for the test accuracy
+
+
+def test_the_worked_example_trains_a_model_imported_from_onnx(tmp_path):
+    # The README's path: a PyTorch model exported to ONNX (tests/data/onnx, written by
+    # tests/data/make_onnx.py), `pdgc import`, then the Python DP-SGD loop on the user's arrays.
+    out = run_cli("import", str(ROOT / "tests" / "data" / "onnx" / "mnist_cnn.onnx"), "-o", str(tmp_path / "m.pdg"))
+    assert out.returncode == 0, out.stderr
+    weights = tmp_path / "m.safetensors"
+    assert weights.exists(), out.stdout + out.stderr
+    script = ROOT / "python" / "examples" / "dp_sgd_loop.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--model", str(tmp_path / "m.pdg"), "--weights", str(weights),
+         "--examples", "300", "--epochs", "2", "--sample-rate", "0.25", "--max-batch", "32", "--epsilon", "4",
+         "--threads", "2"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    eps = [float(line.split("ε = ")[1].split()[0]) for line in out.stdout.splitlines() if line.startswith("epoch")]
+    assert len(eps) == 2 and 0 < eps[0] < eps[1] <= 4.0, out.stdout
