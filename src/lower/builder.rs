@@ -216,6 +216,11 @@ fn rename_stmt(s: Stmt, old: VarId, new: VarId) -> Stmt {
     }
 }
 
+/// The index 0 (a size-1 dim, a fixed slot).
+pub fn c0() -> Affine {
+    Affine::constant(0)
+}
+
 pub fn v(var: VarId) -> Affine {
     Affine::var(var)
 }

@@ -19,9 +19,10 @@ use crate::grad::{Cmp, Equation, Expr, Func};
 pub fn pointwise(name: &str, eq: &Equation, size: usize, first: bool) -> Option<(Kernel, Vec<String>)> {
     let mut reads = Vec::new();
     collect_reads(&eq.rhs, eq, &mut reads)?;
+    let overwrite = first && !eq.accumulate;
     let mut kb = KernelBuilder::new(name);
     let args: Vec<ir::ArgId> = reads.iter().map(|t| kb.input(t, batched(&[size]))).collect();
-    let out = kb.target(&eq.lhs.tensor, batched(&[size]), first && !eq.accumulate);
+    let out = kb.target(&eq.lhs.tensor, batched(&[size]), overwrite);
     let [n, i] = [kb.var("n"), kb.var("i")];
     let ix = vec![v(n), v(i)];
     let load_of = |tensor: &str| -> Option<ir::Expr> {
@@ -29,7 +30,7 @@ pub fn pointwise(name: &str, eq: &Equation, size: usize, first: bool) -> Option<
         Some(load(args[at], ix.clone()))
     };
     let value = scalar(&eq.rhs, &load_of)?;
-    let body = vec![vlp(i, size, vec![put(out, ix.clone(), value, first && !eq.accumulate)])];
+    let body = vec![vlp(i, size, vec![put(out, ix.clone(), value, overwrite)])];
     let mut tensors = reads;
     tensors.push(eq.lhs.tensor.clone());
     Some((kb.finish(n, Extent::Batch, body), tensors))

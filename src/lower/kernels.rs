@@ -250,10 +250,6 @@ pub fn linear_forward(name: &str, rows: usize, inf: usize, outf: usize, bias: bo
     kb.finish(n, Extent::Batch, fill)
 }
 
-fn c0() -> Affine {
-    Affine::constant(0)
-}
-
 pub struct PoolGeom {
     pub kind: PoolKind,
     pub channels: usize,

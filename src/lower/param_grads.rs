@@ -432,10 +432,6 @@ pub fn linear_outer(name: &str, rows: usize, inf: usize, outf: usize, bias: bool
     kb.finish(n, Extent::Batch, body)
 }
 
-fn c0() -> pdgc_codegen::ir::Affine {
-    pdgc_codegen::ir::Affine::constant(0)
-}
-
 fn slot_ix(slot: usize) -> pdgc_codegen::ir::Affine {
     pdgc_codegen::ir::Affine::constant(slot as i64)
 }
