@@ -1,6 +1,9 @@
 //! `pdgc bench`: measured times of the non-private batch gradient and of each strategy's
 //! per-example work (grads, norms, clipped sum) on one machine, side by side, with ratios
-//! to the non-private step. Medians over repeated runs after a warm-up.
+//! to the non-private step. Medians over repeated runs after a warm-up. Beside the times:
+//! the memory the buffer plan gives the step's buffers and the process's peak resident
+//! memory measured while the step ran (which adds the parameters, the batch, the compiled
+//! code and the results to the buffers).
 
 use std::time::Instant;
 
@@ -8,6 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::lower::EntryKind;
+use crate::memory::{self, human_bytes};
 use crate::module::{CompileOptions, Module};
 use crate::ops::Strategy;
 use crate::runtime::Device;
@@ -21,6 +26,34 @@ pub struct Column {
     pub grads_ms: Option<f64>,
     pub norms_ms: f64,
     pub clipped_sum_ms: f64,
+    pub clipped_sum_memory: StepMemory,
+}
+
+/// A step's memory: the arena the buffer plan gives it, and the process's peak resident
+/// memory while it ran (`None` where the system does not report it).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepMemory {
+    pub planned_bytes: u64,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+impl std::fmt::Display for StepMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rss = self.peak_rss_bytes.map_or("-".to_string(), human_bytes);
+        write!(f, "{} / {rss}", human_bytes(self.planned_bytes))
+    }
+}
+
+/// Times `f` as [`time`] does and measures the process's peak resident memory meanwhile.
+fn time_and_memory(
+    repeats: usize,
+    bar: &ProgressBar,
+    planned_bytes: u64,
+    f: impl FnMut() -> Result<()>,
+) -> Result<(f64, StepMemory)> {
+    let reset = memory::reset_peak_rss();
+    let ms = time(repeats, bar, f)?;
+    Ok((ms, StepMemory { planned_bytes, peak_rss_bytes: memory::peak_rss().filter(|_| reset) }))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -32,6 +65,7 @@ pub struct BenchReport {
     pub device: String,
     pub repeats: usize,
     pub nonprivate_ms: f64,
+    pub nonprivate_memory: StepMemory,
     pub loss_ms: f64,
     pub columns: Vec<Column>,
     /// With `--profile`: per kernel, ms per step and launches per step, slowest first, of
@@ -129,7 +163,9 @@ pub fn bench(
         session.set_threads(t);
     }
     bar.set_message("non-private");
-    let nonprivate_ms = time(repeats, &bar, || session.batch_grad(&params, &data).map(|_| ()))?;
+    let planned = session.micro_batch(EntryKind::BatchGrad)?.1;
+    let (nonprivate_ms, nonprivate_memory) =
+        time_and_memory(repeats, &bar, planned, || session.batch_grad(&params, &data).map(|_| ()))?;
     bar.set_message("forward + loss");
     let loss_ms = time(repeats, &bar, || session.loss(&params, &data).map(|_| ()))?;
     let mut profiles = Vec::new();
@@ -138,6 +174,9 @@ pub fn bench(
             s.batch_grad(&params, &data).map(|_| ())
         })?);
     }
+    let description = session.device_description();
+    // Its buffers would count in the other steps' peak memory.
+    drop(session);
     let mut columns = Vec::new();
     for config in configs {
         let label = config.map_or("auto".to_string(), |s| s.to_string());
@@ -159,7 +198,9 @@ pub fn bench(
             s.set_threads(t);
         }
         bar.set_message(format!("{label}: clipped sum"));
-        let clipped_sum_ms = time(repeats, &bar, || s.clipped_grad_sum(&params, &data, 1.0).map(|_| ()))?;
+        let planned = s.micro_batch(EntryKind::ClippedSum)?.1;
+        let (clipped_sum_ms, clipped_sum_memory) =
+            time_and_memory(repeats, &bar, planned, || s.clipped_grad_sum(&params, &data, 1.0).map(|_| ()))?;
         bar.set_message(format!("{label}: norms"));
         let norms_ms = time(repeats, &bar, || s.per_example_norms(&params, &data).map(|_| ()))?;
         bar.set_message(format!("{label}: grads"));
@@ -174,16 +215,17 @@ pub fn bench(
                 s.clipped_grad_sum(&params, &data, 1.0).map(|_| ())
             })?);
         }
-        columns.push(Column { config: label, grads_ms, norms_ms, clipped_sum_ms });
+        columns.push(Column { config: label, grads_ms, norms_ms, clipped_sum_ms, clipped_sum_memory });
     }
     bar.finish_and_clear();
     Ok(BenchReport {
         model: base.name.clone(),
         batch,
         threads: threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        device: session.device_description(),
+        device: description,
         repeats,
         nonprivate_ms,
+        nonprivate_memory,
         loss_ms,
         columns,
         profile: profiles,
@@ -197,22 +239,28 @@ impl std::fmt::Display for BenchReport {
             "{}: batch {}, on {}, median of {} runs (ms; ratio to the non-private step in parentheses)",
             self.model, self.batch, self.device, self.repeats
         )?;
-        writeln!(f, "  non-private batch gradient  {:>9.2}", self.nonprivate_ms)?;
+        writeln!(
+            f,
+            "  non-private batch gradient  {:>9.2}    memory (buffers / peak RSS): {}",
+            self.nonprivate_ms, self.nonprivate_memory
+        )?;
         writeln!(f, "  forward + loss only         {:>9.2}", self.loss_ms)?;
         let cell = |ms: f64| format!("{ms:.2} ({:.2}x)", ms / self.nonprivate_ms);
         let mut header = format!("  {:<10}", "config");
         for h in ["clipped sum", "norms", "grads"] {
             header.push_str(&format!(" {h:>18}"));
         }
+        header.push_str("   clipped-sum memory (buffers / peak RSS)");
         writeln!(f, "{header}")?;
         for c in &self.columns {
             writeln!(
                 f,
-                "  {:<10} {:>18} {:>18} {:>18}",
+                "  {:<10} {:>18} {:>18} {:>18}   {}",
                 c.config,
                 cell(c.clipped_sum_ms),
                 cell(c.norms_ms),
-                c.grads_ms.map_or("-".to_string(), cell)
+                c.grads_ms.map_or("-".to_string(), cell),
+                c.clipped_sum_memory
             )?;
         }
         for p in &self.profile {

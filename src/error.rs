@@ -64,6 +64,18 @@ pub enum Error {
     Backend(String),
     #[error(transparent)]
     Import(#[from] crate::import::ImportError),
+    #[error(
+        "not enough memory: {what} needs {} and {}; {advice}",
+        crate::memory::human_bytes(*bytes),
+        match budget { Some(b) => format!("the memory budget is {}", crate::memory::human_bytes(*b)), None => "the allocation failed".to_string() }
+    )]
+    OutOfMemory { what: String, bytes: u64, budget: Option<u64>, advice: String },
+    #[error(
+        "{path}: the disk has {} free but the file needs {}; {advice}",
+        crate::memory::human_bytes(*free),
+        crate::memory::human_bytes(*needed)
+    )]
+    DiskFull { path: PathBuf, needed: u64, free: u64, advice: String },
     #[error("internal error (a bug in pdgc, please report it): {0}")]
     Internal(String),
 }

@@ -216,6 +216,10 @@ enum Command {
         /// Where to run: auto (CUDA if usable, else the CPU), cpu, cuda, interpreter.
         #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
         device: DeviceArg,
+        /// Memory for the run's buffers, e.g. 8G (default: 90% of the available memory);
+        /// a batch that needs more runs in micro-batches.
+        #[arg(long, value_parser = parse_bytes)]
+        memory_budget: Option<u64>,
     },
     /// Time the non-private step and every strategy's per-example step.
     Bench {
@@ -425,9 +429,20 @@ fn main() -> ExitCode {
             eprintln!("wrote {} ({} parameters)", output.display(), module.graph.param_count());
             Ok(())
         }),
-        Command::Grads { file, params, batch, output, norms_only, clip, strategy, interpreter, device } => {
+        Command::Grads {
+            file,
+            params,
+            batch,
+            output,
+            norms_only,
+            clip,
+            strategy,
+            interpreter,
+            device,
+            memory_budget,
+        } => {
             let device = if interpreter { pdgc::Device::Interpreter } else { device.device() };
-            run(|| grads(&file, &params, &batch, &output, norms_only, clip, strategy, device))
+            run(|| grads(&file, &params, &batch, &output, norms_only, clip, strategy, device, memory_budget))
         }
         Command::Bench { file, batch, repeats, strategy, threads, device, format, profile } => run(|| {
             let name = file.display().to_string();
@@ -644,8 +659,19 @@ fn compile(
             module.options.batch,
             module.options.device.name
         );
+        eprint!("{}", planned_memory(&module));
     }
     Ok(())
+}
+
+/// The buffer plan's arena per step at the module's batch: the host memory a session holds
+/// for its buffers (before any memory budget cuts the batch into micro-batches).
+fn planned_memory(module: &pdgc::Module) -> String {
+    let steps: Vec<String> = pdgc::memory::planned(&module.graph, &module.program, module.options.batch as u64)
+        .into_iter()
+        .map(|(kind, bytes)| format!("{} {}", kind.name(), pdgc::memory::human_bytes(bytes)))
+        .collect();
+    format!("buffers per step at batch {} (host memory): {}\n", module.options.batch, steps.join(", "))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -658,6 +684,7 @@ fn grads(
     clip: Option<f32>,
     strategy: Vec<(String, Strategy)>,
     device: pdgc::Device,
+    memory_budget: Option<u64>,
 ) -> Result<(), String> {
     // Read the batch first to size the module.
     let probe = load_module(
@@ -678,30 +705,61 @@ fn grads(
     };
     let p = pdgc::Params::load(params, &module.graph).map_err(|e| e.to_string())?;
     let mut session = module.session(device).map_err(|e| e.to_string())?;
+    if let Some(bytes) = memory_budget {
+        session.set_memory_budget(bytes);
+    }
     eprintln!("running on {}", session.device_description());
     if let Some(why) = session.fallback_reason() {
         eprintln!("  (no CUDA: {why})");
     }
-    let mut out = pdgc::TensorMap::new();
-    let loss = session.loss(&p, &data).map_err(|e| e.to_string())?;
-    out.insert("loss".into(), pdgc::Tensor::new(vec![b], loss));
-    if norms_only {
-        let norms = session.per_example_norms(&p, &data).map_err(|e| e.to_string())?;
-        out.insert("norms".into(), pdgc::Tensor::new(vec![b], norms));
-    } else {
-        let grads = session.per_example_grads(&p, &data).map_err(|e| e.to_string())?;
-        let norms = session.per_example_norms(&p, &data).map_err(|e| e.to_string())?;
-        out.insert("norms".into(), pdgc::Tensor::new(vec![b], norms));
-        out.extend(grads);
-    }
-    if let Some(c) = clip {
-        let cs = session.clipped_grad_sum(&p, &data, c).map_err(|e| e.to_string())?;
-        for (name, t) in cs.sum {
-            out.insert(format!("clipped_sum.{name}"), t);
+    let e = |e: pdgc::Error| e.to_string();
+    // Every output's shape is known before any run, so the file is written as the runs
+    // produce it: per-example gradients never need to fit in memory at once.
+    let mut shapes: std::collections::BTreeMap<String, Vec<usize>> =
+        [("loss".to_string(), vec![b]), ("norms".to_string(), vec![b])].into();
+    for param in &module.graph.params {
+        if !norms_only {
+            shapes.insert(param.name.clone(), [vec![b], param.shape.clone()].concat());
+        }
+        if clip.is_some() {
+            shapes.insert(format!("clipped_sum.{}", param.name), param.shape.clone());
         }
     }
-    pdgc::tensor::save_tensors(output, &out, None).map_err(|e| e.to_string())?;
-    eprintln!("wrote {} ({} examples, {} tensors)", output.display(), b, out.len());
+    let mut out = pdgc::stream::StreamWriter::create(output, &shapes).map_err(e)?;
+    let (micro, arena) = session
+        .micro_batch(if norms_only {
+            pdgc::lower::EntryKind::PerExampleNorms
+        } else {
+            pdgc::lower::EntryKind::PerExampleGrads
+        })
+        .map_err(e)?;
+    if micro < b {
+        eprintln!(
+            "running in micro-batches of {micro} ({} of buffers each; memory budget {})",
+            pdgc::memory::human_bytes(arena),
+            pdgc::memory::human_bytes(session.memory_budget())
+        );
+    }
+    out.write("loss", &session.loss(&p, &data).map_err(e)?).map_err(e)?;
+    if !norms_only {
+        session
+            .per_example_grads_each(&p, &data, |start, part| {
+                for (name, t) in part {
+                    out.write_rows(&name, start, &t.data)?;
+                }
+                Ok(())
+            })
+            .map_err(e)?;
+    }
+    out.write("norms", &session.per_example_norms(&p, &data).map_err(e)?).map_err(e)?;
+    if let Some(c) = clip {
+        let cs = session.clipped_grad_sum(&p, &data, c).map_err(e)?;
+        for (name, t) in cs.sum {
+            out.write(&format!("clipped_sum.{name}"), &t.data).map_err(e)?;
+        }
+    }
+    out.finish().map_err(e)?;
+    eprintln!("wrote {} ({} examples, {} tensors)", output.display(), b, shapes.len());
     Ok(())
 }
 
@@ -929,7 +987,10 @@ fn explain(
     }
     match (dump, format) {
         (Some(_), _) => print!("{plan}"),
-        (None, Format::Text) => print!("{}", pdgc::explain::render_text(&plan)),
+        (None, Format::Text) => {
+            print!("{}", pdgc::explain::render_text(&plan));
+            print!("{}", planned_memory(&load_module(path, args)?));
+        }
         (None, Format::Json) => println!("{}", pdgc::explain::render_json(&plan)),
     }
     Ok(())

@@ -1,6 +1,13 @@
-//! Sessions: a compiled program bound to a device, with its buffers allocated for the
-//! module's maximum batch. A session runs an entry point of the program (loss, batch
-//! gradient, per-example grads, norms, clipped sum) on a batch and returns named tensors.
+//! Sessions: a compiled program bound to a device. A session runs an entry point of the
+//! program (loss, batch gradient, per-example grads, norms, clipped sum) on a batch and
+//! returns named tensors.
+//!
+//! Memory: the host buffers live in one arena laid out per entry by the buffer plan
+//! ([`crate::memory`]), so buffers whose lifetimes do not overlap share memory. Each entry
+//! runs on at most as many examples at a time as fit the session's memory budget (by
+//! default, what the machine has available): a larger batch is cut into micro-batches,
+//! whose per-example results are concatenated and whose sums are added. The arena is
+//! allocated fallibly; a failure is [`Error::OutOfMemory`], never an abort.
 //!
 //! The session only moves data in and out of buffers and launches kernels; all arithmetic
 //! happens in the kernels. Backends: CUDA (the program's CUDA C compiled by NVRTC for the
@@ -21,6 +28,7 @@ use pdgc_codegen::interp;
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::lower::{BufId, EntryKind, LaunchMode, Program, Role};
+use crate::memory::{self, Layout};
 use crate::tensor::{Batch, Labels, Params, Tensor, TensorMap};
 
 /// Where a session runs.
@@ -82,11 +90,28 @@ pub struct ClippedSum {
     pub loss: Vec<f32>,
 }
 
+/// What a fresh arena holds: NaN in debug builds, so that a kernel reading memory no
+/// earlier launch of the entry wrote shows up in the numeric tests; zero otherwise.
+const POISON: f32 = if cfg!(debug_assertions) { f32::NAN } else { 0.0 };
+
+fn entry_index(kind: EntryKind) -> usize {
+    EntryKind::ALL.iter().position(|k| *k == kind).expect("every entry kind is listed")
+}
+
 pub struct Session {
     graph: Arc<Graph>,
     program: Arc<Program>,
     executor: Executor,
-    buffers: Vec<Vec<f32>>,
+    /// The host buffers of the entry last bound, at the offsets of its layout.
+    arena: Vec<f32>,
+    /// Per entry (in [`EntryKind::ALL`] order), its layout for runs of its micro-batch size;
+    /// computed on first use.
+    layouts: Vec<Option<Layout>>,
+    /// The entry whose layout the arena holds now.
+    bound: Option<EntryKind>,
+    /// The network's output buffer (read by `forward`).
+    output: Vec<BufId>,
+    budget: u64,
     max_batch: usize,
     threads: usize,
     /// Per-kernel cumulative seconds and launches, when profiling is on.
@@ -123,9 +148,22 @@ impl Session {
                 }
             },
         };
-        let buffers = program.buffers.iter().map(|b| vec![0.0f32; b.len(max_batch as u64) as usize]).collect();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Ok(Session { graph, program, executor, buffers, max_batch, threads, profile: None, fallback })
+        let output = memory::output(&graph, &program);
+        Ok(Session {
+            graph,
+            program,
+            executor,
+            arena: Vec::new(),
+            layouts: vec![None; EntryKind::ALL.len()],
+            bound: None,
+            output,
+            budget: memory::default_budget(),
+            max_batch,
+            threads,
+            profile: None,
+            fallback,
+        })
     }
 
     /// What the session runs on, e.g. `cuda (NVIDIA H200, sm_90)` or `cpu (2 threads)`.
@@ -147,6 +185,42 @@ impl Session {
     /// Sets the number of worker threads (default: all cores).
     pub fn set_threads(&mut self, threads: usize) {
         self.threads = threads.max(1);
+    }
+
+    /// Sets the memory budget of the host arena in bytes (default: 90% of the memory the
+    /// machine has available when the session is made). Runs that would need more are cut
+    /// into micro-batches.
+    pub fn set_memory_budget(&mut self, bytes: u64) {
+        self.budget = bytes;
+        self.layouts = vec![None; EntryKind::ALL.len()];
+        self.bound = None;
+    }
+
+    pub fn memory_budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// The layout `kind` runs with: its largest micro-batch within the budget.
+    fn layout(&mut self, kind: EntryKind) -> Result<&Layout> {
+        let i = entry_index(kind);
+        if self.layouts[i].is_none() {
+            let layout = memory::micro_batch(&self.program, kind, self.max_batch as u64, self.budget, &self.output)
+                .map_err(|one| Error::OutOfMemory {
+                    what: format!("one example of the {} step", kind.name()),
+                    bytes: one.bytes(),
+                    budget: Some(self.budget),
+                    advice: "raise --memory-budget, or free memory".into(),
+                })?;
+            self.layouts[i] = Some(layout);
+        }
+        Ok(self.layouts[i].as_ref().expect("just computed"))
+    }
+
+    /// How many examples one run of `kind` takes (the micro-batch size within the budget)
+    /// and the bytes of host memory its buffers take.
+    pub fn micro_batch(&mut self, kind: EntryKind) -> Result<(usize, u64)> {
+        let l = self.layout(kind)?;
+        Ok((l.batch as usize, l.bytes()))
     }
 
     /// Starts (or restarts) timing every kernel launch.
@@ -171,12 +245,36 @@ impl Session {
         self.max_batch
     }
 
+    /// Lays the arena out for `kind`, growing it (fallibly) if needed.
+    fn prepare(&mut self, kind: EntryKind) -> Result<()> {
+        let len = self.layout(kind)?.len as usize;
+        if self.arena.len() < len {
+            let more = len - self.arena.len();
+            self.arena.try_reserve_exact(more).map_err(|_| Error::OutOfMemory {
+                what: format!("the {} step's buffers", kind.name()),
+                bytes: len as u64 * 4,
+                budget: None,
+                advice: "lower --memory-budget to run in smaller micro-batches, or free memory".into(),
+            })?;
+            self.arena.resize(len, POISON);
+        }
+        self.bound = Some(kind);
+        Ok(())
+    }
+
+    /// The arena range of buffer `id` for a batch of `batch` (`None`: unused by the entry).
+    fn range(&self, id: BufId, batch: u64) -> Option<std::ops::Range<usize>> {
+        let layout = self.layouts[entry_index(self.bound?)].as_ref()?;
+        let start = layout.offsets[id.0 as usize]? as usize;
+        Some(start..start + self.program.buffer(id).len(batch) as usize)
+    }
+
+    /// Writes the inputs of one run (`batch` holds at most one micro-batch) into the arena.
     fn bind(&mut self, params: &Params, batch: &Batch) -> Result<usize> {
         let b = batch.size()?;
-        if b > self.max_batch {
-            return Err(Error::BatchTooLarge { batch: b, max: self.max_batch });
-        }
-        for (i, decl) in self.program.buffers.iter().enumerate() {
+        let program = Arc::clone(&self.program);
+        for (i, decl) in program.buffers.iter().enumerate() {
+            let id = BufId(i as u32);
             let data: &[f32] = match &decl.role {
                 Role::Param(name) => {
                     let t = params.get(name).ok_or_else(|| Error::MissingTensor {
@@ -212,9 +310,10 @@ impl Session {
                 }
                 Role::Label => match &batch.labels {
                     Labels::Classes(v) => {
-                        let buf = &mut self.buffers[i];
-                        for (dst, &c) in buf.iter_mut().zip(v) {
-                            *dst = c as f32;
+                        if let Some(r) = self.range(id, b as u64) {
+                            for (dst, &c) in self.arena[r].iter_mut().zip(v) {
+                                *dst = c as f32;
+                            }
                         }
                         continue;
                     }
@@ -222,25 +321,31 @@ impl Session {
                 },
                 _ => continue,
             };
-            self.buffers[i][..data.len()].copy_from_slice(data);
+            if let Some(r) = self.range(id, b as u64) {
+                self.arena[r.start..r.start + data.len()].copy_from_slice(data);
+            }
         }
         Ok(b)
     }
 
     fn set_clip_norm(&mut self, clip: f32) {
-        if let Some(id) = self.program.find(&Role::ClipNorm) {
-            self.buffers[id.0 as usize][0] = clip;
+        if let Some(r) = self.program.find(&Role::ClipNorm).and_then(|id| self.range(id, 1)) {
+            self.arena[r.start] = clip;
         }
     }
 
     /// Copies the bound inputs (parameters, batch, labels, clip norm) to the device.
     fn upload_inputs(&mut self, batch: usize) -> Result<()> {
-        let Executor::Cuda(c) = &mut self.executor else { return Ok(()) };
+        if !matches!(self.executor, Executor::Cuda(_)) {
+            return Ok(());
+        }
         for (i, decl) in self.program.buffers.iter().enumerate() {
-            if matches!(decl.role, Role::Param(_) | Role::Input(_) | Role::Label | Role::ClipNorm) {
-                let len = decl.len(batch as u64) as usize;
-                c.dev.upload(&mut c.buffers[i], &self.buffers[i][..len]).map_err(|e| Error::Device(e.to_string()))?;
+            if !memory::is_bound(&decl.role) {
+                continue;
             }
+            let Some(r) = self.range(BufId(i as u32), batch as u64) else { continue };
+            let Executor::Cuda(c) = &mut self.executor else { unreachable!("checked above") };
+            c.dev.upload(&mut c.buffers[i], &self.arena[r]).map_err(|e| Error::Device(e.to_string()))?;
         }
         Ok(())
     }
@@ -309,38 +414,31 @@ impl Session {
             }
             return Ok(());
         }
-        let mut taken: Vec<Vec<f32>> = args.iter().map(|b| std::mem::take(&mut self.buffers[b.0 as usize])).collect();
-        let result = {
-            let mut slices: Vec<&mut [f32]> = taken
-                .iter_mut()
-                .zip(args)
-                .map(|(buf, id)| {
-                    let decl = program.buffer(*id);
-                    match (example, decl.batched) {
-                        (Some(n), true) => {
-                            let per = decl.per_example_len() as usize;
-                            &mut buf[n * per..(n + 1) * per]
-                        }
-                        _ => &mut buf[..decl.len(batch) as usize],
-                    }
-                })
-                .collect();
-            match &self.executor {
-                Executor::Cpu(kernels) => kernels[kernel]
-                    .run_parallel(&mut slices, batch, self.threads)
-                    .map_err(|e| Error::Backend(e.to_string())),
-                Executor::Interpreter => {
-                    interp::run(&program.kernels[kernel], &mut slices, batch).map_err(|e| Error::Backend(e.to_string()))
+        let mut ranges = Vec::with_capacity(args.len());
+        for id in args {
+            let decl = program.buffer(*id);
+            let whole = self.range(*id, batch).ok_or_else(|| {
+                Error::Internal(format!("buffer {} of kernel {} has no place in the arena", decl.name, kernel))
+            })?;
+            ranges.push(match (example, decl.batched) {
+                (Some(n), true) => {
+                    let per = decl.per_example_len() as usize;
+                    whole.start + n * per..whole.start + (n + 1) * per
                 }
-                Executor::CudaHost(m) => {
-                    m.launch(kernel, &mut slices, batch).map_err(|e| Error::Backend(e.to_string()))
-                }
-                Executor::Cuda(_) => Err(Error::Internal("a CUDA launch reached the host path".into())),
-            }
-        };
-        for (id, buf) in args.iter().zip(taken) {
-            self.buffers[id.0 as usize] = buf;
+                _ => whole,
+            });
         }
+        let mut slices = carve(&mut self.arena, &ranges)?;
+        let result = match &self.executor {
+            Executor::Cpu(kernels) => kernels[kernel]
+                .run_parallel(&mut slices, batch, self.threads)
+                .map_err(|e| Error::Backend(e.to_string())),
+            Executor::Interpreter => {
+                interp::run(&program.kernels[kernel], &mut slices, batch).map_err(|e| Error::Backend(e.to_string()))
+            }
+            Executor::CudaHost(m) => m.launch(kernel, &mut slices, batch).map_err(|e| Error::Backend(e.to_string())),
+            Executor::Cuda(_) => Err(Error::Internal("a CUDA launch reached the host path".into())),
+        };
         if let (Some(p), Some(t)) = (&mut self.profile, started) {
             p[kernel].0 += t.elapsed().as_secs_f64();
             p[kernel].1 += 1;
@@ -348,6 +446,7 @@ impl Session {
         result
     }
 
+    /// A result of the run just made on `batch` examples.
     fn read(&self, role: &Role, batch: usize) -> Result<Tensor> {
         let id = self.program.find(role).ok_or_else(|| Error::Internal(format!("no buffer for {role:?}")))?;
         let decl = self.program.buffer(id);
@@ -364,7 +463,12 @@ impl Session {
             Executor::Cuda(c) => {
                 c.dev.download(&c.buffers[id.0 as usize], len).map_err(|e| Error::Device(e.to_string()))?
             }
-            _ => self.buffers[id.0 as usize][..len].to_vec(),
+            _ => {
+                let r = self
+                    .range(id, batch as u64)
+                    .ok_or_else(|| Error::Internal(format!("{role:?} is not a result of the entry just run")))?;
+                self.arena[r].to_vec()
+            }
         };
         Ok(Tensor::new(shape, data))
     }
@@ -373,23 +477,72 @@ impl Session {
         self.graph.params.iter().map(|p| Ok((p.name.clone(), self.read(&role(p.name.clone()), batch)?))).collect()
     }
 
+    /// Runs `kind` over `batch` in micro-batches that fit the budget, calling `each` after
+    /// every run with the session (to read results), the run's first example and its size.
+    /// An empty batch is one run of zero examples (the inputs are still checked).
+    fn each_run(
+        &mut self,
+        kind: EntryKind,
+        params: &Params,
+        batch: &Batch,
+        clip: Option<f32>,
+        mut each: impl FnMut(&Session, usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        let n = batch.size()?;
+        if n > self.max_batch {
+            return Err(Error::BatchTooLarge { batch: n, max: self.max_batch });
+        }
+        self.prepare(kind)?;
+        let micro = self.layout(kind)?.batch as usize;
+        let mut start = 0;
+        loop {
+            let end = (start + micro).min(n);
+            let part;
+            let run = if start == 0 && end == n {
+                batch
+            } else {
+                part = batch.slice(start, end);
+                &part
+            };
+            let b = self.bind(params, run)?;
+            if let Some(c) = clip {
+                self.set_clip_norm(c);
+            }
+            self.run(kind, b)?;
+            each(self, start, b)?;
+            start = end;
+            if start >= n {
+                return Ok(());
+            }
+        }
+    }
+
     /// The per-example losses `[B]`.
     pub fn loss(&mut self, params: &Params, batch: &Batch) -> Result<Vec<f32>> {
-        let b = self.bind(params, batch)?;
-        self.run(EntryKind::Loss, b)?;
-        Ok(self.read(&Role::Loss, b)?.data)
+        let mut loss = Vec::new();
+        self.each_run(EntryKind::Loss, params, batch, None, |s, _, b| {
+            loss.extend(s.read(&Role::Loss, b)?.data);
+            Ok(())
+        })?;
+        Ok(loss)
     }
 
     /// The network's output (logits or prediction) `[B, ...]`.
     pub fn forward(&mut self, params: &Params, batch: &Batch) -> Result<Tensor> {
-        let b = self.bind(params, batch)?;
-        self.run(EntryKind::Loss, b)?;
         let out = self.graph.loss.input();
         let role = match &self.graph.node(out).op {
             crate::graph::Op::Input { name } => Role::Input(name.clone()),
             _ => Role::Activation(out.0),
         };
-        self.read(&role, b)
+        let mut shape = vec![0];
+        shape.extend(&self.graph.node(out).shape);
+        let mut data = Vec::new();
+        self.each_run(EntryKind::Loss, params, batch, None, |s, _, b| {
+            data.extend(s.read(&role, b)?.data);
+            Ok(())
+        })?;
+        shape[0] = batch.size()?;
+        Ok(Tensor::new(shape, data))
     }
 
     /// The ordinary (non-private) gradient of Σ_n loss_n.
@@ -399,24 +552,65 @@ impl Session {
 
     /// [`Session::batch_grad`] with the per-example losses `[B]` of the same forward pass.
     pub fn batch_grad_and_loss(&mut self, params: &Params, batch: &Batch) -> Result<(TensorMap, Vec<f32>)> {
-        let b = self.bind(params, batch)?;
-        self.run(EntryKind::BatchGrad, b)?;
-        Ok((self.per_param(b, Role::BatchGrad)?, self.read(&Role::Loss, b)?.data))
+        let mut sum: Option<TensorMap> = None;
+        let mut loss = Vec::new();
+        self.each_run(EntryKind::BatchGrad, params, batch, None, |s, _, b| {
+            add_into(&mut sum, s.per_param(b, Role::BatchGrad)?);
+            loss.extend(s.read(&Role::Loss, b)?.data);
+            Ok(())
+        })?;
+        Ok((sum.unwrap_or_default(), loss))
     }
 
-    /// The gradient of each example's own loss, `NAME -> [B, ...]`.
+    /// The gradient of each example's own loss, `NAME -> [B, ...]`. The whole result is
+    /// in memory; [`Session::per_example_grads_each`] hands it over run by run instead.
     pub fn per_example_grads(&mut self, params: &Params, batch: &Batch) -> Result<TensorMap> {
-        let b = self.bind(params, batch)?;
-        self.run(EntryKind::PerExampleGrads, b)?;
-        self.per_param(b, Role::PerExampleGrad)
+        let n = batch.size()?;
+        let mut out = TensorMap::new();
+        for p in &self.graph.params {
+            let mut shape = vec![n];
+            shape.extend(&p.shape);
+            let len = crate::graph::numel(&shape) as usize;
+            let mut data = Vec::new();
+            data.try_reserve_exact(len).map_err(|_| Error::OutOfMemory {
+                what: format!("the per-example gradients of `{}`", p.name),
+                bytes: len as u64 * 4,
+                budget: None,
+                advice: "use `pdgc grads`, which streams them to its output file, or a smaller batch".into(),
+            })?;
+            out.insert(p.name.clone(), Tensor { shape, data });
+        }
+        self.per_example_grads_each(params, batch, |_, part| {
+            for (name, t) in part {
+                out.get_mut(&name).expect("one per parameter").data.extend(t.data);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// The per-example gradients run by run: `each(first example, NAME -> [b, ...])` for
+    /// consecutive micro-batches covering `batch`, so a caller can write them out without
+    /// holding the whole batch's gradients in memory.
+    pub fn per_example_grads_each(
+        &mut self,
+        params: &Params,
+        batch: &Batch,
+        mut each: impl FnMut(usize, TensorMap) -> Result<()>,
+    ) -> Result<()> {
+        self.each_run(EntryKind::PerExampleGrads, params, batch, None, |s, start, b| {
+            each(start, s.per_param(b, Role::PerExampleGrad)?)
+        })
     }
 
     /// `‖g_n‖` over all parameters, `[B]`.
     pub fn per_example_norms(&mut self, params: &Params, batch: &Batch) -> Result<Vec<f32>> {
-        let b = self.bind(params, batch)?;
-        self.set_clip_norm(1.0);
-        self.run(EntryKind::PerExampleNorms, b)?;
-        Ok(self.read(&Role::Norms, b)?.data)
+        let mut norms = Vec::new();
+        self.each_run(EntryKind::PerExampleNorms, params, batch, Some(1.0), |s, _, b| {
+            norms.extend(s.read(&Role::Norms, b)?.data);
+            Ok(())
+        })?;
+        Ok(norms)
     }
 
     /// `Σ_n min(1, C/(‖g_n‖ + 1e-6)) g_n`, with the norms and losses it saw.
@@ -424,13 +618,54 @@ impl Session {
         if !(clip > 0.0 && clip.is_finite()) {
             return Err(Error::BadClipNorm(clip));
         }
-        let b = self.bind(params, batch)?;
-        self.set_clip_norm(clip);
-        self.run(EntryKind::ClippedSum, b)?;
-        Ok(ClippedSum {
-            sum: self.per_param(b, Role::ClippedSum)?,
-            norms: self.read(&Role::Norms, b)?.data,
-            loss: self.read(&Role::Loss, b)?.data,
-        })
+        let mut sum: Option<TensorMap> = None;
+        let (mut norms, mut loss) = (Vec::new(), Vec::new());
+        self.each_run(EntryKind::ClippedSum, params, batch, Some(clip), |s, _, b| {
+            add_into(&mut sum, s.per_param(b, Role::ClippedSum)?);
+            norms.extend(s.read(&Role::Norms, b)?.data);
+            loss.extend(s.read(&Role::Loss, b)?.data);
+            Ok(())
+        })?;
+        Ok(ClippedSum { sum: sum.unwrap_or_default(), norms, loss })
     }
+}
+
+/// Adds a micro-batch's sums into the running ones (the first run's sums are taken as
+/// they are, so a batch that fits in one run gives exactly the one-run result).
+fn add_into(acc: &mut Option<TensorMap>, part: TensorMap) {
+    match acc {
+        None => *acc = Some(part),
+        Some(acc) => {
+            for (name, t) in acc.iter_mut() {
+                if let Some(p) = part.get(name) {
+                    for (a, &b) in t.data.iter_mut().zip(&p.data) {
+                        *a += b;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Disjoint mutable slices of `arena`, one per range, in the order given. The buffer plan
+/// never places two buffers of one launch where they overlap; if it did, this is an
+/// internal error rather than aliasing.
+fn carve<'a>(arena: &'a mut [f32], ranges: &[std::ops::Range<usize>]) -> Result<Vec<&'a mut [f32]>> {
+    let mut order: Vec<usize> = (0..ranges.len()).collect();
+    order.sort_by_key(|&i| (ranges[i].start, ranges[i].end));
+    let mut out: Vec<Option<&'a mut [f32]>> = (0..ranges.len()).map(|_| None).collect();
+    let mut rest = arena;
+    let mut base = 0;
+    for i in order {
+        let r = &ranges[i];
+        if r.start < base || r.end > base + rest.len() {
+            return Err(Error::Internal(format!("arena ranges overlap or overrun: {ranges:?}")));
+        }
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(r.start - base);
+        let (mine, tail) = tail.split_at_mut(r.len());
+        out[i] = Some(mine);
+        rest = tail;
+        base = r.end;
+    }
+    Ok(out.into_iter().map(|s| s.expect("every range was carved")).collect())
 }

@@ -29,6 +29,12 @@ create_exception!(
     Error,
     "The device or kernel backend failed (e.g. `device=\"cuda\"` without a GPU)."
 );
+create_exception!(
+    pdgc,
+    OutOfMemoryError,
+    Error,
+    "Not enough memory for a run, even one example at a time, or for a whole result."
+);
 create_exception!(pdgc, InternalError, Error, "A bug in pdgc: please report it.");
 
 /// The Python exception for a pdgc error, with the CLI's message.
@@ -37,7 +43,12 @@ pub fn to_py(e: pdgc::Error) -> PyErr {
     let msg = e.to_string();
     match e {
         E::Source(_) => SourceError::new_err(msg),
-        E::Read { .. } | E::Write { .. } | E::Safetensors { .. } | E::Module { .. } | E::Checkpoint { .. } => {
+        E::Read { .. }
+        | E::Write { .. }
+        | E::Safetensors { .. }
+        | E::Module { .. }
+        | E::Checkpoint { .. }
+        | E::DiskFull { .. } => {
             FileError::new_err(msg)
         }
         E::MissingTensor { .. } => MissingTensorError::new_err(msg),
@@ -57,6 +68,7 @@ pub fn to_py(e: pdgc::Error) -> PyErr {
         | E::DatasetMismatch { .. }
         | E::DataModelMismatch { .. }
         | E::Import(_) => FileError::new_err(msg),
+        E::OutOfMemory { .. } => OutOfMemoryError::new_err(msg),
         E::Internal(_) => InternalError::new_err(msg),
     }
 }
@@ -78,6 +90,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SettingError", py.get_type::<SettingError>())?;
     m.add("PrivacyError", py.get_type::<PrivacyError>())?;
     m.add("DeviceError", py.get_type::<DeviceError>())?;
+    m.add("OutOfMemoryError", py.get_type::<OutOfMemoryError>())?;
     m.add("InternalError", py.get_type::<InternalError>())?;
     Ok(())
 }

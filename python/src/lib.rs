@@ -568,6 +568,19 @@ impl Session {
         Ok(())
     }
 
+    /// Bytes of host memory the session's buffers may take (default: 90% of the memory the
+    /// machine had available when the session started). A call that needs more runs its
+    /// batch in micro-batches; the results are the same up to f32 rounding.
+    #[getter]
+    fn get_memory_budget(&self) -> u64 {
+        self.inner.memory_budget()
+    }
+
+    #[setter]
+    fn set_memory_budget(&mut self, bytes: u64) {
+        self.inner.set_memory_budget(bytes);
+    }
+
     fn __repr__(&self) -> String {
         format!("<pdgc.Session {} on {}>", self.graph.name, self.inner.device_description())
     }

@@ -173,6 +173,21 @@ def test_threads_do_not_change_results(tiny):
         tiny.session(threads=0)
 
 
+def test_a_small_memory_budget_micro_batches_and_a_tiny_one_is_an_error(tiny):
+    params, batch = tiny.init_params(3), random_batch(4, classes=3, shape=(1, 6, 6))
+    whole = tiny.session().clipped_grad_sum(params, batch, 0.5)
+    s = tiny.session()
+    assert s.memory_budget > 0
+    s.memory_budget = 6000  # bytes: room for the buffers of one or two examples, not four
+    part = s.clipped_grad_sum(params, batch, 0.5)
+    np.testing.assert_allclose(part.norms, whole.norms, rtol=1e-5)
+    for k in whole.sum:
+        np.testing.assert_allclose(part.sum[k], whole.sum[k], rtol=1e-5, atol=1e-7)
+    s.memory_budget = 64
+    with pytest.raises(pdgc.OutOfMemoryError, match="memory budget is 64 B"):
+        s.clipped_grad_sum(params, batch, 0.5)
+
+
 def test_the_interpreter_agrees_with_the_jit(tiny):
     params, batch = tiny.init_params(3), random_batch(3, classes=3, shape=(1, 6, 6))
     jit = tiny.session("cpu").clipped_grad_sum(params, batch, 0.5)

@@ -103,6 +103,27 @@ pub enum EntryKind {
     ClippedSum,
 }
 
+impl EntryKind {
+    pub const ALL: [EntryKind; 5] = [
+        EntryKind::Loss,
+        EntryKind::BatchGrad,
+        EntryKind::PerExampleGrads,
+        EntryKind::PerExampleNorms,
+        EntryKind::ClippedSum,
+    ];
+
+    /// The step's name in messages, e.g. `clipped-sum`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EntryKind::Loss => "loss",
+            EntryKind::BatchGrad => "batch-gradient",
+            EntryKind::PerExampleGrads => "per-example-gradient",
+            EntryKind::PerExampleNorms => "per-example-norm",
+            EntryKind::ClippedSum => "clipped-sum",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     pub kind: EntryKind,
