@@ -68,6 +68,10 @@ pub struct BenchReport {
     pub nonprivate_memory: StepMemory,
     pub loss_ms: f64,
     pub columns: Vec<Column>,
+    /// The plan's regret: the `auto` clipped sum's time over the fastest forced
+    /// configuration's (1.0: as fast as the best uniform choice; below 1 where the plan's
+    /// per-layer mix beats every one; `None` without forced columns).
+    pub regret: Option<f64>,
     /// With `--profile`: per kernel, ms per step and launches per step, slowest first, of
     /// the non-private step and of the `auto` plan's clipped-sum step.
     pub profile: Vec<ProfiledStep>,
@@ -218,6 +222,9 @@ pub fn bench(
         columns.push(Column { config: label, grads_ms, norms_ms, clipped_sum_ms, clipped_sum_memory });
     }
     bar.finish_and_clear();
+    let auto = columns.iter().find(|c| c.config == "auto").map(|c| c.clipped_sum_ms);
+    let best_forced = columns.iter().filter(|c| c.config != "auto").map(|c| c.clipped_sum_ms).reduce(f64::min);
+    let regret = auto.zip(best_forced).map(|(a, b)| a / b);
     Ok(BenchReport {
         model: base.name.clone(),
         batch,
@@ -228,6 +235,7 @@ pub fn bench(
         nonprivate_memory,
         loss_ms,
         columns,
+        regret,
         profile: profiles,
     })
 }
@@ -262,6 +270,9 @@ impl std::fmt::Display for BenchReport {
                 c.grads_ms.map_or("-".to_string(), cell),
                 c.clipped_sum_memory
             )?;
+        }
+        if let Some(r) = self.regret {
+            writeln!(f, "  regret of the plan (auto clipped sum / fastest forced column): {r:.2}x")?;
         }
         for p in &self.profile {
             let total: f64 = p.kernels.iter().map(|k| k.1).sum();
