@@ -139,7 +139,8 @@ def time_peer(runner, system, net, batch, warmup, reps) -> dict:
     if res["rc"] != 0:
         return {"error": failure(res)}
     out = json.loads(res["stdout"].strip().splitlines()[-1])
-    return {"ms": statistics.median(out["times_ms"]), "times_ms": out["times_ms"], "rss_mb": res["peak_rss_mb"]}
+    return {"ms": statistics.median(out["times_ms"]), "times_ms": out["times_ms"], "rss_mb": res["peak_rss_mb"],
+            "import_rss_mb": out["import_rss_mb"]}
 
 
 def time_pdgc(runner, pdgc, net, batch, reps) -> dict:
@@ -201,13 +202,15 @@ def timing(args, runner, pdgc) -> int:
         cells.append(f"{p['nonprivate_ms'] / row['torch']['ms']:.2f}x" if ok and "ms" in row["torch"] else "-")
         print(f"| {net} | {batch} | " + " | ".join(cells) + " |")
 
-    print(f"\n## Peak RSS (MB) of each measurement's process (the whole process: interpreter, libraries, "
-          f"warm-up and timed steps)\n")
+    print("\n## Peak RSS (MB) of each measurement's process: the whole process (interpreter, libraries, warm-up "
+          "and timed steps); in parentheses, the peak less the RSS right after importing the framework\n")
     cols = list(PEERS.values()) + ["pdgc bench (all its steps)"]
     print("| net | B | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 2) + "|")
     for (net, batch), row in results.items():
-        cells = [f"{row[s]['rss_mb']:.0f}" if "rss_mb" in row[s] else "failed" for s in list(PEERS) + ["pdgc"]]
+        cells = [f"{row[s]['rss_mb']:.0f} (+{row[s]['rss_mb'] - row[s]['import_rss_mb']:.0f})" if "rss_mb" in row[s]
+                 else "failed" for s in PEERS]
+        cells.append(f"{row['pdgc']['rss_mb']:.0f}" if "rss_mb" in row["pdgc"] else "failed")
         print(f"| {net} | {batch} | " + " | ".join(cells) + " |")
     for e in errors:
         print(f"\nfailed: {e}")
@@ -335,12 +338,12 @@ def memory(args, runner, pdgc) -> int:
                                         "--reps", 1), timeout=args.memory_timeout)
             if res["rc"] != 0:
                 failed += 1
-                rows.append((batch, title, "failed", f"{res['wall_s']:.1f}", f"{res['peak_rss_mb'] / 1024:.2f}",
+                rows.append((batch, title, "failed", f"{res['wall_s']:.1f}", f"{res['peak_rss_mb'] / 1024:.2f}", "-",
                              failure(res)))
             else:
                 out = json.loads(res["stdout"].strip().splitlines()[-1])
                 rows.append((batch, title, f"{out['times_ms'][0] / 1e3:.1f}", f"{res['wall_s']:.1f}",
-                             f"{res['peak_rss_mb'] / 1024:.2f}", ""))
+                             f"{res['peak_rss_mb'] / 1024:.2f}", f"{out['import_rss_mb'] / 1024:.2f}", ""))
             log(f"memory: {rows[-1]} ({time.perf_counter() - start:.0f} s)")
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -359,14 +362,14 @@ def memory(args, runner, pdgc) -> int:
                                  timeout=args.memory_timeout)
                 ok = res["rc"] == 0
                 failed += not ok
-                rows.append((batch, title, "-", f"{res['wall_s']:.1f}", f"{res['peak_rss_mb'] / 1024:.2f}",
+                rows.append((batch, title, "-", f"{res['wall_s']:.1f}", f"{res['peak_rss_mb'] / 1024:.2f}", "-",
                              "" if ok else failure(res)))
                 log(f"memory: {rows[-1]} ({time.perf_counter() - start:.0f} s)")
                 (tmp / "out.safetensors").unlink(missing_ok=True)
     print(f"## VGG16 (224x224), one step per process, {runner.threads} thread(s)\n")
     print("\n".join(machine(pdgc, runner)) + "\n")
-    print("| B | system | step (s) | whole process (s) | peak RSS (GB) | note |")
-    print("|---|---|---|---|---|---|")
+    print("| B | system | step (s) | whole process (s) | peak RSS (GB) | RSS after imports (GB) | note |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(str(c) for c in r) + " |")
     log(f"done in {time.perf_counter() - start:.0f} s")
@@ -391,7 +394,7 @@ def main(argv) -> int:
     ap.add_argument("--nets", nargs="+", default=TIMED_NETS, choices=TIMED_NETS)
     ap.add_argument("--batches", nargs="+", type=int, default=[32, 128])
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones (peers)")
-    ap.add_argument("--reps", type=int, default=7, help="timed steps; the median is reported")
+    ap.add_argument("--reps", type=int, default=5, help="timed steps; the median is reported")
     ap.add_argument("--quick", action="store_true", help="1 warm-up step, 2 timed steps: to see that it runs")
     ap.add_argument("--json", help="also write the raw timing results here")
     ap.add_argument("--check", action="store_true", help="only check that the clipped sums agree (B = 4)")

@@ -29,7 +29,6 @@ no noise. The clip factor min(1, C/(norm + 1e-6)) is Opacus' (and pdgc's).
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -156,12 +155,25 @@ def jax_step(net, params, x, y, clip):
     return step
 
 
-def peak_rss_mb() -> float:
+def rss_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status in MB: VmRSS (now) or VmHWM (peak)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def import_libraries(system: str):
+    """Imports the system's framework up front, so that the RSS measured after it is the
+    libraries' share of the peak, before any model or batch exists."""
+    if system == "jax":
+        import jax
+        jax.devices()  # the CPU client is created on first use
+    else:
+        import torch  # noqa: F401
+        if system in ("opacus", "ghost"):
+            import opacus  # noqa: F401
 
 
 def main(argv):
@@ -178,6 +190,8 @@ def main(argv):
     ap.add_argument("--out", help="run one step and write its result here (safetensors)")
     args = ap.parse_args(argv)
     net = NETS[args.net]
+    import_libraries(args.system)
+    import_rss = rss_mb("VmRSS")
     params, x, y = load_inputs(args, net)
     start = time.perf_counter()
     if args.system == "jax":
@@ -203,7 +217,8 @@ def main(argv):
         step()
         times.append((time.perf_counter() - t0) * 1e3)
     print(json.dumps({"system": args.system, "net": args.net, "batch": len(y), "threads": args.threads,
-                      "setup_s": setup_s, "times_ms": times, "peak_rss_mb": peak_rss_mb(), "pid": os.getpid()}))
+                      "setup_s": setup_s, "times_ms": times, "import_rss_mb": import_rss,
+                      "peak_rss_mb": rss_mb("VmHWM")}))
 
 
 if __name__ == "__main__":
