@@ -102,6 +102,19 @@ def param_shapes(net: Net) -> dict:
     return out
 
 
+def default_init(net: Net, seed: int) -> dict:
+    """Parameters drawn as PyTorch's Conv2d and Linear initialize them, without PyTorch:
+    weight and bias uniform in +-1/sqrt(fan_in) (kaiming_uniform with a = sqrt(5)), float32."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in param_shapes(net).items():
+        if name.endswith(".weight"):
+            bound = 1.0 / float(np.sqrt(np.prod(shape[1:])))
+        out[name] = rng.uniform(-bound, bound, shape).astype(np.float32)
+    return out
+
+
 def _toy(name: str, convs: int, rate: int, kernel: int, in_features: int) -> Net:
     """A toy CNN of Rochette, Manoel & Tramel 2019: 25 channels first, each next conv has
     `rate` x the channels, padding 2 and ReLU after every conv, a 2x2 max-pool after every

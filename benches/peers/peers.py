@@ -99,14 +99,18 @@ def failure(res: dict) -> str:
 
 def machine(pdgc: str, runner: Runner) -> list:
     """Lines naming the machine and every package's version."""
-    cpu = "unknown CPU"
-    flags = set()
+    cpu, flags, cores, package = "unknown CPU", set(), set(), None
     with open("/proc/cpuinfo") as f:
         for line in f:
-            if line.startswith("model name") and cpu == "unknown CPU":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and cpu == "unknown CPU":
+                cpu = value
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+            elif key == "physical id":
+                package = value
+            elif key == "core id":
+                cores.add((package, value))
     isa = [f for f in ("avx512f", "avx2", "fma") if f in flags]
     with open("/proc/meminfo") as f:
         mem_gb = int(f.readline().split()[1]) / 1024 ** 2
@@ -121,7 +125,8 @@ def machine(pdgc: str, runner: Runner) -> list:
                             cwd=ROOT).stdout.strip()
     load = os.getloadavg()[0]
     return [
-        f"- CPU: {cpu} ({', '.join(isa) or 'no AVX2'}); {os.cpu_count()} logical CPUs, {mem_gb:.1f} GiB memory; "
+        f"- CPU: {cpu} ({', '.join(isa) or 'no AVX2'}); {len(cores) or '?'} cores, {os.cpu_count()} logical CPUs, "
+        f"{mem_gb:.1f} GiB memory; "
         f"load average {load:.2f} at the start",
         f"- every system ran on {runner.threads} thread(s), pinned to CPU(s) {','.join(map(str, runner.cpus))}",
         f"- {platform.system()} {platform.release()}, Python {platform.python_version()}",

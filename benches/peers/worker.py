@@ -32,14 +32,15 @@ import json
 import sys
 import time
 
-from nets import NETS, jax_forward, torch_model
+from nets import NETS, default_init, jax_forward, torch_model
 
 SYSTEMS = ("torch", "vmap", "opacus", "ghost", "jax")
 
 
 def load_inputs(args, net):
-    """(params, x, y) as numpy arrays: from files, or drawn (params: PyTorch's default init
-    with seed 0; x standard normal, y uniform classes)."""
+    """(params, x, y) as numpy arrays from the files; without files, params is None (each
+    system then draws PyTorch's default initialization itself) and x, y are drawn (x standard
+    normal, y uniform classes)."""
     import numpy as np
     if args.params:
         from safetensors.numpy import load_file
@@ -131,9 +132,7 @@ def jax_step(net, params, x, y, clip):
     import jax.numpy as jnp
     import numpy as np
     if params is None:
-        import torch
-        torch.manual_seed(0)
-        params = {k: v.detach().numpy() for k, v in torch_model(net).state_dict().items()}
+        params = default_init(net, seed=0)
     forward = jax_forward(net)
 
     def loss_one(p, xn, yn):
@@ -185,7 +184,7 @@ def main(argv):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--clip", type=float, default=1.0)
-    ap.add_argument("--params", help="parameters (safetensors, pdgc names); default: PyTorch's init, seed 0")
+    ap.add_argument("--params", help="parameters (safetensors, pdgc names); default: PyTorch's init (seed 0)")
     ap.add_argument("--data", help="the batch (safetensors: x, y); with --params")
     ap.add_argument("--out", help="run one step and write its result here (safetensors)")
     args = ap.parse_args(argv)
