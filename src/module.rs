@@ -106,7 +106,7 @@ impl Module {
             plan(&graph, &options.plan_options(Goal::Norms)),
             plan(&graph, &options.plan_options(Goal::ClippedSum)),
         ];
-        let program = lower(&graph, &grads, &Plans { grads: &plans[0], norms: &plans[1], clipped_sum: &plans[2] });
+        let program = lower(&graph, &grads, &Plans { grads: &plans[0], norms: &plans[1], clipped_sum: &plans[2] })?;
         // The one check of sizes that depend on the batch or the plan (the per-example ones
         // were diagnostics of `check`), before any kernel is compiled or buffer allocated.
         crate::check::limits::check_buffers(name, source, &graph, &program, options.batch)?;
