@@ -5,6 +5,11 @@
 //! and lets [`shapes`] infer each layer's output shape, parameters and FLOPs. An error
 //! turns the value into [`Value::Poison`], which later uses accept silently, so one
 //! mistake yields one diagnostic, not a cascade; checking always runs to the end.
+//!
+//! Every size a model creates — dimensions, integer arguments, tensors, parameters, a conv's
+//! im2col columns, the label's classes — is checked here against what the kernel IR and the
+//! backends can address ([`limits`], which documents the limits); one that is too large is an
+//! `E0211` diagnostic at the layer or argument that makes it so.
 
 pub mod limits;
 mod shapes;
