@@ -25,6 +25,13 @@ pub enum Error {
     LabelOutOfRange { file: String, example: usize, value: i64, classes: usize },
     #[error("a batch of {batch} examples is larger than the {max} this module was compiled for (recompile with --batch {batch})")]
     BatchTooLarge { batch: usize, max: usize },
+    /// A buffer larger than the kernels can address at the compiled batch size (see
+    /// `check::limits`); found at compile time, before anything is allocated.
+    #[error(
+        "buffer `{buffer}` ({what}) would hold {elements} elements at batch {batch} ({shape} per example), \
+         more than the {limit} pdgc's kernels can address: {advice}"
+    )]
+    TooLarge { buffer: String, what: String, batch: usize, shape: String, elements: u128, limit: u64, advice: String },
     #[error("the batch size must be at least 1")]
     EmptyBatch,
     #[error("inputs disagree on the batch size: `{a}` has {na} examples, `{b}` has {nb}")]

@@ -36,8 +36,10 @@ impl fmt::Display for NodeId {
 /// A per-example shape (no batch dim).
 pub type Shape = Vec<usize>;
 
+/// Elements of a shape; saturates at `u64::MAX` (only the size checks of `check` ever see
+/// a shape that large, and they reject it).
 pub fn numel(shape: &[usize]) -> u64 {
-    shape.iter().map(|&d| d as u64).product()
+    shape.iter().fold(1u64, |n, &d| n.saturating_mul(d as u64))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

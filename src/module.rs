@@ -1,7 +1,8 @@
 //! Modules: the compiled form of a `.pdg` model, in memory and on disk.
 //!
 //! [`Module::from_source`] runs the whole pipeline — parse, check, differentiate, plan
-//! (once per goal), lower — and verifies every kernel. A module file (`.pdgm`) is a
+//! (once per goal), lower — checks every buffer against the kernels' size limits at the
+//! compiled batch size (`check::limits`) and verifies every kernel. A module file (`.pdgm`) is a
 //! versioned container:
 //!
 //! ```text
@@ -105,7 +106,10 @@ impl Module {
             plan(&graph, &options.plan_options(Goal::Norms)),
             plan(&graph, &options.plan_options(Goal::ClippedSum)),
         ];
-        let program = lower(&graph, &grads, &Plans { grads: &plans[0], norms: &plans[1], clipped_sum: &plans[2] });
+        let program = lower(&graph, &grads, &Plans { grads: &plans[0], norms: &plans[1], clipped_sum: &plans[2] })?;
+        // The one check of sizes that depend on the batch or the plan (the per-example ones
+        // were diagnostics of `check`), before any kernel is compiled or buffer allocated.
+        crate::check::limits::check_buffers(name, source, &graph, &program, options.batch)?;
         for k in &program.kernels {
             pdgc_codegen::verify::verify(k)
                 .map_err(|e| Error::Internal(format!("lowering produced an invalid kernel: {e}")))?;

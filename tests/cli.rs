@@ -173,3 +173,27 @@ fn grads_on_an_empty_batch_gives_empty_outputs_and_a_zero_sum() {
     assert!(sum.data().iter().all(|&b| b == 0), "the clipped sum of no examples is zero");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn sizes_too_large_for_the_kernels_fail_check_and_compile_clearly() {
+    let (code, stdout, stderr) = pdgc(&["check", "samples/errors/too_large.pdg"]);
+    assert_eq!(code, 1);
+    assert!(stdout.is_empty());
+    assert!(stderr.contains("error[E0211]") && stderr.contains("samples/errors/too_large.pdg:6:31"), "{stderr}");
+
+    // 2^31 outputs per example are fine; at 128 examples the buffer outgrows one launch.
+    let dir = std::env::temp_dir().join(format!("pdgc-cli-limits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let model = dir.join("wide.pdg");
+    let src = "model wide {\n    input x: [1];\n    label y: [1];\n    h = fc1: linear(x, 2147483648);\n    \
+               p = fc2: linear(h, 1);\n    loss mse(p, y);\n}\n";
+    std::fs::write(&model, src).expect("written");
+    let out = dir.join("wide.pdgm");
+    let (model, out) = (model.to_str().expect("utf-8 path"), out.to_str().expect("utf-8 path"));
+    let (code, _, stderr) = pdgc(&["compile", model, "--batch", "128", "-o", out]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("buffer `act1` (the output of layer `fc1`"), "{stderr}");
+    assert!(stderr.contains("at batch 128") && stderr.contains("at most 127 examples"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!std::path::Path::new(out).exists(), "no module is written");
+}

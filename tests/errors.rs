@@ -171,3 +171,97 @@ fn sessions_refuse_what_they_cannot_run() {
     );
     assert!(matches!(e, Err(Error::EmptyBatch)), "{:?}", e.err());
 }
+
+/// A model whose first linear layer has `out` outputs per example (one input feature),
+/// regressing one target: its biggest tensors are the `[out]` activation and `[out, 1]` weight.
+fn wide_linear(out: u64) -> String {
+    format!(
+        "model wide {{\n    input x: [1];\n    label y: [1];\n\n    h = fc1: linear(x, {out});\n    \
+         p = fc2: linear(h, 1);\n    loss mse(p, y);\n}}\n"
+    )
+}
+
+#[test]
+fn sizes_the_kernels_cannot_address_are_diagnostics_at_their_layer() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/samples/errors/too_large.pdg");
+    let src = std::fs::read_to_string(path).expect("sample");
+    let front = pdgc::compile_front(&src);
+    assert!(front.graph.is_none());
+    let [d] = front.diagnostics.as_slice() else { panic!("one diagnostic: {:?}", front.diagnostics) };
+    assert_eq!(d.code, "E0211");
+    assert_eq!(&src[d.span().start..d.span().end], "4294967296", "the argument that is too large");
+    let call = src.find("conv2d(").expect("the conv");
+    assert!(d.span().start > call && d.span().end < src[call..].find(')').expect("its end") + call);
+    let err = Module::from_source("too_large.pdg", &src, &CompileOptions::new(2)).expect_err("not compiled");
+    let text = err.to_string();
+    assert!(matches!(err, Error::Source(_)), "{text}");
+    assert!(text.contains("error[E0211]") && text.contains("too_large.pdg:6:31"), "{text}");
+
+    // Each size that is born too large, at the span that makes it so: a declared dim, a
+    // shape whose product is too large, a layer whose weight, output or im2col columns
+    // are, a label with more classes than f32 indexes exactly.
+    let cases: &[(&str, &str)] = &[
+        ("input x: [4294967296];\n    label y: [1];\n    p = fc: linear(x, 1);\n    loss mse(p, y);", "4294967296"),
+        ("input x: [65536, 65536];\n    label y: [1];\n    p = fc: linear(flatten(x), 1);\n    loss mse(p, y);", "65536, 65536"),
+        ("input x: [65536];\n    label y: [1];\n    h = fc1: linear(x, 65536);\n    p = fc2: linear(h, 1);\n    loss mse(p, y);", "fc1: linear(x, 65536)"),
+        ("input x: [1, 65536, 32768];\n    label y: [1];\n    h = conv1: conv2d(x, 2, kernel=1);\n    p = fc: linear(flatten(global_avg_pool(h)), 1);\n    loss mse(p, y);", "conv1: conv2d(x, 2, kernel=1)"),
+        ("input x: [65536, 64, 64];\n    label y: [1];\n    h = conv1: conv2d(x, 1, kernel=64, padding=32);\n    p = fc: linear(flatten(global_avg_pool(h)), 1);\n    loss mse(p, y);", "conv1: conv2d(x, 1, kernel=64, padding=32)"),
+        ("input x: [4];\n    label y: classes(16777217);\n    p = fc: linear(x, 16777217);\n    loss cross_entropy(p, y);", "16777217"),
+    ];
+    for (body, at) in cases {
+        let src = format!("model m {{\n    {body}\n}}\n");
+        let front = pdgc::compile_front(&src);
+        let codes: Vec<&str> = front.diagnostics.iter().map(|d| d.code).collect();
+        assert_eq!(codes, ["E0211"], "{src}");
+        let span = front.diagnostics[0].span();
+        assert_eq!(&src[span.start..span.end], *at, "{src}");
+    }
+}
+
+#[test]
+fn a_buffer_too_large_at_the_compiled_batch_is_a_typed_error() {
+    use pdgc::check::limits::MAX_BUFFER_ELEMENTS;
+    // 2^31 elements per example: fine per example, too many for one kernel launch at 128
+    // examples (2^38 > (2^31 − 1) · 128).
+    let src = wide_linear(1 << 31);
+    assert!(pdgc::compile_front(&src).graph.is_some(), "each example is within the limits");
+    let fits = (MAX_BUFFER_ELEMENTS >> 31) as usize;
+    assert_eq!(fits, 127);
+    match Module::from_source("wide.pdg", &src, &CompileOptions::new(fits + 1)) {
+        Err(Error::TooLarge { buffer, what, batch, elements, limit, advice, .. }) => {
+            assert_eq!((buffer.as_str(), batch, elements, limit), ("act1", 128, 1u128 << 38, MAX_BUFFER_ELEMENTS));
+            assert!(what.contains("layer `fc1` at wide.pdg:5:9"), "{what}");
+            assert!(advice.contains("at most 127 examples"), "{advice}");
+        }
+        other => panic!("expected Error::TooLarge, got {other:?}"),
+    }
+    // At the largest batch that fits it compiles (nothing is allocated at compile time).
+    Module::from_source("wide.pdg", &src, &CompileOptions::new(fits)).expect("compiles at 127");
+}
+
+/// A safetensors file holding one tensor `name` whose header claims `shape` but which
+/// holds `data` bytes.
+fn claimed_tensor(name: &str, shape: &str, data: usize) -> Vec<u8> {
+    let header = format!("{{\"{name}\":{{\"dtype\":\"F32\",\"shape\":{shape},\"data_offsets\":[0,{data}]}}}}");
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    bytes.extend(vec![0u8; data]);
+    bytes
+}
+
+#[test]
+fn files_that_claim_enormous_tensors_are_typed_errors_not_aborts() {
+    let m = mnist(2);
+    for shape in ["[1099511627776,1099511627776]", "[4611686018427387904,4611686018427387904]", "[8,1,5,5]"] {
+        let path = tmp("huge.safetensors");
+        std::fs::write(&path, claimed_tensor("conv1.weight", shape, 16)).expect("written");
+        match Params::load(&path, &m.graph) {
+            Err(Error::Safetensors { .. }) => {}
+            other => panic!("{shape}: expected a safetensors error, got {other:?}"),
+        }
+        match Batch::load(&path, &m.graph) {
+            Err(Error::Safetensors { .. }) => {}
+            other => panic!("{shape}: expected a safetensors error, got {other:?}"),
+        }
+    }
+}

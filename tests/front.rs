@@ -55,6 +55,7 @@ const EXPECTED: &[(&str, &[&str])] = &[
     ("nonpositive_output", &["E0206"]),
     ("out_not_divisible_by_groups", &["E0204"]),
     ("syntax_error", &["E0007"]),
+    ("too_large", &["E0211"]),
     ("two_losses", &["E0301"]),
     ("unknown_argument", &["E0110"]),
     ("unknown_layer", &["E0100"]),

@@ -146,9 +146,9 @@ struct Verifier<'k> {
     unreachable: usize,
 }
 
-/// Largest element count of the fixed dims: byte offsets of such buffers fit in `i64`
-/// with room for a batch factor.
-const MAX_FIXED_ELEMS: u128 = 1 << 40;
+/// Largest element count of the fixed dims (2^40): byte offsets of such buffers fit in
+/// `i64` with room for a batch factor.
+pub const MAX_FIXED_ELEMS: u64 = 1 << 40;
 
 impl Verifier<'_> {
     fn err(&mut self, at: &str, msg: String) {
@@ -175,7 +175,7 @@ impl Verifier<'_> {
                     Dim::Fixed(n) => *n as u128,
                 })
                 .fold(1u128, |p, n| p.saturating_mul(n));
-            if fixed > MAX_FIXED_ELEMS {
+            if fixed > MAX_FIXED_ELEMS as u128 {
                 self.errors.push(format!(
                     "argument `{}` has {fixed} elements per example; at most 2^40 are supported",
                     a.name

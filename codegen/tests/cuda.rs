@@ -71,9 +71,44 @@ fn gemm_shaped_loops_become_one_thread_per_output() {
     assert_eq!(sunk.vars.len(), 2);
     let m = render_module(std::slice::from_ref(&k)).expect("renders");
     assert_eq!(m.kernels[0].extents, vec![Extent::Batch, Extent::Fixed(3), Extent::Fixed(7)]);
-    assert_eq!(m.kernels[0].dims(4), Some((1, 128)), "4·3·7 = 84 threads");
+    assert_eq!(m.kernels[0].dims(4).expect("fits"), Some((1, 128)), "4·3·7 = 84 threads");
     assert!(m.source.contains("const long long pdgc_t = pdgc_rest % 7;"), "{}", m.source);
     same_as_interpreter(&k, 4);
+}
+
+#[test]
+fn a_launch_too_large_for_one_grid_is_an_error_not_a_truncated_grid() {
+    use pdgc_codegen::cuda::{CudaError, MAX_LAUNCH_THREADS};
+    let k = gemm_axpy();
+    let m = render_module(std::slice::from_ref(&k)).expect("renders");
+    let info = &m.kernels[0];
+    // 21 threads per example: the largest batch that fits one launch, and one more.
+    let fits = MAX_LAUNCH_THREADS / 21;
+    let (blocks, _) = info.dims(fits).expect("fits").expect("something to run");
+    assert_eq!(u64::from(blocks), (fits * 21).div_ceil(128));
+    match info.dims(fits + 1) {
+        Err(CudaError::TooManyThreads { threads, .. }) => assert_eq!(threads, ((fits + 1) * 21).to_string()),
+        other => panic!("expected TooManyThreads, got {other:?}"),
+    }
+    assert!(matches!(info.dims(u64::MAX), Err(CudaError::TooManyThreads { .. })), "21·2^64 overflows");
+}
+
+#[test]
+fn a_thread_count_of_fixed_extents_is_a_64_bit_product() {
+    // A grid over 65536 rows, each row's 65536 elements independent: 2^32 threads, whose
+    // count in 32-bit `int` arithmetic would wrap to 0.
+    let mut kb = KernelBuilder::new("wide");
+    let x = kb.input("x", &[f(65536), f(65536)]);
+    let y = kb.output("y", &[f(65536), f(65536)]);
+    let [r, cvar] = [kb.var("r"), kb.var("c")];
+    let k = kb.finish(
+        r,
+        Extent::Fixed(65536),
+        vec![vlp(cvar, 65536, vec![store(y, vec![v(r), v(cvar)], ld(x, vec![v(r), v(cvar)]))])],
+    );
+    let m = render_module(std::slice::from_ref(&k)).expect("renders");
+    assert!(m.source.contains("if (pdgc_tid >= 65536LL * 65536) return;"), "{}", m.source);
+    assert_eq!(m.kernels[0].dims(1).expect("fits"), Some((1 << 25, 128)));
 }
 
 #[test]
@@ -117,7 +152,7 @@ fn a_loop_whose_result_is_read_after_it_runs_in_one_thread() {
     );
     assert!(parallel_nest(&k).is_empty());
     let m = render_module(std::slice::from_ref(&k)).expect("renders");
-    assert_eq!(m.kernels[0].dims(2), Some((1, 1)));
+    assert_eq!(m.kernels[0].dims(2).expect("fits"), Some((1, 1)));
     same_as_interpreter(&k, 2);
 }
 

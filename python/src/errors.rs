@@ -58,7 +58,8 @@ pub fn to_py(e: pdgc::Error) -> PyErr {
         E::NonFinite { .. } => NonFiniteError::new_err(msg),
         E::LabelOutOfRange { .. } => LabelError::new_err(msg),
         E::BatchTooLarge { .. } => BatchTooLargeError::new_err(msg),
-        E::EmptyBatch | E::BadClipNorm(_) | E::InvalidSetting { .. } => SettingError::new_err(msg),
+        // Too large for the kernels at the compiled batch size: the fix is a setting (the batch).
+        E::EmptyBatch | E::BadClipNorm(_) | E::InvalidSetting { .. } | E::TooLarge { .. } => SettingError::new_err(msg),
         E::Privacy(_) => PrivacyError::new_err(msg),
         E::Device(_) | E::Backend(_) => DeviceError::new_err(msg),
         E::DataMissing { .. }

@@ -5,7 +5,13 @@
 //! and lets [`shapes`] infer each layer's output shape, parameters and FLOPs. An error
 //! turns the value into [`Value::Poison`], which later uses accept silently, so one
 //! mistake yields one diagnostic, not a cascade; checking always runs to the end.
+//!
+//! Every size a model creates — dimensions, integer arguments, tensors, parameters, a conv's
+//! im2col columns, the label's classes — is checked here against what the kernel IR and the
+//! backends can address ([`limits`], which documents the limits); one that is too large is an
+//! `E0211` diagnostic at the layer or argument that makes it so.
 
+pub mod limits;
 mod shapes;
 
 use std::collections::HashMap;
@@ -124,7 +130,10 @@ impl Checker {
     fn dims(&mut self, shape: &[ast::Dim]) -> Option<Vec<usize>> {
         let mut ok = true;
         for d in shape {
-            if d.value < 1 {
+            if d.value as u64 > limits::MAX_DIM && d.value > 0 {
+                self.error(limits::too_large_value("dimension", d.value, d.span));
+                ok = false;
+            } else if d.value < 1 {
                 self.error(
                     Diagnostic::error("E0116", format!("dimension {} is not positive", d.value), d.span)
                         .with_label("every dimension must be at least 1"),
@@ -135,7 +144,25 @@ impl Checker {
         if shape.is_empty() {
             return None;
         }
-        ok.then(|| shape.iter().map(|d| d.value as usize).collect())
+        let dims: Vec<usize> = shape.iter().map(|d| d.value as usize).collect();
+        let count = crate::graph::numel(&dims);
+        if ok && count > limits::MAX_TENSOR_ELEMENTS {
+            self.error(
+                Diagnostic::error(
+                    "E0211",
+                    format!("a tensor of shape {dims:?} is too large"),
+                    shape[0].span.to(shape[shape.len() - 1].span),
+                )
+                .with_label(format!(
+                    "{} elements per example (at most {})",
+                    crate::report::thousands(count),
+                    limits::MAX_TENSOR_ELEMENTS
+                ))
+                .with_note(limits::LIMITS_NOTE),
+            );
+            ok = false;
+        }
+        ok.then_some(dims)
     }
 
     fn declare(&mut self, name: &ast::Ident, value: Value, kind: BindingKind) {
@@ -190,6 +217,13 @@ impl Checker {
                             .with_label(format!("found {}", count.value)),
                     );
                     return;
+                }
+                if count.value as u64 > limits::MAX_CLASSES {
+                    self.error(
+                        Diagnostic::error("E0211", format!("{} classes are too many", count.value), count.span)
+                            .with_label(format!("at most {}", limits::MAX_CLASSES))
+                            .with_note("class indices reach the kernels as f32, which is exact only up to 2^24"),
+                    );
                 }
                 LabelSpec::Classes { name: name.name.clone(), classes: count.value as usize }
             }
@@ -444,6 +478,9 @@ impl Checker {
             Ok(b) => b,
             Err(d) => return self.error(d),
         };
+        if let Err(d) = limits::check_layer(sig.name, &built, in_shapes[0], span) {
+            return self.error(d);
+        }
         let name = match (layer, built.params.is_empty()) {
             (None, false) => {
                 return self.error(

@@ -9,6 +9,7 @@ use crate::diag::{Diagnostic, Span};
 use crate::graph::{numel, Activation, Conv, Linear, Norm, Op, Pool, PoolKind};
 use crate::ops::{Default, OpKind, OpSig};
 
+use super::limits::MAX_DIM;
 use super::Value;
 
 /// A call's arguments bound to its signature: `slots[i]` holds `sig.args[i]`.
@@ -65,6 +66,7 @@ impl Args {
     /// An integer argument that must be at least `min`.
     fn int(&self, name: &str, min: i64) -> Result<Option<usize>, Diagnostic> {
         match self.value(name) {
+            Some(Value::Int(v)) if v as u64 > MAX_DIM && v >= min => Err(self.too_large(name, v)),
             Some(Value::Int(v)) if v >= min => Ok(Some(v as usize)),
             Some(Value::Int(v)) => Err(too_small(self.sig.name, name, v, min, self.span(name))),
             _ => Ok(None),
@@ -94,6 +96,9 @@ impl Args {
             if v < min {
                 return Err(too_small(self.sig.name, name, v, min, self.span(name)));
             }
+            if v as u64 > MAX_DIM {
+                return Err(self.too_large(name, v));
+            }
         }
         Ok(values.into_iter().map(|v| v as usize).collect())
     }
@@ -121,9 +126,17 @@ impl Args {
                 if v < 0 {
                     return Err(too_small(self.sig.name, name, v, 0, self.span(name)));
                 }
+                if v as u64 > MAX_DIM {
+                    return Err(self.too_large(name, v));
+                }
             }
         }
         Ok(pairs.iter().map(|&(lo, hi)| (lo as usize, hi as usize)).unzip())
+    }
+
+    /// An integer argument above [`MAX_DIM`].
+    fn too_large(&self, name: &str, v: i64) -> Diagnostic {
+        super::limits::too_large_value(&format!("`{name}` of `{}`:", self.sig.name), v, self.span(name))
     }
 
     fn float(&self, name: &str) -> f64 {
@@ -330,8 +343,9 @@ fn conv(args: &Args, x: &[usize], spatial: usize) -> Result<Built, Diagnostic> {
     let out_sp = window(args, &x[1..], &kernel, &stride, (&pad_lo, &pad_hi), &dilation)?;
     let positions = numel(&out_sp);
     let kprod = numel(&kernel);
-    let fan_in = (in_channels / groups) as u64 * kprod;
-    let flops = 2 * out_channels as u64 * positions * fan_in + if bias { out_channels as u64 * positions } else { 0 };
+    let fan_in = kprod.saturating_mul((in_channels / groups) as u64);
+    let outputs = positions.saturating_mul(out_channels as u64);
+    let flops = outputs.saturating_mul(fan_in).saturating_mul(2).saturating_add(if bias { outputs } else { 0 });
     let mut wshape = vec![out_channels, in_channels / groups];
     wshape.extend(&kernel);
     let mut params = vec![("weight", wshape)];
@@ -368,7 +382,12 @@ fn linear(args: &Args, x: &[usize]) -> Result<Built, Diagnostic> {
         }
     }
     let rows = numel(&x[..x.len() - 1]);
-    let flops = rows * (2 * in_features as u64 * out_features as u64 + if bias { out_features as u64 } else { 0 });
+    let per_row = (in_features as u64 * out_features as u64).saturating_mul(2).saturating_add(if bias {
+        out_features as u64
+    } else {
+        0
+    });
+    let flops = rows.saturating_mul(per_row);
     let mut params = vec![("weight", vec![out_features, in_features])];
     if bias {
         params.push(("bias", vec![out_features]));
@@ -399,7 +418,7 @@ fn pool(args: &Args, x: &[usize], spatial: usize, kind: PoolKind) -> Result<Buil
     let out_sp = window(args, &x[1..], &kernel, &stride, (&pad_lo, &pad_hi), &vec![1; spatial])?;
     let mut shape = vec![x[0]];
     shape.extend(out_sp);
-    let flops = numel(&shape) * numel(&kernel);
+    let flops = numel(&shape).saturating_mul(numel(&kernel));
     Ok(Built { op: Op::Pool(Pool { kind, kernel, stride, pad_lo, pad_hi }), shape, flops, params: vec![] })
 }
 
@@ -447,7 +466,7 @@ fn norm(args: &Args, x: &[usize], kind: OpKind) -> Result<Built, Diagnostic> {
         _ => unreachable!("norm() is called for norm ops"),
     };
     let params = if affine { vec![("weight", param_shape.clone()), ("bias", param_shape)] } else { vec![] };
-    let flops = numel(x) * if affine { 7 } else { 5 };
+    let flops = numel(x).saturating_mul(if affine { 7 } else { 5 });
     Ok(Built { op, shape: x.to_vec(), flops, params })
 }
 

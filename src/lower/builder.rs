@@ -1,9 +1,39 @@
 //! A small builder for kernels: named arguments, loop variables and accumulators, and
 //! shorthands for the loops and expressions the kernel generators write over and over.
+//!
+//! Sizes: generators pass sizes as `usize`; the kernel IR's dims and extents are `u32`.
+//! Every conversion goes through [`size`], which never truncates: a size that does not fit
+//! (which `check::limits` rules out before lowering) is recorded, and the next
+//! [`KernelBuilder::finish`] on this thread returns it as [`Error::Internal`] instead of a
+//! kernel. Recording rather than returning a `Result` from every shorthand keeps the
+//! generators' expression style (loops nested in `vec![..]`, shorthands in closures).
+
+use std::cell::Cell;
 
 use pdgc_codegen::ir::{
     AccId, Affine, Arg, ArgId, Cond, Contract, Dim, Expr, Extent, Kernel, Loop, LoopKind, Mode, Operand, Stmt, VarId,
 };
+
+use crate::error::{Error, Result};
+
+thread_local! {
+    /// The first size since the last [`KernelBuilder::finish`] on this thread that did not
+    /// fit the kernel IR's `u32`.
+    static TOO_LARGE: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// `n` as a size of the kernel IR. One that does not fit `u32` is recorded (the IR gets 0)
+/// and fails the kernel being built at its [`KernelBuilder::finish`].
+pub fn size(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or_else(|_| {
+        TOO_LARGE.with(|first| {
+            if first.get().is_none() {
+                first.set(Some(n));
+            }
+        });
+        0
+    })
+}
 
 pub struct KernelBuilder {
     name: String,
@@ -15,13 +45,13 @@ pub struct KernelBuilder {
 /// `[Batch, d0, d1, ...]`: a per-example buffer's dims.
 pub fn batched(shape: &[usize]) -> Vec<Dim> {
     let mut dims = vec![Dim::Batch];
-    dims.extend(shape.iter().map(|&d| Dim::Fixed(d as u32)));
+    dims.extend(shape.iter().map(|&d| Dim::Fixed(size(d))));
     dims
 }
 
 /// `[d0, d1, ...]`: a buffer without a batch dim (parameters, sums).
 pub fn fixed(shape: &[usize]) -> Vec<Dim> {
-    shape.iter().map(|&d| Dim::Fixed(d as u32)).collect()
+    shape.iter().map(|&d| Dim::Fixed(size(d))).collect()
 }
 
 impl KernelBuilder {
@@ -62,8 +92,16 @@ impl KernelBuilder {
     }
 
     /// The kernel. Generators may reuse a variable for several sequential loops; here
-    /// each loop gets a variable of its own, as the IR requires.
-    pub fn finish(mut self, grid_var: VarId, grid_extent: Extent, body: Vec<Stmt>) -> Kernel {
+    /// each loop gets a variable of its own, as the IR requires. An internal error if a
+    /// size did not fit the IR (see [`size`]).
+    pub fn finish(mut self, grid_var: VarId, grid_extent: Extent, body: Vec<Stmt>) -> Result<Kernel> {
+        if let Some(n) = TOO_LARGE.with(Cell::take) {
+            return Err(Error::Internal(format!(
+                "kernel `{}`: the size {n} does not fit the kernel IR's 32-bit dims (the size checks of `check` \
+                 should have rejected the model)",
+                self.name
+            )));
+        }
         let mut bound = vec![false; self.vars.len()];
         bound[grid_var.0 as usize] = true;
         let mut body = self.unique(body, &mut bound);
@@ -85,13 +123,13 @@ impl KernelBuilder {
                 }
             }
         }
-        Kernel {
+        Ok(Kernel {
             name: self.name,
             args: self.args,
             vars,
             accs: self.accs,
             grid: Loop { var: grid_var, extent: grid_extent, kind: LoopKind::Serial, body },
-        }
+        })
     }
 
     fn unique(&mut self, body: Vec<Stmt>, bound: &mut Vec<bool>) -> Vec<Stmt> {
@@ -226,12 +264,12 @@ pub fn v(var: VarId) -> Affine {
 }
 
 pub fn lp(var: VarId, extent: usize, body: Vec<Stmt>) -> Stmt {
-    Stmt::Loop(Loop { var, extent: Extent::Fixed(extent as u32), kind: LoopKind::Serial, body })
+    Stmt::Loop(Loop { var, extent: fx(extent), kind: LoopKind::Serial, body })
 }
 
 /// A loop along a unit-stride dim (a SIMD candidate).
 pub fn vlp(var: VarId, extent: usize, body: Vec<Stmt>) -> Stmt {
-    Stmt::Loop(Loop { var, extent: Extent::Fixed(extent as u32), kind: LoopKind::Vector, body })
+    Stmt::Loop(Loop { var, extent: fx(extent), kind: LoopKind::Vector, body })
 }
 
 pub fn batch_loop(var: VarId, body: Vec<Stmt>) -> Stmt {
@@ -316,7 +354,31 @@ pub fn contract(
     })
 }
 
-/// A fixed trip count.
+/// A fixed trip count (checked, see [`size`]).
 pub fn fx(n: usize) -> Extent {
-    Extent::Fixed(n as u32)
+    Extent::Fixed(size(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_size_beyond_u32_fails_the_kernel_instead_of_wrapping() {
+        let mut kb = KernelBuilder::new("too_big");
+        let x = kb.output("x", batched(&[1 << 32]));
+        let [n, i] = [kb.var("n"), kb.var("i")];
+        let body = vec![lp(i, 1 << 32, vec![store(x, vec![v(n), v(i)], lit(0.0))])];
+        match kb.finish(n, Extent::Batch, body) {
+            Err(Error::Internal(message)) => assert!(message.contains("4294967296"), "{message}"),
+            other => panic!("expected an internal error, got {other:?}"),
+        }
+        // The failure belongs to that kernel alone: the next one builds.
+        let mut kb = KernelBuilder::new("fits");
+        let x = kb.output("x", batched(&[u32::MAX as usize]));
+        let [n, i] = [kb.var("n"), kb.var("i")];
+        let body = vec![lp(i, u32::MAX as usize, vec![store(x, vec![v(n), v(i)], lit(0.0))])];
+        let k = kb.finish(n, Extent::Batch, body).expect("u32::MAX fits");
+        assert_eq!(k.args[0].dims, vec![Dim::Batch, Dim::Fixed(u32::MAX)]);
+    }
 }

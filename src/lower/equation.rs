@@ -10,13 +10,15 @@
 use pdgc_codegen::ir::{self, Binary, CmpOp, Cond, Extent, Kernel, Unary};
 
 use super::builder::*;
+use crate::error::Result;
 use crate::grad::{Cmp, Equation, Expr, Func};
 
 /// A kernel computing `eq` over `size` elements per example, and the tensors it reads, in
 /// the order of its arguments (the left-hand side's tensor is the last argument). `first`:
 /// the kernel is the first writer of its target (it overwrites; later ones accumulate, as
-/// does any equation written with `+=`). `None` when the equation is not pointwise.
-pub fn pointwise(name: &str, eq: &Equation, size: usize, first: bool) -> Option<(Kernel, Vec<String>)> {
+/// does any equation written with `+=`). `None` when the equation is not pointwise; the
+/// kernel is an internal error when a size does not fit the IR (see `builder::size`).
+pub fn pointwise(name: &str, eq: &Equation, size: usize, first: bool) -> Option<(Result<Kernel>, Vec<String>)> {
     let mut reads = Vec::new();
     collect_reads(&eq.rhs, eq, &mut reads)?;
     let overwrite = first && !eq.accumulate;
@@ -133,6 +135,7 @@ mod tests {
     fn run(eq: &Equation, inputs: &[(&str, &[f32])]) -> Vec<f32> {
         let size = inputs[0].1.len();
         let (k, tensors) = pointwise("t", eq, size, true).expect("pointwise");
+        let k = k.expect("sizes fit");
         let mut bufs: Vec<Vec<f32>> = tensors[..tensors.len() - 1]
             .iter()
             .map(|t| inputs.iter().find(|(n, _)| n == t).expect("bound").1.to_vec())

@@ -14,6 +14,7 @@
 use pdgc_codegen::ir::{Affine, Binary, CmpOp, Cond, Expr, Extent, Kernel, Unary, VarId};
 
 use super::builder::*;
+use crate::error::Result;
 use crate::graph::{Conv, PoolKind};
 
 /// Sliding-window geometry along the spatial axes (conv, pool, crb).
@@ -139,7 +140,7 @@ impl ConvGemm {
 
 /// Forward conv on im2col columns, one contraction per group: `Y[n, g·Cg + m, t] = b[co] +
 /// Σ_r W[g·Cg + m, r] · U[n, g, r, t]` (the bias is written first and the product added).
-pub fn conv_forward_cols(name: &str, cg: &ConvGemm) -> Kernel {
+pub fn conv_forward_cols(name: &str, cg: &ConvGemm) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let u = kb.input("cols", batched(&[cg.groups, cg.d, cg.positions]));
     let wt = kb.input("w", fixed(&[cg.cout, cg.d]));
@@ -169,7 +170,7 @@ pub fn conv_forward_cols(name: &str, cg: &ConvGemm) -> Kernel {
 
 /// Backward to the columns, one contraction per group: `dU[n, g, r, t] = Σ_j W[g·Cg + j, r]
 /// · dY[n, g·Cg + j, t]`.
-pub fn conv_colgrad(name: &str, cg: &ConvGemm) -> Kernel {
+pub fn conv_colgrad(name: &str, cg: &ConvGemm) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let dy = kb.input("dy", batched(&[cg.cout, cg.positions]));
     let wt = kb.input("w", fixed(&[cg.cout, cg.d]));
@@ -184,7 +185,7 @@ pub fn conv_colgrad(name: &str, cg: &ConvGemm) -> Kernel {
 }
 
 /// col2im: `dX[n, chan, o·s+k·d−p] += dU[n, g, r, t]` where the window lies inside.
-pub fn col2im(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], first: bool) -> Kernel {
+pub fn col2im(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], first: bool) -> Result<Kernel> {
     let w = Window::of_conv(c, in_shape, out_shape);
     let cg = ConvGemm::of(c, out_shape);
     let cin_g = c.in_channels / c.groups;
@@ -221,7 +222,7 @@ pub fn col2im(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], fir
 
 /// `Y[n,t,o] = b[o] + Σ_i W[o,i]·X[n,t,i]` with `rows` = T leading positions: one
 /// contraction whose rows are the batch's examples when `rows == 1`, else one per example.
-pub fn linear_forward(name: &str, rows: usize, inf: usize, outf: usize, bias: bool) -> Kernel {
+pub fn linear_forward(name: &str, rows: usize, inf: usize, outf: usize, bias: bool) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let x = kb.input("x", batched(&[rows, inf]));
     let wt = kb.input("w", fixed(&[outf, inf]));
@@ -256,7 +257,7 @@ pub struct PoolGeom {
     pub window: Window,
 }
 
-pub fn pool_forward(name: &str, p: &PoolGeom) -> Kernel {
+pub fn pool_forward(name: &str, p: &PoolGeom) -> Result<Kernel> {
     let w = &p.window;
     let mut kb = KernelBuilder::new(name);
     let xs: Vec<usize> = [&[p.channels][..], &w.input].concat();
@@ -284,7 +285,7 @@ pub fn pool_forward(name: &str, p: &PoolGeom) -> Kernel {
     kb.finish(n, Extent::Batch, body)
 }
 
-pub fn global_avg_pool_forward(name: &str, channels: usize, positions: usize) -> Kernel {
+pub fn global_avg_pool_forward(name: &str, channels: usize, positions: usize) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let x = kb.input("x", batched(&[channels, positions]));
     let y = kb.output("y", batched(&[channels]));
@@ -338,7 +339,7 @@ impl NormGeom {
 }
 
 /// Writes `y`, and saves `xhat` and `rstd` (1/σ per row) for the backward pass.
-pub fn norm_forward(name: &str, g: &NormGeom) -> Kernel {
+pub fn norm_forward(name: &str, g: &NormGeom) -> Result<Kernel> {
     let dims = batched(&[g.rows, g.cg, g.s]);
     let mut kb = KernelBuilder::new(name);
     let x = kb.input("x", dims.clone());
@@ -383,7 +384,7 @@ pub fn norm_forward(name: &str, g: &NormGeom) -> Kernel {
 
 /// Softmax cross-entropy: `loss[n] = logsumexp(z) − z[y_n]`, `dz = softmax(z) − onehot`.
 /// Labels arrive as floats (class indices are exact in f32 up to 2^24).
-pub fn cross_entropy(name: &str, classes: usize) -> Kernel {
+pub fn cross_entropy(name: &str, classes: usize) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let z = kb.input("logits", batched(&[classes]));
     let y = kb.input("label", batched(&[]));
@@ -415,7 +416,7 @@ pub fn cross_entropy(name: &str, classes: usize) -> Kernel {
 }
 
 /// `loss[n] = mean_i (p − t)²`, `dp = 2(p − t)/D`.
-pub fn mse(name: &str, size: usize) -> Kernel {
+pub fn mse(name: &str, size: usize) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let p = kb.input("pred", batched(&[size]));
     let t = kb.input("target", batched(&[size]));
@@ -444,7 +445,7 @@ pub fn mse(name: &str, size: usize) -> Kernel {
 
 /// `dX[n,t,i] (+)= Σ_o dY[n,t,o] · W[o,i]`: one contraction over the whole batch when
 /// `rows == 1`, else one per example.
-pub fn linear_backward_input(name: &str, rows: usize, inf: usize, outf: usize, first: bool) -> Kernel {
+pub fn linear_backward_input(name: &str, rows: usize, inf: usize, outf: usize, first: bool) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let dy = kb.input("dy", batched(&[rows, outf]));
     let wt = kb.input("w", fixed(&[outf, inf]));
@@ -465,7 +466,7 @@ pub fn linear_backward_input(name: &str, rows: usize, inf: usize, outf: usize, f
 
 /// Max pool: the gradient goes to the first maximum of each window (PyTorch's choice);
 /// average pool: spread evenly (padding counted, as PyTorch's default).
-pub fn pool_backward(name: &str, p: &PoolGeom, first: bool) -> Kernel {
+pub fn pool_backward(name: &str, p: &PoolGeom, first: bool) -> Result<Kernel> {
     let w = &p.window;
     let mut kb = KernelBuilder::new(name);
     let xs: Vec<usize> = [&[p.channels][..], &w.input].concat();
@@ -518,7 +519,7 @@ pub fn pool_backward(name: &str, p: &PoolGeom, first: bool) -> Kernel {
     kb.finish(n, Extent::Batch, body)
 }
 
-pub fn global_avg_pool_backward(name: &str, channels: usize, positions: usize, first: bool) -> Kernel {
+pub fn global_avg_pool_backward(name: &str, channels: usize, positions: usize, first: bool) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let dy = kb.input("dy", batched(&[channels]));
     let dx = kb.target("dx", batched(&[channels, positions]), first);
@@ -529,7 +530,7 @@ pub fn global_avg_pool_backward(name: &str, channels: usize, positions: usize, f
 }
 
 /// `dX̂ = dY·γ`, `dX = rstd · (dX̂ − mean(dX̂) − X̂ · mean(dX̂·X̂))` per row.
-pub fn norm_backward_input(name: &str, g: &NormGeom, first: bool) -> Kernel {
+pub fn norm_backward_input(name: &str, g: &NormGeom, first: bool) -> Result<Kernel> {
     let dims = batched(&[g.rows, g.cg, g.s]);
     let mut kb = KernelBuilder::new(name);
     let dy = kb.input("dy", dims.clone());

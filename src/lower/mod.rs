@@ -6,6 +6,10 @@
 //! gradient, per-example grads, per-example norms, clipped sum) the launches that compute
 //! it, in order. Nothing is computed outside kernels.
 //!
+//! Sizes are never truncated: every size reaches the kernel IR through a checked conversion
+//! (`builder::size`), and one that does not fit makes `lower` an [`crate::Error::Internal`]
+//! (the size checks of `check::limits` keep every model that passes `check` within range).
+//!
 //! Invariants: every launch binds exactly one buffer per kernel argument, with the same
 //! per-example element count (a kernel may view a buffer flattened); no launch binds one
 //! buffer twice; within an entry, a gradient buffer's first writer overwrites it and the
@@ -23,6 +27,7 @@ use std::fmt;
 use pdgc_codegen::ir::Kernel;
 use serde::{Deserialize, Serialize};
 
+use crate::error::Result;
 use crate::grad::GradGraph;
 use crate::graph::{numel, Graph, LabelSpec, Loss, NodeId, Op};
 use crate::ops::Strategy;
@@ -176,7 +181,7 @@ struct Lowering<'g> {
 
 /// Stage 5: the program of `graph`, whose per-example backward pass `differentiate`
 /// derived as `grads`, under `plans`.
-pub fn lower(graph: &Graph, grads: &GradGraph, plans: &Plans<'_>) -> Program {
+pub fn lower(graph: &Graph, grads: &GradGraph, plans: &Plans<'_>) -> Result<Program> {
     let mut l = Lowering {
         graph,
         grads,
@@ -190,15 +195,15 @@ pub fn lower(graph: &Graph, grads: &GradGraph, plans: &Plans<'_>) -> Program {
         extra: HashMap::new(),
     };
     l.declare_buffers();
-    let forward = l.forward();
+    let forward = l.forward()?;
     let backward = |l: &mut Lowering| l.backward_inputs();
 
     let mut entries = Vec::new();
     entries.push(Entry { kind: EntryKind::Loss, launches: forward.clone() });
 
     let mut launches = forward.clone();
-    launches.extend(backward(&mut l));
-    launches.extend(l.batch_grads());
+    launches.extend(backward(&mut l)?);
+    launches.extend(l.batch_grads()?);
     entries.push(Entry { kind: EntryKind::BatchGrad, launches });
 
     for (kind, plan) in [
@@ -207,11 +212,11 @@ pub fn lower(graph: &Graph, grads: &GradGraph, plans: &Plans<'_>) -> Program {
         (EntryKind::ClippedSum, plans.clipped_sum),
     ] {
         let mut launches = forward.clone();
-        launches.extend(backward(&mut l));
-        launches.extend(l.per_example(plan, kind));
+        launches.extend(backward(&mut l)?);
+        launches.extend(l.per_example(plan, kind)?);
         entries.push(Entry { kind, launches });
     }
-    Program { buffers: l.buffers, kernels: l.kernels, entries }
+    Ok(Program { buffers: l.buffers, kernels: l.kernels, entries })
 }
 
 fn strategy_of(plan: &Plan, node: NodeId) -> Strategy {
@@ -315,7 +320,7 @@ impl<'g> Lowering<'g> {
         }
     }
 
-    fn forward(&mut self) -> Vec<Launch> {
+    fn forward(&mut self) -> Result<Vec<Launch>> {
         let g = self.graph;
         let mut out = Vec::new();
         for n in &g.nodes {
@@ -327,9 +332,9 @@ impl<'g> Lowering<'g> {
                 Op::Input { .. } | Op::Flatten => continue,
                 Op::Conv(c) => {
                     let cols = self.saved[&(n.id.0, "cols")];
-                    let k = param_grads::im2col(&format!("{tag}_im2col"), c, &in_shape, &n.shape);
+                    let k = param_grads::im2col(&format!("{tag}_im2col"), c, &in_shape, &n.shape)?;
                     out.push(self.launch(k, vec![x.expect("conv input"), cols]));
-                    let k = kernels::conv_forward_cols(&format!("{tag}_fwd"), &ConvGemm::of(c, &n.shape));
+                    let k = kernels::conv_forward_cols(&format!("{tag}_fwd"), &ConvGemm::of(c, &n.shape))?;
                     let mut args = vec![cols, self.param(n.id, "weight").expect("weight")];
                     args.extend(self.param(n.id, "bias"));
                     args.push(y);
@@ -343,7 +348,7 @@ impl<'g> Lowering<'g> {
                         lin.in_features,
                         lin.out_features,
                         lin.bias,
-                    );
+                    )?;
                     let mut args = vec![x.expect("linear input"), self.param(n.id, "weight").expect("weight")];
                     args.extend(self.param(n.id, "bias"));
                     args.push(y);
@@ -351,21 +356,21 @@ impl<'g> Lowering<'g> {
                 }
                 Op::Activation(_) | Op::Add => {
                     let eq = self.grads.step(n.id).and_then(|s| s.forward.first()).expect("a derived forward");
-                    self.pointwise(n.id, &format!("{tag}_fwd"), eq, true)
+                    self.pointwise(n.id, &format!("{tag}_fwd"), eq, true)?
                 }
                 Op::Pool(p) => {
                     let geom = pool_geom(p, &in_shape, &n.shape);
-                    let k = kernels::pool_forward(&format!("{tag}_fwd"), &geom);
+                    let k = kernels::pool_forward(&format!("{tag}_fwd"), &geom)?;
                     self.launch(k, vec![x.expect("input"), y])
                 }
                 Op::GlobalAvgPool => {
                     let positions = (numel(&in_shape) / in_shape[0] as u64) as usize;
-                    let k = kernels::global_avg_pool_forward(&format!("{tag}_fwd"), in_shape[0], positions);
+                    let k = kernels::global_avg_pool_forward(&format!("{tag}_fwd"), in_shape[0], positions)?;
                     self.launch(k, vec![x.expect("input"), y])
                 }
                 Op::GroupNorm(_) | Op::InstanceNorm(_) | Op::LayerNorm(_) => {
                     let geom = norm_geom(n).expect("norm op");
-                    let k = kernels::norm_forward(&format!("{tag}_fwd"), &geom);
+                    let k = kernels::norm_forward(&format!("{tag}_fwd"), &geom)?;
                     let mut args = vec![x.expect("input")];
                     if geom.affine {
                         args.push(self.param(n.id, "weight").expect("gamma"));
@@ -382,15 +387,15 @@ impl<'g> Lowering<'g> {
         let (z, dz, loss, label) =
             (self.act[out_node.index()], self.grad[out_node.index()], self.extra[&Role::Loss], self.label());
         let k = match &g.loss {
-            Loss::CrossEntropy { .. } => kernels::cross_entropy("loss_cross_entropy", g.node(out_node).shape[0]),
-            Loss::Mse { .. } => kernels::mse("loss_mse", numel(&g.node(out_node).shape) as usize),
+            Loss::CrossEntropy { .. } => kernels::cross_entropy("loss_cross_entropy", g.node(out_node).shape[0])?,
+            Loss::Mse { .. } => kernels::mse("loss_mse", numel(&g.node(out_node).shape) as usize)?,
         };
         out.push(self.launch(k, vec![z, label, loss, dz]));
-        out
+        Ok(out)
     }
 
     /// Input gradients of every node that needs them, output to input.
-    fn backward_inputs(&mut self) -> Vec<Launch> {
+    fn backward_inputs(&mut self) -> Result<Vec<Launch>> {
         let g = self.graph;
         let mut needs = vec![false; g.nodes.len()];
         for n in &g.nodes {
@@ -415,14 +420,14 @@ impl<'g> Lowering<'g> {
                     Op::Conv(c) => {
                         let dcols = self.saved[&(n.id.0, "dcols")];
                         let k =
-                            kernels::conv_colgrad(&format!("{}_colgrad", self.tag(n.id)), &ConvGemm::of(c, &n.shape));
+                            kernels::conv_colgrad(&format!("{}_colgrad", self.tag(n.id)), &ConvGemm::of(c, &n.shape))?;
                         out.push(self.launch(k, vec![dy, self.param(n.id, "weight").expect("weight"), dcols]));
-                        let k = kernels::col2im(&tag, c, &in_shape, &n.shape, first);
+                        let k = kernels::col2im(&tag, c, &in_shape, &n.shape, first)?;
                         self.launch(k, vec![dcols, dx])
                     }
                     Op::Linear(lin) => {
                         let rows = size / lin.out_features;
-                        let k = kernels::linear_backward_input(&tag, rows, lin.in_features, lin.out_features, first);
+                        let k = kernels::linear_backward_input(&tag, rows, lin.in_features, lin.out_features, first)?;
                         self.launch(k, vec![dy, self.param(n.id, "weight").expect("weight"), dx])
                     }
                     Op::Activation(_) | Op::Add => {
@@ -437,21 +442,21 @@ impl<'g> Lowering<'g> {
                             .step(n.id)
                             .and_then(|s| s.input_grads.iter().find(|e| e.lhs.tensor == target))
                             .expect("a derived input gradient");
-                        self.pointwise(n.id, &tag, eq, first)
+                        self.pointwise(n.id, &tag, eq, first)?
                     }
                     Op::Pool(p) => {
                         let geom = pool_geom(p, &in_shape, &n.shape);
-                        let k = kernels::pool_backward(&tag, &geom, first);
+                        let k = kernels::pool_backward(&tag, &geom, first)?;
                         self.launch(k, vec![self.act[input.index()], self.act[n.id.index()], dy, dx])
                     }
                     Op::GlobalAvgPool => {
                         let positions = (numel(&in_shape) / in_shape[0] as u64) as usize;
-                        let k = kernels::global_avg_pool_backward(&tag, in_shape[0], positions, first);
+                        let k = kernels::global_avg_pool_backward(&tag, in_shape[0], positions, first)?;
                         self.launch(k, vec![dy, dx])
                     }
                     Op::GroupNorm(_) | Op::InstanceNorm(_) | Op::LayerNorm(_) => {
                         let geom = norm_geom(n).expect("norm op");
-                        let k = kernels::norm_backward_input(&tag, &geom, first);
+                        let k = kernels::norm_backward_input(&tag, &geom, first)?;
                         let mut args = vec![dy, self.saved[&(n.id.0, "xhat")], self.saved[&(n.id.0, "rstd")]];
                         if geom.affine {
                             args.push(self.param(n.id, "weight").expect("gamma"));
@@ -463,7 +468,7 @@ impl<'g> Lowering<'g> {
                 out.push(launch);
             }
         }
-        out
+        Ok(out)
     }
 
     /// The buffer a step's local tensor name stands for (`X`, `Y`, `dX`, `A`, `dB`, ...).
@@ -482,12 +487,12 @@ impl<'g> Lowering<'g> {
     }
 
     /// The launch of a pointwise derived equation of `node`'s step.
-    fn pointwise(&mut self, node: NodeId, name: &str, eq: &crate::grad::Equation, first: bool) -> Launch {
+    fn pointwise(&mut self, node: NodeId, name: &str, eq: &crate::grad::Equation, first: bool) -> Result<Launch> {
         let size = numel(&self.graph.node(node).shape) as usize;
         let (k, tensors) =
             equation::pointwise(name, eq, size, first).expect("activation and add equations are pointwise");
         let args = tensors.iter().map(|t| self.local(node, t).expect("a step's tensors are bound")).collect();
-        self.launch(k, args)
+        Ok(self.launch(k?, args))
     }
 
     fn conv_io(&self, node: NodeId) -> (BufId, BufId, Vec<usize>) {
@@ -497,7 +502,7 @@ impl<'g> Lowering<'g> {
     }
 
     /// The non-private gradient of every parameter, summed over the batch.
-    fn batch_grads(&mut self) -> Vec<Launch> {
+    fn batch_grads(&mut self) -> Result<Vec<Launch>> {
         let g = self.graph;
         let mut out = Vec::new();
         for n in g.nodes.iter().filter(|n| n.layer.is_some()) {
@@ -514,9 +519,9 @@ impl<'g> Lowering<'g> {
                 .collect();
             let (x, dy, _) = self.conv_io(n.id);
             let tag = self.tag(n.id);
-            out.extend(self.batch_grad_launch(n.id, &tag, x, dy, targets, LaunchMode::Grid));
+            out.extend(self.batch_grad_launch(n.id, &tag, x, dy, targets, LaunchMode::Grid)?);
         }
-        out
+        Ok(out)
     }
 
     /// The batch-gradient kernels of one layer, writing into `targets` (weight, bias).
@@ -528,22 +533,23 @@ impl<'g> Lowering<'g> {
         dy: BufId,
         targets: Vec<BufId>,
         mode: LaunchMode,
-    ) -> Vec<Launch> {
+    ) -> Result<Vec<Launch>> {
         let n = self.graph.node(node);
         let k = match &n.op {
             Op::Conv(c) => {
                 let cg = ConvGemm::of(c, &n.shape);
-                let k = param_grads::conv_batch_grad(&format!("{tag}_batch_grad"), &cg);
+                let k = param_grads::conv_batch_grad(&format!("{tag}_batch_grad"), &cg)?;
                 let mut out = vec![Launch {
                     kernel: self.kernel(k),
                     args: vec![self.saved[&(node.0, "cols")], dy, targets[0]],
                     mode,
                 }];
                 if c.bias {
-                    let k = param_grads::conv_bias_batch_grad(&format!("{tag}_bias_batch_grad"), cg.cout, cg.positions);
+                    let k =
+                        param_grads::conv_bias_batch_grad(&format!("{tag}_bias_batch_grad"), cg.cout, cg.positions)?;
                     out.push(Launch { kernel: self.kernel(k), args: vec![dy, targets[1]], mode });
                 }
-                return out;
+                return Ok(out);
             }
             Op::Linear(lin) => {
                 let rows = (numel(&n.shape) / lin.out_features as u64) as usize;
@@ -553,17 +559,17 @@ impl<'g> Lowering<'g> {
                     lin.in_features,
                     lin.out_features,
                     lin.bias,
-                )
+                )?
             }
             _ => {
                 let geom = norm_geom(n).expect("a norm with parameters");
-                let k = param_grads::norm_batch_grad(&format!("{tag}_batch_grad"), &geom);
+                let k = param_grads::norm_batch_grad(&format!("{tag}_batch_grad"), &geom)?;
                 let args = vec![dy, self.saved[&(node.0, "xhat")]].into_iter().chain(targets).collect();
-                return vec![Launch { kernel: self.kernel(k), args, mode }];
+                return Ok(vec![Launch { kernel: self.kernel(k), args, mode }]);
             }
         };
         let args = vec![x, dy].into_iter().chain(targets).collect();
-        vec![Launch { kernel: self.kernel(k), args, mode }]
+        Ok(vec![Launch { kernel: self.kernel(k), args, mode }])
     }
 
     fn slot(&self, param: &str) -> usize {
@@ -571,7 +577,7 @@ impl<'g> Lowering<'g> {
     }
 
     /// Per-example gradients, norms or the clipped sum, each layer by its planned strategy.
-    fn per_example(&mut self, plan: &Plan, kind: EntryKind) -> Vec<Launch> {
+    fn per_example(&mut self, plan: &Plan, kind: EntryKind) -> Result<Vec<Launch>> {
         let g = self.graph;
         let slots = g.params.len();
         let want_norms = kind != EntryKind::PerExampleGrads;
@@ -603,21 +609,21 @@ impl<'g> Lowering<'g> {
             let tag = format!("{}_{}{}", self.tag(n.id), strategy, if store { "" } else { "_norm_only" });
             let tag = if want_norms && store { format!("{tag}_norm") } else { tag };
             let launches =
-                self.layer_strategy(n.id, strategy, &tag, x, dy, &in_shape, &pe, Outputs { store, norm }, sq);
+                self.layer_strategy(n.id, strategy, &tag, x, dy, &in_shape, &pe, Outputs { store, norm }, sq)?;
             out.extend(launches);
             if strategy == Strategy::Ghost {
                 ghost_layers.push(n.id);
             }
         }
         if !want_norms {
-            return out;
+            return Ok(out);
         }
         let norms = self.extra(Role::Norms, "norms", true, vec![]);
         let clip = self.extra(Role::ClipFactors, "clip", true, vec![]);
         let clip_norm = self.extra(Role::ClipNorm, "clip_norm", false, vec![1]);
-        out.push(self.launch(param_grads::norms_and_clip("norms_and_clip", slots), vec![sq, clip_norm, norms, clip]));
+        out.push(self.launch(param_grads::norms_and_clip("norms_and_clip", slots)?, vec![sq, clip_norm, norms, clip]));
         if kind != EntryKind::ClippedSum {
-            return out;
+            return Ok(out);
         }
         for n in g.nodes.iter().filter(|n| n.layer.is_some()) {
             let tag = self.tag(n.id);
@@ -642,20 +648,20 @@ impl<'g> Lowering<'g> {
                     true,
                     shape.clone(),
                 );
-                let k = param_grads::scale_rows(&format!("{tag}_bookkeep_scale"), numel(&shape) as usize);
+                let k = param_grads::scale_rows(&format!("{tag}_bookkeep_scale"), numel(&shape) as usize)?;
                 out.push(self.launch(k, vec![dy, clip, dyc]));
-                out.extend(self.batch_grad_launch(n.id, &tag, x, dyc, sums, LaunchMode::Grid));
+                out.extend(self.batch_grad_launch(n.id, &tag, x, dyc, sums, LaunchMode::Grid)?);
             } else {
                 for (p, sum) in g.params_of(n.id).zip(sums) {
                     let pe = self.extra[&Role::PerExampleGrad(p.name.clone())];
                     let rows = p.shape[0];
                     let width = (numel(&p.shape) / rows as u64) as usize;
-                    let k = param_grads::weighted_sum(&format!("weighted_sum_{rows}x{width}"), rows, width);
+                    let k = param_grads::weighted_sum(&format!("weighted_sum_{rows}x{width}"), rows, width)?;
                     out.push(self.launch(k, vec![pe, clip, sum]));
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -670,13 +676,13 @@ impl<'g> Lowering<'g> {
         pe: &[BufId],
         out: Outputs,
         sq: BufId,
-    ) -> Vec<Launch> {
+    ) -> Result<Vec<Launch>> {
         let g = self.graph;
         let n = g.node(node);
         let slots = g.params.len();
-        let sqnorms = |l: &mut Self, names: &[(usize, u64)], bufs: &[BufId]| -> Vec<Launch> {
+        let sqnorms = |l: &mut Self, names: &[(usize, u64)], bufs: &[BufId]| -> Result<Vec<Launch>> {
             match out.norm {
-                None => Vec::new(),
+                None => Ok(Vec::new()),
                 Some(_) => names
                     .iter()
                     .zip(bufs)
@@ -686,8 +692,8 @@ impl<'g> Lowering<'g> {
                             *size as usize,
                             *slot,
                             slots,
-                        );
-                        l.launch(k, vec![*buf, sq])
+                        )?;
+                        Ok(l.launch(k, vec![*buf, sq]))
                     })
                     .collect(),
             }
@@ -699,14 +705,14 @@ impl<'g> Lowering<'g> {
             }
             args
         };
-        match (&n.op, strategy) {
+        Ok(match (&n.op, strategy) {
             (_, Strategy::Naive) => {
-                let mut v = self.batch_grad_launch(node, tag, x, dy, pe.to_vec(), LaunchMode::PerExample);
-                v.extend(sqnorms(self, &param_slots, pe));
+                let mut v = self.batch_grad_launch(node, tag, x, dy, pe.to_vec(), LaunchMode::PerExample)?;
+                v.extend(sqnorms(self, &param_slots, pe)?);
                 v
             }
             (Op::Conv(c), Strategy::Direct) => {
-                let k = param_grads::conv_direct(tag, c, in_shape, &n.shape, out);
+                let k = param_grads::conv_direct(tag, c, in_shape, &n.shape, out)?;
                 vec![self.launch(k, with_sq([vec![x, dy], pe.to_vec()].concat()))]
             }
             (Op::Conv(c), Strategy::Crb) => {
@@ -719,8 +725,8 @@ impl<'g> Lowering<'g> {
                     true,
                     full_shape,
                 );
-                let k1 = param_grads::crb_conv(&format!("{tag}_conv"), c, in_shape, &n.shape, &positions);
-                let k2 = param_grads::crb_truncate(&format!("{tag}_truncate"), c, &positions);
+                let k1 = param_grads::crb_conv(&format!("{tag}_conv"), c, in_shape, &n.shape, &positions)?;
+                let k2 = param_grads::crb_truncate(&format!("{tag}_truncate"), c, &positions)?;
                 let mut v = vec![self.launch(k1, vec![x, dy, full]), self.launch(k2, vec![full, pe[0]])];
                 let positions_out = (numel(&n.shape) / c.out_channels as u64) as usize;
                 if c.bias {
@@ -729,10 +735,10 @@ impl<'g> Lowering<'g> {
                         c.out_channels,
                         positions_out,
                         Outputs { store: true, norm: None },
-                    );
+                    )?;
                     v.push(self.launch(k, vec![dy, pe[1]]));
                 }
-                v.extend(sqnorms(self, &param_slots, pe));
+                v.extend(sqnorms(self, &param_slots, pe)?);
                 v
             }
             (Op::Conv(c), Strategy::Unfold | Strategy::Ghost) => {
@@ -745,15 +751,15 @@ impl<'g> Lowering<'g> {
                     norm: out.norm.map(|(s, t)| (s + 1, t)),
                 };
                 if strategy == Strategy::Unfold {
-                    let k = param_grads::unfold_gemm(tag, c, positions, out);
+                    let k = param_grads::unfold_gemm(tag, c, positions, out)?;
                     v.push(self.launch(k, with_sq(vec![u, dy, pe[0]])));
                 } else {
                     let (slot, _) = out.norm.expect("ghost computes norms");
-                    let k = param_grads::ghost_conv(tag, c, positions, slot, slots);
+                    let k = param_grads::ghost_conv(tag, c, positions, slot, slots)?;
                     v.push(self.launch(k, vec![u, dy, sq]));
                 }
                 if c.bias && (bias_out.store || bias_out.norm.is_some()) {
-                    let k = param_grads::bias_per_example(&format!("{tag}_bias"), c.out_channels, positions, bias_out);
+                    let k = param_grads::bias_per_example(&format!("{tag}_bias"), c.out_channels, positions, bias_out)?;
                     let mut args = vec![dy];
                     if bias_out.store {
                         args.push(pe[1]);
@@ -767,22 +773,22 @@ impl<'g> Lowering<'g> {
             }
             (Op::Linear(lin), Strategy::Outer | Strategy::Direct) => {
                 let rows = (numel(&n.shape) / lin.out_features as u64) as usize;
-                let k = param_grads::linear_outer(tag, rows, lin.in_features, lin.out_features, lin.bias, out);
+                let k = param_grads::linear_outer(tag, rows, lin.in_features, lin.out_features, lin.bias, out)?;
                 vec![self.launch(k, with_sq([vec![x, dy], pe.to_vec()].concat()))]
             }
             (Op::Linear(lin), Strategy::Ghost) => {
                 let rows = (numel(&n.shape) / lin.out_features as u64) as usize;
                 let (slot, _) = out.norm.expect("ghost computes norms");
-                let k = param_grads::ghost_linear(tag, rows, lin.in_features, lin.out_features, lin.bias, slot, slots);
+                let k = param_grads::ghost_linear(tag, rows, lin.in_features, lin.out_features, lin.bias, slot, slots)?;
                 vec![self.launch(k, vec![x, dy, sq])]
             }
             (_, _) => {
                 // Norm layers: direct.
                 let geom = norm_geom(n).expect("a norm with parameters");
-                let k = param_grads::norm_per_example(tag, &geom, out);
+                let k = param_grads::norm_per_example(tag, &geom, out)?;
                 vec![self.launch(k, with_sq([vec![dy, self.saved[&(node.0, "xhat")]], pe.to_vec()].concat()))]
             }
-        }
+        })
     }
 }
 

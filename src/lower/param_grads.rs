@@ -11,6 +11,7 @@ use pdgc_codegen::ir::{Binary, Expr, Extent, Kernel, Mode, Unary, VarId};
 
 use super::builder::*;
 use super::kernels::{ConvGemm, NormGeom, Window};
+use crate::error::Result;
 use crate::graph::Conv;
 
 /// Where a per-example kernel puts its results.
@@ -53,7 +54,7 @@ fn channel(c: &Conv, co: VarId, ci: VarId) -> pdgc_codegen::ir::Affine {
 /// and group accumulated into `dW[g·Cg + m, r] = Σ_n Σ_t dY[n, g·Cg + m, t] · U[n, g, r, t]`
 /// (grid over the groups). Launched one example at a time, it is the `naive` strategy; on
 /// rescaled output gradients, book-keeping's clipped sum.
-pub fn conv_batch_grad(name: &str, cg: &ConvGemm) -> Kernel {
+pub fn conv_batch_grad(name: &str, cg: &ConvGemm) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let u = kb.input("cols", batched(&[cg.groups, cg.d, cg.positions]));
     let dy = kb.input("dy", batched(&[cg.cout, cg.positions]));
@@ -69,7 +70,7 @@ pub fn conv_batch_grad(name: &str, cg: &ConvGemm) -> Kernel {
 }
 
 /// The non-private conv bias gradient `db[co] = Σ_n Σ_t dY[n,co,t]` (grid over `co`).
-pub fn conv_bias_batch_grad(name: &str, channels: usize, positions: usize) -> Kernel {
+pub fn conv_bias_batch_grad(name: &str, channels: usize, positions: usize) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let dy = kb.input("dy", batched(&[channels, positions]));
     let db = kb.output("db", fixed(&[channels]));
@@ -80,11 +81,11 @@ pub fn conv_bias_batch_grad(name: &str, channels: usize, positions: usize) -> Ke
         batch_loop(n, vec![vlp(t, positions, vec![add_to(a, load(dy, vec![v(n), v(co), v(t)]))])]),
         store(db, vec![v(co)], acc(a)),
     ];
-    kb.finish(co, Extent::Fixed(channels as u32), body)
+    kb.finish(co, fx(channels), body)
 }
 
 /// Per-example bias gradient `db[n,co] = Σ_t dY[n,co,t]` (and its squared norm).
-pub fn bias_per_example(name: &str, channels: usize, positions: usize, out: Outputs) -> Kernel {
+pub fn bias_per_example(name: &str, channels: usize, positions: usize, out: Outputs) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let dy = kb.input("dy", batched(&[channels, positions]));
     let db = out.store.then(|| kb.output("db", batched(&[channels])));
@@ -105,7 +106,7 @@ pub fn bias_per_example(name: &str, channels: usize, positions: usize, out: Outp
 
 /// `direct`: the fused per-example conv weight gradient, no im2col buffer; the weight's
 /// squared norm (and the bias's) accumulated in the epilogue.
-pub fn conv_direct(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], out: Outputs) -> Kernel {
+pub fn conv_direct(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], out: Outputs) -> Result<Kernel> {
     let w = Window::of_conv(c, in_shape, out_shape);
     let mut kb = KernelBuilder::new(name);
     let x = kb.input("x", batched(in_shape));
@@ -154,7 +155,7 @@ pub fn conv_direct(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize]
 /// stride and dilation swapped, computed over every position the grouped convolution
 /// produces (`positions` per axis, ≥ the kernel) into `full`; [`crb_truncate`] keeps the
 /// kernel-sized part.
-pub fn crb_conv(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], positions: &[usize]) -> Kernel {
+pub fn crb_conv(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], positions: &[usize]) -> Result<Kernel> {
     let w = Window::of_conv(c, in_shape, out_shape);
     let mut kb = KernelBuilder::new(name);
     let x = kb.input("x", batched(in_shape));
@@ -190,7 +191,7 @@ pub fn crb_conv(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], p
 }
 
 /// Copies the kernel-sized corner of crb's output into the per-example gradient.
-pub fn crb_truncate(name: &str, c: &Conv, positions: &[usize]) -> Kernel {
+pub fn crb_truncate(name: &str, c: &Conv, positions: &[usize]) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let mut full_shape = vec![c.out_channels, c.in_channels / c.groups];
     full_shape.extend(positions);
@@ -205,7 +206,7 @@ pub fn crb_truncate(name: &str, c: &Conv, positions: &[usize]) -> Kernel {
 
 /// im2col: `U[n, g, r, t]` with `r` = (ci, k) of one group and `t` the output position;
 /// zero where the window reads padding.
-pub fn im2col(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize]) -> Kernel {
+pub fn im2col(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize]) -> Result<Kernel> {
     let w = Window::of_conv(c, in_shape, out_shape);
     let cin_g = c.in_channels / c.groups;
     let kprod: usize = c.kernel.iter().product();
@@ -242,7 +243,7 @@ pub fn im2col(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize]) -> 
 
 /// `unfold`: per example and group, the contraction `gW[n, g·Cg + m, r] = Σ_t dY[n, g·Cg +
 /// m, t] · U[n, g, r, t]`, then (for norms) the squared norm of the example's gradient.
-pub fn unfold_gemm(name: &str, c: &Conv, positions: usize, out: Outputs) -> Kernel {
+pub fn unfold_gemm(name: &str, c: &Conv, positions: usize, out: Outputs) -> Result<Kernel> {
     let cin_g = c.in_channels / c.groups;
     let d = cin_g * c.kernel.iter().product::<usize>();
     let cout_g = c.out_channels / c.groups;
@@ -270,7 +271,7 @@ pub fn unfold_gemm(name: &str, c: &Conv, positions: usize, out: Outputs) -> Kern
 /// Ghost norm of a conv (Li et al. 2021): `‖dW_n‖² = Σ_g Σ_{t,t'} (U_gᵀU_g)[t,t'] ·
 /// (G_gᵀG_g)[t,t']`, both Gram entries computed in registers (no T×T buffer), plus the
 /// bias's `Σ_co (Σ_t dY)²`.
-pub fn ghost_conv(name: &str, c: &Conv, positions: usize, slot: usize, slots: usize) -> Kernel {
+pub fn ghost_conv(name: &str, c: &Conv, positions: usize, slot: usize, slots: usize) -> Result<Kernel> {
     let cin_g = c.in_channels / c.groups;
     let d = cin_g * c.kernel.iter().product::<usize>();
     let cout_g = c.out_channels / c.groups;
@@ -324,7 +325,7 @@ pub fn ghost_conv(name: &str, c: &Conv, positions: usize, slot: usize, slots: us
 /// The non-private linear gradient `dW[o,i] = Σ_n Σ_t dY[n,t,o]·X[n,t,i]`: one contraction
 /// over the examples when `rows == 1`, else one per example accumulated; then the bias
 /// `db[o] = Σ_n Σ_t dY[n,t,o]`.
-pub fn linear_batch_grad(name: &str, rows: usize, inf: usize, outf: usize, bias: bool) -> Kernel {
+pub fn linear_batch_grad(name: &str, rows: usize, inf: usize, outf: usize, bias: bool) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let x = kb.input("x", batched(&[rows, inf]));
     let dy = kb.input("dy", batched(&[rows, outf]));
@@ -362,7 +363,7 @@ pub fn linear_batch_grad(name: &str, rows: usize, inf: usize, outf: usize, bias:
 
 /// `outer` (Goodfellow 2015): `gW[n,o,i] = Σ_t dY[n,t,o]·X[n,t,i]`, `gb[n,o] = Σ_t dY`,
 /// squared norms fused.
-pub fn linear_outer(name: &str, rows: usize, inf: usize, outf: usize, bias: bool, out: Outputs) -> Kernel {
+pub fn linear_outer(name: &str, rows: usize, inf: usize, outf: usize, bias: bool, out: Outputs) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let x = kb.input("x", batched(&[rows, inf]));
     let dy = kb.input("dy", batched(&[rows, outf]));
@@ -438,7 +439,15 @@ fn slot_ix(slot: usize) -> pdgc_codegen::ir::Affine {
 
 /// Ghost norm of a linear layer: `Σ_{t,t'} (X Xᵀ)[t,t'] (G Gᵀ)[t,t']`; for T = 1 it is
 /// `‖a‖²·‖g‖²`. The bias adds `‖Σ_t g_t‖²`.
-pub fn ghost_linear(name: &str, rows: usize, inf: usize, outf: usize, bias: bool, slot: usize, slots: usize) -> Kernel {
+pub fn ghost_linear(
+    name: &str,
+    rows: usize,
+    inf: usize,
+    outf: usize,
+    bias: bool,
+    slot: usize,
+    slots: usize,
+) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let x = kb.input("x", batched(&[rows, inf]));
     let dy = kb.input("dy", batched(&[rows, outf]));
@@ -494,7 +503,7 @@ pub fn ghost_linear(name: &str, rows: usize, inf: usize, outf: usize, bias: bool
 }
 
 /// Per-example affine-norm gradients `gγ[n,p] = Σ dY·X̂`, `gβ[n,p] = Σ dY` (direct).
-pub fn norm_per_example(name: &str, g: &NormGeom, out: Outputs) -> Kernel {
+pub fn norm_per_example(name: &str, g: &NormGeom, out: Outputs) -> Result<Kernel> {
     let dims = batched(&[g.rows, g.cg, g.s]);
     let mut kb = KernelBuilder::new(name);
     let dy = kb.input("dy", dims.clone());
@@ -539,7 +548,7 @@ pub fn norm_per_example(name: &str, g: &NormGeom, out: Outputs) -> Kernel {
 
 /// The non-private affine-norm gradients, summed over the batch (grid over rows `r`
 /// for group/instance norm, over `s` for layer norm).
-pub fn norm_batch_grad(name: &str, g: &NormGeom) -> Kernel {
+pub fn norm_batch_grad(name: &str, g: &NormGeom) -> Result<Kernel> {
     let dims = batched(&[g.rows, g.cg, g.s]);
     let mut kb = KernelBuilder::new(name);
     let dy = kb.input("dy", dims.clone());
@@ -576,11 +585,11 @@ pub fn norm_batch_grad(name: &str, g: &NormGeom) -> Kernel {
         )];
         (r, g.rows, body)
     };
-    kb.finish(grid, Extent::Fixed(extent as u32), body)
+    kb.finish(grid, fx(extent), body)
 }
 
 /// `sqnorm[n, slot] = Σ_j g[n, j]²` of a materialized per-example gradient.
-pub fn sqnorm(name: &str, size: usize, slot: usize, slots: usize) -> Kernel {
+pub fn sqnorm(name: &str, size: usize, slot: usize, slots: usize) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let g = kb.input("g", batched(&[size]));
     let part = kb.arg("sqnorm", batched(&[slots]), pdgc_codegen::ir::Mode::InOut);
@@ -597,7 +606,7 @@ pub fn sqnorm(name: &str, size: usize, slot: usize, slots: usize) -> Kernel {
 
 /// `norm[n] = sqrt(Σ_slot sqnorm[n, slot])`, then `clip[n] = min(1, C / (norm[n] + 1e-6))`
 /// (Opacus' clip factor) with `C = clip_norm[0]`.
-pub fn norms_and_clip(name: &str, slots: usize) -> Kernel {
+pub fn norms_and_clip(name: &str, slots: usize) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let part = kb.input("sqnorm", batched(&[slots]));
     let clip_norm = kb.input("clip_norm", fixed(&[1]));
@@ -621,7 +630,7 @@ pub fn norms_and_clip(name: &str, slots: usize) -> Kernel {
 
 /// `sum[j] = Σ_n clip[n] · g[n, j]`: the clipped sum of materialized gradients, grid over
 /// rows of `width` elements.
-pub fn weighted_sum(name: &str, rows: usize, width: usize) -> Kernel {
+pub fn weighted_sum(name: &str, rows: usize, width: usize) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let g = kb.input("g", batched(&[rows, width]));
     let clip = kb.input("clip", batched(&[]));
@@ -642,11 +651,11 @@ pub fn weighted_sum(name: &str, rows: usize, width: usize) -> Kernel {
             ],
         ),
     ];
-    kb.finish(row, Extent::Fixed(rows as u32), body)
+    kb.finish(row, fx(rows), body)
 }
 
 /// Book-keeping's rescaling (Bu et al. 2023): `dy_clipped[n, i] = clip[n] · dy[n, i]`.
-pub fn scale_rows(name: &str, size: usize) -> Kernel {
+pub fn scale_rows(name: &str, size: usize) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let dy = kb.input("dy", batched(&[size]));
     let clip = kb.input("clip", batched(&[]));

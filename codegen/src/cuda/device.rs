@@ -185,7 +185,7 @@ impl CudaDevice {
                 });
             }
         }
-        let Some((blocks, threads)) = info.dims(batch) else { return Ok(()) };
+        let Some((blocks, threads)) = info.dims(batch)? else { return Ok(()) };
         // Keep the read/write records alive until the launch is queued.
         let mut records = Vec::with_capacity(views.len());
         let mut ptrs: Vec<u64> = Vec::with_capacity(views.len());

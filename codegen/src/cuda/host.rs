@@ -123,7 +123,7 @@ impl HostModule {
         };
         let name = &self.names[index];
         super::check_lengths(name, args, &bufs.iter().map(|b| b.len()).collect::<Vec<_>>(), batch)?;
-        let Some((blocks, threads)) = info.dims(batch) else { return Ok(()) };
+        let Some((blocks, threads)) = info.dims(batch)? else { return Ok(()) };
         let ptrs: Vec<*mut f32> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
         // SAFETY: one pointer per argument, each to a buffer of the checked length, borrowed
         // mutably for the call; the generated code stays within those lengths (verified IR)

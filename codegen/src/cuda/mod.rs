@@ -25,7 +25,8 @@
 //! functions the interpreter uses, not bit-equal); NVRTC may contract `a·b + c` into an FMA.
 //! So CUDA results agree with the interpreter to rounding, as the CPU's vector code does.
 //!
-//! Integer indices are 64-bit: a buffer's length depends on the run-time batch.
+//! Integer indices are 64-bit (`long long`): a buffer's length depends on the run-time batch,
+//! and a product of extents is never formed in 32-bit `int`.
 
 pub mod device;
 pub mod host;
@@ -62,6 +63,12 @@ pub enum CudaError {
     BufferCount { kernel: String, expected: usize, got: usize },
     #[error("kernel `{kernel}`: buffer `{arg}` has {got} elements, batch {batch} needs {expected}")]
     BufferLen { kernel: String, arg: String, batch: u64, expected: String, got: usize },
+    /// A launch would need more threads than one CUDA grid holds ([`MAX_LAUNCH_THREADS`]).
+    #[error(
+        "kernel `{kernel}` at batch {batch} needs {threads} threads, more than the {} one CUDA launch holds: use a smaller batch",
+        MAX_LAUNCH_THREADS
+    )]
+    TooManyThreads { kernel: String, batch: u64, threads: String },
 }
 
 /// The file names cudarc tries for a library, without repeats, for error messages.
@@ -77,6 +84,16 @@ fn candidates(lib: &str) -> String {
 
 /// Threads per block for grid-parallel kernels.
 pub const BLOCK: u32 = 128;
+
+/// The most blocks one launch has: CUDA's limit on `gridDim.x`, 2^31 − 1.
+pub const MAX_BLOCKS: u64 = i32::MAX as u64;
+
+/// The most threads one launch has (`MAX_BLOCKS` blocks of [`BLOCK`]), about 2^38. A
+/// grid-parallel kernel runs one thread per iteration of its parallel nest, and such a nest
+/// writes a distinct element of a stored buffer in each iteration, so a buffer of at most
+/// this many elements (at the launch's batch) always fits one launch; a launch that would
+/// need more is a [`CudaError::TooManyThreads`], never a truncated grid.
+pub const MAX_LAUNCH_THREADS: u64 = MAX_BLOCKS * BLOCK as u64;
 
 /// The helpers every module starts with.
 pub const HELPERS: &str = include_str!("pdgc.cuh");
@@ -96,17 +113,21 @@ pub struct LaunchInfo {
 }
 
 impl LaunchInfo {
-    /// `(blocks, threads per block)` for a batch, or `None` when there is nothing to run.
-    pub fn dims(&self, batch: u64) -> Option<(u32, u32)> {
-        let extent = self.extents.iter().try_fold(1u64, |n, e| n.checked_mul(e.resolve(batch)))?;
-        if extent == 0 {
-            return None;
+    /// `(blocks, threads per block)` for a batch, or `None` when there is nothing to run;
+    /// an error when the parallel nest has more iterations than one launch has threads.
+    pub fn dims(&self, batch: u64) -> Result<Option<(u32, u32)>, CudaError> {
+        let extent = self.extents.iter().try_fold(1u64, |n, e| n.checked_mul(e.resolve(batch)));
+        let too_many = |threads: String| CudaError::TooManyThreads { kernel: self.symbol.clone(), batch, threads };
+        match extent {
+            Some(0) => Ok(None),
+            _ if !self.parallel => Ok(Some((1, 1))),
+            None => Err(too_many("more than 2^64".into())),
+            Some(n) if n > MAX_LAUNCH_THREADS => Err(too_many(n.to_string())),
+            Some(n) => {
+                let blocks = u32::try_from(n.div_ceil(BLOCK as u64)).map_err(|_| too_many(n.to_string()))?;
+                Ok(Some((blocks, BLOCK)))
+            }
         }
-        if !self.parallel {
-            return Some((1, 1));
-        }
-        let blocks = extent.div_ceil(BLOCK as u64);
-        Some((u32::try_from(blocks).unwrap_or(u32::MAX), BLOCK))
     }
 }
 
@@ -236,7 +257,16 @@ fn render_with(k: &Kernel, symbol: &str, threads: &Threads<'_>) -> String {
                 );
                 dims.push(("pdgc_t".to_string(), sunk.extent));
             }
-            let total: Vec<String> = dims.iter().map(|d| Renderer::extent(d.1)).collect();
+            // The product is computed in 64 bits: a fixed first factor gets `LL`, since two
+            // `int` literals would multiply in (overflowing) 32-bit `int`.
+            let total: Vec<String> = dims
+                .iter()
+                .enumerate()
+                .map(|(i, d)| match d.1 {
+                    Extent::Fixed(n) if i == 0 => format!("{n}LL"),
+                    e => Renderer::extent(e),
+                })
+                .collect();
             let _ = writeln!(out, "  const long long pdgc_tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;");
             let _ = writeln!(out, "  if (pdgc_tid >= {}) return;", total.join(" * "));
             let _ = writeln!(out, "  long long pdgc_rest = pdgc_tid;");
