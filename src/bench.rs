@@ -23,8 +23,9 @@ use crate::tensor::Batch;
 pub struct Column {
     /// `auto` (the cost model's plan) or a strategy forced on every layer it applies to.
     pub config: String,
+    /// `None` where not timed (ghost has no per-example gradients; `main_steps`).
     pub grads_ms: Option<f64>,
-    pub norms_ms: f64,
+    pub norms_ms: Option<f64>,
     pub clipped_sum_ms: f64,
     pub clipped_sum_memory: StepMemory,
 }
@@ -66,7 +67,7 @@ pub struct BenchReport {
     pub repeats: usize,
     pub nonprivate_ms: f64,
     pub nonprivate_memory: StepMemory,
-    pub loss_ms: f64,
+    pub loss_ms: Option<f64>,
     pub columns: Vec<Column>,
     /// The plan's regret: the `auto` clipped sum's time over the fastest forced
     /// configuration's (1.0: as fast as the best uniform choice; below 1 where the plan's
@@ -132,24 +133,37 @@ fn configs(module: &Module, only: &[Strategy]) -> Vec<Option<Strategy>> {
     out
 }
 
-/// Runs the benchmark. `only` restricts the forced-strategy columns (empty: all); `profile`
-/// adds per-kernel times of the non-private and the auto clipped-sum step.
-#[allow(clippy::too_many_arguments)]
-pub fn bench(
-    name: &str,
-    source: &str,
-    batch: usize,
-    repeats: usize,
-    only: &[Strategy],
-    threads: Option<usize>,
-    device: Device,
-    profile: bool,
-) -> Result<BenchReport> {
+/// What `bench` times.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub batch: usize,
+    /// Timed runs per measurement (the median is reported), after one warm-up run.
+    pub repeats: usize,
+    /// Forced-strategy columns besides the plan's (`auto`): `None` every strategy that
+    /// applies to some layer, else only these (empty: the plan alone).
+    pub forced: Option<Vec<Strategy>>,
+    /// Only the non-private and the clipped-sum steps: no forward-only, norms-only or
+    /// per-example-gradient timings.
+    pub main_steps: bool,
+    pub threads: Option<usize>,
+    pub device: Device,
+    /// Per-kernel times of the non-private and the `auto` clipped-sum step.
+    pub profile: bool,
+}
+
+/// Runs the benchmark.
+pub fn bench(name: &str, source: &str, opts: &BenchOptions) -> Result<BenchReport> {
+    let BenchOptions { batch, repeats, ref forced, main_steps, threads, device, profile } = *opts;
     let base = Module::from_source(name, source, &CompileOptions::new(batch))?;
     let params = base.init_params(0);
     let data = Batch::random(&base.graph, batch, 1);
-    let configs = configs(&base, only);
-    let total = (2 + configs.len() * 3) as u64 * repeats as u64;
+    let configs = match forced {
+        Some(only) if only.is_empty() => vec![None],
+        Some(only) => configs(&base, only),
+        None => configs(&base, &[]),
+    };
+    let per_config = if main_steps { 1 } else { 3 };
+    let total = ((if main_steps { 1 } else { 2 }) + configs.len() * per_config) as u64 * repeats as u64;
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} runs ({elapsed})")
@@ -171,7 +185,8 @@ pub fn bench(
     let (nonprivate_ms, nonprivate_memory) =
         time_and_memory(repeats, &bar, planned, || session.batch_grad(&params, &data).map(|_| ()))?;
     bar.set_message("forward + loss");
-    let loss_ms = time(repeats, &bar, || session.loss(&params, &data).map(|_| ()))?;
+    let loss_ms =
+        if main_steps { None } else { Some(time(repeats, &bar, || session.loss(&params, &data).map(|_| ()))?) };
     let mut profiles = Vec::new();
     if profile {
         profiles.push(profiled(&mut session, "non-private batch gradient", repeats, |s| {
@@ -206,9 +221,15 @@ pub fn bench(
         let (clipped_sum_ms, clipped_sum_memory) =
             time_and_memory(repeats, &bar, planned, || s.clipped_grad_sum(&params, &data, 1.0).map(|_| ()))?;
         bar.set_message(format!("{label}: norms"));
-        let norms_ms = time(repeats, &bar, || s.per_example_norms(&params, &data).map(|_| ()))?;
+        let norms_ms = if main_steps {
+            None
+        } else {
+            Some(time(repeats, &bar, || s.per_example_norms(&params, &data).map(|_| ()))?)
+        };
         bar.set_message(format!("{label}: grads"));
-        let grads_ms = if config == Some(Strategy::Ghost) {
+        let grads_ms = if main_steps {
+            None
+        } else if config == Some(Strategy::Ghost) {
             bar.inc(repeats as u64);
             None
         } else {
@@ -252,7 +273,9 @@ impl std::fmt::Display for BenchReport {
             "  non-private batch gradient  {:>9.2}    memory (buffers / peak RSS): {}",
             self.nonprivate_ms, self.nonprivate_memory
         )?;
-        writeln!(f, "  forward + loss only         {:>9.2}", self.loss_ms)?;
+        if let Some(ms) = self.loss_ms {
+            writeln!(f, "  forward + loss only         {ms:>9.2}")?;
+        }
         let cell = |ms: f64| format!("{ms:.2} ({:.2}x)", ms / self.nonprivate_ms);
         let mut header = format!("  {:<10}", "config");
         for h in ["clipped sum", "norms", "grads"] {
@@ -266,7 +289,7 @@ impl std::fmt::Display for BenchReport {
                 "  {:<10} {:>18} {:>18} {:>18}   {}",
                 c.config,
                 cell(c.clipped_sum_ms),
-                cell(c.norms_ms),
+                c.norms_ms.map_or("-".to_string(), cell),
                 c.grads_ms.map_or("-".to_string(), cell),
                 c.clipped_sum_memory
             )?;

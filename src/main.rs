@@ -232,6 +232,13 @@ enum Command {
         /// Only these forced strategies (default: all that apply).
         #[arg(long, value_delimiter = ',', value_parser = parse_strategy)]
         strategy: Vec<Strategy>,
+        /// No forced strategies: only the cost model's plan.
+        #[arg(long, conflicts_with = "strategy")]
+        auto_only: bool,
+        /// Only the non-private and the clipped-sum steps (not the forward pass, the
+        /// norms-only or the per-example-gradient steps).
+        #[arg(long)]
+        main_steps: bool,
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
@@ -444,20 +451,35 @@ fn main() -> ExitCode {
             let device = if interpreter { pdgc::Device::Interpreter } else { device.device() };
             run(|| grads(&file, &params, &batch, &output, norms_only, clip, strategy, device, memory_budget))
         }
-        Command::Bench { file, batch, repeats, strategy, threads, device, format, profile } => run(|| {
-            let name = file.display().to_string();
-            let src = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {name}: {e}"))?;
-            if batch == 0 || repeats == 0 {
-                return Err("--batch and --repeats must be at least 1".into());
-            }
-            let report = pdgc::bench::bench(&name, &src, batch, repeats, &strategy, threads, device.device(), profile)
-                .map_err(|e| e.to_string())?;
-            match format {
-                Format::Text => print!("{report}"),
-                Format::Json => println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?),
-            }
-            Ok(())
-        }),
+        Command::Bench { file, batch, repeats, strategy, auto_only, main_steps, threads, device, format, profile } => {
+            run(|| {
+                let name = file.display().to_string();
+                let src = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {name}: {e}"))?;
+                if batch == 0 || repeats == 0 {
+                    return Err("--batch and --repeats must be at least 1".into());
+                }
+                let forced = match (auto_only, strategy.is_empty()) {
+                    (true, _) => Some(Vec::new()),
+                    (false, true) => None,
+                    (false, false) => Some(strategy),
+                };
+                let opts = pdgc::bench::BenchOptions {
+                    batch,
+                    repeats,
+                    forced,
+                    main_steps,
+                    threads,
+                    device: device.device(),
+                    profile,
+                };
+                let report = pdgc::bench::bench(&name, &src, &opts).map_err(|e| e.to_string())?;
+                match format {
+                    Format::Text => print!("{report}"),
+                    Format::Json => println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?),
+                }
+                Ok(())
+            })
+        }
         Command::Privacy(args) => run(|| privacy(&args)),
         Command::Train(args) => run(|| train(&args)),
     }

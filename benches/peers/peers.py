@@ -153,11 +153,10 @@ def time_peer(runner, system, net, batch, warmup, reps) -> dict:
 
 
 def time_pdgc(runner, pdgc, net, batch, reps) -> dict:
-    """`pdgc bench` (its own warm-up run, then the median of `reps`). bench always adds one
-    forced-strategy column besides the cost model's plan (`auto`); `outer` forces only the
-    linear layers and is not reported."""
+    """`pdgc bench` (its own warm-up run, then the median of `reps`) of the non-private and the
+    clipped-sum steps, under the cost model's plan (`--auto-only --main-steps`)."""
     cmd = [pdgc, "bench", f"samples/{net}.pdg", "--batch", batch, "--repeats", reps, "--threads", runner.threads,
-           "--device", "cpu", "--format", "json", "--strategy", "outer"]
+           "--device", "cpu", "--format", "json", "--auto-only", "--main-steps"]
     res = runner.run(cmd, timeout=1800)
     if res["rc"] != 0:
         return {"error": failure(res)}
@@ -226,7 +225,7 @@ def print_timing(args, runner, pdgc, results: dict):
 
     print("\n## Peak RSS (MB) of each measurement's process: the whole process (interpreter, libraries, warm-up "
           "and timed steps); in parentheses, the peak less the RSS right after importing the framework\n")
-    cols = list(PEERS.values()) + ["pdgc bench (all its steps)", "pdgc grads --norms-only --clip 1.0"]
+    cols = list(PEERS.values()) + ["pdgc bench (non-private and clipped-sum steps)", "pdgc grads --norms-only --clip 1.0"]
     print("| net | B | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 2) + "|")
     for (net, batch), row in results.items():
