@@ -9,12 +9,15 @@
 //! Code map: this file owns the JIT module, the compiled-kernel handle and the safe
 //! entry points; `translate` turns one kernel into a Cranelift function (scalar code,
 //! the reference path); `vector` is the F32X4 path for `LoopKind::Vector` loops it can
-//! prove lane-independent, falling back to scalar code for everything else; `gemm` runs
-//! contractions ([`crate::ir::Contract`]) on the `gemm` crate's tuned micro-kernels.
+//! prove lane-independent, falling back to scalar code for everything else; `vmath` emits
+//! `exp`, `log`, `tanh` and `erf` on lanes; `gemm` runs contractions
+//! ([`crate::ir::Contract`]) on the `gemm` crate's tuned micro-kernels.
 //!
 //! Floating point: scalar code computes exactly what [`crate::interp`] computes (same
-//! operations, same order, the same `libm` functions for `exp`, `log`, `tanh`, `erf`,
-//! called as JIT symbols). Vector code reassociates reductions (four lanes, several
+//! operations, same order, the same functions for `exp`, `log`, `tanh`, `erf`, called as
+//! JIT symbols). Vector code computes those four functions lane by lane with the very
+//! operation sequence of the scalar functions (`crate::math::approx`), so they agree bit
+//! for bit too. Vector code reassociates reductions (four lanes, several
 //! vector accumulators) and, where the host has FMA (x86: AVX and FMA; always on aarch64),
 //! fuses `acc + a·b` into one `fma`, so it agrees with the interpreter to rounding, not
 //! to the bit. `Max`/`Min` are Cranelift's NaN-propagating `fmax`/`fmin`, the semantics
@@ -23,6 +26,7 @@
 mod gemm;
 mod translate;
 mod vector;
+mod vmath;
 
 use std::sync::{Arc, Mutex};
 
@@ -99,7 +103,7 @@ impl Drop for Jit {
     }
 }
 
-/// The `libm` functions compiled code calls, as `(symbol, address)`.
+/// The scalar math functions compiled code calls, as `(symbol, address)`.
 const MATH_SYMBOLS: [(&str, extern "C" fn(f32) -> f32); 4] = [
     ("pdgc_expf", math::pdgc_expf),
     ("pdgc_logf", math::pdgc_logf),
