@@ -811,6 +811,46 @@ fn run_parallel_matches_a_single_thread() {
 }
 
 #[test]
+fn a_contraction_gives_the_same_bits_on_any_number_of_pool_threads() {
+    // One grid iteration, so the kernel runs on the calling thread and its GEMM on the
+    // pool of the thread count asked for; the GEMM never splits the sum over k.
+    let (m, k, n) = (96u32, 200u32, 130u32);
+    let mut kb = KernelBuilder::new("gemm");
+    let a = kb.input("a", &[f(m), f(k)]);
+    let b = kb.input("b", &[f(k), f(n)]);
+    let c_arg = kb.output("c", &[f(m), f(n)]);
+    let [g, vm, vn, vk] = [kb.var("g"), kb.var("m"), kb.var("n"), kb.var("k")];
+    let contract = Stmt::Contract(Contract {
+        m: vm,
+        n: vn,
+        k: vk,
+        extents: [Extent::Fixed(m), Extent::Fixed(n), Extent::Fixed(k)],
+        a: Operand { arg: a, index: vec![v(vm), v(vk)] },
+        b: Operand { arg: b, index: vec![v(vk), v(vn)] },
+        c: Operand { arg: c_arg, index: vec![v(vm), v(vn)] },
+        accumulate: false,
+    });
+    let kernel = kb.finish(g, Extent::Fixed(1), vec![contract]);
+    let compiled = jit(true).compile(std::slice::from_ref(&kernel)).unwrap().remove(0);
+    let mut rng = Rng::new(3);
+    let inputs = random_bufs(&kernel, 0, &mut rng, -1.0, 1.0);
+    let mut want = inputs.clone();
+    exec(Backend::Interp, &kernel, &mut want, 0);
+    let mut first: Option<Vec<f32>> = None;
+    for threads in [1, 2, 4, 2] {
+        let mut bufs = inputs.clone();
+        let mut views: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        compiled.run_parallel(&mut views, 0, threads).unwrap();
+        let wanted: Vec<f64> = want[2].iter().map(|x| *x as f64).collect();
+        assert_close(&format!("gemm on {threads} threads vs interpreter"), &bufs[2], &wanted, 1e-5);
+        match &first {
+            Some(f) => assert_bits_eq(&format!("gemm on {threads} threads"), &bufs[2], f),
+            None => first = Some(bufs[2].clone()),
+        }
+    }
+}
+
+#[test]
 fn run_parallel_keeps_a_kernel_it_cannot_prove_independent_on_one_thread() {
     // The grid writes y[2g] and y[2g+1]: independent, but not in the form the check
     // recognizes, so the kernel runs serially (and correctly).

@@ -24,6 +24,7 @@
 //! [`crate::ir::Binary`] defines.
 
 mod gemm;
+mod pool;
 mod translate;
 mod vector;
 mod vmath;
@@ -302,11 +303,12 @@ impl std::fmt::Debug for CompiledKernel {
 struct SendPtrs(Vec<*mut f32>);
 
 // SAFETY: the pointers come from `&mut [f32]` slices that the caller of `run_parallel`
-// lends for the duration of the scoped threads, and each thread runs a disjoint range of
-// grid iterations. `run_parallel` splits only kernels for which `grid_independent` holds:
-// every stored buffer is touched by iteration `g` only at elements whose coordinate in
-// one fixed dim is `g`, so no element is written by one thread and read or written by
-// another; buffers that are only read may be shared freely.
+// lends until the pool scope ends (it waits for every job it spawned, even when one
+// panics), and each job runs a disjoint range of grid iterations. `run_parallel` splits
+// only kernels for which `grid_independent` holds: every stored buffer is touched by
+// iteration `g` only at elements whose coordinate in one fixed dim is `g`, so no element
+// is written by one thread and read or written by another; buffers that are only read may
+// be shared freely.
 unsafe impl Send for SendPtrs {}
 unsafe impl Sync for SendPtrs {}
 
@@ -376,44 +378,36 @@ impl CompiledKernel {
         Ok(())
     }
 
-    /// Runs the whole grid, split into `threads` contiguous ranges on scoped threads
-    /// when the kernel [`is_parallel`](Self::is_parallel), else on the calling thread.
+    /// Runs the whole grid, split into `threads` contiguous ranges when the kernel
+    /// [`is_parallel`](Self::is_parallel), else on the calling thread. The first range
+    /// runs on the calling thread, the others on the persistent pool of `threads` workers.
     pub fn run_parallel(&self, bufs: &mut [&mut [f32]], batch: u64, threads: usize) -> Result<(), CpuError> {
         let extent = self.check(bufs, batch)?;
         let split = (threads.max(1) as u64).min(extent.max(1));
-        if split == 1 || !self.parallel {
+        let pool = if split > 1 && self.parallel { pool::get(threads) } else { None };
+        let Some(pool) = pool else {
             // One thread runs the grid: its contractions may use all the threads.
             return gemm::with_threads(threads, || self.run(bufs, batch, 0, extent));
-        }
-        let threads = split;
+        };
         let ptrs = SendPtrs(bufs.iter_mut().map(|b| b.as_mut_ptr()).collect());
-        let chunk = extent.div_ceil(threads);
-        let failed = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let lo = (t * chunk).min(extent);
-                    let hi = ((t + 1) * chunk).min(extent);
-                    let ptrs = &ptrs;
-                    // SAFETY: the buffers have the checked lengths and stay borrowed until
-                    // the scope ends; ranges are disjoint and within the grid, and the
-                    // kernel is grid-independent (see `SendPtrs`).
-                    let work = move || unsafe { self.call_raw(ptrs.0.as_ptr(), batch, lo, hi) };
-                    match std::thread::Builder::new().spawn_scoped(s, work) {
-                        Ok(h) => Some(h),
-                        // No thread to be had: this range runs here, still disjoint from
-                        // the others.
-                        Err(_) => {
-                            work();
-                            None
-                        }
-                    }
-                })
-                .collect();
-            handles.into_iter().flatten().map(|h| h.join()).filter(Result::is_err).count()
-        });
-        if failed > 0 {
-            return Err(CpuError::Thread { kernel: self.name.clone() });
-        }
-        Ok(())
+        let chunk = extent.div_ceil(split);
+        let range = |t: u64| ((t * chunk).min(extent), ((t + 1) * chunk).min(extent));
+        let ptrs = &ptrs;
+        // SAFETY: the buffers have the checked lengths and stay borrowed until the scope
+        // has waited for every job; ranges are disjoint and within the grid, and the
+        // kernel is grid-independent (see `SendPtrs`).
+        let work = move |t: u64| {
+            let (lo, hi) = range(t);
+            unsafe { self.call_raw(ptrs.0.as_ptr(), batch, lo, hi) }
+        };
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.in_place_scope(|s| {
+                for t in 1..split {
+                    s.spawn(move |_| work(t));
+                }
+                work(0);
+            })
+        }));
+        ran.map_err(|_| CpuError::Thread { kernel: self.name.clone() })
     }
 }
