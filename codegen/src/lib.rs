@@ -6,9 +6,9 @@
 //! ([`cuda`]: CUDA C, NVRTC, device launches). It never imports the
 //! root crate and knows nothing of layers, the `.pdg` language or gradients. Every backend
 //! renders the same kernel description, so a kernel's meaning is defined once. The
-//! interpreter and the CPU backend share their scalar float semantics (`math`: the `libm`
-//! transcendentals, NaN-propagating `max`/`min`), so the JIT's scalar code matches the
-//! oracle bit for bit.
+//! interpreter and the CPU backend share their scalar float semantics (`math`: one
+//! definition of each transcendental, NaN-propagating `max`/`min`), so the JIT's scalar
+//! code, and its vector code for those functions, match the oracle bit for bit.
 
 pub mod cpu;
 pub mod cuda;

@@ -1,24 +1,27 @@
 //! Scalar float semantics shared by the interpreter and the CPU backend, so that both
-//! compute bit-identical results: the transcendental functions (pure-Rust `libm`, the
-//! same on every platform; the JIT calls these very functions) and NaN-propagating
-//! `max`/`min` (see [`crate::ir::Binary`]).
+//! compute bit-identical results: the transcendental functions (`approx`: one definition
+//! of each, which the JIT's vector code runs on four lanes and the JIT's scalar code calls
+//! as these very functions) and NaN-propagating `max`/`min` (see [`crate::ir::Binary`]).
+
+pub(crate) mod approx;
 
 use crate::ir::{Binary, CmpOp, Unary};
+use approx::Scalar;
 
 pub(crate) extern "C" fn pdgc_expf(x: f32) -> f32 {
-    libm::expf(x)
+    approx::exp(&mut Scalar, x)
 }
 
 pub(crate) extern "C" fn pdgc_logf(x: f32) -> f32 {
-    libm::logf(x)
+    approx::log(&mut Scalar, x)
 }
 
 pub(crate) extern "C" fn pdgc_tanhf(x: f32) -> f32 {
-    libm::tanhf(x)
+    approx::tanh(&mut Scalar, x)
 }
 
 pub(crate) extern "C" fn pdgc_erff(x: f32) -> f32 {
-    libm::erff(x)
+    approx::erf(&mut Scalar, x)
 }
 
 /// IEEE 754-2019 `maximum`: NaN if either operand is NaN, and `+0 > -0`.

@@ -713,6 +713,84 @@ fn backends_agree_on_random_inputs() {
     cross_check(&selects_kernel(), 0, -1.0, 1.0, 1e-5);
 }
 
+/// `exp`, `log`, `tanh`, `erf` on vector lanes are the scalar functions' very operation
+/// sequences: on special values and inputs spread over every binade, the vector JIT, the
+/// scalar JIT and the interpreter agree bit for bit, and the vector loop makes no calls.
+#[test]
+fn vector_functions_agree_bit_for_bit() {
+    const OPS: [Unary; 4] = [Unary::Exp, Unary::Log, Unary::Tanh, Unary::Erf];
+    let len = 64u32;
+    let mut kb = KernelBuilder::new("functions");
+    let x = kb.input("x", &[B, f(len)]);
+    // One output per function: a vector loop stores to each argument at one index only.
+    let ys = OPS.map(|op| kb.output(&format!("{op:?}"), &[B, f(len)]));
+    let [n, i] = [kb.var("n"), kb.var("i")];
+    let stores =
+        OPS.iter().zip(ys).map(|(op, y)| store(y, vec![v(n), v(i)], Expr::un(*op, ld(x, vec![v(n), v(i)])))).collect();
+    let k = kb.finish(n, Extent::Batch, vec![vlp(i, len, stores)]);
+    let text = jit(true).clif_text(&k).unwrap();
+    assert!(!text.contains("call "), "the vector loop still calls a function:\n{text}");
+
+    let specials = [
+        f32::NAN,
+        -f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        0.0,
+        -0.0,
+        f32::MIN_POSITIVE,
+        f32::from_bits(1),
+        -f32::from_bits(1),
+        f32::MAX,
+        f32::MIN,
+        88.72,
+        88.73,
+        -87.5,
+        -103.5,
+        -104.5,
+        0.625,
+        -0.625,
+        0.927_734_4,
+        4.0,
+        -4.5,
+        1.0,
+        -1.0,
+        0.5,
+    ];
+    let batch = 40u64;
+    let mut rng = Rng::new(17);
+    let mut xs: Vec<f32> = specials.to_vec();
+    while xs.len() < (batch * len as u64) as usize {
+        // A random sign, binade and mantissa.
+        let x = f32::from_bits((rng.next_u64() >> 32) as u32);
+        xs.push(if x.is_nan() { 1.5 } else { x });
+        xs.push(rng.vec(1, -12.0, 12.0)[0]);
+    }
+    xs.truncate((batch * len as u64) as usize);
+    let mut results = Vec::new();
+    for be in ALL {
+        let mut bufs = vec![xs.clone(); 1 + OPS.len()];
+        exec(be, &k, &mut bufs, batch);
+        results.push(bufs.split_off(1));
+    }
+    for (o, op) in OPS.iter().enumerate() {
+        assert_bits_eq(&format!("{op:?}: scalar JIT vs interpreter"), &results[1][o], &results[0][o]);
+        assert_bits_eq(&format!("{op:?}: vector JIT vs interpreter"), &results[2][o], &results[0][o]);
+    }
+    let at = |o: usize, j: usize| results[2][o][j];
+    // exp, log, tanh, erf of NaN, inf, -inf, 0, -0 (the first row holds the specials).
+    for (o, op) in OPS.iter().enumerate() {
+        assert!(at(o, 0).is_nan() && at(o, 1).is_nan(), "{op:?} of NaN");
+    }
+    assert_eq!([at(0, 2), at(0, 3), at(0, 4), at(0, 12)], [f32::INFINITY, 0.0, 1.0, f32::INFINITY]);
+    assert_eq!([at(1, 2), at(1, 4), at(1, 5)], [f32::INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY]);
+    assert!(at(1, 3).is_nan() && at(1, 10).is_nan(), "log of a negative number");
+    for o in [2, 3] {
+        assert_eq!([at(o, 2), at(o, 3), at(o, 9), at(o, 10)], [1.0, -1.0, 1.0, -1.0]);
+        assert_eq!([at(o, 4).to_bits(), at(o, 5).to_bits()], [0.0f32.to_bits(), (-0.0f32).to_bits()]);
+    }
+}
+
 #[test]
 fn run_parallel_matches_a_single_thread() {
     let k = conv2d_kernel(&CONV);
@@ -729,6 +807,46 @@ fn run_parallel_matches_a_single_thread() {
         let mut views: Vec<&mut [f32]> = multi.iter_mut().map(|b| b.as_mut_slice()).collect();
         compiled.run_parallel(&mut views, batch, threads).unwrap();
         assert_bits_eq(&format!("conv2d on {threads} threads"), &multi[3], &single[3]);
+    }
+}
+
+#[test]
+fn a_contraction_gives_the_same_bits_on_any_number_of_pool_threads() {
+    // One grid iteration, so the kernel runs on the calling thread and its GEMM on the
+    // pool of the thread count asked for; the GEMM never splits the sum over k.
+    let (m, k, n) = (96u32, 200u32, 130u32);
+    let mut kb = KernelBuilder::new("gemm");
+    let a = kb.input("a", &[f(m), f(k)]);
+    let b = kb.input("b", &[f(k), f(n)]);
+    let c_arg = kb.output("c", &[f(m), f(n)]);
+    let [g, vm, vn, vk] = [kb.var("g"), kb.var("m"), kb.var("n"), kb.var("k")];
+    let contract = Stmt::Contract(Contract {
+        m: vm,
+        n: vn,
+        k: vk,
+        extents: [Extent::Fixed(m), Extent::Fixed(n), Extent::Fixed(k)],
+        a: Operand { arg: a, index: vec![v(vm), v(vk)] },
+        b: Operand { arg: b, index: vec![v(vk), v(vn)] },
+        c: Operand { arg: c_arg, index: vec![v(vm), v(vn)] },
+        accumulate: false,
+    });
+    let kernel = kb.finish(g, Extent::Fixed(1), vec![contract]);
+    let compiled = jit(true).compile(std::slice::from_ref(&kernel)).unwrap().remove(0);
+    let mut rng = Rng::new(3);
+    let inputs = random_bufs(&kernel, 0, &mut rng, -1.0, 1.0);
+    let mut want = inputs.clone();
+    exec(Backend::Interp, &kernel, &mut want, 0);
+    let mut first: Option<Vec<f32>> = None;
+    for threads in [1, 2, 4, 2] {
+        let mut bufs = inputs.clone();
+        let mut views: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        compiled.run_parallel(&mut views, 0, threads).unwrap();
+        let wanted: Vec<f64> = want[2].iter().map(|x| *x as f64).collect();
+        assert_close(&format!("gemm on {threads} threads vs interpreter"), &bufs[2], &wanted, 1e-5);
+        match &first {
+            Some(f) => assert_bits_eq(&format!("gemm on {threads} threads"), &bufs[2], f),
+            None => first = Some(bufs[2].clone()),
+        }
     }
 }
 

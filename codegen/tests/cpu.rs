@@ -141,7 +141,7 @@ fn clif_text_is_deterministic_and_shows_the_vector_path() {
     assert!(!scalar.clif_text(&dot(13)).unwrap().contains("f32x4"));
     // Too short to vectorize.
     assert!(!a.clif_text(&dot(3)).unwrap().contains("f32x4"));
-    // A map through `exp` stays scalar and calls the JIT symbol.
+    // A map through `exp` runs on lanes, with no call; scalar code calls the JIT symbol.
     let mut k = double(8, LoopKind::Vector);
     if let Stmt::Loop(l) = &mut k.grid.body[0] {
         if let Stmt::Store { value, .. } = &mut l.body[0] {
@@ -149,6 +149,8 @@ fn clif_text_is_deterministic_and_shows_the_vector_path() {
         }
     }
     let text = a.clif_text(&k).unwrap();
+    assert!(text.contains("f32x4") && !text.contains("call fn0"), "{text}");
+    let text = scalar.clif_text(&k).unwrap();
     assert!(!text.contains("f32x4") && text.contains("call fn0"), "{text}");
 }
 

@@ -4,10 +4,12 @@
 //! NEON, chosen at run time). Compiled kernels call [`pdgc_sgemm`] as a JIT symbol.
 //!
 //! Threads: a kernel whose grid is split over threads (`CompiledKernel::run_parallel`)
-//! calls the GEMM single-threaded in each worker; a kernel that runs on one thread lets the
-//! GEMM use the session's threads ([`with_threads`]), through rayon's pool. The `gemm`
-//! crate splits the output into blocks, never the sum over `k`, so the result does not
-//! depend on the thread count.
+//! calls the GEMM single-threaded in each worker (a worker's allowance is 1), so the two
+//! levels never nest; a kernel that runs on one thread lets the GEMM use the session's
+//! threads ([`with_threads`]), on the backend's persistent pool of that many workers
+//! (`pool.rs`), which the `gemm` crate's rayon tasks then run on. The `gemm` crate splits
+//! the output into blocks, never the sum over `k`, so the result does not depend on the
+//! thread count.
 
 use std::cell::Cell;
 
@@ -61,22 +63,26 @@ pub(crate) unsafe extern "C" fn pdgc_sgemm(
         return;
     }
     let threads = THREADS.with(Cell::get);
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let pool = if threads > 1 { super::pool::get(threads) } else { None };
+    let parallelism = if pool.is_some() { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // The operands travel to the pool as addresses: `install` returns only when the GEMM
+    // is done, so they stay valid and unaliased (the caller's contract) throughout.
+    let (c, a, b) = (c as usize, a as usize, b as usize);
     // SAFETY: see the function's contract; `gemm` reads `m×k` of `a`, `k×n` of `b` and
     // writes `m×n` of `c` through exactly these strides.
-    unsafe {
+    let run = move || unsafe {
         gemm::gemm(
             m as usize,
             n as usize,
             k as usize,
-            c,
+            c as *mut f32,
             c_cs as isize,
             c_rs as isize,
             accumulate != 0,
-            a,
+            a as *const f32,
             a_cs as isize,
             a_rs as isize,
-            b,
+            b as *const f32,
             b_cs as isize,
             b_rs as isize,
             1.0f32,
@@ -86,5 +92,9 @@ pub(crate) unsafe extern "C" fn pdgc_sgemm(
             false,
             parallelism,
         )
+    };
+    match pool {
+        Some(pool) => pool.install(run),
+        None => run(),
     }
 }

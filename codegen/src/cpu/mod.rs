@@ -9,20 +9,25 @@
 //! Code map: this file owns the JIT module, the compiled-kernel handle and the safe
 //! entry points; `translate` turns one kernel into a Cranelift function (scalar code,
 //! the reference path); `vector` is the F32X4 path for `LoopKind::Vector` loops it can
-//! prove lane-independent, falling back to scalar code for everything else; `gemm` runs
-//! contractions ([`crate::ir::Contract`]) on the `gemm` crate's tuned micro-kernels.
+//! prove lane-independent, falling back to scalar code for everything else; `vmath` emits
+//! `exp`, `log`, `tanh` and `erf` on lanes; `gemm` runs contractions
+//! ([`crate::ir::Contract`]) on the `gemm` crate's tuned micro-kernels.
 //!
 //! Floating point: scalar code computes exactly what [`crate::interp`] computes (same
-//! operations, same order, the same `libm` functions for `exp`, `log`, `tanh`, `erf`,
-//! called as JIT symbols). Vector code reassociates reductions (four lanes, several
+//! operations, same order, the same functions for `exp`, `log`, `tanh`, `erf`, called as
+//! JIT symbols). Vector code computes those four functions lane by lane with the very
+//! operation sequence of the scalar functions (`crate::math::approx`), so they agree bit
+//! for bit too. Vector code reassociates reductions (four lanes, several
 //! vector accumulators) and, where the host has FMA (x86: AVX and FMA; always on aarch64),
 //! fuses `acc + a·b` into one `fma`, so it agrees with the interpreter to rounding, not
 //! to the bit. `Max`/`Min` are Cranelift's NaN-propagating `fmax`/`fmin`, the semantics
 //! [`crate::ir::Binary`] defines.
 
 mod gemm;
+mod pool;
 mod translate;
 mod vector;
+mod vmath;
 
 use std::sync::{Arc, Mutex};
 
@@ -99,7 +104,7 @@ impl Drop for Jit {
     }
 }
 
-/// The `libm` functions compiled code calls, as `(symbol, address)`.
+/// The scalar math functions compiled code calls, as `(symbol, address)`.
 const MATH_SYMBOLS: [(&str, extern "C" fn(f32) -> f32); 4] = [
     ("pdgc_expf", math::pdgc_expf),
     ("pdgc_logf", math::pdgc_logf),
@@ -298,11 +303,12 @@ impl std::fmt::Debug for CompiledKernel {
 struct SendPtrs(Vec<*mut f32>);
 
 // SAFETY: the pointers come from `&mut [f32]` slices that the caller of `run_parallel`
-// lends for the duration of the scoped threads, and each thread runs a disjoint range of
-// grid iterations. `run_parallel` splits only kernels for which `grid_independent` holds:
-// every stored buffer is touched by iteration `g` only at elements whose coordinate in
-// one fixed dim is `g`, so no element is written by one thread and read or written by
-// another; buffers that are only read may be shared freely.
+// lends until the pool scope ends (it waits for every job it spawned, even when one
+// panics), and each job runs a disjoint range of grid iterations. `run_parallel` splits
+// only kernels for which `grid_independent` holds: every stored buffer is touched by
+// iteration `g` only at elements whose coordinate in one fixed dim is `g`, so no element
+// is written by one thread and read or written by another; buffers that are only read may
+// be shared freely.
 unsafe impl Send for SendPtrs {}
 unsafe impl Sync for SendPtrs {}
 
@@ -372,44 +378,36 @@ impl CompiledKernel {
         Ok(())
     }
 
-    /// Runs the whole grid, split into `threads` contiguous ranges on scoped threads
-    /// when the kernel [`is_parallel`](Self::is_parallel), else on the calling thread.
+    /// Runs the whole grid, split into `threads` contiguous ranges when the kernel
+    /// [`is_parallel`](Self::is_parallel), else on the calling thread. The first range
+    /// runs on the calling thread, the others on the persistent pool of `threads` workers.
     pub fn run_parallel(&self, bufs: &mut [&mut [f32]], batch: u64, threads: usize) -> Result<(), CpuError> {
         let extent = self.check(bufs, batch)?;
         let split = (threads.max(1) as u64).min(extent.max(1));
-        if split == 1 || !self.parallel {
+        let pool = if split > 1 && self.parallel { pool::get(threads) } else { None };
+        let Some(pool) = pool else {
             // One thread runs the grid: its contractions may use all the threads.
             return gemm::with_threads(threads, || self.run(bufs, batch, 0, extent));
-        }
-        let threads = split;
+        };
         let ptrs = SendPtrs(bufs.iter_mut().map(|b| b.as_mut_ptr()).collect());
-        let chunk = extent.div_ceil(threads);
-        let failed = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let lo = (t * chunk).min(extent);
-                    let hi = ((t + 1) * chunk).min(extent);
-                    let ptrs = &ptrs;
-                    // SAFETY: the buffers have the checked lengths and stay borrowed until
-                    // the scope ends; ranges are disjoint and within the grid, and the
-                    // kernel is grid-independent (see `SendPtrs`).
-                    let work = move || unsafe { self.call_raw(ptrs.0.as_ptr(), batch, lo, hi) };
-                    match std::thread::Builder::new().spawn_scoped(s, work) {
-                        Ok(h) => Some(h),
-                        // No thread to be had: this range runs here, still disjoint from
-                        // the others.
-                        Err(_) => {
-                            work();
-                            None
-                        }
-                    }
-                })
-                .collect();
-            handles.into_iter().flatten().map(|h| h.join()).filter(Result::is_err).count()
-        });
-        if failed > 0 {
-            return Err(CpuError::Thread { kernel: self.name.clone() });
-        }
-        Ok(())
+        let chunk = extent.div_ceil(split);
+        let range = |t: u64| ((t * chunk).min(extent), ((t + 1) * chunk).min(extent));
+        let ptrs = &ptrs;
+        // SAFETY: the buffers have the checked lengths and stay borrowed until the scope
+        // has waited for every job; ranges are disjoint and within the grid, and the
+        // kernel is grid-independent (see `SendPtrs`).
+        let work = move |t: u64| {
+            let (lo, hi) = range(t);
+            unsafe { self.call_raw(ptrs.0.as_ptr(), batch, lo, hi) }
+        };
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.in_place_scope(|s| {
+                for t in 1..split {
+                    s.spawn(move |_| work(t));
+                }
+                work(0);
+            })
+        }));
+        ran.map_err(|_| CpuError::Thread { kernel: self.name.clone() })
     }
 }

@@ -10,10 +10,10 @@
 //!   of `v` (its flat offset is `v` plus terms without `v`),
 //!
 //! where `e` reads no reduced accumulator and is built from constants, loads that move
-//! one element per step of `v` or do not depend on `v`, other accumulators, `Neg`, `Abs`,
-//! `Sqrt`, the binary ops, and `Select`s over comparisons; any subexpression that does
-//! not depend on `v` (`exp` of a loop-invariant value included) is allowed, and is
-//! computed once in front of the loop. Lanes must be independent: every load of an
+//! one element per step of `v` or do not depend on `v`, other accumulators, the unary ops
+//! (`exp`, `log`, `tanh` and `erf` as the lane versions of their one definition, see
+//! `vmath`), the binary ops, and `Select`s over comparisons; any subexpression that does
+//! not depend on `v` is allowed, and is computed once in front of the loop. Lanes must be independent: every load of an
 //! argument the body stores to uses exactly the index of that store.
 //!
 //! Code: the body runs on four lanes at a time, unrolled up to four times (independent
@@ -29,6 +29,7 @@ use cranelift_codegen::ir::{Endianness, InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::Variable;
 
 use super::translate::{float_cc, internal, Translator};
+use super::vmath;
 use super::CpuError;
 use crate::ir::{AccId, Affine, ArgId, Binary, Cond, Expr, Extent, Kernel, Loop, Stmt, Unary, VarId};
 
@@ -209,8 +210,7 @@ impl Plan<'_> {
                     && self.stored.iter().all(|(a, ix)| a != arg || *ix == index.as_slice())
             }
             Expr::Acc(_) | Expr::Index(_) => false,
-            Expr::Unary(Unary::Neg | Unary::Abs | Unary::Sqrt, x) => self.lanes_ok(x),
-            Expr::Unary(..) => false,
+            Expr::Unary(_, x) => self.lanes_ok(x),
             Expr::Binary(_, a, b) => self.lanes_ok(a) && self.lanes_ok(b),
             Expr::Select { cond, then, otherwise } => {
                 self.cond_lanes_ok(cond) && self.lanes_ok(then) && self.lanes_ok(otherwise)
@@ -502,7 +502,9 @@ impl Translator<'_, '_> {
                 Lanes::Scalar(s) => Lanes::Scalar(self.unary(*op, s)?),
                 Lanes::Vector(v) => match op {
                     Unary::Neg | Unary::Abs | Unary::Sqrt => Lanes::Vector(self.unary(*op, v)?),
-                    _ => return Err(internal(self.k, "a call on vector lanes")),
+                    Unary::Exp | Unary::Log | Unary::Tanh | Unary::Erf => Lanes::Vector(
+                        vmath::unary(&mut self.b, *op, v).ok_or_else(|| internal(self.k, "a function on lanes"))?,
+                    ),
                 },
             },
             Expr::Binary(op, a, b) => match (self.lanes(a)?, self.lanes(b)?) {
@@ -570,6 +572,6 @@ fn vector_flags() -> MemFlagsData {
 }
 
 /// Flags for reinterpreting a lane mask as floats lane by lane.
-fn lane_order() -> MemFlagsData {
+pub(super) fn lane_order() -> MemFlagsData {
     MemFlagsData::new().with_endianness(Endianness::Little)
 }

@@ -21,8 +21,9 @@
 //! sequentially in the thread, exactly in IR order; accumulators are registers.
 //!
 //! Floating point: constants print so that they parse back to the same bits; `exp`, `log`,
-//! `tanh`, `erf` are CUDA's `expf`, `logf`, `tanhf`, `erff` (within a few ulps of the `libm`
-//! functions the interpreter uses, not bit-equal); NVRTC may contract `a·b + c` into an FMA.
+//! `tanh`, `erf` are CUDA's `expf`, `logf`, `tanhf`, `erff` (within a few ulps of the
+//! approximations the interpreter uses, `math::approx`, not bit-equal); NVRTC may contract
+//! `a·b + c` into an FMA.
 //! So CUDA results agree with the interpreter to rounding, as the CPU's vector code does.
 //!
 //! Integer indices are 64-bit (`long long`): a buffer's length depends on the run-time batch,
