@@ -370,16 +370,6 @@ fn zeros_like(params: &Params) -> TensorMap {
     params.tensors.iter().map(|(k, t)| (k.clone(), Tensor::zeros(t.shape.clone()))).collect()
 }
 
-fn add_into(acc: &mut TensorMap, part: &TensorMap) -> Result<()> {
-    for (name, t) in acc.iter_mut() {
-        let p = part.get(name).ok_or_else(|| Error::Internal(format!("no partial sum for `{name}`")))?;
-        for (a, &b) in t.data.iter_mut().zip(&p.data) {
-            *a += b;
-        }
-    }
-    Ok(())
-}
-
 /// Adds `N(0, std²)` to every coordinate (drawn in f64, in parameter-name order) and divides
 /// by `divisor`.
 pub fn add_noise_and_scale(sum: &mut TensorMap, std: f64, divisor: f64, rng: &mut ChaCha20Rng) {
@@ -409,7 +399,7 @@ impl Session {
             } else {
                 self.clipped_grad_sum(params, &batch.slice(start, end), clip)?
             };
-            add_into(&mut out.sum, &part.sum)?;
+            crate::tensor::add_into(&mut out.sum, &part.sum)?;
             out.norms.extend(part.norms);
             out.loss.extend(part.loss);
             start = end;
@@ -462,7 +452,7 @@ impl Session {
             let end = (start + self.max_batch()).min(n);
             let part = batch.slice(start, end);
             let (g, loss) = self.batch_grad_and_loss(params, &part)?;
-            add_into(&mut grad, &g)?;
+            crate::tensor::add_into(&mut grad, &g)?;
             losses.extend(loss);
             start = end;
         }

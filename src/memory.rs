@@ -161,7 +161,11 @@ pub fn micro_batch(
 ) -> Result<Layout, Layout> {
     let fits = |b: u64| {
         let l = layout(program, kind, b, keep);
-        (l.bytes() <= budget).then_some(l).ok_or_else(|| layout(program, kind, b, keep))
+        if l.bytes() <= budget {
+            Ok(l)
+        } else {
+            Err(l)
+        }
     };
     let full = fits(max_batch.max(1));
     if full.is_ok() || max_batch <= 1 {

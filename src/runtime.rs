@@ -449,6 +449,10 @@ impl Session {
     /// A result of the run just made on `batch` examples.
     fn read(&self, role: &Role, batch: usize) -> Result<Tensor> {
         let id = self.program.find(role).ok_or_else(|| Error::Internal(format!("no buffer for {role:?}")))?;
+        self.read_buffer(id, batch)
+    }
+
+    fn read_buffer(&self, id: BufId, batch: usize) -> Result<Tensor> {
         let decl = self.program.buffer(id);
         let mut shape = decl.shape.clone();
         if decl.batched {
@@ -464,9 +468,9 @@ impl Session {
                 c.dev.download(&c.buffers[id.0 as usize], len).map_err(|e| Error::Device(e.to_string()))?
             }
             _ => {
-                let r = self
-                    .range(id, batch as u64)
-                    .ok_or_else(|| Error::Internal(format!("{role:?} is not a result of the entry just run")))?;
+                let r = self.range(id, batch as u64).ok_or_else(|| {
+                    Error::Internal(format!("buffer {} is not a result of the entry just run", decl.name))
+                })?;
                 self.arena[r].to_vec()
             }
         };
@@ -529,16 +533,12 @@ impl Session {
 
     /// The network's output (logits or prediction) `[B, ...]`.
     pub fn forward(&mut self, params: &Params, batch: &Batch) -> Result<Tensor> {
-        let out = self.graph.loss.input();
-        let role = match &self.graph.node(out).op {
-            crate::graph::Op::Input { name } => Role::Input(name.clone()),
-            _ => Role::Activation(out.0),
-        };
+        let out = *self.output.first().ok_or_else(|| Error::Internal("the program has no output buffer".into()))?;
         let mut shape = vec![0];
-        shape.extend(&self.graph.node(out).shape);
+        shape.extend(&self.program.buffer(out).shape);
         let mut data = Vec::new();
         self.each_run(EntryKind::Loss, params, batch, None, |s, _, b| {
-            data.extend(s.read(&role, b)?.data);
+            data.extend(s.read_buffer(out, b)?.data);
             Ok(())
         })?;
         shape[0] = batch.size()?;
@@ -555,7 +555,7 @@ impl Session {
         let mut sum: Option<TensorMap> = None;
         let mut loss = Vec::new();
         self.each_run(EntryKind::BatchGrad, params, batch, None, |s, _, b| {
-            add_into(&mut sum, s.per_param(b, Role::BatchGrad)?);
+            add_run(&mut sum, s.per_param(b, Role::BatchGrad)?)?;
             loss.extend(s.read(&Role::Loss, b)?.data);
             Ok(())
         })?;
@@ -621,7 +621,7 @@ impl Session {
         let mut sum: Option<TensorMap> = None;
         let (mut norms, mut loss) = (Vec::new(), Vec::new());
         self.each_run(EntryKind::ClippedSum, params, batch, Some(clip), |s, _, b| {
-            add_into(&mut sum, s.per_param(b, Role::ClippedSum)?);
+            add_run(&mut sum, s.per_param(b, Role::ClippedSum)?)?;
             norms.extend(s.read(&Role::Norms, b)?.data);
             loss.extend(s.read(&Role::Loss, b)?.data);
             Ok(())
@@ -632,19 +632,12 @@ impl Session {
 
 /// Adds a micro-batch's sums into the running ones (the first run's sums are taken as
 /// they are, so a batch that fits in one run gives exactly the one-run result).
-fn add_into(acc: &mut Option<TensorMap>, part: TensorMap) {
+fn add_run(acc: &mut Option<TensorMap>, part: TensorMap) -> Result<()> {
     match acc {
         None => *acc = Some(part),
-        Some(acc) => {
-            for (name, t) in acc.iter_mut() {
-                if let Some(p) = part.get(name) {
-                    for (a, &b) in t.data.iter_mut().zip(&p.data) {
-                        *a += b;
-                    }
-                }
-            }
-        }
+        Some(acc) => crate::tensor::add_into(acc, &part)?,
     }
+    Ok(())
 }
 
 /// Disjoint mutable slices of `arena`, one per range, in the order given. The buffer plan

@@ -15,6 +15,18 @@ use safetensors::SafeTensors;
 use crate::error::{Error, Result};
 use crate::graph::{numel, Graph, LabelSpec, Op};
 
+/// Adds `part` into `acc` tensor by tensor (sums over micro-batches); every tensor of `acc`
+/// must have its counterpart in `part`.
+pub fn add_into(acc: &mut TensorMap, part: &TensorMap) -> Result<()> {
+    for (name, t) in acc.iter_mut() {
+        let p = part.get(name).ok_or_else(|| Error::Internal(format!("no partial sum for `{name}`")))?;
+        for (a, &b) in t.data.iter_mut().zip(&p.data) {
+            *a += b;
+        }
+    }
+    Ok(())
+}
+
 /// A dense row-major f32 tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
