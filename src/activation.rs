@@ -63,7 +63,8 @@ impl Activation {
     /// cheaper, and with selects where PyTorch's backward is piecewise).
     pub fn backward(self, x: Expr, y: Expr, dy: Expr) -> Expr {
         match self {
-            Activation::Relu => Expr::select(x, Cmp::Gt, num(0.0), dy, num(0.0)),
+            // y > 0 exactly where x > 0, and the backward then needs only the output.
+            Activation::Relu => Expr::select(y, Cmp::Gt, num(0.0), dy, num(0.0)),
             Activation::LeakyRelu { slope } => {
                 Expr::select(x, Cmp::Gt, num(0.0), dy.clone(), Expr::mul(vec![num(slope), dy]))
             }

@@ -597,6 +597,7 @@ fn load_module(path: &Path, args: &PlanArgs) -> Result<pdgc::Module, String> {
         device: opts.device,
         memory_budget: opts.memory_budget,
         overrides: opts.overrides,
+        chunk_bytes: pdgc::lower::CHUNK_BYTES,
     };
     pdgc::Module::from_source(&path.display().to_string(), &src, &options).map_err(|e| e.to_string())
 }

@@ -9,7 +9,9 @@
 //! Lifetimes, in launch order: a buffer the session binds before the run (parameters,
 //! inputs, labels, the clip norm) lives from the start; a buffer the session reads after
 //! the run (losses, norms, gradients, sums, the network's output) lives to the end; every
-//! other buffer lives from the first to the last launch that binds it. This relies on the
+//! other buffer lives from the first to the last launch that binds it, where a launch of a
+//! chunk group counts as the whole group (its launches run interleaved, chunk after chunk,
+//! so a buffer one of them binds must survive them all). This relies on the
 //! lowering invariant that within an entry a buffer's first writer overwrites it, never
 //! reading what an earlier run or another buffer left there; the session poisons the arena
 //! in debug builds so that a violation shows up as NaN in the numeric tests.
@@ -18,7 +20,7 @@
 //! a session cuts a larger batch into runs of that size (`runtime`).
 
 use crate::graph::{Graph, Op};
-use crate::lower::{BufId, EntryKind, Program, Role};
+use crate::lower::{BufId, EntryKind, LaunchMode, Program, Role};
 
 /// Offsets are multiples of this many `f32`s (64 bytes).
 const ALIGN: u64 = 16;
@@ -67,14 +69,26 @@ pub fn layout(program: &Program, kind: EntryKind, batch: u64, keep: &[BufId]) ->
     let n = program.buffers.len();
     // Lifetimes in half-steps: launch i is at 2i + 1; binding is at 0, reading at the end.
     let end = 2 * entry.launches.len() as u64 + 2;
+    // A chunk group's launches run interleaved, chunk after chunk: every buffer one of
+    // them binds is live over the whole group.
+    let span = |i: usize| -> (u64, u64) {
+        let t = |i: usize| 2 * i as u64 + 1;
+        let mode = entry.launches[i].mode;
+        if !matches!(mode, LaunchMode::Chunked { .. }) {
+            return (t(i), t(i));
+        }
+        let first = (0..=i).rev().take_while(|&j| entry.launches[j].mode == mode).last().unwrap_or(i);
+        let last = (i..entry.launches.len()).take_while(|&j| entry.launches[j].mode == mode).last().unwrap_or(i);
+        (t(first), t(last))
+    };
     let mut live: Vec<Option<(u64, u64)>> = vec![None; n];
     for (i, launch) in entry.launches.iter().enumerate() {
-        let t = 2 * i as u64 + 1;
+        let (first, last) = span(i);
         for id in &launch.args {
             let slot = &mut live[id.0 as usize];
             *slot = Some(match *slot {
-                None => (t, t),
-                Some((a, _)) => (a, t),
+                None => (first, last),
+                Some((a, _)) => (a, last),
             });
         }
     }

@@ -41,11 +41,25 @@ pub struct CompileOptions {
     pub memory_budget: Option<u64>,
     /// `layer=strategy` overrides.
     pub overrides: Vec<(String, Strategy)>,
+    /// The most bytes of im2col columns a conv's launches hold at once; beyond it they run
+    /// in chunks of examples (see [`crate::lower::LaunchMode::Chunked`]).
+    #[serde(default = "default_chunk_bytes")]
+    pub chunk_bytes: u64,
+}
+
+fn default_chunk_bytes() -> u64 {
+    crate::lower::CHUNK_BYTES
 }
 
 impl CompileOptions {
     pub fn new(batch: usize) -> CompileOptions {
-        CompileOptions { batch, device: DeviceProfile::cpu2(), memory_budget: None, overrides: Vec::new() }
+        CompileOptions {
+            batch,
+            device: DeviceProfile::cpu2(),
+            memory_budget: None,
+            overrides: Vec::new(),
+            chunk_bytes: crate::lower::CHUNK_BYTES,
+        }
     }
 
     fn plan_options(&self, goal: Goal) -> PlanOptions {
@@ -106,7 +120,11 @@ impl Module {
             plan(&graph, &options.plan_options(Goal::Norms)),
             plan(&graph, &options.plan_options(Goal::ClippedSum)),
         ];
-        let program = lower(&graph, &grads, &Plans { grads: &plans[0], norms: &plans[1], clipped_sum: &plans[2] })?;
+        let program = lower(
+            &graph,
+            &grads,
+            &Plans { grads: &plans[0], norms: &plans[1], clipped_sum: &plans[2], chunk_bytes: options.chunk_bytes },
+        )?;
         // The one check of sizes that depend on the batch or the plan (the per-example ones
         // were diagnostics of `check`), before any kernel is compiled or buffer allocated.
         crate::check::limits::check_buffers(name, source, &graph, &program, options.batch)?;

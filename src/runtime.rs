@@ -357,8 +357,8 @@ impl Session {
         }
         self.upload_inputs(batch)?;
         let program = Arc::clone(&self.program);
-        let entry = program.entry(kind);
-        for launch in &entry.launches {
+        let launches = &program.entry(kind).launches;
+        for launch in launches {
             let mut seen = launch.args.clone();
             seen.sort();
             seen.dedup();
@@ -368,6 +368,10 @@ impl Session {
                     program.kernels[launch.kernel].name
                 )));
             }
+        }
+        let mut i = 0;
+        while i < launches.len() {
+            let launch = &launches[i];
             match launch.mode {
                 LaunchMode::Grid => self.launch(&program, launch.kernel, &launch.args, batch as u64, None)?,
                 LaunchMode::PerExample => {
@@ -375,20 +379,37 @@ impl Session {
                         self.launch(&program, launch.kernel, &launch.args, 1, Some(n))?;
                     }
                 }
+                LaunchMode::Chunked { group, examples } => {
+                    // The group's launches run together on each chunk of examples.
+                    let len = launches[i..].iter().take_while(|l| l.mode == launch.mode).count();
+                    let step = (examples as usize).max(1);
+                    for start in (0..batch).step_by(step) {
+                        let rows = step.min(batch - start);
+                        for l in &launches[i..i + len] {
+                            self.launch(&program, l.kernel, &l.args, rows as u64, Some(start))?;
+                        }
+                    }
+                    debug_assert!(launches[i + len..].iter().all(|l| !matches!(l.mode,
+                        LaunchMode::Chunked { group: g, .. } if g == group)));
+                    i += len;
+                    continue;
+                }
             }
+            i += 1;
         }
         Ok(())
     }
 
-    /// Launches one kernel. With `example = Some(n)`, batched buffers are narrowed to
-    /// example `n` and the kernel sees a batch of one.
+    /// Launches one kernel on `batch` examples. With `start = Some(n)`, batched buffers
+    /// are narrowed to examples `n..n + batch` (a chunk workspace to its first `batch`
+    /// examples) and the kernel sees a batch of `batch`.
     fn launch(
         &mut self,
         program: &Program,
         kernel: usize,
         args: &[BufId],
         batch: u64,
-        example: Option<usize>,
+        start: Option<usize>,
     ) -> Result<()> {
         let started = self.profile.is_some().then(std::time::Instant::now);
         if let Executor::Cuda(c) = &self.executor {
@@ -397,13 +418,8 @@ impl Session {
                 .map(|id| {
                     let decl = program.buffer(*id);
                     let buffer = &c.buffers[id.0 as usize];
-                    match (example, decl.batched) {
-                        (Some(n), true) => {
-                            let per = decl.per_example_len() as usize;
-                            View { buffer, offset: n * per, len: per }
-                        }
-                        _ => View { buffer, offset: 0, len: decl.len(batch) as usize },
-                    }
+                    let (offset, len) = narrow(decl, start, batch);
+                    View { buffer, offset, len }
                 })
                 .collect();
             c.dev.launch(&c.module, kernel, &views, batch).map_err(|e| Error::Backend(e.to_string()))?;
@@ -420,13 +436,8 @@ impl Session {
             let whole = self.range(*id, batch).ok_or_else(|| {
                 Error::Internal(format!("buffer {} of kernel {} has no place in the arena", decl.name, kernel))
             })?;
-            ranges.push(match (example, decl.batched) {
-                (Some(n), true) => {
-                    let per = decl.per_example_len() as usize;
-                    whole.start + n * per..whole.start + (n + 1) * per
-                }
-                _ => whole,
-            });
+            let (offset, len) = narrow(decl, start, batch);
+            ranges.push(whole.start + offset..whole.start + offset + len);
         }
         let mut slices = carve(&mut self.arena, &ranges)?;
         let result = match &self.executor {
@@ -627,6 +638,17 @@ impl Session {
             Ok(())
         })?;
         Ok(ClippedSum { sum: sum.unwrap_or_default(), norms, loss })
+    }
+}
+
+/// The part of a buffer a launch on `batch` examples from `start` binds, as (offset, length)
+/// in elements: the examples' rows of a batched buffer, the first `batch` examples of a
+/// chunk workspace, a whole unbatched buffer.
+fn narrow(decl: &crate::lower::BufferDecl, start: Option<usize>, batch: u64) -> (usize, usize) {
+    let len = decl.len(batch) as usize;
+    match (start, decl.batched, decl.chunk) {
+        (Some(n), true, None) => (n * decl.per_example_len() as usize, len),
+        _ => (0, len),
     }
 }
 

@@ -122,6 +122,100 @@ fn the_interpreter_micro_batches_bit_for_bit() {
     assert_eq!(small.per_example_norms(&params, &batch).unwrap(), one.per_example_norms(&params, &batch).unwrap());
 }
 
+const CONVS: &str = "
+model convs {
+    input x: [4, 9, 9];
+    label y: classes(3);
+    a = relu(c1: conv2d(x, 6, kernel=3, padding=1));
+    b = tanh(c2: conv2d(a, 6, kernel=3, stride=2, groups=2));
+    c = relu(c3: conv2d(b, 4, kernel=2, dilation=2, padding=1));
+    logits = fc: linear(flatten(c), 3);
+    loss cross_entropy(logits, y);
+}
+";
+
+/// Every entry point of `a` and `b` (same model, same batch) agrees: bit for bit, or
+/// within 1e-5 relative.
+fn assert_sessions_agree(
+    a: &mut pdgc::Session,
+    b: &mut pdgc::Session,
+    params: &pdgc::Params,
+    batch: &Batch,
+    exact: bool,
+) {
+    let check = |what: &str, x: &[f32], y: &[f32]| {
+        if exact {
+            assert_eq!(x, y, "{what}");
+        } else {
+            assert_close(what, x, y);
+        }
+    };
+    let maps = |what: &str, x: &TensorMap, y: &TensorMap| {
+        assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+        for (name, t) in x {
+            assert_eq!(t.shape, y[name].shape);
+            check(&format!("{what} `{name}`"), &t.data, &y[name].data);
+        }
+    };
+    check("loss", &a.loss(params, batch).unwrap(), &b.loss(params, batch).unwrap());
+    let (g, l) = a.batch_grad_and_loss(params, batch).unwrap();
+    let (g1, l1) = b.batch_grad_and_loss(params, batch).unwrap();
+    check("loss", &l, &l1);
+    maps("batch gradient", &g, &g1);
+    maps(
+        "per-example gradients",
+        &a.per_example_grads(params, batch).unwrap(),
+        &b.per_example_grads(params, batch).unwrap(),
+    );
+    check("norms", &a.per_example_norms(params, batch).unwrap(), &b.per_example_norms(params, batch).unwrap());
+    let (c, c1) = (a.clipped_grad_sum(params, batch, 0.5).unwrap(), b.clipped_grad_sum(params, batch, 0.5).unwrap());
+    check("clipped-sum norms", &c.norms, &c1.norms);
+    maps("clipped sum", &c.sum, &c1.sum);
+}
+
+/// Conv launches run in chunks of examples when their im2col columns are large. Forced
+/// here with a chunk budget of one byte (one example per chunk), every entry point gives
+/// the batched launches' results, for each strategy that reads columns (unfold, ghost and
+/// its book-keeping, and naive, whose columns stay batched), strided, grouped and dilated:
+/// bit for bit in the interpreter, within 1e-5 relative on the CPU, where the GEMM library
+/// may block a chunk of one example differently from a batch.
+#[test]
+fn chunked_conv_launches_give_the_batched_results() {
+    use pdgc::lower::LaunchMode;
+    use pdgc::ops::Strategy;
+    for overrides in [
+        vec![("c1", Strategy::Unfold), ("c2", Strategy::Ghost), ("c3", Strategy::Naive)],
+        vec![("c1", Strategy::Ghost), ("c2", Strategy::Naive), ("c3", Strategy::Unfold)],
+    ] {
+        let mut opts = CompileOptions::new(5);
+        opts.overrides = overrides.iter().map(|(l, s)| (l.to_string(), *s)).collect();
+        let batched = Module::from_source("convs.pdg", CONVS, &opts).expect("compiles");
+        opts.chunk_bytes = 1;
+        let chunked = Module::from_source("convs.pdg", CONVS, &opts).expect("compiles");
+        let groups = |m: &Module| {
+            m.program
+                .entries
+                .iter()
+                .flat_map(|e| &e.launches)
+                .filter(|l| matches!(l.mode, LaunchMode::Chunked { .. }))
+                .count()
+        };
+        assert_eq!(groups(&batched), 0);
+        assert!(groups(&chunked) > 0);
+        for kind in EntryKind::ALL {
+            let (b, c) = (budget_for(&batched, kind, 5), budget_for(&chunked, kind, 5));
+            assert!(c < b, "{kind:?}: chunks hold less than the batch ({c} vs {b} bytes)");
+        }
+        let params = batched.init_params(7);
+        let batch = Batch::random(&batched.graph, 5, 8);
+        for (device, exact) in [(Device::Interpreter, true), (Device::Cpu, false)] {
+            let mut a = chunked.session(device).expect("session");
+            let mut b = batched.session(device).expect("session");
+            assert_sessions_agree(&mut a, &mut b, &params, &batch, exact);
+        }
+    }
+}
+
 #[test]
 fn a_budget_below_one_example_is_a_typed_error() {
     let m = cifar(4);

@@ -123,34 +123,48 @@ fn a_first_conv_on_32x32_materializes() {
 }
 
 #[test]
-fn a_tight_memory_budget_changes_the_plan() {
+fn a_tight_memory_budget_splits_the_batch_before_it_changes_strategies() {
     let g = graph_of_source(&sample("cifar_cnn"));
     let free = plan_at(&g, 256, DeviceProfile::h200());
     assert!(free.layers.iter().all(|l| !l.budget_forced));
     assert_eq!(free.micro_batch, 256);
 
-    // Halfway between the non-private footprint and the unconstrained peak: some layers
-    // switch to leaner strategies.
+    // Halfway between the non-private footprint and the unconstrained peak: the batch runs
+    // in micro-batches with the fastest strategies at that size, and the plan says so.
     let budget = free.totals.nonprivate_memory + (free.totals.peak_memory - free.totals.nonprivate_memory) / 2;
     let mut opts = PlanOptions::new(256, DeviceProfile::h200());
     opts.memory_budget = Some(budget);
     let tight = plan(&g, &opts);
     assert!(tight.totals.peak_memory <= budget);
-    assert_eq!(tight.micro_batch, 256);
-    let switched: Vec<&LayerPlan> = tight.layers.iter().filter(|l| l.budget_forced).collect();
+    assert!(tight.micro_batch < 256 && tight.micro_batch > 1, "{}", tight.micro_batch);
+    let fastest = plan_at(&g, tight.micro_batch, DeviceProfile::h200());
+    for l in &tight.layers {
+        assert!(!l.budget_forced, "{}: {}", l.layer, l.why);
+        assert_eq!(l.chosen, layer(&fastest, &l.layer).chosen, "{}", l.layer);
+    }
+    assert!(tight.notes.iter().any(|n| n.contains("micro-batches")), "{:?}", tight.notes);
+
+    // Below one example with the fastest strategies: only now do layers switch to leaner
+    // ones, at micro-batch 1.
+    let one = plan_at(&g, 1, DeviceProfile::h200());
+    let budget = one.totals.nonprivate_memory + (one.totals.peak_memory - one.totals.nonprivate_memory) / 2;
+    opts.memory_budget = Some(budget);
+    let lean = plan(&g, &opts);
+    assert_eq!(lean.micro_batch, 1);
+    assert!(lean.totals.peak_memory <= budget);
+    let switched: Vec<&LayerPlan> = lean.layers.iter().filter(|l| l.budget_forced).collect();
     assert!(!switched.is_empty());
     for l in &switched {
-        assert_ne!(l.chosen, layer(&free, &l.layer).chosen);
+        assert_ne!(l.chosen, layer(&one, &l.layer).chosen);
         assert!(l.why.starts_with("memory:"), "{}", l.why);
     }
-    assert!(tight.totals.private_seconds >= free.totals.private_seconds);
+    assert!(lean.totals.private_seconds >= 256.0 * one.totals.private_seconds * 0.999);
 
-    // Far below: the batch is split into micro-batches, and the plan says so.
-    opts.memory_budget = Some(free.totals.nonprivate_memory / 3);
-    let split = plan(&g, &opts);
-    assert!(split.micro_batch < 256);
-    assert!(split.totals.peak_memory <= free.totals.nonprivate_memory / 3);
-    assert!(split.notes.iter().any(|n| n.contains("micro-batches")), "{:?}", split.notes);
+    // Below even the leanest plan of one example: planned anyway, and said.
+    opts.memory_budget = Some(one.totals.nonprivate_memory / 2);
+    let over = plan(&g, &opts);
+    assert_eq!(over.micro_batch, 1);
+    assert!(over.notes.iter().any(|n| n.contains("even one example")), "{:?}", over.notes);
 }
 
 #[test]

@@ -125,7 +125,13 @@ fn compile(
         })?;
         overrides.push((layer, st));
     }
-    let options = CompileOptions { batch: batch.unwrap_or(32), device: profile, memory_budget, overrides };
+    let options = CompileOptions {
+        batch: batch.unwrap_or(32),
+        device: profile,
+        memory_budget,
+        overrides,
+        chunk_bytes: pdgc::lower::CHUNK_BYTES,
+    };
     let inner = pdgc::Module::from_source(&name, &source, &options).map_err(to_py)?;
     Ok(Module { inner, goal, device })
 }

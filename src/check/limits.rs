@@ -100,7 +100,11 @@ pub(super) fn check_layer(op: &str, built: &Built, input: &[usize], span: Span) 
 pub fn check_buffers(name: &str, source: &str, graph: &Graph, program: &Program, batch: usize) -> Result<()> {
     for b in &program.buffers {
         let per_example = b.per_example_len();
-        let examples = if b.batched { batch as u128 } else { 1 };
+        let examples = match (b.batched, b.chunk) {
+            (true, Some(k)) => (batch as u128).min(u128::from(k)),
+            (true, None) => batch as u128,
+            (false, _) => 1,
+        };
         let elements = examples * per_example as u128;
         let limit = if per_example > MAX_EXAMPLE_ELEMENTS {
             MAX_EXAMPLE_ELEMENTS
@@ -145,7 +149,8 @@ fn describe(role: &Role, graph: &Graph, name: &str, source: &str) -> String {
         Role::Param(p) => format!("the parameter {}", param(p)),
         Role::Activation(id) => format!("the output of {}", node(*id)),
         Role::ActivationGrad(id) => format!("the gradient of the output of {}", node(*id)),
-        Role::Saved(id, what) if what == "cols" || what == "dcols" => format!("the im2col columns of {}", node(*id)),
+        Role::Columns(id, what) if what == "dcols" => format!("the gradient of the im2col columns of {}", node(*id)),
+        Role::Columns(id, _) => format!("the im2col columns of {}", node(*id)),
         Role::Saved(id, what) => format!("the saved `{what}` of {}", node(*id)),
         Role::PerExampleGrad(p) => format!("the per-example gradients of {}", param(p)),
         Role::BatchGrad(p) => format!("the batch gradient of {}", param(p)),

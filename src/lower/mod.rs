@@ -48,6 +48,9 @@ pub enum Role {
     Activation(u32),
     /// Saved by a norm's forward for its backward: `xhat` or `rstd`.
     Saved(u32, String),
+    /// A conv's im2col columns for one use (`fwd`, `wgrad`, `bookkeep`), or their gradient
+    /// (`dcols`): workspaces recomputed where needed, never kept across a pass.
+    Columns(u32, String),
     ActivationGrad(u32),
     Loss,
     PerExampleGrad(String),
@@ -68,6 +71,10 @@ pub struct BufferDecl {
     /// Per-example shape (without the batch dim).
     pub shape: Vec<usize>,
     pub role: Role,
+    /// `Some(k)`: a workspace of one chunk group (see [`LaunchMode::Chunked`]), holding `k`
+    /// examples however large the batch; every launch that binds it is in that group.
+    #[serde(default)]
+    pub chunk: Option<u32>,
 }
 
 impl BufferDecl {
@@ -75,11 +82,12 @@ impl BufferDecl {
         numel(&self.shape)
     }
 
+    /// Elements the buffer holds for a run on `batch` examples.
     pub fn len(&self, batch: u64) -> u64 {
-        if self.batched {
-            batch * self.per_example_len()
-        } else {
-            self.per_example_len()
+        match (self.batched, self.chunk) {
+            (true, Some(k)) => batch.min(u64::from(k)) * self.per_example_len(),
+            (true, None) => batch * self.per_example_len(),
+            (false, _) => self.per_example_len(),
         }
     }
 }
@@ -90,6 +98,11 @@ pub enum LaunchMode {
     Grid,
     /// One launch per example, each seeing a batch of 1 (the `naive` strategy).
     PerExample,
+    /// One launch of chunk group `group`: the group's launches (consecutive in the entry)
+    /// run together on `examples` examples at a time, each seeing a batch of that many,
+    /// so that the workspaces only they use (an im2col's columns) hold one chunk instead
+    /// of the batch. Every kernel of a group computes each example on its own.
+    Chunked { group: u32, examples: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,6 +175,9 @@ pub struct Plans<'a> {
     pub grads: &'a Plan,
     pub norms: &'a Plan,
     pub clipped_sum: &'a Plan,
+    /// The most bytes of im2col columns a conv's launches hold at once (normally
+    /// [`CHUNK_BYTES`]).
+    pub chunk_bytes: u64,
 }
 
 struct Lowering<'g> {
@@ -172,11 +188,15 @@ struct Lowering<'g> {
     by_name: HashMap<String, usize>,
     act: Vec<BufId>,
     grad: Vec<BufId>,
-    /// Saved by a node's forward for its backward: norms' `xhat`/`rstd`, convs' `cols`
-    /// (im2col) and `dcols` (their gradient).
+    /// Saved by a norm's forward for its backward: `xhat` and `rstd`.
     saved: HashMap<(u32, &'static str), BufId>,
     params: HashMap<String, BufId>,
     extra: HashMap<Role, BufId>,
+    /// The largest batch the program runs (chunk groups smaller than it pay off).
+    batch: usize,
+    chunk_bytes: u64,
+    /// Chunk groups made so far.
+    groups: u32,
 }
 
 /// Stage 5: the program of `graph`, whose per-example backward pass `differentiate`
@@ -193,17 +213,18 @@ pub fn lower(graph: &Graph, grads: &GradGraph, plans: &Plans<'_>) -> Result<Prog
         saved: HashMap::new(),
         params: HashMap::new(),
         extra: HashMap::new(),
+        batch: plans.grads.batch.max(1),
+        chunk_bytes: plans.chunk_bytes,
+        groups: 0,
     };
     l.declare_buffers();
     let forward = l.forward()?;
-    let backward = |l: &mut Lowering| l.backward_inputs();
 
     let mut entries = Vec::new();
     entries.push(Entry { kind: EntryKind::Loss, launches: forward.clone() });
 
     let mut launches = forward.clone();
-    launches.extend(backward(&mut l)?);
-    launches.extend(l.batch_grads()?);
+    launches.extend(l.backward(ParamWork::Batch)?);
     entries.push(Entry { kind: EntryKind::BatchGrad, launches });
 
     for (kind, plan) in [
@@ -212,11 +233,27 @@ pub fn lower(graph: &Graph, grads: &GradGraph, plans: &Plans<'_>) -> Result<Prog
         (EntryKind::ClippedSum, plans.clipped_sum),
     ] {
         let mut launches = forward.clone();
-        launches.extend(backward(&mut l)?);
-        launches.extend(l.per_example(plan, kind)?);
+        launches.extend(l.backward(ParamWork::PerExample(plan, kind))?);
+        launches.extend(l.clip_and_sum(plan, kind)?);
         entries.push(Entry { kind, launches });
     }
     Ok(Program { buffers: l.buffers, kernels: l.kernels, entries })
+}
+
+/// The most bytes of im2col columns a conv's launches hold at once by default: beyond it,
+/// they run in chunks of examples (64 MiB keeps every GEMM of a chunk large: a 3x3 conv on
+/// 224x224 with 64 input channels has 115 MB of columns per example, one example a chunk).
+pub const CHUNK_BYTES: u64 = 64 << 20;
+
+/// The parameter gradients a backward pass computes, layer by layer as each layer's output
+/// gradient is complete (so that gradients and columns die early).
+#[derive(Clone, Copy)]
+enum ParamWork<'p> {
+    /// The non-private gradient, summed over the batch.
+    Batch,
+    /// Per-example gradients, their squared norms, or what the clipped sum needs, each
+    /// layer by its planned strategy.
+    PerExample(&'p Plan, EntryKind),
 }
 
 fn strategy_of(plan: &Plan, node: NodeId) -> Strategy {
@@ -225,7 +262,7 @@ fn strategy_of(plan: &Plan, node: NodeId) -> Strategy {
 
 impl<'g> Lowering<'g> {
     fn buffer(&mut self, name: String, batched: bool, shape: Vec<usize>, role: Role) -> BufId {
-        self.buffers.push(BufferDecl { name, batched, shape, role });
+        self.buffers.push(BufferDecl { name, batched, shape, role, chunk: None });
         BufId(self.buffers.len() as u32 - 1)
     }
 
@@ -268,15 +305,6 @@ impl<'g> Lowering<'g> {
                 _ => self.buffer(format!("grad{}", n.id.0), true, n.shape.clone(), Role::ActivationGrad(n.id.0)),
             };
             self.grad.push(id);
-            if let Op::Conv(c) = &n.op {
-                let cg = ConvGemm::of(c, &n.shape);
-                let shape = vec![cg.groups, cg.d, cg.positions];
-                let cols =
-                    self.buffer(format!("cols{}", n.id.0), true, shape.clone(), Role::Saved(n.id.0, "cols".into()));
-                let dcols = self.buffer(format!("dcols{}", n.id.0), true, shape, Role::Saved(n.id.0, "dcols".into()));
-                self.saved.insert((n.id.0, "cols"), cols);
-                self.saved.insert((n.id.0, "dcols"), dcols);
-            }
             if let Some(geom) = norm_geom(n) {
                 let x =
                     self.buffer(format!("xhat{}", n.id.0), true, n.shape.clone(), Role::Saved(n.id.0, "xhat".into()));
@@ -287,6 +315,73 @@ impl<'g> Lowering<'g> {
             }
         }
         self.extra(Role::Loss, "loss", true, vec![]);
+    }
+
+    /// The im2col columns of conv `node` for one use (`fwd`, `wgrad`, `bookkeep`) and the
+    /// launch that computes them. Each use has its own workspace, written just before its
+    /// readers, so no conv keeps its columns from the forward pass to the backward pass: the
+    /// columns are the largest buffers of a conv net (9x the output for a 3x3 kernel), and
+    /// recomputing them costs one pass over the input.
+    ///
+    /// The columns are a chunk workspace (see [`Self::column_chunk`]) except for `naive`'s,
+    /// whose per-example launches read them outside any group.
+    fn columns(&mut self, node: NodeId, use_: &str) -> Result<(Launch, BufId)> {
+        let g = self.graph;
+        let n = g.node(node);
+        let Op::Conv(c) = &n.op else {
+            return Err(crate::Error::Internal(format!("im2col columns of the non-conv node {}", n.id.0)));
+        };
+        let cg = ConvGemm::of(c, &n.shape);
+        let chunk = if use_ == "naive" { None } else { self.column_chunk(node) };
+        let cols = self.extra(
+            Role::Columns(node.0, use_.to_string()),
+            &format!("cols{}_{use_}", node.0),
+            true,
+            vec![cg.groups, cg.d, cg.positions],
+        );
+        self.buffers[cols.0 as usize].chunk = chunk;
+        let input = n.inputs[0];
+        let k = param_grads::im2col(&format!("{}_im2col", self.tag(node)), c, &g.node(input).shape, &n.shape)?;
+        Ok((self.launch(k, vec![self.act[input.index()], cols]), cols))
+    }
+
+    /// The gradient of conv `node`'s columns, a backward chunk workspace.
+    fn column_grad(&mut self, node: NodeId) -> BufId {
+        let n = self.graph.node(node);
+        let Op::Conv(c) = &n.op else { unreachable!("column_grad is asked for convs only") };
+        let cg = ConvGemm::of(c, &n.shape);
+        let chunk = self.column_chunk(node);
+        let id = self.extra(
+            Role::Columns(node.0, "dcols".into()),
+            &format!("dcols{}", node.0),
+            true,
+            vec![cg.groups, cg.d, cg.positions],
+        );
+        self.buffers[id.0 as usize].chunk = chunk;
+        id
+    }
+
+    /// Examples per chunk for the launches around conv `node`'s columns: as many as keep
+    /// one chunk's columns within `chunk_bytes` (at least one), or `None` when the whole
+    /// batch fits, so small convs keep their batched launches.
+    fn column_chunk(&self, node: NodeId) -> Option<u32> {
+        let n = self.graph.node(node);
+        let Op::Conv(c) = &n.op else { return None };
+        let cg = ConvGemm::of(c, &n.shape);
+        let per_example = (cg.groups * cg.d * cg.positions * 4) as u64;
+        let examples = (self.chunk_bytes / per_example.max(1)).max(1);
+        (examples < self.batch as u64).then(|| examples.min(u64::from(u32::MAX)) as u32)
+    }
+
+    /// `launches` as one chunk group of `examples` examples, or as they are for `None`.
+    fn chunked(&mut self, mut launches: Vec<Launch>, examples: Option<u32>) -> Vec<Launch> {
+        if let Some(examples) = examples {
+            for l in &mut launches {
+                l.mode = LaunchMode::Chunked { group: self.groups, examples };
+            }
+            self.groups += 1;
+        }
+        launches
     }
 
     fn label(&self) -> BufId {
@@ -331,14 +426,15 @@ impl<'g> Lowering<'g> {
             let launch = match &n.op {
                 Op::Input { .. } | Op::Flatten => continue,
                 Op::Conv(c) => {
-                    let cols = self.saved[&(n.id.0, "cols")];
-                    let k = param_grads::im2col(&format!("{tag}_im2col"), c, &in_shape, &n.shape)?;
-                    out.push(self.launch(k, vec![x.expect("conv input"), cols]));
+                    let (im2col, cols) = self.columns(n.id, "fwd")?;
                     let k = kernels::conv_forward_cols(&format!("{tag}_fwd"), &ConvGemm::of(c, &n.shape))?;
                     let mut args = vec![cols, self.param(n.id, "weight").expect("weight")];
                     args.extend(self.param(n.id, "bias"));
                     args.push(y);
-                    self.launch(k, args)
+                    let gemm = self.launch(k, args);
+                    let chunk = self.column_chunk(n.id);
+                    out.extend(self.chunked(vec![im2col, gemm], chunk));
+                    continue;
                 }
                 Op::Linear(lin) => {
                     let rows = (numel(&n.shape) / lin.out_features as u64) as usize;
@@ -394,8 +490,10 @@ impl<'g> Lowering<'g> {
         Ok(out)
     }
 
-    /// Input gradients of every node that needs them, output to input.
-    fn backward_inputs(&mut self) -> Result<Vec<Launch>> {
+    /// The backward pass, output to input: each node's parameter gradients (`work`) as soon
+    /// as its output gradient is complete, then the input gradients of every node that
+    /// needs them.
+    fn backward(&mut self, work: ParamWork<'_>) -> Result<Vec<Launch>> {
         let g = self.graph;
         let mut needs = vec![false; g.nodes.len()];
         for n in &g.nodes {
@@ -404,6 +502,12 @@ impl<'g> Lowering<'g> {
         let mut written: Vec<BufId> = vec![self.grad[g.loss.input().index()]];
         let mut out = Vec::new();
         for n in g.nodes.iter().rev() {
+            if n.layer.is_some() {
+                out.extend(match work {
+                    ParamWork::Batch => self.batch_grad_layer(n.id)?,
+                    ParamWork::PerExample(plan, kind) => self.per_example_layer(plan, kind, n.id)?,
+                });
+            }
             for (slot, input) in n.inputs.iter().enumerate() {
                 if !needs[input.index()] || matches!(n.op, Op::Flatten) {
                     continue;
@@ -418,12 +522,15 @@ impl<'g> Lowering<'g> {
                 let launch = match &n.op {
                     Op::Input { .. } | Op::Flatten => continue,
                     Op::Conv(c) => {
-                        let dcols = self.saved[&(n.id.0, "dcols")];
+                        let dcols = self.column_grad(n.id);
                         let k =
                             kernels::conv_colgrad(&format!("{}_colgrad", self.tag(n.id)), &ConvGemm::of(c, &n.shape))?;
-                        out.push(self.launch(k, vec![dy, self.param(n.id, "weight").expect("weight"), dcols]));
+                        let gemm = self.launch(k, vec![dy, self.param(n.id, "weight").expect("weight"), dcols]);
                         let k = kernels::col2im(&tag, c, &in_shape, &n.shape, first)?;
-                        self.launch(k, vec![dcols, dx])
+                        let col2im = self.launch(k, vec![dcols, dx]);
+                        let chunk = self.column_chunk(n.id);
+                        out.extend(self.chunked(vec![gemm, col2im], chunk));
+                        continue;
                     }
                     Op::Linear(lin) => {
                         let rows = size / lin.out_features;
@@ -501,30 +608,23 @@ impl<'g> Lowering<'g> {
         (self.act[input.index()], self.grad[node.index()], self.graph.node(input).shape.clone())
     }
 
-    /// The non-private gradient of every parameter, summed over the batch.
-    fn batch_grads(&mut self) -> Result<Vec<Launch>> {
+    /// The non-private gradient of one layer's parameters, summed over the batch.
+    fn batch_grad_layer(&mut self, node: NodeId) -> Result<Vec<Launch>> {
         let g = self.graph;
-        let mut out = Vec::new();
-        for n in g.nodes.iter().filter(|n| n.layer.is_some()) {
-            let targets: Vec<BufId> = g
-                .params_of(n.id)
-                .map(|p| {
-                    self.extra(
-                        Role::BatchGrad(p.name.clone()),
-                        &format!("batch_grad.{}", p.name),
-                        false,
-                        p.shape.clone(),
-                    )
-                })
-                .collect();
-            let (x, dy, _) = self.conv_io(n.id);
-            let tag = self.tag(n.id);
-            out.extend(self.batch_grad_launch(n.id, &tag, x, dy, targets, LaunchMode::Grid)?);
-        }
-        Ok(out)
+        let targets: Vec<BufId> = g
+            .params_of(node)
+            .map(|p| {
+                self.extra(Role::BatchGrad(p.name.clone()), &format!("batch_grad.{}", p.name), false, p.shape.clone())
+            })
+            .collect();
+        let (x, dy, _) = self.conv_io(node);
+        let tag = self.tag(node);
+        self.batch_grad_launch(node, &tag, x, dy, targets, LaunchMode::Grid, "wgrad")
     }
 
-    /// The batch-gradient kernels of one layer, writing into `targets` (weight, bias).
+    /// The batch-gradient kernels of one layer, writing into `targets` (weight, bias). A
+    /// conv recomputes its im2col columns into the workspace for `use_` first.
+    #[allow(clippy::too_many_arguments)]
     fn batch_grad_launch(
         &mut self,
         node: NodeId,
@@ -533,17 +633,25 @@ impl<'g> Lowering<'g> {
         dy: BufId,
         targets: Vec<BufId>,
         mode: LaunchMode,
+        use_: &str,
     ) -> Result<Vec<Launch>> {
         let n = self.graph.node(node);
         let k = match &n.op {
             Op::Conv(c) => {
                 let cg = ConvGemm::of(c, &n.shape);
-                let k = param_grads::conv_batch_grad(&format!("{tag}_batch_grad"), &cg)?;
-                let mut out = vec![Launch {
-                    kernel: self.kernel(k),
-                    args: vec![self.saved[&(node.0, "cols")], dy, targets[0]],
-                    mode,
-                }];
+                let (im2col, cols) = self.columns(node, use_)?;
+                // In chunks, the weight gradient is zeroed first and each chunk adds to it.
+                let chunk = if mode == LaunchMode::Grid { self.column_chunk(node) } else { None };
+                let k = param_grads::conv_batch_grad(&format!("{tag}_batch_grad"), &cg, chunk.is_some())?;
+                let gemm = Launch { kernel: self.kernel(k), args: vec![cols, dy, targets[0]], mode };
+                let mut out = Vec::new();
+                if chunk.is_some() {
+                    let (rows, width) = (cg.cout, cg.d);
+                    out.push(
+                        self.launch(param_grads::zero(&format!("zero_{rows}x{width}"), rows, width)?, vec![targets[0]]),
+                    );
+                }
+                out.extend(self.chunked(vec![im2col, gemm], chunk));
                 if c.bias {
                     let k =
                         param_grads::conv_bias_batch_grad(&format!("{tag}_bias_batch_grad"), cg.cout, cg.positions)?;
@@ -576,48 +684,45 @@ impl<'g> Lowering<'g> {
         self.graph.params.iter().position(|p| p.name == param).expect("a parameter of the graph")
     }
 
-    /// Per-example gradients, norms or the clipped sum, each layer by its planned strategy.
-    fn per_example(&mut self, plan: &Plan, kind: EntryKind) -> Result<Vec<Launch>> {
+    /// One layer's per-example gradients or squared norms (or both) by its planned strategy.
+    fn per_example_layer(&mut self, plan: &Plan, kind: EntryKind, node: NodeId) -> Result<Vec<Launch>> {
         let g = self.graph;
         let slots = g.params.len();
         let want_norms = kind != EntryKind::PerExampleGrads;
-        // Materialized grads are stored unless only norms are wanted and the kernel can fuse.
         let sq = self.extra(Role::SqNormParts, "sqnorm", true, vec![slots]);
+        let strategy = strategy_of(plan, node);
+        let names: Vec<String> = g.params_of(node).map(|p| p.name.clone()).collect();
+        let slot = self.slot(&names[0]);
+        let norm = want_norms.then_some((slot, slots));
+        // Materialized grads are stored unless only norms are wanted and the kernel can fuse.
+        let store = !(kind == EntryKind::PerExampleNorms && matches!(strategy, Strategy::Direct | Strategy::Outer));
+        let pe: Vec<BufId> = if strategy == Strategy::Ghost || !store {
+            Vec::new()
+        } else {
+            g.params_of(node)
+                .map(|p| {
+                    self.extra(Role::PerExampleGrad(p.name.clone()), &format!("grad.{}", p.name), true, p.shape.clone())
+                })
+                .collect()
+        };
+        let (x, dy, in_shape) = self.conv_io(node);
+        let tag = format!("{}_{}{}", self.tag(node), strategy, if store { "" } else { "_norm_only" });
+        let tag = if want_norms && store { format!("{tag}_norm") } else { tag };
+        self.layer_strategy(node, strategy, &tag, x, dy, &in_shape, &pe, Outputs { store, norm }, sq)
+    }
+
+    /// After the backward pass of a per-example entry: the norms and clip factors (unless
+    /// only gradients are wanted), and for the clipped sum the clipped gradients summed,
+    /// by a weighted sum of the stored per-example gradients or, for ghost layers, by
+    /// book-keeping.
+    fn clip_and_sum(&mut self, plan: &Plan, kind: EntryKind) -> Result<Vec<Launch>> {
+        let g = self.graph;
+        let slots = g.params.len();
+        if kind == EntryKind::PerExampleGrads {
+            return Ok(Vec::new());
+        }
         let mut out = Vec::new();
-        let mut ghost_layers = Vec::new();
-        for n in g.nodes.iter().filter(|n| n.layer.is_some()) {
-            let strategy = strategy_of(plan, n.id);
-            let names: Vec<String> = g.params_of(n.id).map(|p| p.name.clone()).collect();
-            let slot = self.slot(&names[0]);
-            let norm = want_norms.then_some((slot, slots));
-            let store = !(kind == EntryKind::PerExampleNorms && matches!(strategy, Strategy::Direct | Strategy::Outer));
-            let pe: Vec<BufId> = if strategy == Strategy::Ghost || !store {
-                Vec::new()
-            } else {
-                g.params_of(n.id)
-                    .map(|p| {
-                        self.extra(
-                            Role::PerExampleGrad(p.name.clone()),
-                            &format!("grad.{}", p.name),
-                            true,
-                            p.shape.clone(),
-                        )
-                    })
-                    .collect()
-            };
-            let (x, dy, in_shape) = self.conv_io(n.id);
-            let tag = format!("{}_{}{}", self.tag(n.id), strategy, if store { "" } else { "_norm_only" });
-            let tag = if want_norms && store { format!("{tag}_norm") } else { tag };
-            let launches =
-                self.layer_strategy(n.id, strategy, &tag, x, dy, &in_shape, &pe, Outputs { store, norm }, sq)?;
-            out.extend(launches);
-            if strategy == Strategy::Ghost {
-                ghost_layers.push(n.id);
-            }
-        }
-        if !want_norms {
-            return Ok(out);
-        }
+        let sq = self.extra(Role::SqNormParts, "sqnorm", true, vec![slots]);
         let norms = self.extra(Role::Norms, "norms", true, vec![]);
         let clip = self.extra(Role::ClipFactors, "clip", true, vec![]);
         let clip_norm = self.extra(Role::ClipNorm, "clip_norm", false, vec![1]);
@@ -638,7 +743,7 @@ impl<'g> Lowering<'g> {
                     )
                 })
                 .collect();
-            if ghost_layers.contains(&n.id) {
+            if strategy_of(plan, n.id) == Strategy::Ghost {
                 // Book-keeping: rescale the stored output gradient, one ordinary GEMM.
                 let (x, dy, _) = self.conv_io(n.id);
                 let shape = n.shape.clone();
@@ -650,7 +755,7 @@ impl<'g> Lowering<'g> {
                 );
                 let k = param_grads::scale_rows(&format!("{tag}_bookkeep_scale"), numel(&shape) as usize)?;
                 out.push(self.launch(k, vec![dy, clip, dyc]));
-                out.extend(self.batch_grad_launch(n.id, &tag, x, dyc, sums, LaunchMode::Grid)?);
+                out.extend(self.batch_grad_launch(n.id, &tag, x, dyc, sums, LaunchMode::Grid, "bookkeep")?);
             } else {
                 for (p, sum) in g.params_of(n.id).zip(sums) {
                     let pe = self.extra[&Role::PerExampleGrad(p.name.clone())];
@@ -707,7 +812,7 @@ impl<'g> Lowering<'g> {
         };
         Ok(match (&n.op, strategy) {
             (_, Strategy::Naive) => {
-                let mut v = self.batch_grad_launch(node, tag, x, dy, pe.to_vec(), LaunchMode::PerExample)?;
+                let mut v = self.batch_grad_launch(node, tag, x, dy, pe.to_vec(), LaunchMode::PerExample, "naive")?;
                 v.extend(sqnorms(self, &param_slots, pe)?);
                 v
             }
@@ -743,21 +848,21 @@ impl<'g> Lowering<'g> {
             }
             (Op::Conv(c), Strategy::Unfold | Strategy::Ghost) => {
                 let positions = (numel(&n.shape) / c.out_channels as u64) as usize;
-                // The forward pass's im2col columns serve here too.
-                let u = self.saved[&(node.0, "cols")];
-                let mut v = Vec::new();
+                let (im2col, u) = self.columns(node, "wgrad")?;
                 let bias_out = Outputs {
                     store: out.store && strategy == Strategy::Unfold,
                     norm: out.norm.map(|(s, t)| (s + 1, t)),
                 };
-                if strategy == Strategy::Unfold {
+                let contraction = if strategy == Strategy::Unfold {
                     let k = param_grads::unfold_gemm(tag, c, positions, out)?;
-                    v.push(self.launch(k, with_sq(vec![u, dy, pe[0]])));
+                    self.launch(k, with_sq(vec![u, dy, pe[0]]))
                 } else {
                     let (slot, _) = out.norm.expect("ghost computes norms");
                     let k = param_grads::ghost_conv(tag, c, positions, slot, slots)?;
-                    v.push(self.launch(k, vec![u, dy, sq]));
-                }
+                    self.launch(k, vec![u, dy, sq])
+                };
+                let chunk = self.column_chunk(node);
+                let mut v = self.chunked(vec![im2col, contraction], chunk);
                 if c.bias && (bias_out.store || bias_out.norm.is_some()) {
                     let k = param_grads::bias_per_example(&format!("{tag}_bias"), c.out_channels, positions, bias_out)?;
                     let mut args = vec![dy];
@@ -841,14 +946,22 @@ impl fmt::Display for Program {
         writeln!(f, "buffers")?;
         for (i, b) in self.buffers.iter().enumerate() {
             let dims: Vec<String> = b.shape.iter().map(|d| d.to_string()).collect();
-            let batch = if b.batched { "B, " } else { "" };
+            let batch = match (b.batched, b.chunk) {
+                (true, Some(k)) => format!("min(B, {k}), "),
+                (true, None) => "B, ".into(),
+                (false, _) => String::new(),
+            };
             writeln!(f, "  b{i} {} [{batch}{}] {:?}", b.name, dims.join(", "), b.role)?;
         }
         for e in &self.entries {
             writeln!(f, "entry {:?}", e.kind)?;
             for l in &e.launches {
                 let args: Vec<String> = l.args.iter().map(|a| self.buffers[a.0 as usize].name.clone()).collect();
-                let mode = if l.mode == LaunchMode::PerExample { " per-example" } else { "" };
+                let mode = match l.mode {
+                    LaunchMode::Grid => String::new(),
+                    LaunchMode::PerExample => " per-example".into(),
+                    LaunchMode::Chunked { group, examples } => format!(" chunk{group} of {examples}"),
+                };
                 writeln!(f, "  {}({}){mode}", self.kernels[l.kernel].name, args.join(", "))?;
             }
         }

@@ -53,8 +53,9 @@ fn channel(c: &Conv, co: VarId, ci: VarId) -> pdgc_codegen::ir::Affine {
 /// The non-private conv weight gradient on im2col columns, one contraction per example
 /// and group accumulated into `dW[g·Cg + m, r] = Σ_n Σ_t dY[n, g·Cg + m, t] · U[n, g, r, t]`
 /// (grid over the groups). Launched one example at a time, it is the `naive` strategy; on
-/// rescaled output gradients, book-keeping's clipped sum.
-pub fn conv_batch_grad(name: &str, cg: &ConvGemm) -> Result<Kernel> {
+/// rescaled output gradients, book-keeping's clipped sum. With `accumulate`, `dW` is added
+/// to instead of overwritten (for chunks of examples after a [`zero`]).
+pub fn conv_batch_grad(name: &str, cg: &ConvGemm, accumulate: bool) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let u = kb.input("cols", batched(&[cg.groups, cg.d, cg.positions]));
     let dy = kb.input("dy", batched(&[cg.cout, cg.positions]));
@@ -66,7 +67,16 @@ pub fn conv_batch_grad(name: &str, cg: &ConvGemm) -> Result<Kernel> {
     let product = contract(&mut kb, [fx(cout_g), fx(cg.d), fx(cg.positions)], (dy, u, dw), true, |m, r, t| {
         (vec![v(n), row(m), v(t)], vec![v(n), v(g), v(r), v(t)], vec![row(m), v(r)])
     });
-    kb.finish(g, fx(cg.groups), vec![zero, batch_loop(n, vec![product])])
+    let body = if accumulate { vec![batch_loop(n, vec![product])] } else { vec![zero, batch_loop(n, vec![product])] };
+    kb.finish(g, fx(cg.groups), body)
+}
+
+/// `x[r, i] = 0` for a `rows × width` buffer (not batched), grid over the rows.
+pub fn zero(name: &str, rows: usize, width: usize) -> Result<Kernel> {
+    let mut kb = KernelBuilder::new(name);
+    let x = kb.output("x", fixed(&[rows, width]));
+    let [r, i] = [kb.var("r"), kb.var("i")];
+    kb.finish(r, fx(rows), vec![vlp(i, width, vec![store(x, vec![v(r), v(i)], lit(0.0))])])
 }
 
 /// The non-private conv bias gradient `db[co] = Σ_n Σ_t dY[n,co,t]` (grid over `co`).

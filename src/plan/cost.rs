@@ -204,15 +204,18 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
     };
     let cost = match strategy {
         Strategy::Naive => {
+            // One batch-of-one weight gradient per example; a conv's run on im2col columns
+            // recomputed for the whole batch first.
             let (f, by, la) = after(NormPass::Separate);
             let m = l.p / l.groups;
+            let im2col = u64::from(l.kind == LayerKind::Conv);
             Cost {
                 strategy,
                 flops: b * per_example + f,
-                bytes: io + held_grads + by,
+                bytes: io + 2 * im2col * b * l.groups * l.d * l.t * F32 + held_grads + by,
                 workspace: 0,
                 held: held_grads,
-                launches: b * (1 + bias_launch) + la,
+                launches: im2col + b * (1 + bias_launch) + la,
                 efficiency: dev.gemm_efficiency(m, l.d, l.t, (l.groups * 2 * l.t * m * l.d) as f64),
                 seconds: 0.0,
             }
@@ -236,19 +239,20 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
             }
         }
         Strategy::Unfold => {
-            // The im2col columns are the forward pass's own (convs run as im2col + GEMM),
-            // so unfold only reads them: no extra buffer, no extra write. The lowered kernel
-            // is one contraction per example and group, then the squared norm of what it
+            // unfold recomputes the im2col columns (one launch writes them, the contraction
+            // reads them) into a workspace that takes the place of the forward pass's: one
+            // set of columns is live at a time, counted in the step's base memory. The
+            // contraction runs per example and group, then the squared norm of what it
             // wrote, in the same launch.
             let (f, by, la) = after(NormPass::InKernel);
             let unfolded = b * l.groups * l.d * l.t;
             Cost {
                 strategy,
                 flops: b * per_example + f,
-                bytes: io + unfolded * F32 + held_grads + by,
+                bytes: io + 2 * unfolded * F32 + held_grads + by,
                 workspace: 0,
                 held: held_grads,
-                launches: 1 + bias_launch + la,
+                launches: 2 + bias_launch + la,
                 efficiency: eff_batched(b),
                 seconds: 0.0,
             }
@@ -275,21 +279,23 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
         }
         Strategy::Ghost => {
             // ‖dW_n‖² = Σ_g ⟨U_gᵀU_g, G_gᵀG_g⟩ with T×T Gram matrices; for T = 1 it is
-            // ‖a‖²·‖g‖² (no Gram matrices). The Gram entries live in registers and the
-            // im2col columns are the forward pass's, so there is no workspace.
+            // ‖a‖²·‖g‖² (no Gram matrices). The Gram entries live in registers; a conv's
+            // im2col columns are recomputed (a write, a read and a launch) into the one set
+            // of columns the step's base memory counts, so there is no workspace.
             let (gram_flops, unfolded) = if l.t == 1 {
                 (2 * b * (l.p + l.d), 0)
             } else {
                 let unfolded = b * l.groups * l.d * l.t;
                 (2 * b * l.t * l.t * (l.p + l.groups * l.d) + 2 * b * l.groups * l.t * l.t, unfolded)
             };
+            let im2col = u64::from(l.kind == LayerKind::Conv);
             let mut c = Cost {
                 strategy,
                 flops: gram_flops,
-                bytes: io + unfolded * F32,
+                bytes: io + (1 + im2col) * unfolded * F32,
                 workspace: 0,
                 held: 0,
-                launches: 3,
+                launches: 3 + im2col,
                 efficiency: dev.gemm_efficiency(l.t, l.t, l.d.max(l.p), gram_flops as f64),
                 seconds: 0.0,
             };
@@ -303,9 +309,9 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
                 let bk_time = bk_flops as f64 / bk_eff.max(1e-3);
                 c.flops += bk_flops;
                 c.efficiency = c.flops as f64 / (gram_time + bk_time);
-                c.bytes += io + 2 * b * l.a_out * F32 + l.params * F32;
+                c.bytes += io + 2 * b * l.a_out * F32 + l.params * F32 + 2 * im2col * unfolded * F32;
                 c.held = b * l.a_out * F32;
-                c.launches += 2;
+                c.launches += 2 + im2col;
             }
             c
         }
@@ -313,16 +319,19 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
     cost.timed(dev)
 }
 
-/// The non-private weight gradient: one contraction over all B·T, summed over examples.
+/// The non-private weight gradient: one contraction over all B·T, summed over examples
+/// (for a conv, on im2col columns it recomputes: a write, a read and a launch more).
 pub fn nonprivate_cost(l: &LayerDims, b: u64, dev: &DeviceProfile) -> Cost {
     let flops = b * l.contraction_flops();
+    let im2col = u64::from(l.kind == LayerKind::Conv);
+    let unfolded = im2col * b * l.groups * l.d * l.t;
     Cost {
         strategy: Strategy::Direct,
         flops,
-        bytes: b * (l.a_in + l.a_out) * F32 + l.params * F32,
+        bytes: b * (l.a_in + l.a_out) * F32 + l.params * F32 + 2 * unfolded * F32,
         workspace: 0,
         held: 0,
-        launches: 1,
+        launches: 1 + im2col,
         efficiency: if l.kind == LayerKind::Norm { 1.0 } else { dev.gemm_efficiency(l.p, l.d, b * l.t, flops as f64) },
         seconds: 0.0,
     }
@@ -380,10 +389,10 @@ mod tests {
             for s in [Strategy::Naive, Strategy::Unfold, Strategy::Direct] {
                 assert_eq!(grads(s).flops, 2 * b * t * p * d, "{s} {args}");
             }
-            // unfold reads the forward pass's im2col columns (B·G·d·T floats) instead of
-            // building its own: no workspace, one more read.
+            // unfold recomputes the im2col columns (B·G·d·T floats: a write and a read) into
+            // the one set of columns the step's base memory counts: no workspace of its own.
             assert_eq!(grads(Strategy::Unfold).workspace, 0, "{args}");
-            assert_eq!(grads(Strategy::Unfold).bytes - grads(Strategy::Direct).bytes, 4 * b * g * d * t, "{args}");
+            assert_eq!(grads(Strategy::Unfold).bytes - grads(Strategy::Direct).bytes, 2 * 4 * b * g * d * t, "{args}");
             assert_eq!(grads(Strategy::Direct).workspace, 0);
             // Materialized grads hold B·P floats.
             assert_eq!(grads(Strategy::Direct).held, 4 * b * l.params);

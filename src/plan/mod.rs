@@ -4,10 +4,12 @@
 //! Pure and deterministic: the same graph, batch, goal, profile and budget always give
 //! the same plan (ties break by strategy order). The algorithm:
 //! 1. each layer takes its cheapest strategy (or its `@strategy` override);
-//! 2. while the step's peak memory exceeds the budget, the layer switch that saves memory
-//!    at the least added time per byte is made (overrides are never switched);
-//! 3. if even the leanest plan does not fit, the batch is split into the largest
-//!    micro-batch that fits, and the plan says so.
+//! 2. if the step does not fit the budget, the batch is split into the largest micro-batch
+//!    that fits with those strategies (per-example work is linear in the batch, so smaller
+//!    runs cost little time, while a leaner strategy can cost several times more);
+//! 3. only if even one example does not fit are strategies given up for memory: the layer
+//!    switch that saves memory at the least added time per byte is made until it fits
+//!    (overrides are never switched).
 //!
 //! Invariants: every parameterized node of the graph has exactly one [`LayerPlan`], in
 //! graph order; `chosen` is one of the layer's candidates for the goal; `micro_batch`
@@ -138,18 +140,19 @@ fn initial_layers(graph: &Graph, opts: &PlanOptions, b: u64) -> Vec<LayerPlan> {
         .collect()
 }
 
-/// Bytes every step needs whatever the strategies: parameters, their gradient, and the
-/// activations kept for the backward pass.
+/// Bytes every step needs whatever the strategies: parameters, their gradient, the
+/// activations kept for the backward pass, and the largest conv's im2col columns (each
+/// conv recomputes its columns where it needs them, so one set is live at a time).
 fn base_memory(graph: &Graph, b: u64) -> u64 {
     let params = graph.param_count() * 4;
     let activations: u64 = graph.nodes.iter().map(|n| numel(&n.shape)).sum::<u64>() * b * 4;
-    // Convs run as im2col + GEMM: their columns (and the columns' gradient) are kept too.
     let columns: u64 = graph
         .nodes
         .iter()
         .filter_map(|n| LayerDims::of(graph, n).filter(|l| l.kind == LayerKind::Conv))
-        .map(|l| 2 * b * l.groups * l.d * l.t * 4)
-        .sum();
+        .map(|l| b * l.groups * l.d * l.t * 4)
+        .max()
+        .unwrap_or(0);
     2 * params + activations + columns
 }
 
@@ -201,29 +204,36 @@ pub fn plan(graph: &Graph, opts: &PlanOptions) -> Plan {
     let batch = opts.batch.max(1);
     let mut notes = Vec::new();
 
-    let mut micro = batch;
-    let mut layers = initial_layers(graph, opts, micro as u64);
-    if !fit_budget(&mut layers, base_memory(graph, micro as u64), budget) {
-        // Largest micro-batch that fits (fitting is monotone in the batch size).
+    // Fitting is monotone in the batch size: the largest micro-batch that fits the
+    // fastest strategies, by bisection.
+    let fits = |m: usize| peak_memory(base_memory(graph, m as u64), &initial_layers(graph, opts, m as u64)) <= budget;
+    let micro = if fits(batch) {
+        batch
+    } else {
         let (mut lo, mut hi) = (0usize, batch);
         while lo < hi {
             let mid = (lo + hi).div_ceil(2);
-            let mut trial = initial_layers(graph, opts, mid as u64);
-            if fit_budget(&mut trial, base_memory(graph, mid as u64), budget) {
+            if fits(mid) {
                 lo = mid;
             } else {
                 hi = mid - 1;
             }
         }
-        micro = lo.max(1);
-        layers = initial_layers(graph, opts, micro as u64);
-        fit_budget(&mut layers, base_memory(graph, micro as u64), budget);
+        lo.max(1)
+    };
+    let mut layers = initial_layers(graph, opts, micro as u64);
+    if micro < batch {
         let runs = batch.div_ceil(micro);
-        notes.push(if lo == 0 {
-            format!("even one example exceeds the memory budget of {}B; planned at micro-batch 1 anyway", si(budget))
-        } else {
-            format!("the batch of {batch} does not fit in {}B: it runs as {runs} micro-batches of {micro}", si(budget))
-        });
+        notes.push(format!(
+            "the batch of {batch} does not fit in {}B: it runs as {runs} micro-batches of {micro}",
+            si(budget)
+        ));
+    }
+    if !fits(micro) && !fit_budget(&mut layers, base_memory(graph, micro as u64), budget) {
+        notes.push(format!(
+            "even one example exceeds the memory budget of {}B; planned at micro-batch 1 anyway",
+            si(budget)
+        ));
     }
     for l in &mut layers {
         l.why = explain_choice(l);
