@@ -30,18 +30,26 @@ pub struct Column {
     pub clipped_sum_memory: StepMemory,
 }
 
-/// A step's memory: the arena the buffer plan gives it, and the process's peak resident
-/// memory while it ran (`None` where the system does not report it).
+/// A step's memory: the arena the buffer plan gives it, what it holds outside the arena
+/// (the parameters, the results read out: [`memory::outside`]), and the process's peak
+/// resident memory while it ran (`None` where the system does not report it).
 #[derive(Debug, Clone, Serialize)]
 pub struct StepMemory {
     pub planned_bytes: u64,
+    pub outside_bytes: u64,
     pub peak_rss_bytes: Option<u64>,
 }
 
 impl std::fmt::Display for StepMemory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let rss = self.peak_rss_bytes.map_or("-".to_string(), human_bytes);
-        write!(f, "{} / {rss}", human_bytes(self.planned_bytes))
+        write!(
+            f,
+            "{} + {} = {} / {rss}",
+            human_bytes(self.planned_bytes),
+            human_bytes(self.outside_bytes),
+            human_bytes(self.planned_bytes + self.outside_bytes)
+        )
     }
 }
 
@@ -49,12 +57,12 @@ impl std::fmt::Display for StepMemory {
 fn time_and_memory(
     repeats: usize,
     bar: &ProgressBar,
-    planned_bytes: u64,
+    (planned_bytes, outside_bytes): (u64, u64),
     f: impl FnMut() -> Result<()>,
 ) -> Result<(f64, StepMemory)> {
     let reset = memory::reset_peak_rss();
     let ms = time(repeats, bar, f)?;
-    Ok((ms, StepMemory { planned_bytes, peak_rss_bytes: memory::peak_rss().filter(|_| reset) }))
+    Ok((ms, StepMemory { planned_bytes, outside_bytes, peak_rss_bytes: memory::peak_rss().filter(|_| reset) }))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -181,7 +189,7 @@ pub fn bench(name: &str, source: &str, opts: &BenchOptions) -> Result<BenchRepor
         session.set_threads(t);
     }
     bar.set_message("non-private");
-    let planned = session.micro_batch(EntryKind::BatchGrad)?.1;
+    let planned = (session.micro_batch(EntryKind::BatchGrad)?.1, session.outside_bytes(EntryKind::BatchGrad, batch)?);
     let (nonprivate_ms, nonprivate_memory) =
         time_and_memory(repeats, &bar, planned, || session.batch_grad(&params, &data).map(|_| ()))?;
     bar.set_message("forward + loss");
@@ -217,7 +225,7 @@ pub fn bench(name: &str, source: &str, opts: &BenchOptions) -> Result<BenchRepor
             s.set_threads(t);
         }
         bar.set_message(format!("{label}: clipped sum"));
-        let planned = s.micro_batch(EntryKind::ClippedSum)?.1;
+        let planned = (s.micro_batch(EntryKind::ClippedSum)?.1, s.outside_bytes(EntryKind::ClippedSum, batch)?);
         let (clipped_sum_ms, clipped_sum_memory) =
             time_and_memory(repeats, &bar, planned, || s.clipped_grad_sum(&params, &data, 1.0).map(|_| ()))?;
         bar.set_message(format!("{label}: norms"));
@@ -270,7 +278,7 @@ impl std::fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "  non-private batch gradient  {:>9.2}    memory (buffers / peak RSS): {}",
+            "  non-private batch gradient  {:>9.2}    memory (buffers + outside = planned / peak RSS): {}",
             self.nonprivate_ms, self.nonprivate_memory
         )?;
         if let Some(ms) = self.loss_ms {
@@ -281,7 +289,7 @@ impl std::fmt::Display for BenchReport {
         for h in ["clipped sum", "norms", "grads"] {
             header.push_str(&format!(" {h:>18}"));
         }
-        header.push_str("   clipped-sum memory (buffers / peak RSS)");
+        header.push_str("   clipped-sum memory (buffers + outside = planned / peak RSS)");
         writeln!(f, "{header}")?;
         for c in &self.columns {
             writeln!(

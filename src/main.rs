@@ -687,14 +687,24 @@ fn compile(
     Ok(())
 }
 
-/// The buffer plan's arena per step at the module's batch: the host memory a session holds
-/// for its buffers (before any memory budget cuts the batch into micro-batches).
+/// The buffer plan's arena per step at the module's batch (the host memory a session holds
+/// for its buffers, before any memory budget cuts the batch into micro-batches), and what
+/// the step holds outside it (the caller's parameters, the results read out).
 fn planned_memory(module: &pdgc::Module) -> String {
-    let steps: Vec<String> = pdgc::memory::planned(&module.graph, &module.program, module.options.batch as u64)
+    let batch = module.options.batch as u64;
+    let h = pdgc::memory::human_bytes;
+    let steps: Vec<String> = pdgc::memory::planned(&module.graph, &module.program, batch)
         .into_iter()
-        .map(|(kind, bytes)| format!("{} {}", kind.name(), pdgc::memory::human_bytes(bytes)))
+        .map(|(kind, bytes)| {
+            let outside = pdgc::memory::outside(&module.program, kind, batch, batch);
+            format!("{} {} + {}", kind.name(), h(bytes), h(outside))
+        })
         .collect();
-    format!("buffers per step at batch {} (host memory): {}\n", module.options.batch, steps.join(", "))
+    format!(
+        "host memory per step at batch {}, buffers + outside them (the parameters, the results read out): {}\n",
+        batch,
+        steps.join(", ")
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -709,14 +719,19 @@ fn grads(
     device: pdgc::Device,
     memory_budget: Option<u64>,
 ) -> Result<(), String> {
-    // Read the batch first to size the module.
-    let probe = load_module(
-        file,
-        &PlanArgs { batch: 1, device: "cpu2".into(), strategy: strategy.clone(), ..PlanArgs::default() },
-    )?;
-    let data = pdgc::Batch::load(batch, &probe.graph).map_err(|e| e.to_string())?;
+    // Read the batch first to size the module (a `.pdg` file's graph is all it takes).
+    let probe = if file.extension().is_some_and(|e| e == "pdgm") {
+        Some(load_module(file, &PlanArgs::default())?)
+    } else {
+        None
+    };
+    let graph = match &probe {
+        Some(m) => std::sync::Arc::clone(&m.graph),
+        None => std::sync::Arc::new(front(file)?.1),
+    };
+    let data = pdgc::Batch::load(batch, &graph).map_err(|e| e.to_string())?;
     let b = data.size().map_err(|e| e.to_string())?;
-    let module = if file.extension().is_some_and(|e| e == "pdgm") {
+    let module = if let Some(probe) = probe {
         if b > probe.options.batch {
             return Err(pdgc::Error::BatchTooLarge { batch: b, max: probe.options.batch }.to_string());
         }
@@ -750,10 +765,10 @@ fn grads(
     }
     let mut out = pdgc::stream::StreamWriter::create(output, &shapes).map_err(e)?;
     let (micro, arena) = session
-        .micro_batch(if norms_only {
-            pdgc::lower::EntryKind::PerExampleNorms
-        } else {
-            pdgc::lower::EntryKind::PerExampleGrads
+        .micro_batch(match (norms_only, clip) {
+            (false, _) => pdgc::lower::EntryKind::PerExampleGrads,
+            (true, Some(_)) => pdgc::lower::EntryKind::ClippedSum,
+            (true, None) => pdgc::lower::EntryKind::PerExampleNorms,
         })
         .map_err(e)?;
     if micro < b {
@@ -763,7 +778,19 @@ fn grads(
             pdgc::memory::human_bytes(session.memory_budget())
         );
     }
-    out.write("loss", &session.loss(&p, &data).map_err(e)?).map_err(e)?;
+    // The clipped-sum step computes the losses and norms too: with `--clip`, one step
+    // gives all three.
+    if let Some(c) = clip {
+        let cs = session.clipped_grad_sum(&p, &data, c).map_err(e)?;
+        out.write("loss", &cs.loss).map_err(e)?;
+        out.write("norms", &cs.norms).map_err(e)?;
+        for (name, t) in cs.sum {
+            out.write(&format!("clipped_sum.{name}"), &t.data).map_err(e)?;
+        }
+    } else {
+        out.write("loss", &session.loss(&p, &data).map_err(e)?).map_err(e)?;
+        out.write("norms", &session.per_example_norms(&p, &data).map_err(e)?).map_err(e)?;
+    }
     if !norms_only {
         session
             .per_example_grads_each(&p, &data, |start, part| {
@@ -773,13 +800,6 @@ fn grads(
                 Ok(())
             })
             .map_err(e)?;
-    }
-    out.write("norms", &session.per_example_norms(&p, &data).map_err(e)?).map_err(e)?;
-    if let Some(c) = clip {
-        let cs = session.clipped_grad_sum(&p, &data, c).map_err(e)?;
-        for (name, t) in cs.sum {
-            out.write(&format!("clipped_sum.{name}"), &t.data).map_err(e)?;
-        }
     }
     out.finish().map_err(e)?;
     eprintln!("wrote {} ({} examples, {} tensors)", output.display(), b, shapes.len());

@@ -148,6 +148,27 @@ pub fn planned(graph: &Graph, program: &Program, batch: u64) -> Vec<(EntryKind, 
     EntryKind::ALL.iter().map(|&k| (k, layout(program, k, batch, &keep).bytes())).collect()
 }
 
+/// The host memory a step of `kind` on `batch` examples, run in micro-batches of `micro`,
+/// holds outside its arena, in bytes: the parameters the caller binds (the session copies
+/// them into the arena, so a process holds them twice) and the results the session reads
+/// out (per-example results for the whole batch; sums once, or twice while micro-batches
+/// are added into a running total). With the arena, this is what the step adds to a
+/// process that holds nothing else large.
+pub fn outside(program: &Program, kind: EntryKind, batch: u64, micro: u64) -> u64 {
+    let runs = batch.div_ceil(micro.max(1));
+    let elements: u64 = program
+        .buffers
+        .iter()
+        .map(|b| match &b.role {
+            Role::Param(_) => b.len(1),
+            role if is_result(kind, role) && b.batched => b.len(batch),
+            role if is_result(kind, role) => b.len(1) * if runs > 1 { 2 } else { 1 },
+            _ => 0,
+        })
+        .sum();
+    elements * 4
+}
+
 /// The peak resident memory of this process in bytes (`VmHWM`), where the system reports it
 /// (Linux).
 pub fn peak_rss() -> Option<u64> {

@@ -223,6 +223,13 @@ impl Session {
         Ok((l.batch as usize, l.bytes()))
     }
 
+    /// The host memory a step of `kind` on `batch` examples holds outside the arena: the
+    /// caller's parameters and the results read out (see [`memory::outside`]).
+    pub fn outside_bytes(&mut self, kind: EntryKind, batch: usize) -> Result<u64> {
+        let micro = self.layout(kind)?.batch;
+        Ok(memory::outside(&self.program, kind, batch as u64, micro))
+    }
+
     /// Starts (or restarts) timing every kernel launch.
     pub fn enable_profiling(&mut self) {
         self.profile = Some(vec![(0.0, 0); self.program.kernels.len()]);

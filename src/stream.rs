@@ -80,7 +80,7 @@ impl StreamWriter {
                     needed: total,
                     free,
                     advice: "write it to a larger disk, or ask for less: `--norms-only` (norms and losses), \
-                             `--clip C` alone (the clipped sum), or a smaller batch"
+                             `--norms-only --clip C` (also the clipped sum), or a smaller batch"
                         .into(),
                 });
             }
