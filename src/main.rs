@@ -778,8 +778,8 @@ fn grads(
             pdgc::memory::human_bytes(session.memory_budget())
         );
     }
-    // The clipped-sum step computes the losses and norms too: with `--clip`, one step
-    // gives all three.
+    // The norms step computes the losses too, and the clipped-sum step both: one step gives
+    // what `--norms-only` asks for.
     if let Some(c) = clip {
         let cs = session.clipped_grad_sum(&p, &data, c).map_err(e)?;
         out.write("loss", &cs.loss).map_err(e)?;
@@ -788,8 +788,9 @@ fn grads(
             out.write(&format!("clipped_sum.{name}"), &t.data).map_err(e)?;
         }
     } else {
-        out.write("loss", &session.loss(&p, &data).map_err(e)?).map_err(e)?;
-        out.write("norms", &session.per_example_norms(&p, &data).map_err(e)?).map_err(e)?;
+        let (norms, loss) = session.per_example_norms_and_loss(&p, &data).map_err(e)?;
+        out.write("loss", &loss).map_err(e)?;
+        out.write("norms", &norms).map_err(e)?;
     }
     if !norms_only {
         session

@@ -623,12 +623,18 @@ impl Session {
 
     /// `‖g_n‖` over all parameters, `[B]`.
     pub fn per_example_norms(&mut self, params: &Params, batch: &Batch) -> Result<Vec<f32>> {
-        let mut norms = Vec::new();
+        Ok(self.per_example_norms_and_loss(params, batch)?.0)
+    }
+
+    /// `‖g_n‖` over all parameters and the per-example losses, `[B]` each, from one step.
+    pub fn per_example_norms_and_loss(&mut self, params: &Params, batch: &Batch) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut norms, mut loss) = (Vec::new(), Vec::new());
         self.each_run(EntryKind::PerExampleNorms, params, batch, Some(1.0), |s, _, b| {
             norms.extend(s.read(&Role::Norms, b)?.data);
+            loss.extend(s.read(&Role::Loss, b)?.data);
             Ok(())
         })?;
-        Ok(norms)
+        Ok((norms, loss))
     }
 
     /// `Σ_n min(1, C/(‖g_n‖ + 1e-6)) g_n`, with the norms and losses it saw.

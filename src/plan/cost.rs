@@ -296,7 +296,8 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
                 workspace: 0,
                 held: 0,
                 launches: 3 + im2col,
-                efficiency: dev.gemm_efficiency(l.t, l.t, l.d.max(l.p), gram_flops as f64),
+                efficiency: dev.gemm_efficiency(l.t, l.t, l.d.max(l.p), gram_flops as f64)
+                    * if l.t > 1 { dev.gram_efficiency } else { 1.0 },
                 seconds: 0.0,
             };
             if goal == Goal::ClippedSum {
