@@ -27,9 +27,14 @@ pub struct DeviceProfile {
     pub window_efficiency: f64,
     /// The fraction of GEMM efficiency ghost norm's Gram products over T positions reach:
     /// they are computed entry by entry in registers (no T×T buffer), reading the columns
-    /// with a stride of T, which a CPU's caches and vectors serve poorly.
-    #[serde(default = "default_window_efficiency")]
+    /// with a stride of T, which a CPU's caches and vectors serve poorly. Not measured on
+    /// GPUs (1.0 there, as for profile files without it).
+    #[serde(default = "default_gram_efficiency")]
     pub gram_efficiency: f64,
+}
+
+fn default_gram_efficiency() -> f64 {
+    1.0
 }
 
 fn default_window_efficiency() -> f64 {
@@ -60,7 +65,7 @@ impl DeviceProfile {
             tile: 64,
             half_efficiency_flops: 2e8,
             window_efficiency: 0.85,
-            gram_efficiency: 0.85,
+            gram_efficiency: 1.0,
         }
     }
 
@@ -75,7 +80,7 @@ impl DeviceProfile {
             tile: 64,
             half_efficiency_flops: 2e8,
             window_efficiency: 0.85,
-            gram_efficiency: 0.85,
+            gram_efficiency: 1.0,
         }
     }
 
