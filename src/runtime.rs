@@ -387,9 +387,12 @@ impl Session {
                     }
                 }
                 LaunchMode::Chunked { group, examples } => {
-                    // The group's launches run together on each chunk of examples.
+                    // The group's launches run together on each chunk of examples: as few
+                    // chunks as hold `examples` each, of near-equal sizes (128 examples in
+                    // chunks of at most 104 run as 64 + 64, not 104 + 24).
                     let len = launches[i..].iter().take_while(|l| l.mode == launch.mode).count();
-                    let step = (examples as usize).max(1);
+                    let chunks = batch.div_ceil((examples as usize).max(1));
+                    let step = batch.div_ceil(chunks.max(1)).max(1);
                     for start in (0..batch).step_by(step) {
                         let rows = step.min(batch - start);
                         for l in &launches[i..i + len] {

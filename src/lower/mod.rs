@@ -48,8 +48,9 @@ pub enum Role {
     Activation(u32),
     /// Saved by a norm's forward for its backward: `xhat` or `rstd`.
     Saved(u32, String),
-    /// A conv's im2col columns for one use (`fwd`, `wgrad`, `bookkeep`), or their gradient
-    /// (`dcols`): workspaces recomputed where needed, never kept across a pass.
+    /// A conv's im2col columns for one use (`fwd`, `wgrad`, `bookkeep`, `naive`), or their
+    /// gradient (`dcols`): workspaces recomputed where needed, except that small convs keep
+    /// their `fwd` columns for every use.
     Columns(u32, String),
     ActivationGrad(u32),
     Loss,
@@ -241,9 +242,13 @@ pub fn lower(graph: &Graph, grads: &GradGraph, plans: &Plans<'_>) -> Result<Prog
 }
 
 /// The most bytes of im2col columns a conv's launches hold at once by default: beyond it,
-/// they run in chunks of examples (64 MiB keeps every GEMM of a chunk large: a 3x3 conv on
-/// 224x224 with 64 input channels has 115 MB of columns per example, one example a chunk).
-pub const CHUNK_BYTES: u64 = 64 << 20;
+/// they run in chunks of examples (256 MiB keeps every GEMM of a chunk large: a 3x3 conv on
+/// 224x224 with 64 input channels has 115 MB of columns per example, two examples a chunk).
+pub const CHUNK_BYTES: u64 = 256 << 20;
+
+/// How many chunk budgets of columns the convs that keep their forward pass's columns may
+/// hold together (see `Lowering::keeps_columns`).
+const KEPT_CHUNKS: u64 = 1;
 
 /// The parameter gradients a backward pass computes, layer by layer as each layer's output
 /// gradient is complete (so that gradients and columns die early).
@@ -317,20 +322,25 @@ impl<'g> Lowering<'g> {
         self.extra(Role::Loss, "loss", true, vec![]);
     }
 
-    /// The im2col columns of conv `node` for one use (`fwd`, `wgrad`, `bookkeep`) and the
-    /// launch that computes them. Each use has its own workspace, written just before its
-    /// readers, so no conv keeps its columns from the forward pass to the backward pass: the
-    /// columns are the largest buffers of a conv net (9x the output for a 3x3 kernel), and
-    /// recomputing them costs one pass over the input.
-    ///
-    /// The columns are a chunk workspace (see [`Self::column_chunk`]) except for `naive`'s,
-    /// whose per-example launches read them outside any group.
-    fn columns(&mut self, node: NodeId, use_: &str) -> Result<(Launch, BufId)> {
+    /// The im2col columns of conv `node` for one use (`fwd`, `wgrad`, `bookkeep`, `naive`)
+    /// and the launches that compute them. A conv whose columns [`Self::keeps_columns`]
+    /// computes them once, in the forward pass, and every later use reads those (no
+    /// launch). Any other conv recomputes them for each use into a workspace of its own,
+    /// written just before its readers: columns are the largest buffers of a conv net (9x
+    /// the output for a 3x3 kernel), and recomputing them costs one pass over the input.
+    /// Such a workspace is a chunk workspace (see [`Self::column_chunk`]) except for
+    /// `naive`'s, whose per-example launches read it outside any group.
+    fn columns(&mut self, node: NodeId, use_: &str) -> Result<(Vec<Launch>, BufId)> {
         let g = self.graph;
         let n = g.node(node);
         let Op::Conv(c) = &n.op else {
             return Err(crate::Error::Internal(format!("im2col columns of the non-conv node {}", n.id.0)));
         };
+        if use_ != "fwd" && self.keeps_columns(node) {
+            if let Some(cols) = self.extra.get(&Role::Columns(node.0, "fwd".into())) {
+                return Ok((Vec::new(), *cols));
+            }
+        }
         let cg = ConvGemm::of(c, &n.shape);
         let chunk = if use_ == "naive" { None } else { self.column_chunk(node) };
         let cols = self.extra(
@@ -342,7 +352,28 @@ impl<'g> Lowering<'g> {
         self.buffers[cols.0 as usize].chunk = chunk;
         let input = n.inputs[0];
         let k = param_grads::im2col(&format!("{}_im2col", self.tag(node)), c, &g.node(input).shape, &n.shape)?;
-        Ok((self.launch(k, vec![self.act[input.index()], cols]), cols))
+        Ok((vec![self.launch(k, vec![self.act[input.index()], cols])], cols))
+    }
+
+    /// Whether conv `node` keeps its forward pass's columns for its later uses: when the
+    /// columns of the whole batch are not chunked and, with those of the convs before it
+    /// that keep theirs, take at most `KEPT_CHUNKS` chunk budgets. Small nets then pay no
+    /// recomputation, and large ones hold a bounded amount.
+    fn keeps_columns(&self, node: NodeId) -> bool {
+        let mut kept = 0u64;
+        for n in self.graph.nodes.iter().take(node.index() + 1) {
+            let Op::Conv(c) = &n.op else { continue };
+            let cg = ConvGemm::of(c, &n.shape);
+            let bytes = (cg.groups * cg.d * cg.positions * 4) as u64 * self.batch as u64;
+            let keep = self.column_chunk(n.id).is_none() && kept + bytes <= KEPT_CHUNKS * self.chunk_bytes;
+            if keep {
+                kept += bytes;
+            }
+            if n.id == node {
+                return keep;
+            }
+        }
+        false
     }
 
     /// The gradient of conv `node`'s columns, a backward chunk workspace.
@@ -433,7 +464,7 @@ impl<'g> Lowering<'g> {
                     args.push(y);
                     let gemm = self.launch(k, args);
                     let chunk = self.column_chunk(n.id);
-                    out.extend(self.chunked(vec![im2col, gemm], chunk));
+                    out.extend(self.chunked([im2col, vec![gemm]].concat(), chunk));
                     continue;
                 }
                 Op::Linear(lin) => {
@@ -651,7 +682,7 @@ impl<'g> Lowering<'g> {
                         self.launch(param_grads::zero(&format!("zero_{rows}x{width}"), rows, width)?, vec![targets[0]]),
                     );
                 }
-                out.extend(self.chunked(vec![im2col, gemm], chunk));
+                out.extend(self.chunked([im2col, vec![gemm]].concat(), chunk));
                 if c.bias {
                     let k =
                         param_grads::conv_bias_batch_grad(&format!("{tag}_bias_batch_grad"), cg.cout, cg.positions)?;
@@ -862,7 +893,7 @@ impl<'g> Lowering<'g> {
                     self.launch(k, vec![u, dy, sq])
                 };
                 let chunk = self.column_chunk(node);
-                let mut v = self.chunked(vec![im2col, contraction], chunk);
+                let mut v = self.chunked([im2col, vec![contraction]].concat(), chunk);
                 if c.bias && (bias_out.store || bias_out.norm.is_some()) {
                     let k = param_grads::bias_per_example(&format!("{tag}_bias"), c.out_channels, positions, bias_out)?;
                     let mut args = vec![dy];

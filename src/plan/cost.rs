@@ -204,11 +204,11 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
     };
     let cost = match strategy {
         Strategy::Naive => {
-            // One batch-of-one weight gradient per example; a conv's run on im2col columns
-            // recomputed for the whole batch first.
+            // One batch-of-one weight gradient per example; a conv's run on im2col columns,
+            // recomputed for the whole batch first where the lowering does not keep them.
             let (f, by, la) = after(NormPass::Separate);
             let m = l.p / l.groups;
-            let im2col = u64::from(l.kind == LayerKind::Conv);
+            let im2col = recomputes(l, b);
             Cost {
                 strategy,
                 flops: b * per_example + f,
@@ -239,20 +239,21 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
             }
         }
         Strategy::Unfold => {
-            // unfold recomputes the im2col columns (one launch writes them, the contraction
-            // reads them) into a workspace that takes the place of the forward pass's: one
-            // set of columns is live at a time, counted in the step's base memory. The
-            // contraction runs per example and group, then the squared norm of what it
-            // wrote, in the same launch.
+            // unfold reads the im2col columns: the forward pass's where the lowering keeps
+            // them, else recomputed (one more launch and write) into a workspace that takes
+            // the place of the forward pass's: one set of columns is live at a time, counted
+            // in the step's base memory. The contraction runs per example and group, then
+            // the squared norm of what it wrote, in the same launch.
             let (f, by, la) = after(NormPass::InKernel);
             let unfolded = b * l.groups * l.d * l.t;
+            let im2col = recomputes(l, b);
             Cost {
                 strategy,
                 flops: b * per_example + f,
-                bytes: io + 2 * unfolded * F32 + held_grads + by,
+                bytes: io + (1 + im2col) * unfolded * F32 + held_grads + by,
                 workspace: 0,
                 held: held_grads,
-                launches: 2 + bias_launch + la,
+                launches: 1 + im2col + bias_launch + la,
                 efficiency: eff_batched(b),
                 seconds: 0.0,
             }
@@ -280,15 +281,15 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
         Strategy::Ghost => {
             // ‖dW_n‖² = Σ_g ⟨U_gᵀU_g, G_gᵀG_g⟩ with T×T Gram matrices; for T = 1 it is
             // ‖a‖²·‖g‖² (no Gram matrices). The Gram entries live in registers; a conv's
-            // im2col columns are recomputed (a write, a read and a launch) into the one set
-            // of columns the step's base memory counts, so there is no workspace.
+            // im2col columns are the forward pass's or recomputed (a write and a launch more)
+            // into the one set of columns the step's base memory counts: no workspace.
             let (gram_flops, unfolded) = if l.t == 1 {
                 (2 * b * (l.p + l.d), 0)
             } else {
                 let unfolded = b * l.groups * l.d * l.t;
                 (2 * b * l.t * l.t * (l.p + l.groups * l.d) + 2 * b * l.groups * l.t * l.t, unfolded)
             };
-            let im2col = u64::from(l.kind == LayerKind::Conv);
+            let im2col = recomputes(l, b);
             let mut c = Cost {
                 strategy,
                 flops: gram_flops,
@@ -320,11 +321,18 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
     cost.timed(dev)
 }
 
+/// Whether the lowering recomputes a conv's im2col columns for each use instead of keeping
+/// the forward pass's (where the batch's columns exceed the chunk budget), as 1 or 0. The
+/// lowering's cap on the columns kept over the whole net is not modelled.
+fn recomputes(l: &LayerDims, b: u64) -> u64 {
+    u64::from(l.kind == LayerKind::Conv && b * l.groups * l.d * l.t * F32 > crate::lower::CHUNK_BYTES)
+}
+
 /// The non-private weight gradient: one contraction over all B·T, summed over examples
-/// (for a conv, on im2col columns it recomputes: a write, a read and a launch more).
+/// (for a conv, on im2col columns it may recompute: a write, a read and a launch more).
 pub fn nonprivate_cost(l: &LayerDims, b: u64, dev: &DeviceProfile) -> Cost {
     let flops = b * l.contraction_flops();
-    let im2col = u64::from(l.kind == LayerKind::Conv);
+    let im2col = recomputes(l, b);
     let unfolded = im2col * b * l.groups * l.d * l.t;
     Cost {
         strategy: Strategy::Direct,
@@ -390,10 +398,10 @@ mod tests {
             for s in [Strategy::Naive, Strategy::Unfold, Strategy::Direct] {
                 assert_eq!(grads(s).flops, 2 * b * t * p * d, "{s} {args}");
             }
-            // unfold recomputes the im2col columns (B·G·d·T floats: a write and a read) into
-            // the one set of columns the step's base memory counts: no workspace of its own.
+            // unfold reads the forward pass's im2col columns (B·G·d·T floats; small enough to
+            // be kept here) instead of building its own: no workspace, one more read.
             assert_eq!(grads(Strategy::Unfold).workspace, 0, "{args}");
-            assert_eq!(grads(Strategy::Unfold).bytes - grads(Strategy::Direct).bytes, 2 * 4 * b * g * d * t, "{args}");
+            assert_eq!(grads(Strategy::Unfold).bytes - grads(Strategy::Direct).bytes, 4 * b * g * d * t, "{args}");
             assert_eq!(grads(Strategy::Direct).workspace, 0);
             // Materialized grads hold B·P floats.
             assert_eq!(grads(Strategy::Direct).held, 4 * b * l.params);
