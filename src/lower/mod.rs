@@ -198,6 +198,8 @@ struct Lowering<'g> {
     chunk_bytes: u64,
     /// Chunk groups made so far.
     groups: u32,
+    /// The convs that keep their forward pass's columns (see [`Lowering::kept_columns`]).
+    kept: Vec<NodeId>,
 }
 
 /// Stage 5: the program of `graph`, whose per-example backward pass `differentiate`
@@ -217,7 +219,9 @@ pub fn lower(graph: &Graph, grads: &GradGraph, plans: &Plans<'_>) -> Result<Prog
         batch: plans.grads.batch.max(1),
         chunk_bytes: plans.chunk_bytes,
         groups: 0,
+        kept: Vec::new(),
     };
+    l.kept = l.kept_columns();
     l.declare_buffers();
     let forward = l.forward()?;
 
@@ -247,8 +251,24 @@ pub fn lower(graph: &Graph, grads: &GradGraph, plans: &Plans<'_>) -> Result<Prog
 pub const CHUNK_BYTES: u64 = 256 << 20;
 
 /// How many chunk budgets of columns the convs that keep their forward pass's columns may
-/// hold together (see `Lowering::keeps_columns`).
+/// hold together (see `Lowering::kept_columns`).
 const KEPT_CHUNKS: u64 = 1;
+
+/// Examples per chunk for the launches around a conv's columns of `per_example` bytes at
+/// `batch` examples: as many as keep one chunk's columns within `chunk_bytes` (at least
+/// one), or `None` when the whole batch fits, so small convs keep their batched launches.
+/// The cost model asks it too, to charge recomputed columns where the lowering makes them.
+pub fn column_chunk_examples(per_example: u64, batch: u64, chunk_bytes: u64) -> Option<u32> {
+    let examples = (chunk_bytes / per_example.max(1)).max(1);
+    (examples < batch).then(|| examples.min(u64::from(u32::MAX)) as u32)
+}
+
+/// Bytes of a conv node's im2col columns per example; `None` for other nodes.
+fn column_bytes(n: &crate::graph::Node) -> Option<u64> {
+    let Op::Conv(c) = &n.op else { return None };
+    let cg = ConvGemm::of(c, &n.shape);
+    Some((cg.groups * cg.d * cg.positions * 4) as u64)
+}
 
 /// The parameter gradients a backward pass computes, layer by layer as each layer's output
 /// gradient is complete (so that gradients and columns die early).
@@ -336,72 +356,56 @@ impl<'g> Lowering<'g> {
         let Op::Conv(c) = &n.op else {
             return Err(crate::Error::Internal(format!("im2col columns of the non-conv node {}", n.id.0)));
         };
-        if use_ != "fwd" && self.keeps_columns(node) {
+        if use_ != "fwd" && self.kept.contains(&node) {
             if let Some(cols) = self.extra.get(&Role::Columns(node.0, "fwd".into())) {
                 return Ok((Vec::new(), *cols));
             }
         }
-        let cg = ConvGemm::of(c, &n.shape);
         let chunk = if use_ == "naive" { None } else { self.column_chunk(node) };
-        let cols = self.extra(
-            Role::Columns(node.0, use_.to_string()),
-            &format!("cols{}_{use_}", node.0),
-            true,
-            vec![cg.groups, cg.d, cg.positions],
-        );
-        self.buffers[cols.0 as usize].chunk = chunk;
+        let cols = self.column_buffer(node, use_, &format!("cols{}_{use_}", node.0), chunk);
         let input = n.inputs[0];
         let k = param_grads::im2col(&format!("{}_im2col", self.tag(node)), c, &g.node(input).shape, &n.shape)?;
         Ok((vec![self.launch(k, vec![self.act[input.index()], cols])], cols))
     }
 
-    /// Whether conv `node` keeps its forward pass's columns for its later uses: when the
-    /// columns of the whole batch are not chunked and, with those of the convs before it
+    /// The convs that keep their forward pass's columns for their later uses: those whose
+    /// columns for the whole batch are not chunked and, with those of the convs before them
     /// that keep theirs, take at most `KEPT_CHUNKS` chunk budgets. Small nets then pay no
     /// recomputation, and large ones hold a bounded amount.
-    fn keeps_columns(&self, node: NodeId) -> bool {
-        let mut kept = 0u64;
-        for n in self.graph.nodes.iter().take(node.index() + 1) {
-            let Op::Conv(c) = &n.op else { continue };
-            let cg = ConvGemm::of(c, &n.shape);
-            let bytes = (cg.groups * cg.d * cg.positions * 4) as u64 * self.batch as u64;
-            let keep = self.column_chunk(n.id).is_none() && kept + bytes <= KEPT_CHUNKS * self.chunk_bytes;
-            if keep {
-                kept += bytes;
-            }
-            if n.id == node {
-                return keep;
+    fn kept_columns(&self) -> Vec<NodeId> {
+        let mut kept = (Vec::new(), 0u64);
+        for n in &self.graph.nodes {
+            let Some(per_example) = column_bytes(n) else { continue };
+            let bytes = per_example * self.batch as u64;
+            if self.column_chunk(n.id).is_none() && kept.1 + bytes <= KEPT_CHUNKS * self.chunk_bytes {
+                kept.0.push(n.id);
+                kept.1 += bytes;
             }
         }
-        false
+        kept.0
     }
 
     /// The gradient of conv `node`'s columns, a backward chunk workspace.
     fn column_grad(&mut self, node: NodeId) -> BufId {
-        let n = self.graph.node(node);
-        let Op::Conv(c) = &n.op else { unreachable!("column_grad is asked for convs only") };
-        let cg = ConvGemm::of(c, &n.shape);
         let chunk = self.column_chunk(node);
-        let id = self.extra(
-            Role::Columns(node.0, "dcols".into()),
-            &format!("dcols{}", node.0),
-            true,
-            vec![cg.groups, cg.d, cg.positions],
-        );
+        self.column_buffer(node, "dcols", &format!("dcols{}", node.0), chunk)
+    }
+
+    /// The workspace `Role::Columns(node, use_)` (declared on first use), one chunk of
+    /// `chunk` examples or the batch.
+    fn column_buffer(&mut self, node: NodeId, use_: &str, name: &str, chunk: Option<u32>) -> BufId {
+        let n = self.graph.node(node);
+        let Op::Conv(c) = &n.op else { unreachable!("columns are asked for convs only") };
+        let cg = ConvGemm::of(c, &n.shape);
+        let id = self.extra(Role::Columns(node.0, use_.into()), name, true, vec![cg.groups, cg.d, cg.positions]);
         self.buffers[id.0 as usize].chunk = chunk;
         id
     }
 
-    /// Examples per chunk for the launches around conv `node`'s columns: as many as keep
-    /// one chunk's columns within `chunk_bytes` (at least one), or `None` when the whole
-    /// batch fits, so small convs keep their batched launches.
+    /// Examples per chunk for the launches around conv `node`'s columns (see
+    /// [`column_chunk_examples`]); `None` for other nodes.
     fn column_chunk(&self, node: NodeId) -> Option<u32> {
-        let n = self.graph.node(node);
-        let Op::Conv(c) = &n.op else { return None };
-        let cg = ConvGemm::of(c, &n.shape);
-        let per_example = (cg.groups * cg.d * cg.positions * 4) as u64;
-        let examples = (self.chunk_bytes / per_example.max(1)).max(1);
-        (examples < self.batch as u64).then(|| examples.min(u64::from(u32::MAX)) as u32)
+        column_chunk_examples(column_bytes(self.graph.node(node))?, self.batch as u64, self.chunk_bytes)
     }
 
     /// `launches` as one chunk group of `examples` examples, or as they are for `None`.

@@ -325,7 +325,9 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
 /// the forward pass's (where the batch's columns exceed the chunk budget), as 1 or 0. The
 /// lowering's cap on the columns kept over the whole net is not modelled.
 fn recomputes(l: &LayerDims, b: u64) -> u64 {
-    u64::from(l.kind == LayerKind::Conv && b * l.groups * l.d * l.t * F32 > crate::lower::CHUNK_BYTES)
+    let per_example = l.groups * l.d * l.t * F32;
+    let chunked = crate::lower::column_chunk_examples(per_example, b, crate::lower::CHUNK_BYTES).is_some();
+    u64::from(l.kind == LayerKind::Conv && chunked)
 }
 
 /// The non-private weight gradient: one contraction over all B·T, summed over examples
