@@ -15,6 +15,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::diag::Span;
+use crate::index_layer::IndexLayer;
 use crate::ops::Strategy;
 
 /// Index of a node in [`Graph::nodes`].
@@ -82,6 +83,8 @@ pub enum Op {
     /// Normalizes over the last `norm.groups` dims (the field is reused as a dim count).
     LayerNorm(Norm),
     Add,
+    /// A layer written in index notation in the source.
+    Index(Box<IndexLayer>),
 }
 
 /// conv1d (`spatial == 1`) or conv2d (`spatial == 2`). All vectors have `spatial` entries;
@@ -229,6 +232,7 @@ impl Op {
             Op::InstanceNorm(_) => "instance_norm",
             Op::LayerNorm(_) => "layer_norm",
             Op::Add => "add",
+            Op::Index(l) => crate::grad::intern(&l.def),
         }
     }
 }
@@ -280,6 +284,10 @@ impl fmt::Display for Op {
             Op::GroupNorm(n) => write!(f, " groups={} eps={:?} affine={}", n.groups, n.eps, n.affine),
             Op::InstanceNorm(n) => write!(f, " eps={:?} affine={}", n.eps, n.affine),
             Op::LayerNorm(n) => write!(f, " dims={} eps={:?} affine={}", n.groups, n.eps, n.affine),
+            Op::Index(l) => {
+                let params: Vec<String> = l.params().map(|p| format!("{}{}", p.name, shape(&p.shape))).collect();
+                write!(f, " (index notation; params {})", params.join(" "))
+            }
             Op::Activation(_) | Op::GlobalAvgPool | Op::Flatten | Op::Add => Ok(()),
         }
     }

@@ -20,6 +20,7 @@ pub mod explain;
 pub mod grad;
 pub mod graph;
 pub mod import;
+pub mod index_layer;
 pub mod lower;
 pub mod memory;
 pub mod module;

@@ -12,6 +12,23 @@ use serde::Serialize;
 /// A loop variable, by name (`n`, `co`, `oh`, ...). `n` is always the batch index.
 pub type Var = &'static str;
 
+/// A name written in a source file (an index variable or a layer definition of a layer
+/// written in index notation) as a [`Var`]: each distinct name is stored once for the
+/// life of the process, so a long-running program that compiles many models holds each
+/// name it ever saw once.
+pub fn intern(name: &str) -> Var {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES.get_or_init(|| Mutex::new(HashSet::new())).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(v) = names.get(name) {
+        return v;
+    }
+    let v: &'static str = Box::leak(name.to_string().into_boxed_str());
+    names.insert(v);
+    v
+}
+
 /// `coef · ⌊var / div⌋`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Term {

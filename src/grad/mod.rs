@@ -25,7 +25,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-pub use index::{Access, Cmp, Equation, Expr, Func, Index, Reduction, Term, Var};
+pub use index::{intern, Access, Cmp, Equation, Expr, Func, Index, Reduction, Term, Var};
 
 use crate::graph::{Graph, NodeId};
 

@@ -86,6 +86,7 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
 
     match &node.op {
         Op::Input { .. } => return None,
+        Op::Index(_) => todo!("index layers: derivation in progress"),
         Op::Conv(conv) => {
             let c = conv_contraction(conv, &in_shape(0));
             let dx = contraction(&mut step, c);

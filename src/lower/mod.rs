@@ -460,6 +460,7 @@ impl<'g> Lowering<'g> {
             let in_shape = n.inputs.first().map(|i| g.node(*i).shape.clone()).unwrap_or_default();
             let launch = match &n.op {
                 Op::Input { .. } | Op::Flatten => continue,
+                Op::Index(_) => todo!("index layers: lowering in progress"),
                 Op::Conv(c) => {
                     let (im2col, cols) = self.columns(n.id, "fwd")?;
                     let k = kernels::conv_forward_cols(&format!("{tag}_fwd"), &ConvGemm::of(c, &n.shape))?;
@@ -556,6 +557,7 @@ impl<'g> Lowering<'g> {
                 let size = numel(&n.shape) as usize;
                 let launch = match &n.op {
                     Op::Input { .. } | Op::Flatten => continue,
+                    Op::Index(_) => todo!("index layers: lowering in progress"),
                     Op::Conv(c) => {
                         let dcols = self.column_grad(n.id);
                         let k =
