@@ -110,7 +110,7 @@ pub fn render_text(plan: &Plan) -> String {
 }
 
 fn fastdp(l: &LayerPlan) -> &'static str {
-    if l.dims.kind == crate::plan::LayerKind::Norm {
+    if matches!(l.dims.kind, crate::plan::LayerKind::Norm | crate::plan::LayerKind::Index) {
         "-"
     } else if l.fastdp_ghost {
         "ghost"
@@ -141,7 +141,7 @@ pub fn render_json(plan: &Plan) -> String {
     let fastdp_comparison = plan
         .layers
         .iter()
-        .filter(|l| l.dims.kind != crate::plan::LayerKind::Norm)
+        .filter(|l| !matches!(l.dims.kind, crate::plan::LayerKind::Norm | crate::plan::LayerKind::Index))
         .map(|l| {
             let rule = fastdp(l);
             let ours_ghost = l.chosen == Strategy::Ghost;

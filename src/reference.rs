@@ -25,6 +25,8 @@
 //!
 //! 1-D convs and pools are run as 2-D ones with a height of 1.
 
+mod index;
+
 use std::collections::BTreeMap;
 
 use thiserror::Error;
@@ -245,18 +247,22 @@ struct Prepared<'a> {
     batch: &'a Batch,
     weight: Vec<Option<&'a [f64]>>,
     bias: Vec<Option<&'a [f64]>>,
+    /// Every parameter by its full name (layers written in index notation read these).
+    named: BTreeMap<String, &'a [f64]>,
 }
 
 impl<'a> Prepared<'a> {
     fn new(graph: &'a Graph, params: &'a Params, batch: &'a Batch) -> Result<Self, ReferenceError> {
         let mut weight = vec![None; graph.nodes.len()];
         let mut bias = vec![None; graph.nodes.len()];
+        let mut named = BTreeMap::new();
         for spec in &graph.params {
             let values = params.get(&spec.name).ok_or_else(|| ReferenceError::MissingParam(spec.name.clone()))?;
             let expected = numel(&spec.shape) as usize;
             if values.len() != expected {
                 return Err(ReferenceError::ParamLength { name: spec.name.clone(), expected, got: values.len() });
             }
+            named.insert(spec.name.clone(), values.as_slice());
             let slot = if spec.name.ends_with(".bias") { &mut bias } else { &mut weight };
             slot[spec.node.index()] = Some(values.as_slice());
         }
@@ -294,7 +300,7 @@ impl<'a> Prepared<'a> {
                 return Err(ReferenceError::LabelKind { name: name.clone(), expected: "a real-valued target" })
             }
         }
-        Ok(Prepared { graph, batch, weight, bias })
+        Ok(Prepared { graph, batch, weight, bias, named })
     }
 
     /// The same, with one parameter tensor (of node `node`) replaced by `values`.
@@ -302,14 +308,44 @@ impl<'a> Prepared<'a> {
     where
         'a: 'b,
     {
-        let mut p =
-            Prepared { graph: self.graph, batch: self.batch, weight: self.weight.clone(), bias: self.bias.clone() };
+        let mut p = Prepared {
+            graph: self.graph,
+            batch: self.batch,
+            weight: self.weight.clone(),
+            bias: self.bias.clone(),
+            named: self.named.clone(),
+        };
+        p.named.insert(name.to_string(), values);
         if name.ends_with(".bias") {
             p.bias[node] = Some(values);
         } else {
             p.weight[node] = Some(values);
         }
         p
+    }
+
+    /// The inputs and parameters of index-notation layer `l` at `node`, by local name, for
+    /// one example whose input `k` is `input(k)`.
+    fn index_values<'v>(
+        &'v self,
+        node: &Node,
+        l: &crate::index_layer::IndexLayer,
+        input: impl Fn(usize) -> &'v [f64],
+    ) -> index::Values<'v> {
+        let layer = node.layer.as_deref().unwrap_or_default();
+        let mut values = index::Values::new();
+        for t in &l.tensors {
+            match t.kind {
+                crate::index_layer::LocalKind::Input(slot) => {
+                    values.insert(t.name.clone(), input(slot).into());
+                }
+                crate::index_layer::LocalKind::Param => {
+                    values.insert(t.name.clone(), self.named[&format!("{layer}.{}", t.name)].into());
+                }
+                crate::index_layer::LocalKind::Temp => {}
+            }
+        }
+        values
     }
 
     /// Runs the nodes `range` of example `n`, writing `acts[i]`; `acts[..range.start]` must
@@ -349,7 +385,7 @@ impl<'a> Prepared<'a> {
                 norm_forward(&layout, nm.eps, input(0), self.weight[i], self.bias[i])
             }
             Op::Add => input(0).iter().zip(input(1)).map(|(a, b)| a + b).collect(),
-            Op::Index(_) => todo!("index layers: reference in progress"),
+            Op::Index(l) => index::forward(l, &mut self.index_values(node, l, |k| input(k))),
         }
     }
 
@@ -429,7 +465,22 @@ impl<'a> Prepared<'a> {
                     vec![dx]
                 }
                 Op::Add => vec![g.clone(), g.clone()],
-                Op::Index(_) => todo!("index layers: reference in progress"),
+                Op::Index(l) => {
+                    let mut values = self.index_values(node, l, x);
+                    index::forward(l, &mut values);
+                    let grads = index::backward(l, &values, &g);
+                    let layer = node.layer.as_deref().unwrap_or_default();
+                    for p in l.params() {
+                        pgrads.insert(format!("{layer}.{}", p.name), grads[&p.name].clone());
+                    }
+                    let mut dinputs = vec![Vec::new(); node.inputs.len()];
+                    for t in l.inputs() {
+                        if let crate::index_layer::LocalKind::Input(slot) = t.kind {
+                            dinputs[slot] = grads[&t.name].clone();
+                        }
+                    }
+                    dinputs
+                }
             };
             for (k, d) in dinputs.into_iter().enumerate() {
                 let j = node.inputs[k].index();

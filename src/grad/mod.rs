@@ -19,6 +19,7 @@
 //! [`ParamGrad`], whose left-hand side starts with `n`.
 
 mod index;
+pub mod layer;
 mod rules;
 
 use std::fmt;
@@ -49,6 +50,11 @@ pub struct GradStep {
     /// Gradients with respect to the inputs that need one (`dX`, `dA`, `dB`).
     pub input_grads: Vec<Equation>,
     pub param_grads: Vec<ParamGrad>,
+    /// For a layer written in index notation: the range of every variable its equations
+    /// use, one range per name (its lowering is generic and reads them here). Empty for
+    /// the built-in ops, whose kernels know their loops.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<(Var, usize)>,
 }
 
 /// The per-example gradient of one parameter.

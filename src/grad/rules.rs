@@ -68,8 +68,15 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
         Some(l) => format!("{l}: {}", node.op),
         None => node.op.to_string(),
     };
-    let mut step =
-        GradStep { node: node.id, title, bindings, forward: vec![], input_grads: vec![], param_grads: vec![] };
+    let mut step = GradStep {
+        node: node.id,
+        title,
+        bindings,
+        forward: vec![],
+        input_grads: vec![],
+        param_grads: vec![],
+        ranges: vec![],
+    };
     let needs_x = input_needs.first().copied().unwrap_or(false);
     let param_name = |suffix: &str| format!("{}.{suffix}", node.layer.as_deref().unwrap_or("?"));
 
@@ -86,7 +93,7 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
 
     match &node.op {
         Op::Input { .. } => return None,
-        Op::Index(_) => todo!("index layers: derivation in progress"),
+        Op::Index(l) => super::layer::define(node, l, input_needs, &mut step),
         Op::Conv(conv) => {
             let c = conv_contraction(conv, &in_shape(0));
             let dx = contraction(&mut step, c);

@@ -11,7 +11,7 @@ use pdgc_codegen::ir::{self, Binary, CmpOp, Cond, Extent, Kernel, Unary};
 
 use super::builder::*;
 use crate::error::Result;
-use crate::grad::{Cmp, Equation, Expr, Func};
+use crate::grad::{Access, Cmp, Equation, Expr, Func};
 
 /// A kernel computing `eq` over `size` elements per example, and the tensors it reads, in
 /// the order of its arguments (the left-hand side's tensor is the last argument). `first`:
@@ -27,8 +27,8 @@ pub fn pointwise(name: &str, eq: &Equation, size: usize, first: bool) -> Option<
     let out = kb.target(&eq.lhs.tensor, batched(&[size]), overwrite);
     let [n, i] = [kb.var("n"), kb.var("i")];
     let ix = vec![v(n), v(i)];
-    let load_of = |tensor: &str| -> Option<ir::Expr> {
-        let at = reads.iter().position(|t| t == tensor)?;
+    let load_of = |a: &Access| -> Option<ir::Expr> {
+        let at = reads.iter().position(|t| *t == a.tensor)?;
         Some(load(args[at], ix.clone()))
     };
     let value = scalar(&eq.rhs, &load_of)?;
@@ -66,9 +66,9 @@ fn collect_reads(e: &Expr, eq: &Equation, out: &mut Vec<String>) -> Option<()> {
     }
 }
 
-/// The kernel-IR value of a pointwise expression; an activation is expanded through its
-/// definition in the activation table.
-fn scalar(e: &Expr, load_of: &impl Fn(&str) -> Option<ir::Expr>) -> Option<ir::Expr> {
+/// The kernel-IR value of an expression without reductions, each read's value given by
+/// `load_of`; an activation is expanded through its definition in the activation table.
+pub fn scalar(e: &Expr, load_of: &impl Fn(&Access) -> Option<ir::Expr>) -> Option<ir::Expr> {
     let fold = |items: &[Expr], op: Binary| -> Option<ir::Expr> {
         let mut it = items.iter();
         let mut acc = scalar(it.next()?, load_of)?;
@@ -78,7 +78,7 @@ fn scalar(e: &Expr, load_of: &impl Fn(&str) -> Option<ir::Expr>) -> Option<ir::E
         Some(acc)
     };
     Some(match e {
-        Expr::Read(a) => load_of(&a.tensor)?,
+        Expr::Read(a) => load_of(a)?,
         Expr::Num(x) => lit(*x as f32),
         // `-1 · x` is a negation, exactly.
         Expr::Mul(items) if items.len() == 2 && items[0] == Expr::Num(-1.0) => {
@@ -119,7 +119,6 @@ fn scalar(e: &Expr, load_of: &impl Fn(&str) -> Option<ir::Expr>) -> Option<ir::E
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grad::Access;
     use crate::graph::Activation;
 
     fn eq(lhs: &str, rhs: Expr) -> Equation {

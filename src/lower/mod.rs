@@ -18,6 +18,7 @@
 
 mod builder;
 pub mod equation;
+pub mod index;
 pub mod kernels;
 pub mod param_grads;
 
@@ -28,10 +29,13 @@ use pdgc_codegen::ir::Kernel;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
+use crate::grad::layer as layer_grad;
 use crate::grad::GradGraph;
 use crate::graph::{numel, Graph, LabelSpec, Loss, NodeId, Op};
+use crate::index_layer::{IndexLayer, LocalKind};
 use crate::ops::Strategy;
 use crate::plan::Plan;
+use index::{Batching, TensorInfo};
 use kernels::{ConvGemm, NormGeom, PoolGeom, Window};
 use param_grads::Outputs;
 
@@ -460,7 +464,14 @@ impl<'g> Lowering<'g> {
             let in_shape = n.inputs.first().map(|i| g.node(*i).shape.clone()).unwrap_or_default();
             let launch = match &n.op {
                 Op::Input { .. } | Op::Flatten => continue,
-                Op::Index(_) => todo!("index layers: lowering in progress"),
+                Op::Index(_) => {
+                    let eqs = self.grads.step(n.id).map(|s| s.forward.clone()).unwrap_or_default();
+                    for (i, eq) in eqs.iter().enumerate() {
+                        let name = format!("{tag}_fwd{i}");
+                        out.extend(self.index_launch(n.id, &name, eq, true, Batching::PerExample, &HashMap::new())?);
+                    }
+                    continue;
+                }
                 Op::Conv(c) => {
                     let (im2col, cols) = self.columns(n.id, "fwd")?;
                     let k = kernels::conv_forward_cols(&format!("{tag}_fwd"), &ConvGemm::of(c, &n.shape))?;
@@ -538,6 +549,10 @@ impl<'g> Lowering<'g> {
         let mut written: Vec<BufId> = vec![self.grad[g.loss.input().index()]];
         let mut out = Vec::new();
         for n in g.nodes.iter().rev() {
+            if let Op::Index(_) = &n.op {
+                // A layer's temporaries' gradients come first: its parameter gradients read them.
+                out.extend(self.index_grads(n.id, None, true)?);
+            }
             if n.layer.is_some() {
                 out.extend(match work {
                     ParamWork::Batch => self.batch_grad_layer(n.id)?,
@@ -557,7 +572,10 @@ impl<'g> Lowering<'g> {
                 let size = numel(&n.shape) as usize;
                 let launch = match &n.op {
                     Op::Input { .. } | Op::Flatten => continue,
-                    Op::Index(_) => todo!("index layers: lowering in progress"),
+                    Op::Index(_) => {
+                        out.extend(self.index_grads(n.id, Some(slot), first)?);
+                        continue;
+                    }
                     Op::Conv(c) => {
                         let dcols = self.column_grad(n.id);
                         let k =
@@ -654,8 +672,11 @@ impl<'g> Lowering<'g> {
                 self.extra(Role::BatchGrad(p.name.clone()), &format!("batch_grad.{}", p.name), false, p.shape.clone())
             })
             .collect();
-        let (x, dy, _) = self.conv_io(node);
         let tag = self.tag(node);
+        if let Op::Index(_) = &g.node(node).op {
+            return self.index_param_grads(node, &tag, &targets, Batching::Summed, LaunchMode::Grid);
+        }
+        let (x, dy, _) = self.conv_io(node);
         self.batch_grad_launch(node, &tag, x, dy, targets, LaunchMode::Grid, "wgrad")
     }
 
@@ -728,6 +749,9 @@ impl<'g> Lowering<'g> {
         let want_norms = kind != EntryKind::PerExampleGrads;
         let sq = self.extra(Role::SqNormParts, "sqnorm", true, vec![slots]);
         let strategy = strategy_of(plan, node);
+        if let Op::Index(_) = &g.node(node).op {
+            return self.index_per_example(node, strategy, want_norms, sq);
+        }
         let names: Vec<String> = g.params_of(node).map(|p| p.name.clone()).collect();
         let slot = self.slot(&names[0]);
         let norm = want_norms.then_some((slot, slots));
@@ -931,6 +955,204 @@ impl<'g> Lowering<'g> {
                 vec![self.launch(k, with_sq([vec![dy, self.saved[&(node.0, "xhat")]], pe.to_vec()].concat()))]
             }
         })
+    }
+}
+
+impl Lowering<'_> {
+    /// The index-notation layer of `node`.
+    fn index_layer(&self, node: NodeId) -> Result<&IndexLayer> {
+        match &self.graph.node(node).op {
+            Op::Index(l) => Ok(l),
+            _ => Err(crate::Error::Internal(format!("node {} is not an index-notation layer", node.0))),
+        }
+    }
+
+    /// The buffer a tensor of `node`'s derived equations names: a local tensor of the layer
+    /// or the gradient of one; a parameter's gradient is the caller's (`param_targets`).
+    fn index_buffer(&mut self, node: NodeId, name: &str, param_targets: &HashMap<String, BufId>) -> Result<BufId> {
+        let layer = self.index_layer(node)?;
+        let n = self.graph.node(node);
+        let (t, grad) = match layer.tensor(name) {
+            Some(t) => (t, false),
+            None => match layer.tensors.iter().find(|t| layer_grad::grad_name(layer, &t.name) == name) {
+                Some(t) => (t, true),
+                None => return Err(crate::Error::Internal(format!("`{name}` is not a tensor of node {}", node.0))),
+            },
+        };
+        let output = t.name == layer.output().lhs;
+        Ok(match (t.kind, grad) {
+            (LocalKind::Input(slot), false) => self.act[n.inputs[slot].index()],
+            (LocalKind::Input(slot), true) => self.grad[n.inputs[slot].index()],
+            (LocalKind::Param, false) => self.param(node, &t.name).expect("a declared parameter"),
+            (LocalKind::Param, true) => *param_targets
+                .get(&t.name)
+                .ok_or_else(|| crate::Error::Internal(format!("no target for the gradient of `{name}`")))?,
+            (LocalKind::Temp, false) if output => self.act[node.index()],
+            (LocalKind::Temp, true) if output => self.grad[node.index()],
+            (LocalKind::Temp, false) => {
+                let (role, shape) = (Role::Saved(node.0, t.name.clone()), t.shape.clone());
+                self.extra(role, &format!("n{}_{}", node.0, t.name), true, shape)
+            }
+            (LocalKind::Temp, true) => {
+                let (role, shape) = (Role::Workspace(format!("n{}_d{}", node.0, t.name)), t.shape.clone());
+                self.extra(role, &format!("n{}_d{}", node.0, t.name), true, shape)
+            }
+        })
+    }
+
+    /// The launches of one derived equation of `node`'s layer: its kernel, after a kernel
+    /// zeroing the target where the equation is a scatter and the target's first writer.
+    fn index_launch(
+        &mut self,
+        node: NodeId,
+        name: &str,
+        eq: &crate::grad::Equation,
+        first: bool,
+        batching: Batching,
+        param_targets: &HashMap<String, BufId>,
+    ) -> Result<Vec<Launch>> {
+        self.index_launch_mode(node, name, eq, first, batching, LaunchMode::Grid, param_targets)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn index_launch_mode(
+        &mut self,
+        node: NodeId,
+        name: &str,
+        eq: &crate::grad::Equation,
+        first: bool,
+        batching: Batching,
+        mode: LaunchMode,
+        param_targets: &HashMap<String, BufId>,
+    ) -> Result<Vec<Launch>> {
+        let layer = self.index_layer(node)?;
+        let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
+        let info = |t: &str| -> Option<TensorInfo> {
+            let (local, grad) = match layer.tensor(t) {
+                Some(l) => (l, false),
+                None => (layer.tensors.iter().find(|l| layer_grad::grad_name(layer, &l.name) == t)?, true),
+            };
+            Some(TensorInfo {
+                shape: local.shape.clone(),
+                batched: grad || local.kind != LocalKind::Param,
+                padding: if grad { vec![(0, 0); local.shape.len()] } else { local.padding.clone() },
+            })
+        };
+        let mut out = Vec::new();
+        let scatter_first = first && eq.accumulate;
+        let (k, tensors) = index::equation_kernel(name, eq, &ranges, &info, first && !scatter_first, batching)?;
+        let mut args = Vec::new();
+        for t in &tensors {
+            args.push(self.index_buffer(node, t, param_targets)?);
+        }
+        if scatter_first {
+            let target = *args.last().expect("a target");
+            let size = self.buffers[target.0 as usize].per_example_len() as usize;
+            out.push(self.launch(index::zero(&format!("zero_{size}"), size)?, vec![target]));
+        }
+        out.push(Launch { kernel: self.kernel(k), args, mode });
+        Ok(out)
+    }
+
+    /// Gradients of `node`'s layer other than its parameters': those of its temporaries
+    /// (`slot = None`, written here first) or of its input `slot`, whose first equation
+    /// overwrites when `first`.
+    fn index_grads(&mut self, node: NodeId, slot: Option<usize>, first: bool) -> Result<Vec<Launch>> {
+        let layer = self.index_layer(node)?;
+        let wanted: Vec<String> = layer
+            .tensors
+            .iter()
+            .filter(|t| match (t.kind, slot) {
+                (LocalKind::Input(s), Some(want)) => s == want,
+                (LocalKind::Temp, None) => t.name != layer.output().lhs,
+                _ => false,
+            })
+            .map(|t| layer_grad::grad_name(layer, &t.name))
+            .collect();
+        let eqs: Vec<crate::grad::Equation> = self
+            .grads
+            .step(node)
+            .map(|s| s.input_grads.iter().filter(|e| wanted.contains(&e.lhs.tensor)).cloned().collect())
+            .unwrap_or_default();
+        let tag = self.tag(node);
+        let mut written: Vec<String> = Vec::new();
+        let mut out = Vec::new();
+        for (i, eq) in eqs.iter().enumerate() {
+            let is_first = !written.contains(&eq.lhs.tensor) && (slot.is_none() || first);
+            written.push(eq.lhs.tensor.clone());
+            let name = format!("{tag}_bwd_{}{i}{}", eq.lhs.tensor, if is_first { "_first" } else { "" });
+            out.extend(self.index_launch(node, &name, eq, is_first, Batching::PerExample, &HashMap::new())?);
+        }
+        Ok(out)
+    }
+
+    /// The parameter gradients of `node`'s layer into `targets` (in the order of
+    /// `graph.params_of`): summed over the batch, or per example.
+    fn index_param_grads(
+        &mut self,
+        node: NodeId,
+        tag: &str,
+        targets: &[BufId],
+        batching: Batching,
+        mode: LaunchMode,
+    ) -> Result<Vec<Launch>> {
+        let layer = self.index_layer(node)?;
+        let locals: Vec<String> = layer.params().map(|p| p.name.clone()).collect();
+        let full: Vec<String> = self.graph.params_of(node).map(|p| p.name.clone()).collect();
+        let layer_name = self.graph.node(node).layer.clone().unwrap_or_default();
+        let mut map = HashMap::new();
+        for local in &locals {
+            let at = full.iter().position(|f| *f == format!("{layer_name}.{local}"));
+            if let Some(at) = at {
+                map.insert(local.clone(), targets[at]);
+            }
+        }
+        let pgs = self.grads.step(node).map(|s| s.param_grads.clone()).unwrap_or_default();
+        let suffix = match (batching, mode) {
+            (Batching::Summed, LaunchMode::PerExample) => "naive",
+            (Batching::Summed, _) => "batch_grad",
+            _ => "direct",
+        };
+        let mut out = Vec::new();
+        for pg in &pgs {
+            let local = pg.param.rsplit('.').next().unwrap_or_default().to_string();
+            let name = format!("{tag}_{local}_{suffix}");
+            out.extend(self.index_launch_mode(node, &name, &pg.eq, true, batching, mode, &map)?);
+        }
+        Ok(out)
+    }
+
+    /// One index-notation layer's per-example gradients (always stored: the layer's norms
+    /// are taken from them) and their squared norms when wanted.
+    fn index_per_example(
+        &mut self,
+        node: NodeId,
+        strategy: Strategy,
+        want_norms: bool,
+        sq: BufId,
+    ) -> Result<Vec<Launch>> {
+        let g = self.graph;
+        let slots = g.params.len();
+        let params: Vec<(String, Vec<usize>)> = g.params_of(node).map(|p| (p.name.clone(), p.shape.clone())).collect();
+        let pe: Vec<BufId> = params
+            .iter()
+            .map(|(name, shape)| {
+                self.extra(Role::PerExampleGrad(name.clone()), &format!("grad.{name}"), true, shape.clone())
+            })
+            .collect();
+        let tag = self.tag(node);
+        let mut out = match strategy {
+            Strategy::Naive => self.index_param_grads(node, &tag, &pe, Batching::Summed, LaunchMode::PerExample)?,
+            _ => self.index_param_grads(node, &tag, &pe, Batching::PerExample, LaunchMode::Grid)?,
+        };
+        if want_norms {
+            for ((name, shape), buf) in params.iter().zip(&pe) {
+                let (slot, size) = (self.slot(name), numel(shape) as usize);
+                let k = param_grads::sqnorm(&format!("sqnorm_{size}_slot{slot}of{slots}"), size, slot, slots)?;
+                out.push(self.launch(k, vec![*buf, sq]));
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -63,7 +63,14 @@ pub enum LayerKind {
     Conv,
     Linear,
     Norm,
+    /// A layer written in index notation: its parameter gradients are loop nests
+    /// (`p = 1`, `d` = its parameters, `t` = forward FLOPs per parameter multiply-add).
+    Index,
 }
+
+/// The fraction of peak a layer written in index notation reaches: its kernels are plain
+/// loop nests, not tiled contractions.
+const INDEX_EFFICIENCY: f64 = 0.02;
 
 impl LayerDims {
     /// The dims of a parameterized node, `None` for ops without parameters.
@@ -124,6 +131,18 @@ impl LayerDims {
                     cin_per_group: 1,
                 })
             }
+            Op::Index(_) if params > 0 => Some(LayerDims {
+                kind: LayerKind::Index,
+                groups: 1,
+                p: 1,
+                d: params,
+                t: (node.flops / (2 * params)).max(1),
+                params,
+                a_in,
+                a_out,
+                crb_positions: 1,
+                cin_per_group: 1,
+            }),
             _ => None,
         }
     }
@@ -135,6 +154,7 @@ impl LayerDims {
             LayerKind::Conv => &[Naive, Crb, Unfold, Direct, Ghost],
             LayerKind::Linear => &[Naive, Outer, Ghost],
             LayerKind::Norm => &[Direct],
+            LayerKind::Index => &[Naive, Direct],
         };
         all.iter().copied().filter(|s| !(goal == Goal::Grads && *s == Ghost)).collect()
     }
@@ -216,7 +236,11 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
                 workspace: 0,
                 held: held_grads,
                 launches: im2col + b * (1 + bias_launch) + la,
-                efficiency: dev.gemm_efficiency(m, l.d, l.t, (l.groups * 2 * l.t * m * l.d) as f64),
+                efficiency: if l.kind == LayerKind::Index {
+                    INDEX_EFFICIENCY
+                } else {
+                    dev.gemm_efficiency(m, l.d, l.t, (l.groups * 2 * l.t * m * l.d) as f64)
+                },
                 seconds: 0.0,
             }
         }
@@ -260,9 +284,11 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
         }
         Strategy::Direct | Strategy::Outer => {
             // Fused: the norm is accumulated in the kernel's epilogue, and for the norms
-            // goal the per-example gradient is never written at all.
-            let (f, by, la) = after(NormPass::Epilogue);
-            let written = if goal == Goal::Norms { 0 } else { held_grads };
+            // goal the per-example gradient is never written at all — except for layers
+            // written in index notation, whose gradients are stored and then normed.
+            let index = l.kind == LayerKind::Index;
+            let (f, by, la) = after(if index { NormPass::Separate } else { NormPass::Epilogue });
+            let written = if goal == Goal::Norms && !index { 0 } else { held_grads };
             Cost {
                 strategy,
                 flops: b * per_example + f,
@@ -272,6 +298,7 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
                 launches: 1 + la,
                 efficiency: match (l.kind, strategy) {
                     (LayerKind::Norm, _) => 1.0,
+                    (LayerKind::Index, _) => INDEX_EFFICIENCY,
                     (LayerKind::Conv, _) => dev.window_efficiency * eff_batched(b),
                     _ => eff_batched(b),
                 },
@@ -343,7 +370,11 @@ pub fn nonprivate_cost(l: &LayerDims, b: u64, dev: &DeviceProfile) -> Cost {
         workspace: 0,
         held: 0,
         launches: 1 + im2col,
-        efficiency: if l.kind == LayerKind::Norm { 1.0 } else { dev.gemm_efficiency(l.p, l.d, b * l.t, flops as f64) },
+        efficiency: match l.kind {
+            LayerKind::Norm => 1.0,
+            LayerKind::Index => INDEX_EFFICIENCY,
+            _ => dev.gemm_efficiency(l.p, l.d, b * l.t, flops as f64),
+        },
         seconds: 0.0,
     }
     .timed(dev)
@@ -357,6 +388,7 @@ pub fn shared_node_seconds(graph: &Graph, node: &Node, needs_input_grad: bool, b
     let a_in: u64 = node.inputs.iter().map(|i| numel(&graph.node(*i).shape)).sum();
     let bytes = passes * (b * (a_in + numel(&node.shape)) * F32) as f64;
     let eff = match LayerDims::of(graph, node) {
+        Some(l) if l.kind == LayerKind::Index => INDEX_EFFICIENCY,
         Some(l) if l.kind != LayerKind::Norm => dev.gemm_efficiency(l.p, l.d, b * l.t, flops),
         _ => 1.0,
     };

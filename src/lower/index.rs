@@ -1,0 +1,273 @@
+//! Lowering of the equations derived for a layer written in index notation
+//! ([`crate::grad::layer`]): each equation becomes one loop-nest kernel, with no knowledge
+//! of the layer it came from.
+//!
+//! - A gather `t[n, v...] = Σ_terms Σ_{s} body` loops over `v`, sums each term over its own
+//!   variables into one accumulator, and stores it once.
+//! - A scatter `t[n, idx] += value` (an affine left-hand side) loops over every variable
+//!   and adds into `t`; writes that land in the zero padding are dropped.
+//! - A read that may leave its tensor (zero padding) is loaded under a guard, so no backend
+//!   ever touches memory outside a buffer; outside, it reads 0.
+//!
+//! Per-example kernels run the batch as their grid (each example on its own); the
+//! batch-summed parameter gradient (`Batching::Summed`) drops `n` from the target, makes
+//! the parameter's first index the grid and sums `n` inside, so grid iterations still
+//! write disjoint elements.
+
+use std::collections::HashMap;
+
+use pdgc_codegen::ir::{self, Affine, Extent, Kernel, Stmt, VarId};
+
+use super::builder::*;
+use super::equation::scalar;
+use crate::error::{Error, Result};
+use crate::grad::{Access, Equation, Expr, Index, Reduction, Var};
+
+/// What the lowering needs to know of one tensor an equation names.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    /// Per-example shape (without the batch dim for per-example tensors).
+    pub shape: Vec<usize>,
+    /// Indexed by `n` first (activations, gradients, temporaries), or not (parameters).
+    pub batched: bool,
+    /// Zeros before and after each dim of the shape.
+    pub padding: Vec<(usize, usize)>,
+}
+
+/// How a kernel covers the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batching {
+    /// Each example on its own: `n` is the grid.
+    PerExample,
+    /// A parameter gradient summed over the batch: the target loses its `n`.
+    Summed,
+}
+
+/// The terms of a right-hand side: `(summed variables, body)`.
+fn terms(rhs: &Expr) -> Vec<(Vec<Var>, &Expr)> {
+    fn one(e: &Expr) -> (Vec<Var>, &Expr) {
+        match e {
+            Expr::Reduce(Reduction::Sum, vars, body) => (vars.clone(), &**body),
+            other => (Vec::new(), other),
+        }
+    }
+    match rhs {
+        Expr::Add(items) if items.iter().any(|x| matches!(x, Expr::Reduce(..))) => items.iter().map(one).collect(),
+        other => vec![one(other)],
+    }
+}
+
+struct Builder<'a> {
+    kb: KernelBuilder,
+    vars: HashMap<Var, VarId>,
+    ranges: &'a [(Var, usize)],
+    args: HashMap<String, (ir::ArgId, TensorInfo)>,
+}
+
+impl Builder<'_> {
+    fn var(&mut self, v: Var) -> VarId {
+        if let Some(id) = self.vars.get(v) {
+            return *id;
+        }
+        let id = self.kb.var(v);
+        self.vars.insert(v, id);
+        id
+    }
+
+    fn range(&self, v: Var) -> Result<usize> {
+        self.ranges
+            .iter()
+            .find(|(u, _)| *u == v)
+            .map(|(_, r)| *r)
+            .ok_or_else(|| Error::Internal(format!("index `{v}` of an index-notation layer has no range")))
+    }
+
+    fn affine(&mut self, ix: &Index) -> Affine {
+        let mut a = Affine::constant(ix.offset);
+        for t in &ix.terms {
+            let v = self.var(t.var);
+            a = a.plus_div(v, t.coef, t.div);
+        }
+        a
+    }
+
+    /// The least and greatest value of `ix` over the variables' ranges (`n` counts as 0:
+    /// it only ever indexes the batch dim).
+    fn bounds(&self, ix: &Index) -> Result<(i64, i64)> {
+        let (mut lo, mut hi) = (ix.offset, ix.offset);
+        for t in &ix.terms {
+            if t.var == "n" {
+                continue;
+            }
+            let top = t.coef * ((self.range(t.var)? as i64 - 1) / t.div);
+            lo += top.min(0);
+            hi += top.max(0);
+        }
+        Ok((lo, hi))
+    }
+
+    /// The per-example dims of an access (its index without the batch index).
+    fn dims<'x>(&self, a: &'x Access, info: &TensorInfo) -> &'x [Index] {
+        if info.batched {
+            &a.index[1..]
+        } else {
+            &a.index
+        }
+    }
+
+    /// The conditions under which `a` lies inside its tensor (empty when it always does).
+    fn inside(&mut self, a: &Access, info: &TensorInfo) -> Result<Vec<(Affine, usize)>> {
+        let mut out = Vec::new();
+        for (d, ix) in self.dims(a, info).iter().enumerate() {
+            let (lo, hi) = self.bounds(ix)?;
+            if lo < 0 || hi >= info.shape[d] as i64 {
+                out.push((self.affine(ix), info.shape[d]));
+            }
+        }
+        Ok(out)
+    }
+
+    fn index(&mut self, a: &Access) -> Vec<Affine> {
+        a.index.iter().map(|ix| self.affine(ix)).collect()
+    }
+
+    /// A term body's value, and the statements that load its guarded reads first.
+    fn value(&mut self, body: &Expr) -> Result<(Vec<Stmt>, ir::Expr)> {
+        let mut pre = Vec::new();
+        let mut loaded: Vec<(Access, ir::Expr)> = Vec::new();
+        for a in crate::grad::layer::reads(body) {
+            if loaded.iter().any(|(b, _)| b == a) {
+                continue;
+            }
+            let (arg, info) = self.args.get(&a.tensor).cloned().ok_or_else(|| unbound(&a.tensor))?;
+            let index = self.index(a);
+            let guard = self.inside(a, &info)?;
+            let value = if guard.is_empty() {
+                load(arg, index)
+            } else {
+                let acc = self.kb.acc(&format!("{}_padded", a.tensor));
+                pre.push(set(acc, lit(0.0)));
+                pre.extend(guarded(guard, vec![set(acc, load(arg, index))]));
+                ir::Expr::Acc(acc)
+            };
+            loaded.push((a.clone(), value));
+        }
+        let value = scalar(body, &|a: &Access| loaded.iter().find(|(b, _)| b == a).map(|(_, v)| v.clone()))
+            .ok_or_else(|| Error::Internal(format!("an index-notation term the lowering cannot express: {body}")))?;
+        Ok((pre, value))
+    }
+
+    /// Loops over `vars` (the batch for `n`) around `body`, outermost first.
+    fn nest(&mut self, vars: &[Var], body: Vec<Stmt>) -> Result<Vec<Stmt>> {
+        let mut body = body;
+        for &v in vars.iter().rev() {
+            let id = self.var(v);
+            body = if v == "n" { vec![batch_loop(id, body)] } else { vec![lp(id, self.range(v)?, body)] };
+        }
+        Ok(body)
+    }
+}
+
+fn unbound(t: &str) -> Error {
+    Error::Internal(format!("tensor `{t}` of an index-notation equation is not bound"))
+}
+
+/// A kernel computing `eq`, and the tensors its arguments are, in order (the target last).
+/// `info` describes every tensor the equation names; `first`: the kernel is the target's
+/// first writer (it overwrites; a scatter never does, its target is zeroed first).
+pub fn equation_kernel(
+    name: &str,
+    eq: &Equation,
+    ranges: &[(Var, usize)],
+    info: &dyn Fn(&str) -> Option<TensorInfo>,
+    first: bool,
+    batching: Batching,
+) -> Result<(Kernel, Vec<String>)> {
+    let mut b = Builder { kb: KernelBuilder::new(name), vars: HashMap::new(), ranges, args: HashMap::new() };
+    let mut tensors: Vec<String> = Vec::new();
+    for a in crate::grad::layer::reads(&eq.rhs) {
+        if !tensors.contains(&a.tensor) {
+            tensors.push(a.tensor.clone());
+        }
+    }
+    for t in &tensors {
+        let i = info(t).ok_or_else(|| unbound(t))?;
+        let dims = if i.batched { batched(&i.shape) } else { fixed(&i.shape) };
+        let arg = b.kb.input(t, dims);
+        b.args.insert(t.clone(), (arg, i));
+    }
+    let target = info(&eq.lhs.tensor).ok_or_else(|| unbound(&eq.lhs.tensor))?;
+    let overwrite = first && !eq.accumulate;
+    let lhs_dims = if batching == Batching::Summed { fixed(&target.shape) } else { batched(&target.shape) };
+    let out = b.kb.target(&eq.lhs.tensor, lhs_dims, overwrite);
+    tensors.push(eq.lhs.tensor.clone());
+    if eq.lhs.index.first().and_then(Index::as_var) != Some("n") {
+        return Err(Error::Internal(format!("the derived equation `{eq}` is not per example")));
+    }
+    let n = b.var("n");
+
+    if eq.lhs.is_plain() {
+        // A gather: loop over the target's variables, sum every term, store once.
+        let kept: Vec<Var> = eq.lhs.index[1..].iter().filter_map(Index::as_var).collect();
+        let acc = b.kb.acc("sum");
+        let mut inner = vec![set(acc, lit(0.0))];
+        for (sum, body) in terms(&eq.rhs) {
+            let (pre, value) = b.value(body)?;
+            let mut vars = sum.clone();
+            if batching == Batching::Summed {
+                vars.insert(0, "n");
+            }
+            inner.extend(b.nest(&vars, [pre, vec![add_to(acc, value)]].concat())?);
+        }
+        let index = match batching {
+            Batching::PerExample => b.index(&eq.lhs),
+            Batching::Summed => eq.lhs.index[1..].iter().map(|ix| b.affine(ix)).collect(),
+        };
+        inner.push(put(out, index, ir::Expr::Acc(acc), overwrite));
+        let (grid, extent, loops) = match batching {
+            Batching::PerExample => (n, Extent::Batch, kept),
+            Batching::Summed => match kept.split_first() {
+                Some((g, rest)) => (b.var(g), fx(b.range(g)?), rest.to_vec()),
+                None => {
+                    let one = b.var("one");
+                    (one, fx(1), Vec::new())
+                }
+            },
+        };
+        let body = b.nest(&loops, inner)?;
+        b.kb.finish(grid, extent, body).map(|k| (k, tensors))
+    } else {
+        // A scatter: every variable of the equation, adding into the target where it lies
+        // inside (its zero padding receives nothing).
+        if batching == Batching::Summed {
+            return Err(Error::Internal(format!("a scatter into a parameter gradient: `{eq}`")));
+        }
+        let mut vars: Vec<Var> = Vec::new();
+        let mut visit = |a: &Access| {
+            for v in a.vars() {
+                if v != "n" && !vars.contains(&v) {
+                    vars.push(v);
+                }
+            }
+        };
+        visit(&eq.lhs);
+        for a in crate::grad::layer::reads(&eq.rhs) {
+            visit(a);
+        }
+        let (pre, value) = b.value(&eq.rhs)?;
+        let index = b.index(&eq.lhs);
+        let guard = b.inside(&eq.lhs, &target)?;
+        let store = guarded(guard, vec![accumulate(out, index, value)]);
+        let body = b.nest(&vars, [pre, store].concat())?;
+        b.kb.finish(n, Extent::Batch, body).map(|k| (k, tensors))
+    }
+}
+
+/// Zeroes a per-example buffer of `size` elements per example (before a scatter).
+pub fn zero(name: &str, size: usize) -> Result<Kernel> {
+    let mut kb = KernelBuilder::new(name);
+    let out = kb.output("t", batched(&[size]));
+    let [n, i] = [kb.var("n"), kb.var("i")];
+    let body = vec![vlp(i, size, vec![store(out, vec![v(n), v(i)], lit(0.0))])];
+    kb.finish(n, Extent::Batch, body)
+}
