@@ -237,17 +237,6 @@ impl Op {
     }
 }
 
-impl Op {
-    /// The per-example gradient strategies that exist for this op's parameters (empty for
-    /// ops without parameters).
-    pub fn strategies(&self) -> &'static [Strategy] {
-        match self {
-            Op::Index(_) => &[Strategy::Naive, Strategy::Direct],
-            op => crate::ops::lookup(op.name()).map(|o| o.kind.strategies()).unwrap_or(&[]),
-        }
-    }
-}
-
 fn dims(v: &[usize]) -> String {
     v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")
 }

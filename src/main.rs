@@ -975,7 +975,7 @@ fn plan_options(args: &PlanArgs, graph: &pdgc::Graph) -> Result<PlanOptions, Str
             .iter()
             .find(|n| n.layer.as_deref() == Some(layer))
             .ok_or_else(|| format!("--strategy: no layer named `{layer}`"))?;
-        let kind = node.op.strategies();
+        let kind = pdgc::ops::strategies(&node.op);
         if !kind.contains(s) {
             let names: Vec<&str> = kind.iter().map(|s| s.name()).collect();
             return Err(format!(

@@ -216,6 +216,21 @@ pub fn lookup(name: &str) -> Option<&'static OpSig> {
     OPS.iter().find(|op| op.name == name)
 }
 
+/// The per-example gradient strategies of a layer written in index notation that has
+/// parameters: a batch-1 backward per example, or the derived per-example gradient
+/// equations run directly.
+pub const INDEX_STRATEGIES: &[Strategy] = &[Strategy::Naive, Strategy::Direct];
+
+/// The per-example gradient strategies that apply to a node's op (empty for ops without
+/// parameters).
+pub fn strategies(op: &crate::graph::Op) -> &'static [Strategy] {
+    match op {
+        crate::graph::Op::Index(l) if l.params().next().is_some() => INDEX_STRATEGIES,
+        crate::graph::Op::Index(_) => &[],
+        other => lookup(other.name()).map_or(&[], |o| o.kind.strategies()),
+    }
+}
+
 /// A way to compute a layer's per-example gradients (README, "`pdgc explain`").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

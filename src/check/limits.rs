@@ -77,6 +77,15 @@ pub(super) fn check_layer(op: &str, built: &Built, input: &[usize], span: Span) 
             return Err(too_large(format!("a {name} of shape {shape:?}"), n, MAX_TENSOR_ELEMENTS));
         }
     }
+    if let Op::Index(l) = &built.op {
+        // Every temporary of a layer in index notation is a tensor of its own.
+        for t in l.tensors.iter().filter(|t| t.kind == crate::index_layer::LocalKind::Temp) {
+            let n = numel(&t.shape);
+            if n > MAX_TENSOR_ELEMENTS {
+                return Err(too_large(format!("`{}` of shape {:?}", t.name, t.shape), n, MAX_TENSOR_ELEMENTS));
+            }
+        }
+    }
     if let Op::Conv(c) = &built.op {
         // The im2col columns `[groups, (Cin/groups)·Πk, positions]` per example.
         let d = numel(&c.kernel).saturating_mul((c.in_channels / c.groups) as u64);

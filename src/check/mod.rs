@@ -11,14 +11,16 @@
 //! backends can address ([`limits`], which documents the limits); one that is too large is an
 //! `E0211` diagnostic at the layer or argument that makes it so.
 
+mod index;
 pub mod limits;
 mod shapes;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::diag::{did_you_mean, Diagnostic, Span};
 use crate::graph::{Graph, LabelSpec, Loss, Node, NodeId, Op, ParamSpec};
 use crate::ops::{self, ArgTy, Default, OpKind, OpSig, Strategy};
+use crate::syntax::ast::Ident;
 use crate::syntax::ast::{self, Expr, ExprKind, Item, LabelKind};
 
 pub use shapes::Args;
@@ -72,6 +74,12 @@ struct Binding {
 /// Checks a parsed model. Returns the graph when there were no errors (warnings allowed).
 pub fn check(model: &ast::Model) -> (Option<Graph>, Vec<Diagnostic>) {
     let mut c = Checker::default();
+    // Layer definitions come first, so that a layer may be used above its definition.
+    for item in &model.items {
+        if let Item::Layer(def) = item {
+            c.define(def);
+        }
+    }
     for item in &model.items {
         c.item(item);
     }
@@ -87,6 +95,11 @@ struct Checker {
     layer_names: HashMap<String, Span>,
     label: Option<(LabelSpec, Span)>,
     loss: Option<(Option<Loss>, Span)>,
+    /// The layers written in index notation, by name.
+    defs: HashMap<String, index::DefEntry>,
+    /// Diagnostics of a definition's body already reported at an earlier call (code,
+    /// span, message), so that a layer used twice does not report its mistake twice.
+    reported: HashSet<(&'static str, Span, String)>,
 }
 
 impl Checker {
@@ -122,6 +135,8 @@ impl Checker {
                 self.declare(name, v, BindingKind::Tensor);
             }
             Item::Loss { call, span } => self.loss(call, *span),
+            // Checked before the walk (`define`); each call instantiates it.
+            Item::Layer(_) => {}
             Item::Error { .. } => {}
         }
     }
@@ -346,11 +361,7 @@ impl Checker {
                     let n_pos = sig.args.iter().filter(|a| !a.keyword_only).count();
                     if i >= n_pos {
                         let names: Vec<&str> = sig.args.iter().filter(|a| !a.keyword_only).map(|a| a.name).collect();
-                        self.error(
-                            Diagnostic::error("E0111", format!("too many arguments to `{}`", sig.name), arg.span)
-                                .with_label(format!("`{}` takes at most {n_pos} positional arguments", sig.name))
-                                .with_note(format!("positional order: {}", names.join(", "))),
-                        );
+                        self.error(too_many_arguments(sig.name, &names, arg.span));
                         ok = false;
                         continue;
                     }
@@ -360,32 +371,14 @@ impl Checker {
                     Some(i) => i,
                     None => {
                         let names: Vec<&str> = sig.args.iter().map(|a| a.name).collect();
-                        let mut d = Diagnostic::error(
-                            "E0110",
-                            format!("`{}` has no argument `{}`", sig.name, key.name),
-                            key.span,
-                        )
-                        .with_label("unknown argument");
-                        if let Some(s) = did_you_mean(&key.name, names.iter().copied()) {
-                            d = d.with_note(format!("did you mean `{s}`?"));
-                        }
-                        d = d.with_note(format!("`{}` takes: {}", sig.name, names.join(", ")));
-                        self.error(d);
+                        self.error(unknown_argument(sig.name, &names, key));
                         ok = false;
                         continue;
                     }
                 },
             };
             if let Some(prev) = arg_spans[index] {
-                self.error(
-                    Diagnostic::error(
-                        "E0112",
-                        format!("argument `{}` of `{}` is given twice", sig.args[index].name, sig.name),
-                        arg.span,
-                    )
-                    .with_label("given again here")
-                    .with_secondary(prev, "first given here"),
-                );
+                self.error(given_twice(sig.name, sig.args[index].name, arg.span, prev));
                 ok = false;
                 continue;
             }
@@ -397,11 +390,7 @@ impl Checker {
         }
         for (i, a) in sig.args.iter().enumerate() {
             if slots[i].is_none() && a.default == Default::Required {
-                self.error(
-                    Diagnostic::error("E0113", format!("`{}` needs the argument `{}`", sig.name, a.name), call.op.span)
-                        .with_label(format!("`{}` is missing", a.name))
-                        .with_note(signature_note(sig)),
-                );
+                self.error(missing_argument(sig.name, a.name, call.op.span, signature_note(sig)));
                 ok = false;
             }
         }
@@ -436,6 +425,20 @@ impl Checker {
     }
 
     fn call(&mut self, call: &ast::Call) -> Value {
+        if let Some(entry) = self.defs.get_mut(&call.op.name) {
+            entry.used = true;
+            let def = entry.def.clone();
+            return match def {
+                Some(def) => self.index_call(&def, call),
+                None => {
+                    // The definition is wrong (already reported): check the arguments only.
+                    for arg in &call.args {
+                        self.expr(&arg.value);
+                    }
+                    Value::Poison
+                }
+            };
+        }
         let Some(sig) = ops::lookup(&call.op.name) else {
             for arg in &call.args {
                 self.expr(&arg.value); // still report problems inside the arguments
@@ -478,26 +481,52 @@ impl Checker {
             Ok(b) => b,
             Err(d) => return self.error(d),
         };
-        if let Err(d) = limits::check_layer(sig.name, &built, in_shapes[0], span) {
+        self.add_layer(sig.name, built, inputs, layer, attrs, span)
+    }
+
+    /// Checks a built layer's sizes, name and attributes, and adds it with its parameters.
+    /// `op` is the op's name as written: a built-in op or a layer in index notation.
+    fn add_layer(
+        &mut self,
+        op: &str,
+        built: shapes::Built,
+        inputs: Vec<NodeId>,
+        layer: Option<&Ident>,
+        attrs: &[ast::Attr],
+        span: Span,
+    ) -> Value {
+        let first_input = inputs.first().map_or(&[][..], |i| self.nodes[i.index()].shape.as_slice());
+        if let Err(d) = limits::check_layer(op, &built, first_input, span) {
             return self.error(d);
         }
+        let builtin = ops::lookup(op).is_some();
         let name = match (layer, built.params.is_empty()) {
             (None, false) => {
+                let note = if builtin {
+                    format!(
+                        "write `fc1: {op}(...)`; its parameters are then `fc1.weight` and `fc1.bias`, as in a PyTorch state_dict"
+                    )
+                } else {
+                    let names: Vec<String> = built.params.iter().map(|(p, _)| format!("`l1.{p}`")).collect();
+                    format!("write `l1: {op}(...)`; its parameters are then {}", names.join(", "))
+                };
                 return self.error(
-                    Diagnostic::error("E0120", format!("this `{}` layer has parameters and needs a name", sig.name), span)
+                    Diagnostic::error("E0120", format!("this `{op}` layer has parameters and needs a name"), span)
                         .with_label("unnamed layer with parameters")
-                        .with_note(format!(
-                            "write `fc1: {}(...)`; its parameters are then `fc1.weight` and `fc1.bias`, as in a PyTorch state_dict",
-                            sig.name
-                        )),
-                )
+                        .with_note(note),
+                );
             }
             (Some(l), true) => {
+                let note = if builtin {
+                    "only layers with parameters (conv, linear, affine norms) are named".to_string()
+                } else {
+                    format!("only layers with parameters are named, and `{op}` declares no `param`")
+                };
                 return self.error(
-                    Diagnostic::error("E0121", format!("`{}` has no parameters, so it takes no name", sig.name), l.span)
+                    Diagnostic::error("E0121", format!("`{op}` has no parameters, so it takes no name"), l.span)
                         .with_label("remove this name")
-                        .with_note("only layers with parameters (conv, linear, affine norms) are named"),
-                )
+                        .with_note(note),
+                );
             }
             (None, true) => None,
             (Some(l), false) => {
@@ -514,7 +543,11 @@ impl Checker {
                 Some(l.name.clone())
             }
         };
-        let strategy = match self.attrs(sig, attrs) {
+        let strategies = match &built.op {
+            Op::Index(_) => ops::strategies(&built.op),
+            _ => ops::lookup(op).map_or(&[][..], |sig| sig.kind.strategies()),
+        };
+        let strategy = match self.attrs(op, strategies, attrs) {
             Ok(s) => s,
             Err(()) => return Value::Poison,
         };
@@ -529,7 +562,8 @@ impl Checker {
         Value::Tensor(id)
     }
 
-    fn attrs(&mut self, sig: &OpSig, attrs: &[ast::Attr]) -> Result<Option<Strategy>, ()> {
+    /// The strategy an `@strategy(...)` attribute sets; `op` accepts `strategies`.
+    fn attrs(&mut self, op: &str, strategies: &[Strategy], attrs: &[ast::Attr]) -> Result<Option<Strategy>, ()> {
         let mut strategy = None;
         for a in attrs {
             if a.name.name != "strategy" {
@@ -541,11 +575,11 @@ impl Checker {
                 self.error(d.with_note("the only attribute is `@strategy(NAME)`"));
                 return Err(());
             }
-            let valid: Vec<&str> = sig.kind.strategies().iter().map(|s| s.name()).collect();
+            let valid: Vec<&str> = strategies.iter().map(|s| s.name()).collect();
             let [arg] = a.args.as_slice() else {
                 self.error(
                     Diagnostic::error("E0131", "`@strategy` takes exactly one strategy name", a.span)
-                        .with_note(format!("strategies for `{}`: {}", sig.name, valid.join(", "))),
+                        .with_note(format!("strategies for `{op}`: {}", valid.join(", "))),
                 );
                 return Err(());
             };
@@ -555,18 +589,18 @@ impl Checker {
                 if let Some(s) = did_you_mean(&arg.name, Strategy::ALL.iter().map(|s| s.name())) {
                     d = d.with_note(format!("did you mean `{s}`?"));
                 }
-                self.error(d.with_note(format!("strategies for `{}`: {}", sig.name, valid.join(", "))));
+                self.error(d.with_note(format!("strategies for `{op}`: {}", valid.join(", "))));
                 return Err(());
             };
-            if !sig.kind.strategies().contains(&s) {
+            if !strategies.contains(&s) {
                 let note = if valid.is_empty() {
-                    format!("`{}` has no parameters, so it has no per-example gradient strategy", sig.name)
+                    format!("`{op}` has no parameters, so it has no per-example gradient strategy")
                 } else {
-                    format!("strategies for `{}`: {}", sig.name, valid.join(", "))
+                    format!("strategies for `{op}`: {}", valid.join(", "))
                 };
                 self.error(
-                    Diagnostic::error("E0132", format!("strategy `{s}` does not apply to `{}`", sig.name), arg.span)
-                        .with_label(format!("not available for `{}`", sig.name))
+                    Diagnostic::error("E0132", format!("strategy `{s}` does not apply to `{op}`"), arg.span)
+                        .with_label(format!("not available for `{op}`"))
                         .with_note(note),
                 );
                 return Err(());
@@ -736,6 +770,15 @@ impl Checker {
                 _ => unused(name, b.span),
             })
             .collect();
+        for (name, entry) in &self.defs {
+            if has_loss && !entry.used && entry.def.is_some() && !name.starts_with('_') {
+                warnings.push(
+                    Diagnostic::warning("W0003", format!("layer `{name}` is defined but never used"), entry.span)
+                        .with_label("never called")
+                        .with_note(format!("call it (`h = {name}(...);`), remove it, or rename it `_{name}`")),
+                );
+            }
+        }
         warnings.sort_by_key(|d| d.span().start);
         self.diags.extend(warnings);
 
@@ -772,6 +815,33 @@ fn unknown_op(op: &ast::Ident) -> Diagnostic {
         d = d.with_note(format!("did you mean `{s}`?"));
     }
     d
+}
+
+fn too_many_arguments(op: &str, positional: &[&str], span: Span) -> Diagnostic {
+    Diagnostic::error("E0111", format!("too many arguments to `{op}`"), span)
+        .with_label(format!("`{op}` takes at most {} positional arguments", positional.len()))
+        .with_note(format!("positional order: {}", positional.join(", ")))
+}
+
+fn unknown_argument(op: &str, names: &[&str], key: &Ident) -> Diagnostic {
+    let mut d = Diagnostic::error("E0110", format!("`{op}` has no argument `{}`", key.name), key.span)
+        .with_label("unknown argument");
+    if let Some(s) = did_you_mean(&key.name, names.iter().copied()) {
+        d = d.with_note(format!("did you mean `{s}`?"));
+    }
+    d.with_note(format!("`{op}` takes: {}", names.join(", ")))
+}
+
+fn given_twice(op: &str, arg: &str, span: Span, prev: Span) -> Diagnostic {
+    Diagnostic::error("E0112", format!("argument `{arg}` of `{op}` is given twice"), span)
+        .with_label("given again here")
+        .with_secondary(prev, "first given here")
+}
+
+fn missing_argument(op: &str, arg: &str, span: Span, usage: String) -> Diagnostic {
+    Diagnostic::error("E0113", format!("`{op}` needs the argument `{arg}`"), span)
+        .with_label(format!("`{arg}` is missing"))
+        .with_note(usage)
 }
 
 fn signature_note(sig: &OpSig) -> String {

@@ -27,7 +27,7 @@ pub struct Built {
     pub shape: Vec<usize>,
     pub flops: u64,
     /// `("weight", shape)`, `("bias", shape)`.
-    pub params: Vec<(&'static str, Vec<usize>)>,
+    pub params: Vec<(String, Vec<usize>)>,
 }
 
 impl Args {
@@ -348,9 +348,9 @@ fn conv(args: &Args, x: &[usize], spatial: usize) -> Result<Built, Diagnostic> {
     let flops = outputs.saturating_mul(fan_in).saturating_mul(2).saturating_add(if bias { outputs } else { 0 });
     let mut wshape = vec![out_channels, in_channels / groups];
     wshape.extend(&kernel);
-    let mut params = vec![("weight", wshape)];
+    let mut params = vec![("weight".to_string(), wshape)];
     if bias {
-        params.push(("bias", vec![out_channels]));
+        params.push(("bias".to_string(), vec![out_channels]));
     }
     let mut shape = vec![out_channels];
     shape.extend(out_sp);
@@ -388,9 +388,9 @@ fn linear(args: &Args, x: &[usize]) -> Result<Built, Diagnostic> {
         0
     });
     let flops = rows.saturating_mul(per_row);
-    let mut params = vec![("weight", vec![out_features, in_features])];
+    let mut params = vec![("weight".to_string(), vec![out_features, in_features])];
     if bias {
-        params.push(("bias", vec![out_features]));
+        params.push(("bias".to_string(), vec![out_features]));
     }
     let mut shape = x.to_vec();
     *shape.last_mut().expect("rank >= 1") = out_features;
@@ -465,7 +465,11 @@ fn norm(args: &Args, x: &[usize], kind: OpKind) -> Result<Built, Diagnostic> {
         }
         _ => unreachable!("norm() is called for norm ops"),
     };
-    let params = if affine { vec![("weight", param_shape.clone()), ("bias", param_shape)] } else { vec![] };
+    let params = if affine {
+        vec![("weight".to_string(), param_shape.clone()), ("bias".to_string(), param_shape)]
+    } else {
+        vec![]
+    };
     let flops = numel(x).saturating_mul(if affine { 7 } else { 5 });
     Ok(Built { op, shape: x.to_vec(), flops, params })
 }

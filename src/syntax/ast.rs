@@ -31,6 +31,8 @@ pub enum Item {
     Bind { name: Ident, value: Expr, span: Span },
     /// `loss cross_entropy(logits, y);`
     Loss { call: Call, span: Span },
+    /// `layer gated(x: [I], O) { ... }`: a layer written in index notation.
+    Layer(LayerDef),
     /// A statement the parser could not read (already reported).
     Error { span: Span },
 }
@@ -92,6 +94,113 @@ pub struct Attr {
     pub span: Span,
 }
 
+/// `layer NAME(SIGNATURE) { BODY }`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerDef {
+    pub name: Ident,
+    pub sig: Vec<SigParam>,
+    pub body: Vec<BodyItem>,
+    pub span: Span,
+}
+
+/// One parameter of a layer definition's signature.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SigParam {
+    /// `x: [C, H, W] pad (0, 1, 1)`: a tensor input, its dims, its optional zero padding.
+    Tensor { name: Ident, dims: Vec<SizeDim>, pad: Option<Vec<PadDim>>, span: Span },
+    /// `O`: an integer argument, which is also a size symbol.
+    Size(Ident),
+}
+
+/// A dim in a signature or a `param` shape: an integer or a size symbol.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SizeDim {
+    Int(Dim),
+    Sym(Ident),
+}
+
+/// One dim's zero padding: `1` (the same before and after) or `(0, 1)` (before, after).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PadDim {
+    Same(Dim),
+    Pair { lo: Dim, hi: Dim, span: Span },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BodyItem {
+    /// `param weight: [C, 3, 3];`
+    Param { name: Ident, dims: Vec<SizeDim>, span: Span },
+    /// `y[c, h, w] = ...;`
+    Stmt(Stmt),
+    /// A statement the parser could not read (already reported).
+    Error { span: Span },
+}
+
+/// `lhs[index, ...] = rhs;`
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stmt {
+    pub lhs: Ident,
+    pub index: Vec<BodyExpr>,
+    pub rhs: BodyExpr,
+    pub span: Span,
+}
+
+/// An expression of a layer body: a value on the right-hand side, an index inside `[...]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BodyExpr {
+    pub kind: BodyExprKind,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BodyExprKind {
+    Int(i64),
+    Float(f64),
+    /// A bare name: an index variable.
+    Var(Ident),
+    /// `t[i, j + 1]`
+    Read(Ident, Vec<BodyExpr>),
+    /// `sigmoid(e)`
+    Call(Ident, Vec<BodyExpr>),
+    /// `sum(i, j: e)`
+    Sum(Vec<Ident>, Box<BodyExpr>),
+    Neg(Box<BodyExpr>),
+    Bin(BinOp, Box<BodyExpr>, Box<BodyExpr>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+impl BodyExpr {
+    /// `a op b`, spanning `l..r`.
+    pub fn bin(op: BinOp, a: BodyExpr, b: BodyExpr, l: usize, r: usize) -> BodyExpr {
+        BodyExpr { kind: BodyExprKind::Bin(op, Box::new(a), Box::new(b)), span: Span::new(l, r) }
+    }
+}
+
+impl SizeDim {
+    pub fn span(&self) -> Span {
+        match self {
+            SizeDim::Int(d) => d.span,
+            SizeDim::Sym(s) => s.span,
+        }
+    }
+}
+
+impl PadDim {
+    pub fn span(&self) -> Span {
+        match self {
+            PadDim::Same(d) => d.span,
+            PadDim::Pair { span, .. } => *span,
+        }
+    }
+}
+
 fn comma<T: fmt::Display>(f: &mut fmt::Formatter<'_>, items: &[T]) -> fmt::Result {
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
@@ -143,6 +252,7 @@ impl fmt::Display for Item {
             Item::Bind { name, value, span } => write!(f, "{name} = {value};  // {span}"),
             Item::Loss { call, span } => write!(f, "loss {call};  // {span}"),
             Item::Error { span } => write!(f, "<error>;  // {span}"),
+            Item::Layer(def) => write!(f, "{def}"),
         }
     }
 }
@@ -193,5 +303,101 @@ impl fmt::Display for Attr {
         write!(f, "@{}(", self.name)?;
         comma(f, &self.args)?;
         f.write_str(")")
+    }
+}
+
+impl fmt::Display for LayerDef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "layer {}(", self.name)?;
+        comma(f, &self.sig)?;
+        writeln!(f, ") {{  // {}", self.span)?;
+        for item in &self.body {
+            match item {
+                BodyItem::Param { name, dims, span } => {
+                    write!(f, "        param {name}: [")?;
+                    comma(f, dims)?;
+                    writeln!(f, "];  // {span}")?;
+                }
+                BodyItem::Stmt(s) => {
+                    write!(f, "        {}[", s.lhs)?;
+                    comma(f, &s.index)?;
+                    writeln!(f, "] = {};  // {}", s.rhs, s.span)?;
+                }
+                BodyItem::Error { span } => writeln!(f, "        <error>;  // {span}")?,
+            }
+        }
+        f.write_str("    }")
+    }
+}
+
+impl fmt::Display for SigParam {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SigParam::Tensor { name, dims, pad, .. } => {
+                write!(f, "{name}: [")?;
+                comma(f, dims)?;
+                f.write_str("]")?;
+                if let Some(pad) = pad {
+                    f.write_str(" pad (")?;
+                    comma(f, pad)?;
+                    f.write_str(")")?;
+                }
+                Ok(())
+            }
+            SigParam::Size(name) => write!(f, "{name}"),
+        }
+    }
+}
+
+impl fmt::Display for SizeDim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SizeDim::Int(d) => write!(f, "{d}"),
+            SizeDim::Sym(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+impl fmt::Display for PadDim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PadDim::Same(d) => write!(f, "{d}"),
+            PadDim::Pair { lo, hi, .. } => write!(f, "({lo}, {hi})"),
+        }
+    }
+}
+
+impl fmt::Display for BodyExpr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            BodyExprKind::Int(i) => write!(f, "{i}"),
+            BodyExprKind::Float(x) => write!(f, "{x:?}"),
+            BodyExprKind::Var(v) => write!(f, "{v}"),
+            BodyExprKind::Read(t, index) => {
+                write!(f, "{t}[")?;
+                comma(f, index)?;
+                f.write_str("]")
+            }
+            BodyExprKind::Call(func, args) => {
+                write!(f, "{func}(")?;
+                comma(f, args)?;
+                f.write_str(")")
+            }
+            BodyExprKind::Sum(vars, body) => {
+                f.write_str("sum(")?;
+                comma(f, vars)?;
+                write!(f, ": {body})")
+            }
+            BodyExprKind::Neg(e) => write!(f, "(-{e})"),
+            BodyExprKind::Bin(op, a, b) => {
+                let sym = match op {
+                    BinOp::Add => "+",
+                    BinOp::Sub => "-",
+                    BinOp::Mul => "*",
+                    BinOp::Div => "/",
+                };
+                write!(f, "({a} {sym} {b})")
+            }
+        }
     }
 }

@@ -25,6 +25,14 @@ pub enum Tok<'s> {
     True,
     #[token("false")]
     False,
+    #[token("layer")]
+    Layer,
+    #[token("param")]
+    Param,
+    #[token("sum")]
+    Sum,
+    #[token("pad")]
+    Pad,
     #[regex("[A-Za-z_][A-Za-z0-9_]*", |lex| lex.slice())]
     Ident(&'s str),
     #[regex("[0-9]+", |lex| lex.slice().parse::<i64>().ok())]
@@ -56,6 +64,10 @@ pub enum Tok<'s> {
     Plus,
     #[token("-")]
     Minus,
+    #[token("*")]
+    Star,
+    #[token("/")]
+    Slash,
     #[token("@")]
     At,
 }
@@ -79,6 +91,10 @@ fn token_text(t: &Tok<'_>) -> &'static str {
         Tok::Loss => "`loss`",
         Tok::True => "`true`",
         Tok::False => "`false`",
+        Tok::Layer => "`layer`",
+        Tok::Param => "`param`",
+        Tok::Sum => "`sum`",
+        Tok::Pad => "`pad`",
         Tok::LBrace => "`{`",
         Tok::RBrace => "`}`",
         Tok::LParen => "`(`",
@@ -91,6 +107,8 @@ fn token_text(t: &Tok<'_>) -> &'static str {
         Tok::Eq => "`=`",
         Tok::Plus => "`+`",
         Tok::Minus => "`-`",
+        Tok::Star => "`*`",
+        Tok::Slash => "`/`",
         Tok::At => "`@`",
         Tok::Ident(_) | Tok::Int(_) | Tok::Float(_) => "a literal",
     }
