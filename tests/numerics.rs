@@ -176,6 +176,14 @@ fn test_models_every_strategy_matches_the_reference() {
 }
 
 #[test]
+fn layers_written_in_index_notation_match_the_reference() {
+    for rel in ["samples/depthwise_index.pdg", "samples/gated_bilinear.pdg"] {
+        check_model(rel, 3, Device::Cpu, false);
+        check_model(rel, 2, Device::Interpreter, true);
+    }
+}
+
+#[test]
 fn the_interpreter_agrees_with_the_reference() {
     check_model("samples/mnist_cnn.pdg", 2, Device::Interpreter, false);
     check_model("tests/data/models/conv_geometry.pdg", 2, Device::Interpreter, true);
@@ -191,7 +199,7 @@ fn the_generated_cuda_c_agrees_with_the_reference() {
 }
 
 /// The models the CUDA tests run, with their batch sizes.
-const CUDA_MODELS: [(&str, usize); 8] = [
+const CUDA_MODELS: [(&str, usize); 10] = [
     ("samples/mnist_cnn.pdg", 3),
     ("samples/cifar_cnn.pdg", 2),
     ("samples/conv1d_net.pdg", 3),
@@ -200,6 +208,8 @@ const CUDA_MODELS: [(&str, usize); 8] = [
     ("tests/data/models/conv_geometry.pdg", 2),
     ("tests/data/models/gn_residual_block.pdg", 2),
     ("tests/data/models/per_side_padding.pdg", 2),
+    ("samples/depthwise_index.pdg", 2),
+    ("samples/gated_bilinear.pdg", 2),
 ];
 
 /// Whether a CUDA device is usable here. `PDGC_REQUIRE_GPU=1` (scripts/gpu-check.sh) turns
@@ -354,5 +364,51 @@ fn pytorch_vectors_on(device: Device) {
                 m.graph.params.iter().map(|p| (p.name.clone(), v[&format!("grad.{}", p.name)].1.clone())).collect();
             check_grads(&format!("{file} vs PyTorch ({config:?})"), &pe, &expected, 1e-4);
         }
+    }
+}
+
+/// The depthwise convolutions written by hand in index notation compute what the built-in
+/// grouped conv computes: the same outputs (through the losses) and the same per-example
+/// gradients, for every strategy of the hand-written layers, on the same parameters.
+#[test]
+fn hand_written_depthwise_conv_equals_the_built_in_grouped_conv() {
+    let rel = "samples/depthwise_index.pdg";
+    let src = read(rel);
+    let twin_src = src
+        .replace("dw1: depthwise3(h)", "dw1: conv2d(h, 16, 3, padding=1, groups=16)")
+        .replace("dw2: depthwise3s2(h)", "dw2: conv2d(h, 32, 3, stride=2, padding=1, groups=32)");
+    assert_ne!(src, twin_src, "the sample's depthwise layers were replaced");
+    let b = 3;
+    let twin = Module::from_source("twin", &twin_src, &CompileOptions::new(b)).expect("twin compiles");
+    let twin_params = twin.init_params(5);
+    // The same numbers under the hand-written layers' shapes ([C, 3, 3] for [C, 1, 3, 3]).
+    let hand = module(rel, b, vec![]);
+    let mut params = twin_params.clone();
+    for p in &hand.graph.params {
+        let t = params.tensors.get_mut(&p.name).expect("same parameter names");
+        assert_eq!(t.data.len() as u64, pdgc::graph::numel(&p.shape), "{}", p.name);
+        t.shape = p.shape.clone();
+    }
+    let batch = Batch::random(&twin.graph, b, 17);
+    let mut ts = twin.session(Device::Cpu).expect("session");
+    let twin_loss = ts.loss(&twin_params, &batch).expect("loss");
+    let twin_grads = ts.per_example_grads(&twin_params, &batch).expect("grads");
+    let twin_norms = ts.per_example_norms(&twin_params, &batch).expect("norms");
+    for strategy in [Strategy::Naive, Strategy::Direct] {
+        let forced = vec![("dw1".to_string(), strategy), ("dw2".to_string(), strategy)];
+        let m = module(rel, b, forced);
+        let mut s = m.session(Device::Cpu).expect("session");
+        let loss = s.loss(&params, &batch).expect("loss");
+        let expected: Vec<f64> = twin_loss.iter().map(|&x| x as f64).collect();
+        assert!(rel_err(&loss, &expected) < 1e-5, "{strategy}: loss {loss:?} vs {twin_loss:?}");
+        let grads = s.per_example_grads(&params, &batch).expect("grads");
+        for (name, g) in &twin_grads {
+            let expected: Vec<f64> = g.data.iter().map(|&x| x as f64).collect();
+            let err = rel_err(&grads[name].data, &expected);
+            assert!(err < 2e-5, "{strategy}: per-example {name} differs by {err:e}");
+        }
+        let norms = s.per_example_norms(&params, &batch).expect("norms");
+        let expected: Vec<f64> = twin_norms.iter().map(|&x| x as f64).collect();
+        assert!(rel_err(&norms, &expected) < 2e-5, "{strategy}: norms {norms:?} vs {twin_norms:?}");
     }
 }

@@ -114,6 +114,13 @@ fn random_params(graph: &Graph, rng: &mut Rng) -> Params {
                 let bound = 1.0 / (l.in_features as f64).sqrt();
                 (0..len).map(|_| rng.range(-bound, bound)).collect()
             }
+            // Layers written in index notation: uniform in ±1/√fan-in, the fan-in being the
+            // elements of a parameter's trailing dims (as tests/data/make_vectors.py draws).
+            Op::Index(_) => {
+                let fan_in = spec.shape[1..].iter().product::<usize>().max(1);
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                (0..len).map(|_| rng.range(-bound, bound)).collect()
+            }
             _ if is_bias => (0..len).map(|_| 0.1 * rng.normal()).collect(),
             _ => (0..len).map(|_| 1.0 + 0.1 * rng.normal()).collect(),
         };
@@ -408,6 +415,8 @@ const FD_SAMPLES: &[&str] = &[
     "toy_l2_r4_k3",
     "toy_l3_r2_k5",
     "toy_l4_r2_k3",
+    "depthwise_index",
+    "gated_bilinear",
 ];
 const TOO_LARGE: &[&str] = &["alexnet", "vgg16", "resnet18_gn"];
 
@@ -487,6 +496,16 @@ fn fd_conv_geometry() {
 #[test]
 fn fd_hardswish_net() {
     check_finite_differences("tests/data/models/hardswish_net.pdg", 3, 11);
+}
+
+#[test]
+fn fd_depthwise_index() {
+    check_finite_differences("samples/depthwise_index.pdg", 2, 13);
+}
+
+#[test]
+fn fd_gated_bilinear() {
+    check_finite_differences("samples/gated_bilinear.pdg", 3, 14);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -648,6 +667,16 @@ fn torch_per_side_padding() {
     check_torch_vectors("per_side_padding.safetensors");
 }
 
+#[test]
+fn torch_depthwise_index() {
+    check_torch_vectors("depthwise_index.safetensors");
+}
+
+#[test]
+fn torch_gated_bilinear() {
+    check_torch_vectors("gated_bilinear.safetensors");
+}
+
 /// Every vector file in tests/data has a test above (a new one must be added there).
 #[test]
 fn every_vector_file_is_tested() {
@@ -661,6 +690,8 @@ fn every_vector_file_is_tested() {
         "conv_geometry",
         "hardswish_net",
         "per_side_padding",
+        "depthwise_index",
+        "gated_bilinear",
     ];
     for entry in std::fs::read_dir(root().join("tests/data")).unwrap() {
         let path = entry.unwrap().path();

@@ -63,7 +63,21 @@ MODELS = [
     ("tests/data/models/conv_geometry.pdg", 3, 7),
     ("tests/data/models/hardswish_net.pdg", 3, 8),
     ("tests/data/models/per_side_padding.pdg", 3, 8),
+    ("samples/depthwise_index.pdg", 3, 9),
+    ("samples/gated_bilinear.pdg", 3, 10),
 ]
+
+# Layers written in index notation, by definition name: their PyTorch twins, written by hand
+# here (the script never reads pdgc's equations, so the vectors test them). Each takes the
+# layer's inputs (batched) and its parameters by local name.
+INDEX_LAYERS = {
+    "depthwise3": lambda xs, p: F.conv2d(xs[0], p["weight"].unsqueeze(1), p["bias"], padding=1,
+                                         groups=xs[0].shape[1]),
+    "depthwise3s2": lambda xs, p: F.conv2d(xs[0], p["weight"].unsqueeze(1), p["bias"], stride=2,
+                                           padding=1, groups=xs[0].shape[1]),
+    "gated": lambda xs, p: F.linear(xs[0], p["wv"]) * torch.sigmoid(F.linear(xs[0], p["wg"], p["bg"])),
+    "bilinear": lambda xs, p: F.bilinear(xs[0], xs[0], p["weight"], p["bias"]),
+}
 
 GRAD_F64_LIMIT_BYTES = 2 * 1024 * 1024
 
@@ -108,6 +122,15 @@ def init_params(graph: dict, gen_seed: int) -> dict:
             shape = [s["shape"] for s in graph["params"] if s["name"] == f"{layer}.weight"][0]
             weight = 1 + 0.1 * torch.randn(shape)
             bias = 0.1 * torch.randn(shape)
+        elif kind == "Index":
+            # Uniform in ±1/sqrt(fan-in) like nn.Linear's default, fan-in = the elements of a
+            # parameter's trailing dims (at least 1).
+            for spec in graph["params"]:
+                if spec["name"].startswith(f"{layer}."):
+                    fan_in = max(1, int(torch.tensor(spec["shape"][1:]).prod().item()))
+                    bound = fan_in ** -0.5
+                    params[spec["name"]] = (torch.rand(spec["shape"]) * 2 - 1) * bound
+            continue
         else:
             raise ValueError(f"layer {layer}: unexpected parameterized op {kind}")
         params[f"{layer}.weight"] = weight.detach().float()
@@ -190,6 +213,9 @@ def run_graph(graph: dict, params: dict, inputs: dict) -> torch.Tensor:
             y = F.layer_norm(xs[0], tuple(node["shape"][-dims:]), w, b, arg["eps"])
         elif kind == "Add":
             y = xs[0] + xs[1]
+        elif kind == "Index":
+            local = {k.removeprefix(f"{layer}."): v for k, v in params.items() if k.startswith(f"{layer}.")}
+            y = INDEX_LAYERS[arg["def"]](xs, local)
         else:
             raise ValueError(f"op {kind}")
         assert list(y.shape[1:]) == node["shape"], (node, y.shape)
