@@ -88,6 +88,39 @@ fn times(items: Vec<Expr>) -> Expr {
     }
 }
 
+/// `e` with unit factors, zero terms and divisions by one removed (derivatives built by the
+/// chain rule are full of them).
+pub fn simplify(e: &Expr) -> Expr {
+    match e {
+        Expr::Mul(items) => {
+            let items: Vec<Expr> = items.iter().map(simplify).collect();
+            if items.iter().any(|x| *x == num(0.0)) {
+                return num(0.0);
+            }
+            times(items)
+        }
+        Expr::Add(items) => {
+            let mut items: Vec<Expr> = items.iter().map(simplify).filter(|x| *x != num(0.0)).collect();
+            match items.len() {
+                0 => num(0.0),
+                1 => items.pop().expect("one term"),
+                _ => Expr::Add(items),
+            }
+        }
+        Expr::Sub(a, b) => Expr::sub(simplify(a), simplify(b)),
+        Expr::Div(a, b) => match simplify(b) {
+            Expr::Num(x) if x == 1.0 => simplify(a),
+            b => Expr::div(simplify(a), b),
+        },
+        Expr::Apply(f, args) => Expr::Apply(*f, args.iter().map(simplify).collect()),
+        Expr::Select { a, op, b, then, otherwise } => {
+            Expr::select(simplify(a), *op, simplify(b), simplify(then), simplify(otherwise))
+        }
+        Expr::Reduce(r, vars, body) => Expr::Reduce(*r, vars.clone(), Box::new(simplify(body))),
+        other => other.clone(),
+    }
+}
+
 /// The derivative of `e` with respect to its `target`-th read (pre-order, see [`reads`]),
 /// or `None` where it is zero (the read sits in a select's condition, which is piecewise
 /// constant, or nowhere). `e` is a term body: no reductions.
@@ -156,7 +189,8 @@ pub fn derivative(e: &Expr, target: usize) -> Option<Expr> {
                     }
                 }
                 // The activation table's vector-Jacobian product with `dY` = the inner derivative.
-                Func::Activation(act) => act.backward(a.clone(), act.forward(a), d),
+                // `Y = f(X)` is the application itself, which prints and lowers as `f`.
+                Func::Activation(act) => act.backward(a, e.clone(), d),
             })
         }
         Expr::Select { a, op, b, then, otherwise } => match locate(&[a, b, then, otherwise])? {
@@ -331,7 +365,7 @@ pub fn define(node: &Node, layer: &IndexLayer, input_needs: &[bool], step: &mut 
                 if !needs(&r.tensor) {
                     continue;
                 }
-                let Some(partial) = derivative(&body, k) else { continue };
+                let Some(partial) = derivative(&body, k).map(|d| simplify(&d)) else { continue };
                 let value = times(vec![dt.clone(), partial]);
                 let mut target = r.renamed(grad_name(layer, &r.tensor));
                 let is_param = layer.tensor(&r.tensor).is_some_and(|t| t.kind == LocalKind::Param);

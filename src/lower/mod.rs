@@ -1080,7 +1080,8 @@ impl Lowering<'_> {
         for (i, eq) in eqs.iter().enumerate() {
             let is_first = !written.contains(&eq.lhs.tensor) && (slot.is_none() || first);
             written.push(eq.lhs.tensor.clone());
-            let name = format!("{tag}_bwd_{}{i}{}", eq.lhs.tensor, if is_first { "_first" } else { "" });
+            let overwrites = is_first && !eq.accumulate;
+            let name = format!("{tag}_bwd_{}{i}{}", eq.lhs.tensor, if overwrites { "_first" } else { "" });
             out.extend(self.index_launch(node, &name, eq, is_first, Batching::PerExample, &HashMap::new())?);
         }
         Ok(out)
