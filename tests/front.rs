@@ -64,7 +64,7 @@ const EXPECTED: &[(&str, &[&str])] = &[
     ("index_range_not_derived", &["E0158"]),
     ("index_read_before_definition", &["E0148"]),
     ("index_sum_over_lhs", &["E0152"]),
-    ("index_syntax_error", &["E0005", "E0005"]),
+    ("index_syntax_error", &["E0005", "E0005", "E0005"]),
     ("index_unbound", &["E0153"]),
     ("index_unknown_size", &["E0144"]),
     ("index_unused_layer", &["W0003"]),
@@ -484,6 +484,13 @@ fn index_layer_calls_bind_like_built_in_layers() {
         index_errors("[7]", same, "f(x, 6)"),
         vec!["E0157 size `I` is 6 from the argument `I`, but dim 0 of `x` is 7"]
     );
+    let errors = index_errors("[7]", DENSE, "fc0: dense2(x, 5)");
+    assert_eq!(errors, vec!["E0100 unknown layer `dense2`"]);
+    let src =
+        format!("model m {{ input x: [7]; label y: classes(5); {DENSE} loss cross_entropy(f: dens(x, 5), y); }}");
+    let front = compile_front(&src);
+    let unknown = front.diagnostics.iter().find(|d| d.code == "E0100").expect("an unknown layer");
+    assert_eq!(unknown.notes, vec!["did you mean `dense`?"]);
     let fixed = "layer f(x: [3, N]) { y[i] = x[0, i]; }";
     assert_eq!(index_errors("[4, 5]", fixed, "f(x)"), vec!["E0157 dim 0 of `x` is declared 3 but this tensor's is 4"]);
 }
@@ -568,6 +575,24 @@ fn index_ranges_and_bounds_are_checked_at_each_call() {
             Err(e) => assert_eq!(e, vec![expected.to_string()], "{defs}"),
         }
     }
+    // Sizes the kernels cannot address: a temporary, a loop nest, a range.
+    for (defs, expected) in [
+        (
+            "layer f(x: [I]) { y[i, j] = x[i] * x[j]; }",
+            "E0211 `f` makes an output of shape [65536, 65536] too large for pdgc's kernels",
+        ),
+        (
+            "layer f(x: [I]) { y[j] = sum(k, l, m: x[j] * x[k] * x[l] * x[m]); }",
+            "E0211 a term of `y` has too many points",
+        ),
+        (
+            "layer f(x: [I] pad (4294967295)) { y[i] = x[i - 4294967295]; }",
+            "E0211 index `i` would range over 8590000126 values",
+        ),
+    ] {
+        assert_eq!(index_errors("[65536]", defs, "f(x)"), vec![expected.to_string()], "{defs}");
+    }
+
     // A mistake in a body found at a call is reported once, however often the layer is
     // called: the first call that shows it is named.
     let defs = "layer f(x: [N]) { y[i] = x[i - 1]; }";

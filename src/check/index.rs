@@ -856,14 +856,17 @@ fn instantiate(def: &Def, shapes: &[Vec<usize>], syms: &HashMap<String, usize>) 
                 .var_spans
                 .iter()
                 .filter(|(v, _)| s.vars.contains(v) || t.sum.contains(v))
-                .fold(1u64, |n, (v, _)| n.saturating_mul(ranges[v].size as u64));
-            if points > MAX_EXAMPLE_ELEMENTS {
+                .fold(1u128, |n, (v, _)| n.saturating_mul(ranges[v].size as u128));
+            if points > MAX_EXAMPLE_ELEMENTS as u128 {
+                // The product saturates, so a count past 2^64 is described, not printed.
+                let shown = if points < u64::MAX as u128 {
+                    crate::report::thousands(points as u64)
+                } else {
+                    "2^64 or more".to_string()
+                };
                 let span = s.var_spans.first().map_or(Span::default(), |(_, sp)| *sp);
                 return Err(Diagnostic::error("E0211", format!("a term of `{}` has too many points", s.lhs), span)
-                    .with_label(format!(
-                        "{} points per example (at most {MAX_EXAMPLE_ELEMENTS})",
-                        crate::report::thousands(points)
-                    ))
+                    .with_label(format!("{shown} points per example (at most {MAX_EXAMPLE_ELEMENTS})"))
                     .with_note(limits::LIMITS_NOTE));
             }
         }
@@ -949,7 +952,13 @@ fn ranges(s: &StmtDef, tensors: &[LocalTensor]) -> Result<HashMap<Var, Range>, D
                 }
                 let range = last / term.coef as i128 + 1;
                 if range > MAX_DIM as i128 {
-                    return Err(limits::too_large_value("the range of an index,", range as i64, r.span));
+                    return Err(Diagnostic::error(
+                        "E0211",
+                        format!("index `{}` would range over {range} values", term.var),
+                        r.span,
+                    )
+                    .with_label(format!("at most {MAX_DIM}"))
+                    .with_note(limits::LIMITS_NOTE));
                 }
                 known.insert(term.var, Range { size: range as usize, from: None });
                 progress = true;
