@@ -462,7 +462,6 @@ impl DefCx<'_> {
         }
         for ix in &s.index {
             match &ix.kind {
-                BodyExprKind::Var(v) if v.name == "n" => self.error(batch_index(v.span)),
                 BodyExprKind::Var(v) if vars.contains(&intern(&v.name)) => {
                     let first = var_spans.iter().find(|(w, _)| *w == v.name).map(|(_, s)| *s).unwrap_or(v.span);
                     self.error(
@@ -477,18 +476,25 @@ impl DefCx<'_> {
                     )
                 }
                 BodyExprKind::Var(v) => {
+                    if v.name == "n" {
+                        self.error(batch_index(v.span));
+                    }
                     let var = intern(&v.name);
                     vars.push(var);
                     var_spans.push((var, v.span));
                 }
-                _ => self.error(
-                    Diagnostic::error("E0146", "the left-hand side is indexed by plain names", ix.span)
-                        .with_label("not a plain index name")
-                        .with_note(format!(
-                            "write the computed position on the right-hand side: `{}[h] = x[2*h + 1]`",
-                            s.lhs.name
-                        )),
-                ),
+                _ => {
+                    self.error(
+                        Diagnostic::error("E0146", "the left-hand side is indexed by plain names", ix.span)
+                            .with_label("not a plain index name")
+                            .with_note(format!(
+                                "write the computed position on the right-hand side: `{}[h] = x[2*h + 1]`",
+                                s.lhs.name
+                            )),
+                    );
+                    // Its names count as bound, so that their reads are not reported too.
+                    names_in(ix, &mut vars);
+                }
             }
         }
 
@@ -515,7 +521,8 @@ impl DefCx<'_> {
                         let var = intern(&v.name);
                         if v.name == "n" {
                             self.error(batch_index(v.span));
-                        } else if vars.contains(&var) {
+                        }
+                        if vars.contains(&var) {
                             self.error(
                                 Diagnostic::error(
                                     "E0152",
@@ -570,9 +577,14 @@ impl DefCx<'_> {
     /// Checks the reads of the term just converted: every variable bound, parameters read
     /// by distinct plain variables. Moves them into `reads`.
     fn finish_term(&mut self, vars: &[Var], sum: &[Var], reads: &mut Vec<ReadDef>) {
+        let mut unbound: Vec<Var> = Vec::new();
         for (read, occurrences) in std::mem::take(&mut self.reads) {
             for (v, span) in &occurrences {
-                if !vars.contains(v) && !sum.contains(v) && *v != "n" {
+                if unbound.contains(v) {
+                    continue;
+                }
+                if !vars.contains(v) && !sum.contains(v) {
+                    unbound.push(*v);
                     let mut d = Diagnostic::error("E0153", format!("unbound index `{v}`"), *span)
                         .with_label("not on the left-hand side and not summed over");
                     if self.sizes.iter().any(|s| s == v) {
@@ -581,8 +593,6 @@ impl DefCx<'_> {
                     self.error(d.with_note(format!(
                         "index it on the left-hand side, or sum over it: `sum({v}: ...)` as a whole term"
                     )));
-                } else if *v == "n" && !vars.contains(v) && !sum.contains(v) {
-                    self.error(batch_index(*span));
                 }
             }
             let is_param = self.tensors.get(&read.access.tensor).is_some_and(|t| t.kind == TensorKind::Param);
@@ -602,6 +612,20 @@ impl DefCx<'_> {
             }
             reads.push(read);
         }
+    }
+}
+
+/// Adds the index variables named in `e` to `out`.
+fn names_in(e: &BodyExpr, out: &mut Vec<Var>) {
+    match &e.kind {
+        BodyExprKind::Var(v) => out.push(intern(&v.name)),
+        BodyExprKind::Read(_, items) | BodyExprKind::Call(_, items) => items.iter().for_each(|i| names_in(i, out)),
+        BodyExprKind::Sum(_, inner) | BodyExprKind::Neg(inner) => names_in(inner, out),
+        BodyExprKind::Bin(_, a, b) => {
+            names_in(a, out);
+            names_in(b, out);
+        }
+        BodyExprKind::Int(_) | BodyExprKind::Float(_) => {}
     }
 }
 
@@ -832,14 +856,17 @@ fn instantiate(def: &Def, shapes: &[Vec<usize>], syms: &HashMap<String, usize>) 
                 .var_spans
                 .iter()
                 .filter(|(v, _)| s.vars.contains(v) || t.sum.contains(v))
-                .fold(1u64, |n, (v, _)| n.saturating_mul(ranges[v].size as u64));
-            if points > MAX_EXAMPLE_ELEMENTS {
+                .fold(1u128, |n, (v, _)| n.saturating_mul(ranges[v].size as u128));
+            if points > MAX_EXAMPLE_ELEMENTS as u128 {
+                // The product saturates, so a count past 2^64 is described, not printed.
+                let shown = if points < u64::MAX as u128 {
+                    crate::report::thousands(points as u64)
+                } else {
+                    "2^64 or more".to_string()
+                };
                 let span = s.var_spans.first().map_or(Span::default(), |(_, sp)| *sp);
                 return Err(Diagnostic::error("E0211", format!("a term of `{}` has too many points", s.lhs), span)
-                    .with_label(format!(
-                        "{} points per example (at most {MAX_EXAMPLE_ELEMENTS})",
-                        crate::report::thousands(points)
-                    ))
+                    .with_label(format!("{shown} points per example (at most {MAX_EXAMPLE_ELEMENTS})"))
                     .with_note(limits::LIMITS_NOTE));
             }
         }
@@ -925,7 +952,13 @@ fn ranges(s: &StmtDef, tensors: &[LocalTensor]) -> Result<HashMap<Var, Range>, D
                 }
                 let range = last / term.coef as i128 + 1;
                 if range > MAX_DIM as i128 {
-                    return Err(limits::too_large_value("the range of an index,", range as i64, r.span));
+                    return Err(Diagnostic::error(
+                        "E0211",
+                        format!("index `{}` would range over {range} values", term.var),
+                        r.span,
+                    )
+                    .with_label(format!("at most {MAX_DIM}"))
+                    .with_note(limits::LIMITS_NOTE));
                 }
                 known.insert(term.var, Range { size: range as usize, from: None });
                 progress = true;
@@ -954,7 +987,7 @@ fn padding_text((lo, hi): (usize, usize)) -> String {
     }
 }
 
-fn pad_entry(lo: usize, hi: usize) -> String {
+fn pad_entry(lo: i128, hi: i128) -> String {
     if lo == hi {
         lo.to_string()
     } else {
@@ -971,50 +1004,58 @@ fn check_bounds(
 ) -> Result<(), Diagnostic> {
     for r in &s.reads {
         let t = tensor(tensors, &r.access.tensor);
-        for (d, ix) in r.access.index.iter().enumerate() {
-            let (mut lo, mut hi) = (ix.offset as i128, ix.offset as i128);
-            for term in &ix.terms {
-                let span = term.coef as i128 * (ranges[term.var].size as i128 - 1);
-                lo += span.min(0);
-                hi += span.max(0);
-            }
-            let (plo, phi) = t.padding[d];
-            let size = t.shape[d] as i128;
-            if lo >= -(plo as i128) && hi < size + phi as i128 {
-                continue;
-            }
-            let mut diag = Diagnostic::error("E0159", format!("`{}` is read out of bounds in dim {d}", t.name), r.span)
-                .with_label(format!("reads indices {lo}..={hi}; dim {d} has size {size}{}", padding_text((plo, phi))));
-            diag = match def.inputs.iter().find(|i| i.name == t.name) {
-                Some(decl) => {
-                    let need_lo = (-lo).max(plo as i128).max(0) as usize;
-                    let need_hi = (hi - (size - 1)).max(phi as i128).max(0) as usize;
-                    let entries: Vec<String> =
-                        (0..decl.pad.len())
-                            .map(|k| {
-                                if k == d {
-                                    pad_entry(need_lo, need_hi)
-                                } else {
-                                    pad_entry(decl.pad[k].0, decl.pad[k].1)
-                                }
-                            })
-                            .collect();
-                    let dims: Vec<String> = decl.dims.iter().map(|x| x.to_string()).collect();
-                    diag.with_secondary(decl.span, "declared here").with_note(format!(
-                        "to read zeros outside `{}`, declare its padding in the signature: `{}: [{}] pad ({})`",
-                        t.name,
-                        t.name,
-                        dims.join(", "),
-                        entries.join(", ")
-                    ))
+        // The indices each dim of this read reaches: `lo..=hi`.
+        let reach: Vec<(i128, i128)> = r
+            .access
+            .index
+            .iter()
+            .map(|ix| {
+                let (mut lo, mut hi) = (ix.offset as i128, ix.offset as i128);
+                for term in &ix.terms {
+                    let span = term.coef as i128 * (ranges[term.var].size as i128 - 1);
+                    lo += span.min(0);
+                    hi += span.max(0);
                 }
-                None => diag.with_note(format!(
-                    "only a layer's inputs can be zero-padded; `{}` has shape {:?}, so keep its indices inside it",
-                    t.name, t.shape
-                )),
-            };
-            return Err(diag);
-        }
+                (lo, hi)
+            })
+            .collect();
+        let inside = |d: usize| {
+            let (lo, hi) = reach[d];
+            lo >= -(t.padding[d].0 as i128) && hi < t.shape[d] as i128 + t.padding[d].1 as i128
+        };
+        let Some(d) = (0..reach.len()).find(|&d| !inside(d)) else { continue };
+        let (lo, hi) = reach[d];
+        let mut diag =
+            Diagnostic::error("E0159", format!("`{}` is read out of bounds in dim {d}", t.name), r.span).with_label(
+                format!("reads indices {lo}..={hi}; dim {d} has size {}{}", t.shape[d], padding_text(t.padding[d])),
+            );
+        diag = match def.inputs.iter().find(|i| i.name == t.name) {
+            Some(decl) => {
+                // The least padding that makes this read valid, every dim at once.
+                let entries: Vec<String> = reach
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &(lo, hi))| {
+                        let need_lo = (-lo).max(t.padding[k].0 as i128).max(0);
+                        let need_hi = (hi - (t.shape[k] as i128 - 1)).max(t.padding[k].1 as i128).max(0);
+                        pad_entry(need_lo, need_hi)
+                    })
+                    .collect();
+                let dims: Vec<String> = decl.dims.iter().map(|x| x.to_string()).collect();
+                diag.with_secondary(decl.span, "declared here").with_note(format!(
+                    "to read zeros outside `{}`, declare its padding in the signature: `{}: [{}] pad ({})`",
+                    t.name,
+                    t.name,
+                    dims.join(", "),
+                    entries.join(", ")
+                ))
+            }
+            None => diag.with_note(format!(
+                "only a layer's inputs can be zero-padded; `{}` has shape {:?}, so keep its indices inside it",
+                t.name, t.shape
+            )),
+        };
+        return Err(diag);
     }
     Ok(())
 }

@@ -443,7 +443,14 @@ impl Checker {
             for arg in &call.args {
                 self.expr(&arg.value); // still report problems inside the arguments
             }
-            return self.error(unknown_op(&call.op));
+            let mut d = unknown_op(&call.op);
+            if d.code == "E0100" && d.notes.is_empty() {
+                // A misspelt layer in index notation.
+                if let Some(s) = did_you_mean(&call.op.name, self.defs.keys().map(String::as_str)) {
+                    d = d.with_note(format!("did you mean `{s}`?"));
+                }
+            }
+            return self.error(d);
         };
         if sig.kind.is_loss() {
             return self.error(
