@@ -118,6 +118,13 @@ impl Params {
                     let bound = 1.0 / (fan_in as f32).sqrt();
                     (0..n).map(|_| rng.random_range(-bound..bound)).collect()
                 }
+                // Layers written in index notation: uniform in ±1/√fan-in, the fan-in being
+                // the elements of a parameter's trailing dims, or its length for a vector.
+                Op::Index(_) => {
+                    let fan_in: usize = if p.shape.len() > 1 { p.shape[1..].iter().product() } else { n };
+                    let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+                    (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+                }
                 _ if p.name.ends_with(".weight") => vec![1.0; n],
                 _ => vec![0.0; n],
             };

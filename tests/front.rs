@@ -1,6 +1,7 @@
 //! Front-end tests over `samples/`: snapshots of every stage (AST, Graph, check report)
 //! for every valid sample, and of every rendered diagnostic for `samples/errors/`; layers
-//! written in index notation (`samples/index/`), instantiated exactly.
+//! written in index notation (`samples/depthwise_index.pdg`, `samples/gated_bilinear.pdg` and
+//! `tests/data/models/index_*.pdg`), instantiated exactly.
 //!
 //! Re-bless with `INSTA_UPDATE=always cargo test --test front` (or `cargo insta review`).
 
@@ -231,7 +232,7 @@ fn index_layers(g: &pdgc::Graph) -> String {
 
 #[test]
 fn every_index_sample_checks_and_its_stages_are_snapshotted() {
-    insta::glob!("../samples/index", "*.pdg", |path| {
+    insta::glob!("data/models", "index_*.pdg", |path| {
         let src = read(path);
         let front = compile_front(&src);
         let rendered = render(&display_name(path), &src, &front.diagnostics);
@@ -313,7 +314,7 @@ fn depthwise_ranges_follow_the_padding_and_the_stride() {
 
 #[test]
 fn the_gated_layer_instantiates_into_the_expected_index_layer() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/index/gated_mlp.pdg");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/models/index_gated_mlp.pdg");
     let g = compile_front(&read(&path)).graph.expect("checks");
     let layers: Vec<&IndexLayer> =
         g.nodes.iter().filter_map(|n| if let Op::Index(l) = &n.op { Some(&**l) } else { None }).collect();
@@ -486,8 +487,7 @@ fn index_layer_calls_bind_like_built_in_layers() {
     );
     let errors = index_errors("[7]", DENSE, "fc0: dense2(x, 5)");
     assert_eq!(errors, vec!["E0100 unknown layer `dense2`"]);
-    let src =
-        format!("model m {{ input x: [7]; label y: classes(5); {DENSE} loss cross_entropy(f: dens(x, 5), y); }}");
+    let src = format!("model m {{ input x: [7]; label y: classes(5); {DENSE} loss cross_entropy(f: dens(x, 5), y); }}");
     let front = compile_front(&src);
     let unknown = front.diagnostics.iter().find(|d| d.code == "E0100").expect("an unknown layer");
     assert_eq!(unknown.notes, vec!["did you mean `dense`?"]);

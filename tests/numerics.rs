@@ -177,7 +177,12 @@ fn test_models_every_strategy_matches_the_reference() {
 
 #[test]
 fn layers_written_in_index_notation_match_the_reference() {
-    for rel in ["samples/depthwise_index.pdg", "samples/gated_bilinear.pdg"] {
+    for rel in [
+        "samples/depthwise_index.pdg",
+        "samples/gated_bilinear.pdg",
+        "tests/data/models/index_depthwise.pdg",
+        "tests/data/models/index_gated_mlp.pdg",
+    ] {
         check_model(rel, 3, Device::Cpu, false);
         check_model(rel, 2, Device::Interpreter, true);
     }
