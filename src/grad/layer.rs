@@ -452,3 +452,78 @@ mod tests {
         assert_eq!(derivative(&s, 1).expect("nonzero").to_string(), "(a[i] > 0 ? 1 : 0)");
     }
 }
+
+/// A per-example parameter gradient in the form ghost norms need:
+/// `dW[n, g, a, b] = Σ_t A[n, g, a, t] · B[n, g, b, t]`, so that
+/// `‖dW[n]‖² = Σ_g Σ_{t,t'} (Σ_a A[g,a,t]·A[g,a,t']) · (Σ_b B[g,b,t]·B[g,b,t'])` with
+/// Gram matrices over the summed variables `t` (Li et al. 2022's ghost clipping, derived
+/// for any such contraction). Variables shared by both factors and the parameter (`g`: a
+/// grouped conv's groups, a depthwise conv's channels) stay outside the Gram products, so
+/// grouped layers get no cross-group terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GhostForm {
+    pub g: Vec<Var>,
+    pub a: Vec<Var>,
+    pub b: Vec<Var>,
+    pub t: Vec<Var>,
+    /// The factor holding the output gradient (`A`).
+    pub left: Expr,
+    /// The rest of the product (`B`; `1` when there is none).
+    pub right: Expr,
+}
+
+fn expr_vars(e: &Expr) -> Vec<Var> {
+    let mut out: Vec<Var> = Vec::new();
+    let mut add = |v: Var| {
+        if v != "n" && !out.contains(&v) {
+            out.push(v);
+        }
+    };
+    fn walk(e: &Expr, add: &mut impl FnMut(Var)) {
+        match e {
+            Expr::Var(v) => add(v),
+            Expr::Read(a) => a.vars().into_iter().for_each(&mut *add),
+            Expr::Num(_) => {}
+            Expr::Mul(items) | Expr::Add(items) | Expr::Apply(_, items) => items.iter().for_each(|x| walk(x, add)),
+            Expr::Sub(a, b) | Expr::Div(a, b) | Expr::FirstMax(a, b) => {
+                walk(a, add);
+                walk(b, add);
+            }
+            Expr::Select { a, b, then, otherwise, .. } => [a, b, then, otherwise].iter().for_each(|x| walk(x, add)),
+            Expr::Reduce(_, vars, body) => {
+                vars.iter().for_each(|v| add(v));
+                walk(body, add);
+            }
+        }
+    }
+    walk(e, &mut add);
+    out
+}
+
+/// The ghost form of a parameter gradient derived by [`define`], or `None` when it has
+/// several parts (a parameter read in several places).
+pub fn ghost_form(eq: &Equation) -> Option<GhostForm> {
+    let params: Vec<Var> = eq.lhs.index.iter().skip(1).map(Index::as_var).collect::<Option<_>>()?;
+    let (t, body) = match &eq.rhs {
+        Expr::Reduce(super::Reduction::Sum, vars, body) => (vars.clone(), &**body),
+        Expr::Reduce(..) | Expr::Add(_) => return None,
+        other => (Vec::new(), other),
+    };
+    let mut factors = match body {
+        Expr::Mul(items) => items.clone(),
+        other => vec![other.clone()],
+    };
+    let left = factors.remove(0);
+    let right = times(factors);
+    let (vl, vr) = (expr_vars(&left), expr_vars(&right));
+    let g: Vec<Var> = params.iter().copied().filter(|v| vl.contains(v) && vr.contains(v)).collect();
+    let b: Vec<Var> = params.iter().copied().filter(|v| vr.contains(v) && !vl.contains(v)).collect();
+    // A parameter variable neither factor reads repeats the same value: it joins `a`.
+    let a: Vec<Var> = params.iter().copied().filter(|v| !g.contains(v) && !b.contains(v)).collect();
+    Some(GhostForm { g, a, b, t, left, right })
+}
+
+/// `e` with variables renamed by `map` (for the primed copy of a ghost factor).
+pub fn renamed(e: &Expr, map: &HashMap<Var, Var>) -> Expr {
+    rename(e, map)
+}

@@ -13,6 +13,31 @@
 //! batch-summed parameter gradient (`Batching::Summed`) drops `n` from the target, makes
 //! the parameter's first index the grid and sums `n` inside, so grid iterations still
 //! write disjoint elements.
+//!
+//! The ghost strategy of these layers is two more generic kernels: the squared norm of a
+//! parameter's gradient from Gram products of its derived equation's two factors
+//! ([`ghost_kernel`]), and the clipped sum as that equation weighted by each example's clip
+//! factor and summed over the batch ([`clipped_sum_kernel`]) — no per-example gradient is
+//! ever stored.
+
+/// The name under which the clip factors `c[n]` enter a clipped-sum equation (not a valid
+/// `.pdg` identifier, so it cannot name a tensor of the layer).
+pub const CLIP: &str = "clip'";
+
+/// What the lowering knows of a tensor that `layer`'s derived equations name: one of its
+/// own, or the gradient of one (per example, unpadded).
+pub fn tensor_info(layer: &crate::index_layer::IndexLayer, t: &str) -> Option<TensorInfo> {
+    use crate::index_layer::LocalKind;
+    let (local, grad) = match layer.tensor(t) {
+        Some(l) => (l, false),
+        None => (layer.tensors.iter().find(|l| crate::grad::layer::grad_name(layer, &l.name) == t)?, true),
+    };
+    Some(TensorInfo {
+        shape: local.shape.clone(),
+        batched: grad || local.kind != LocalKind::Param,
+        padding: if grad { vec![(0, 0); local.shape.len()] } else { local.padding.clone() },
+    })
+}
 
 use std::collections::HashMap;
 
@@ -21,6 +46,7 @@ use pdgc_codegen::ir::{self, Affine, Extent, Kernel, Stmt, VarId};
 use super::builder::*;
 use super::equation::scalar;
 use crate::error::{Error, Result};
+use crate::grad::layer::{renamed, GhostForm};
 use crate::grad::{Access, Equation, Expr, Index, Reduction, Var};
 
 /// What the lowering needs to know of one tensor an equation names.
@@ -270,4 +296,104 @@ pub fn zero(name: &str, size: usize) -> Result<Kernel> {
     let [n, i] = [kb.var("n"), kb.var("i")];
     let body = vec![vlp(i, size, vec![store(out, vec![v(n), v(i)], lit(0.0))])];
     kb.finish(n, Extent::Batch, body)
+}
+
+/// `v_`, `v__`, ...: a name for the primed copy of `v` that `ranges` does not use.
+fn primed(v: Var, ranges: &[(Var, usize)]) -> Var {
+    let mut name = format!("{v}_");
+    while ranges.iter().any(|(u, _)| *u == name) {
+        name.push('_');
+    }
+    crate::grad::intern(&name)
+}
+
+/// The squared norm of one parameter's per-example gradient from its ghost form (see
+/// [`GhostForm`]), stored in `sq[n, slot]` of `slots`: per example, over every `g`, `t`
+/// and `t'`, the product of the two Gram entries `Σ_a A·A'` and `Σ_b B·B'`. Returns the
+/// kernel and the tensors it reads, in argument order (the squared norms follow them).
+pub fn ghost_kernel(
+    name: &str,
+    form: &GhostForm,
+    ranges: &[(Var, usize)],
+    info: &dyn Fn(&str) -> Option<TensorInfo>,
+    slot: usize,
+    slots: usize,
+) -> Result<(Kernel, Vec<String>)> {
+    let mut ranges = ranges.to_vec();
+    let mut prime = HashMap::new();
+    for &t in &form.t {
+        let p = primed(t, &ranges);
+        let r = ranges.iter().find(|(u, _)| *u == t).map(|(_, r)| *r).ok_or_else(|| unbound(t))?;
+        ranges.push((p, r));
+        prime.insert(t, p);
+    }
+    let (left2, right2) = (renamed(&form.left, &prime), renamed(&form.right, &prime));
+    let mut b = Builder { kb: KernelBuilder::new(name), vars: HashMap::new(), ranges: &ranges, args: HashMap::new() };
+    let mut tensors: Vec<String> = Vec::new();
+    for e in [&form.left, &form.right] {
+        for a in crate::grad::layer::reads(e) {
+            if !tensors.contains(&a.tensor) {
+                tensors.push(a.tensor.clone());
+            }
+        }
+    }
+    for t in &tensors {
+        let i = info(t).ok_or_else(|| unbound(t))?;
+        let dims = if i.batched { batched(&i.shape) } else { fixed(&i.shape) };
+        let arg = b.kb.input(t, dims);
+        b.args.insert(t.clone(), (arg, i));
+    }
+    let sq = b.kb.output("sqnorm", batched(&[slots]));
+    let n = b.var("n");
+    let [total, ga, gb] = [b.kb.acc("total"), b.kb.acc("gram_a"), b.kb.acc("gram_b")];
+    let gram = |b: &mut Builder<'_>, acc, vars: &[Var], x: &Expr, x2: &Expr| -> Result<Vec<Stmt>> {
+        let (p1, v1) = b.value(x)?;
+        let (p2, v2) = b.value(x2)?;
+        let inner = [p1, p2, vec![add_to(acc, ir::Expr::mul(v1, v2))]].concat();
+        Ok([vec![set(acc, lit(0.0))], b.nest(vars, inner)?].concat())
+    };
+    let mut inner = gram(&mut b, ga, &form.a, &form.left, &left2)?;
+    inner.extend(gram(&mut b, gb, &form.b, &form.right, &right2)?);
+    inner.push(add_to(total, ir::Expr::mul(ir::Expr::Acc(ga), ir::Expr::Acc(gb))));
+    let mut outer: Vec<Var> = form.g.clone();
+    outer.extend(&form.t);
+    outer.extend(form.t.iter().map(|t| prime[t]));
+    let mut body = vec![set(total, lit(0.0))];
+    body.extend(b.nest(&outer, inner)?);
+    body.push(store(sq, vec![v(n), Affine::constant(slot as i64)], ir::Expr::Acc(total)));
+    b.kb.finish(n, Extent::Batch, body).map(|k| (k, tensors))
+}
+
+/// The clipped sum of one parameter's gradient without materializing it (book-keeping):
+/// the derived per-example equation with every term weighted by the example's clip factor
+/// (the per-example tensor `clip`, one value per example), summed over the batch.
+pub fn clipped_sum_kernel(
+    name: &str,
+    eq: &Equation,
+    ranges: &[(Var, usize)],
+    info: &dyn Fn(&str) -> Option<TensorInfo>,
+    clip: &str,
+) -> Result<(Kernel, Vec<String>)> {
+    let weight = Expr::Read(Access::new(clip, &["n"]));
+    let weigh = |e: &Expr| match e {
+        Expr::Reduce(Reduction::Sum, vars, body) => {
+            Expr::Reduce(Reduction::Sum, vars.clone(), Box::new(Expr::Mul(vec![weight.clone(), (**body).clone()])))
+        }
+        other => Expr::Mul(vec![weight.clone(), other.clone()]),
+    };
+    let rhs = match &eq.rhs {
+        Expr::Add(items) if items.iter().any(|x| matches!(x, Expr::Reduce(..))) => {
+            Expr::Add(items.iter().map(weigh).collect())
+        }
+        other => weigh(other),
+    };
+    let weighted = Equation { lhs: eq.lhs.clone(), accumulate: false, rhs };
+    let with_clip = |t: &str| {
+        if t == clip {
+            Some(TensorInfo { shape: Vec::new(), batched: true, padding: Vec::new() })
+        } else {
+            info(t)
+        }
+    };
+    equation_kernel(name, &weighted, ranges, &with_clip, true, Batching::Summed)
 }

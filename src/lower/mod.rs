@@ -35,7 +35,7 @@ use crate::graph::{numel, Graph, LabelSpec, Loss, NodeId, Op};
 use crate::index_layer::{IndexLayer, LocalKind};
 use crate::ops::Strategy;
 use crate::plan::Plan;
-use index::{Batching, TensorInfo};
+use index::Batching;
 use kernels::{ConvGemm, NormGeom, PoolGeom, Window};
 use param_grads::Outputs;
 
@@ -804,7 +804,11 @@ impl<'g> Lowering<'g> {
                     )
                 })
                 .collect();
-            if strategy_of(plan, n.id) == Strategy::Ghost {
+            if strategy_of(plan, n.id) == Strategy::Ghost && matches!(n.op, Op::Index(_)) {
+                // Book-keeping for a layer in index notation: each derived gradient
+                // weighted by the clip factors and summed over the batch.
+                out.extend(self.index_clipped_sums(n.id, &tag, &sums)?);
+            } else if strategy_of(plan, n.id) == Strategy::Ghost {
                 // Book-keeping: rescale the stored output gradient, one ordinary GEMM.
                 let (x, dy, _) = self.conv_io(n.id);
                 let shape = n.shape.clone();
@@ -970,6 +974,9 @@ impl Lowering<'_> {
     /// The buffer a tensor of `node`'s derived equations names: a local tensor of the layer
     /// or the gradient of one; a parameter's gradient is the caller's (`param_targets`).
     fn index_buffer(&mut self, node: NodeId, name: &str, param_targets: &HashMap<String, BufId>) -> Result<BufId> {
+        if name == index::CLIP {
+            return Ok(self.extra(Role::ClipFactors, "clip", true, vec![]));
+        }
         let layer = self.index_layer(node)?;
         let n = self.graph.node(node);
         let (t, grad) = match layer.tensor(name) {
@@ -1027,17 +1034,7 @@ impl Lowering<'_> {
     ) -> Result<Vec<Launch>> {
         let layer = self.index_layer(node)?;
         let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
-        let info = |t: &str| -> Option<TensorInfo> {
-            let (local, grad) = match layer.tensor(t) {
-                Some(l) => (l, false),
-                None => (layer.tensors.iter().find(|l| layer_grad::grad_name(layer, &l.name) == t)?, true),
-            };
-            Some(TensorInfo {
-                shape: local.shape.clone(),
-                batched: grad || local.kind != LocalKind::Param,
-                padding: if grad { vec![(0, 0); local.shape.len()] } else { local.padding.clone() },
-            })
-        };
+        let info = |t: &str| index::tensor_info(layer, t);
         let mut out = Vec::new();
         let scatter_first = first && eq.accumulate;
         let (k, tensors) = index::equation_kernel(name, eq, &ranges, &info, first && !scatter_first, batching)?;
@@ -1123,6 +1120,32 @@ impl Lowering<'_> {
         Ok(out)
     }
 
+    /// The clipped sums of `node`'s parameters (`sums`, in the order of `graph.params_of`)
+    /// without per-example gradients: each derived gradient weighted by the clip factors.
+    fn index_clipped_sums(&mut self, node: NodeId, tag: &str, sums: &[BufId]) -> Result<Vec<Launch>> {
+        let layer = self.index_layer(node)?.clone();
+        let layer = &layer;
+        let step = self.grads.step(node).ok_or_else(|| crate::Error::Internal("no derived step".into()))?;
+        let full: Vec<String> = self.graph.params_of(node).map(|p| p.name.clone()).collect();
+        let mut out = Vec::new();
+        for pg in &step.param_grads {
+            let local = pg.param.rsplit('.').next().unwrap_or_default().to_string();
+            let at = full.iter().position(|f| *f == pg.param).ok_or_else(|| {
+                crate::Error::Internal(format!("`{}` is not a parameter of node {}", pg.param, node.0))
+            })?;
+            let targets = HashMap::from([(local.clone(), sums[at])]);
+            let name = format!("{tag}_{local}_bookkeep");
+            let (k, tensors) =
+                index::clipped_sum_kernel(&name, &pg.eq, &step.ranges, &|t| index::tensor_info(layer, t), index::CLIP)?;
+            let mut args = Vec::new();
+            for t in &tensors {
+                args.push(self.index_buffer(node, t, &targets)?);
+            }
+            out.push(self.launch(k, args));
+        }
+        Ok(out)
+    }
+
     /// One index-notation layer's per-example gradients (always stored: the layer's norms
     /// are taken from them) and their squared norms when wanted.
     fn index_per_example(
@@ -1134,6 +1157,35 @@ impl Lowering<'_> {
     ) -> Result<Vec<Launch>> {
         let g = self.graph;
         let slots = g.params.len();
+        let tag = self.tag(node);
+        if strategy == Strategy::Ghost {
+            // Squared norms from Gram products of each derived gradient's factors.
+            let layer = self.index_layer(node)?.clone();
+            let layer = &layer;
+            let step = self.grads.step(node).ok_or_else(|| crate::Error::Internal("no derived step".into()))?;
+            let mut out = Vec::new();
+            for pg in &step.param_grads {
+                let form = layer_grad::ghost_form(&pg.eq)
+                    .ok_or_else(|| crate::Error::Internal(format!("`{}` has no ghost form", pg.param)))?;
+                let local = pg.param.rsplit('.').next().unwrap_or_default();
+                let name = format!("{tag}_{local}_ghost");
+                let (k, tensors) = index::ghost_kernel(
+                    &name,
+                    &form,
+                    &step.ranges,
+                    &|t| index::tensor_info(layer, t),
+                    self.slot(&pg.param),
+                    slots,
+                )?;
+                let mut args = Vec::new();
+                for t in &tensors {
+                    args.push(self.index_buffer(node, t, &HashMap::new())?);
+                }
+                args.push(sq);
+                out.push(self.launch(k, args));
+            }
+            return Ok(out);
+        }
         let params: Vec<(String, Vec<usize>)> = g.params_of(node).map(|p| (p.name.clone(), p.shape.clone())).collect();
         let pe: Vec<BufId> = params
             .iter()
@@ -1141,7 +1193,6 @@ impl Lowering<'_> {
                 self.extra(Role::PerExampleGrad(name.clone()), &format!("grad.{name}"), true, shape.clone())
             })
             .collect();
-        let tag = self.tag(node);
         let mut out = match strategy {
             Strategy::Naive => self.index_param_grads(node, &tag, &pe, Batching::Summed, LaunchMode::PerExample)?,
             _ => self.index_param_grads(node, &tag, &pe, Batching::PerExample, LaunchMode::Grid)?,

@@ -55,6 +55,18 @@ pub struct LayerDims {
     pub crb_positions: u64,
     /// crb only: Cin/G.
     pub cin_per_group: u64,
+    /// Layers written in index notation: the FLOPs of one example's ghost norms (Gram
+    /// products of the derived gradients' factors), or 0 where some parameter's gradient has
+    /// no ghost form.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub ghost_flops: u64,
+    /// Layers written in index notation: their parameter tensors (one kernel each per pass).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub param_tensors: u64,
+}
+
+fn is_zero(x: &u64) -> bool {
+    *x == 0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -102,6 +114,8 @@ impl LayerDims {
                     a_out,
                     crb_positions,
                     cin_per_group: cin_g,
+                    ghost_flops: 0,
+                    param_tensors: 0,
                 })
             }
             Op::Linear(l) => Some(LayerDims {
@@ -115,6 +129,8 @@ impl LayerDims {
                 a_out,
                 crb_positions: 1,
                 cin_per_group: l.in_features as u64,
+                ghost_flops: 0,
+                param_tensors: 0,
             }),
             Op::GroupNorm(_) | Op::InstanceNorm(_) | Op::LayerNorm(_) if params > 0 => {
                 let channels = (params / 2).max(1);
@@ -129,9 +145,11 @@ impl LayerDims {
                     a_out,
                     crb_positions: 1,
                     cin_per_group: 1,
+                    ghost_flops: 0,
+                    param_tensors: 0,
                 })
             }
-            Op::Index(_) if params > 0 => Some(LayerDims {
+            Op::Index(l) if params > 0 => Some(LayerDims {
                 kind: LayerKind::Index,
                 groups: 1,
                 p: 1,
@@ -142,6 +160,8 @@ impl LayerDims {
                 a_out,
                 crb_positions: 1,
                 cin_per_group: 1,
+                ghost_flops: index_ghost_flops(node, l),
+                param_tensors: graph.params_of(node.id).count() as u64,
             }),
             _ => None,
         }
@@ -154,6 +174,7 @@ impl LayerDims {
             LayerKind::Conv => &[Naive, Crb, Unfold, Direct, Ghost],
             LayerKind::Linear => &[Naive, Outer, Ghost],
             LayerKind::Norm => &[Direct],
+            LayerKind::Index if self.ghost_flops > 0 => &[Naive, Direct, Ghost],
             LayerKind::Index => &[Naive, Direct],
         };
         all.iter().copied().filter(|s| !(goal == Goal::Grads && *s == Ghost)).collect()
@@ -235,7 +256,7 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
                 bytes: io + 2 * im2col * b * l.groups * l.d * l.t * F32 + held_grads + by,
                 workspace: 0,
                 held: held_grads,
-                launches: im2col + b * (1 + bias_launch) + la,
+                launches: im2col + b * (1 + bias_launch) * l.param_tensors.max(1) + la * l.param_tensors.max(1),
                 efficiency: if l.kind == LayerKind::Index {
                     INDEX_EFFICIENCY
                 } else {
@@ -295,13 +316,30 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
                 bytes: io + written + by,
                 workspace: 0,
                 held: written,
-                launches: 1 + la,
+                launches: (1 + la) * l.param_tensors.max(1),
                 efficiency: match (l.kind, strategy) {
                     (LayerKind::Norm, _) => 1.0,
                     (LayerKind::Index, _) => INDEX_EFFICIENCY,
                     (LayerKind::Conv, _) => dev.window_efficiency * eff_batched(b),
                     _ => eff_batched(b),
                 },
+                seconds: 0.0,
+            }
+        }
+        Strategy::Ghost if l.kind == LayerKind::Index => {
+            // Gram products of the derived gradient's factors per example, then for the
+            // clipped sum the gradient summed with the clip factors as weights (one loop
+            // nest per parameter); nothing of size B·P is held.
+            let gram = b * l.ghost_flops;
+            let bk = if goal == Goal::ClippedSum { b * per_example + b } else { 0 };
+            Cost {
+                strategy,
+                flops: gram + bk,
+                bytes: io * if goal == Goal::ClippedSum { 2 } else { 1 },
+                workspace: 0,
+                held: 0,
+                launches: l.param_tensors * if goal == Goal::ClippedSum { 2 } else { 1 },
+                efficiency: INDEX_EFFICIENCY,
                 seconds: 0.0,
             }
         }
@@ -346,6 +384,33 @@ pub fn strategy_cost(l: &LayerDims, strategy: Strategy, goal: Goal, b: u64, dev:
         }
     };
     cost.timed(dev)
+}
+
+/// The FLOPs of one example's ghost norms for an index-notation layer: per parameter,
+/// `G·T²·(2·A + 2·B + 2)` for its derived gradient's ghost form (see
+/// `grad::layer::ghost_form`); 0 where a parameter's gradient has none.
+fn index_ghost_flops(node: &Node, layer: &crate::index_layer::IndexLayer) -> u64 {
+    let mut step = crate::grad::GradStep {
+        node: node.id,
+        title: String::new(),
+        bindings: vec![],
+        forward: vec![],
+        input_grads: vec![],
+        param_grads: vec![],
+        ranges: vec![],
+    };
+    crate::grad::layer::define(node, layer, &vec![true; node.inputs.len()], &mut step);
+    let size = |vars: &[&str]| -> u64 {
+        vars.iter().map(|v| step.ranges.iter().find(|(u, _)| u == v).map_or(1, |(_, r)| *r as u64)).product()
+    };
+    let mut total = 0u64;
+    for pg in &step.param_grads {
+        let Some(f) = crate::grad::layer::ghost_form(&pg.eq) else { return 0 };
+        let t = size(&f.t);
+        total =
+            total.saturating_add(size(&f.g).saturating_mul(t * t).saturating_mul(2 * size(&f.a) + 2 * size(&f.b) + 2));
+    }
+    total
 }
 
 /// Whether the lowering recomputes a conv's im2col columns for each use instead of keeping
