@@ -287,7 +287,7 @@ fn depthwise_ranges_follow_the_padding_and_the_stride() {
     // 2 FLOPs per point of each term: the 3x3 window, then the bias.
     assert_eq!(node.flops, 2 * 32 * 16 * 16 * 9 + 2 * 32 * 16 * 16);
     assert_eq!(node.flops, l.flops());
-    let kinds: Vec<(&str, LocalKind, Vec<usize>, Vec<(usize, usize)>)> =
+    let kinds: Vec<_> =
         l.tensors.iter().map(|t| (t.name.as_str(), t.kind, t.shape.clone(), t.padding.clone())).collect();
     assert_eq!(
         kinds,
@@ -469,11 +469,11 @@ fn index_layer_calls_bind_like_built_in_layers() {
         (DENSE, "@strategy(crb) fc0: dense(x, 5)", "E0132 strategy `crb` does not apply to `dense`"),
         (DOUBLE, "@strategy(naive) double(x)", "E0132 strategy `naive` does not apply to `double`"),
     ] {
-        let shape = if call.contains("(z") { "[7]" } else { "[7]" };
+        // `(z` stands for an input of the wrong rank.
         let errors = if call.contains("(z") {
             index_errors("[2, 7]", defs, &call.replace("(z", "(x"))
         } else {
-            index_errors(shape, defs, call)
+            index_errors("[7]", defs, call)
         };
         assert_eq!(errors, vec![expected.to_string()], "{call}");
     }
@@ -486,8 +486,7 @@ fn index_layer_calls_bind_like_built_in_layers() {
     );
     let errors = index_errors("[7]", DENSE, "fc0: dense2(x, 5)");
     assert_eq!(errors, vec!["E0100 unknown layer `dense2`"]);
-    let src =
-        format!("model m {{ input x: [7]; label y: classes(5); {DENSE} loss cross_entropy(f: dens(x, 5), y); }}");
+    let src = format!("model m {{ input x: [7]; label y: classes(5); {DENSE} loss cross_entropy(f: dens(x, 5), y); }}");
     let front = compile_front(&src);
     let unknown = front.diagnostics.iter().find(|d| d.code == "E0100").expect("an unknown layer");
     assert_eq!(unknown.notes, vec!["did you mean `dense`?"]);
