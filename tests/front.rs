@@ -376,6 +376,7 @@ fn sums_are_whole_terms_and_minus_is_a_product_with_minus_one() {
         param w: [I, I];
         y[o] = a[o] - sum(k: w[o, k] * x[k]) + 2.0 * x[o] / a[o];
         z[o] = -y[o] + exp(-x[o]);
+        u[o] = -(z[o] + sum(k: w[o, k] * z[k]));
     }";
     let g = index_model("[6]", defs, "l: f(x)").expect("checks");
     let l = only_index_layer(&g);
@@ -401,6 +402,14 @@ fn sums_are_whole_terms_and_minus_is_a_product_with_minus_one() {
             Expr::Mul(vec![Expr::Num(-1.0), read("y", "o")]),
             Expr::Apply(Func::Exp, vec![Expr::Mul(vec![Expr::Num(-1.0), read("x", "o")])]),
         ])
+    );
+    // A negated sum is a term too: `-(a + Σ b)` is `-a` and `Σ -b`.
+    let u = &l.stmts[2];
+    assert_eq!(u.terms[0].body, Expr::Mul(vec![Expr::Num(-1.0), read("z", "o")]));
+    assert_eq!(u.terms[1].sum, vec!["k"]);
+    assert_eq!(
+        u.terms[1].body,
+        Expr::Mul(vec![Expr::Num(-1.0), Expr::Read(Access::new("w", &["o", "k"])), read("z", "k")])
     );
 }
 

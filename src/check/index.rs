@@ -637,7 +637,7 @@ fn additive_pieces<'e>(e: &'e BodyExpr, neg: bool, out: &mut Vec<(bool, &'e Body
             additive_pieces(a, neg, out);
             additive_pieces(b, !neg, out);
         }
-        BodyExprKind::Neg(inner) if matches!(inner.kind, BodyExprKind::Sum(..)) => additive_pieces(inner, !neg, out),
+        BodyExprKind::Neg(inner) => additive_pieces(inner, !neg, out),
         _ => out.push((neg, e)),
     }
 }
@@ -1040,7 +1040,8 @@ fn check_bounds(
                     .collect();
                 let dims: Vec<String> = decl.dims.iter().map(|x| x.to_string()).collect();
                 diag.with_secondary(decl.span, "declared here").with_note(format!(
-                    "to read zeros outside `{}`, declare its padding in the signature: `{}: [{}] pad ({})`",
+                    "to read zeros outside `{}`, declare its padding in the signature: `{}: [{}] pad ({})` \
+                     (ranges are derived with the padding, so zeros after a dim can also lengthen the output)",
                     t.name,
                     t.name,
                     dims.join(", "),
