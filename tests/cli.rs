@@ -14,6 +14,17 @@ fn check_prints_the_layer_table_and_totals() {
 }
 
 #[test]
+fn check_reads_layers_written_in_index_notation() {
+    let (code, stdout, stderr) = pdgc(&["check", "samples/index/gated_mlp.pdg", "samples/index/depthwise.pdg"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("g1     gated  [32]                   4,096"), "{stdout}");
+    assert!(stdout.contains("dw2    depthwise3_s2  [8, 8, 8]"), "{stdout}");
+    let (code, _, stderr) = pdgc(&["check", "samples/errors/index_out_of_bounds.pdg"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("error[E0159]") && stderr.contains("pad (0, (1, 0), (1, 0))"), "{stderr}");
+}
+
+#[test]
 fn check_fails_with_located_diagnostics() {
     let (code, stdout, stderr) = pdgc(&["check", "samples/errors/multiple_errors.pdg"]);
     assert_eq!(code, 1);

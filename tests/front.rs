@@ -288,7 +288,7 @@ fn depthwise_ranges_follow_the_padding_and_the_stride() {
     // 2 FLOPs per point of each term: the 3x3 window, then the bias.
     assert_eq!(node.flops, 2 * 32 * 16 * 16 * 9 + 2 * 32 * 16 * 16);
     assert_eq!(node.flops, l.flops());
-    let kinds: Vec<(&str, LocalKind, Vec<usize>, Vec<(usize, usize)>)> =
+    let kinds: Vec<_> =
         l.tensors.iter().map(|t| (t.name.as_str(), t.kind, t.shape.clone(), t.padding.clone())).collect();
     assert_eq!(
         kinds,
@@ -377,6 +377,7 @@ fn sums_are_whole_terms_and_minus_is_a_product_with_minus_one() {
         param w: [I, I];
         y[o] = a[o] - sum(k: w[o, k] * x[k]) + 2.0 * x[o] / a[o];
         z[o] = -y[o] + exp(-x[o]);
+        u[o] = -(z[o] + sum(k: w[o, k] * z[k]));
     }";
     let g = index_model("[6]", defs, "l: f(x)").expect("checks");
     let l = only_index_layer(&g);
@@ -402,6 +403,14 @@ fn sums_are_whole_terms_and_minus_is_a_product_with_minus_one() {
             Expr::Mul(vec![Expr::Num(-1.0), read("y", "o")]),
             Expr::Apply(Func::Exp, vec![Expr::Mul(vec![Expr::Num(-1.0), read("x", "o")])]),
         ])
+    );
+    // A negated sum is a term too: `-(a + Σ b)` is `-a` and `Σ -b`.
+    let u = &l.stmts[2];
+    assert_eq!(u.terms[0].body, Expr::Mul(vec![Expr::Num(-1.0), read("z", "o")]));
+    assert_eq!(u.terms[1].sum, vec!["k"]);
+    assert_eq!(
+        u.terms[1].body,
+        Expr::Mul(vec![Expr::Num(-1.0), Expr::Read(Access::new("w", &["o", "k"])), read("z", "k")])
     );
 }
 
@@ -470,11 +479,11 @@ fn index_layer_calls_bind_like_built_in_layers() {
         (DENSE, "@strategy(crb) fc0: dense(x, 5)", "E0132 strategy `crb` does not apply to `dense`"),
         (DOUBLE, "@strategy(naive) double(x)", "E0132 strategy `naive` does not apply to `double`"),
     ] {
-        let shape = if call.contains("(z") { "[7]" } else { "[7]" };
+        // `(z` stands for an input of the wrong rank.
         let errors = if call.contains("(z") {
             index_errors("[2, 7]", defs, &call.replace("(z", "(x"))
         } else {
-            index_errors(shape, defs, call)
+            index_errors("[7]", defs, call)
         };
         assert_eq!(errors, vec![expected.to_string()], "{call}");
     }

@@ -145,6 +145,9 @@ fn batch_index(span: Span) -> Diagnostic {
         .with_note("the per-example gradient equations index examples by `n`, so a layer's own indices cannot")
 }
 
+/// An affine index: its terms (variable, coefficient, where it occurs) and its offset.
+type Affine = (Vec<(Var, i64, Span)>, i64);
+
 /// Checks one definition's body; every diagnostic goes to `diags`.
 struct DefCx<'a> {
     diags: &'a mut Vec<Diagnostic>,
@@ -215,8 +218,8 @@ impl DefCx<'_> {
         }
     }
 
-    /// An affine index: its terms (variable, coefficient, where it occurs) and offset.
-    fn affine(&mut self, e: &BodyExpr) -> Option<(Vec<(Var, i64, Span)>, i64)> {
+    /// The affine index `e` is, or a diagnostic.
+    fn affine(&mut self, e: &BodyExpr) -> Option<Affine> {
         let not_affine = |why: &str| {
             Diagnostic::error("E0150", "an index must be affine in the index variables", e.span)
                 .with_label(why.to_string())
@@ -291,13 +294,7 @@ impl DefCx<'_> {
         }
     }
 
-    fn scale(
-        &mut self,
-        terms: Vec<(Var, i64, Span)>,
-        off: i64,
-        k: i64,
-        span: Span,
-    ) -> Option<(Vec<(Var, i64, Span)>, i64)> {
+    fn scale(&mut self, terms: Vec<(Var, i64, Span)>, off: i64, k: i64, span: Span) -> Option<Affine> {
         let scaled: Option<Vec<(Var, i64, Span)>> =
             terms.into_iter().map(|(v, c, s)| c.checked_mul(k).map(|c| (v, c, s))).collect();
         match (scaled, off.checked_mul(k)) {
@@ -640,7 +637,7 @@ fn additive_pieces<'e>(e: &'e BodyExpr, neg: bool, out: &mut Vec<(bool, &'e Body
             additive_pieces(a, neg, out);
             additive_pieces(b, !neg, out);
         }
-        BodyExprKind::Neg(inner) if matches!(inner.kind, BodyExprKind::Sum(..)) => additive_pieces(inner, !neg, out),
+        BodyExprKind::Neg(inner) => additive_pieces(inner, !neg, out),
         _ => out.push((neg, e)),
     }
 }
@@ -1043,7 +1040,8 @@ fn check_bounds(
                     .collect();
                 let dims: Vec<String> = decl.dims.iter().map(|x| x.to_string()).collect();
                 diag.with_secondary(decl.span, "declared here").with_note(format!(
-                    "to read zeros outside `{}`, declare its padding in the signature: `{}: [{}] pad ({})`",
+                    "to read zeros outside `{}`, declare its padding in the signature: `{}: [{}] pad ({})` \
+                     (ranges are derived with the padding, so zeros after a dim can also lengthen the output)",
                     t.name,
                     t.name,
                     dims.join(", "),

@@ -6,6 +6,10 @@
 //! turns the value into [`Value::Poison`], which later uses accept silently, so one
 //! mistake yields one diagnostic, not a cascade; checking always runs to the end.
 //!
+//! Layers written in index notation (`layer NAME(...) { ... }`, [`index`]) are checked
+//! where they are defined, before the statements, and instantiated at each call into an
+//! `Op::Index` node.
+//!
 //! Every size a model creates — dimensions, integer arguments, tensors, parameters, a conv's
 //! im2col columns, the label's classes — is checked here against what the kernel IR and the
 //! backends can address ([`limits`], which documents the limits); one that is too large is an
@@ -20,8 +24,7 @@ use std::collections::{HashMap, HashSet};
 use crate::diag::{did_you_mean, Diagnostic, Span};
 use crate::graph::{Graph, LabelSpec, Loss, Node, NodeId, Op, ParamSpec};
 use crate::ops::{self, ArgTy, Default, OpKind, OpSig, Strategy};
-use crate::syntax::ast::Ident;
-use crate::syntax::ast::{self, Expr, ExprKind, Item, LabelKind};
+use crate::syntax::ast::{self, Expr, ExprKind, Ident, Item, LabelKind};
 
 pub use shapes::Args;
 

@@ -10,7 +10,7 @@
 //! `_orig_mod.conv1`) all qualify.
 
 /// Words the `.pdg` lexer reserves; a layer cannot be named after one of them.
-const KEYWORDS: &[&str] = &["model", "input", "label", "loss", "true", "false"];
+const KEYWORDS: &[&str] = &["model", "input", "label", "loss", "true", "false", "layer", "param", "sum", "pad"];
 
 /// The `.pdg` name of a PyTorch module path, or why the path cannot be mapped.
 pub fn encode(path: &str) -> Result<String, String> {
@@ -77,11 +77,21 @@ mod tests {
             ("0", "_0"),
             ("0.weight_norm", "_0_weight__norm"),
             ("input", "_input"),
+            ("pad", "_pad"),
+            ("sum", "_sum"),
             ("x__y", "x____y"),
             ("fc_", "fc__"),
         ] {
             assert_eq!(encode(path).as_deref(), Ok(name), "{path}");
             assert_eq!(decode(name), path, "{name}");
+        }
+    }
+
+    #[test]
+    fn keywords_are_words_the_lexer_reserves() {
+        for word in KEYWORDS {
+            let (tokens, _) = crate::syntax::lexer::lex(word);
+            assert!(!matches!(tokens[0].1, crate::syntax::lexer::Tok::Ident(_)), "{word} is not reserved");
         }
     }
 

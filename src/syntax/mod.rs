@@ -87,3 +87,50 @@ fn syntax_error(src: &str, ends: &[usize], e: ParseError<usize, Tok<'_>, ()>) ->
         ParseError::User { error: () } => Diagnostic::error("E0003", "invalid token", Span::new(src.len(), src.len())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(src: &str) -> String {
+        let (model, diags) = parse(&format!("model m {{ layer f(x: [I]) {{ {src} }} }}"));
+        assert!(diags.is_empty(), "{diags:?}");
+        let Some(ast::Item::Layer(def)) = model.expect("parses").items.into_iter().next() else { panic!("a layer") };
+        let Some(ast::BodyItem::Stmt(s)) = def.body.into_iter().next() else { panic!("a statement") };
+        s.rhs.to_string()
+    }
+
+    #[test]
+    fn layer_bodies_parse_with_the_usual_precedence() {
+        assert_eq!(body("y[i] = a[i] + b[i] * c[i];"), "(a[i] + (b[i] * c[i]))");
+        assert_eq!(body("y[i] = a[i] - b[i] - c[i];"), "((a[i] - b[i]) - c[i])");
+        assert_eq!(body("y[i] = -a[i] * 2 / b[i];"), "(((-a[i]) * 2) / b[i])");
+        assert_eq!(
+            body("y[i] = sum(j, k: w[i, j] * x[2*j + k - 1]) + b[i];"),
+            "(sum(j, k: (w[i, j] * x[(((2 * j) + k) - 1)])) + b[i])"
+        );
+        assert_eq!(body("y[i] = sigmoid((a[i] + 1.5));"), "sigmoid((a[i] + 1.5))");
+    }
+
+    #[test]
+    fn layer_signatures_and_padding_print_back() {
+        let src =
+            "model m { layer f(x: [C, 3] pad (1, (0, 2)), K) { param w: [K, C]; y[k] = sum(c: w[k, c] * x[c, 0]); } }";
+        let (model, diags) = parse(src);
+        assert!(diags.is_empty(), "{diags:?}");
+        let text = model.expect("parses").to_string();
+        assert!(text.contains("layer f(x: [C, 3] pad (1, (0, 2)), K) {"), "{text}");
+        assert!(text.contains("param w: [K, C];"), "{text}");
+    }
+
+    #[test]
+    fn a_bad_statement_in_a_layer_body_is_skipped_and_reported() {
+        let (model, diags) = parse("model m { layer f(x: [I]) { y[i] = * x[i]; z[i] = x[i]; } input x: [3]; }");
+        assert_eq!(diags.iter().map(|d| d.code).collect::<Vec<_>>(), vec!["E0005"]);
+        let model = model.expect("the rest parses");
+        assert_eq!(model.items.len(), 2);
+        let ast::Item::Layer(def) = &model.items[0] else { panic!("a layer") };
+        assert!(matches!(def.body[0], ast::BodyItem::Error { .. }));
+        assert!(matches!(def.body[1], ast::BodyItem::Stmt(_)));
+    }
+}
