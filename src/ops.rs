@@ -217,9 +217,11 @@ pub fn lookup(name: &str) -> Option<&'static OpSig> {
 }
 
 /// The per-example gradient strategies of a layer written in index notation that has
-/// parameters: a batch-1 backward per example, or the derived per-example gradient
-/// equations run directly.
-pub const INDEX_STRATEGIES: &[Strategy] = &[Strategy::Naive, Strategy::Direct];
+/// parameters: a batch-1 backward per example, the derived per-example gradient equations
+/// run directly, or ghost norms from the Gram products of their factors (for norms and
+/// clipped sums, where every parameter is read in one place; the planner offers it only
+/// there).
+pub const INDEX_STRATEGIES: &[Strategy] = &[Strategy::Naive, Strategy::Direct, Strategy::Ghost];
 
 /// The per-example gradient strategies that apply to a node's op (empty for ops without
 /// parameters).

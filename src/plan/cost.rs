@@ -174,7 +174,7 @@ impl LayerDims {
             LayerKind::Conv => &[Naive, Crb, Unfold, Direct, Ghost],
             LayerKind::Linear => &[Naive, Outer, Ghost],
             LayerKind::Norm => &[Direct],
-            LayerKind::Index if self.ghost_flops > 0 => &[Naive, Direct, Ghost],
+            LayerKind::Index if self.ghost_flops > 0 => crate::ops::INDEX_STRATEGIES,
             LayerKind::Index => &[Naive, Direct],
         };
         all.iter().copied().filter(|s| !(goal == Goal::Grads && *s == Ghost)).collect()
