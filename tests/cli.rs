@@ -15,7 +15,8 @@ fn check_prints_the_layer_table_and_totals() {
 
 #[test]
 fn check_reads_layers_written_in_index_notation() {
-    let (code, stdout, stderr) = pdgc(&["check", "samples/index/gated_mlp.pdg", "samples/index/depthwise.pdg"]);
+    let (code, stdout, stderr) =
+        pdgc(&["check", "tests/data/models/index_gated_mlp.pdg", "tests/data/models/index_depthwise.pdg"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("g1     gated  [32]                   4,096"), "{stdout}");
     assert!(stdout.contains("dw2    depthwise3_s2  [8, 8, 8]"), "{stdout}");

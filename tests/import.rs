@@ -40,6 +40,9 @@ fn layers(g: &pdgc::Graph) -> Vec<(String, Vec<usize>)> {
     g.nodes.iter().map(|n| (n.op.to_string(), n.shape.clone())).collect()
 }
 
+/// The samples that define layers in index notation.
+const INDEX_NOTATION_SAMPLES: &[&str] = &["depthwise_index", "gated_bilinear"];
+
 #[test]
 fn every_sample_imports_with_its_parameter_names_and_shapes() {
     let mut names: Vec<String> = std::fs::read_dir(root().join("samples"))
@@ -48,6 +51,9 @@ fn every_sample_imports_with_its_parameter_names_and_shapes() {
             let path = e.ok()?.path();
             (path.extension()? == "pdg").then(|| path.file_stem().unwrap().to_string_lossy().into_owned())
         })
+        // Layers written in index notation have no ONNX form that imports back to them
+        // (an exported depthwise layer comes back as the built-in grouped conv).
+        .filter(|name| !INDEX_NOTATION_SAMPLES.contains(&name.as_str()))
         .collect();
     names.sort();
     assert!(names.len() >= 11, "{names:?}");
