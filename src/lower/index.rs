@@ -232,6 +232,10 @@ pub fn equation_kernel(
     }
     let n = b.var("n");
 
+    if let Some(body) = matrix_product(&mut b, eq, batching, out, overwrite)? {
+        let grid = b.var("all");
+        return b.kb.finish(grid, fx(1), body).map(|k| (k, tensors));
+    }
     if eq.lhs.is_plain() {
         // A gather: loop over the target's variables, sum every term, store once.
         let kept: Vec<Var> = eq.lhs.index[1..].iter().filter_map(Index::as_var).collect();
@@ -287,6 +291,84 @@ pub fn equation_kernel(
         let body = b.nest(&vars, [pre, store].concat())?;
         b.kb.finish(n, Extent::Batch, body).map(|k| (k, tensors))
     }
+}
+
+/// A gather that is a matrix product, as one contraction node over the whole batch (so the
+/// CPU backend runs it on its tuned GEMM): a single term, the product of two reads by plain
+/// variables that never leave their tensors, with one variable on each side of the product
+/// and one summed, the batch index `n` being a product dimension (per example: the rows of
+/// `C[n, q] = Σ_k A[n, k]·B[k, q]`) or the summed one (a batch-summed parameter gradient
+/// `C[p, q] = Σ_n A[n, p]·B[n, q]`). `None` for any other equation.
+fn matrix_product(
+    b: &mut Builder<'_>,
+    eq: &Equation,
+    batching: Batching,
+    out: ir::ArgId,
+    overwrite: bool,
+) -> Result<Option<Vec<Stmt>>> {
+    let ts = terms(&eq.rhs);
+    let [(sum, body)] = &ts[..] else { return Ok(None) };
+    let Expr::Mul(factors) = body else { return Ok(None) };
+    let [Expr::Read(x), Expr::Read(y)] = &factors[..] else { return Ok(None) };
+    let plain_vars = |a: &Access| -> Option<Vec<Var>> {
+        let vars: Vec<Var> = a.index.iter().map(Index::as_var).collect::<Option<_>>()?;
+        let distinct = vars.iter().enumerate().all(|(i, v)| !vars[..i].contains(v));
+        distinct.then_some(vars)
+    };
+    let (Some(xv), Some(yv), Some(lv)) = (plain_vars(x), plain_vars(y), plain_vars(&eq.lhs)) else { return Ok(None) };
+    // The three product variables (rows, columns, summed), by batching.
+    let (rows, cols, k) = match (batching, &lv[1..], &sum[..]) {
+        (Batching::PerExample, [q], [k]) => ("n", *q, *k),
+        (Batching::Summed, [p, q], []) => (*p, *q, "n"),
+        _ => return Ok(None),
+    };
+    // Which read holds the rows (the other holds the columns); both hold the summed one.
+    let side =
+        |vars: &[Var], own: Var| vars.iter().all(|v| *v == own || *v == k) && vars.contains(&k) && vars.contains(&own);
+    let (a, bb) = if side(&xv, rows) && side(&yv, cols) {
+        (x, y)
+    } else if side(&yv, rows) && side(&xv, cols) {
+        (y, x)
+    } else {
+        return Ok(None);
+    };
+    for r in [a, bb] {
+        let (_, info) = b.args.get(&r.tensor).cloned().ok_or_else(|| unbound(&r.tensor))?;
+        if !b.inside(r, &info)?.is_empty() {
+            return Ok(None);
+        }
+    }
+    let extent = |b: &Builder<'_>, v: Var| -> Result<Extent> {
+        if v == "n" {
+            Ok(Extent::Batch)
+        } else {
+            Ok(fx(b.range(v)?))
+        }
+    };
+    let extents = [extent(b, rows)?, extent(b, cols)?, extent(b, k)?];
+    let (arg_a, arg_b) = (b.args[&a.tensor].0, b.args[&bb.tensor].0);
+    let (ai, bi) = (a.index.clone(), bb.index.clone());
+    let ci: Vec<Index> = match batching {
+        Batching::PerExample => eq.lhs.index.clone(),
+        Batching::Summed => eq.lhs.index[1..].to_vec(),
+    };
+    let at = |ix: &[Index], m: VarId, nn: VarId, kk: VarId| -> Vec<Affine> {
+        ix.iter()
+            .map(|i| {
+                let v = i.as_var().expect("plain");
+                Affine::var(if v == rows {
+                    m
+                } else if v == cols {
+                    nn
+                } else {
+                    kk
+                })
+            })
+            .collect()
+    };
+    Ok(Some(vec![contract(&mut b.kb, extents, (arg_a, arg_b, out), !overwrite, |m, nn, kk| {
+        (at(&ai, m, nn, kk), at(&bi, m, nn, kk), at(&ci, m, nn, kk))
+    })]))
 }
 
 /// Zeroes a per-example buffer of `size` elements per example (before a scatter).
