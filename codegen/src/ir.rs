@@ -18,6 +18,8 @@
 
 use std::fmt;
 
+use crate::visit::{walk_body, walk_body_mut, walk_stmt, walk_stmt_mut, Visitor, VisitorMut};
+
 /// Index of an argument buffer in [`Kernel::args`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ArgId(pub u32);
@@ -282,15 +284,16 @@ impl Contract {
 impl Kernel {
     /// Whether any statement is a [`Contract`].
     pub fn has_contractions(&self) -> bool {
-        fn any(body: &[Stmt]) -> bool {
-            body.iter().any(|s| match s {
-                Stmt::Contract(_) => true,
-                Stmt::Loop(l) => any(&l.body),
-                Stmt::If { then, .. } => any(then),
-                Stmt::Set { .. } | Stmt::Store { .. } => false,
-            })
+        struct Find(bool);
+        impl<'k> Visitor<'k> for Find {
+            fn stmt(&mut self, s: &'k Stmt) {
+                self.0 |= matches!(s, Stmt::Contract(_));
+                walk_stmt(self, s);
+            }
         }
-        any(&self.grid.body)
+        let mut find = Find(false);
+        walk_body(&mut find, &self.grid.body);
+        find.0
     }
 
     /// This kernel with every [`Contract`] replaced by the loop nest that defines it
@@ -302,21 +305,19 @@ impl Kernel {
             return std::borrow::Cow::Borrowed(self);
         }
         let mut k = self.clone();
-        fn walk(body: &mut [Stmt], accs: &mut Vec<String>) {
-            for s in body {
-                match s {
-                    Stmt::Contract(c) => {
-                        let acc = AccId(accs.len() as u32);
-                        accs.push(format!("contract{}", acc.0));
-                        *s = c.as_loops(acc);
-                    }
-                    Stmt::Loop(l) => walk(&mut l.body, accs),
-                    Stmt::If { then, .. } => walk(then, accs),
-                    Stmt::Set { .. } | Stmt::Store { .. } => {}
+        struct Desugar<'a>(&'a mut Vec<String>);
+        impl VisitorMut for Desugar<'_> {
+            fn stmt(&mut self, s: &mut Stmt) {
+                if let Stmt::Contract(c) = s {
+                    let acc = AccId(self.0.len() as u32);
+                    self.0.push(format!("contract{}", acc.0));
+                    *s = c.as_loops(acc);
+                } else {
+                    walk_stmt_mut(self, s);
                 }
             }
         }
-        walk(&mut k.grid.body, &mut k.accs);
+        walk_body_mut(&mut Desugar(&mut k.accs), &mut k.grid.body);
         std::borrow::Cow::Owned(k)
     }
 }

@@ -16,3 +16,4 @@ pub mod interp;
 pub mod ir;
 mod math;
 pub mod verify;
+pub mod visit;

@@ -44,6 +44,7 @@
 use thiserror::Error;
 
 use crate::ir::{Affine, Arg, ArgId, Cond, Dim, Expr, Extent, Kernel, Loop, Mode, Stmt, Term, VarId};
+use crate::visit::{walk_body, walk_stmt, Visitor};
 
 /// Every problem found in one kernel, one message each.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -72,29 +73,29 @@ pub fn verify(k: &Kernel) -> Result<(), VerifyError> {
 /// Invariant 9: the contraction variables `m`, `n`, `k` appear in the operands only as
 /// plain terms (`div == 1`), so every operand is a strided matrix.
 fn contract_errors(k: &Kernel) -> Vec<String> {
-    fn walk(k: &Kernel, body: &[Stmt], out: &mut Vec<String>) {
-        for s in body {
-            match s {
-                Stmt::Contract(c) => {
-                    let own = [c.m, c.n, c.k];
-                    for op in [&c.a, &c.b, &c.c] {
-                        if op.index.iter().flat_map(|a| &a.terms).any(|t| own.contains(&t.var) && t.div != 1) {
-                            out.push(format!(
-                                "in `{}`: a contraction variable is divided in an operand index",
-                                k.stmt_head(s)
-                            ));
-                        }
+    struct Check<'a> {
+        k: &'a Kernel,
+        out: Vec<String>,
+    }
+    impl<'k> Visitor<'k> for Check<'_> {
+        fn stmt(&mut self, s: &'k Stmt) {
+            if let Stmt::Contract(c) = s {
+                let own = [c.m, c.n, c.k];
+                for op in [&c.a, &c.b, &c.c] {
+                    if op.index.iter().flat_map(|a| &a.terms).any(|t| own.contains(&t.var) && t.div != 1) {
+                        self.out.push(format!(
+                            "in `{}`: a contraction variable is divided in an operand index",
+                            self.k.stmt_head(s)
+                        ));
                     }
                 }
-                Stmt::Loop(l) => walk(k, &l.body, out),
-                Stmt::If { then, .. } => walk(k, then, out),
-                Stmt::Set { .. } | Stmt::Store { .. } => {}
             }
+            walk_stmt(self, s);
         }
     }
-    let mut out = Vec::new();
-    walk(k, &k.grid.body, &mut out);
-    out
+    let mut check = Check { k, out: Vec::new() };
+    walk_body(&mut check, &k.grid.body);
+    check.out
 }
 
 fn verify_loops(k: &Kernel) -> Result<(), VerifyError> {
@@ -539,58 +540,22 @@ pub(crate) fn visit_accesses_in_loops<'a>(
     loops: &mut Vec<&'a Loop>,
     f: &mut impl FnMut(ArgId, &'a [Affine], bool, &[&'a Loop]),
 ) {
-    fn expr<'a>(e: &'a Expr, loops: &[&'a Loop], f: &mut impl FnMut(ArgId, &'a [Affine], bool, &[&'a Loop])) {
-        match e {
-            Expr::Const(_) | Expr::Acc(_) | Expr::Index(_) => {}
-            Expr::Load { arg, index } => f(*arg, index, false, loops),
-            Expr::Unary(_, a) => expr(a, loops, f),
-            Expr::Binary(_, a, b) => {
-                expr(a, loops, f);
-                expr(b, loops, f);
-            }
-            Expr::Select { cond: c, then, otherwise } => {
-                cond(c, loops, f);
-                expr(then, loops, f);
-                expr(otherwise, loops, f);
-            }
+    struct Accesses<'l, 'a, F> {
+        loops: &'l mut Vec<&'a Loop>,
+        f: &'l mut F,
+    }
+    impl<'a, F: FnMut(ArgId, &'a [Affine], bool, &[&'a Loop])> Visitor<'a> for Accesses<'_, 'a, F> {
+        fn access(&mut self, arg: ArgId, index: &'a [Affine], store: bool) {
+            (self.f)(arg, index, store, self.loops);
+        }
+        fn enter_loop(&mut self, l: &'a Loop) {
+            self.loops.push(l);
+        }
+        fn exit_loop(&mut self, _: &'a Loop) {
+            self.loops.pop();
         }
     }
-    fn cond<'a>(c: &'a Cond, loops: &[&'a Loop], f: &mut impl FnMut(ArgId, &'a [Affine], bool, &[&'a Loop])) {
-        match c {
-            Cond::InRange { .. } => {}
-            Cond::Cmp { a, b, .. } => {
-                expr(a, loops, f);
-                expr(b, loops, f);
-            }
-            Cond::And(cs) => cs.iter().for_each(|c| cond(c, loops, f)),
-        }
-    }
-    for s in body {
-        match s {
-            Stmt::Loop(l) => {
-                loops.push(l);
-                visit_accesses_in_loops(&l.body, loops, f);
-                loops.pop();
-            }
-            Stmt::Set { value, .. } => expr(value, loops, f),
-            Stmt::Store { arg, index, value, .. } => {
-                expr(value, loops, f);
-                f(*arg, index, true, loops);
-            }
-            Stmt::If { cond: c, then } => {
-                cond(c, loops, f);
-                visit_accesses_in_loops(then, loops, f);
-            }
-            Stmt::Contract(c) => {
-                f(c.a.arg, &c.a.index, false, loops);
-                f(c.b.arg, &c.b.index, false, loops);
-                if c.accumulate {
-                    f(c.c.arg, &c.c.index, false, loops);
-                }
-                f(c.c.arg, &c.c.index, true, loops);
-            }
-        }
-    }
+    walk_body(&mut Accesses { loops, f }, body);
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use std::cell::Cell;
 use pdgc_codegen::ir::{
     AccId, Affine, Arg, ArgId, Cond, Contract, Dim, Expr, Extent, Kernel, Loop, LoopKind, Mode, Operand, Stmt, VarId,
 };
+use pdgc_codegen::visit::{walk_stmt_mut, VisitorMut};
 
 use crate::error::{Error, Result};
 
@@ -175,83 +176,53 @@ fn rebind(body: Vec<Stmt>, old: VarId, new: VarId) -> Vec<Stmt> {
             }
             Stmt::If { cond, then } => Stmt::If { cond, then: rebind(then, old, new) },
             Stmt::Contract(mut c) => {
+                let binds = [c.m, c.n, c.k].contains(&old);
                 for v in [&mut c.m, &mut c.n, &mut c.k] {
                     if *v == old {
                         *v = new;
                     }
                 }
-                Stmt::Contract(rename_contract(c, old, new))
+                let mut s = Stmt::Contract(c);
+                if binds {
+                    // The contraction's own variable: its operands follow the new name.
+                    walk_stmt_mut(&mut Rename { old, new }, &mut s);
+                }
+                s
             }
             other => other,
         })
         .collect()
 }
 
-fn rename_contract(mut c: Contract, old: VarId, new: VarId) -> Contract {
-    for op in [&mut c.a, &mut c.b, &mut c.c] {
-        op.index = rename_index(std::mem::take(&mut op.index), old, new);
-    }
-    c
+/// Renames `old` to `new` in every affine index it reaches, except inside a loop or a
+/// contraction that binds `old` itself (that one keeps its own).
+struct Rename {
+    old: VarId,
+    new: VarId,
 }
 
-fn rename_affine(mut a: Affine, old: VarId, new: VarId) -> Affine {
-    for t in &mut a.terms {
-        if t.var == old {
-            t.var = new;
+impl VisitorMut for Rename {
+    fn stmt(&mut self, s: &mut Stmt) {
+        match s {
+            Stmt::Loop(l) if l.var == self.old => {}
+            Stmt::Contract(c) if [c.m, c.n, c.k].contains(&self.old) => {}
+            _ => walk_stmt_mut(self, s),
         }
     }
-    a
-}
 
-fn rename_index(ix: Vec<Affine>, old: VarId, new: VarId) -> Vec<Affine> {
-    ix.into_iter().map(|a| rename_affine(a, old, new)).collect()
-}
-
-fn rename_expr(e: Expr, old: VarId, new: VarId) -> Expr {
-    match e {
-        Expr::Load { arg, index } => Expr::Load { arg, index: rename_index(index, old, new) },
-        Expr::Index(a) => Expr::Index(rename_affine(a, old, new)),
-        Expr::Unary(op, a) => Expr::Unary(op, Box::new(rename_expr(*a, old, new))),
-        Expr::Binary(op, a, b) => {
-            Expr::Binary(op, Box::new(rename_expr(*a, old, new)), Box::new(rename_expr(*b, old, new)))
+    fn affine(&mut self, a: &mut Affine) {
+        for t in &mut a.terms {
+            if t.var == self.old {
+                t.var = self.new;
+            }
         }
-        Expr::Select { cond, then, otherwise } => Expr::Select {
-            cond: Box::new(rename_cond(*cond, old, new)),
-            then: Box::new(rename_expr(*then, old, new)),
-            otherwise: Box::new(rename_expr(*otherwise, old, new)),
-        },
-        other @ (Expr::Const(_) | Expr::Acc(_)) => other,
-    }
-}
-
-fn rename_cond(c: Cond, old: VarId, new: VarId) -> Cond {
-    match c {
-        Cond::InRange { index, lo, hi } => Cond::InRange { index: rename_affine(index, old, new), lo, hi },
-        Cond::Cmp { op, a, b } => Cond::Cmp { op, a: rename_expr(a, old, new), b: rename_expr(b, old, new) },
-        Cond::And(cs) => Cond::And(cs.into_iter().map(|c| rename_cond(c, old, new)).collect()),
     }
 }
 
 /// Renames `old` to `new` in a statement (a loop that rebinds `old` keeps its own).
-fn rename_stmt(s: Stmt, old: VarId, new: VarId) -> Stmt {
-    match s {
-        Stmt::Loop(mut l) => {
-            if l.var != old {
-                l.body = l.body.into_iter().map(|s| rename_stmt(s, old, new)).collect();
-            }
-            Stmt::Loop(l)
-        }
-        Stmt::Set { acc, value } => Stmt::Set { acc, value: rename_expr(value, old, new) },
-        Stmt::Store { arg, index, value, accumulate } => {
-            Stmt::Store { arg, index: rename_index(index, old, new), value: rename_expr(value, old, new), accumulate }
-        }
-        Stmt::If { cond, then } => Stmt::If {
-            cond: rename_cond(cond, old, new),
-            then: then.into_iter().map(|s| rename_stmt(s, old, new)).collect(),
-        },
-        Stmt::Contract(c) if [c.m, c.n, c.k].contains(&old) => Stmt::Contract(c),
-        Stmt::Contract(c) => Stmt::Contract(rename_contract(c, old, new)),
-    }
+fn rename_stmt(mut s: Stmt, old: VarId, new: VarId) -> Stmt {
+    Rename { old, new }.stmt(&mut s);
+    s
 }
 
 /// The index 0 (a size-1 dim, a fixed slot).

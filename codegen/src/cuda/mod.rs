@@ -38,6 +38,7 @@ use std::fmt::Write;
 
 use crate::ir::{AccId, Affine, Binary, CmpOp, Cond, Expr, Extent, Kernel, Loop, Mode, Stmt, Unary, VarId};
 use crate::verify::{grid_independent, independent_over, verify, visit_accesses, visit_accesses_in_loops, VerifyError};
+use crate::visit::{walk_body, walk_expr, walk_stmt, Visitor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
@@ -379,18 +380,23 @@ pub fn sunk_loops(k: &Kernel, body: &[Stmt]) -> Option<Sunk> {
 
 /// The registers `body` sets and the loop variables it binds, at any depth.
 fn collect_sets(body: &[Stmt], accs: &mut Vec<AccId>, loops: &mut Vec<VarId>) {
-    for s in body {
-        match s {
-            Stmt::Set { acc, .. } => accs.push(*acc),
-            Stmt::Loop(l) => {
-                loops.push(l.var);
-                collect_sets(&l.body, accs, loops);
+    struct Sets<'a> {
+        accs: &'a mut Vec<AccId>,
+        loops: &'a mut Vec<VarId>,
+    }
+    impl<'k> Visitor<'k> for Sets<'_> {
+        fn stmt(&mut self, s: &'k Stmt) {
+            if let Stmt::Set { acc, .. } = s {
+                self.accs.push(*acc);
             }
-            Stmt::If { then, .. } => collect_sets(then, accs, loops),
-            // Kernels are desugared before any analysis here (`render_module`).
-            Stmt::Store { .. } | Stmt::Contract(_) => {}
+            walk_stmt(self, s);
+        }
+        fn enter_loop(&mut self, l: &'k Loop) {
+            self.loops.push(l.var);
         }
     }
+    // Kernels are desugared before any analysis here (`render_module`).
+    walk_body(&mut Sets { accs, loops }, body);
 }
 
 /// Whether `body`, outside the loops over `vars`, reads one of `accs`.
@@ -407,22 +413,29 @@ fn reads_outside(body: &[Stmt], vars: &[VarId], accs: &[AccId]) -> bool {
 
 /// Whether `e` reads a register for which `p` holds.
 fn reads_acc(e: &Expr, p: &impl Fn(AccId) -> bool) -> bool {
-    match e {
-        Expr::Acc(a) => p(*a),
-        Expr::Const(_) | Expr::Load { .. } | Expr::Index(_) => false,
-        Expr::Unary(_, a) => reads_acc(a, p),
-        Expr::Binary(_, a, b) => reads_acc(a, p) || reads_acc(b, p),
-        Expr::Select { cond, then, otherwise } => {
-            cond_reads_acc(cond, p) || reads_acc(then, p) || reads_acc(otherwise, p)
-        }
-    }
+    let mut reads = ReadsAcc { p, hit: false };
+    reads.expr(e);
+    reads.hit
 }
 
 fn cond_reads_acc(c: &Cond, p: &impl Fn(AccId) -> bool) -> bool {
-    match c {
-        Cond::InRange { .. } => false,
-        Cond::Cmp { a, b, .. } => reads_acc(a, p) || reads_acc(b, p),
-        Cond::And(cs) => cs.iter().any(|c| cond_reads_acc(c, p)),
+    let mut reads = ReadsAcc { p, hit: false };
+    reads.cond(c);
+    reads.hit
+}
+
+/// Finds a read of a register for which `p` holds.
+struct ReadsAcc<'p, P> {
+    p: &'p P,
+    hit: bool,
+}
+
+impl<'k, P: Fn(AccId) -> bool> Visitor<'k> for ReadsAcc<'_, P> {
+    fn expr(&mut self, e: &'k Expr) {
+        if let Expr::Acc(a) = e {
+            self.hit |= (self.p)(*a);
+        }
+        walk_expr(self, e);
     }
 }
 
