@@ -244,6 +244,26 @@ impl Expr {
     pub fn num(x: f64) -> Expr {
         Expr::Num(x)
     }
+
+    /// This expression with every read replaced by `f(read)` and every variable (of
+    /// [`Expr::Var`] and of reductions) by `var(v)`: the one rewriting walk of the index
+    /// notation (renaming variables, adding the batch index, ...).
+    pub fn map(&self, f: &impl Fn(&Access) -> Access, var: &impl Fn(Var) -> Var) -> Expr {
+        let m = |e: &Expr| e.map(f, var);
+        match self {
+            Expr::Read(a) => Expr::Read(f(a)),
+            Expr::Num(x) => Expr::Num(*x),
+            Expr::Var(v) => Expr::Var(var(v)),
+            Expr::Mul(items) => Expr::Mul(items.iter().map(m).collect()),
+            Expr::Add(items) => Expr::Add(items.iter().map(m).collect()),
+            Expr::Apply(func, items) => Expr::Apply(*func, items.iter().map(m).collect()),
+            Expr::Sub(a, b) => Expr::sub(m(a), m(b)),
+            Expr::Div(a, b) => Expr::div(m(a), m(b)),
+            Expr::FirstMax(a, b) => Expr::FirstMax(Box::new(m(a)), Box::new(m(b))),
+            Expr::Select { a, op, b, then, otherwise } => Expr::select(m(a), *op, m(b), m(then), m(otherwise)),
+            Expr::Reduce(r, vars, body) => Expr::Reduce(*r, vars.iter().map(|v| var(v)).collect(), Box::new(m(body))),
+        }
+    }
 }
 
 /// `lhs = rhs` or, for a scatter (an affine left-hand side), `lhs += rhs`.

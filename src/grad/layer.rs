@@ -203,22 +203,8 @@ pub fn derivative(e: &Expr, target: usize) -> Option<Expr> {
 
 /// `e` with variables renamed by `map`.
 fn rename(e: &Expr, map: &HashMap<Var, Var>) -> Expr {
-    let r = |e: &Expr| rename(e, map);
-    match e {
-        Expr::Read(a) => Expr::Read(rename_access(a, map)),
-        Expr::Num(x) => Expr::Num(*x),
-        Expr::Var(v) => Expr::Var(map.get(v).copied().unwrap_or(v)),
-        Expr::Mul(items) => Expr::Mul(items.iter().map(r).collect()),
-        Expr::Add(items) => Expr::Add(items.iter().map(r).collect()),
-        Expr::Apply(f, items) => Expr::Apply(*f, items.iter().map(r).collect()),
-        Expr::Sub(a, b) => Expr::sub(r(a), r(b)),
-        Expr::Div(a, b) => Expr::div(r(a), r(b)),
-        Expr::FirstMax(a, b) => Expr::FirstMax(Box::new(r(a)), Box::new(r(b))),
-        Expr::Select { a, op, b, then, otherwise } => Expr::select(r(a), *op, r(b), r(then), r(otherwise)),
-        Expr::Reduce(red, vars, body) => {
-            Expr::Reduce(*red, vars.iter().map(|v| map.get(v).copied().unwrap_or(v)).collect(), Box::new(r(body)))
-        }
-    }
+    let var = |v: Var| map.get(v).copied().unwrap_or(v);
+    e.map(&|a: &Access| rename_access(a, map), &var)
 }
 
 fn rename_access(a: &Access, map: &HashMap<Var, Var>) -> Access {
@@ -233,20 +219,7 @@ fn rename_access(a: &Access, map: &HashMap<Var, Var>) -> Access {
 
 /// `e` with the batch index `n` put in front of every read of a per-example tensor.
 fn batched(e: &Expr, layer: &IndexLayer) -> Expr {
-    match e {
-        Expr::Read(a) => Expr::Read(batched_access(a, layer)),
-        Expr::Num(_) | Expr::Var(_) => e.clone(),
-        Expr::Mul(items) => Expr::Mul(items.iter().map(|x| batched(x, layer)).collect()),
-        Expr::Add(items) => Expr::Add(items.iter().map(|x| batched(x, layer)).collect()),
-        Expr::Apply(f, items) => Expr::Apply(*f, items.iter().map(|x| batched(x, layer)).collect()),
-        Expr::Sub(a, b) => Expr::sub(batched(a, layer), batched(b, layer)),
-        Expr::Div(a, b) => Expr::div(batched(a, layer), batched(b, layer)),
-        Expr::FirstMax(a, b) => Expr::FirstMax(Box::new(batched(a, layer)), Box::new(batched(b, layer))),
-        Expr::Select { a, op, b, then, otherwise } => {
-            Expr::select(batched(a, layer), *op, batched(b, layer), batched(then, layer), batched(otherwise, layer))
-        }
-        Expr::Reduce(r, vars, body) => Expr::Reduce(*r, vars.clone(), Box::new(batched(body, layer))),
-    }
+    e.map(&|a: &Access| batched_access(a, layer), &|v| v)
 }
 
 fn batched_access(a: &Access, layer: &IndexLayer) -> Access {
