@@ -32,7 +32,8 @@ pub struct VarId(pub u32);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AccId(pub u32);
 
-/// A buffer dimension: the run-time batch (leading dim only) or a constant.
+/// A size known at compile time, or the run-time batch: a buffer's dimension (the batch
+/// only as the leading one) or a loop's trip count ([`Extent`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dim {
     Batch,
@@ -54,12 +55,8 @@ pub struct Arg {
     pub mode: Mode,
 }
 
-/// A loop's trip count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Extent {
-    Batch,
-    Fixed(u32),
-}
+/// A loop's trip count: the same sizes as a buffer's [`Dim`].
+pub type Extent = Dim;
 
 /// A hint for backends; it never changes the meaning of the loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -370,8 +367,8 @@ impl Expr {
     }
 }
 
-impl Extent {
-    /// The trip count for a given batch size.
+impl Dim {
+    /// The size for a given batch size.
     pub fn resolve(self, batch: u64) -> u64 {
         match self {
             Extent::Batch => batch,
