@@ -9,7 +9,8 @@
 //!   non-private kernel, whose one grid iteration hands the whole product to a threaded
 //!   GEMM, and `unfold`'s, one GEMM per example split over the threads);
 //! - [`half_efficiency_flops`]: the `H` of [`DeviceProfile::gemm_efficiency`]'s ramp
-//!   `F / (F + H)`, fitted to a sweep of square contractions;
+//!   `F / (F + H)`, fitted to a sweep of square contractions ([`sweep_rates`], whose
+//!   largest ones also count for the peak);
 //! - [`bandwidth`]: bytes read and written per second by a scaled copy;
 //! - [`launch_latency`]: seconds per launch of a kernel that does nearly nothing;
 //! - [`window_efficiency`] and [`gram_efficiency`]: the `direct` conv kernel and the ghost
@@ -64,11 +65,11 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    /// The full calibration: about a minute on two cores.
+    /// The full calibration: under half a minute on two cores.
     pub fn full() -> Sizes {
         Sizes {
-            repeats: 7,
-            min_sample: 0.02,
+            repeats: 9,
+            min_sample: 0.05,
             peak: vec![(64, 576, 1024, 4), (128, 1152, 256, 4), (256, 2304, 64, 4)],
             sweep: vec![8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384],
             stream_bytes: 256 << 20,
@@ -83,7 +84,7 @@ impl Sizes {
             repeats: 3,
             min_sample: 0.001,
             peak: vec![(16, 72, 64, 2)],
-            sweep: vec![8, 16, 32],
+            sweep: vec![16, 32, 64],
             stream_bytes: 1 << 20,
             window: vec![(4, 4, 8, 2)],
             gram: vec![(4, 4, 4, 2)],
@@ -95,7 +96,8 @@ impl Sizes {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SweepPoint {
     pub flops: f64,
-    /// Measured FLOP/s over the peak (tile padding divided out).
+    /// Measured FLOP/s over the peak (tile padding divided out). The time is the whole
+    /// launch's, so a call's fixed costs are part of the ramp.
     pub efficiency: f64,
 }
 
@@ -121,10 +123,21 @@ pub fn calibrate(opts: &CalibrateOptions, progress: &mut dyn FnMut(&str)) -> Res
     let mut profile = DeviceProfile { name: opts.name.clone(), memory, ..DeviceProfile::cpu2() };
     profile.launch_latency = launch_latency(&mut bench, progress)?;
     profile.bandwidth = bandwidth(&mut bench, sizes.stream_bytes, progress)?;
-    profile.peak_flops = peak_flops(&mut bench, &sizes.peak, progress)?;
-    let sweep = efficiency_sweep(&mut bench, &sizes.sweep, &profile, progress)?;
-    profile.half_efficiency_flops = half_efficiency_flops(&sweep);
-    progress(&format!("half_efficiency_flops: fitted {:.3e} FLOPs", profile.half_efficiency_flops));
+    let peak = peak_flops(&mut bench, &sizes.peak, progress)?;
+    let rates = sweep_rates(&mut bench, &sizes.sweep, progress)?;
+    // The sweep's largest contractions are large contractions too: none may beat the peak.
+    profile.peak_flops = rates.iter().map(|&(_, r)| r).fold(peak, f64::max);
+    if profile.peak_flops > peak {
+        progress(&format!("peak_flops: {:.2} GFLOP/s, from the sweep", profile.peak_flops / 1e9));
+    }
+    let sweep = sweep_efficiencies(&rates, &profile);
+    profile.half_efficiency_flops = half_efficiency_flops(&sweep)?;
+    let shown: Vec<String> = sweep.iter().map(|p| format!("{:.1}%", 100.0 * p.efficiency)).collect();
+    progress(&format!(
+        "half_efficiency_flops: fitted {:.3e} FLOPs to the sweep's efficiencies {}",
+        profile.half_efficiency_flops,
+        shown.join(", ")
+    ));
     profile.window_efficiency = window_efficiency(&mut bench, &sizes.window, &profile, progress)?;
     profile.gram_efficiency = gram_efficiency(&mut bench, &sizes.gram, &profile, progress)?;
     Ok(Calibration { profile, sweep })
@@ -334,43 +347,58 @@ pub fn peak_flops(
     Ok(best)
 }
 
-/// The measured efficiency of square contractions of each edge in `edges` (one example,
-/// the non-private kernel), the tile padding of `dev` divided out as
-/// [`DeviceProfile::gemm_efficiency`] multiplies it in.
-pub fn efficiency_sweep(
-    bench: &mut Bencher,
-    edges: &[usize],
-    dev: &DeviceProfile,
-    progress: &mut dyn FnMut(&str),
-) -> Result<Vec<SweepPoint>> {
-    // gemm_efficiency's tile padding alone: without a ramp.
-    let no_ramp = DeviceProfile { half_efficiency_flops: 0.0, ..dev.clone() };
-    let mut points = Vec::with_capacity(edges.len());
+/// FLOP/s of square `s×s×s` contractions for each edge `s` in `edges` (one example, the
+/// non-private kernel, whole launches timed, so a call's fixed costs are part of them):
+/// `(s, FLOP/s)`.
+pub fn sweep_rates(bench: &mut Bencher, edges: &[usize], progress: &mut dyn FnMut(&str)) -> Result<Vec<(usize, f64)>> {
+    let mut rates = Vec::with_capacity(edges.len());
     for &s in edges {
         let rate = batch_grad_rate(bench, (s, s, s, 1))?;
-        let flops = (2 * s * s * s) as f64;
-        let efficiency = rate / (dev.peak_flops * no_ramp.gemm_efficiency(s as u64, s as u64, s as u64, flops));
-        progress(&format!(
-            "sweep {s}×{s}×{s} ({flops:.2e} FLOPs): {:.2} GFLOP/s, {:.1}% of peak",
-            rate / 1e9,
-            100.0 * efficiency
-        ));
-        points.push(SweepPoint { flops, efficiency });
+        progress(&format!("sweep {s}×{s}×{s} ({:.2e} FLOPs): {:.2} GFLOP/s", (2 * s * s * s) as f64, rate / 1e9));
+        rates.push((s, rate));
     }
-    Ok(points)
+    Ok(rates)
+}
+
+/// The sweep's efficiencies on `dev`'s peak, the tile padding divided out as
+/// [`DeviceProfile::gemm_efficiency`] multiplies it in.
+pub fn sweep_efficiencies(rates: &[(usize, f64)], dev: &DeviceProfile) -> Vec<SweepPoint> {
+    // gemm_efficiency's tile padding alone: without a ramp.
+    let no_ramp = DeviceProfile { half_efficiency_flops: 0.0, ..dev.clone() };
+    rates
+        .iter()
+        .map(|&(s, rate)| {
+            let (flops, e) = ((2 * s * s * s) as f64, s as u64);
+            SweepPoint { flops, efficiency: rate / (dev.peak_flops * no_ramp.gemm_efficiency(e, e, e, flops)) }
+        })
+        .collect()
 }
 
 /// The `H` of the ramp `F / (F + H)` that fits the sweep best in log space (the least
 /// squares of `ln e − ln(F / (F + H))`, efficiencies above 1 taken as 1), searched over
 /// 1 to 10¹⁴ FLOPs in steps of 10^0.01. `H` is where the fitted curve reaches half the peak.
-pub fn half_efficiency_flops(points: &[SweepPoint]) -> f64 {
+/// An error where no point has a positive finite efficiency.
+pub fn half_efficiency_flops(points: &[SweepPoint]) -> Result<f64> {
     let usable: Vec<(f64, f64)> = points
         .iter()
         .filter(|p| p.flops > 0.0 && p.efficiency > 0.0 && p.efficiency.is_finite())
         .map(|p| (p.flops, p.efficiency.min(1.0).ln()))
         .collect();
+    if usable.is_empty() {
+        return Err(Error::Device(
+            "no contraction of the sweep has a measured efficiency: half_efficiency_flops cannot be fitted".into(),
+        ));
+    }
+    if usable.is_empty() {
+        return Err(Error::Device(
+            "no contraction of the sweep has a measured efficiency: half_efficiency_flops cannot be fitted".into(),
+        ));
+    }
     let error = |h: f64| -> f64 { usable.iter().map(|(f, le)| (le - (f / (f + h)).ln()).powi(2)).sum() };
-    (0..=1400).map(|x| 10f64.powf(x as f64 / 100.0)).min_by(|a, b| error(*a).total_cmp(&error(*b))).unwrap_or(1.0)
+    (0..=1400)
+        .map(|x| 10f64.powf(x as f64 / 100.0))
+        .min_by(|a, b| error(*a).total_cmp(&error(*b)))
+        .ok_or_else(|| Error::Internal("the search grid is empty".into()))
 }
 
 fn conv3x3(cin: usize, cout: usize) -> Conv {
@@ -581,9 +609,11 @@ mod tests {
                 .iter()
                 .map(|&flops| SweepPoint { flops, efficiency: flops / (flops + h) })
                 .collect();
-            let fitted = half_efficiency_flops(&points);
+            let fitted = half_efficiency_flops(&points).expect("fits");
             assert!((fitted / h - 1.0).abs() < 0.025, "{fitted} for {h}");
         }
+        let unmeasured = [SweepPoint { flops: 1e3, efficiency: f64::NAN }];
+        assert!(matches!(half_efficiency_flops(&unmeasured), Err(Error::Device(_))));
     }
 
     #[test]
