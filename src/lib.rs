@@ -11,6 +11,7 @@
 
 pub mod activation;
 pub mod bench;
+pub mod calibrate;
 pub mod check;
 pub mod data;
 pub mod diag;

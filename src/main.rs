@@ -254,6 +254,19 @@ enum Command {
     },
     /// DP-SGD privacy accounting (PLD, or RDP as Opacus): ε spent by σ, or σ for a target ε.
     Privacy(PrivacyArgs),
+    /// Measure this machine with the CPU backend's kernels and write a device profile
+    /// (for `explain`/`compile --device FILE`).
+    Calibrate {
+        /// Where to write the profile JSON (default: profile-<host>.json here).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Worker threads, as a session uses them (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Small sizes, a few seconds: checks the machinery, the numbers mean little.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Train a model with DP-SGD (or without privacy, for a baseline) on Fashion-MNIST.
     Train(TrainArgs),
 }
@@ -482,7 +495,24 @@ fn main() -> ExitCode {
         }
         Command::Privacy(args) => run(|| privacy(&args)),
         Command::Train(args) => run(|| train(&args)),
+        Command::Calibrate { output, threads, quick } => run(|| calibrate(output, threads, quick)),
     }
+}
+
+fn calibrate(output: Option<PathBuf>, threads: Option<usize>, quick: bool) -> Result<(), String> {
+    use pdgc::calibrate as cal;
+    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let output = output.unwrap_or_else(cal::default_output);
+    let name = format!("{}-{threads}t{}", cal::host_name(), if quick { "-quick" } else { "" });
+    let opts = cal::CalibrateOptions { threads, quick, name };
+    cal::check_output_dir(&output).map_err(|e| e.to_string())?;
+    eprintln!("calibrating {} on {threads} thread(s){}", opts.name, if quick { " (quick sizes)" } else { "" });
+    let result = cal::calibrate(&opts, &mut |line| eprintln!("  {line}")).map_err(|e| e.to_string())?;
+    cal::write_profile(&result.profile, &output).map_err(|e| e.to_string())?;
+    print!("{}", cal::summary(&result.profile));
+    println!("wrote {}", output.display());
+    println!("use it: pdgc explain net.pdg --device {}", output.display());
+    Ok(())
 }
 
 fn train(args: &TrainArgs) -> Result<(), String> {
