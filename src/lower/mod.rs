@@ -50,12 +50,11 @@ pub enum Role {
     Label,
     Param(String),
     Activation(u32),
-    /// Saved by a norm's forward for its backward: `xhat` or `rstd`.
-    Saved(u32, String),
-    /// A conv's im2col columns for one use (`fwd`, `wgrad`, `bookkeep`, `naive`), or their
-    /// gradient (`dcols`): workspaces recomputed where needed, except that small convs keep
-    /// their `fwd` columns for every use.
-    Columns(u32, String),
+    /// Saved by a node's forward pass for its backward pass.
+    Saved(u32, Saved),
+    /// A conv's im2col columns for one use, or their gradient: workspaces recomputed where
+    /// needed, except that small convs keep their forward columns for every use.
+    Columns(u32, ColumnUse),
     ActivationGrad(u32),
     Loss,
     PerExampleGrad(String),
@@ -66,6 +65,45 @@ pub enum Role {
     ClipNorm,
     ClippedSum(String),
     Workspace(String),
+}
+
+/// What a node's forward pass saves for its backward pass.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Saved {
+    /// A norm's normalized input.
+    Xhat,
+    /// A norm's reciprocal standard deviations.
+    Rstd,
+    /// A temporary of a layer written in index notation, by its local name.
+    Temp(String),
+}
+
+/// Which use a conv's im2col columns serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ColumnUse {
+    /// The forward pass's (kept by small convs for every later use).
+    Forward,
+    /// The weight gradient (`unfold`, `ghost`, the batch gradient).
+    WeightGrad,
+    /// Book-keeping's clipped sum.
+    Bookkeep,
+    /// `naive`'s per-example launches.
+    Naive,
+    /// The gradient of the columns (the input gradient's GEMM).
+    Grad,
+}
+
+impl ColumnUse {
+    /// The short name in buffer names (`cols3_fwd`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnUse::Forward => "fwd",
+            ColumnUse::WeightGrad => "wgrad",
+            ColumnUse::Bookkeep => "bookkeep",
+            ColumnUse::Naive => "naive",
+            ColumnUse::Grad => "dcols",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -193,8 +231,8 @@ struct Lowering<'g> {
     by_name: HashMap<String, usize>,
     act: Vec<BufId>,
     grad: Vec<BufId>,
-    /// Saved by a norm's forward for its backward: `xhat` and `rstd`.
-    saved: HashMap<(u32, &'static str), BufId>,
+    /// Saved by a norm's forward for its backward: `Xhat` and `Rstd`.
+    saved: HashMap<(u32, Saved), BufId>,
     params: HashMap<String, BufId>,
     extra: HashMap<Role, BufId>,
     /// The largest batch the program runs (chunk groups smaller than it pay off).
@@ -335,38 +373,35 @@ impl<'g> Lowering<'g> {
             };
             self.grad.push(id);
             if let Some(geom) = norm_geom(n) {
-                let x =
-                    self.buffer(format!("xhat{}", n.id.0), true, n.shape.clone(), Role::Saved(n.id.0, "xhat".into()));
-                let r =
-                    self.buffer(format!("rstd{}", n.id.0), true, vec![geom.rows], Role::Saved(n.id.0, "rstd".into()));
-                self.saved.insert((n.id.0, "xhat"), x);
-                self.saved.insert((n.id.0, "rstd"), r);
+                let x = self.buffer(format!("xhat{}", n.id.0), true, n.shape.clone(), Role::Saved(n.id.0, Saved::Xhat));
+                let r = self.buffer(format!("rstd{}", n.id.0), true, vec![geom.rows], Role::Saved(n.id.0, Saved::Rstd));
+                self.saved.insert((n.id.0, Saved::Xhat), x);
+                self.saved.insert((n.id.0, Saved::Rstd), r);
             }
         }
         self.extra(Role::Loss, "loss", true, vec![]);
     }
 
-    /// The im2col columns of conv `node` for one use (`fwd`, `wgrad`, `bookkeep`, `naive`)
-    /// and the launches that compute them. A conv whose columns [`Self::keeps_columns`]
+    /// The im2col columns of conv `node` for one use and the launches that compute them. A conv whose columns [`Self::keeps_columns`]
     /// computes them once, in the forward pass, and every later use reads those (no
     /// launch). Any other conv recomputes them for each use into a workspace of its own,
     /// written just before its readers: columns are the largest buffers of a conv net (9x
     /// the output for a 3x3 kernel), and recomputing them costs one pass over the input.
     /// Such a workspace is a chunk workspace (see [`Self::column_chunk`]) except for
     /// `naive`'s, whose per-example launches read it outside any group.
-    fn columns(&mut self, node: NodeId, use_: &str) -> Result<(Vec<Launch>, BufId)> {
+    fn columns(&mut self, node: NodeId, use_: ColumnUse) -> Result<(Vec<Launch>, BufId)> {
         let g = self.graph;
         let n = g.node(node);
         let Op::Conv(c) = &n.op else {
             return Err(crate::Error::Internal(format!("im2col columns of the non-conv node {}", n.id.0)));
         };
-        if use_ != "fwd" && self.kept.contains(&node) {
-            if let Some(cols) = self.extra.get(&Role::Columns(node.0, "fwd".into())) {
+        if use_ != ColumnUse::Forward && self.kept.contains(&node) {
+            if let Some(cols) = self.extra.get(&Role::Columns(node.0, ColumnUse::Forward)) {
                 return Ok((Vec::new(), *cols));
             }
         }
-        let chunk = if use_ == "naive" { None } else { self.column_chunk(node) };
-        let cols = self.column_buffer(node, use_, &format!("cols{}_{use_}", node.0), chunk);
+        let chunk = if use_ == ColumnUse::Naive { None } else { self.column_chunk(node) };
+        let cols = self.column_buffer(node, use_, &format!("cols{}_{}", node.0, use_.name()), chunk);
         let input = n.inputs[0];
         let k = param_grads::im2col(&format!("{}_im2col", self.tag(node)), c, &g.node(input).shape, &n.shape)?;
         Ok((vec![self.launch(k, vec![self.act[input.index()], cols])], cols))
@@ -392,16 +427,16 @@ impl<'g> Lowering<'g> {
     /// The gradient of conv `node`'s columns, a backward chunk workspace.
     fn column_grad(&mut self, node: NodeId) -> BufId {
         let chunk = self.column_chunk(node);
-        self.column_buffer(node, "dcols", &format!("dcols{}", node.0), chunk)
+        self.column_buffer(node, ColumnUse::Grad, &format!("dcols{}", node.0), chunk)
     }
 
     /// The workspace `Role::Columns(node, use_)` (declared on first use), one chunk of
     /// `chunk` examples or the batch.
-    fn column_buffer(&mut self, node: NodeId, use_: &str, name: &str, chunk: Option<u32>) -> BufId {
+    fn column_buffer(&mut self, node: NodeId, use_: ColumnUse, name: &str, chunk: Option<u32>) -> BufId {
         let n = self.graph.node(node);
         let Op::Conv(c) = &n.op else { unreachable!("columns are asked for convs only") };
         let cg = ConvGemm::of(c, &n.shape);
-        let id = self.extra(Role::Columns(node.0, use_.into()), name, true, vec![cg.groups, cg.d, cg.positions]);
+        let id = self.extra(Role::Columns(node.0, use_), name, true, vec![cg.groups, cg.d, cg.positions]);
         self.buffers[id.0 as usize].chunk = chunk;
         id
     }
@@ -473,7 +508,7 @@ impl<'g> Lowering<'g> {
                     continue;
                 }
                 Op::Conv(c) => {
-                    let (im2col, cols) = self.columns(n.id, "fwd")?;
+                    let (im2col, cols) = self.columns(n.id, ColumnUse::Forward)?;
                     let k = kernels::conv_forward_cols(&format!("{tag}_fwd"), &ConvGemm::of(c, &n.shape))?;
                     let mut args = vec![cols, self.param(n.id, "weight").expect("weight")];
                     args.extend(self.param(n.id, "bias"));
@@ -519,7 +554,7 @@ impl<'g> Lowering<'g> {
                         args.push(self.param(n.id, "weight").expect("gamma"));
                         args.push(self.param(n.id, "bias").expect("beta"));
                     }
-                    args.extend([y, self.saved[&(n.id.0, "xhat")], self.saved[&(n.id.0, "rstd")]]);
+                    args.extend([y, self.saved[&(n.id.0, Saved::Xhat)], self.saved[&(n.id.0, Saved::Rstd)]]);
                     self.launch(k, args)
                 }
             };
@@ -619,7 +654,7 @@ impl<'g> Lowering<'g> {
                     Op::GroupNorm(_) | Op::InstanceNorm(_) | Op::LayerNorm(_) => {
                         let geom = norm_geom(n).expect("norm op");
                         let k = kernels::norm_backward_input(&tag, &geom, first)?;
-                        let mut args = vec![dy, self.saved[&(n.id.0, "xhat")], self.saved[&(n.id.0, "rstd")]];
+                        let mut args = vec![dy, self.saved[&(n.id.0, Saved::Xhat)], self.saved[&(n.id.0, Saved::Rstd)]];
                         if geom.affine {
                             args.push(self.param(n.id, "weight").expect("gamma"));
                         }
@@ -677,7 +712,7 @@ impl<'g> Lowering<'g> {
             return self.index_param_grads(node, &tag, &targets, Batching::Summed, LaunchMode::Grid);
         }
         let (x, dy, _) = self.conv_io(node);
-        self.batch_grad_launch(node, &tag, x, dy, targets, LaunchMode::Grid, "wgrad")
+        self.batch_grad_launch(node, &tag, x, dy, targets, LaunchMode::Grid, ColumnUse::WeightGrad)
     }
 
     /// The batch-gradient kernels of one layer, writing into `targets` (weight, bias). A
@@ -691,7 +726,7 @@ impl<'g> Lowering<'g> {
         dy: BufId,
         targets: Vec<BufId>,
         mode: LaunchMode,
-        use_: &str,
+        use_: ColumnUse,
     ) -> Result<Vec<Launch>> {
         let n = self.graph.node(node);
         let k = match &n.op {
@@ -730,7 +765,7 @@ impl<'g> Lowering<'g> {
             _ => {
                 let geom = norm_geom(n).expect("a norm with parameters");
                 let k = param_grads::norm_batch_grad(&format!("{tag}_batch_grad"), &geom)?;
-                let args = vec![dy, self.saved[&(node.0, "xhat")]].into_iter().chain(targets).collect();
+                let args = vec![dy, self.saved[&(node.0, Saved::Xhat)]].into_iter().chain(targets).collect();
                 return Ok(vec![Launch { kernel: self.kernel(k), args, mode }]);
             }
         };
@@ -820,7 +855,7 @@ impl<'g> Lowering<'g> {
                 );
                 let k = param_grads::scale_rows(&format!("{tag}_bookkeep_scale"), numel(&shape) as usize)?;
                 out.push(self.launch(k, vec![dy, clip, dyc]));
-                out.extend(self.batch_grad_launch(n.id, &tag, x, dyc, sums, LaunchMode::Grid, "bookkeep")?);
+                out.extend(self.batch_grad_launch(n.id, &tag, x, dyc, sums, LaunchMode::Grid, ColumnUse::Bookkeep)?);
             } else {
                 for (p, sum) in g.params_of(n.id).zip(sums) {
                     let pe = self.extra[&Role::PerExampleGrad(p.name.clone())];
@@ -877,7 +912,8 @@ impl<'g> Lowering<'g> {
         };
         Ok(match (&n.op, strategy) {
             (_, Strategy::Naive) => {
-                let mut v = self.batch_grad_launch(node, tag, x, dy, pe.to_vec(), LaunchMode::PerExample, "naive")?;
+                let mut v =
+                    self.batch_grad_launch(node, tag, x, dy, pe.to_vec(), LaunchMode::PerExample, ColumnUse::Naive)?;
                 v.extend(sqnorms(self, &param_slots, pe)?);
                 v
             }
@@ -913,7 +949,7 @@ impl<'g> Lowering<'g> {
             }
             (Op::Conv(c), Strategy::Unfold | Strategy::Ghost) => {
                 let positions = (numel(&n.shape) / c.out_channels as u64) as usize;
-                let (im2col, u) = self.columns(node, "wgrad")?;
+                let (im2col, u) = self.columns(node, ColumnUse::WeightGrad)?;
                 let bias_out = Outputs {
                     store: out.store && strategy == Strategy::Unfold,
                     norm: out.norm.map(|(s, t)| (s + 1, t)),
@@ -956,7 +992,7 @@ impl<'g> Lowering<'g> {
                 // Norm layers: direct.
                 let geom = norm_geom(n).expect("a norm with parameters");
                 let k = param_grads::norm_per_example(tag, &geom, out)?;
-                vec![self.launch(k, with_sq([vec![dy, self.saved[&(node.0, "xhat")]], pe.to_vec()].concat()))]
+                vec![self.launch(k, with_sq([vec![dy, self.saved[&(node.0, Saved::Xhat)]], pe.to_vec()].concat()))]
             }
         })
     }
@@ -997,7 +1033,7 @@ impl Lowering<'_> {
             (LocalKind::Temp, false) if output => self.act[node.index()],
             (LocalKind::Temp, true) if output => self.grad[node.index()],
             (LocalKind::Temp, false) => {
-                let (role, shape) = (Role::Saved(node.0, t.name.clone()), t.shape.clone());
+                let (role, shape) = (Role::Saved(node.0, Saved::Temp(t.name.clone())), t.shape.clone());
                 self.extra(role, &format!("n{}_{}", node.0, t.name), true, shape)
             }
             (LocalKind::Temp, true) => {
