@@ -182,6 +182,7 @@ fn layers_written_in_index_notation_match_the_reference() {
         "samples/gated_bilinear.pdg",
         "tests/data/models/index_depthwise.pdg",
         "tests/data/models/index_gated_mlp.pdg",
+        "tests/data/models/index_paramfree.pdg",
     ] {
         check_model(rel, 3, Device::Cpu, false);
         check_model(rel, 2, Device::Interpreter, true);

@@ -382,7 +382,8 @@ impl<'g> Lowering<'g> {
         self.extra(Role::Loss, "loss", true, vec![]);
     }
 
-    /// The im2col columns of conv `node` for one use and the launches that compute them. A conv whose columns [`Self::keeps_columns`]
+    /// The im2col columns of conv `node` for one use and the launches that compute them.
+    /// A conv whose columns [`Self::kept_columns`] lists
     /// computes them once, in the forward pass, and every later use reads those (no
     /// launch). Any other conv recomputes them for each use into a workspace of its own,
     /// written just before its readers: columns are the largest buffers of a conv net (9x
@@ -584,8 +585,9 @@ impl<'g> Lowering<'g> {
         let mut written: Vec<BufId> = vec![self.grad[g.loss.input().index()]];
         let mut out = Vec::new();
         for n in g.nodes.iter().rev() {
-            if let Op::Index(_) = &n.op {
-                // A layer's temporaries' gradients come first: its parameter gradients read them.
+            if let (Op::Index(_), true) = (&n.op, needs[n.id.index()]) {
+                // A layer's temporaries' gradients come first: its parameter gradients read
+                // them. (A node that needs no gradient has no output gradient to start from.)
                 out.extend(self.index_grads(n.id, None, true)?);
             }
             if n.layer.is_some() {
