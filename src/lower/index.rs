@@ -294,7 +294,8 @@ pub fn equation_kernel(
 }
 
 /// A gather that is a matrix product, as one contraction node over the whole batch (so the
-/// CPU backend runs it on its tuned GEMM): a single term, the product of two reads by plain
+/// CPU backend runs it on its tuned GEMM), after the equation's other terms where it has
+/// some (a bias, per example only): a term that is the product of two reads by plain
 /// variables that never leave their tensors, with one variable on each side of the product
 /// and one summed, the batch index `n` being a product dimension (per example: the rows of
 /// `C[n, q] = Σ_k A[n, k]·B[k, q]`) or the summed one (a batch-summed parameter gradient
@@ -307,7 +308,16 @@ fn matrix_product(
     overwrite: bool,
 ) -> Result<Option<Vec<Stmt>>> {
     let ts = terms(&eq.rhs);
-    let [(sum, body)] = &ts[..] else { return Ok(None) };
+    // The product term, and the others (a bias), which are added first when there are any.
+    let is_product = |(sum, body): &(Vec<Var>, &Expr)| sum.len() <= 1 && matches!(body, Expr::Mul(f) if f.len() == 2);
+    let Some(at) = ts.iter().position(is_product) else { return Ok(None) };
+    let (sum, body) = &ts[at];
+    let rest: Vec<&Expr> = ts.iter().enumerate().filter(|(i, _)| *i != at).map(|(_, (_, e))| *e).collect();
+    if !rest.is_empty()
+        && (batching != Batching::PerExample || ts.iter().enumerate().any(|(i, t)| i != at && !t.0.is_empty()))
+    {
+        return Ok(None);
+    }
     let Expr::Mul(factors) = body else { return Ok(None) };
     let [Expr::Read(x), Expr::Read(y)] = &factors[..] else { return Ok(None) };
     let plain_vars = |a: &Access| -> Option<Vec<Var>> {
@@ -366,9 +376,19 @@ fn matrix_product(
             })
             .collect()
     };
-    Ok(Some(vec![contract(&mut b.kb, extents, (arg_a, arg_b, out), !overwrite, |m, nn, kk| {
+    let mut body = Vec::new();
+    if !rest.is_empty() {
+        // C = the other terms, then C += the product.
+        let (pre, value) = b.value(&Expr::Add(rest.into_iter().cloned().collect()))?;
+        let index = b.index(&eq.lhs);
+        let fill = b.nest(&["n", cols], [pre, vec![put(out, index, value, overwrite)]].concat())?;
+        body.extend(fill);
+    }
+    let accumulate = !overwrite || !body.is_empty();
+    body.push(contract(&mut b.kb, extents, (arg_a, arg_b, out), accumulate, |m, nn, kk| {
         (at(&ai, m, nn, kk), at(&bi, m, nn, kk), at(&ci, m, nn, kk))
-    })]))
+    }));
+    Ok(Some(body))
 }
 
 /// Zeroes a per-example buffer of `size` elements per example (before a scatter).
