@@ -38,6 +38,15 @@ pub fn grad_name(layer: &IndexLayer, t: &str) -> String {
     g
 }
 
+/// The local tensor a derived equation's tensor name stands for, and whether the name is
+/// its gradient (`dx` for `x`, see [`grad_name`]).
+pub fn resolve<'l>(layer: &'l IndexLayer, name: &str) -> Option<(&'l crate::index_layer::LocalTensor, bool)> {
+    match layer.tensor(name) {
+        Some(t) => Some((t, false)),
+        None => layer.tensors.iter().find(|t| grad_name(layer, &t.name) == name).map(|t| (t, true)),
+    }
+}
+
 /// The reads of `e` in pre-order, the order [`derivative`] numbers them.
 pub fn reads(e: &Expr) -> Vec<&Access> {
     let mut out = Vec::new();

@@ -28,10 +28,7 @@ pub const CLIP: &str = "clip'";
 /// own, or the gradient of one (per example, unpadded).
 pub fn tensor_info(layer: &crate::index_layer::IndexLayer, t: &str) -> Option<TensorInfo> {
     use crate::index_layer::LocalKind;
-    let (local, grad) = match layer.tensor(t) {
-        Some(l) => (l, false),
-        None => (layer.tensors.iter().find(|l| crate::grad::layer::grad_name(layer, &l.name) == t)?, true),
-    };
+    let (local, grad) = crate::grad::layer::resolve(layer, t)?;
     Some(TensorInfo {
         shape: local.shape.clone(),
         batched: grad || local.kind != LocalKind::Param,
@@ -90,7 +87,31 @@ struct Builder<'a> {
     args: HashMap<String, (ir::ArgId, TensorInfo)>,
 }
 
-impl Builder<'_> {
+impl<'a> Builder<'a> {
+    /// A builder for kernel `name` whose input arguments are the distinct tensors `exprs`
+    /// read, in order of first read; returns it with their names.
+    fn reading(
+        name: &str,
+        ranges: &'a [(Var, usize)],
+        exprs: &[&Expr],
+        info: &dyn Fn(&str) -> Option<TensorInfo>,
+    ) -> Result<(Builder<'a>, Vec<String>)> {
+        let mut b = Builder { kb: KernelBuilder::new(name), vars: HashMap::new(), ranges, args: HashMap::new() };
+        let mut tensors: Vec<String> = Vec::new();
+        for a in exprs.iter().flat_map(|e| crate::grad::layer::reads(e)) {
+            if !tensors.contains(&a.tensor) {
+                tensors.push(a.tensor.clone());
+            }
+        }
+        for t in &tensors {
+            let i = info(t).ok_or_else(|| unbound(t))?;
+            let dims = if i.batched { batched(&i.shape) } else { fixed(&i.shape) };
+            let arg = b.kb.input(t, dims);
+            b.args.insert(t.clone(), (arg, i));
+        }
+        Ok((b, tensors))
+    }
+
     fn var(&mut self, v: Var) -> VarId {
         if let Some(id) = self.vars.get(v) {
             return *id;
@@ -209,19 +230,7 @@ pub fn equation_kernel(
     first: bool,
     batching: Batching,
 ) -> Result<(Kernel, Vec<String>)> {
-    let mut b = Builder { kb: KernelBuilder::new(name), vars: HashMap::new(), ranges, args: HashMap::new() };
-    let mut tensors: Vec<String> = Vec::new();
-    for a in crate::grad::layer::reads(&eq.rhs) {
-        if !tensors.contains(&a.tensor) {
-            tensors.push(a.tensor.clone());
-        }
-    }
-    for t in &tensors {
-        let i = info(t).ok_or_else(|| unbound(t))?;
-        let dims = if i.batched { batched(&i.shape) } else { fixed(&i.shape) };
-        let arg = b.kb.input(t, dims);
-        b.args.insert(t.clone(), (arg, i));
-    }
+    let (mut b, mut tensors) = Builder::reading(name, ranges, &[&eq.rhs], info)?;
     let target = info(&eq.lhs.tensor).ok_or_else(|| unbound(&eq.lhs.tensor))?;
     let overwrite = first && !eq.accumulate;
     let lhs_dims = if batching == Batching::Summed { fixed(&target.shape) } else { batched(&target.shape) };
@@ -430,21 +439,7 @@ pub fn ghost_kernel(
         prime.insert(t, p);
     }
     let (left2, right2) = (renamed(&form.left, &prime), renamed(&form.right, &prime));
-    let mut b = Builder { kb: KernelBuilder::new(name), vars: HashMap::new(), ranges: &ranges, args: HashMap::new() };
-    let mut tensors: Vec<String> = Vec::new();
-    for e in [&form.left, &form.right] {
-        for a in crate::grad::layer::reads(e) {
-            if !tensors.contains(&a.tensor) {
-                tensors.push(a.tensor.clone());
-            }
-        }
-    }
-    for t in &tensors {
-        let i = info(t).ok_or_else(|| unbound(t))?;
-        let dims = if i.batched { batched(&i.shape) } else { fixed(&i.shape) };
-        let arg = b.kb.input(t, dims);
-        b.args.insert(t.clone(), (arg, i));
-    }
+    let (mut b, tensors) = Builder::reading(name, &ranges, &[&form.left, &form.right], info)?;
     let sq = b.kb.output("sqnorm", batched(&[slots]));
     let n = b.var("n");
     let [total, ga, gb] = [b.kb.acc("total"), b.kb.acc("gram_a"), b.kb.acc("gram_b")];

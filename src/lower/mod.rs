@@ -504,7 +504,15 @@ impl<'g> Lowering<'g> {
                     let eqs = self.grads.step(n.id).map(|s| s.forward.clone()).unwrap_or_default();
                     for (i, eq) in eqs.iter().enumerate() {
                         let name = format!("{tag}_fwd{i}");
-                        out.extend(self.index_launch(n.id, &name, eq, true, Batching::PerExample, &HashMap::new())?);
+                        out.extend(self.index_launch(
+                            n.id,
+                            &name,
+                            eq,
+                            true,
+                            Batching::PerExample,
+                            LaunchMode::Grid,
+                            &HashMap::new(),
+                        )?);
                     }
                     continue;
                 }
@@ -1017,13 +1025,8 @@ impl Lowering<'_> {
         }
         let layer = self.index_layer(node)?;
         let n = self.graph.node(node);
-        let (t, grad) = match layer.tensor(name) {
-            Some(t) => (t, false),
-            None => match layer.tensors.iter().find(|t| layer_grad::grad_name(layer, &t.name) == name) {
-                Some(t) => (t, true),
-                None => return Err(crate::Error::Internal(format!("`{name}` is not a tensor of node {}", node.0))),
-            },
-        };
+        let (t, grad) = layer_grad::resolve(layer, name)
+            .ok_or_else(|| crate::Error::Internal(format!("`{name}` is not a tensor of node {}", node.0)))?;
         let output = t.name == layer.output().lhs;
         Ok(match (t.kind, grad) {
             (LocalKind::Input(slot), false) => self.act[n.inputs[slot].index()],
@@ -1047,20 +1050,8 @@ impl Lowering<'_> {
 
     /// The launches of one derived equation of `node`'s layer: its kernel, after a kernel
     /// zeroing the target where the equation is a scatter and the target's first writer.
-    fn index_launch(
-        &mut self,
-        node: NodeId,
-        name: &str,
-        eq: &crate::grad::Equation,
-        first: bool,
-        batching: Batching,
-        param_targets: &HashMap<String, BufId>,
-    ) -> Result<Vec<Launch>> {
-        self.index_launch_mode(node, name, eq, first, batching, LaunchMode::Grid, param_targets)
-    }
-
     #[allow(clippy::too_many_arguments)]
-    fn index_launch_mode(
+    fn index_launch(
         &mut self,
         node: NodeId,
         name: &str,
@@ -1117,7 +1108,15 @@ impl Lowering<'_> {
             written.push(eq.lhs.tensor.clone());
             let overwrites = is_first && !eq.accumulate;
             let name = format!("{tag}_bwd_{}{i}{}", eq.lhs.tensor, if overwrites { "_first" } else { "" });
-            out.extend(self.index_launch(node, &name, eq, is_first, Batching::PerExample, &HashMap::new())?);
+            out.extend(self.index_launch(
+                node,
+                &name,
+                eq,
+                is_first,
+                Batching::PerExample,
+                LaunchMode::Grid,
+                &HashMap::new(),
+            )?);
         }
         Ok(out)
     }
@@ -1153,7 +1152,7 @@ impl Lowering<'_> {
         for pg in &pgs {
             let local = pg.param.rsplit('.').next().unwrap_or_default().to_string();
             let name = format!("{tag}_{local}_{suffix}");
-            out.extend(self.index_launch_mode(node, &name, &pg.eq, true, batching, mode, &map)?);
+            out.extend(self.index_launch(node, &name, &pg.eq, true, batching, mode, &map)?);
         }
         Ok(out)
     }
