@@ -13,9 +13,10 @@
 //!   largest ones also count for the peak);
 //! - [`bandwidth`]: bytes read and written per second by a scaled copy;
 //! - [`launch_latency`]: seconds per launch of a kernel that does nearly nothing;
-//! - [`window_efficiency`] and [`gram_efficiency`]: the `direct` conv kernel and the ghost
-//!   conv kernel timed against what the cost model would predict for a GEMM of the same
-//!   shape on the measured peak, i.e. the factors the cost model multiplies in;
+//! - [`window_efficiency`] and [`gram_efficiency`]: the `direct` conv kernel (unit-stride
+//!   loop nests) and the ghost conv kernel (strided reductions) timed as a fraction of the
+//!   measured peak, their operations counted as the cost model counts them
+//!   ([`pdgc_codegen::work`]), i.e. the factors the cost model gives loop nests;
 //! - [`total_memory`]: `MemTotal` of `/proc/meminfo`; the tile edge is `cpu2`'s.
 //!
 //! Each timing is the median of several samples, each sample long enough (repeated
@@ -420,10 +421,6 @@ struct Versus {
     label: String,
     kernel: Result<Kernel>,
     batch: usize,
-    /// The FLOPs the cost model counts for it.
-    flops: f64,
-    /// The `(m, n, k)` the cost model hands [`DeviceProfile::gemm_efficiency`].
-    gemm: (usize, usize, usize),
 }
 
 /// A 3×3 convolution with padding 1 of the window and Gram measurements.
@@ -433,14 +430,12 @@ struct ConvShape {
     cout: usize,
     hw: usize,
     batch: usize,
-    /// `9·Cin`, one output channel's fan-in.
-    d: usize,
     /// `hw²` output positions.
     t: usize,
 }
 
-/// The median over `shapes` of each kernel `versus` gives's FLOP/s over `peak ·
-/// gemm_efficiency(m, n, k, flops)` on `dev`.
+/// The median over `shapes` of each kernel `versus` gives's FLOP/s over `dev`'s peak, its
+/// operations counted as the cost model counts them ([`pdgc_codegen::work::work`]).
 fn median_ratio(
     bench: &mut Bencher,
     what: &str,
@@ -451,13 +446,14 @@ fn median_ratio(
 ) -> Result<f64> {
     let mut ratios = Vec::with_capacity(shapes.len());
     for &(cin, cout, hw, batch) in shapes {
-        let run = versus(ConvShape { cin, cout, hw, batch, d: 9 * cin, t: hw * hw });
-        let mut p = bench.prepare(run.kernel, run.batch)?;
-        let rate = run.flops / bench.seconds(&mut p)?;
-        let (m, n, k) = run.gemm;
-        let model = dev.peak_flops * dev.gemm_efficiency(m as u64, n as u64, k as u64, run.flops);
+        let run = versus(ConvShape { cin, cout, hw, batch, t: hw * hw });
+        let kernel = run.kernel?;
+        let flops = pdgc_codegen::work::work(&kernel, run.batch as u64).flops() as f64;
+        let mut p = bench.prepare(Ok(kernel), run.batch)?;
+        let rate = flops / bench.seconds(&mut p)?;
+        let model = dev.peak_flops;
         progress(&format!(
-            "{what}: {}, {} examples: {:.2} GFLOP/s, {:.4} of a GEMM's",
+            "{what}: {}, {} examples: {:.2} GFLOP/s, {:.4} of the peak",
             run.label,
             run.batch,
             rate / 1e9,
@@ -468,9 +464,8 @@ fn median_ratio(
     Ok(median(ratios))
 }
 
-/// `direct`'s FLOP/s over what [`DeviceProfile::gemm_efficiency`] predicts for the same
-/// contraction (`m = Cout`, `n = d`, `k = T`, the batch's FLOPs) on `dev`: the factor the
-/// cost model gives `direct` and `crb` as `window_efficiency`. The median over `shapes`.
+/// `direct`'s FLOP/s over `dev`'s peak: the factor the cost model gives the operations of
+/// unit-stride loop nests as `window_efficiency`. The median over `shapes`.
 pub fn window_efficiency(
     bench: &mut Bencher,
     shapes: &[(usize, usize, usize, usize)],
@@ -487,15 +482,12 @@ pub fn window_efficiency(
             Outputs { store: true, norm: None },
         ),
         batch: s.batch,
-        flops: (2 * s.batch * s.t * s.cout * s.d) as f64,
-        gemm: (s.cout, s.d, s.t),
     })
 }
 
-/// Ghost norm's FLOP/s over what [`DeviceProfile::gemm_efficiency`] predicts for its Gram
-/// products (`m = n = T`, `k = max(d, Cout)`, the batch's Gram FLOPs `2BT²(Cout + d) +
-/// 2BT²`) on `dev`: the factor the cost model gives ghost as `gram_efficiency`. The median
-/// over `shapes`.
+/// Ghost norm's FLOP/s (its Gram products read the columns with a stride of T) over
+/// `dev`'s peak: the factor the cost model gives the operations of strided loop nests as
+/// `gram_efficiency`. The median over `shapes`.
 pub fn gram_efficiency(
     bench: &mut Bencher,
     shapes: &[(usize, usize, usize, usize)],
@@ -506,8 +498,6 @@ pub fn gram_efficiency(
         label: format!("ghost conv 3×3 {}→{} on {}×{} (T = {})", s.cin, s.cout, s.hw, s.hw, s.t),
         kernel: ghost_conv("calibrate_ghost", &conv3x3(s.cin, s.cout), s.t, 0, 1),
         batch: s.batch,
-        flops: (2 * s.batch * s.t * s.t * (s.cout + s.d) + 2 * s.batch * s.t * s.t) as f64,
-        gemm: (s.t, s.t, s.d.max(s.cout)),
     })
 }
 

@@ -19,7 +19,7 @@ use crate::index_layer::IndexLayer;
 use crate::ops::Strategy;
 
 /// Index of a node in [`Graph::nodes`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
 pub struct NodeId(pub u32);
 
 impl NodeId {

@@ -1026,6 +1026,7 @@ fn plan_options(args: &PlanArgs, graph: &pdgc::Graph) -> Result<PlanOptions, Str
         device,
         memory_budget: args.memory_budget,
         overrides: args.strategy.clone(),
+        chunk_bytes: pdgc::lower::CHUNK_BYTES,
     })
 }
 
@@ -1053,7 +1054,8 @@ fn explain(
         _ => {}
     }
     let opts = plan_options(args, &graph)?;
-    let plan = plan::plan(&graph, &opts);
+    let grads = pdgc::grad::differentiate(&graph);
+    let plan = plan::plan(&graph, &grads, &opts).map_err(|e| e.to_string())?;
     if let Some(svg) = plot {
         std::fs::write(svg, pdgc::explain::render_svg(&plan))
             .map_err(|e| format!("cannot write {}: {e}", svg.display()))?;

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::graph::Graph;
-use crate::lower::{lower, Plans, Program};
+use crate::lower::{lower, Program, Schedule};
 use crate::ops::Strategy;
 use crate::plan::{plan, DeviceProfile, Goal, Plan, PlanOptions};
 use crate::runtime::{Device, Session};
@@ -69,6 +69,7 @@ impl CompileOptions {
             device: self.device.clone(),
             memory_budget: self.memory_budget,
             overrides: self.overrides.clone(),
+            chunk_bytes: self.chunk_bytes,
         }
     }
 }
@@ -116,15 +117,18 @@ impl Module {
         };
         let grads = crate::grad::differentiate(&graph);
         let plans = [
-            plan(&graph, &options.plan_options(Goal::Grads)),
-            plan(&graph, &options.plan_options(Goal::Norms)),
-            plan(&graph, &options.plan_options(Goal::ClippedSum)),
+            plan(&graph, &grads, &options.plan_options(Goal::Grads))?,
+            plan(&graph, &grads, &options.plan_options(Goal::Norms))?,
+            plan(&graph, &grads, &options.plan_options(Goal::ClippedSum))?,
         ];
-        let program = lower(
-            &graph,
-            &grads,
-            &Plans { grads: &plans[0], norms: &plans[1], clipped_sum: &plans[2], chunk_bytes: options.chunk_bytes },
-        )?;
+        let schedule = Schedule {
+            batch: options.batch,
+            chunk_bytes: options.chunk_bytes,
+            grads: plans[0].strategies(),
+            norms: plans[1].strategies(),
+            clipped_sum: plans[2].strategies(),
+        };
+        let program = lower(&graph, &grads, &schedule)?;
         // The one check of sizes that depend on the batch or the plan (the per-example ones
         // were diagnostics of `check`), before any kernel is compiled or buffer allocated.
         crate::check::limits::check_buffers(name, source, &graph, &program, options.batch)?;

@@ -2,8 +2,8 @@
 //!
 //! Architecture invariant: this crate knows only kernels — loop nests over buffers with
 //! known shapes ([`ir`]), their checks ([`verify`]), a reference interpreter that is the
-//! test oracle ([`interp`]), the Cranelift CPU backend ([`cpu`]) and the CUDA backend
-//! ([`cuda`]: CUDA C, NVRTC, device launches). It never imports the
+//! test oracle ([`interp`]), the Cranelift CPU backend ([`cpu`]), the CUDA backend
+//! ([`cuda`]: CUDA C, NVRTC, device launches) and what a kernel costs to run ([`work`]). It never imports the
 //! root crate and knows nothing of layers, the `.pdg` language or gradients. Every backend
 //! renders the same kernel description, so a kernel's meaning is defined once. The
 //! interpreter and the CPU backend share their scalar float semantics (`math`: one
@@ -17,3 +17,4 @@ pub mod ir;
 mod math;
 pub mod verify;
 pub mod visit;
+pub mod work;

@@ -34,7 +34,6 @@ use crate::grad::GradGraph;
 use crate::graph::{numel, Graph, LabelSpec, Loss, NodeId, Op};
 use crate::index_layer::{IndexLayer, LocalKind};
 use crate::ops::Strategy;
-use crate::plan::Plan;
 use index::Batching;
 use kernels::{ConvGemm, NormGeom, PoolGeom, Window};
 use param_grads::Outputs;
@@ -153,6 +152,10 @@ pub struct Launch {
     pub kernel: usize,
     pub args: Vec<BufId>,
     pub mode: LaunchMode,
+    /// The graph node whose work this launch does (`None` for the norms and clip factors,
+    /// which serve every layer): the planner reads each layer's costs by it.
+    #[serde(default)]
+    pub node: Option<NodeId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -212,15 +215,19 @@ impl Program {
     }
 }
 
-/// The plans `lower` needs: one per goal (their strategies differ: `grads` cannot use
-/// ghost, `norms` need not store, the clipped sum may book-keep).
-pub struct Plans<'a> {
-    pub grads: &'a Plan,
-    pub norms: &'a Plan,
-    pub clipped_sum: &'a Plan,
+/// What `lower` needs from the plans: the largest batch the program runs, and each
+/// parameterized layer's strategy for each per-example entry (they differ: `grads` cannot
+/// use ghost, `norms` need not store, the clipped sum may book-keep). A layer missing from a
+/// map runs `direct`.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub batch: usize,
     /// The most bytes of im2col columns a conv's launches hold at once (normally
     /// [`CHUNK_BYTES`]).
     pub chunk_bytes: u64,
+    pub grads: HashMap<NodeId, Strategy>,
+    pub norms: HashMap<NodeId, Strategy>,
+    pub clipped_sum: HashMap<NodeId, Strategy>,
 }
 
 struct Lowering<'g> {
@@ -242,11 +249,13 @@ struct Lowering<'g> {
     groups: u32,
     /// The convs that keep their forward pass's columns (see [`Lowering::kept_columns`]).
     kept: Vec<NodeId>,
+    /// The node whose launches are being made (see [`Launch::node`]).
+    current: Option<NodeId>,
 }
 
 /// Stage 5: the program of `graph`, whose per-example backward pass `differentiate`
-/// derived as `grads`, under `plans`.
-pub fn lower(graph: &Graph, grads: &GradGraph, plans: &Plans<'_>) -> Result<Program> {
+/// derived as `grads`, with the strategies of `schedule`.
+pub fn lower(graph: &Graph, grads: &GradGraph, schedule: &Schedule) -> Result<Program> {
     let mut l = Lowering {
         graph,
         grads,
@@ -258,10 +267,11 @@ pub fn lower(graph: &Graph, grads: &GradGraph, plans: &Plans<'_>) -> Result<Prog
         saved: HashMap::new(),
         params: HashMap::new(),
         extra: HashMap::new(),
-        batch: plans.grads.batch.max(1),
-        chunk_bytes: plans.chunk_bytes,
+        batch: schedule.batch.max(1),
+        chunk_bytes: schedule.chunk_bytes,
         groups: 0,
         kept: Vec::new(),
+        current: None,
     };
     l.kept = l.kept_columns();
     l.declare_buffers();
@@ -275,9 +285,9 @@ pub fn lower(graph: &Graph, grads: &GradGraph, plans: &Plans<'_>) -> Result<Prog
     entries.push(Entry { kind: EntryKind::BatchGrad, launches });
 
     for (kind, plan) in [
-        (EntryKind::PerExampleGrads, plans.grads),
-        (EntryKind::PerExampleNorms, plans.norms),
-        (EntryKind::ClippedSum, plans.clipped_sum),
+        (EntryKind::PerExampleGrads, &schedule.grads),
+        (EntryKind::PerExampleNorms, &schedule.norms),
+        (EntryKind::ClippedSum, &schedule.clipped_sum),
     ] {
         let mut launches = forward.clone();
         launches.extend(l.backward(ParamWork::PerExample(plan, kind))?);
@@ -320,11 +330,14 @@ enum ParamWork<'p> {
     Batch,
     /// Per-example gradients, their squared norms, or what the clipped sum needs, each
     /// layer by its planned strategy.
-    PerExample(&'p Plan, EntryKind),
+    PerExample(&'p Strategies, EntryKind),
 }
 
-fn strategy_of(plan: &Plan, node: NodeId) -> Strategy {
-    plan.layers.iter().find(|l| l.node == node).map_or(Strategy::Direct, |l| l.chosen)
+/// Each layer's strategy for one entry.
+type Strategies = HashMap<NodeId, Strategy>;
+
+fn strategy_of(plan: &Strategies, node: NodeId) -> Strategy {
+    plan.get(&node).copied().unwrap_or(Strategy::Direct)
 }
 
 impl<'g> Lowering<'g> {
@@ -474,7 +487,12 @@ impl<'g> Lowering<'g> {
     }
 
     fn launch(&mut self, k: Kernel, args: Vec<BufId>) -> Launch {
-        Launch { kernel: self.kernel(k), args, mode: LaunchMode::Grid }
+        self.launch_as(k, args, LaunchMode::Grid)
+    }
+
+    /// A launch of `k` in `mode`, done for the current node.
+    fn launch_as(&mut self, k: Kernel, args: Vec<BufId>, mode: LaunchMode) -> Launch {
+        Launch { kernel: self.kernel(k), args, mode, node: self.current }
     }
 
     fn param(&self, node: NodeId, suffix: &str) -> Option<BufId> {
@@ -494,6 +512,7 @@ impl<'g> Lowering<'g> {
         let g = self.graph;
         let mut out = Vec::new();
         for n in &g.nodes {
+            self.current = Some(n.id);
             let tag = self.tag(n.id);
             let y = self.act[n.id.index()];
             let x = n.inputs.first().map(|i| self.act[i.index()]);
@@ -569,7 +588,8 @@ impl<'g> Lowering<'g> {
             };
             out.push(launch);
         }
-        // The per-example loss and its gradient w.r.t. the network output.
+        // The per-example loss and its gradient w.r.t. the network output (no node's).
+        self.current = None;
         let out_node = g.loss.input();
         let (z, dz, loss, label) =
             (self.act[out_node.index()], self.grad[out_node.index()], self.extra[&Role::Loss], self.label());
@@ -593,6 +613,7 @@ impl<'g> Lowering<'g> {
         let mut written: Vec<BufId> = vec![self.grad[g.loss.input().index()]];
         let mut out = Vec::new();
         for n in g.nodes.iter().rev() {
+            self.current = Some(n.id);
             if let (Op::Index(_), true) = (&n.op, needs[n.id.index()]) {
                 // A layer's temporaries' gradients come first: its parameter gradients read
                 // them. (A node that needs no gradient has no output gradient to start from.)
@@ -746,7 +767,7 @@ impl<'g> Lowering<'g> {
                 // In chunks, the weight gradient is zeroed first and each chunk adds to it.
                 let chunk = if mode == LaunchMode::Grid { self.column_chunk(node) } else { None };
                 let k = param_grads::conv_batch_grad(&format!("{tag}_batch_grad"), &cg, chunk.is_some())?;
-                let gemm = Launch { kernel: self.kernel(k), args: vec![cols, dy, targets[0]], mode };
+                let gemm = self.launch_as(k, vec![cols, dy, targets[0]], mode);
                 let mut out = Vec::new();
                 if chunk.is_some() {
                     let (rows, width) = (cg.cout, cg.d);
@@ -758,7 +779,7 @@ impl<'g> Lowering<'g> {
                 if c.bias {
                     let k =
                         param_grads::conv_bias_batch_grad(&format!("{tag}_bias_batch_grad"), cg.cout, cg.positions)?;
-                    out.push(Launch { kernel: self.kernel(k), args: vec![dy, targets[1]], mode });
+                    out.push(self.launch_as(k, vec![dy, targets[1]], mode));
                 }
                 return Ok(out);
             }
@@ -776,11 +797,11 @@ impl<'g> Lowering<'g> {
                 let geom = norm_geom(n).expect("a norm with parameters");
                 let k = param_grads::norm_batch_grad(&format!("{tag}_batch_grad"), &geom)?;
                 let args = vec![dy, self.saved[&(node.0, Saved::Xhat)]].into_iter().chain(targets).collect();
-                return Ok(vec![Launch { kernel: self.kernel(k), args, mode }]);
+                return Ok(vec![self.launch_as(k, args, mode)]);
             }
         };
         let args = vec![x, dy].into_iter().chain(targets).collect();
-        Ok(vec![Launch { kernel: self.kernel(k), args, mode }])
+        Ok(vec![self.launch_as(k, args, mode)])
     }
 
     fn slot(&self, param: &str) -> usize {
@@ -788,7 +809,7 @@ impl<'g> Lowering<'g> {
     }
 
     /// One layer's per-example gradients or squared norms (or both) by its planned strategy.
-    fn per_example_layer(&mut self, plan: &Plan, kind: EntryKind, node: NodeId) -> Result<Vec<Launch>> {
+    fn per_example_layer(&mut self, plan: &Strategies, kind: EntryKind, node: NodeId) -> Result<Vec<Launch>> {
         let g = self.graph;
         let slots = g.params.len();
         let want_norms = kind != EntryKind::PerExampleGrads;
@@ -821,7 +842,7 @@ impl<'g> Lowering<'g> {
     /// only gradients are wanted), and for the clipped sum the clipped gradients summed,
     /// by a weighted sum of the stored per-example gradients or, for ghost layers, by
     /// book-keeping.
-    fn clip_and_sum(&mut self, plan: &Plan, kind: EntryKind) -> Result<Vec<Launch>> {
+    fn clip_and_sum(&mut self, plan: &Strategies, kind: EntryKind) -> Result<Vec<Launch>> {
         let g = self.graph;
         let slots = g.params.len();
         if kind == EntryKind::PerExampleGrads {
@@ -832,11 +853,13 @@ impl<'g> Lowering<'g> {
         let norms = self.extra(Role::Norms, "norms", true, vec![]);
         let clip = self.extra(Role::ClipFactors, "clip", true, vec![]);
         let clip_norm = self.extra(Role::ClipNorm, "clip_norm", false, vec![1]);
+        self.current = None;
         out.push(self.launch(param_grads::norms_and_clip("norms_and_clip", slots)?, vec![sq, clip_norm, norms, clip]));
         if kind != EntryKind::ClippedSum {
             return Ok(out);
         }
         for n in g.nodes.iter().filter(|n| n.layer.is_some()) {
+            self.current = Some(n.id);
             let tag = self.tag(n.id);
             let sums: Vec<BufId> = g
                 .params_of(n.id)
@@ -1076,7 +1099,7 @@ impl Lowering<'_> {
             let size = self.buffers[target.0 as usize].per_example_len() as usize;
             out.push(self.launch(index::zero(&format!("zero_{size}"), size)?, vec![target]));
         }
-        out.push(Launch { kernel: self.kernel(k), args, mode });
+        out.push(self.launch_as(k, args, mode));
         Ok(out)
     }
 

@@ -22,10 +22,12 @@ use std::fmt;
 
 use serde::Serialize;
 
+use crate::error::Result;
+use crate::grad::GradGraph;
 use crate::graph::{numel, Graph, NodeId};
 use crate::ops::Strategy;
 use crate::report::{secs, si};
-use cost::{nonprivate_cost, shared_node_seconds, strategy_cost, Cost, LayerDims};
+use cost::{measure, Cost, LayerDims};
 pub use cost::{Goal, LayerKind};
 pub use device::DeviceProfile;
 
@@ -38,11 +40,21 @@ pub struct PlanOptions {
     pub memory_budget: Option<u64>,
     /// Per-layer overrides from the command line (`layer=strategy`), on top of `@strategy`.
     pub overrides: Vec<(String, Strategy)>,
+    /// The most bytes of im2col columns a conv's launches hold at once (as `lower` is
+    /// told; normally [`crate::lower::CHUNK_BYTES`]).
+    pub chunk_bytes: u64,
 }
 
 impl PlanOptions {
     pub fn new(batch: usize, device: DeviceProfile) -> PlanOptions {
-        PlanOptions { batch, goal: Goal::ClippedSum, device, memory_budget: None, overrides: Vec::new() }
+        PlanOptions {
+            batch,
+            goal: Goal::ClippedSum,
+            device,
+            memory_budget: None,
+            overrides: Vec::new(),
+            chunk_bytes: crate::lower::CHUNK_BYTES,
+        }
     }
 }
 
@@ -94,6 +106,13 @@ pub struct Totals {
     pub nonprivate_memory: u64,
 }
 
+impl Plan {
+    /// Each layer's chosen strategy, as `lower` takes them.
+    pub fn strategies(&self) -> std::collections::HashMap<NodeId, Strategy> {
+        self.layers.iter().map(|l| (l.node, l.chosen)).collect()
+    }
+}
+
 impl LayerPlan {
     pub fn chosen_cost(&self) -> &Cost {
         self.costs.iter().find(|c| c.strategy == self.chosen).expect("chosen is a candidate")
@@ -105,55 +124,51 @@ impl LayerPlan {
 }
 
 /// Layers with their candidate costs at batch `b`, each at its fastest (or overridden)
-/// strategy.
-fn initial_layers(graph: &Graph, opts: &PlanOptions, b: u64) -> Vec<LayerPlan> {
-    let dev = &opts.device;
-    graph
-        .nodes
-        .iter()
-        .filter_map(|node| {
-            let dims = LayerDims::of(graph, node)?;
-            let name = node.layer.clone().unwrap_or_default();
-            let mut costs: Vec<Cost> =
-                dims.candidates(opts.goal).into_iter().map(|s| strategy_cost(&dims, s, opts.goal, b, dev)).collect();
-            costs.sort_by(|a, c| a.seconds.total_cmp(&c.seconds).then(a.strategy.cmp(&c.strategy)));
-            let forced = opts.overrides.iter().find(|(l, _)| *l == name).map(|(_, s)| *s).or(node.strategy);
-            let (chosen, overridden) = match forced {
-                Some(s) if costs.iter().any(|c| c.strategy == s) => (s, true),
-                _ => (costs[0].strategy, false),
-            };
-            let fastdp_ghost = 2 * dims.t * dims.t <= dims.p * dims.d;
-            Some(LayerPlan {
-                node: node.id,
-                layer: name,
-                op: node.op.name(),
-                nonprivate: nonprivate_cost(&dims, b, dev),
-                dims,
-                chosen,
-                overridden,
-                budget_forced: false,
-                costs,
-                why: String::new(),
-                fastdp_ghost,
-            })
-        })
-        .collect()
+/// strategy, and the seconds of the private and non-private steps' work outside the layers.
+fn initial_layers(graph: &Graph, grads: &GradGraph, opts: &PlanOptions, b: u64) -> Result<(Vec<LayerPlan>, f64, f64)> {
+    let dims: Vec<(NodeId, LayerDims)> =
+        graph.nodes.iter().filter_map(|n| Some((n.id, LayerDims::of(graph, grads, n)?))).collect();
+    let m = measure(graph, grads, &dims, opts.goal, b, opts.chunk_bytes, &opts.device)?;
+    let mut layers = Vec::new();
+    for (id, dims) in dims {
+        let node = graph.node(id);
+        let name = node.layer.clone().unwrap_or_default();
+        let mut costs: Vec<Cost> =
+            dims.candidates(opts.goal).into_iter().filter_map(|s| m.layers.get(&(id, s)).cloned()).collect();
+        if costs.is_empty() {
+            return Err(crate::Error::Internal(format!("no strategy of layer {name} could be lowered")));
+        }
+        costs.sort_by(|a, c| a.seconds.total_cmp(&c.seconds).then(a.strategy.cmp(&c.strategy)));
+        let forced = opts.overrides.iter().find(|(l, _)| *l == name).map(|(_, s)| *s).or(node.strategy);
+        let (chosen, overridden) = match forced {
+            Some(s) if costs.iter().any(|c| c.strategy == s) => (s, true),
+            _ => (costs[0].strategy, false),
+        };
+        let fastdp_ghost = 2 * dims.t * dims.t <= dims.p * dims.d;
+        layers.push(LayerPlan {
+            node: id,
+            layer: name,
+            op: node.op.name(),
+            nonprivate: m.nonprivate.get(&id).cloned().expect("every layer has a non-private cost"),
+            dims,
+            chosen,
+            overridden,
+            budget_forced: false,
+            costs,
+            why: String::new(),
+            fastdp_ghost,
+        });
+    }
+    Ok((layers, m.shared_private, m.shared_nonprivate))
 }
 
-/// Bytes every step needs whatever the strategies: parameters, their gradient, the
-/// activations kept for the backward pass, and the largest conv's im2col columns (each
-/// conv recomputes its columns where it needs them, so one set is live at a time).
+/// Bytes every step needs whatever the strategies: parameters, their gradient, and the
+/// activations kept for the backward pass. (Columns and other scratch buffers are the
+/// layers' workspaces.)
 fn base_memory(graph: &Graph, b: u64) -> u64 {
     let params = graph.param_count() * 4;
     let activations: u64 = graph.nodes.iter().map(|n| numel(&n.shape)).sum::<u64>() * b * 4;
-    let columns: u64 = graph
-        .nodes
-        .iter()
-        .filter_map(|n| LayerDims::of(graph, n).filter(|l| l.kind == LayerKind::Conv))
-        .map(|l| b * l.groups * l.d * l.t * 4)
-        .max()
-        .unwrap_or(0);
-    2 * params + activations + columns
+    2 * params + activations
 }
 
 fn peak_memory(base: u64, layers: &[LayerPlan]) -> u64 {
@@ -197,8 +212,10 @@ fn fit_budget(layers: &mut [LayerPlan], base: u64, budget: u64) -> bool {
     true
 }
 
-/// Stage 4: the plan of `graph` for `opts`.
-pub fn plan(graph: &Graph, opts: &PlanOptions) -> Plan {
+/// Stage 4: the plan of `graph`, whose backward pass `differentiate` derived as `grads`,
+/// for `opts`. The costs come from the kernels `lower` makes for each candidate strategy
+/// ([`cost::measure`]); an error is a lowering that failed for every strategy.
+pub fn plan(graph: &Graph, grads: &GradGraph, opts: &PlanOptions) -> Result<Plan> {
     let dev = &opts.device;
     let budget = opts.memory_budget.unwrap_or(dev.memory);
     let batch = opts.batch.max(1);
@@ -206,14 +223,17 @@ pub fn plan(graph: &Graph, opts: &PlanOptions) -> Plan {
 
     // Fitting is monotone in the batch size: the largest micro-batch that fits the
     // fastest strategies, by bisection.
-    let fits = |m: usize| peak_memory(base_memory(graph, m as u64), &initial_layers(graph, opts, m as u64)) <= budget;
-    let micro = if fits(batch) {
+    let fits = |m: usize| -> Result<bool> {
+        let (layers, _, _) = initial_layers(graph, grads, opts, m as u64)?;
+        Ok(peak_memory(base_memory(graph, m as u64), &layers) <= budget)
+    };
+    let micro = if fits(batch)? {
         batch
     } else {
         let (mut lo, mut hi) = (0usize, batch);
         while lo < hi {
             let mid = (lo + hi).div_ceil(2);
-            if fits(mid) {
+            if fits(mid)? {
                 lo = mid;
             } else {
                 hi = mid - 1;
@@ -221,7 +241,7 @@ pub fn plan(graph: &Graph, opts: &PlanOptions) -> Plan {
         }
         lo.max(1)
     };
-    let mut layers = initial_layers(graph, opts, micro as u64);
+    let (mut layers, shared_private, shared_nonprivate) = initial_layers(graph, grads, opts, micro as u64)?;
     if micro < batch {
         let runs = batch.div_ceil(micro);
         notes.push(format!(
@@ -229,7 +249,7 @@ pub fn plan(graph: &Graph, opts: &PlanOptions) -> Plan {
             si(budget)
         ));
     }
-    if !fits(micro) && !fit_budget(&mut layers, base_memory(graph, micro as u64), budget) {
+    if !fits(micro)? && !fit_budget(&mut layers, base_memory(graph, micro as u64), budget) {
         notes.push(format!(
             "even one example exceeds the memory budget of {}B; planned at micro-batch 1 anyway",
             si(budget)
@@ -246,29 +266,17 @@ pub fn plan(graph: &Graph, opts: &PlanOptions) -> Plan {
     }
 
     let runs = batch.div_ceil(micro) as f64;
-    let mut needs = vec![false; graph.nodes.len()];
-    for n in &graph.nodes {
-        needs[n.id.index()] = graph.params_of(n.id).next().is_some() || n.inputs.iter().any(|i| needs[i.index()]);
-    }
-    let shared: f64 = graph
-        .nodes
-        .iter()
-        .map(|n| {
-            let input_grad = n.inputs.iter().any(|i| needs[i.index()]);
-            shared_node_seconds(graph, n, input_grad, micro as u64, dev)
-        })
-        .sum();
-    let private: f64 = shared + layers.iter().map(|l| l.chosen_cost().seconds).sum::<f64>();
-    let nonprivate: f64 = shared + layers.iter().map(|l| l.nonprivate.seconds).sum::<f64>();
+    let private: f64 = shared_private + layers.iter().map(|l| l.chosen_cost().seconds).sum::<f64>();
+    let nonprivate: f64 = shared_nonprivate + layers.iter().map(|l| l.nonprivate.seconds).sum::<f64>();
     let base = base_memory(graph, micro as u64);
     let totals = Totals {
         private_seconds: private * runs,
         nonprivate_seconds: nonprivate * runs,
         ratio: private / nonprivate,
         peak_memory: peak_memory(base, &layers),
-        nonprivate_memory: base,
+        nonprivate_memory: base + layers.iter().map(|l| l.nonprivate.workspace).max().unwrap_or(0),
     };
-    Plan {
+    Ok(Plan {
         model: graph.name.clone(),
         batch,
         goal: opts.goal,
@@ -278,7 +286,7 @@ pub fn plan(graph: &Graph, opts: &PlanOptions) -> Plan {
         layers,
         totals,
         notes,
-    }
+    })
 }
 
 /// One sentence on why the chosen strategy beat the runner-up: the cost term in which
