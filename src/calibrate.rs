@@ -16,7 +16,7 @@
 //! - [`window_efficiency`] and [`gram_efficiency`]: the `direct` conv kernel (unit-stride
 //!   loop nests) and the ghost conv kernel (strided reductions) timed as a fraction of the
 //!   measured peak, their operations counted as the cost model counts them
-//!   ([`pdgc_codegen::work`]), i.e. the factors the cost model gives loop nests;
+//!   ([`pdgc_codegen::analysis::work`]), i.e. the factors the cost model gives loop nests;
 //! - [`total_memory`]: `MemTotal` of `/proc/meminfo`; the tile edge is `cpu2`'s.
 //!
 //! Each timing is the median of several samples, each sample long enough (repeated
@@ -435,7 +435,7 @@ struct ConvShape {
 }
 
 /// The median over `shapes` of each kernel `versus` gives's FLOP/s over `dev`'s peak, its
-/// operations counted as the cost model counts them ([`pdgc_codegen::work::work`]).
+/// operations counted as the cost model counts them ([`pdgc_codegen::analysis::work::work`]).
 fn median_ratio(
     bench: &mut Bencher,
     what: &str,
@@ -448,7 +448,7 @@ fn median_ratio(
     for &(cin, cout, hw, batch) in shapes {
         let run = versus(ConvShape { cin, cout, hw, batch, t: hw * hw });
         let kernel = run.kernel?;
-        let flops = pdgc_codegen::work::work(&kernel, run.batch as u64).flops() as f64;
+        let flops = pdgc_codegen::analysis::work::work(&kernel, run.batch as u64).flops() as f64;
         let mut p = bench.prepare(Ok(kernel), run.batch)?;
         let rate = flops / bench.seconds(&mut p)?;
         let model = dev.peak_flops;

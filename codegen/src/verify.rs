@@ -38,7 +38,7 @@
 //!    like any other.
 //!
 //! What it does not check: that grid iterations are independent (see
-//! [`grid_independent`] for the sufficient condition the CPU backend uses before it
+//! [`crate::analysis::launch::grid_independent`] for the sufficient condition the CPU backend uses before it
 //! splits a grid over threads).
 
 use thiserror::Error;
@@ -478,84 +478,6 @@ fn normalize(a: &Affine) -> (Vec<NormalTerm>, i64) {
     }
     terms.retain(|t| t.2 != 0);
     (terms, a.offset)
-}
-
-/// A sufficient condition for the IR's promise that grid iterations are independent:
-/// every argument that some statement stores to is accessed (by every load and store of
-/// it) with the grid variable, alone, in one and the same index position. Iteration `g`
-/// then touches only elements whose coordinate there is `g`, so iterations run on
-/// different threads never touch the same element. Assumes a verified kernel.
-pub fn grid_independent(k: &Kernel) -> bool {
-    independent_over(k.args.len(), &k.grid.body, &[k.grid.var])
-}
-
-/// The same condition for several loop variables at once (the grid's and those of loops
-/// nested in it): every stored argument is accessed, by every load and store of it in
-/// `body`, with each variable of `vars` alone in a position fixed per variable. Then
-/// distinct combinations of the variables' values touch disjoint elements of every stored
-/// argument, so the combinations may run on different threads.
-pub fn independent_over(args: usize, body: &[Stmt], vars: &[VarId]) -> bool {
-    let mut stored = vec![false; args];
-    visit_accesses(body, &mut |arg, _, store| {
-        if store {
-            if let Some(s) = stored.get_mut(arg.0 as usize) {
-                *s = true;
-            }
-        }
-    });
-    // For each stored argument and variable, the positions that are that variable in every
-    // access seen so far (a bit set; buffers have few dims).
-    let mut positions: Vec<Vec<u64>> = vec![vec![u64::MAX; vars.len()]; args];
-    let mut ok = true;
-    visit_accesses(body, &mut |arg, index, _| {
-        let i = arg.0 as usize;
-        if !stored.get(i).copied().unwrap_or(false) {
-            return;
-        }
-        for (slot, &v) in positions[i].iter_mut().zip(vars) {
-            let here = index
-                .iter()
-                .take(64)
-                .enumerate()
-                .filter(|(_, a)| a.as_var() == Some(v))
-                .fold(0u64, |m, (p, _)| m | 1 << p);
-            *slot &= here;
-            if *slot == 0 {
-                ok = false;
-            }
-        }
-    });
-    ok
-}
-
-/// Calls `f(arg, index, is_store)` for every load and store in program order.
-pub(crate) fn visit_accesses(body: &[Stmt], f: &mut impl FnMut(ArgId, &[Affine], bool)) {
-    visit_accesses_in_loops(body, &mut Vec::new(), &mut |arg, index, store, _| f(arg, index, store));
-}
-
-/// [`visit_accesses`], also passing the loops of `body` that enclose each access,
-/// outermost first (`loops` starts as the enclosing loops outside `body`).
-pub(crate) fn visit_accesses_in_loops<'a>(
-    body: &'a [Stmt],
-    loops: &mut Vec<&'a Loop>,
-    f: &mut impl FnMut(ArgId, &'a [Affine], bool, &[&'a Loop]),
-) {
-    struct Accesses<'l, 'a, F> {
-        loops: &'l mut Vec<&'a Loop>,
-        f: &'l mut F,
-    }
-    impl<'a, F: FnMut(ArgId, &'a [Affine], bool, &[&'a Loop])> Visitor<'a> for Accesses<'_, 'a, F> {
-        fn access(&mut self, arg: ArgId, index: &'a [Affine], store: bool) {
-            (self.f)(arg, index, store, self.loops);
-        }
-        fn enter_loop(&mut self, l: &'a Loop) {
-            self.loops.push(l);
-        }
-        fn exit_loop(&mut self, _: &'a Loop) {
-            self.loops.pop();
-        }
-    }
-    walk_body(&mut Accesses { loops, f }, body);
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 mod common;
 
 use common::*;
-use pdgc_codegen::cuda::{parallel_nest, render_module, sunk_loops};
+use pdgc_codegen::analysis::launch::{parallel_nest, sunk_loops};
+use pdgc_codegen::cuda::render_module;
 use pdgc_codegen::ir::*;
 
 /// Runs `k` on the interpreter and as CUDA C on the host; the results must agree.

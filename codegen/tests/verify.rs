@@ -4,8 +4,9 @@
 mod common;
 
 use common::*;
+use pdgc_codegen::analysis::launch::grid_independent;
 use pdgc_codegen::ir::*;
-use pdgc_codegen::verify::{grid_independent, verify};
+use pdgc_codegen::verify::verify;
 
 /// Asserts that `k` fails verification with one message containing each of `expected`.
 fn rejects(k: &Kernel, expected: &[&str]) {

@@ -4,7 +4,7 @@
 //!
 //! How (see [`measure`]): for each strategy, the graph is lowered with every layer that can
 //! take it taking it, and each launch of the goal's entry is costed from its kernel's IR
-//! ([`pdgc_codegen::work`]): contractions at the GEMM efficiency of their shape, loop-nest
+//! ([`pdgc_codegen::analysis::work`]): contractions at the GEMM efficiency of their shape, loop-nest
 //! operations at the device's loop-nest efficiencies, bytes at its bandwidth, plus a launch
 //! latency per run. A layer's cost under a strategy is the sum over the launches done for
 //! it (its forward pass, input gradients and per-example work: what the strategy changes
@@ -299,7 +299,7 @@ fn read_entry(program: &Program, kind: EntryKind, b: u64, dev: &DeviceProfile) -
         };
         let t = by_node.entry(launch.node).or_default();
         for (examples, count) in runs.into_iter().filter(|&(e, c)| e > 0 && c > 0) {
-            let w = pdgc_codegen::work::work(kernel, examples);
+            let w = pdgc_codegen::analysis::work::work(kernel, examples);
             let gemm: f64 = w
                 .gemms
                 .iter()

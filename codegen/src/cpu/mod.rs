@@ -42,9 +42,10 @@ use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, FuncId, Linkage, Module, ModuleError};
 use thiserror::Error;
 
+use crate::analysis::launch::grid_independent;
 use crate::ir::{Arg, Extent, Kernel};
 use crate::math;
-use crate::verify::{grid_independent, verify, VerifyError};
+use crate::verify::{verify, VerifyError};
 
 #[derive(Debug, Error)]
 pub enum CpuError {
@@ -322,7 +323,7 @@ impl CompiledKernel {
     }
 
     /// Whether [`Self::run_parallel`] splits this kernel's grid over threads (see
-    /// [`crate::verify::grid_independent`]); otherwise it runs it on the calling thread.
+    /// [`crate::analysis::launch::grid_independent`]); otherwise it runs it on the calling thread.
     pub fn is_parallel(&self) -> bool {
         self.parallel
     }

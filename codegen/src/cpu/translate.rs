@@ -22,7 +22,8 @@ use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_module::FuncId;
 
-use super::{gemm_signature, math_signature, vector, CpuError};
+use super::{gemm_signature, math_signature, CpuError};
+use crate::analysis::vector;
 use crate::ir::{
     AccId, Affine, ArgId, Binary, CmpOp, Cond, Contract, Expr, Extent, Kernel, LoopKind, Operand, Stmt, Unary, VarId,
 };

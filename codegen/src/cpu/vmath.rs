@@ -4,11 +4,10 @@
 //! scalar code calls and the interpreter runs.
 
 use cranelift_codegen::ir::types::{F32X4, I32X4};
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::{Endianness, InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::FunctionBuilder;
 
 use super::translate::float_cc;
-use super::vector::lane_order;
 use crate::ir::{CmpOp, Unary};
 use crate::math::approx::{self, Arith};
 
@@ -89,4 +88,9 @@ impl Arith for Lanes<'_, '_> {
     fn sshr(&mut self, a: Value, bits: u8) -> Value {
         self.0.ins().sshr_imm_s(a, i64::from(bits))
     }
+}
+
+/// Flags for reinterpreting a lane mask as floats lane by lane.
+pub(super) fn lane_order() -> MemFlagsData {
+    MemFlagsData::new().with_endianness(Endianness::Little)
 }

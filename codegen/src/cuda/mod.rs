@@ -9,7 +9,7 @@
 //! from the kernel's `args` (one `float*` per argument, in order, then the batch), so the two
 //! cannot drift.
 //!
-//! Launch model: when [`grid_independent`] proves the grid's iterations touch disjoint
+//! Launch model: when [`crate::analysis::launch::grid_independent`] proves the grid's iterations touch disjoint
 //! elements, the grid and the perfectly nested loops directly inside it that are proved
 //! independent too ([`parallel_nest`]) become one flat thread index (blocks of [`BLOCK`]
 //! threads; the innermost of those loops varies fastest between neighbouring threads, so
@@ -36,9 +36,9 @@ pub mod nvrtc;
 use std::collections::HashSet;
 use std::fmt::Write;
 
-use crate::ir::{AccId, Affine, Binary, CmpOp, Cond, Expr, Extent, Kernel, Loop, Mode, Stmt, Unary, VarId};
-use crate::verify::{grid_independent, independent_over, verify, visit_accesses, visit_accesses_in_loops, VerifyError};
-use crate::visit::{walk_body, walk_expr, walk_stmt, Visitor};
+use crate::analysis::launch::{parallel_nest, sunk_loops, Sunk};
+use crate::ir::{Affine, Binary, CmpOp, Cond, Expr, Extent, Kernel, Loop, Mode, Stmt, Unary, VarId};
+use crate::verify::{verify, VerifyError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
@@ -287,179 +287,6 @@ fn render_with(k: &Kernel, symbol: &str, threads: &Threads<'_>) -> String {
     }
     out.push_str("}\n");
     out
-}
-
-/// The loops that become the thread index: the grid, then each loop that is the whole
-/// body of the previous one, as long as every stored argument stays indexed by all of
-/// their variables ([`independent_over`]) and every accumulator read in the loop's body is
-/// set earlier in the same iteration (so per-thread registers see the same values the
-/// sequential loop would). Empty when the grid itself is not independent.
-pub fn parallel_nest(k: &Kernel) -> Vec<&Loop> {
-    if !grid_independent(k) || !accs_set_before_read(&k.grid.body, &mut Vec::new()) {
-        return Vec::new();
-    }
-    let mut nest = vec![&k.grid];
-    let mut vars = vec![k.grid.var];
-    while let [Stmt::Loop(inner)] = nest[nest.len() - 1].body.as_slice() {
-        vars.push(inner.var);
-        if !independent_over(k.args.len(), &k.grid.body, &vars) || !accs_set_before_read(&inner.body, &mut Vec::new()) {
-            break;
-        }
-        nest.push(inner);
-    }
-    nest
-}
-
-/// Loops inside the parallel nest's body that also become a thread dimension ("sunk"):
-/// each thread runs the body with every loop of `vars` cut down to the single iteration
-/// `pdgc_t`, the innermost thread index. Found by [`sunk_loops`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sunk {
-    pub extent: Extent,
-    pub vars: Vec<VarId>,
-}
-
-/// The loops of the parallel nest's innermost `body` that can be sunk into the thread
-/// index, if any. Every load and store of every stored argument lies in one of them, and
-/// indexes that argument with the loop's variable alone at one position fixed per argument;
-/// they all have the same extent, none contains another, none carries a register value from
-/// one iteration to the next, and no register set in one is read outside them. Then threads
-/// that differ only in `pdgc_t` touch disjoint elements of every stored argument, and each
-/// sees the values the sequential loops would give it.
-///
-/// This turns the GEMM-shaped loops (`for r { w = W[co,r]; for t { y[t] += w·x[r,t] } }`)
-/// into one thread per output element, reducing over `r` in its own registers, with
-/// neighbouring threads on neighbouring `t` (coalesced loads and stores).
-pub fn sunk_loops(k: &Kernel, body: &[Stmt]) -> Option<Sunk> {
-    let mut stored = vec![false; k.args.len()];
-    visit_accesses(body, &mut |arg, _, store| stored[arg.0 as usize] |= store);
-    // For each access of a stored argument, the innermost enclosing loop whose variable is
-    // alone at some index position; that position must be the same for every access.
-    let mut chosen: Vec<&Loop> = Vec::new();
-    let mut positions: Vec<Option<usize>> = vec![None; k.args.len()];
-    let mut ok = true;
-    visit_accesses_in_loops(body, &mut Vec::new(), &mut |arg, index, _, loops| {
-        if !stored[arg.0 as usize] {
-            return;
-        }
-        let found =
-            loops.iter().rev().find_map(|l| index.iter().position(|a| a.as_var() == Some(l.var)).map(|p| (*l, p)));
-        let Some((l, p)) = found else {
-            ok = false;
-            return;
-        };
-        ok &= positions[arg.0 as usize].replace(p).is_none_or(|q| q == p);
-        if !chosen.iter().any(|c| c.var == l.var) {
-            chosen.push(l);
-        }
-    });
-    let extent = chosen.first()?.extent;
-    if !ok || extent == Extent::Fixed(1) || chosen.iter().any(|l| l.extent != extent) {
-        return None;
-    }
-    let vars: Vec<VarId> = chosen.iter().map(|l| l.var).collect();
-    let mut assigned_inside = Vec::new();
-    for l in &chosen {
-        let mut assigned = Vec::new();
-        collect_sets(&l.body, &mut assigned, &mut Vec::new());
-        // A register the loop assigns must be set before it is read in each iteration (a
-        // running sum is not); one it does not assign is loop-invariant.
-        let mut invariant: Vec<AccId> = (0..k.accs.len() as u32).map(AccId).filter(|a| !assigned.contains(a)).collect();
-        let mut inner_loops = Vec::new();
-        collect_sets(&l.body, &mut Vec::new(), &mut inner_loops);
-        if inner_loops.iter().any(|v| vars.contains(v)) || !accs_set_before_read(&l.body, &mut invariant) {
-            return None;
-        }
-        assigned_inside.extend(assigned);
-    }
-    if reads_outside(body, &vars, &assigned_inside) {
-        return None;
-    }
-    Some(Sunk { extent, vars })
-}
-
-/// The registers `body` sets and the loop variables it binds, at any depth.
-fn collect_sets(body: &[Stmt], accs: &mut Vec<AccId>, loops: &mut Vec<VarId>) {
-    struct Sets<'a> {
-        accs: &'a mut Vec<AccId>,
-        loops: &'a mut Vec<VarId>,
-    }
-    impl<'k> Visitor<'k> for Sets<'_> {
-        fn stmt(&mut self, s: &'k Stmt) {
-            if let Stmt::Set { acc, .. } = s {
-                self.accs.push(*acc);
-            }
-            walk_stmt(self, s);
-        }
-        fn enter_loop(&mut self, l: &'k Loop) {
-            self.loops.push(l.var);
-        }
-    }
-    // Kernels are desugared before any analysis here (`render_module`).
-    walk_body(&mut Sets { accs, loops }, body);
-}
-
-/// Whether `body`, outside the loops over `vars`, reads one of `accs`.
-fn reads_outside(body: &[Stmt], vars: &[VarId], accs: &[AccId]) -> bool {
-    let hit = |a: AccId| accs.contains(&a);
-    body.iter().any(|s| match s {
-        Stmt::Loop(l) if vars.contains(&l.var) => false,
-        Stmt::Loop(l) => reads_outside(&l.body, vars, accs),
-        Stmt::Set { value, .. } | Stmt::Store { value, .. } => reads_acc(value, &hit),
-        Stmt::If { cond, then } => cond_reads_acc(cond, &hit) || reads_outside(then, vars, accs),
-        Stmt::Contract(_) => false,
-    })
-}
-
-/// Whether `e` reads a register for which `p` holds.
-fn reads_acc(e: &Expr, p: &impl Fn(AccId) -> bool) -> bool {
-    let mut reads = ReadsAcc { p, hit: false };
-    reads.expr(e);
-    reads.hit
-}
-
-fn cond_reads_acc(c: &Cond, p: &impl Fn(AccId) -> bool) -> bool {
-    let mut reads = ReadsAcc { p, hit: false };
-    reads.cond(c);
-    reads.hit
-}
-
-/// Finds a read of a register for which `p` holds.
-struct ReadsAcc<'p, P> {
-    p: &'p P,
-    hit: bool,
-}
-
-impl<'k, P: Fn(AccId) -> bool> Visitor<'k> for ReadsAcc<'_, P> {
-    fn expr(&mut self, e: &'k Expr) {
-        if let Expr::Acc(a) = e {
-            self.hit |= (self.p)(*a);
-        }
-        walk_expr(self, e);
-    }
-}
-
-/// Whether every accumulator read in `body` was set before, in program order, within one
-/// execution of `body` (sets inside nested loops and `if`s count only inside them).
-fn accs_set_before_read(body: &[Stmt], set: &mut Vec<AccId>) -> bool {
-    for s in body {
-        let unset = |a: AccId| !set.contains(&a);
-        let ok = match s {
-            Stmt::Set { acc, value } => {
-                let ok = !reads_acc(value, &unset);
-                set.push(*acc);
-                ok
-            }
-            Stmt::Store { value, .. } => !reads_acc(value, &unset),
-            Stmt::Loop(l) => accs_set_before_read(&l.body, &mut set.clone()),
-            Stmt::If { cond, then } => !cond_reads_acc(cond, &unset) && accs_set_before_read(then, &mut set.clone()),
-            Stmt::Contract(_) => true,
-        };
-        if !ok {
-            return false;
-        }
-    }
-    true
 }
 
 /// A C identifier from any text: other characters become `_`.
