@@ -183,6 +183,7 @@ fn layers_written_in_index_notation_match_the_reference() {
         "tests/data/models/index_depthwise.pdg",
         "tests/data/models/index_gated_mlp.pdg",
         "tests/data/models/index_paramfree.pdg",
+        "tests/data/models/index_conv.pdg",
     ] {
         check_model(rel, 3, Device::Cpu, false);
         check_model(rel, 2, Device::Interpreter, true);
@@ -205,7 +206,7 @@ fn the_generated_cuda_c_agrees_with_the_reference() {
 }
 
 /// The models the CUDA tests run, with their batch sizes.
-const CUDA_MODELS: [(&str, usize); 10] = [
+const CUDA_MODELS: [(&str, usize); 11] = [
     ("samples/mnist_cnn.pdg", 3),
     ("samples/cifar_cnn.pdg", 2),
     ("samples/conv1d_net.pdg", 3),
@@ -216,6 +217,7 @@ const CUDA_MODELS: [(&str, usize); 10] = [
     ("tests/data/models/per_side_padding.pdg", 2),
     ("samples/depthwise_index.pdg", 2),
     ("samples/gated_bilinear.pdg", 2),
+    ("tests/data/models/index_conv.pdg", 2),
 ];
 
 /// Whether a CUDA device is usable here. `PDGC_REQUIRE_GPU=1` (scripts/gpu-check.sh) turns
@@ -379,15 +381,37 @@ fn pytorch_vectors_on(device: Device) {
 #[test]
 fn hand_written_depthwise_conv_equals_the_built_in_grouped_conv() {
     let rel = "samples/depthwise_index.pdg";
-    let src = read(rel);
-    let twin_src = src
+    let twin_src = read(rel)
         .replace("dw1: depthwise3(h)", "dw1: conv2d(h, 16, 3, padding=1, groups=16)")
         .replace("dw2: depthwise3s2(h)", "dw2: conv2d(h, 32, 3, stride=2, padding=1, groups=32)");
-    assert_ne!(src, twin_src, "the sample's depthwise layers were replaced");
+    assert_equals_twin(rel, &twin_src, &["dw1", "dw2"], &[Strategy::Naive, Strategy::Direct]);
+}
+
+#[test]
+fn hand_written_conv_equals_the_built_in_conv() {
+    // Its forward pass and per-example weight gradients run as im2col columns and one
+    // contraction per example (the lowering's window products), as the built-in conv's do.
+    let rel = "tests/data/models/index_conv.pdg";
+    let m = module(rel, 2, vec![("c1".into(), Strategy::Direct), ("c2".into(), Strategy::Direct)]);
+    for name in ["n1_c1_fwd0_im2col", "n1_c1_fwd0", "n3_c2_weight_direct_im2col", "n3_c2_weight_direct"] {
+        let k = m.program.kernels.iter().find(|k| k.name == name).unwrap_or_else(|| panic!("no kernel {name}"));
+        assert_eq!(k.has_contractions(), !name.ends_with("im2col"), "{name}");
+    }
+    let twin_src = read(rel)
+        .replace("c1: conv3(x, 8)", "c1: conv2d(x, 8, 3, padding=1)")
+        .replace("c2: conv3s2(h, 16)", "c2: conv2d(h, 16, 3, stride=2, padding=1, bias=false)");
+    assert_equals_twin(rel, &twin_src, &["c1", "c2"], &[Strategy::Naive, Strategy::Direct]);
+}
+
+/// The model `rel`, whose `layers` are written in index notation, against `twin_src`, the
+/// same model with built-in layers in their place, on the same parameters (reshaped where
+/// the hand-written layers' shapes differ): losses, per-example gradients and norms, with
+/// each of `strategies` forced on `layers`.
+fn assert_equals_twin(rel: &str, twin_src: &str, layers: &[&str], strategies: &[Strategy]) {
+    assert_ne!(read(rel), twin_src, "{rel}: the twin replaced the hand-written layers");
     let b = 3;
-    let twin = Module::from_source("twin", &twin_src, &CompileOptions::new(b)).expect("twin compiles");
+    let twin = Module::from_source("twin", twin_src, &CompileOptions::new(b)).expect("twin compiles");
     let twin_params = twin.init_params(5);
-    // The same numbers under the hand-written layers' shapes ([C, 3, 3] for [C, 1, 3, 3]).
     let hand = module(rel, b, vec![]);
     let mut params = twin_params.clone();
     for p in &hand.graph.params {
@@ -400,21 +424,21 @@ fn hand_written_depthwise_conv_equals_the_built_in_grouped_conv() {
     let twin_loss = ts.loss(&twin_params, &batch).expect("loss");
     let twin_grads = ts.per_example_grads(&twin_params, &batch).expect("grads");
     let twin_norms = ts.per_example_norms(&twin_params, &batch).expect("norms");
-    for strategy in [Strategy::Naive, Strategy::Direct] {
-        let forced = vec![("dw1".to_string(), strategy), ("dw2".to_string(), strategy)];
+    for &strategy in strategies {
+        let forced = layers.iter().map(|l| (l.to_string(), strategy)).collect();
         let m = module(rel, b, forced);
         let mut s = m.session(Device::Cpu).expect("session");
         let loss = s.loss(&params, &batch).expect("loss");
         let expected: Vec<f64> = twin_loss.iter().map(|&x| x as f64).collect();
-        assert!(rel_err(&loss, &expected) < 1e-5, "{strategy}: loss {loss:?} vs {twin_loss:?}");
+        assert!(rel_err(&loss, &expected) < 1e-5, "{rel} {strategy}: loss {loss:?} vs {twin_loss:?}");
         let grads = s.per_example_grads(&params, &batch).expect("grads");
         for (name, g) in &twin_grads {
             let expected: Vec<f64> = g.data.iter().map(|&x| x as f64).collect();
             let err = rel_err(&grads[name].data, &expected);
-            assert!(err < 2e-5, "{strategy}: per-example {name} differs by {err:e}");
+            assert!(err < 2e-5, "{rel} {strategy}: per-example {name} differs by {err:e}");
         }
         let norms = s.per_example_norms(&params, &batch).expect("norms");
         let expected: Vec<f64> = twin_norms.iter().map(|&x| x as f64).collect();
-        assert!(rel_err(&norms, &expected) < 2e-5, "{strategy}: norms {norms:?} vs {twin_norms:?}");
+        assert!(rel_err(&norms, &expected) < 2e-5, "{rel} {strategy}: norms {norms:?} vs {twin_norms:?}");
     }
 }

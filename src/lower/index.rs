@@ -400,6 +400,148 @@ fn matrix_product(
     Ok(Some(body))
 }
 
+/// The name under which a window product's im2col columns enter its equations (not a valid
+/// `.pdg` identifier, so it cannot name a tensor of the layer).
+pub const COLUMNS: &str = "cols'";
+
+/// A per-example gather whose product term reads a window of one tensor (an affine index,
+/// as a convolution's `x[c, h + i - 1, w + j - 1]`) times a tensor read by plain variables,
+/// `T[n, R.., C..] = Σ_K P[(n,) R.., K..] · X[n, window(K, C)] (+ bias[R..])`: lowered as the
+/// window's im2col columns (`cols'[n, K.., C..] = X[n, window]`, an ordinary gather with
+/// guarded reads of the padding) and one contraction per example of the flattened views
+/// `T[M × N] (+)= P[M × K] · cols'[K × N]`, as the built-in conv lowers (the forward pass of a
+/// conv written in index notation, and its per-example weight gradient, whose columns are
+/// the window transposed).
+#[derive(Debug, Clone)]
+pub struct WindowProduct {
+    /// `cols'[n, K.., C..] = X[n, window]`.
+    pub columns: Equation,
+    /// The columns' per-example shape (the ranges of `K..` then `C..`).
+    pub columns_shape: Vec<usize>,
+    /// `M`, `K`, `N`: the flattened rows, summed and column variables' sizes.
+    pub dims: [usize; 3],
+    /// The plain factor `P`.
+    pub plain: String,
+    /// A bias read by the row variables alone, added before the product.
+    pub bias: Option<String>,
+    /// The target `T`.
+    pub target: String,
+}
+
+/// The window-product form of `eq` (see [`WindowProduct`]), or `None`.
+pub fn window_product(
+    eq: &Equation,
+    ranges: &[(Var, usize)],
+    info: &dyn Fn(&str) -> Option<TensorInfo>,
+) -> Option<WindowProduct> {
+    if eq.accumulate || !eq.lhs.is_plain() || eq.lhs.index.first()?.as_var() != Some("n") {
+        return None;
+    }
+    let range = |v: Var| ranges.iter().find(|(u, _)| *u == v).map(|(_, r)| *r);
+    let ts = terms(&eq.rhs);
+    let at = ts.iter().position(|(sum, body)| !sum.is_empty() && matches!(body, Expr::Mul(f) if f.len() == 2))?;
+    let (sum, body) = &ts[at];
+    let Expr::Mul(factors) = body else { return None };
+    let [Expr::Read(f0), Expr::Read(f1)] = &factors[..] else { return None };
+    let (p, x) = match (f0.is_plain(), f1.is_plain()) {
+        (true, false) => (f0, f1),
+        (false, true) => (f1, f0),
+        _ => return None,
+    };
+    let (pi, xi) = (info(&p.tensor)?, info(&x.tensor)?);
+    if !xi.batched || x.index.first()?.as_var() != Some("n") {
+        return None;
+    }
+    let p_vars: Vec<Var> = p.index.iter().skip(usize::from(pi.batched)).filter_map(Index::as_var).collect();
+    if pi.batched && p.index.first()?.as_var() != Some("n") {
+        return None;
+    }
+    let x_vars: Vec<Var> = x.index[1..].iter().flat_map(Index::vars).collect();
+    let lhs: Vec<Var> = eq.lhs.index[1..].iter().filter_map(Index::as_var).collect();
+    let rows: Vec<Var> = lhs.iter().copied().filter(|v| p_vars.contains(v) && !x_vars.contains(v)).collect();
+    let cols: Vec<Var> = lhs.iter().copied().filter(|v| x_vars.contains(v) && !p_vars.contains(v)).collect();
+    // The flattened views must be row-major matrices: P = [rows.., sum..], T = [rows.., cols..],
+    // every variable covering its whole dim, and X reading nothing else.
+    let covers = |vars: &[Var], shape: &[usize]| {
+        vars.len() == shape.len() && vars.iter().zip(shape).all(|(v, d)| range(v) == Some(*d))
+    };
+    let target = info(&eq.lhs.tensor)?;
+    if rows.is_empty()
+        || cols.is_empty()
+        || [rows.clone(), sum.clone()].concat() != p_vars
+        || [rows.clone(), cols.clone()].concat() != lhs
+        || !covers(&p_vars, &pi.shape)
+        || !covers(&lhs, &target.shape)
+        || !x_vars.iter().all(|v| sum.contains(v) || cols.contains(v))
+    {
+        return None;
+    }
+    // Other terms: at most one bias, read by the row variables alone.
+    let mut bias = None;
+    for (i, (s, e)) in ts.iter().enumerate() {
+        if i == at {
+            continue;
+        }
+        match e {
+            Expr::Read(b) if s.is_empty() && bias.is_none() && !info(&b.tensor)?.batched => {
+                let vars: Vec<Var> = b.index.iter().filter_map(Index::as_var).collect();
+                if vars != rows || b.index.len() != rows.len() {
+                    return None;
+                }
+                bias = Some(b.tensor.clone());
+            }
+            _ => return None,
+        }
+    }
+    let size = |vars: &[Var]| vars.iter().map(|v| range(v)).product::<Option<usize>>();
+    let (m, k, n) = (size(&rows)?, size(sum)?, size(&cols)?);
+    let col_vars: Vec<Var> = std::iter::once("n").chain(sum.iter().copied()).chain(cols.iter().copied()).collect();
+    let columns = Equation { lhs: Access::new(COLUMNS, &col_vars), accumulate: false, rhs: Expr::Read(x.clone()) };
+    let columns_shape = sum.iter().chain(&cols).map(|v| range(v)).collect::<Option<Vec<usize>>>()?;
+    Some(WindowProduct {
+        columns,
+        columns_shape,
+        dims: [m, k, n],
+        plain: p.tensor.clone(),
+        bias,
+        target: eq.lhs.tensor.clone(),
+    })
+}
+
+/// The contraction kernel of a window product: `T[n, m, t] (+)= Σ_k P[(n,) m, k] ·
+/// cols'[n, k, t]` on the flattened views, after `T = bias[m]` where there is a bias.
+/// `overwrite`: the kernel is the target's first writer. Returns the kernel and its
+/// arguments' tensors (the target last).
+pub fn window_contraction(
+    name: &str,
+    w: &WindowProduct,
+    info: &dyn Fn(&str) -> Option<TensorInfo>,
+    overwrite: bool,
+) -> Result<(Kernel, Vec<String>)> {
+    let [m, k, n] = w.dims;
+    let mut kb = KernelBuilder::new(name);
+    let plain_batched = info(&w.plain).ok_or_else(|| unbound(&w.plain))?.batched;
+    let p = kb.input(&w.plain, if plain_batched { batched(&[m, k]) } else { fixed(&[m, k]) });
+    let cols = kb.input(COLUMNS, batched(&[k, n]));
+    let bias = w.bias.as_ref().map(|b| kb.input(b, fixed(&[m])));
+    let out = kb.target(&w.target, batched(&[m, n]), overwrite);
+    let [ex, row, t] = [kb.var("n"), kb.var("m"), kb.var("t")];
+    let mut body = Vec::new();
+    if let Some(b) = bias {
+        let value = load(b, vec![v(row)]);
+        body.push(lp(row, m, vec![vlp(t, n, vec![put(out, vec![v(ex), v(row), v(t)], value.clone(), overwrite)])]));
+    }
+    let accumulate = !overwrite || bias.is_some();
+    body.push(contract(&mut kb, [fx(m), fx(n), fx(k)], (p, cols, out), accumulate, |mm, nn, kk| {
+        let a = if plain_batched { vec![v(ex), v(mm), v(kk)] } else { vec![v(mm), v(kk)] };
+        (a, vec![v(ex), v(kk), v(nn)], vec![v(ex), v(mm), v(nn)])
+    }));
+    let mut tensors = vec![w.plain.clone(), COLUMNS.to_string()];
+    tensors.extend(w.bias.clone());
+    tensors.push(w.target.clone());
+    kb.finish(ex, Extent::Batch, body).map(|kernel| (kernel, tensors))
+}
+
 /// Zeroes a per-example buffer of `size` elements per example (before a scatter).
 pub fn zero(name: &str, size: usize) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);

@@ -1088,6 +1088,36 @@ impl Lowering<'_> {
         let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
         let info = |t: &str| index::tensor_info(layer, t);
         let mut out = Vec::new();
+        if batching == Batching::PerExample && mode == LaunchMode::Grid {
+            if let Some(w) = index::window_product(eq, &ranges, &info) {
+                // The window's columns into a workspace of their own, then one contraction.
+                let shape = w.columns_shape.clone();
+                let with_cols = |t: &str| {
+                    if t == index::COLUMNS {
+                        Some(index::TensorInfo {
+                            shape: shape.clone(),
+                            batched: true,
+                            padding: vec![(0, 0); shape.len()],
+                        })
+                    } else {
+                        info(t)
+                    }
+                };
+                let gathers = [
+                    index::equation_kernel(&format!("{name}_im2col"), &w.columns, &ranges, &with_cols, true, batching)?,
+                    index::window_contraction(name, &w, &info, first)?,
+                ];
+                let cols = self.extra(Role::Workspace(format!("{name}_cols")), &format!("{name}_cols"), true, shape);
+                for (k, tensors) in gathers {
+                    let mut args = Vec::new();
+                    for t in &tensors {
+                        args.push(if t == index::COLUMNS { cols } else { self.index_buffer(node, t, param_targets)? });
+                    }
+                    out.push(self.launch_as(k, args, mode));
+                }
+                return Ok(out);
+            }
+        }
         let scatter_first = first && eq.accumulate;
         let (k, tensors) = index::equation_kernel(name, eq, &ranges, &info, first && !scatter_first, batching)?;
         let mut args = Vec::new();
