@@ -389,13 +389,21 @@ fn hand_written_depthwise_conv_equals_the_built_in_grouped_conv() {
 
 #[test]
 fn hand_written_conv_equals_the_built_in_conv() {
-    // Its forward pass and per-example weight gradients run as im2col columns and one
-    // contraction per example (the lowering's window products), as the built-in conv's do.
+    // Its forward pass, per-example weight gradients and input gradient run as im2col
+    // columns and one contraction per example, then col2im for the input gradient (the
+    // lowering's window products), as the built-in conv's do.
     let rel = "tests/data/models/index_conv.pdg";
     let m = module(rel, 2, vec![("c1".into(), Strategy::Direct), ("c2".into(), Strategy::Direct)]);
-    for name in ["n1_c1_fwd0_im2col", "n1_c1_fwd0", "n3_c2_weight_direct_im2col", "n3_c2_weight_direct"] {
+    for name in [
+        "n1_c1_fwd0_im2col",
+        "n1_c1_fwd0",
+        "n3_c2_weight_direct_im2col",
+        "n3_c2_weight_direct",
+        "n3_c2_bwd_dx0",
+        "n3_c2_bwd_dx0_col2im",
+    ] {
         let k = m.program.kernels.iter().find(|k| k.name == name).unwrap_or_else(|| panic!("no kernel {name}"));
-        assert_eq!(k.has_contractions(), !name.ends_with("im2col"), "{name}");
+        assert_eq!(k.has_contractions(), !name.ends_with("im2col") && !name.ends_with("col2im"), "{name}");
     }
     let twin_src = read(rel)
         .replace("c1: conv3(x, 8)", "c1: conv2d(x, 8, 3, padding=1)")

@@ -404,28 +404,41 @@ fn matrix_product(
 /// `.pdg` identifier, so it cannot name a tensor of the layer).
 pub const COLUMNS: &str = "cols'";
 
-/// A per-example gather whose product term reads a window of one tensor (an affine index,
-/// as a convolution's `x[c, h + i - 1, w + j - 1]`) times a tensor read by plain variables,
-/// `T[n, R.., C..] = Σ_K P[(n,) R.., K..] · X[n, window(K, C)] (+ bias[R..])`: lowered as the
-/// window's im2col columns (`cols'[n, K.., C..] = X[n, window]`, an ordinary gather with
-/// guarded reads of the padding) and one contraction per example of the flattened views
-/// `T[M × N] (+)= P[M × K] · cols'[K × N]`, as the built-in conv lowers (the forward pass of a
-/// conv written in index notation, and its per-example weight gradient, whose columns are
-/// the window transposed).
+/// An equation that reads or writes a tensor through a window (an affine index, as a
+/// convolution's `x[c, h + i - 1, w + j - 1]`) in a product with tensors read by plain
+/// variables, lowered as a convolution is: im2col columns `cols'` and one contraction per
+/// example of flattened views (`C[M × N] (+)= A[M × K] · B[K × N]`).
+///
+/// - A gather `T[n, R.., C..] = Σ_K P[(n,) R.., K..] · X[n, window(K, C)] (+ bias[R..])`
+///   (a conv's forward pass, its per-example weight gradient): the columns
+///   `cols'[n, K.., C..] = X[n, window]` first (an ordinary gather, reading the padding under
+///   guards), then `T = P · cols'`.
+/// - A scatter `X[n, window(R, C)] += P[R.., K..] · Q[n, K.., C..]`, every variable summed (a
+///   conv's input gradient, `P` read as `[K × M]`): first `cols'[n, R.., C..] = Pᵀ · Q`, then
+///   the scatter of the columns through the window (`col2im`).
 #[derive(Debug, Clone)]
 pub struct WindowProduct {
-    /// `cols'[n, K.., C..] = X[n, window]`.
-    pub columns: Equation,
-    /// The columns' per-example shape (the ranges of `K..` then `C..`).
+    /// The gather of the columns before the contraction, or `None`.
+    pub before: Option<Equation>,
+    /// The scatter of the columns after the contraction, or `None`.
+    pub after: Option<Equation>,
+    /// The columns' per-example shape.
     pub columns_shape: Vec<usize>,
-    /// `M`, `K`, `N`: the flattened rows, summed and column variables' sizes.
+    pub gemm: FlatGemm,
+}
+
+/// `c[n, m, t] (+)= Σ_k a[(n,) m, k] · b[(n,) k, t]` over flattened views of `M × K`, `K × N`
+/// and `M × N` elements, after `c = bias[m]` where there is a bias.
+#[derive(Debug, Clone)]
+pub struct FlatGemm {
+    /// `M`, `K`, `N`.
     pub dims: [usize; 3],
-    /// The plain factor `P`.
-    pub plain: String,
-    /// A bias read by the row variables alone, added before the product.
+    pub a: String,
+    /// `a` is stored `[K, M]` (read transposed).
+    pub a_transposed: bool,
+    pub b: String,
+    pub c: String,
     pub bias: Option<String>,
-    /// The target `T`.
-    pub target: String,
 }
 
 /// The window-product form of `eq` (see [`WindowProduct`]), or `None`.
@@ -434,10 +447,42 @@ pub fn window_product(
     ranges: &[(Var, usize)],
     info: &dyn Fn(&str) -> Option<TensorInfo>,
 ) -> Option<WindowProduct> {
-    if eq.accumulate || !eq.lhs.is_plain() || eq.lhs.index.first()?.as_var() != Some("n") {
+    if eq.lhs.index.first()?.as_var() != Some("n") {
         return None;
     }
-    let range = |v: Var| ranges.iter().find(|(u, _)| *u == v).map(|(_, r)| *r);
+    if eq.accumulate {
+        scatter_window(eq, ranges, info)
+    } else {
+        gather_window(eq, ranges, info)
+    }
+}
+
+/// The plain variables of `a` after the batch index (where `batched`), if it has one.
+fn plain_vars(a: &Access, batched: bool) -> Option<Vec<Var>> {
+    if batched && a.index.first()?.as_var() != Some("n") {
+        return None;
+    }
+    a.index.iter().skip(usize::from(batched)).map(Index::as_var).collect()
+}
+
+/// Whether `vars` index every element of a tensor of `shape` once, in order.
+fn covers(vars: &[Var], shape: &[usize], ranges: &[(Var, usize)]) -> bool {
+    let range = |v: &Var| ranges.iter().find(|(u, _)| u == v).map(|(_, r)| *r);
+    vars.len() == shape.len() && vars.iter().zip(shape).all(|(v, d)| range(v) == Some(*d))
+}
+
+fn sizes(vars: &[Var], ranges: &[(Var, usize)]) -> Option<Vec<usize>> {
+    vars.iter().map(|v| ranges.iter().find(|(u, _)| u == v).map(|(_, r)| *r)).collect()
+}
+
+fn gather_window(
+    eq: &Equation,
+    ranges: &[(Var, usize)],
+    info: &dyn Fn(&str) -> Option<TensorInfo>,
+) -> Option<WindowProduct> {
+    if !eq.lhs.is_plain() {
+        return None;
+    }
     let ts = terms(&eq.rhs);
     let at = ts.iter().position(|(sum, body)| !sum.is_empty() && matches!(body, Expr::Mul(f) if f.len() == 2))?;
     let (sum, body) = &ts[at];
@@ -452,26 +497,19 @@ pub fn window_product(
     if !xi.batched || x.index.first()?.as_var() != Some("n") {
         return None;
     }
-    let p_vars: Vec<Var> = p.index.iter().skip(usize::from(pi.batched)).filter_map(Index::as_var).collect();
-    if pi.batched && p.index.first()?.as_var() != Some("n") {
-        return None;
-    }
+    let p_vars = plain_vars(p, pi.batched)?;
     let x_vars: Vec<Var> = x.index[1..].iter().flat_map(Index::vars).collect();
-    let lhs: Vec<Var> = eq.lhs.index[1..].iter().filter_map(Index::as_var).collect();
+    let lhs = plain_vars(&eq.lhs, true)?;
     let rows: Vec<Var> = lhs.iter().copied().filter(|v| p_vars.contains(v) && !x_vars.contains(v)).collect();
     let cols: Vec<Var> = lhs.iter().copied().filter(|v| x_vars.contains(v) && !p_vars.contains(v)).collect();
     // The flattened views must be row-major matrices: P = [rows.., sum..], T = [rows.., cols..],
     // every variable covering its whole dim, and X reading nothing else.
-    let covers = |vars: &[Var], shape: &[usize]| {
-        vars.len() == shape.len() && vars.iter().zip(shape).all(|(v, d)| range(v) == Some(*d))
-    };
-    let target = info(&eq.lhs.tensor)?;
     if rows.is_empty()
         || cols.is_empty()
         || [rows.clone(), sum.clone()].concat() != p_vars
         || [rows.clone(), cols.clone()].concat() != lhs
-        || !covers(&p_vars, &pi.shape)
-        || !covers(&lhs, &target.shape)
+        || !covers(&p_vars, &pi.shape, ranges)
+        || !covers(&lhs, &info(&eq.lhs.tensor)?.shape, ranges)
         || !x_vars.iter().all(|v| sum.contains(v) || cols.contains(v))
     {
         return None;
@@ -484,8 +522,7 @@ pub fn window_product(
         }
         match e {
             Expr::Read(b) if s.is_empty() && bias.is_none() && !info(&b.tensor)?.batched => {
-                let vars: Vec<Var> = b.index.iter().filter_map(Index::as_var).collect();
-                if vars != rows || b.index.len() != rows.len() {
+                if plain_vars(b, false)? != rows {
                     return None;
                 }
                 bias = Some(b.tensor.clone());
@@ -493,53 +530,159 @@ pub fn window_product(
             _ => return None,
         }
     }
-    let size = |vars: &[Var]| vars.iter().map(|v| range(v)).product::<Option<usize>>();
-    let (m, k, n) = (size(&rows)?, size(sum)?, size(&cols)?);
+    let product = |vars: &[Var]| sizes(vars, ranges).map(|s| s.iter().product::<usize>());
+    let dims = [product(&rows)?, product(sum)?, product(&cols)?];
     let col_vars: Vec<Var> = std::iter::once("n").chain(sum.iter().copied()).chain(cols.iter().copied()).collect();
-    let columns = Equation { lhs: Access::new(COLUMNS, &col_vars), accumulate: false, rhs: Expr::Read(x.clone()) };
-    let columns_shape = sum.iter().chain(&cols).map(|v| range(v)).collect::<Option<Vec<usize>>>()?;
     Some(WindowProduct {
-        columns,
-        columns_shape,
-        dims: [m, k, n],
-        plain: p.tensor.clone(),
-        bias,
-        target: eq.lhs.tensor.clone(),
+        before: Some(Equation { lhs: Access::new(COLUMNS, &col_vars), accumulate: false, rhs: Expr::Read(x.clone()) }),
+        after: None,
+        columns_shape: sizes(&col_vars[1..], ranges)?,
+        gemm: FlatGemm {
+            dims,
+            a: p.tensor.clone(),
+            a_transposed: false,
+            b: COLUMNS.to_string(),
+            c: eq.lhs.tensor.clone(),
+            bias,
+        },
     })
 }
 
-/// The contraction kernel of a window product: `T[n, m, t] (+)= Σ_k P[(n,) m, k] ·
-/// cols'[n, k, t]` on the flattened views, after `T = bias[m]` where there is a bias.
-/// `overwrite`: the kernel is the target's first writer. Returns the kernel and its
-/// arguments' tensors (the target last).
-pub fn window_contraction(
+fn scatter_window(
+    eq: &Equation,
+    ranges: &[(Var, usize)],
+    info: &dyn Fn(&str) -> Option<TensorInfo>,
+) -> Option<WindowProduct> {
+    if eq.lhs.is_plain() {
+        return None;
+    }
+    let Expr::Mul(factors) = &eq.rhs else { return None };
+    let [Expr::Read(f0), Expr::Read(f1)] = &factors[..] else { return None };
+    let (i0, i1) = (info(&f0.tensor)?, info(&f1.tensor)?);
+    // `P` (not batched, read `[K.., R..]`) and `Q` (batched, read `[n, K.., C..]`).
+    let ((p, _), (q, qi)) = match (i0.batched, i1.batched) {
+        (false, true) => ((f0, i0), (f1, i1)),
+        (true, false) => ((f1, i1), (f0, i0)),
+        _ => return None,
+    };
+    let (p_vars, q_vars) = (plain_vars(p, false)?, plain_vars(q, true)?);
+    let lhs_vars: Vec<Var> = eq.lhs.index[1..].iter().flat_map(Index::vars).collect();
+    let k: Vec<Var> = p_vars.iter().copied().filter(|v| q_vars.contains(v) && !lhs_vars.contains(v)).collect();
+    let rows: Vec<Var> = p_vars.iter().copied().filter(|v| !k.contains(v)).collect();
+    let cols: Vec<Var> = q_vars.iter().copied().filter(|v| !k.contains(v)).collect();
+    if k.is_empty()
+        || rows.is_empty()
+        || cols.is_empty()
+        || [k.clone(), rows.clone()].concat() != p_vars
+        || [k.clone(), cols.clone()].concat() != q_vars
+        || rows.iter().any(|v| cols.contains(v))
+        || !covers(&p_vars, &info(&p.tensor)?.shape, ranges)
+        || !covers(&q_vars, &qi.shape, ranges)
+        || !lhs_vars.iter().all(|v| rows.contains(v) || cols.contains(v))
+    {
+        return None;
+    }
+    let product = |vars: &[Var]| sizes(vars, ranges).map(|s| s.iter().product::<usize>());
+    let dims = [product(&rows)?, product(&k)?, product(&cols)?];
+    let col_vars: Vec<Var> = std::iter::once("n").chain(rows.iter().copied()).chain(cols.iter().copied()).collect();
+    Some(WindowProduct {
+        before: None,
+        after: Some(Equation {
+            lhs: eq.lhs.clone(),
+            accumulate: true,
+            rhs: Expr::Read(Access::new(COLUMNS, &col_vars)),
+        }),
+        columns_shape: sizes(&col_vars[1..], ranges)?,
+        gemm: FlatGemm {
+            dims,
+            a: p.tensor.clone(),
+            a_transposed: true,
+            b: q.tensor.clone(),
+            c: COLUMNS.to_string(),
+            bias: None,
+        },
+    })
+}
+
+/// The kernel of a [`FlatGemm`]; `overwrite`: it is its target's first writer. `info` must
+/// know [`COLUMNS`]. With [`Batching::Summed`] the target has no batch dim and every
+/// example's product is added into it in turn (a parameter gradient summed over the batch;
+/// no bias). Returns the kernel and its arguments' tensors (the target last).
+pub fn flat_gemm(
     name: &str,
-    w: &WindowProduct,
+    g: &FlatGemm,
     info: &dyn Fn(&str) -> Option<TensorInfo>,
     overwrite: bool,
+    batching: Batching,
 ) -> Result<(Kernel, Vec<String>)> {
-    let [m, k, n] = w.dims;
+    if batching == Batching::Summed {
+        return summed_gemm(name, g, info, overwrite);
+    }
+    let [m, k, n] = g.dims;
     let mut kb = KernelBuilder::new(name);
-    let plain_batched = info(&w.plain).ok_or_else(|| unbound(&w.plain))?.batched;
-    let p = kb.input(&w.plain, if plain_batched { batched(&[m, k]) } else { fixed(&[m, k]) });
-    let cols = kb.input(COLUMNS, batched(&[k, n]));
-    let bias = w.bias.as_ref().map(|b| kb.input(b, fixed(&[m])));
-    let out = kb.target(&w.target, batched(&[m, n]), overwrite);
+    let batched_of = |t: &str| info(t).map(|i| i.batched).ok_or_else(|| unbound(t));
+    let (a_batched, b_batched) = (batched_of(&g.a)?, batched_of(&g.b)?);
+    let view = |kb: &mut KernelBuilder, t: &str, batch: bool, dims: [usize; 2]| {
+        kb.input(t, if batch { batched(&dims) } else { fixed(&dims) })
+    };
+    let a = view(&mut kb, &g.a, a_batched, if g.a_transposed { [k, m] } else { [m, k] });
+    let b = view(&mut kb, &g.b, b_batched, [k, n]);
+    let bias = g.bias.as_ref().map(|t| kb.input(t, fixed(&[m])));
+    let out = kb.target(&g.c, batched(&[m, n]), overwrite);
     let [ex, row, t] = [kb.var("n"), kb.var("m"), kb.var("t")];
     let mut body = Vec::new();
-    if let Some(b) = bias {
-        let value = load(b, vec![v(row)]);
+    if let Some(bias) = bias {
+        let value = load(bias, vec![v(row)]);
         body.push(lp(row, m, vec![vlp(t, n, vec![put(out, vec![v(ex), v(row), v(t)], value.clone(), overwrite)])]));
     }
     let accumulate = !overwrite || bias.is_some();
-    body.push(contract(&mut kb, [fx(m), fx(n), fx(k)], (p, cols, out), accumulate, |mm, nn, kk| {
-        let a = if plain_batched { vec![v(ex), v(mm), v(kk)] } else { vec![v(mm), v(kk)] };
-        (a, vec![v(ex), v(kk), v(nn)], vec![v(ex), v(mm), v(nn)])
+    let with_batch = |batch: bool, rest: [VarId; 2]| {
+        let mut ix = if batch { vec![v(ex)] } else { Vec::new() };
+        ix.extend(rest.map(v));
+        ix
+    };
+    body.push(contract(&mut kb, [fx(m), fx(n), fx(k)], (a, b, out), accumulate, |mm, nn, kk| {
+        let ai = with_batch(a_batched, if g.a_transposed { [kk, mm] } else { [mm, kk] });
+        (ai, with_batch(b_batched, [kk, nn]), vec![v(ex), v(mm), v(nn)])
     }));
-    let mut tensors = vec![w.plain.clone(), COLUMNS.to_string()];
-    tensors.extend(w.bias.clone());
-    tensors.push(w.target.clone());
+    let mut tensors = vec![g.a.clone(), g.b.clone()];
+    tensors.extend(g.bias.clone());
+    tensors.push(g.c.clone());
     kb.finish(ex, Extent::Batch, body).map(|kernel| (kernel, tensors))
+}
+
+/// [`flat_gemm`] summed over the batch: `c[m, t] (+)= Σ_n Σ_k a[(n,) m, k] · b[n, k, t]`,
+/// zeroed first when `overwrite`, the examples added in order (one grid iteration).
+fn summed_gemm(
+    name: &str,
+    g: &FlatGemm,
+    info: &dyn Fn(&str) -> Option<TensorInfo>,
+    overwrite: bool,
+) -> Result<(Kernel, Vec<String>)> {
+    let [m, k, n] = g.dims;
+    if g.bias.is_some() {
+        return Err(Error::Internal(format!("{name}: a batch-summed window product with a bias")));
+    }
+    let mut kb = KernelBuilder::new(name);
+    let batched_of = |t: &str| info(t).map(|i| i.batched).ok_or_else(|| unbound(t));
+    let a_batched = batched_of(&g.a)?;
+    let a_dims = if g.a_transposed { [k, m] } else { [m, k] };
+    let a = kb.input(&g.a, if a_batched { batched(&a_dims) } else { fixed(&a_dims) });
+    let b = kb.input(&g.b, batched(&[k, n]));
+    let out = kb.target(&g.c, fixed(&[m, n]), overwrite);
+    let [one, ex, row, t] = [kb.var("one"), kb.var("n"), kb.var("m"), kb.var("t")];
+    let mut body = Vec::new();
+    if overwrite {
+        body.push(lp(row, m, vec![vlp(t, n, vec![store(out, vec![v(row), v(t)], lit(0.0))])]));
+    }
+    let product = contract(&mut kb, [fx(m), fx(n), fx(k)], (a, b, out), true, |mm, nn, kk| {
+        let mut ai = if a_batched { vec![v(ex)] } else { Vec::new() };
+        ai.extend(if g.a_transposed { [kk, mm] } else { [mm, kk] }.map(v));
+        (ai, vec![v(ex), v(kk), v(nn)], vec![v(mm), v(nn)])
+    });
+    body.push(batch_loop(ex, vec![product]));
+    let tensors = vec![g.a.clone(), g.b.clone(), g.c.clone()];
+    kb.finish(one, fx(1), body).map(|kernel| (kernel, tensors))
 }
 
 /// Zeroes a per-example buffer of `size` elements per example (before a scatter).

@@ -1088,34 +1088,13 @@ impl Lowering<'_> {
         let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
         let info = |t: &str| index::tensor_info(layer, t);
         let mut out = Vec::new();
-        if batching == Batching::PerExample && mode == LaunchMode::Grid {
+        if mode == LaunchMode::Grid {
             if let Some(w) = index::window_product(eq, &ranges, &info) {
-                // The window's columns into a workspace of their own, then one contraction.
-                let shape = w.columns_shape.clone();
-                let with_cols = |t: &str| {
-                    if t == index::COLUMNS {
-                        Some(index::TensorInfo {
-                            shape: shape.clone(),
-                            batched: true,
-                            padding: vec![(0, 0); shape.len()],
-                        })
-                    } else {
-                        info(t)
-                    }
-                };
-                let gathers = [
-                    index::equation_kernel(&format!("{name}_im2col"), &w.columns, &ranges, &with_cols, true, batching)?,
-                    index::window_contraction(name, &w, &info, first)?,
-                ];
-                let cols = self.extra(Role::Workspace(format!("{name}_cols")), &format!("{name}_cols"), true, shape);
-                for (k, tensors) in gathers {
-                    let mut args = Vec::new();
-                    for t in &tensors {
-                        args.push(if t == index::COLUMNS { cols } else { self.index_buffer(node, t, param_targets)? });
-                    }
-                    out.push(self.launch_as(k, args, mode));
+                // A batch-summed gradient: the gather's columns, then every example's
+                // product added into the target (a scatter or a bias is never summed).
+                if batching == Batching::PerExample || (w.after.is_none() && w.gemm.bias.is_none()) {
+                    return self.window_launches(node, name, &w, first, batching, param_targets);
                 }
-                return Ok(out);
             }
         }
         let scatter_first = first && eq.accumulate;
@@ -1125,11 +1104,76 @@ impl Lowering<'_> {
             args.push(self.index_buffer(node, t, param_targets)?);
         }
         if scatter_first {
-            let target = *args.last().expect("a target");
-            let size = self.buffers[target.0 as usize].per_example_len() as usize;
-            out.push(self.launch(index::zero(&format!("zero_{size}"), size)?, vec![target]));
+            out.push(self.zero_launch(*args.last().expect("a target"))?);
         }
         out.push(self.launch_as(k, args, mode));
+        Ok(out)
+    }
+
+    /// A launch zeroing the per-example buffer `target` (before a scatter into it).
+    fn zero_launch(&mut self, target: BufId) -> Result<Launch> {
+        let size = self.buffers[target.0 as usize].per_example_len() as usize;
+        Ok(self.launch(index::zero(&format!("zero_{size}"), size)?, vec![target]))
+    }
+
+    /// The launches of a window product (see [`index::WindowProduct`]): the columns into a
+    /// workspace of their own (gathered from the window, or computed by the contraction and
+    /// then scattered through the window), and one contraction per example. `first`: the
+    /// equation's target is written first here.
+    fn window_launches(
+        &mut self,
+        node: NodeId,
+        name: &str,
+        w: &index::WindowProduct,
+        first: bool,
+        batching: Batching,
+        param_targets: &HashMap<String, BufId>,
+    ) -> Result<Vec<Launch>> {
+        let layer = self.index_layer(node)?;
+        let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
+        let shape = w.columns_shape.clone();
+        let info = |t: &str| {
+            if t == index::COLUMNS {
+                Some(index::TensorInfo { shape: shape.clone(), batched: true, padding: vec![(0, 0); shape.len()] })
+            } else {
+                index::tensor_info(layer, t)
+            }
+        };
+        let mut kernels = Vec::new();
+        if let Some(eq) = &w.before {
+            kernels.push(index::equation_kernel(
+                &format!("{name}_im2col"),
+                eq,
+                &ranges,
+                &info,
+                true,
+                Batching::PerExample,
+            )?);
+        }
+        kernels.push(index::flat_gemm(name, &w.gemm, &info, first || w.after.is_some(), batching)?);
+        if let Some(eq) = &w.after {
+            kernels.push(index::equation_kernel(
+                &format!("{name}_col2im"),
+                eq,
+                &ranges,
+                &info,
+                false,
+                Batching::PerExample,
+            )?);
+        }
+        let cols = self.extra(Role::Workspace(format!("{name}_cols")), &format!("{name}_cols"), true, shape);
+        let mut out = Vec::new();
+        for (k, tensors) in kernels {
+            let mut args = Vec::new();
+            for t in &tensors {
+                args.push(if t == index::COLUMNS { cols } else { self.index_buffer(node, t, param_targets)? });
+            }
+            if first && w.after.is_some() && k.name.ends_with("_col2im") {
+                // The scatter's target is zeroed first.
+                out.push(self.zero_launch(*args.last().expect("a target"))?);
+            }
+            out.push(self.launch(k, args));
+        }
         Ok(out)
     }
 
