@@ -21,6 +21,7 @@ pub mod equation;
 pub mod index;
 pub mod kernels;
 pub mod param_grads;
+pub mod window;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -36,8 +37,9 @@ use crate::index_layer::{IndexLayer, LocalKind};
 use crate::ops::Strategy;
 use crate::plan::Plan;
 use index::Batching;
-use kernels::{ConvGemm, NormGeom, PoolGeom, Window};
+use kernels::{ConvGemm, NormGeom, PoolGeom};
 use param_grads::Outputs;
+use window::Window;
 
 /// Index of a buffer in [`Program::buffers`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -10,7 +10,8 @@
 use pdgc_codegen::ir::{Binary, Expr, Extent, Kernel, Mode, Unary, VarId};
 
 use super::builder::*;
-use super::kernels::{ConvGemm, NormGeom, Window};
+use super::kernels::{ConvGemm, NormGeom};
+use super::window::{idx as ix, spatial_vars as spatial, window_nest, Window};
 use crate::error::Result;
 use crate::graph::Conv;
 
@@ -27,19 +28,6 @@ fn wshape(c: &Conv) -> Vec<usize> {
     let mut s = vec![c.out_channels, c.in_channels / c.groups];
     s.extend(&c.kernel);
     s
-}
-
-fn spatial(kb: &mut KernelBuilder, n: usize, out: bool) -> Vec<VarId> {
-    match (n, out) {
-        (1, true) => kb.vars(&["ol"]),
-        (1, false) => kb.vars(&["kl"]),
-        (_, true) => kb.vars(&["oh", "ow"]),
-        (_, false) => kb.vars(&["kh", "kw"]),
-    }
-}
-
-fn ix(vars: &[VarId]) -> Vec<pdgc_codegen::ir::Affine> {
-    vars.iter().map(|&x| v(x)).collect()
 }
 
 fn channel(c: &Conv, co: VarId, ci: VarId) -> pdgc_codegen::ir::Affine {
@@ -241,13 +229,13 @@ pub fn im2col(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize]) -> 
         t = t.plus(o[a], os as i64);
     }
     let chan = v(ci).plus(g, cin_g as i64);
-    let value = load(x, [vec![v(n), chan], xi.clone()].concat());
+    let value = load(x, [vec![v(n), chan], xi].concat());
     let target = vec![v(n), v(g), r, t];
-    // Zero first, then copy where the window lies inside the input (a `select` would
-    // evaluate the load out of bounds).
-    let mut write = vec![store(u, target.clone(), lit(0.0))];
-    write.extend(guarded(w.guards(&xi), vec![store(u, target, value)]));
-    let body = nest(&[&[g, ci][..], &k, &o].concat(), &[&[c.groups, cin_g][..], &c.kernel, &w.output].concat(), write);
+    // The copy runs only where the window lies inside the input (a load there is in
+    // bounds); the zeros where it reads padding.
+    let copy = vec![store(u, target.clone(), value)];
+    let zero = vec![store(u, target, lit(0.0))];
+    let body = nest(&[g, ci], &[c.groups, cin_g], window_nest(&w, &k, &o, copy, zero));
     kb.finish(n, Extent::Batch, body)
 }
 

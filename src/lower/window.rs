@@ -1,0 +1,311 @@
+//! Sliding windows (convs, pools, crb): their geometry, the loop variables and input indices
+//! of a window, and [`window_nest`], the loop nest over every pair of a kernel tap and an
+//! output position that runs no bounds guard per element (index-set splitting).
+//!
+//! Along a padded axis, the guard `0 ≤ o·stride + k·dilation − pad_lo < input` holds for
+//! every tap on one contiguous range of output positions `o` (it fails only within about
+//! `pad / stride` positions of either end). So [`window_nest`] runs the innermost output
+//! axis as up to three loops: that range with no guard (with stride 1 a unit-stride
+//! [`LoopKind::Vector`](pdgc_codegen::ir::LoopKind) loop, which the CPU backend runs on SIMD
+//! lanes), and the positions before and after it, which check the guard per element. The
+//! guards of the other axes do not depend on the innermost output position: they run once
+//! per row, around its loops.
+
+use std::ops::Range;
+
+use pdgc_codegen::ir::{Affine, Cond, Stmt, VarId};
+
+use super::builder::*;
+use crate::graph::Conv;
+
+/// Sliding-window geometry along the spatial axes (conv, pool, crb).
+pub struct Window {
+    pub input: Vec<usize>,
+    pub output: Vec<usize>,
+    pub kernel: Vec<usize>,
+    pub stride: Vec<usize>,
+    /// Padding before the input along each axis.
+    pub pad_lo: Vec<usize>,
+    /// Padding after the input along each axis.
+    pub pad_hi: Vec<usize>,
+    pub dilation: Vec<usize>,
+}
+
+impl Window {
+    pub fn of_conv(c: &Conv, in_shape: &[usize], out_shape: &[usize]) -> Window {
+        Window {
+            input: in_shape[1..].to_vec(),
+            output: out_shape[1..].to_vec(),
+            kernel: c.kernel.clone(),
+            stride: c.stride.clone(),
+            pad_lo: c.pad_lo.clone(),
+            pad_hi: c.pad_hi.clone(),
+            dilation: c.dilation.clone(),
+        }
+    }
+
+    pub fn spatial(&self) -> usize {
+        self.kernel.len()
+    }
+
+    /// `o·stride + k·dilation − pad_lo` along each axis.
+    pub fn input_index(&self, o: &[VarId], k: &[VarId]) -> Vec<Affine> {
+        (0..self.spatial())
+            .map(|a| {
+                v(o[a])
+                    .plus(k[a], self.dilation[a] as i64)
+                    .mul_first(self.stride[a] as i64)
+                    .offset(-(self.pad_lo[a] as i64))
+            })
+            .collect()
+    }
+
+    /// Whether axis `a` has padding on either side.
+    pub fn padded(&self, a: usize) -> bool {
+        self.pad_lo[a] > 0 || self.pad_hi[a] > 0
+    }
+
+    /// Bounds guards, only on axes with padding (without padding every window lies inside
+    /// the input by the output-size formula).
+    pub fn guards(&self, idx: &[Affine]) -> Vec<(Affine, usize)> {
+        (0..self.spatial()).filter(|&a| self.padded(a)).map(|a| (idx[a].clone(), self.input[a])).collect()
+    }
+
+    /// The output positions `lo..hi` along axis `a` at which tap `k` reads inside the
+    /// input: `0 ≤ o·stride + k·dilation − pad_lo < input` exactly there.
+    pub fn inside(&self, a: usize, k: usize) -> (usize, usize) {
+        let s = self.stride[a].max(1) as i64;
+        let out = self.output[a] as i64;
+        // The input index is `o·s + base`.
+        let base = (k * self.dilation[a]) as i64 - self.pad_lo[a] as i64;
+        let lo = ceil_div(-base, s).clamp(0, out);
+        let hi = ceil_div(self.input[a] as i64 - base, s).clamp(lo, out);
+        (lo as usize, hi as usize)
+    }
+
+    /// The smallest and largest input index along axis `a` over the output positions
+    /// `positions` (not empty) and every tap.
+    fn reach(&self, a: usize, positions: &Range<usize>) -> (i64, i64) {
+        let first = (positions.start * self.stride[a]) as i64;
+        let last = (positions.end.saturating_sub(1) * self.stride[a]
+            + self.kernel[a].saturating_sub(1) * self.dilation[a]) as i64;
+        let pad = self.pad_lo[a] as i64;
+        (first - pad, last - pad)
+    }
+
+    /// Every output position along each axis.
+    fn positions(&self) -> Vec<Range<usize>> {
+        self.output.iter().map(|&o| 0..o).collect()
+    }
+
+    /// The guards of `axes` as conditions.
+    fn inside_conds(&self, axes: &[usize], idx: &[Affine]) -> Vec<Cond> {
+        axes.iter().map(|&a| in_range(idx[a].clone(), 0, self.input[a] as i64)).collect()
+    }
+
+    /// Pairwise disjoint conditions that together hold exactly where one of the guards of
+    /// `axes` fails at output positions within `positions` (one range per axis): the first
+    /// failing axis reads before or after the input, the axes before it inside. A piece
+    /// that no position reaches is left out.
+    fn outside_conds(&self, axes: &[usize], idx: &[Affine], positions: &[Range<usize>]) -> Vec<Vec<Cond>> {
+        let mut pieces = Vec::new();
+        for (j, &a) in axes.iter().enumerate() {
+            let (min, max) = self.reach(a, &positions[a]);
+            let input = self.input[a] as i64;
+            for (lo, hi) in [(min, 0), (input, max + 1)] {
+                if lo < hi {
+                    let mut piece = self.inside_conds(&axes[..j], idx);
+                    piece.push(in_range(idx[a].clone(), lo, hi));
+                    pieces.push(piece);
+                }
+            }
+        }
+        pieces
+    }
+}
+
+/// `⌈x / s⌉` for `s > 0`.
+fn ceil_div(x: i64, s: i64) -> i64 {
+    -(-x).div_euclid(s)
+}
+
+trait MulFirst {
+    fn mul_first(self, coef: i64) -> Self;
+}
+
+impl MulFirst for Affine {
+    /// Multiplies the first term's coefficient (the output position's stride).
+    fn mul_first(mut self, coef: i64) -> Affine {
+        if let Some(t) = self.terms.first_mut() {
+            t.coef *= coef;
+        }
+        self
+    }
+}
+
+/// The loop variables of a window's output positions (`out`) or of its taps.
+pub fn spatial_vars(kb: &mut KernelBuilder, spatial: usize, out: bool) -> Vec<VarId> {
+    match (spatial, out) {
+        (1, true) => kb.vars(&["ol"]),
+        (1, false) => kb.vars(&["kl"]),
+        (_, true) => kb.vars(&["oh", "ow"]),
+        (_, false) => kb.vars(&["kh", "kw"]),
+    }
+}
+
+/// The variables as indices.
+pub fn idx(vars: &[VarId]) -> Vec<Affine> {
+    vars.iter().map(|&x| v(x)).collect()
+}
+
+/// The loops over the taps `k` and output positions `o` (outermost first, the taps
+/// outside) that run `inside` at each pair whose window reads inside the input along every
+/// padded axis, and `outside` at every other pair (an im2col's zeros; nothing for col2im),
+/// in the order of the plain nest `for k, o { if guards { inside } else { outside } }`.
+/// Both bodies are written in the variables of `k` and `o`, and neither may bind them.
+///
+/// Along the innermost axis, the positions at which every tap reads inside the input form
+/// one range: there `inside` runs with no guard (a vector loop when the stride is 1); only
+/// the few positions before and after it check the guard per element. The guards of the
+/// other axes check once per row. If the bodies' indices cannot be shifted to a range's
+/// start (a term `⌊o/div⌋`), every element checks its guards.
+pub fn window_nest(w: &Window, k: &[VarId], o: &[VarId], inside: Vec<Stmt>, outside: Vec<Stmt>) -> Vec<Stmt> {
+    let xi = w.input_index(o, k);
+    let body = rows(w, o, &xi, &inside, &outside).unwrap_or_else(|| {
+        let padded: Vec<usize> = (0..w.spatial()).filter(|&a| w.padded(a)).collect();
+        let per_element = split(w, &padded, &xi, &w.positions(), inside, &outside);
+        nest(o, &w.output, per_element)
+    });
+    nest(k, &w.kernel, body)
+}
+
+/// `inside` where the guards of `axes` hold, `outside` where one fails, at output positions
+/// within `positions` (one range per axis).
+fn split(
+    w: &Window,
+    axes: &[usize],
+    xi: &[Affine],
+    positions: &[Range<usize>],
+    inside: Vec<Stmt>,
+    outside: &[Stmt],
+) -> Vec<Stmt> {
+    let mut body = when(w.inside_conds(axes, xi), inside);
+    if !outside.is_empty() {
+        for piece in w.outside_conds(axes, xi, positions) {
+            body.extend(when(piece, outside.to_vec()));
+        }
+    }
+    body
+}
+
+/// The loops over the output positions for one tap: the rows, each with its outer guards,
+/// and in each row the guard-free range of the innermost axis between its guarded edges.
+fn rows(w: &Window, o: &[VarId], xi: &[Affine], inside: &[Stmt], outside: &[Stmt]) -> Option<Vec<Stmt>> {
+    let last = w.spatial() - 1;
+    let (ol, extent) = (o[last], w.output[last]);
+    let line = if w.padded(last) {
+        // Every tap reads inside from the largest start of a tap's range to the smallest end.
+        let taps = (0..w.kernel[last]).map(|tap| w.inside(last, tap));
+        let lo = taps.clone().map(|(lo, _)| lo).max().unwrap_or(0);
+        let hi = taps.map(|(_, hi)| hi).min().unwrap_or(0).max(lo);
+        let edge = |positions: Range<usize>| {
+            let mut within = w.positions();
+            within[last] = positions.clone();
+            span(ol, positions.start, positions.end, &split(w, &[last], xi, &within, inside.to_vec(), outside), false)
+        };
+        // The inside loop moves the input index by the stride per step: unit stride with 1.
+        [edge(0..lo)?, span(ol, lo, hi, inside, w.stride[last] == 1)?, edge(hi..extent)?].concat()
+    } else {
+        span(ol, 0, extent, inside, w.stride[last] == 1)?
+    };
+    let outer: Vec<usize> = (0..last).filter(|&a| w.padded(a)).collect();
+    let row = split(w, &outer, xi, &w.positions(), line, &span(ol, 0, extent, outside, true)?);
+    Some(nest(&o[..last], &w.output[..last], row))
+}
+
+/// `body` at the positions `lo..hi` of `var`: a loop over `0..hi-lo` with `var + lo` for
+/// `var` (a vector loop when `vector`), the body alone at a single position, nothing for
+/// none.
+fn span(var: VarId, lo: usize, hi: usize, body: &[Stmt], vector: bool) -> Option<Vec<Stmt>> {
+    if hi <= lo || body.is_empty() {
+        return Some(Vec::new());
+    }
+    if hi - lo == 1 {
+        return pinned(body.to_vec(), var, lo as i64);
+    }
+    let body = shifted(body.to_vec(), var, lo as i64)?;
+    Some(vec![if vector { vlp(var, hi - lo, body) } else { lp(var, hi - lo, body) }])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(input: usize, kernel: usize, stride: usize, pad: (usize, usize), dilation: usize) -> Window {
+        let output = (input + pad.0 + pad.1 - dilation * (kernel - 1) - 1) / stride + 1;
+        Window {
+            input: vec![input],
+            output: vec![output],
+            kernel: vec![kernel],
+            stride: vec![stride],
+            pad_lo: vec![pad.0],
+            pad_hi: vec![pad.1],
+            dilation: vec![dilation],
+        }
+    }
+
+    #[test]
+    fn inside_is_exactly_the_positions_whose_tap_reads_the_input() {
+        for (input, kernel, stride, pad, dilation) in [
+            (32, 5, 1, (2, 2), 1),
+            (7, 3, 2, (1, 0), 1),
+            (9, 3, 3, (0, 4), 2),
+            (5, 7, 1, (3, 3), 1),
+            (4, 3, 2, (5, 1), 1),
+        ] {
+            let w = window(input, kernel, stride, pad, dilation);
+            for k in 0..kernel {
+                let (lo, hi) = w.inside(0, k);
+                for o in 0..w.output[0] {
+                    let x = (o * stride + k * dilation) as i64 - pad.0 as i64;
+                    let reads_input = (0..input as i64).contains(&x);
+                    assert_eq!(
+                        reads_input,
+                        (lo..hi).contains(&o),
+                        "{input} {kernel} {stride} {pad:?} {dilation}: k {k} o {o}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_outside_pieces_cover_every_failing_index_once() {
+        let w = Window {
+            input: vec![4, 5],
+            output: vec![5, 3],
+            kernel: vec![3, 3],
+            stride: vec![1, 2],
+            pad_lo: vec![1, 1],
+            pad_hi: vec![1, 0],
+            dilation: vec![1, 1],
+        };
+        let mut kb = KernelBuilder::new("pieces");
+        let o = spatial_vars(&mut kb, 2, true);
+        let k = spatial_vars(&mut kb, 2, false);
+        let xi = w.input_index(&o, &k);
+        let pieces = w.outside_conds(&[0, 1], &xi, &w.positions());
+        let holds = |c: &Cond, x: [i64; 2]| match c {
+            Cond::InRange { index, lo, hi } => {
+                let axis = if *index == xi[0] { 0 } else { 1 };
+                (*lo..*hi).contains(&x[axis])
+            }
+            _ => false,
+        };
+        for (x0, x1) in (-1..=5).flat_map(|a| (-1..=5).map(move |b| (a, b))) {
+            let inside = (0..4).contains(&x0) && (0..5).contains(&x1);
+            let matching = pieces.iter().filter(|p| p.iter().all(|c| holds(c, [x0, x1]))).count();
+            assert_eq!(matching, usize::from(!inside), "input index ({x0}, {x1})");
+        }
+    }
+}
