@@ -11,7 +11,7 @@ use pdgc_codegen::ir::{Binary, Expr, Extent, Kernel, Mode, Unary, VarId};
 
 use super::builder::*;
 use super::kernels::{ConvGemm, NormGeom};
-use super::window::{idx as ix, spatial_vars as spatial, window_nest, Window};
+use super::window::{idx as ix, spatial_vars as spatial, window_nest, window_rows, Window};
 use crate::error::Result;
 use crate::graph::Conv;
 
@@ -121,10 +121,10 @@ pub fn conv_direct(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize]
     let xi = w.input_index(&o, &k);
     let prod = Expr::mul(
         load(dy, [vec![v(n), v(co)], ix(&o)].concat()),
-        load(x, [vec![v(n), channel(c, co, ci)], xi.clone()].concat()),
+        load(x, [vec![v(n), channel(c, co, ci)], xi].concat()),
     );
     let mut per_w = vec![set(a, lit(0.0))];
-    per_w.extend(nest(&o, &w.output, guarded(w.guards(&xi), vec![add_to(a, prod)])));
+    per_w.extend(window_rows(&w, &k, &o, vec![add_to(a, prod)], Vec::new()));
     if let Some(gw) = gw {
         per_w.push(store(gw, [vec![v(n), v(co), v(ci)], ix(&k)].concat(), acc(a)));
     }
@@ -133,7 +133,7 @@ pub fn conv_direct(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize]
     if c.bias {
         let o2 = spatial(&mut kb, w.spatial(), true);
         per_co.push(set(a, lit(0.0)));
-        per_co.extend(nest(&o2, &w.output, vec![add_to(a, load(dy, [vec![v(n), v(co)], ix(&o2)].concat()))]));
+        per_co.extend(vnest(&o2, &w.output, vec![add_to(a, load(dy, [vec![v(n), v(co)], ix(&o2)].concat()))]));
         if let Some(gb) = gb {
             per_co.push(store(gb, vec![v(n), v(co)], acc(a)));
         }
@@ -154,7 +154,9 @@ pub fn conv_direct(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize]
 /// produces (`positions` per axis, ≥ the kernel) into `full`; [`crb_truncate`] keeps the
 /// kernel-sized part.
 pub fn crb_conv(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], positions: &[usize]) -> Result<Kernel> {
-    let w = Window::of_conv(c, in_shape, out_shape);
+    // The grouped conv's taps are its output positions `q`, which read X at
+    // q·dilation + o·stride − pad_lo: a window like the conv's with `positions` taps.
+    let w = Window { kernel: positions.to_vec(), ..Window::of_conv(c, in_shape, out_shape) };
     let mut kb = KernelBuilder::new(name);
     let x = kb.input("x", batched(in_shape));
     let dy = kb.input("dy", batched(out_shape));
@@ -167,18 +169,13 @@ pub fn crb_conv(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], p
     let q = spatial(&mut kb, w.spatial(), false);
     let o = spatial(&mut kb, w.spatial(), true);
     let a = kb.acc("acc");
-    // Output position q of the grouped conv reads X at q·dilation + o·stride − pad_lo.
     let xi = w.input_index(&o, &q);
-    let guards: Vec<_> = (0..w.spatial())
-        .filter(|&ax| w.padded(ax) || positions[ax] > c.kernel[ax])
-        .map(|ax| (xi[ax].clone(), w.input[ax]))
-        .collect();
     let prod = Expr::mul(
         load(dy, [vec![v(n), v(co)], ix(&o)].concat()),
-        load(x, [vec![v(n), channel(c, co, ci)], xi.clone()].concat()),
+        load(x, [vec![v(n), channel(c, co, ci)], xi].concat()),
     );
     let mut per_q = vec![set(a, lit(0.0))];
-    per_q.extend(nest(&o, &w.output, guarded(guards, vec![add_to(a, prod)])));
+    per_q.extend(window_rows(&w, &q, &o, vec![add_to(a, prod)], Vec::new()));
     per_q.push(store(full, [vec![v(n), v(co), v(ci)], ix(&q)].concat(), acc(a)));
     let body = nest(
         &[&[co, ci][..], &q].concat(),
@@ -198,7 +195,7 @@ pub fn crb_truncate(name: &str, c: &Conv, positions: &[usize]) -> Result<Kernel>
     let n = kb.var("n");
     let vars: Vec<VarId> = (0..2 + c.kernel.len()).map(|i| kb.var(&format!("i{i}"))).collect();
     let index = [vec![v(n)], ix(&vars)].concat();
-    let body = nest(&vars, &wshape(c), vec![store(gw, index.clone(), load(full, index))]);
+    let body = vnest(&vars, &wshape(c), vec![store(gw, index.clone(), load(full, index))]);
     kb.finish(n, Extent::Batch, body)
 }
 

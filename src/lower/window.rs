@@ -93,6 +93,12 @@ impl Window {
         (first - pad, last - pad)
     }
 
+    /// Whether some output position and tap reads outside the input along axis `a`.
+    fn reads_outside(&self, a: usize) -> bool {
+        let (min, max) = self.reach(a, &(0..self.output[a]));
+        min < 0 || max >= self.input[a] as i64
+    }
+
     /// Every output position along each axis.
     fn positions(&self) -> Vec<Range<usize>> {
         self.output.iter().map(|&o| 0..o).collect()
@@ -159,24 +165,29 @@ pub fn idx(vars: &[VarId]) -> Vec<Affine> {
 }
 
 /// The loops over the taps `k` and output positions `o` (outermost first, the taps
-/// outside) that run `inside` at each pair whose window reads inside the input along every
-/// padded axis, and `outside` at every other pair (an im2col's zeros; nothing for col2im),
-/// in the order of the plain nest `for k, o { if guards { inside } else { outside } }`.
-/// Both bodies are written in the variables of `k` and `o`, and neither may bind them.
+/// outside) that run `inside` at each pair whose window reads inside the input, and
+/// `outside` at every other pair (an im2col's zeros; nothing for col2im), in the order of
+/// the plain nest `for k, o { if guards { inside } else { outside } }`. Both bodies are
+/// written in the variables of `k` and `o`, and neither may bind them.
+pub fn window_nest(w: &Window, k: &[VarId], o: &[VarId], inside: Vec<Stmt>, outside: Vec<Stmt>) -> Vec<Stmt> {
+    nest(k, &w.kernel, window_rows(w, k, o, inside, outside))
+}
+
+/// The loops over the output positions `o` of [`window_nest`] for the taps `k`, which
+/// enclosing loops bind (a kernel that reduces over the positions for each tap).
 ///
 /// Along the innermost axis, the positions at which every tap reads inside the input form
 /// one range: there `inside` runs with no guard (a vector loop when the stride is 1); only
 /// the few positions before and after it check the guard per element. The guards of the
-/// other axes check once per row. If the bodies' indices cannot be shifted to a range's
-/// start (a term `⌊o/div⌋`), every element checks its guards.
-pub fn window_nest(w: &Window, k: &[VarId], o: &[VarId], inside: Vec<Stmt>, outside: Vec<Stmt>) -> Vec<Stmt> {
+/// other axes check once per row. An axis is guarded only if some position and tap reads
+/// outside the input along it. If the bodies' indices cannot be shifted to a range's start
+/// (a term `⌊o/div⌋`), every element checks its guards.
+pub fn window_rows(w: &Window, k: &[VarId], o: &[VarId], inside: Vec<Stmt>, outside: Vec<Stmt>) -> Vec<Stmt> {
     let xi = w.input_index(o, k);
-    let body = rows(w, o, &xi, &inside, &outside).unwrap_or_else(|| {
-        let padded: Vec<usize> = (0..w.spatial()).filter(|&a| w.padded(a)).collect();
-        let per_element = split(w, &padded, &xi, &w.positions(), inside, &outside);
-        nest(o, &w.output, per_element)
-    });
-    nest(k, &w.kernel, body)
+    rows(w, o, &xi, &inside, &outside).unwrap_or_else(|| {
+        let guarded: Vec<usize> = (0..w.spatial()).filter(|&a| w.reads_outside(a)).collect();
+        nest(o, &w.output, split(w, &guarded, &xi, &w.positions(), inside, &outside))
+    })
 }
 
 /// `inside` where the guards of `axes` hold, `outside` where one fails, at output positions
@@ -203,7 +214,7 @@ fn split(
 fn rows(w: &Window, o: &[VarId], xi: &[Affine], inside: &[Stmt], outside: &[Stmt]) -> Option<Vec<Stmt>> {
     let last = w.spatial() - 1;
     let (ol, extent) = (o[last], w.output[last]);
-    let line = if w.padded(last) {
+    let line = if w.reads_outside(last) {
         // Every tap reads inside from the largest start of a tap's range to the smallest end.
         let taps = (0..w.kernel[last]).map(|tap| w.inside(last, tap));
         let lo = taps.clone().map(|(lo, _)| lo).max().unwrap_or(0);
@@ -218,7 +229,7 @@ fn rows(w: &Window, o: &[VarId], xi: &[Affine], inside: &[Stmt], outside: &[Stmt
     } else {
         span(ol, 0, extent, inside, w.stride[last] == 1)?
     };
-    let outer: Vec<usize> = (0..last).filter(|&a| w.padded(a)).collect();
+    let outer: Vec<usize> = (0..last).filter(|&a| w.reads_outside(a)).collect();
     let row = split(w, &outer, xi, &w.positions(), line, &span(ol, 0, extent, outside, true)?);
     Some(nest(&o[..last], &w.output[..last], row))
 }
