@@ -2,7 +2,7 @@
 //! of a window, and [`window_nest`], the loop nest over every pair of a kernel tap and an
 //! output position that runs no bounds guard per element (index-set splitting).
 //!
-//! Along a padded axis, the guard `0 ≤ o·stride + k·dilation − pad_lo < input` holds for
+//! Along an axis whose windows reach the padding, the guard `0 ≤ o·stride + k·dilation − pad_lo < input` holds for
 //! every tap on one contiguous range of output positions `o` (it fails only within about
 //! `pad / stride` positions of either end). So [`window_nest`] runs the innermost output
 //! axis as up to three loops: that range with no guard (with stride 1 a unit-stride
@@ -209,8 +209,9 @@ fn split(
     body
 }
 
-/// The loops over the output positions for one tap: the rows, each with its outer guards,
-/// and in each row the guard-free range of the innermost axis between its guarded edges.
+/// The loops over the output positions (the taps bound outside): the rows, each with its
+/// outer guards, and in each row the guard-free range of the innermost axis between its
+/// guarded edges. `None` when a body's index cannot be shifted.
 fn rows(w: &Window, o: &[VarId], xi: &[Affine], inside: &[Stmt], outside: &[Stmt]) -> Option<Vec<Stmt>> {
     let last = w.spatial() - 1;
     let (ol, extent) = (o[last], w.output[last]);
@@ -250,6 +251,8 @@ fn span(var: VarId, lo: usize, hi: usize, body: &[Stmt], vector: bool) -> Option
 
 #[cfg(test)]
 mod tests {
+    use pdgc_codegen::ir::{Extent, Mode};
+
     use super::*;
 
     fn window(input: usize, kernel: usize, stride: usize, pad: (usize, usize), dilation: usize) -> Window {
@@ -317,6 +320,111 @@ mod tests {
             let inside = (0..4).contains(&x0) && (0..5).contains(&x1);
             let matching = pieces.iter().filter(|p| p.iter().all(|c| holds(c, [x0, x1]))).count();
             assert_eq!(matching, usize::from(!inside), "input index ({x0}, {x1})");
+        }
+    }
+
+    /// The geometry, `(input, kernel, stride, pad_lo, pad_hi, dilation)` per axis, as a conv
+    /// with 2 groups of 2 input channels, and its input and output shapes.
+    fn conv(axes: &[(usize, usize, usize, usize, usize, usize)]) -> (Conv, Vec<usize>, Vec<usize>) {
+        let pick = |f: fn(&(usize, usize, usize, usize, usize, usize)) -> usize| axes.iter().map(f).collect();
+        let c = Conv {
+            in_channels: 4,
+            out_channels: 2,
+            kernel: pick(|a| a.1),
+            stride: pick(|a| a.2),
+            pad_lo: pick(|a| a.3),
+            pad_hi: pick(|a| a.4),
+            dilation: pick(|a| a.5),
+            groups: 2,
+            bias: false,
+        };
+        let input: Vec<usize> = [vec![4], pick(|a| a.0)].concat();
+        let output: Vec<usize> =
+            [vec![2], axes.iter().map(|&(i, k, s, lo, hi, d)| (i + lo + hi - d * (k - 1) - 1) / s + 1).collect()]
+                .concat();
+        (c, input, output)
+    }
+
+    /// im2col and col2im as the plain nest over taps and positions with a guard on every
+    /// element (what the generators wrote before index-set splitting).
+    fn guarded_reference(c: &Conv, input: &[usize], output: &[usize]) -> [pdgc_codegen::ir::Kernel; 2] {
+        let w = Window::of_conv(c, input, output);
+        let cin_g = c.in_channels / c.groups;
+        let kprod: usize = c.kernel.iter().product();
+        let positions: usize = w.output.iter().product();
+        let kernels = [true, false].map(|forward| {
+            let mut kb = KernelBuilder::new("reference");
+            let x = kb.arg("x", batched(input), if forward { Mode::In } else { Mode::InOut });
+            let u =
+                kb.arg("u", batched(&[c.groups, cin_g * kprod, positions]), if forward { Mode::Out } else { Mode::In });
+            let [n, g, ci] = [kb.var("n"), kb.var("g"), kb.var("ci")];
+            let k = spatial_vars(&mut kb, w.spatial(), false);
+            let o = spatial_vars(&mut kb, w.spatial(), true);
+            let xi = w.input_index(&o, &k);
+            let mut r = Affine::default().plus(ci, kprod as i64);
+            let mut t = Affine::default();
+            for a in 0..w.spatial() {
+                r = r.plus(k[a], c.kernel[a + 1..].iter().product::<usize>() as i64);
+                t = t.plus(o[a], w.output[a + 1..].iter().product::<usize>() as i64);
+            }
+            let xs = [vec![v(n), v(ci).plus(g, cin_g as i64)], xi.clone()].concat();
+            let us = vec![v(n), v(g), r, t];
+            let body = if forward {
+                let mut b = vec![store(u, us.clone(), lit(0.0))];
+                b.extend(guarded(w.guards(&xi), vec![store(u, us, load(x, xs))]));
+                b
+            } else {
+                guarded(w.guards(&xi), vec![accumulate(x, xs, load(u, us))])
+            };
+            let nested =
+                nest(&[&[g, ci][..], &k, &o].concat(), &[&[c.groups, cin_g][..], &c.kernel, &w.output].concat(), body);
+            kb.finish(n, Extent::Batch, nested).expect("reference kernel")
+        });
+        kernels
+    }
+
+    fn values(len: usize, seed: f32) -> Vec<f32> {
+        (0..len).map(|i| ((i as f32 + seed) * 0.731).sin()).collect()
+    }
+
+    fn run(k: &pdgc_codegen::ir::Kernel, bufs: &mut [Vec<f32>]) {
+        pdgc_codegen::verify::verify(k).expect("verifies");
+        let mut slices: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        pdgc_codegen::interp::run(k, &mut slices, 2).expect("runs");
+    }
+
+    /// The split im2col writes the same bits as the guarded nest, and the split col2im adds
+    /// the same contributions in the same order (bit for bit), on 1-D and 2-D windows with
+    /// strides, dilations, asymmetric and unpadded axes, and outputs narrower than a kernel.
+    #[test]
+    fn split_window_kernels_match_the_guarded_nest_bit_for_bit() {
+        let geometries: [&[(usize, usize, usize, usize, usize, usize)]; 7] = [
+            &[(9, 5, 1, 2, 2, 1), (7, 3, 1, 1, 1, 1)],
+            &[(8, 3, 2, 1, 0, 1), (9, 3, 2, 0, 2, 2)],
+            &[(6, 3, 1, 0, 0, 1), (10, 5, 3, 4, 1, 1)],
+            &[(5, 4, 1, 3, 2, 1), (4, 5, 1, 4, 4, 1)],
+            &[(12, 5, 1, 4, 4, 2)],
+            &[(11, 3, 2, 2, 1, 3)],
+            &[(7, 1, 1, 0, 0, 1)],
+        ];
+        for axes in geometries {
+            let (c, input, output) = conv(axes);
+            let [ref_fwd, ref_bwd] = guarded_reference(&c, &input, &output);
+            let split_fwd = super::super::param_grads::im2col("im2col", &c, &input, &output).expect("im2col");
+            let split_bwd = super::super::kernels::col2im("col2im", &c, &input, &output, false).expect("col2im");
+            let cols = 2 * c.in_channels * c.kernel.iter().product::<usize>() * output[1..].iter().product::<usize>();
+            let x = values(2 * input.iter().product::<usize>(), 0.5);
+            let (mut reference, mut split) = ([x.clone(), vec![f32::NAN; cols]], [x.clone(), vec![f32::NAN; cols]]);
+            run(&ref_fwd, &mut reference);
+            run(&split_fwd, &mut split);
+            let bits = |b: &[f32]| b.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&reference[1]), bits(&split[1]), "im2col {axes:?}");
+            let du = values(cols, 3.25);
+            // col2im's arguments come in the order (dcols, dx).
+            let (mut reference, mut split) = ([x.clone(), du.clone()], [du, x]);
+            run(&ref_bwd, &mut reference);
+            run(&split_bwd, &mut split);
+            assert_eq!(bits(&reference[0]), bits(&split[1]), "col2im {axes:?}");
         }
     }
 }
