@@ -109,7 +109,6 @@ pub fn col2im(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], fir
     let w = Window::of_conv(c, in_shape, out_shape);
     let cg = ConvGemm::of(c, out_shape);
     let cin_g = c.in_channels / c.groups;
-    let kprod: usize = c.kernel.iter().product();
     let mut kb = KernelBuilder::new(name);
     let du = kb.input("dcols", batched(&[cg.groups, cg.d, cg.positions]));
     let dx = kb.target("dx", batched(in_shape), first);
@@ -119,12 +118,7 @@ pub fn col2im(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], fir
     let k = spatial_vars(&mut kb, w.spatial(), false);
     let o = spatial_vars(&mut kb, w.spatial(), true);
     let xi = w.input_index(&o, &k);
-    let mut r = Affine::default().plus(ci, kprod as i64);
-    let mut t = Affine::default();
-    for a in 0..w.spatial() {
-        r = r.plus(k[a], c.kernel[a + 1..].iter().product::<usize>() as i64);
-        t = t.plus(o[a], w.output[a + 1..].iter().product::<usize>() as i64);
-    }
+    let (r, t) = w.column(ci, &k, &o);
     let mut body = Vec::new();
     if first {
         let zero_vars: Vec<VarId> = (0..in_shape.len()).map(|a| kb.var(&format!("z{a}"))).collect();

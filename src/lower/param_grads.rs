@@ -215,16 +215,7 @@ pub fn im2col(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize]) -> 
     let k = spatial(&mut kb, w.spatial(), false);
     let o = spatial(&mut kb, w.spatial(), true);
     let xi = w.input_index(&o, &k);
-    // r = ci·Πk + Σ k_a·stride_a ; t = Σ o_a·stride_a
-    let mut r = v(ci);
-    r.terms[0].coef = kprod as i64;
-    let mut t = pdgc_codegen::ir::Affine::default();
-    for a in 0..w.spatial() {
-        let ks: usize = c.kernel[a + 1..].iter().product();
-        let os: usize = w.output[a + 1..].iter().product();
-        r = r.plus(k[a], ks as i64);
-        t = t.plus(o[a], os as i64);
-    }
+    let (r, t) = w.column(ci, &k, &o);
     let chan = v(ci).plus(g, cin_g as i64);
     let value = load(x, [vec![v(n), chan], xi].concat());
     let target = vec![v(n), v(g), r, t];

@@ -60,6 +60,19 @@ impl Window {
             .collect()
     }
 
+    /// Where the tap `k` of input channel `ci` (within its group) at the output position `o`
+    /// lies in im2col's columns `U[n, g, r, t]`: the row `r = ci·Πkernel + Σ k_a·Π_{b>a}
+    /// kernel_b` and the position `t = Σ o_a·Π_{b>a} output_b`.
+    pub fn column(&self, ci: VarId, k: &[VarId], o: &[VarId]) -> (Affine, Affine) {
+        let mut r = Affine::default().plus(ci, self.kernel.iter().product::<usize>() as i64);
+        let mut t = Affine::default();
+        for a in 0..self.spatial() {
+            r = r.plus(k[a], self.kernel[a + 1..].iter().product::<usize>() as i64);
+            t = t.plus(o[a], self.output[a + 1..].iter().product::<usize>() as i64);
+        }
+        (r, t)
+    }
+
     /// Whether axis `a` has padding on either side.
     pub fn padded(&self, a: usize) -> bool {
         self.pad_lo[a] > 0 || self.pad_hi[a] > 0
@@ -361,12 +374,7 @@ mod tests {
             let k = spatial_vars(&mut kb, w.spatial(), false);
             let o = spatial_vars(&mut kb, w.spatial(), true);
             let xi = w.input_index(&o, &k);
-            let mut r = Affine::default().plus(ci, kprod as i64);
-            let mut t = Affine::default();
-            for a in 0..w.spatial() {
-                r = r.plus(k[a], c.kernel[a + 1..].iter().product::<usize>() as i64);
-                t = t.plus(o[a], w.output[a + 1..].iter().product::<usize>() as i64);
-            }
+            let (r, t) = w.column(ci, &k, &o);
             let xs = [vec![v(n), v(ci).plus(g, cin_g as i64)], xi.clone()].concat();
             let us = vec![v(n), v(g), r, t];
             let body = if forward {
