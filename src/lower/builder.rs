@@ -293,12 +293,91 @@ pub fn lit(x: f32) -> Expr {
 /// Runs `body` only where every index lies in `0..hi`; no guard when there is nothing
 /// to check.
 pub fn guarded(ranges: Vec<(Affine, usize)>, body: Vec<Stmt>) -> Vec<Stmt> {
-    let conds: Vec<Cond> =
-        ranges.into_iter().map(|(index, hi)| Cond::InRange { index, lo: 0, hi: hi as i64 }).collect();
+    when(ranges.into_iter().map(|(index, hi)| in_range(index, 0, hi as i64)).collect(), body)
+}
+
+/// `lo <= index < hi`
+pub fn in_range(index: Affine, lo: i64, hi: i64) -> Cond {
+    Cond::InRange { index, lo, hi }
+}
+
+/// Runs `body` only where every condition holds; no `If` when there is none.
+pub fn when(conds: Vec<Cond>, body: Vec<Stmt>) -> Vec<Stmt> {
+    let mut conds = conds;
     match conds.len() {
         0 => body,
-        1 => vec![Stmt::If { cond: conds.into_iter().next().expect("one condition"), then: body }],
+        1 => vec![Stmt::If { cond: conds.remove(0), then: body }],
         _ => vec![Stmt::If { cond: Cond::And(conds), then: body }],
+    }
+}
+
+/// Nested loops over `vars` with `extents` like [`nest`], the innermost a vector loop
+/// (it must run along a unit-stride dim).
+pub fn vnest(vars: &[VarId], extents: &[usize], body: Vec<Stmt>) -> Vec<Stmt> {
+    match (vars.split_last(), extents.split_last()) {
+        (Some((&inner, outer)), Some((&extent, outer_extents))) => {
+            nest(outer, outer_extents, vec![vlp(inner, extent, body)])
+        }
+        _ => body,
+    }
+}
+
+/// `body` with `var` replaced by the constant `value` (a loop unrolled, or one iteration
+/// taken out of it). `None` never happens for a constant; the type matches [`shifted`].
+pub fn pinned(body: Vec<Stmt>, var: VarId, value: i64) -> Option<Vec<Stmt>> {
+    substitute(body, Substitute { var, by: value, pin: true, ok: true })
+}
+
+/// `body` with `var` replaced by `var + by` (the part of a loop from `by` on, run as a loop
+/// from 0). `None` when a term `⌊var/div⌋` cannot follow (`by` not a multiple of `div`).
+pub fn shifted(body: Vec<Stmt>, var: VarId, by: i64) -> Option<Vec<Stmt>> {
+    substitute(body, Substitute { var, by, pin: false, ok: true })
+}
+
+fn substitute(mut body: Vec<Stmt>, mut sub: Substitute) -> Option<Vec<Stmt>> {
+    for s in &mut body {
+        sub.stmt(s);
+    }
+    sub.ok.then_some(body)
+}
+
+/// Replaces `var` by the constant `by` (`pin`) or by `var + by` in every affine index,
+/// except inside a loop that binds `var` itself. Loop variables are never negative, so
+/// `⌊c/div⌋` of a pinned constant `c ≥ 0` is a plain division, and `⌊(var + by)/div⌋ =
+/// ⌊var/div⌋ + by/div` when `div` divides `by`.
+struct Substitute {
+    var: VarId,
+    by: i64,
+    pin: bool,
+    ok: bool,
+}
+
+impl VisitorMut for Substitute {
+    fn stmt(&mut self, s: &mut Stmt) {
+        match s {
+            Stmt::Loop(l) if l.var == self.var => {}
+            _ => walk_stmt_mut(self, s),
+        }
+    }
+
+    fn affine(&mut self, a: &mut Affine) {
+        let mut offset = a.offset;
+        let mut kept = Vec::with_capacity(a.terms.len());
+        for t in a.terms.drain(..) {
+            if t.var != self.var {
+                kept.push(t);
+            } else if self.pin {
+                offset += t.coef * self.by.div_euclid(t.div);
+            } else if self.by % t.div == 0 {
+                offset += t.coef * (self.by / t.div);
+                kept.push(t);
+            } else {
+                self.ok = false;
+                kept.push(t);
+            }
+        }
+        a.terms = kept;
+        a.offset = offset;
     }
 }
 

@@ -14,89 +14,9 @@
 use pdgc_codegen::ir::{Affine, Binary, CmpOp, Cond, Expr, Extent, Kernel, Unary, VarId};
 
 use super::builder::*;
+use super::window::{idx, spatial_vars, window_nest, Window};
 use crate::error::Result;
 use crate::graph::{Conv, PoolKind};
-
-/// Sliding-window geometry along the spatial axes (conv, pool, crb).
-pub struct Window {
-    pub input: Vec<usize>,
-    pub output: Vec<usize>,
-    pub kernel: Vec<usize>,
-    pub stride: Vec<usize>,
-    /// Padding before the input along each axis.
-    pub pad_lo: Vec<usize>,
-    /// Padding after the input along each axis.
-    pub pad_hi: Vec<usize>,
-    pub dilation: Vec<usize>,
-}
-
-impl Window {
-    pub fn of_conv(c: &Conv, in_shape: &[usize], out_shape: &[usize]) -> Window {
-        Window {
-            input: in_shape[1..].to_vec(),
-            output: out_shape[1..].to_vec(),
-            kernel: c.kernel.clone(),
-            stride: c.stride.clone(),
-            pad_lo: c.pad_lo.clone(),
-            pad_hi: c.pad_hi.clone(),
-            dilation: c.dilation.clone(),
-        }
-    }
-
-    pub fn spatial(&self) -> usize {
-        self.kernel.len()
-    }
-
-    /// `o·stride + k·dilation − pad_lo` along each axis.
-    pub fn input_index(&self, o: &[VarId], k: &[VarId]) -> Vec<Affine> {
-        (0..self.spatial())
-            .map(|a| {
-                v(o[a])
-                    .plus(k[a], self.dilation[a] as i64)
-                    .mul_first(self.stride[a] as i64)
-                    .offset(-(self.pad_lo[a] as i64))
-            })
-            .collect()
-    }
-
-    /// Whether axis `a` has padding on either side.
-    pub fn padded(&self, a: usize) -> bool {
-        self.pad_lo[a] > 0 || self.pad_hi[a] > 0
-    }
-
-    /// Bounds guards, only on axes with padding (without padding every window lies inside
-    /// the input by the output-size formula).
-    pub fn guards(&self, idx: &[Affine]) -> Vec<(Affine, usize)> {
-        (0..self.spatial()).filter(|&a| self.padded(a)).map(|a| (idx[a].clone(), self.input[a])).collect()
-    }
-}
-
-trait MulFirst {
-    fn mul_first(self, coef: i64) -> Self;
-}
-
-impl MulFirst for Affine {
-    /// Multiplies the first term's coefficient (the output position's stride).
-    fn mul_first(mut self, coef: i64) -> Affine {
-        if let Some(t) = self.terms.first_mut() {
-            t.coef *= coef;
-        }
-        self
-    }
-}
-
-fn spatial_vars(kb: &mut KernelBuilder, spatial: usize, out: bool) -> Vec<VarId> {
-    match (spatial, out) {
-        (1, true) => kb.vars(&["ol"]),
-        (1, false) => kb.vars(&["kl"]),
-        (_, true) => kb.vars(&["oh", "ow"]),
-        (_, false) => kb.vars(&["kh", "kw"]),
-    }
-}
-
-fn idx(vars: &[VarId]) -> Vec<Affine> {
-    vars.iter().map(|&x| v(x)).collect()
-}
 
 fn cat(a: Vec<Affine>, b: Vec<Affine>) -> Vec<Affine> {
     let mut a = a;
@@ -189,7 +109,6 @@ pub fn col2im(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], fir
     let w = Window::of_conv(c, in_shape, out_shape);
     let cg = ConvGemm::of(c, out_shape);
     let cin_g = c.in_channels / c.groups;
-    let kprod: usize = c.kernel.iter().product();
     let mut kb = KernelBuilder::new(name);
     let du = kb.input("dcols", batched(&[cg.groups, cg.d, cg.positions]));
     let dx = kb.target("dx", batched(in_shape), first);
@@ -199,24 +118,15 @@ pub fn col2im(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], fir
     let k = spatial_vars(&mut kb, w.spatial(), false);
     let o = spatial_vars(&mut kb, w.spatial(), true);
     let xi = w.input_index(&o, &k);
-    let mut r = Affine::default().plus(ci, kprod as i64);
-    let mut t = Affine::default();
-    for a in 0..w.spatial() {
-        r = r.plus(k[a], c.kernel[a + 1..].iter().product::<usize>() as i64);
-        t = t.plus(o[a], w.output[a + 1..].iter().product::<usize>() as i64);
-    }
+    let (r, t) = w.column(ci, &k, &o);
     let mut body = Vec::new();
     if first {
         let zero_vars: Vec<VarId> = (0..in_shape.len()).map(|a| kb.var(&format!("z{a}"))).collect();
-        body.extend(nest(&zero_vars, in_shape, vec![store(dx, cat(vec![v(n)], idx(&zero_vars)), lit(0.0))]));
+        body.extend(vnest(&zero_vars, in_shape, vec![store(dx, cat(vec![v(n)], idx(&zero_vars)), lit(0.0))]));
     }
-    let target = cat(vec![v(n), v(ci).plus(g, cin_g as i64)], xi.clone());
+    let target = cat(vec![v(n), v(ci).plus(g, cin_g as i64)], xi);
     let add = accumulate(dx, target, load(du, vec![v(n), v(g), r, t]));
-    body.extend(nest(
-        &[&[g, ci][..], &k, &o].concat(),
-        &[&[c.groups, cin_g][..], &c.kernel, &w.output].concat(),
-        guarded(w.guards(&xi), vec![add]),
-    ));
+    body.extend(nest(&[g, ci], &[c.groups, cin_g], window_nest(&w, &k, &o, vec![add], Vec::new())));
     kb.finish(n, Extent::Batch, body)
 }
 
@@ -487,7 +397,7 @@ pub fn pool_backward(name: &str, p: &PoolGeom, first: bool) -> Result<Kernel> {
     if first {
         let zero_vars: Vec<VarId> = (0..xs.len()).map(|a| kb.var(&format!("z{a}"))).collect();
         let zero_ix = cat(vec![v(n)], idx(&zero_vars));
-        body.extend(nest(&zero_vars, &xs, vec![store(dx, zero_ix, lit(0.0))]));
+        body.extend(vnest(&zero_vars, &xs, vec![store(dx, zero_ix, lit(0.0))]));
     }
     let per_out = match p.kind {
         PoolKind::Max => {

@@ -21,6 +21,7 @@ pub mod equation;
 pub mod index;
 pub mod kernels;
 pub mod param_grads;
+pub mod window;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -35,8 +36,9 @@ use crate::graph::{numel, Graph, LabelSpec, Loss, NodeId, Op};
 use crate::index_layer::{IndexLayer, LocalKind};
 use crate::ops::Strategy;
 use index::Batching;
-use kernels::{ConvGemm, NormGeom, PoolGeom, Window};
+use kernels::{ConvGemm, NormGeom, PoolGeom};
 use param_grads::Outputs;
+use window::Window;
 
 /// Index of a buffer in [`Program::buffers`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -10,7 +10,8 @@
 use pdgc_codegen::ir::{Binary, Expr, Extent, Kernel, Mode, Unary, VarId};
 
 use super::builder::*;
-use super::kernels::{ConvGemm, NormGeom, Window};
+use super::kernels::{ConvGemm, NormGeom};
+use super::window::{idx as ix, spatial_vars as spatial, window_nest, window_rows, Window};
 use crate::error::Result;
 use crate::graph::Conv;
 
@@ -27,19 +28,6 @@ fn wshape(c: &Conv) -> Vec<usize> {
     let mut s = vec![c.out_channels, c.in_channels / c.groups];
     s.extend(&c.kernel);
     s
-}
-
-fn spatial(kb: &mut KernelBuilder, n: usize, out: bool) -> Vec<VarId> {
-    match (n, out) {
-        (1, true) => kb.vars(&["ol"]),
-        (1, false) => kb.vars(&["kl"]),
-        (_, true) => kb.vars(&["oh", "ow"]),
-        (_, false) => kb.vars(&["kh", "kw"]),
-    }
-}
-
-fn ix(vars: &[VarId]) -> Vec<pdgc_codegen::ir::Affine> {
-    vars.iter().map(|&x| v(x)).collect()
 }
 
 fn channel(c: &Conv, co: VarId, ci: VarId) -> pdgc_codegen::ir::Affine {
@@ -133,10 +121,10 @@ pub fn conv_direct(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize]
     let xi = w.input_index(&o, &k);
     let prod = Expr::mul(
         load(dy, [vec![v(n), v(co)], ix(&o)].concat()),
-        load(x, [vec![v(n), channel(c, co, ci)], xi.clone()].concat()),
+        load(x, [vec![v(n), channel(c, co, ci)], xi].concat()),
     );
     let mut per_w = vec![set(a, lit(0.0))];
-    per_w.extend(nest(&o, &w.output, guarded(w.guards(&xi), vec![add_to(a, prod)])));
+    per_w.extend(window_rows(&w, &k, &o, vec![add_to(a, prod)], Vec::new()));
     if let Some(gw) = gw {
         per_w.push(store(gw, [vec![v(n), v(co), v(ci)], ix(&k)].concat(), acc(a)));
     }
@@ -145,7 +133,7 @@ pub fn conv_direct(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize]
     if c.bias {
         let o2 = spatial(&mut kb, w.spatial(), true);
         per_co.push(set(a, lit(0.0)));
-        per_co.extend(nest(&o2, &w.output, vec![add_to(a, load(dy, [vec![v(n), v(co)], ix(&o2)].concat()))]));
+        per_co.extend(vnest(&o2, &w.output, vec![add_to(a, load(dy, [vec![v(n), v(co)], ix(&o2)].concat()))]));
         if let Some(gb) = gb {
             per_co.push(store(gb, vec![v(n), v(co)], acc(a)));
         }
@@ -166,7 +154,9 @@ pub fn conv_direct(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize]
 /// produces (`positions` per axis, ≥ the kernel) into `full`; [`crb_truncate`] keeps the
 /// kernel-sized part.
 pub fn crb_conv(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], positions: &[usize]) -> Result<Kernel> {
-    let w = Window::of_conv(c, in_shape, out_shape);
+    // The grouped conv's taps are its output positions `q`, which read X at
+    // q·dilation + o·stride − pad_lo: a window like the conv's with `positions` taps.
+    let w = Window { kernel: positions.to_vec(), ..Window::of_conv(c, in_shape, out_shape) };
     let mut kb = KernelBuilder::new(name);
     let x = kb.input("x", batched(in_shape));
     let dy = kb.input("dy", batched(out_shape));
@@ -179,18 +169,13 @@ pub fn crb_conv(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], p
     let q = spatial(&mut kb, w.spatial(), false);
     let o = spatial(&mut kb, w.spatial(), true);
     let a = kb.acc("acc");
-    // Output position q of the grouped conv reads X at q·dilation + o·stride − pad_lo.
     let xi = w.input_index(&o, &q);
-    let guards: Vec<_> = (0..w.spatial())
-        .filter(|&ax| w.padded(ax) || positions[ax] > c.kernel[ax])
-        .map(|ax| (xi[ax].clone(), w.input[ax]))
-        .collect();
     let prod = Expr::mul(
         load(dy, [vec![v(n), v(co)], ix(&o)].concat()),
-        load(x, [vec![v(n), channel(c, co, ci)], xi.clone()].concat()),
+        load(x, [vec![v(n), channel(c, co, ci)], xi].concat()),
     );
     let mut per_q = vec![set(a, lit(0.0))];
-    per_q.extend(nest(&o, &w.output, guarded(guards, vec![add_to(a, prod)])));
+    per_q.extend(window_rows(&w, &q, &o, vec![add_to(a, prod)], Vec::new()));
     per_q.push(store(full, [vec![v(n), v(co), v(ci)], ix(&q)].concat(), acc(a)));
     let body = nest(
         &[&[co, ci][..], &q].concat(),
@@ -210,7 +195,7 @@ pub fn crb_truncate(name: &str, c: &Conv, positions: &[usize]) -> Result<Kernel>
     let n = kb.var("n");
     let vars: Vec<VarId> = (0..2 + c.kernel.len()).map(|i| kb.var(&format!("i{i}"))).collect();
     let index = [vec![v(n)], ix(&vars)].concat();
-    let body = nest(&vars, &wshape(c), vec![store(gw, index.clone(), load(full, index))]);
+    let body = vnest(&vars, &wshape(c), vec![store(gw, index.clone(), load(full, index))]);
     kb.finish(n, Extent::Batch, body)
 }
 
@@ -230,24 +215,15 @@ pub fn im2col(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize]) -> 
     let k = spatial(&mut kb, w.spatial(), false);
     let o = spatial(&mut kb, w.spatial(), true);
     let xi = w.input_index(&o, &k);
-    // r = ci·Πk + Σ k_a·stride_a ; t = Σ o_a·stride_a
-    let mut r = v(ci);
-    r.terms[0].coef = kprod as i64;
-    let mut t = pdgc_codegen::ir::Affine::default();
-    for a in 0..w.spatial() {
-        let ks: usize = c.kernel[a + 1..].iter().product();
-        let os: usize = w.output[a + 1..].iter().product();
-        r = r.plus(k[a], ks as i64);
-        t = t.plus(o[a], os as i64);
-    }
+    let (r, t) = w.column(ci, &k, &o);
     let chan = v(ci).plus(g, cin_g as i64);
-    let value = load(x, [vec![v(n), chan], xi.clone()].concat());
+    let value = load(x, [vec![v(n), chan], xi].concat());
     let target = vec![v(n), v(g), r, t];
-    // Zero first, then copy where the window lies inside the input (a `select` would
-    // evaluate the load out of bounds).
-    let mut write = vec![store(u, target.clone(), lit(0.0))];
-    write.extend(guarded(w.guards(&xi), vec![store(u, target, value)]));
-    let body = nest(&[&[g, ci][..], &k, &o].concat(), &[&[c.groups, cin_g][..], &c.kernel, &w.output].concat(), write);
+    // The copy runs only where the window lies inside the input (a load there is in
+    // bounds); the zeros where it reads padding.
+    let copy = vec![store(u, target.clone(), value)];
+    let zero = vec![store(u, target, lit(0.0))];
+    let body = nest(&[g, ci], &[c.groups, cin_g], window_nest(&w, &k, &o, copy, zero));
     kb.finish(n, Extent::Batch, body)
 }
 
