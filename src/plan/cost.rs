@@ -248,7 +248,22 @@ pub fn measure(
     }
     match (shared_done, first_error) {
         (false, Some(e)) => Err(e),
-        _ => Ok(measured),
+        (false, None) => {
+            // No layer has parameters: the whole step is shared.
+            let empty = Schedule {
+                batch: b as usize,
+                chunk_bytes,
+                grads: HashMap::new(),
+                norms: HashMap::new(),
+                clipped_sum: HashMap::new(),
+            };
+            let program = lower(graph, grads, &empty)?;
+            let total = |kind| read_entry(&program, kind, b, dev).by_node.values().map(|t| t.seconds).sum();
+            measured.shared_private = total(goal.entry());
+            measured.shared_nonprivate = total(EntryKind::BatchGrad);
+            Ok(measured)
+        }
+        (true, _) => Ok(measured),
     }
 }
 
@@ -331,7 +346,8 @@ fn bytes_of(program: &Program, id: crate::lower::BufId, b: u64) -> u64 {
 /// step keeps) that its launches after the norms read: book-keeping's output gradient.
 fn held(program: &Program, kind: EntryKind, node: NodeId, b: u64) -> u64 {
     let launches = &program.entry(kind).launches;
-    let clip = launches.iter().position(|l| l.node.is_none() && program.kernels[l.kernel].name == "norms_and_clip");
+    // The launch that computes the clip factors (the first to bind them).
+    let clip = launches.iter().position(|l| l.args.iter().any(|&id| program.buffer(id).role == Role::ClipFactors));
     let mut seen = HashSet::new();
     let mut total = 0;
     for (i, l) in launches.iter().enumerate().filter(|(_, l)| l.node == Some(node)) {
