@@ -149,7 +149,10 @@ def test_entry_points_agree_with_each_other(mnist):
     np.testing.assert_allclose(loss, want, rtol=1e-4)
     clip = float(np.median(norms))
     cs = s.clipped_grad_sum(params, batch, clip)
-    np.testing.assert_array_equal(cs.norms, norms)
+    # The norms step and the clipped-sum step are planned per goal and may run a layer with
+    # different strategies (ghost norms in one, an outer product's in the other), so their
+    # norms agree to rounding, not bit for bit; the forward pass, and so the loss, is shared.
+    np.testing.assert_allclose(cs.norms, norms, rtol=1e-6)
     np.testing.assert_array_equal(cs.loss, loss)
     scale = np.minimum(1.0, clip / (norms + 1e-6))
     for name, g in grads.items():
