@@ -194,6 +194,16 @@ fn rebind(body: Vec<Stmt>, old: VarId, new: VarId) -> Vec<Stmt> {
         .collect()
 }
 
+/// Whether `s` is a loop or a contraction that binds `var` (its own `var`, which renames
+/// and substitutions of an outer one leave alone).
+fn binds(s: &Stmt, var: VarId) -> bool {
+    match s {
+        Stmt::Loop(l) => l.var == var,
+        Stmt::Contract(c) => [c.m, c.n, c.k].contains(&var),
+        _ => false,
+    }
+}
+
 /// Renames `old` to `new` in every affine index it reaches, except inside a loop or a
 /// contraction that binds `old` itself (that one keeps its own).
 struct Rename {
@@ -203,10 +213,8 @@ struct Rename {
 
 impl VisitorMut for Rename {
     fn stmt(&mut self, s: &mut Stmt) {
-        match s {
-            Stmt::Loop(l) if l.var == self.old => {}
-            Stmt::Contract(c) if [c.m, c.n, c.k].contains(&self.old) => {}
-            _ => walk_stmt_mut(self, s),
+        if !binds(s, self.old) {
+            walk_stmt_mut(self, s);
         }
     }
 
@@ -342,7 +350,7 @@ fn substitute(mut body: Vec<Stmt>, mut sub: Substitute) -> Option<Vec<Stmt>> {
 }
 
 /// Replaces `var` by the constant `by` (`pin`) or by `var + by` in every affine index,
-/// except inside a loop that binds `var` itself. Loop variables are never negative, so
+/// except inside a loop or a contraction that binds `var` itself. Loop variables are never negative, so
 /// `⌊c/div⌋` of a pinned constant `c ≥ 0` is a plain division, and `⌊(var + by)/div⌋ =
 /// ⌊var/div⌋ + by/div` when `div` divides `by`.
 struct Substitute {
@@ -354,9 +362,8 @@ struct Substitute {
 
 impl VisitorMut for Substitute {
     fn stmt(&mut self, s: &mut Stmt) {
-        match s {
-            Stmt::Loop(l) if l.var == self.var => {}
-            _ => walk_stmt_mut(self, s),
+        if !binds(s, self.var) {
+            walk_stmt_mut(self, s);
         }
     }
 

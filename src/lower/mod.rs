@@ -1095,7 +1095,7 @@ impl Lowering<'_> {
                 // A batch-summed gradient: the gather's columns, then every example's
                 // product added into the target (a scatter or a bias is never summed).
                 if batching == Batching::PerExample || (w.after.is_none() && w.gemm.bias.is_none()) {
-                    return self.window_launches(node, name, &w, first, batching, param_targets);
+                    return self.window_launches(node, name, &w, &ranges, first, batching, param_targets);
                 }
             }
         }
@@ -1122,17 +1122,18 @@ impl Lowering<'_> {
     /// workspace of their own (gathered from the window, or computed by the contraction and
     /// then scattered through the window), and one contraction per example. `first`: the
     /// equation's target is written first here.
+    #[allow(clippy::too_many_arguments)]
     fn window_launches(
         &mut self,
         node: NodeId,
         name: &str,
         w: &index::WindowProduct,
+        ranges: &[(crate::grad::Var, usize)],
         first: bool,
         batching: Batching,
         param_targets: &HashMap<String, BufId>,
     ) -> Result<Vec<Launch>> {
         let layer = self.index_layer(node)?;
-        let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
         let shape = w.columns_shape.clone();
         let info = |t: &str| {
             if t == index::COLUMNS {
@@ -1141,37 +1142,26 @@ impl Lowering<'_> {
                 index::tensor_info(layer, t)
             }
         };
+        // Each kernel, with whether its target is zeroed first (the col2im scatter's, when
+        // it is the target's first writer).
         let mut kernels = Vec::new();
         if let Some(eq) = &w.before {
-            kernels.push(index::equation_kernel(
-                &format!("{name}_im2col"),
-                eq,
-                &ranges,
-                &info,
-                true,
-                Batching::PerExample,
-            )?);
+            let im2col = format!("{name}_im2col");
+            kernels.push((index::equation_kernel(&im2col, eq, ranges, &info, true, Batching::PerExample)?, false));
         }
-        kernels.push(index::flat_gemm(name, &w.gemm, &info, first || w.after.is_some(), batching)?);
+        kernels.push((index::flat_gemm(name, &w.gemm, &info, first || w.after.is_some(), batching)?, false));
         if let Some(eq) = &w.after {
-            kernels.push(index::equation_kernel(
-                &format!("{name}_col2im"),
-                eq,
-                &ranges,
-                &info,
-                false,
-                Batching::PerExample,
-            )?);
+            let col2im = format!("{name}_col2im");
+            kernels.push((index::equation_kernel(&col2im, eq, ranges, &info, false, Batching::PerExample)?, first));
         }
         let cols = self.extra(Role::Workspace(format!("{name}_cols")), &format!("{name}_cols"), true, shape);
         let mut out = Vec::new();
-        for (k, tensors) in kernels {
+        for ((k, tensors), zero_first) in kernels {
             let mut args = Vec::new();
             for t in &tensors {
                 args.push(if t == index::COLUMNS { cols } else { self.index_buffer(node, t, param_targets)? });
             }
-            if first && w.after.is_some() && k.name.ends_with("_col2im") {
-                // The scatter's target is zeroed first.
+            if zero_first {
                 out.push(self.zero_launch(*args.last().expect("a target"))?);
             }
             out.push(self.launch(k, args));
@@ -1345,19 +1335,7 @@ impl Lowering<'_> {
 }
 
 fn pool_geom(p: &crate::graph::Pool, in_shape: &[usize], out_shape: &[usize]) -> PoolGeom {
-    PoolGeom {
-        kind: p.kind,
-        channels: in_shape[0],
-        window: Window {
-            input: in_shape[1..].to_vec(),
-            output: out_shape[1..].to_vec(),
-            kernel: p.kernel.clone(),
-            stride: p.stride.clone(),
-            pad_lo: p.pad_lo.clone(),
-            pad_hi: p.pad_hi.clone(),
-            dilation: vec![1; p.kernel.len()],
-        },
-    }
+    PoolGeom { kind: p.kind, channels: in_shape[0], window: Window::of_pool(p, in_shape, out_shape) }
 }
 
 /// The geometry of a norm node, `None` for other ops.
