@@ -170,6 +170,7 @@ fn test_models_every_strategy_matches_the_reference() {
         "tests/data/models/conv_geometry.pdg",
         "tests/data/models/hardswish_net.pdg",
         "tests/data/models/per_side_padding.pdg",
+        "tests/data/models/linear_rows.pdg",
     ] {
         check_model(rel, 2, Device::Cpu, false);
     }
@@ -194,6 +195,7 @@ fn layers_written_in_index_notation_match_the_reference() {
 fn the_interpreter_agrees_with_the_reference() {
     check_model("samples/mnist_cnn.pdg", 2, Device::Interpreter, false);
     check_model("tests/data/models/conv_geometry.pdg", 2, Device::Interpreter, true);
+    check_model("tests/data/models/linear_rows.pdg", 3, Device::Interpreter, true);
 }
 
 #[test]
@@ -206,7 +208,7 @@ fn the_generated_cuda_c_agrees_with_the_reference() {
 }
 
 /// The models the CUDA tests run, with their batch sizes.
-const CUDA_MODELS: [(&str, usize); 11] = [
+const CUDA_MODELS: [(&str, usize); 12] = [
     ("samples/mnist_cnn.pdg", 3),
     ("samples/cifar_cnn.pdg", 2),
     ("samples/conv1d_net.pdg", 3),
@@ -218,6 +220,7 @@ const CUDA_MODELS: [(&str, usize); 11] = [
     ("samples/depthwise_index.pdg", 2),
     ("samples/gated_bilinear.pdg", 2),
     ("tests/data/models/index_conv.pdg", 2),
+    ("tests/data/models/linear_rows.pdg", 2),
 ];
 
 /// Whether a CUDA device is usable here. `PDGC_REQUIRE_GPU=1` (scripts/gpu-check.sh) turns

@@ -10,8 +10,9 @@
 //! it is indexed by affine windows). Nonlinear ops carry their input-gradient rule in the
 //! same table.
 //!
-//! `lower` consumes these equations: pointwise ones (activations, adds) are lowered
-//! generically (`lower::equation`), the rest by the op's kernel generators.
+//! `lower` consumes these equations: pointwise ones (activations, adds) and every phase of
+//! layers in index notation and of `linear` are lowered generically (`lower::equation`,
+//! `lower::index`), the rest by the op's kernel generators.
 //!
 //! Invariants: steps are in reverse topological order; a step exists for every node but the
 //! inputs (its forward definition), with input gradients exactly for the inputs that need
@@ -27,6 +28,7 @@ use std::fmt;
 use serde::Serialize;
 
 pub use index::{intern, Access, Cmp, Equation, Expr, Func, Index, Reduction, Term, Var};
+pub use rules::{as_index_layer, param_local};
 
 use crate::graph::{Graph, NodeId};
 
@@ -50,9 +52,10 @@ pub struct GradStep {
     /// Gradients with respect to the inputs that need one (`dX`, `dA`, `dB`).
     pub input_grads: Vec<Equation>,
     pub param_grads: Vec<ParamGrad>,
-    /// For a layer written in index notation: the range of every variable its equations
-    /// use, one range per name (its lowering is generic and reads them here). Empty for
-    /// the built-in ops, whose kernels know their loops.
+    /// For a layer written in index notation and for the built-in ops lowered like one
+    /// ([`as_index_layer`]): the range of every variable its equations use but `n`, one
+    /// range per name (their lowering is generic and reads them here). Empty for the other
+    /// built-in ops, whose kernels know their loops.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ranges: Vec<(Var, usize)>,
 }

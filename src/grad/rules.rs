@@ -3,6 +3,7 @@
 //! gradients are never written here: they come from [`derive_contraction`].
 
 use crate::graph::{Conv, Graph, LabelSpec, Loss, Node, Op, PoolKind};
+use crate::index_layer::{IndexLayer, IndexStmt, IndexTerm, LocalKind, LocalTensor};
 
 use super::index::{Access, Cmp, Equation, Expr, Func, Index, Reduction, Term, Var};
 use super::{derive_contraction, Contraction, GradStep, ParamGrad};
@@ -61,7 +62,7 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
     bindings.push(format!("Y = {} {}", node.id, shape(&node.shape)));
     let params: Vec<_> = graph.params_of(node.id).collect();
     for p in &params {
-        let local = if p.name.ends_with(".weight") { "W" } else { "b" };
+        let local = param_local(p.name.rsplit('.').next().unwrap_or_default());
         bindings.push(format!("{local} = {} {}", p.name, shape(&p.shape)));
     }
     let title = match &node.layer {
@@ -102,22 +103,12 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
             }
         }
         Op::Linear(l) => {
-            let rank = node.shape.len();
-            let lead: Vec<Var> = ["t", "u", "v", "s", "r", "q", "m"][..rank - 1].to_vec();
-            let mut yv = with_n(&lead);
-            let mut xv = yv.clone();
-            yv.push("o");
-            xv.push("i");
-            let c = Contraction {
-                y: Access::new("Y", &yv),
-                w: Access::new("W", &["o", "i"]),
-                x: Access::new("X", &xv),
-                bias: l.bias.then(|| Access::new("b", &["o"])),
-            };
+            let (c, ranges) = linear_contraction(l, &node.shape);
             let dx = contraction(&mut step, c);
             if needs_x {
                 step.input_grads.push(dx);
             }
+            step.ranges = ranges;
         }
         Op::Activation(act) => {
             let v = with_n(&dim_vars(node.shape.len()));
@@ -264,6 +255,77 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
         }
     }
     Some(step)
+}
+
+/// The lead variables of a linear layer's rows (`Y[n, t, u, o]` for a rank-3 output).
+const LINEAR_LEAD: [Var; 7] = ["t", "u", "v", "s", "r", "q", "m"];
+
+/// `Y[n, lead.., o] = Σ_i W[o, i] · X[n, lead.., i] (+ b[o])` for a linear layer with output
+/// shape `out_shape`, and the range of every variable but `n`.
+fn linear_contraction(l: &crate::graph::Linear, out_shape: &[usize]) -> (Contraction, Vec<(Var, usize)>) {
+    let lead: Vec<Var> = LINEAR_LEAD[..out_shape.len() - 1].to_vec();
+    let mut yv = with_n(&lead);
+    let mut xv = yv.clone();
+    yv.push("o");
+    xv.push("i");
+    let c = Contraction {
+        y: Access::new("Y", &yv),
+        w: Access::new("W", &["o", "i"]),
+        x: Access::new("X", &xv),
+        bias: l.bias.then(|| Access::new("b", &["o"])),
+    };
+    let mut ranges: Vec<(Var, usize)> = lead.iter().copied().zip(out_shape.iter().copied()).collect();
+    ranges.extend([("o", l.out_features), ("i", l.in_features)]);
+    (c, ranges)
+}
+
+/// The local name (`W`, `b`) under which a built-in layer's derived equations read the
+/// parameter whose full name ends in `suffix` (`weight`, `bias`).
+pub fn param_local(suffix: &str) -> &'static str {
+    if suffix == "weight" {
+        "W"
+    } else {
+        "b"
+    }
+}
+
+/// A built-in op whose every phase the generic lowering of derived equations handles, as
+/// the layer in index notation those equations name (`X`, `W`, `b`, `Y`; the parameters'
+/// full names end in `weight` and `bias`, see [`param_local`]). `None` for other ops.
+pub fn as_index_layer(graph: &Graph, node: &Node) -> Option<IndexLayer> {
+    let Op::Linear(l) = &node.op else { return None };
+    let in_shape = graph.node(node.inputs[0]).shape.clone();
+    let (c, ranges) = linear_contraction(l, &node.shape);
+    let strip = |a: &Access| Access { tensor: a.tensor.clone(), index: a.index[1..].to_vec() };
+    let unpadded = |s: &[usize]| vec![(0, 0); s.len()];
+    let mut tensors = vec![LocalTensor {
+        name: "X".into(),
+        kind: LocalKind::Input(0),
+        shape: in_shape.clone(),
+        padding: unpadded(&in_shape),
+    }];
+    for p in graph.params_of(node.id) {
+        let suffix = p.name.rsplit('.').next().unwrap_or_default();
+        tensors.push(LocalTensor {
+            name: param_local(suffix).into(),
+            kind: LocalKind::Param,
+            shape: p.shape.clone(),
+            padding: unpadded(&p.shape),
+        });
+    }
+    tensors.push(LocalTensor {
+        name: "Y".into(),
+        kind: LocalKind::Temp,
+        shape: node.shape.clone(),
+        padding: unpadded(&node.shape),
+    });
+    let mut terms =
+        vec![IndexTerm { sum: vec!["i"], body: Expr::mul(vec![Expr::Read(c.w.clone()), Expr::Read(strip(&c.x))]) }];
+    if let Some(b) = &c.bias {
+        terms.push(IndexTerm { sum: vec![], body: Expr::Read(b.clone()) });
+    }
+    let stmt = IndexStmt { lhs: "Y".into(), vars: strip(&c.y).vars(), terms, ranges };
+    Some(IndexLayer { def: node.op.name().to_string(), tensors, stmts: vec![stmt] })
 }
 
 fn conv_contraction(conv: &Conv, in_shape: &[usize]) -> Contraction {

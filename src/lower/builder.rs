@@ -388,8 +388,9 @@ impl VisitorMut for Substitute {
     }
 }
 
-/// The contraction `c (+)= Σ_k a · b` over fresh variables `m < M`, `n < N`, `k < K`: the
-/// closure gets the three variables and returns the operands' indices `(a, b, c)`.
+/// The contraction `c (+)= Σ_k a · b` over fresh variables `m < M`, `j < N`, `k < K` (the
+/// column variable is not called `n`, the batch index's name): the closure gets the three
+/// variables and returns the operands' indices `(a, b, c)`.
 pub fn contract(
     kb: &mut KernelBuilder,
     extents: [Extent; 3],
@@ -397,7 +398,7 @@ pub fn contract(
     accumulate: bool,
     index: impl FnOnce(VarId, VarId, VarId) -> (Vec<Affine>, Vec<Affine>, Vec<Affine>),
 ) -> Stmt {
-    let [m, n, k] = [kb.var("m"), kb.var("n"), kb.var("k")];
+    let [m, n, k] = [kb.var("m"), kb.var("j"), kb.var("k")];
     let (ai, bi, ci) = index(m, n, k);
     Stmt::Contract(Contract {
         m,

@@ -206,10 +206,25 @@ impl<'a> Builder<'a> {
 
     /// Loops over `vars` (the batch for `n`) around `body`, outermost first.
     fn nest(&mut self, vars: &[Var], body: Vec<Stmt>) -> Result<Vec<Stmt>> {
+        self.loops(vars, body, false)
+    }
+
+    /// [`Builder::nest`] with the innermost loop a vector loop (unless it is the batch's):
+    /// the CPU backend runs it on vector lanes where its body allows (a map or a reduction
+    /// along unit-stride reads), and as a plain loop otherwise.
+    fn vector_nest(&mut self, vars: &[Var], body: Vec<Stmt>) -> Result<Vec<Stmt>> {
+        self.loops(vars, body, true)
+    }
+
+    fn loops(&mut self, vars: &[Var], body: Vec<Stmt>, vector: bool) -> Result<Vec<Stmt>> {
         let mut body = body;
-        for &v in vars.iter().rev() {
+        for (i, &v) in vars.iter().enumerate().rev() {
             let id = self.var(v);
-            body = if v == "n" { vec![batch_loop(id, body)] } else { vec![lp(id, self.range(v)?, body)] };
+            body = vec![match v {
+                "n" => batch_loop(id, body),
+                _ if vector && i + 1 == vars.len() => vlp(id, self.range(v)?, body),
+                _ => lp(id, self.range(v)?, body),
+            }];
         }
         Ok(body)
     }
@@ -241,27 +256,41 @@ pub fn equation_kernel(
     }
     let n = b.var("n");
 
-    if let Some(body) = matrix_product(&mut b, eq, batching, out, overwrite)? {
+    if let Some((body, per_example)) = matrix_product(&mut b, eq, batching, out, overwrite)? {
+        if per_example {
+            return b.kb.finish(n, Extent::Batch, body).map(|k| (k, tensors));
+        }
         let grid = b.var("all");
         return b.kb.finish(grid, fx(1), body).map(|k| (k, tensors));
     }
     if eq.lhs.is_plain() {
-        // A gather: loop over the target's variables, sum every term, store once.
+        // A gather: loop over the target's variables, sum every term, store once. A single
+        // term with nothing to sum (a per-example outer product) is stored as it is, so the
+        // innermost of the target's loops can be a vector map.
         let kept: Vec<Var> = eq.lhs.index[1..].iter().filter_map(Index::as_var).collect();
+        let index = match batching {
+            Batching::PerExample => b.index(&eq.lhs),
+            Batching::Summed => eq.lhs.index[1..].iter().map(|ix| b.affine(ix)).collect(),
+        };
+        let ts = terms(&eq.rhs);
+        if let ([(sum, body)], Batching::PerExample) = (&ts[..], batching) {
+            if sum.is_empty() {
+                let (pre, value) = b.value(body)?;
+                let inner = [pre, vec![put(out, index, value, overwrite)]].concat();
+                let body = b.vector_nest(&kept, inner)?;
+                return b.kb.finish(n, Extent::Batch, body).map(|k| (k, tensors));
+            }
+        }
         let acc = b.kb.acc("sum");
         let mut inner = vec![set(acc, lit(0.0))];
-        for (sum, body) in terms(&eq.rhs) {
+        for (sum, body) in ts {
             let (pre, value) = b.value(body)?;
             let mut vars = sum.clone();
             if batching == Batching::Summed {
                 vars.insert(0, "n");
             }
-            inner.extend(b.nest(&vars, [pre, vec![add_to(acc, value)]].concat())?);
+            inner.extend(b.vector_nest(&vars, [pre, vec![add_to(acc, value)]].concat())?);
         }
-        let index = match batching {
-            Batching::PerExample => b.index(&eq.lhs),
-            Batching::Summed => eq.lhs.index[1..].iter().map(|ix| b.affine(ix)).collect(),
-        };
         inner.push(put(out, index, ir::Expr::Acc(acc), overwrite));
         let (grid, extent, loops) = match batching {
             Batching::PerExample => (n, Extent::Batch, kept),
@@ -302,20 +331,36 @@ pub fn equation_kernel(
     }
 }
 
-/// A gather that is a matrix product, as one contraction node over the whole batch (so the
-/// CPU backend runs it on its tuned GEMM), after the equation's other terms where it has
-/// some (a bias, per example only): a term that is the product of two reads by plain
-/// variables that never leave their tensors, with one variable on each side of the product
-/// and one summed, the batch index `n` being a product dimension (per example: the rows of
-/// `C[n, q] = Σ_k A[n, k]·B[k, q]`) or the summed one (a batch-summed parameter gradient
-/// `C[p, q] = Σ_n A[n, p]·B[n, q]`). `None` for any other equation.
+/// How [`matrix_product`] covers the batch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rows {
+    /// One contraction over the whole batch: `n` is the rows (per example) or the summed
+    /// dimension (a batch-summed gradient).
+    Flat,
+    /// Per example, the grid over `n`: one contraction of the example's rows.
+    PerExample,
+    /// Summed over the batch, in one grid iteration: each example's contraction over its
+    /// own summed variable added into the target in turn.
+    Summed,
+}
+
+/// A gather that is a matrix product, as contraction nodes (so the CPU backend runs it on
+/// its tuned GEMM), after the equation's other terms where it has some (a bias, per example
+/// only): a term that is the product of two reads by plain variables that never leave their
+/// tensors, with one variable on each side of the product and one summed. The batch index
+/// `n` is a product dimension (per example: the rows of `C[n, q] = Σ_k A[n, k]·B[k, q]`) or
+/// the summed one (a batch-summed parameter gradient `C[p, q] = Σ_n A[n, p]·B[n, q]`), both
+/// one contraction over the whole batch; where the target has rows of its own
+/// (`C[n, t, q] = Σ_k A[n, t, k]·B[k, q]`, or summed `C[p, q] = Σ_n Σ_t A[n, t, p]·B[n, t, q]`)
+/// one contraction per example. Returns the body and whether its grid is the batch; `None`
+/// for any other equation.
 fn matrix_product(
     b: &mut Builder<'_>,
     eq: &Equation,
     batching: Batching,
     out: ir::ArgId,
     overwrite: bool,
-) -> Result<Option<Vec<Stmt>>> {
+) -> Result<Option<(Vec<Stmt>, bool)>> {
     let ts = terms(&eq.rhs);
     // The product term, and the others (a bias), which are added first when there are any.
     let is_product = |(sum, body): &(Vec<Var>, &Expr)| sum.len() <= 1 && matches!(body, Expr::Mul(f) if f.len() == 2);
@@ -336,12 +381,23 @@ fn matrix_product(
     };
     let (Some(xv), Some(yv), Some(lv)) = (plain_vars(x), plain_vars(y), plain_vars(&eq.lhs)) else { return Ok(None) };
     // The three product variables (rows, columns, summed), by batching.
-    let (rows, cols, k) = match (batching, &lv[1..], &sum[..]) {
-        (Batching::PerExample, [q], [k]) => ("n", *q, *k),
-        (Batching::Summed, [p, q], []) => (*p, *q, "n"),
+    let (rows, cols, k, mode) = match (batching, &lv[1..], &sum[..]) {
+        (Batching::PerExample, [q], [k]) => ("n", *q, *k, Rows::Flat),
+        (Batching::Summed, [p, q], []) => (*p, *q, "n", Rows::Flat),
+        (Batching::PerExample, [r, q], [k]) => (*r, *q, *k, Rows::PerExample),
+        (Batching::Summed, [p, q], [t]) => (*p, *q, *t, Rows::Summed),
         _ => return Ok(None),
     };
     // Which read holds the rows (the other holds the columns); both hold the summed one.
+    // Per example, either may also be read at the example's own `n`, its first index.
+    let own = |vars: &[Var]| -> Option<Vec<Var>> {
+        match (mode, vars.first()) {
+            (Rows::Flat, _) => Some(vars.to_vec()),
+            (_, Some(&"n")) => Some(vars[1..].to_vec()),
+            _ => (!vars.contains(&"n")).then(|| vars.to_vec()),
+        }
+    };
+    let (Some(xv), Some(yv)) = (own(&xv), own(&yv)) else { return Ok(None) };
     let side =
         |vars: &[Var], own: Var| vars.iter().all(|v| *v == own || *v == k) && vars.contains(&k) && vars.contains(&own);
     let (a, bb) = if side(&xv, rows) && side(&yv, cols) {
@@ -371,6 +427,7 @@ fn matrix_product(
         Batching::PerExample => eq.lhs.index.clone(),
         Batching::Summed => eq.lhs.index[1..].to_vec(),
     };
+    let example = b.var("n");
     let at = |ix: &[Index], m: VarId, nn: VarId, kk: VarId| -> Vec<Affine> {
         ix.iter()
             .map(|i| {
@@ -379,8 +436,10 @@ fn matrix_product(
                     m
                 } else if v == cols {
                     nn
-                } else {
+                } else if v == k {
                     kk
+                } else {
+                    example
                 })
             })
             .collect()
@@ -390,14 +449,20 @@ fn matrix_product(
         // C = the other terms, then C += the product.
         let (pre, value) = b.value(&Expr::Add(rest.into_iter().cloned().collect()))?;
         let index = b.index(&eq.lhs);
-        let fill = b.nest(&["n", cols], [pre, vec![put(out, index, value, overwrite)]].concat())?;
+        let vars: Vec<Var> = if mode == Rows::Flat { vec!["n", cols] } else { vec![rows, cols] };
+        let fill = b.nest(&vars, [pre, vec![put(out, index, value, overwrite)]].concat())?;
         body.extend(fill);
     }
+    if mode == Rows::Summed && overwrite {
+        let index = ci.iter().map(|ix| b.affine(ix)).collect();
+        body.extend(b.nest(&[rows, cols], vec![put(out, index, lit(0.0), true)])?);
+    }
     let accumulate = !overwrite || !body.is_empty();
-    body.push(contract(&mut b.kb, extents, (arg_a, arg_b, out), accumulate, |m, nn, kk| {
+    let product = contract(&mut b.kb, extents, (arg_a, arg_b, out), accumulate, |m, nn, kk| {
         (at(&ai, m, nn, kk), at(&bi, m, nn, kk), at(&ci, m, nn, kk))
-    }));
-    Ok(Some(body))
+    });
+    body.push(if mode == Rows::Summed { batch_loop(example, vec![product]) } else { product });
+    Ok(Some((body, mode == Rows::PerExample)))
 }
 
 /// The name under which a window product's im2col columns enter its equations (not a valid
@@ -732,7 +797,7 @@ pub fn ghost_kernel(
         let (p1, v1) = b.value(x)?;
         let (p2, v2) = b.value(x2)?;
         let inner = [p1, p2, vec![add_to(acc, ir::Expr::mul(v1, v2))]].concat();
-        Ok([vec![set(acc, lit(0.0))], b.nest(vars, inner)?].concat())
+        Ok([vec![set(acc, lit(0.0))], b.vector_nest(vars, inner)?].concat())
     };
     let mut inner = gram(&mut b, ga, &form.a, &form.left, &left2)?;
     inner.extend(gram(&mut b, gb, &form.b, &form.right, &right2)?);
@@ -742,8 +807,68 @@ pub fn ghost_kernel(
     outer.extend(form.t.iter().map(|t| prime[t]));
     let mut body = vec![set(total, lit(0.0))];
     body.extend(b.nest(&outer, inner)?);
-    body.push(store(sq, vec![v(n), Affine::constant(slot as i64)], ir::Expr::Acc(total)));
+    // ‖Σ_t A_tᵀ B_t‖² is never negative; rounding in the cross terms must not make it so.
+    let total = ir::Expr::bin(ir::Binary::Max, ir::Expr::Acc(total), lit(0.0));
+    body.push(store(sq, vec![v(n), Affine::constant(slot as i64)], total));
     b.kb.finish(n, Extent::Batch, body).map(|k| (k, tensors))
+}
+
+/// The name under which a tensor scaled by the clip factors, `clipped'[n, ..] = c[n] ·
+/// F[n, ..]`, enters book-keeping's equations in place of `F` (see [`scaled_factor`]; not a
+/// valid `.pdg` identifier).
+pub const CLIPPED: &str = "clipped'";
+
+/// The per-example tensor whose scaling by the clip factors turns the most of `eqs` (one
+/// layer's derived parameter gradients) into their clipped sums: one read, in every term
+/// of an equation, as a factor of that term's product (so `Σ_n c[n]·eq` is `eq` with that
+/// read scaled). Book-keeping then scales it once and runs each such equation summed over
+/// the batch as it is — the batch gradient's own kernel, a GEMM where that is one. Among
+/// equally useful tensors, the smallest. `None` where no equation has a product with such
+/// a factor (the weighted kernel of [`clipped_sum_kernel`] is as cheap then).
+pub fn scaled_factor(eqs: &[&Equation], info: &dyn Fn(&str) -> Option<TensorInfo>) -> Option<String> {
+    let mut best: Option<(usize, usize, String)> = None;
+    let mut seen: Vec<String> = Vec::new();
+    for eq in eqs {
+        for a in crate::grad::layer::reads(&eq.rhs) {
+            if seen.contains(&a.tensor) {
+                continue;
+            }
+            seen.push(a.tensor.clone());
+            let Some(ti) = info(&a.tensor).filter(|ti| ti.batched) else { continue };
+            let uses = eqs.iter().filter(|eq| scales(eq, &a.tensor)).count();
+            let with_product = eqs
+                .iter()
+                .any(|eq| scales(eq, &a.tensor) && terms(&eq.rhs).iter().any(|(_, body)| matches!(body, Expr::Mul(_))));
+            let size: usize = ti.shape.iter().product();
+            let better = match &best {
+                None => true,
+                Some((u, sz, _)) => uses > *u || (uses == *u && size < *sz),
+            };
+            if with_product && better {
+                best = Some((uses, size, a.tensor.clone()));
+            }
+        }
+    }
+    best.map(|(_, _, t)| t)
+}
+
+/// Whether every term of `eq` reads `t` exactly once, as a factor of its product.
+pub fn scales(eq: &Equation, t: &str) -> bool {
+    terms(&eq.rhs).iter().all(|(_, body)| {
+        let once = crate::grad::layer::reads(body).iter().filter(|a| a.tensor == t).count() == 1;
+        let factor = match body {
+            Expr::Read(a) => a.tensor == t,
+            Expr::Mul(items) => items.iter().any(|x| matches!(x, Expr::Read(a) if a.tensor == t)),
+            _ => false,
+        };
+        once && factor
+    })
+}
+
+/// `eq` reading [`CLIPPED`] where it read `t`.
+pub fn reading_clipped(eq: &Equation, t: &str) -> Equation {
+    let swap = |a: &Access| if a.tensor == t { a.renamed(CLIPPED) } else { a.clone() };
+    Equation { lhs: eq.lhs.clone(), accumulate: eq.accumulate, rhs: eq.rhs.map(&swap, &|v| v) }
 }
 
 /// The clipped sum of one parameter's gradient without materializing it (book-keeping):

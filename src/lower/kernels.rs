@@ -130,37 +130,6 @@ pub fn col2im(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], fir
     kb.finish(n, Extent::Batch, body)
 }
 
-/// `Y[n,t,o] = b[o] + Σ_i W[o,i]·X[n,t,i]` with `rows` = T leading positions: one
-/// contraction whose rows are the batch's examples when `rows == 1`, else one per example.
-pub fn linear_forward(name: &str, rows: usize, inf: usize, outf: usize, bias: bool) -> Result<Kernel> {
-    let mut kb = KernelBuilder::new(name);
-    let x = kb.input("x", batched(&[rows, inf]));
-    let wt = kb.input("w", fixed(&[outf, inf]));
-    let b = bias.then(|| kb.input("b", fixed(&[outf])));
-    let y = kb.output("y", batched(&[rows, outf]));
-    let [n, t, o] = [kb.var("n"), kb.var("t"), kb.var("o")];
-    let mut fill = Vec::new();
-    if let Some(b) = b {
-        fill.push(lp(t, rows, vec![vlp(o, outf, vec![store(y, vec![v(n), v(t), v(o)], load(b, vec![v(o)]))])]));
-    }
-    if rows == 1 {
-        // The whole batch as the rows of one product: W is read once, not once per example.
-        let grid = kb.var("all");
-        let mut body = Vec::new();
-        if !fill.is_empty() {
-            body.push(batch_loop(n, fill));
-        }
-        body.push(contract(&mut kb, [Extent::Batch, fx(outf), fx(inf)], (x, wt, y), bias, |e, o, i| {
-            (vec![v(e), c0(), v(i)], vec![v(o), v(i)], vec![v(e), c0(), v(o)])
-        }));
-        return kb.finish(grid, fx(1), body);
-    }
-    fill.push(contract(&mut kb, [fx(rows), fx(outf), fx(inf)], (x, wt, y), bias, |t, o, i| {
-        (vec![v(n), v(t), v(i)], vec![v(o), v(i)], vec![v(n), v(t), v(o)])
-    }));
-    kb.finish(n, Extent::Batch, fill)
-}
-
 pub struct PoolGeom {
     pub kind: PoolKind,
     pub channels: usize,
@@ -352,27 +321,6 @@ pub fn mse(name: &str, size: usize) -> Result<Kernel> {
 
 // ---------------------------------------------------------------------------------------
 // Backward: input gradients.
-
-/// `dX[n,t,i] (+)= Σ_o dY[n,t,o] · W[o,i]`: one contraction over the whole batch when
-/// `rows == 1`, else one per example.
-pub fn linear_backward_input(name: &str, rows: usize, inf: usize, outf: usize, first: bool) -> Result<Kernel> {
-    let mut kb = KernelBuilder::new(name);
-    let dy = kb.input("dy", batched(&[rows, outf]));
-    let wt = kb.input("w", fixed(&[outf, inf]));
-    let dx = kb.target("dx", batched(&[rows, inf]), first);
-    if rows == 1 {
-        let grid = kb.var("all");
-        let product = contract(&mut kb, [Extent::Batch, fx(inf), fx(outf)], (dy, wt, dx), !first, |e, i, o| {
-            (vec![v(e), c0(), v(o)], vec![v(o), v(i)], vec![v(e), c0(), v(i)])
-        });
-        return kb.finish(grid, fx(1), vec![product]);
-    }
-    let n = kb.var("n");
-    let product = contract(&mut kb, [fx(rows), fx(inf), fx(outf)], (dy, wt, dx), !first, |t, i, o| {
-        (vec![v(n), v(t), v(o)], vec![v(o), v(i)], vec![v(n), v(t), v(i)])
-    });
-    kb.finish(n, Extent::Batch, vec![product])
-}
 
 /// Max pool: the gradient goes to the first maximum of each window (PyTorch's choice);
 /// average pool: spread evenly (padding counted, as PyTorch's default).

@@ -235,6 +235,9 @@ pub struct Schedule {
 struct Lowering<'g> {
     graph: &'g Graph,
     grads: &'g GradGraph,
+    /// The nodes lowered generically from their derived equations, as layers in index
+    /// notation: the graph's own and the built-in ops that have that form (`linear`).
+    layers: &'g HashMap<NodeId, IndexLayer>,
     buffers: Vec<BufferDecl>,
     kernels: Vec<Kernel>,
     by_name: HashMap<String, usize>,
@@ -258,9 +261,18 @@ struct Lowering<'g> {
 /// Stage 5: the program of `graph`, whose per-example backward pass `differentiate`
 /// derived as `grads`, with the strategies of `schedule`.
 pub fn lower(graph: &Graph, grads: &GradGraph, schedule: &Schedule) -> Result<Program> {
+    let layers: HashMap<NodeId, IndexLayer> = graph
+        .nodes
+        .iter()
+        .filter_map(|n| match &n.op {
+            Op::Index(l) => Some((n.id, (**l).clone())),
+            _ => crate::grad::as_index_layer(graph, n).map(|l| (n.id, l)),
+        })
+        .collect();
     let mut l = Lowering {
         graph,
         grads,
+        layers: &layers,
         buffers: Vec::new(),
         kernels: Vec::new(),
         by_name: HashMap::new(),
@@ -521,7 +533,7 @@ impl<'g> Lowering<'g> {
             let in_shape = n.inputs.first().map(|i| g.node(*i).shape.clone()).unwrap_or_default();
             let launch = match &n.op {
                 Op::Input { .. } | Op::Flatten => continue,
-                Op::Index(_) => {
+                Op::Index(_) | Op::Linear(_) => {
                     let eqs = self.grads.step(n.id).map(|s| s.forward.clone()).unwrap_or_default();
                     for (i, eq) in eqs.iter().enumerate() {
                         let name = format!("{tag}_fwd{i}");
@@ -547,20 +559,6 @@ impl<'g> Lowering<'g> {
                     let chunk = self.column_chunk(n.id);
                     out.extend(self.chunked([im2col, vec![gemm]].concat(), chunk));
                     continue;
-                }
-                Op::Linear(lin) => {
-                    let rows = (numel(&n.shape) / lin.out_features as u64) as usize;
-                    let k = kernels::linear_forward(
-                        &format!("{tag}_fwd"),
-                        rows,
-                        lin.in_features,
-                        lin.out_features,
-                        lin.bias,
-                    )?;
-                    let mut args = vec![x.expect("linear input"), self.param(n.id, "weight").expect("weight")];
-                    args.extend(self.param(n.id, "bias"));
-                    args.push(y);
-                    self.launch(k, args)
                 }
                 Op::Activation(_) | Op::Add => {
                     let eq = self.grads.step(n.id).and_then(|s| s.forward.first()).expect("a derived forward");
@@ -616,7 +614,7 @@ impl<'g> Lowering<'g> {
         let mut out = Vec::new();
         for n in g.nodes.iter().rev() {
             self.current = Some(n.id);
-            if let (Op::Index(_), true) = (&n.op, needs[n.id.index()]) {
+            if self.layers.contains_key(&n.id) && needs[n.id.index()] {
                 // A layer's temporaries' gradients come first: its parameter gradients read
                 // them. (A node that needs no gradient has no output gradient to start from.)
                 out.extend(self.index_grads(n.id, None, true)?);
@@ -637,10 +635,9 @@ impl<'g> Lowering<'g> {
                 let tag = format!("{}_bwd{slot}{}", self.tag(n.id), if first { "_first" } else { "" });
                 let dy = self.grad[n.id.index()];
                 let in_shape = g.node(*input).shape.clone();
-                let size = numel(&n.shape) as usize;
                 let launch = match &n.op {
                     Op::Input { .. } | Op::Flatten => continue,
-                    Op::Index(_) => {
+                    Op::Index(_) | Op::Linear(_) => {
                         out.extend(self.index_grads(n.id, Some(slot), first)?);
                         continue;
                     }
@@ -654,11 +651,6 @@ impl<'g> Lowering<'g> {
                         let chunk = self.column_chunk(n.id);
                         out.extend(self.chunked(vec![gemm, col2im], chunk));
                         continue;
-                    }
-                    Op::Linear(lin) => {
-                        let rows = size / lin.out_features;
-                        let k = kernels::linear_backward_input(&tag, rows, lin.in_features, lin.out_features, first)?;
-                        self.launch(k, vec![dy, self.param(n.id, "weight").expect("weight"), dx])
                     }
                     Op::Activation(_) | Op::Add => {
                         // The derived input gradient of this operand (`dX`, `dA` or `dB`).
@@ -741,11 +733,11 @@ impl<'g> Lowering<'g> {
             })
             .collect();
         let tag = self.tag(node);
-        if let Op::Index(_) = &g.node(node).op {
-            return self.index_param_grads(node, &tag, &targets, Batching::Summed, LaunchMode::Grid);
+        if self.layers.contains_key(&node) {
+            return self.index_param_grads(node, &tag, &targets, Batching::Summed, LaunchMode::Grid, "batch_grad");
         }
-        let (x, dy, _) = self.conv_io(node);
-        self.batch_grad_launch(node, &tag, x, dy, targets, LaunchMode::Grid, ColumnUse::WeightGrad)
+        let (_, dy, _) = self.conv_io(node);
+        self.batch_grad_launch(node, &tag, dy, targets, LaunchMode::Grid, ColumnUse::WeightGrad)
     }
 
     /// The batch-gradient kernels of one layer, writing into `targets` (weight, bias). A
@@ -755,55 +747,35 @@ impl<'g> Lowering<'g> {
         &mut self,
         node: NodeId,
         tag: &str,
-        x: BufId,
         dy: BufId,
         targets: Vec<BufId>,
         mode: LaunchMode,
         use_: ColumnUse,
     ) -> Result<Vec<Launch>> {
         let n = self.graph.node(node);
-        let k = match &n.op {
-            Op::Conv(c) => {
-                let cg = ConvGemm::of(c, &n.shape);
-                let (im2col, cols) = self.columns(node, use_)?;
-                // In chunks, the weight gradient is zeroed first and each chunk adds to it.
-                let chunk = if mode == LaunchMode::Grid { self.column_chunk(node) } else { None };
-                let k = param_grads::conv_batch_grad(&format!("{tag}_batch_grad"), &cg, chunk.is_some())?;
-                let gemm = self.launch_as(k, vec![cols, dy, targets[0]], mode);
-                let mut out = Vec::new();
-                if chunk.is_some() {
-                    let (rows, width) = (cg.cout, cg.d);
-                    out.push(
-                        self.launch(param_grads::zero(&format!("zero_{rows}x{width}"), rows, width)?, vec![targets[0]]),
-                    );
-                }
-                out.extend(self.chunked([im2col, vec![gemm]].concat(), chunk));
-                if c.bias {
-                    let k =
-                        param_grads::conv_bias_batch_grad(&format!("{tag}_bias_batch_grad"), cg.cout, cg.positions)?;
-                    out.push(self.launch_as(k, vec![dy, targets[1]], mode));
-                }
-                return Ok(out);
-            }
-            Op::Linear(lin) => {
-                let rows = (numel(&n.shape) / lin.out_features as u64) as usize;
-                param_grads::linear_batch_grad(
-                    &format!("{tag}_batch_grad"),
-                    rows,
-                    lin.in_features,
-                    lin.out_features,
-                    lin.bias,
-                )?
-            }
-            _ => {
-                let geom = norm_geom(n).expect("a norm with parameters");
-                let k = param_grads::norm_batch_grad(&format!("{tag}_batch_grad"), &geom)?;
-                let args = vec![dy, self.saved[&(node.0, Saved::Xhat)]].into_iter().chain(targets).collect();
-                return Ok(vec![self.launch_as(k, args, mode)]);
-            }
+        let Op::Conv(c) = &n.op else {
+            let geom = norm_geom(n).expect("a norm with parameters");
+            let k = param_grads::norm_batch_grad(&format!("{tag}_batch_grad"), &geom)?;
+            let args = vec![dy, self.saved[&(node.0, Saved::Xhat)]].into_iter().chain(targets).collect();
+            return Ok(vec![self.launch_as(k, args, mode)]);
         };
-        let args = vec![x, dy].into_iter().chain(targets).collect();
-        Ok(vec![self.launch_as(k, args, mode)])
+        let cg = ConvGemm::of(c, &n.shape);
+        let (im2col, cols) = self.columns(node, use_)?;
+        // In chunks, the weight gradient is zeroed first and each chunk adds to it.
+        let chunk = if mode == LaunchMode::Grid { self.column_chunk(node) } else { None };
+        let k = param_grads::conv_batch_grad(&format!("{tag}_batch_grad"), &cg, chunk.is_some())?;
+        let gemm = self.launch_as(k, vec![cols, dy, targets[0]], mode);
+        let mut out = Vec::new();
+        if chunk.is_some() {
+            let (rows, width) = (cg.cout, cg.d);
+            out.push(self.launch(param_grads::zero(&format!("zero_{rows}x{width}"), rows, width)?, vec![targets[0]]));
+        }
+        out.extend(self.chunked([im2col, vec![gemm]].concat(), chunk));
+        if c.bias {
+            let k = param_grads::conv_bias_batch_grad(&format!("{tag}_bias_batch_grad"), cg.cout, cg.positions)?;
+            out.push(self.launch_as(k, vec![dy, targets[1]], mode));
+        }
+        Ok(out)
     }
 
     fn slot(&self, param: &str) -> usize {
@@ -817,7 +789,7 @@ impl<'g> Lowering<'g> {
         let want_norms = kind != EntryKind::PerExampleGrads;
         let sq = self.extra(Role::SqNormParts, "sqnorm", true, vec![slots]);
         let strategy = strategy_of(plan, node);
-        if let Op::Index(_) = &g.node(node).op {
+        if self.layers.contains_key(&node) {
             return self.index_per_example(node, strategy, want_norms, sq);
         }
         let names: Vec<String> = g.params_of(node).map(|p| p.name.clone()).collect();
@@ -874,13 +846,13 @@ impl<'g> Lowering<'g> {
                     )
                 })
                 .collect();
-            if strategy_of(plan, n.id) == Strategy::Ghost && matches!(n.op, Op::Index(_)) {
+            if strategy_of(plan, n.id) == Strategy::Ghost && self.layers.contains_key(&n.id) {
                 // Book-keeping for a layer in index notation: each derived gradient
                 // weighted by the clip factors and summed over the batch.
                 out.extend(self.index_clipped_sums(n.id, &tag, &sums)?);
             } else if strategy_of(plan, n.id) == Strategy::Ghost {
                 // Book-keeping: rescale the stored output gradient, one ordinary GEMM.
-                let (x, dy, _) = self.conv_io(n.id);
+                let (_, dy, _) = self.conv_io(n.id);
                 let shape = n.shape.clone();
                 let dyc = self.extra(
                     Role::Workspace(format!("dy_clipped{}", n.id.0)),
@@ -890,7 +862,7 @@ impl<'g> Lowering<'g> {
                 );
                 let k = param_grads::scale_rows(&format!("{tag}_bookkeep_scale"), numel(&shape) as usize)?;
                 out.push(self.launch(k, vec![dy, clip, dyc]));
-                out.extend(self.batch_grad_launch(n.id, &tag, x, dyc, sums, LaunchMode::Grid, ColumnUse::Bookkeep)?);
+                out.extend(self.batch_grad_launch(n.id, &tag, dyc, sums, LaunchMode::Grid, ColumnUse::Bookkeep)?);
             } else {
                 for (p, sum) in g.params_of(n.id).zip(sums) {
                     let pe = self.extra[&Role::PerExampleGrad(p.name.clone())];
@@ -948,7 +920,7 @@ impl<'g> Lowering<'g> {
         Ok(match (&n.op, strategy) {
             (_, Strategy::Naive) => {
                 let mut v =
-                    self.batch_grad_launch(node, tag, x, dy, pe.to_vec(), LaunchMode::PerExample, ColumnUse::Naive)?;
+                    self.batch_grad_launch(node, tag, dy, pe.to_vec(), LaunchMode::PerExample, ColumnUse::Naive)?;
                 v.extend(sqnorms(self, &param_slots, pe)?);
                 v
             }
@@ -1012,17 +984,6 @@ impl<'g> Lowering<'g> {
                 }
                 v
             }
-            (Op::Linear(lin), Strategy::Outer | Strategy::Direct) => {
-                let rows = (numel(&n.shape) / lin.out_features as u64) as usize;
-                let k = param_grads::linear_outer(tag, rows, lin.in_features, lin.out_features, lin.bias, out)?;
-                vec![self.launch(k, with_sq([vec![x, dy], pe.to_vec()].concat()))]
-            }
-            (Op::Linear(lin), Strategy::Ghost) => {
-                let rows = (numel(&n.shape) / lin.out_features as u64) as usize;
-                let (slot, _) = out.norm.expect("ghost computes norms");
-                let k = param_grads::ghost_linear(tag, rows, lin.in_features, lin.out_features, lin.bias, slot, slots)?;
-                vec![self.launch(k, vec![x, dy, sq])]
-            }
             (_, _) => {
                 // Norm layers: direct.
                 let geom = norm_geom(n).expect("a norm with parameters");
@@ -1033,13 +994,22 @@ impl<'g> Lowering<'g> {
     }
 }
 
-impl Lowering<'_> {
-    /// The index-notation layer of `node`.
-    fn index_layer(&self, node: NodeId) -> Result<&IndexLayer> {
-        match &self.graph.node(node).op {
-            Op::Index(l) => Ok(l),
-            _ => Err(crate::Error::Internal(format!("node {} is not an index-notation layer", node.0))),
+impl<'g> Lowering<'g> {
+    /// The index-notation layer of `node` (see [`Lowering::layers`]).
+    fn index_layer(&self, node: NodeId) -> Result<&'g IndexLayer> {
+        self.layers
+            .get(&node)
+            .ok_or_else(|| crate::Error::Internal(format!("node {} is not lowered as an index-notation layer", node.0)))
+    }
+
+    /// The buffer of the parameter that `node`'s derived equations read as `local`.
+    fn local_param(&self, node: NodeId, local: &str) -> Option<BufId> {
+        if let Op::Index(_) = &self.graph.node(node).op {
+            return self.param(node, local);
         }
+        let suffix = |name: &str| name.rsplit('.').next().unwrap_or_default().to_string();
+        let p = self.graph.params_of(node).find(|p| crate::grad::param_local(&suffix(&p.name)) == local)?;
+        self.params.get(&p.name).copied()
     }
 
     /// The buffer a tensor of `node`'s derived equations names: a local tensor of the layer
@@ -1047,6 +1017,12 @@ impl Lowering<'_> {
     fn index_buffer(&mut self, node: NodeId, name: &str, param_targets: &HashMap<String, BufId>) -> Result<BufId> {
         if name == index::CLIP {
             return Ok(self.extra(Role::ClipFactors, "clip", true, vec![]));
+        }
+        if name == index::CLIPPED {
+            let role = Role::Workspace(format!("n{}_clipped", node.0));
+            return self.extra.get(&role).copied().ok_or_else(|| {
+                crate::Error::Internal(format!("node {}'s clipped factor is read before it is made", node.0))
+            });
         }
         let layer = self.index_layer(node)?;
         let n = self.graph.node(node);
@@ -1056,7 +1032,7 @@ impl Lowering<'_> {
         Ok(match (t.kind, grad) {
             (LocalKind::Input(slot), false) => self.act[n.inputs[slot].index()],
             (LocalKind::Input(slot), true) => self.grad[n.inputs[slot].index()],
-            (LocalKind::Param, false) => self.param(node, &t.name).expect("a declared parameter"),
+            (LocalKind::Param, false) => self.local_param(node, &t.name).expect("a declared parameter"),
             (LocalKind::Param, true) => *param_targets
                 .get(&t.name)
                 .ok_or_else(|| crate::Error::Internal(format!("no target for the gradient of `{name}`")))?,
@@ -1219,50 +1195,66 @@ impl Lowering<'_> {
         targets: &[BufId],
         batching: Batching,
         mode: LaunchMode,
+        suffix: &str,
     ) -> Result<Vec<Launch>> {
-        let layer = self.index_layer(node)?;
-        let locals: Vec<String> = layer.params().map(|p| p.name.clone()).collect();
-        let full: Vec<String> = self.graph.params_of(node).map(|p| p.name.clone()).collect();
-        let layer_name = self.graph.node(node).layer.clone().unwrap_or_default();
-        let mut map = HashMap::new();
-        for local in &locals {
-            let at = full.iter().position(|f| *f == format!("{layer_name}.{local}"));
-            if let Some(at) = at {
-                map.insert(local.clone(), targets[at]);
-            }
-        }
         let pgs = self.grads.step(node).map(|s| s.param_grads.clone()).unwrap_or_default();
-        let suffix = match (batching, mode) {
-            (Batching::Summed, LaunchMode::PerExample) => "naive",
-            (Batching::Summed, _) => "batch_grad",
-            _ => "direct",
-        };
         let mut out = Vec::new();
         for pg in &pgs {
-            let local = pg.param.rsplit('.').next().unwrap_or_default().to_string();
-            let name = format!("{tag}_{local}_{suffix}");
+            let (local, at) = self.param_grad_target(node, pg)?;
+            let name = format!("{tag}_{}_{suffix}", param_suffix(&pg.param));
+            let map = HashMap::from([(local, targets[at])]);
             out.extend(self.index_launch(node, &name, &pg.eq, true, batching, mode, &map)?);
         }
         Ok(out)
     }
 
-    /// The clipped sums of `node`'s parameters (`sums`, in the order of `graph.params_of`)
-    /// without per-example gradients: each derived gradient weighted by the clip factors.
-    fn index_clipped_sums(&mut self, node: NodeId, tag: &str, sums: &[BufId]) -> Result<Vec<Launch>> {
-        let layer = self.index_layer(node)?.clone();
-        let layer = &layer;
-        let step = self.grads.step(node).ok_or_else(|| crate::Error::Internal("no derived step".into()))?;
-        let full: Vec<String> = self.graph.params_of(node).map(|p| p.name.clone()).collect();
-        let mut out = Vec::new();
-        for pg in &step.param_grads {
-            let local = pg.param.rsplit('.').next().unwrap_or_default().to_string();
-            let at = full.iter().position(|f| *f == pg.param).ok_or_else(|| {
+    /// The local tensor whose gradient `pg` derives, and the position of its parameter in
+    /// `graph.params_of(node)`.
+    fn param_grad_target(&self, node: NodeId, pg: &crate::grad::ParamGrad) -> Result<(String, usize)> {
+        let layer = self.index_layer(node)?;
+        let (local, _) = layer_grad::resolve(layer, &pg.eq.lhs.tensor)
+            .ok_or_else(|| crate::Error::Internal(format!("`{}` names no tensor of node {}", pg.eq.lhs, node.0)))?;
+        let at =
+            self.graph.params_of(node).position(|p| p.name == pg.param).ok_or_else(|| {
                 crate::Error::Internal(format!("`{}` is not a parameter of node {}", pg.param, node.0))
             })?;
-            let targets = HashMap::from([(local.clone(), sums[at])]);
-            let name = format!("{tag}_{local}_bookkeep");
-            let (k, tensors) =
-                index::clipped_sum_kernel(&name, &pg.eq, &step.ranges, &|t| index::tensor_info(layer, t), index::CLIP)?;
+        Ok((local.name.clone(), at))
+    }
+
+    /// The clipped sums of `node`'s parameters (`sums`, in the order of `graph.params_of`)
+    /// without per-example gradients (book-keeping): the factor [`index::scaled_factor`]
+    /// finds scaled by the clip factors once, and each derived gradient that reads it
+    /// summed over the batch with it in place (a GEMM for a product of two matrices); any
+    /// other derived gradient weighted by the clip factors in its own kernel.
+    fn index_clipped_sums(&mut self, node: NodeId, tag: &str, sums: &[BufId]) -> Result<Vec<Launch>> {
+        let layer = self.index_layer(node)?;
+        let step = self.grads.step(node).ok_or_else(|| crate::Error::Internal("no derived step".into()))?;
+        let info = |t: &str| index::tensor_info(layer, t);
+        let eqs: Vec<&crate::grad::Equation> = step.param_grads.iter().map(|pg| &pg.eq).collect();
+        let scaled = index::scaled_factor(&eqs, &info);
+        let mut out = Vec::new();
+        if let Some(f) = &scaled {
+            let shape = info(f).expect("a tensor of the layer").shape;
+            let size = shape.iter().product::<usize>();
+            let source = self.index_buffer(node, f, &HashMap::new())?;
+            let role = Role::Workspace(format!("n{}_clipped", node.0));
+            let target = self.extra(role, &format!("n{}_{f}_clipped", node.0), true, shape);
+            let clip = self.index_buffer(node, index::CLIP, &HashMap::new())?;
+            let k = param_grads::scale_rows(&format!("{tag}_bookkeep_scale_{size}"), size)?;
+            out.push(self.launch(k, vec![source, clip, target]));
+        }
+        for pg in &step.param_grads {
+            let (local, at) = self.param_grad_target(node, pg)?;
+            let targets = HashMap::from([(local, sums[at])]);
+            let name = format!("{tag}_{}_bookkeep", param_suffix(&pg.param));
+            let (k, tensors) = match scaled.as_deref().filter(|f| index::scales(&pg.eq, f)) {
+                Some(f) => {
+                    let with_clipped = |t: &str| info(if t == index::CLIPPED { f } else { t });
+                    let eq = index::reading_clipped(&pg.eq, f);
+                    index::equation_kernel(&name, &eq, &step.ranges, &with_clipped, true, Batching::Summed)?
+                }
+                None => index::clipped_sum_kernel(&name, &pg.eq, &step.ranges, &info, index::CLIP)?,
+            };
             let mut args = Vec::new();
             for t in &tensors {
                 args.push(self.index_buffer(node, t, &targets)?);
@@ -1293,8 +1285,7 @@ impl Lowering<'_> {
             for pg in &step.param_grads {
                 let form = layer_grad::ghost_form(&pg.eq)
                     .ok_or_else(|| crate::Error::Internal(format!("`{}` has no ghost form", pg.param)))?;
-                let local = pg.param.rsplit('.').next().unwrap_or_default();
-                let name = format!("{tag}_{local}_ghost");
+                let name = format!("{tag}_{}_ghost", param_suffix(&pg.param));
                 let (k, tensors) = index::ghost_kernel(
                     &name,
                     &form,
@@ -1320,8 +1311,10 @@ impl Lowering<'_> {
             })
             .collect();
         let mut out = match strategy {
-            Strategy::Naive => self.index_param_grads(node, &tag, &pe, Batching::Summed, LaunchMode::PerExample)?,
-            _ => self.index_param_grads(node, &tag, &pe, Batching::PerExample, LaunchMode::Grid)?,
+            Strategy::Naive => {
+                self.index_param_grads(node, &tag, &pe, Batching::Summed, LaunchMode::PerExample, "naive")?
+            }
+            _ => self.index_param_grads(node, &tag, &pe, Batching::PerExample, LaunchMode::Grid, strategy.name())?,
         };
         if want_norms {
             for ((name, shape), buf) in params.iter().zip(&pe) {
@@ -1332,6 +1325,11 @@ impl Lowering<'_> {
         }
         Ok(out)
     }
+}
+
+/// `weight` for `conv1.weight`: the name a parameter's kernels carry.
+fn param_suffix(param: &str) -> &str {
+    param.rsplit('.').next().unwrap_or_default()
 }
 
 fn pool_geom(p: &crate::graph::Pool, in_shape: &[usize], out_shape: &[usize]) -> PoolGeom {
