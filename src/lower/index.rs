@@ -245,6 +245,49 @@ pub fn equation_kernel(
     first: bool,
     batching: Batching,
 ) -> Result<(Kernel, Vec<String>)> {
+    build(name, eq, ranges, info, first, batching, None)
+}
+
+/// A per-example parameter gradient's gather (one that is no matrix product) that also
+/// stores the squared norm of each example's gradient in `sqnorm[n, slot]` of `slots`, as
+/// it stores the gradient: no second pass over it. Returns the kernel and its arguments'
+/// tensors (the target, then the squared norms, last); `None` for any other equation.
+pub fn gather_with_norm(
+    name: &str,
+    eq: &Equation,
+    ranges: &[(Var, usize)],
+    info: &dyn Fn(&str) -> Option<TensorInfo>,
+    slot: usize,
+    slots: usize,
+) -> Result<Option<(Kernel, Vec<String>)>> {
+    if !eq.lhs.is_plain() || eq.accumulate {
+        return Ok(None);
+    }
+    let (plain, _) = equation_kernel(name, eq, ranges, info, true, Batching::PerExample)?;
+    struct Contracts(bool);
+    impl<'k> pdgc_codegen::visit::Visitor<'k> for Contracts {
+        fn stmt(&mut self, s: &'k Stmt) {
+            self.0 |= matches!(s, Stmt::Contract(_));
+            pdgc_codegen::visit::walk_stmt(self, s);
+        }
+    }
+    let mut found = Contracts(false);
+    pdgc_codegen::visit::walk_body(&mut found, &plain.grid.body);
+    if found.0 {
+        return Ok(None);
+    }
+    build(name, eq, ranges, info, true, Batching::PerExample, Some((slot, slots))).map(Some)
+}
+
+fn build(
+    name: &str,
+    eq: &Equation,
+    ranges: &[(Var, usize)],
+    info: &dyn Fn(&str) -> Option<TensorInfo>,
+    first: bool,
+    batching: Batching,
+    norm: Option<(usize, usize)>,
+) -> Result<(Kernel, Vec<String>)> {
     let (mut b, mut tensors) = Builder::reading(name, ranges, &[&eq.rhs], info)?;
     let target = info(&eq.lhs.tensor).ok_or_else(|| unbound(&eq.lhs.tensor))?;
     let overwrite = first && !eq.accumulate;
@@ -255,8 +298,16 @@ pub fn equation_kernel(
         return Err(Error::Internal(format!("the derived equation `{eq}` is not per example")));
     }
     let n = b.var("n");
+    // The squared norm's argument, accumulator and store (after every other statement).
+    let norm = norm.map(|(slot, slots)| {
+        tensors.push("sqnorm".to_string());
+        let sq = b.kb.output("sqnorm", batched(&[slots]));
+        let acc = b.kb.acc("sq");
+        (acc, store(sq, vec![v(n), Affine::constant(slot as i64)], ir::Expr::Acc(acc)))
+    });
+    let square = |acc: ir::AccId, x: &ir::Expr| add_to(acc, ir::Expr::mul(x.clone(), x.clone()));
 
-    if let Some((body, per_example)) = matrix_product(&mut b, eq, batching, out, overwrite)? {
+    if let (Some((body, per_example)), None) = (matrix_product(&mut b, eq, batching, out, overwrite)?, &norm) {
         if per_example {
             return b.kb.finish(n, Extent::Batch, body).map(|k| (k, tensors));
         }
@@ -276,10 +327,17 @@ pub fn equation_kernel(
         if let ([(sum, body)], Batching::PerExample) = (&ts[..], batching) {
             if sum.is_empty() {
                 let (pre, value) = b.value(body)?;
-                let inner = [pre, vec![put(out, index, value, overwrite)]].concat();
-                let body = b.vector_nest(&kept, inner)?;
+                let mut inner = [pre, vec![put(out, index, value.clone(), overwrite)]].concat();
+                inner.extend(norm.as_ref().map(|(sq, _)| square(*sq, &value)));
+                let mut body = Vec::new();
+                body.extend(norm.as_ref().map(|(sq, _)| set(*sq, lit(0.0))));
+                body.extend(b.vector_nest(&kept, inner)?);
+                body.extend(norm.map(|(_, store)| store));
                 return b.kb.finish(n, Extent::Batch, body).map(|k| (k, tensors));
             }
+        }
+        if norm.is_some() && batching == Batching::Summed {
+            return Err(Error::Internal(format!("a squared norm of a batch-summed gradient: `{eq}`")));
         }
         let acc = b.kb.acc("sum");
         let mut inner = vec![set(acc, lit(0.0))];
@@ -292,6 +350,7 @@ pub fn equation_kernel(
             inner.extend(b.vector_nest(&vars, [pre, vec![add_to(acc, value)]].concat())?);
         }
         inner.push(put(out, index, ir::Expr::Acc(acc), overwrite));
+        inner.extend(norm.as_ref().map(|(sq, _)| square(*sq, &ir::Expr::Acc(acc))));
         let (grid, extent, loops) = match batching {
             Batching::PerExample => (n, Extent::Batch, kept),
             Batching::Summed => match kept.split_first() {
@@ -302,7 +361,10 @@ pub fn equation_kernel(
                 }
             },
         };
-        let body = b.nest(&loops, inner)?;
+        let mut body = Vec::new();
+        body.extend(norm.as_ref().map(|(sq, _)| set(*sq, lit(0.0))));
+        body.extend(b.nest(&loops, inner)?);
+        body.extend(norm.map(|(_, store)| store));
         b.kb.finish(grid, extent, body).map(|k| (k, tensors))
     } else {
         // A scatter: every variable of the equation, adding into the target where it lies

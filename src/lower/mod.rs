@@ -1310,20 +1310,72 @@ impl<'g> Lowering<'g> {
                 self.extra(Role::PerExampleGrad(name.clone()), &format!("grad.{name}"), true, shape.clone())
             })
             .collect();
-        let mut out = match strategy {
-            Strategy::Naive => {
-                self.index_param_grads(node, &tag, &pe, Batching::Summed, LaunchMode::PerExample, "naive")?
+        if strategy == Strategy::Naive {
+            let mut out = self.index_param_grads(node, &tag, &pe, Batching::Summed, LaunchMode::PerExample, "naive")?;
+            if want_norms {
+                for at in 0..params.len() {
+                    out.push(self.sqnorm_launch(&params[at], pe[at], sq)?);
+                }
             }
-            _ => self.index_param_grads(node, &tag, &pe, Batching::PerExample, LaunchMode::Grid, strategy.name())?,
-        };
-        if want_norms {
-            for ((name, shape), buf) in params.iter().zip(&pe) {
-                let (slot, size) = (self.slot(name), numel(shape) as usize);
-                let k = param_grads::sqnorm(&format!("sqnorm_{size}_slot{slot}of{slots}"), size, slot, slots)?;
-                out.push(self.launch(k, vec![*buf, sq]));
+            return Ok(out);
+        }
+        // Each gradient by its derived equation; where that is a plain gather and norms are
+        // wanted, its squared norm is taken as it is stored, else by a pass over it after.
+        let pgs = self.grads.step(node).map(|s| s.param_grads.clone()).unwrap_or_default();
+        let mut out = Vec::new();
+        for pg in &pgs {
+            let (local, at) = self.param_grad_target(node, pg)?;
+            let name = format!("{tag}_{}_{strategy}", param_suffix(&pg.param));
+            let map = HashMap::from([(local, pe[at])]);
+            if want_norms {
+                if let Some(launch) = self.gather_with_norm(node, &format!("{name}_norm"), pg, &map, sq)? {
+                    out.push(launch);
+                    continue;
+                }
+            }
+            out.extend(self.index_launch(node, &name, &pg.eq, true, Batching::PerExample, LaunchMode::Grid, &map)?);
+            if want_norms {
+                out.push(self.sqnorm_launch(&params[at], pe[at], sq)?);
             }
         }
         Ok(out)
+    }
+
+    /// A launch storing the squared norm of each example's stored gradient of `param` (its
+    /// name and shape) in its slot of `sq`.
+    fn sqnorm_launch(&mut self, (name, shape): &(String, Vec<usize>), grad: BufId, sq: BufId) -> Result<Launch> {
+        let (slot, slots, size) = (self.slot(name), self.graph.params.len(), numel(shape) as usize);
+        let k = param_grads::sqnorm(&format!("sqnorm_{size}_slot{slot}of{slots}"), size, slot, slots)?;
+        Ok(self.launch(k, vec![grad, sq]))
+    }
+
+    /// The launch of `pg`'s per-example gather that also takes each example's squared norm
+    /// (see [`index::gather_with_norm`]), into `targets` and `sq`; `None` where the equation
+    /// is no such gather (a window product or a matrix product: a contraction computes it).
+    fn gather_with_norm(
+        &mut self,
+        node: NodeId,
+        name: &str,
+        pg: &crate::grad::ParamGrad,
+        targets: &HashMap<String, BufId>,
+        sq: BufId,
+    ) -> Result<Option<Launch>> {
+        let layer = self.index_layer(node)?;
+        let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
+        let info = |t: &str| index::tensor_info(layer, t);
+        if index::window_product(&pg.eq, &ranges, &info).is_some() {
+            return Ok(None);
+        }
+        let (slot, slots) = (self.slot(&pg.param), self.graph.params.len());
+        let Some((k, tensors)) = index::gather_with_norm(name, &pg.eq, &ranges, &info, slot, slots)? else {
+            return Ok(None);
+        };
+        let mut args = Vec::new();
+        for t in &tensors[..tensors.len() - 1] {
+            args.push(self.index_buffer(node, t, targets)?);
+        }
+        args.push(sq);
+        Ok(Some(self.launch(k, args)))
     }
 }
 
