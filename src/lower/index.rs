@@ -1,5 +1,6 @@
 //! Lowering of the equations derived for a layer written in index notation
-//! ([`crate::grad::layer`]): each equation becomes one loop-nest kernel, with no knowledge
+//! ([`crate::grad::layer`]) or for a built-in op that has that form (`linear`, see
+//! [`crate::grad::as_index_layer`]): each equation becomes one kernel, with no knowledge
 //! of the layer it came from.
 //!
 //! - A gather `t[n, v...] = Σ_terms Σ_{s} body` loops over `v`, sums each term over its own
@@ -14,10 +15,16 @@
 //! the parameter's first index the grid and sums `n` inside, so grid iterations still
 //! write disjoint elements.
 //!
+//! Matrix products (also one per example, or per example summed over the batch) and
+//! window products become contraction nodes (`matrix_product`, [`WindowProduct`]). A
+//! per-example parameter gradient's gather can store each example's squared norm as it
+//! stores the gradient ([`gather_with_norm`]).
+//!
 //! The ghost strategy of these layers is two more generic kernels: the squared norm of a
 //! parameter's gradient from Gram products of its derived equation's two factors
 //! ([`ghost_kernel`]), and the clipped sum as that equation weighted by each example's clip
-//! factor and summed over the batch ([`clipped_sum_kernel`]) — no per-example gradient is
+//! factor and summed over the batch ([`clipped_sum_kernel`], or the equation itself reading
+//! one factor scaled by the clip factors, see [`scaled_factor`]) — no per-example gradient is
 //! ever stored.
 
 /// The name under which the clip factors `c[n]` enter a clipped-sum equation (not a valid

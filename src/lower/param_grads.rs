@@ -3,8 +3,8 @@
 //! tail (norms, clip factors, weighted sums, book-keeping's rescaling).
 //!
 //! A per-example kernel may also write each example's squared norm of the gradient it
-//! computes into `sqnorm[n, slot]` (one slot per parameter tensor): `direct` and `outer`
-//! fuse it into their epilogue; with `store: false` they compute norms without ever
+//! computes into `sqnorm[n, slot]` (one slot per parameter tensor): `direct` fuses it
+//! into its epilogue; with `store: false` they compute norms without ever
 //! writing the per-example gradient.
 
 use pdgc_codegen::ir::{Binary, Expr, Extent, Kernel, Mode, Unary, VarId};
