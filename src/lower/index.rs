@@ -252,7 +252,8 @@ pub fn equation_kernel(
     first: bool,
     batching: Batching,
 ) -> Result<(Kernel, Vec<String>)> {
-    build(name, eq, ranges, info, first, batching, None)
+    build(name, eq, ranges, info, first, batching, None)?
+        .ok_or_else(|| Error::Internal(format!("no kernel for the derived equation `{eq}`")))
 }
 
 /// A per-example parameter gradient's gather (one that is no matrix product) that also
@@ -270,22 +271,11 @@ pub fn gather_with_norm(
     if !eq.lhs.is_plain() || eq.accumulate {
         return Ok(None);
     }
-    let (plain, _) = equation_kernel(name, eq, ranges, info, true, Batching::PerExample)?;
-    struct Contracts(bool);
-    impl<'k> pdgc_codegen::visit::Visitor<'k> for Contracts {
-        fn stmt(&mut self, s: &'k Stmt) {
-            self.0 |= matches!(s, Stmt::Contract(_));
-            pdgc_codegen::visit::walk_stmt(self, s);
-        }
-    }
-    let mut found = Contracts(false);
-    pdgc_codegen::visit::walk_body(&mut found, &plain.grid.body);
-    if found.0 {
-        return Ok(None);
-    }
-    build(name, eq, ranges, info, true, Batching::PerExample, Some((slot, slots))).map(Some)
+    build(name, eq, ranges, info, true, Batching::PerExample, Some((slot, slots)))
 }
 
+/// [`equation_kernel`], and with `norm` the squared norms of [`gather_with_norm`]: `None`
+/// only then, for an equation that is a matrix product (its contraction computes it).
 fn build(
     name: &str,
     eq: &Equation,
@@ -294,7 +284,7 @@ fn build(
     first: bool,
     batching: Batching,
     norm: Option<(usize, usize)>,
-) -> Result<(Kernel, Vec<String>)> {
+) -> Result<Option<(Kernel, Vec<String>)>> {
     let (mut b, mut tensors) = Builder::reading(name, ranges, &[&eq.rhs], info)?;
     let target = info(&eq.lhs.tensor).ok_or_else(|| unbound(&eq.lhs.tensor))?;
     let overwrite = first && !eq.accumulate;
@@ -314,12 +304,12 @@ fn build(
     });
     let square = |acc: ir::AccId, x: &ir::Expr| add_to(acc, ir::Expr::mul(x.clone(), x.clone()));
 
-    if let (Some((body, per_example)), None) = (matrix_product(&mut b, eq, batching, out, overwrite)?, &norm) {
-        if per_example {
-            return b.kb.finish(n, Extent::Batch, body).map(|k| (k, tensors));
+    if let Some((body, per_example)) = matrix_product(&mut b, eq, batching, out, overwrite)? {
+        if norm.is_some() {
+            return Ok(None);
         }
-        let grid = b.var("all");
-        return b.kb.finish(grid, fx(1), body).map(|k| (k, tensors));
+        let (grid, extent) = if per_example { (n, Extent::Batch) } else { (b.var("all"), fx(1)) };
+        return b.kb.finish(grid, extent, body).map(|k| Some((k, tensors)));
     }
     if eq.lhs.is_plain() {
         // A gather: loop over the target's variables, sum every term, store once. A single
@@ -340,7 +330,7 @@ fn build(
                 body.extend(norm.as_ref().map(|(sq, _)| set(*sq, lit(0.0))));
                 body.extend(b.vector_nest(&kept, inner)?);
                 body.extend(norm.map(|(_, store)| store));
-                return b.kb.finish(n, Extent::Batch, body).map(|k| (k, tensors));
+                return b.kb.finish(n, Extent::Batch, body).map(|k| Some((k, tensors)));
             }
         }
         if norm.is_some() && batching == Batching::Summed {
@@ -372,7 +362,7 @@ fn build(
         body.extend(norm.as_ref().map(|(sq, _)| set(*sq, lit(0.0))));
         body.extend(b.nest(&loops, inner)?);
         body.extend(norm.map(|(_, store)| store));
-        b.kb.finish(grid, extent, body).map(|k| (k, tensors))
+        b.kb.finish(grid, extent, body).map(|k| Some((k, tensors)))
     } else {
         // A scatter: every variable of the equation, adding into the target where it lies
         // inside (its zero padding receives nothing).
@@ -396,7 +386,7 @@ fn build(
         let guard = b.inside(&eq.lhs, &target)?;
         let store = guarded(guard, vec![accumulate(out, index, value)]);
         let body = b.nest(&vars, [pre, store].concat())?;
-        b.kb.finish(n, Extent::Batch, body).map(|k| (k, tensors))
+        b.kb.finish(n, Extent::Batch, body).map(|k| Some((k, tensors)))
     }
 }
 

@@ -734,7 +734,15 @@ impl<'g> Lowering<'g> {
             .collect();
         let tag = self.tag(node);
         if self.layers.contains_key(&node) {
-            return self.index_param_grads(node, &tag, &targets, Batching::Summed, LaunchMode::Grid, "batch_grad");
+            return self.index_param_grads(
+                node,
+                &tag,
+                &targets,
+                Batching::Summed,
+                LaunchMode::Grid,
+                "batch_grad",
+                None,
+            );
         }
         let (_, dy, _) = self.conv_io(node);
         self.batch_grad_launch(node, &tag, dy, targets, LaunchMode::Grid, ColumnUse::WeightGrad)
@@ -892,25 +900,14 @@ impl<'g> Lowering<'g> {
         let g = self.graph;
         let n = g.node(node);
         let slots = g.params.len();
-        let sqnorms = |l: &mut Self, names: &[(usize, u64)], bufs: &[BufId]| -> Result<Vec<Launch>> {
+        // The squared norms of the stored gradients, where the kernels do not fuse them.
+        let names: Vec<String> = g.params_of(node).map(|p| p.name.clone()).collect();
+        let sqnorms = |l: &mut Self| -> Result<Vec<Launch>> {
             match out.norm {
                 None => Ok(Vec::new()),
-                Some(_) => names
-                    .iter()
-                    .zip(bufs)
-                    .map(|((slot, size), buf)| {
-                        let k = param_grads::sqnorm(
-                            &format!("sqnorm_{size}_slot{slot}of{slots}"),
-                            *size as usize,
-                            *slot,
-                            slots,
-                        )?;
-                        Ok(l.launch(k, vec![*buf, sq]))
-                    })
-                    .collect(),
+                Some(_) => names.iter().zip(pe).map(|(name, buf)| l.sqnorm_launch(name, *buf, sq)).collect(),
             }
         };
-        let param_slots: Vec<(usize, u64)> = g.params_of(node).map(|p| (self.slot(&p.name), numel(&p.shape))).collect();
         let with_sq = |mut args: Vec<BufId>| {
             if out.norm.is_some() {
                 args.push(sq);
@@ -921,7 +918,7 @@ impl<'g> Lowering<'g> {
             (_, Strategy::Naive) => {
                 let mut v =
                     self.batch_grad_launch(node, tag, dy, pe.to_vec(), LaunchMode::PerExample, ColumnUse::Naive)?;
-                v.extend(sqnorms(self, &param_slots, pe)?);
+                v.extend(sqnorms(self)?);
                 v
             }
             (Op::Conv(c), Strategy::Direct) => {
@@ -951,7 +948,7 @@ impl<'g> Lowering<'g> {
                     )?;
                     v.push(self.launch(k, vec![dy, pe[1]]));
                 }
-                v.extend(sqnorms(self, &param_slots, pe)?);
+                v.extend(sqnorms(self)?);
                 v
             }
             (Op::Conv(c), Strategy::Unfold | Strategy::Ghost) => {
@@ -1187,7 +1184,11 @@ impl<'g> Lowering<'g> {
     }
 
     /// The parameter gradients of `node`'s layer into `targets` (in the order of
-    /// `graph.params_of`): summed over the batch, or per example.
+    /// `graph.params_of`): summed over the batch, or per example. With `norms`, each
+    /// per-example gradient's squared norm goes into its slot of that buffer: taken as the
+    /// gradient is stored where its equation is a plain gather run over the batch, else by a
+    /// pass over the stored gradient after it.
+    #[allow(clippy::too_many_arguments)]
     fn index_param_grads(
         &mut self,
         node: NodeId,
@@ -1196,14 +1197,25 @@ impl<'g> Lowering<'g> {
         batching: Batching,
         mode: LaunchMode,
         suffix: &str,
+        norms: Option<BufId>,
     ) -> Result<Vec<Launch>> {
         let pgs = self.grads.step(node).map(|s| s.param_grads.clone()).unwrap_or_default();
+        let fusable = batching == Batching::PerExample && mode == LaunchMode::Grid;
         let mut out = Vec::new();
         for pg in &pgs {
             let (local, at) = self.param_grad_target(node, pg)?;
             let name = format!("{tag}_{}_{suffix}", param_suffix(&pg.param));
             let map = HashMap::from([(local, targets[at])]);
+            if let (Some(sq), true) = (norms, fusable) {
+                if let Some(launch) = self.gather_with_norm(node, &format!("{name}_norm"), pg, &map, sq)? {
+                    out.push(launch);
+                    continue;
+                }
+            }
             out.extend(self.index_launch(node, &name, &pg.eq, true, batching, mode, &map)?);
+            if let Some(sq) = norms {
+                out.push(self.sqnorm_launch(&pg.param, targets[at], sq)?);
+            }
         }
         Ok(out)
     }
@@ -1278,8 +1290,7 @@ impl<'g> Lowering<'g> {
         let tag = self.tag(node);
         if strategy == Strategy::Ghost {
             // Squared norms from Gram products of each derived gradient's factors.
-            let layer = self.index_layer(node)?.clone();
-            let layer = &layer;
+            let layer = self.index_layer(node)?;
             let step = self.grads.step(node).ok_or_else(|| crate::Error::Internal("no derived step".into()))?;
             let mut out = Vec::new();
             for pg in &step.param_grads {
@@ -1305,46 +1316,21 @@ impl<'g> Lowering<'g> {
         }
         let params: Vec<(String, Vec<usize>)> = g.params_of(node).map(|p| (p.name.clone(), p.shape.clone())).collect();
         let pe: Vec<BufId> = params
-            .iter()
-            .map(|(name, shape)| {
-                self.extra(Role::PerExampleGrad(name.clone()), &format!("grad.{name}"), true, shape.clone())
-            })
+            .into_iter()
+            .map(|(name, shape)| self.extra(Role::PerExampleGrad(name.clone()), &format!("grad.{name}"), true, shape))
             .collect();
-        if strategy == Strategy::Naive {
-            let mut out = self.index_param_grads(node, &tag, &pe, Batching::Summed, LaunchMode::PerExample, "naive")?;
-            if want_norms {
-                for at in 0..params.len() {
-                    out.push(self.sqnorm_launch(&params[at], pe[at], sq)?);
-                }
-            }
-            return Ok(out);
-        }
-        // Each gradient by its derived equation; where that is a plain gather and norms are
-        // wanted, its squared norm is taken as it is stored, else by a pass over it after.
-        let pgs = self.grads.step(node).map(|s| s.param_grads.clone()).unwrap_or_default();
-        let mut out = Vec::new();
-        for pg in &pgs {
-            let (local, at) = self.param_grad_target(node, pg)?;
-            let name = format!("{tag}_{}_{strategy}", param_suffix(&pg.param));
-            let map = HashMap::from([(local, pe[at])]);
-            if want_norms {
-                if let Some(launch) = self.gather_with_norm(node, &format!("{name}_norm"), pg, &map, sq)? {
-                    out.push(launch);
-                    continue;
-                }
-            }
-            out.extend(self.index_launch(node, &name, &pg.eq, true, Batching::PerExample, LaunchMode::Grid, &map)?);
-            if want_norms {
-                out.push(self.sqnorm_launch(&params[at], pe[at], sq)?);
-            }
-        }
-        Ok(out)
+        let (batching, mode, suffix) = match strategy {
+            Strategy::Naive => (Batching::Summed, LaunchMode::PerExample, "naive"),
+            _ => (Batching::PerExample, LaunchMode::Grid, strategy.name()),
+        };
+        self.index_param_grads(node, &tag, &pe, batching, mode, suffix, want_norms.then_some(sq))
     }
 
-    /// A launch storing the squared norm of each example's stored gradient of `param` (its
-    /// name and shape) in its slot of `sq`.
-    fn sqnorm_launch(&mut self, (name, shape): &(String, Vec<usize>), grad: BufId, sq: BufId) -> Result<Launch> {
-        let (slot, slots, size) = (self.slot(name), self.graph.params.len(), numel(shape) as usize);
+    /// A launch storing the squared norm of each example's stored gradient of `param` in
+    /// its slot of `sq`.
+    fn sqnorm_launch(&mut self, param: &str, grad: BufId, sq: BufId) -> Result<Launch> {
+        let p = self.graph.params.iter().find(|p| p.name == param).expect("a parameter of the graph");
+        let (slot, slots, size) = (self.slot(param), self.graph.params.len(), numel(&p.shape) as usize);
         let k = param_grads::sqnorm(&format!("sqnorm_{size}_slot{slot}of{slots}"), size, slot, slots)?;
         Ok(self.launch(k, vec![grad, sq]))
     }

@@ -222,26 +222,26 @@ pub fn plan(graph: &Graph, grads: &GradGraph, opts: &PlanOptions) -> Result<Plan
     let mut notes = Vec::new();
 
     // Fitting is monotone in the batch size: the largest micro-batch that fits the
-    // fastest strategies, by bisection.
-    let fits = |m: usize| -> Result<bool> {
-        let (layers, _, _) = initial_layers(graph, grads, opts, m as u64)?;
-        Ok(peak_memory(base_memory(graph, m as u64), &layers) <= budget)
-    };
-    let micro = if fits(batch)? {
-        batch
+    // fastest strategies, by bisection. Each batch size is measured once (measuring lowers
+    // the graph once per strategy).
+    let measured = |m: usize| initial_layers(graph, grads, opts, m as u64);
+    let fits = |layers: &[LayerPlan], m: usize| peak_memory(base_memory(graph, m as u64), layers) <= budget;
+    let whole = measured(batch)?;
+    let (micro, (mut layers, shared_private, shared_nonprivate)) = if fits(&whole.0, batch) {
+        (batch, whole)
     } else {
         let (mut lo, mut hi) = (0usize, batch);
         while lo < hi {
             let mid = (lo + hi).div_ceil(2);
-            if fits(mid)? {
+            if fits(&measured(mid)?.0, mid) {
                 lo = mid;
             } else {
                 hi = mid - 1;
             }
         }
-        lo.max(1)
+        let micro = lo.max(1);
+        (micro, measured(micro)?)
     };
-    let (mut layers, shared_private, shared_nonprivate) = initial_layers(graph, grads, opts, micro as u64)?;
     if micro < batch {
         let runs = batch.div_ceil(micro);
         notes.push(format!(
@@ -249,7 +249,7 @@ pub fn plan(graph: &Graph, grads: &GradGraph, opts: &PlanOptions) -> Result<Plan
             si(budget)
         ));
     }
-    if !fits(micro)? && !fit_budget(&mut layers, base_memory(graph, micro as u64), budget) {
+    if !fits(&layers, micro) && !fit_budget(&mut layers, base_memory(graph, micro as u64), budget) {
         notes.push(format!(
             "even one example exceeds the memory budget of {}B; planned at micro-batch 1 anyway",
             si(budget)
