@@ -1016,8 +1016,7 @@ impl<'g> Lowering<'g> {
             return Ok(self.extra(Role::ClipFactors, "clip", true, vec![]));
         }
         if name == index::CLIPPED {
-            let role = Role::Workspace(format!("n{}_clipped", node.0));
-            return self.extra.get(&role).copied().ok_or_else(|| {
+            return self.extra.get(&clipped_role(node)).copied().ok_or_else(|| {
                 crate::Error::Internal(format!("node {}'s clipped factor is read before it is made", node.0))
             });
         }
@@ -1249,8 +1248,7 @@ impl<'g> Lowering<'g> {
             let shape = info(f).expect("a tensor of the layer").shape;
             let size = shape.iter().product::<usize>();
             let source = self.index_buffer(node, f, &HashMap::new())?;
-            let role = Role::Workspace(format!("n{}_clipped", node.0));
-            let target = self.extra(role, &format!("n{}_{f}_clipped", node.0), true, shape);
+            let target = self.extra(clipped_role(node), &format!("n{}_{f}_clipped", node.0), true, shape);
             let clip = self.index_buffer(node, index::CLIP, &HashMap::new())?;
             let k = param_grads::scale_rows(&format!("{tag}_bookkeep_scale_{size}"), size)?;
             out.push(self.launch(k, vec![source, clip, target]));
@@ -1363,6 +1361,12 @@ impl<'g> Lowering<'g> {
         args.push(sq);
         Ok(Some(self.launch(k, args)))
     }
+}
+
+/// The workspace of `node`'s book-keeping factor scaled by the clip factors
+/// ([`index::CLIPPED`]).
+fn clipped_role(node: NodeId) -> Role {
+    Role::Workspace(format!("n{}_clipped", node.0))
 }
 
 /// `weight` for `conv1.weight`: the name a parameter's kernels carry.
