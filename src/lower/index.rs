@@ -322,6 +322,11 @@ fn build(
         };
         let ts = terms(&eq.rhs);
         if let ([(sum, body)], Batching::PerExample) = (&ts[..], batching) {
+            if sum.is_empty() && norm.is_none() {
+                if let Some(body) = window_copy(&mut b, eq, out, overwrite, &target.shape)? {
+                    return b.kb.finish(n, Extent::Batch, body).map(|k| Some((k, tensors)));
+                }
+            }
             if sum.is_empty() {
                 let (pre, value) = b.value(body)?;
                 let mut inner = [pre, vec![put(out, index, value.clone(), overwrite)]].concat();
@@ -369,6 +374,9 @@ fn build(
         if batching == Batching::Summed {
             return Err(Error::Internal(format!("a scatter into a parameter gradient: `{eq}`")));
         }
+        if let Some(body) = window_copy(&mut b, eq, out, false, &target.shape)? {
+            return b.kb.finish(n, Extent::Batch, body).map(|k| Some((k, tensors)));
+        }
         let mut vars: Vec<Var> = Vec::new();
         let mut visit = |a: &Access| {
             for v in a.vars() {
@@ -388,6 +396,100 @@ fn build(
         let body = b.nest(&vars, [pre, store].concat())?;
         b.kb.finish(n, Extent::Batch, body).map(|k| Some((k, tensors)))
     }
+}
+
+/// A copy through a window: im2col's gather `cols'[n, V..] = X[n, window]` or col2im's
+/// scatter `X[n, window] += cols'[n, V..]`, where each index of `X` is a plain variable or
+/// a window `s·o + d·k − p` of two variables (no other terms, `p ≥ 0`), and the plain side
+/// runs over its variables in the order: the others, then each window's first variable (its
+/// tap `k`), then each window's second (its output position `o`), in `X`'s axis order.
+/// Lowered by [`window_nest`]: inside the input no bounds guard per element and, where the
+/// stride is 1, a vector loop along the innermost position; only the edges check their
+/// guards. (A gather that is its target's first writer stores zeros where the window reads
+/// padding.) `None` for any other equation; `target_shape` is the per-example shape of the
+/// target.
+fn window_copy(
+    b: &mut Builder,
+    eq: &Equation,
+    out: ir::ArgId,
+    overwrite: bool,
+    target_shape: &[usize],
+) -> Result<Option<Vec<Stmt>>> {
+    let Expr::Read(read) = &eq.rhs else { return Ok(None) };
+    let (plain, windowed) = if eq.accumulate { (read, &eq.lhs) } else { (&eq.lhs, read) };
+    if !plain.is_plain() || windowed.is_plain() || windowed.index.first().and_then(Index::as_var) != Some("n") {
+        return Ok(None);
+    }
+    let shape = if eq.accumulate {
+        target_shape.to_vec()
+    } else {
+        match b.args.get(&windowed.tensor) {
+            Some((_, info)) if info.batched => info.shape.clone(),
+            _ => return Ok(None),
+        }
+    };
+    let Some(vars) = plain_vars(plain, true) else { return Ok(None) };
+    let position = |v: Var| vars.iter().position(|u| *u == v);
+    // Each window axis: (its dim of X, the tap, the position, their coefficients, the offset).
+    let mut axes = Vec::new();
+    for (d, ix) in windowed.index[1..].iter().enumerate() {
+        if ix.as_var().is_some() {
+            let (lo, hi) = b.bounds(ix)?;
+            if lo < 0 || hi >= shape[d] as i64 {
+                return Ok(None);
+            }
+            continue;
+        }
+        let [t0, t1] = &ix.terms[..] else { return Ok(None) };
+        if t0.div != 1 || t1.div != 1 || t0.coef <= 0 || t1.coef <= 0 || ix.offset > 0 {
+            return Ok(None);
+        }
+        let (Some(p0), Some(p1)) = (position(t0.var), position(t1.var)) else { return Ok(None) };
+        let (tap, pos) = if p0 < p1 { (t0, t1) } else { (t1, t0) };
+        axes.push((d, tap.clone(), pos.clone(), -ix.offset));
+    }
+    if axes.is_empty() {
+        return Ok(None);
+    }
+    let taps: Vec<Var> = axes.iter().map(|a| a.1.var).collect();
+    let positions: Vec<Var> = axes.iter().map(|a| a.2.var).collect();
+    let others: Vec<Var> = vars.iter().copied().filter(|v| !taps.contains(v) && !positions.contains(v)).collect();
+    if [others.clone(), taps.clone(), positions.clone()].concat() != vars {
+        return Ok(None);
+    }
+    let mut w = super::window::Window {
+        input: Vec::new(),
+        output: Vec::new(),
+        kernel: Vec::new(),
+        stride: Vec::new(),
+        pad_lo: Vec::new(),
+        pad_hi: Vec::new(),
+        dilation: Vec::new(),
+    };
+    for (d, tap, pos, pad) in &axes {
+        let (input, output, kernel) = (shape[*d] as i64, b.range(pos.var)? as i64, b.range(tap.var)? as i64);
+        let last = (output - 1) * pos.coef + (kernel - 1) * tap.coef - pad;
+        w.input.push(input as usize);
+        w.output.push(output as usize);
+        w.kernel.push(kernel as usize);
+        w.stride.push(pos.coef as usize);
+        w.dilation.push(tap.coef as usize);
+        w.pad_lo.push(*pad as usize);
+        w.pad_hi.push((last - (input - 1)).max(0) as usize);
+    }
+    let other_ids: Vec<VarId> = others.iter().map(|v| b.var(v)).collect();
+    let extents = others.iter().map(|v| b.range(v)).collect::<Result<Vec<usize>>>()?;
+    let tap_ids: Vec<VarId> = taps.iter().map(|v| b.var(v)).collect();
+    let pos_ids: Vec<VarId> = positions.iter().map(|v| b.var(v)).collect();
+    let (arg, _) = b.args.get(&read.tensor).cloned().ok_or_else(|| unbound(&read.tensor))?;
+    let (target, source) = (b.index(&eq.lhs), b.index(read));
+    let (inside, outside) = if eq.accumulate {
+        (vec![accumulate(out, target, load(arg, source))], Vec::new())
+    } else {
+        let zeros = if overwrite { vec![store(out, target.clone(), lit(0.0))] } else { Vec::new() };
+        (vec![put(out, target, load(arg, source), overwrite)], zeros)
+    };
+    Ok(Some(nest(&other_ids, &extents, super::window::window_nest(&w, &tap_ids, &pos_ids, inside, outside))))
 }
 
 /// How [`matrix_product`] covers the batch.
@@ -561,6 +663,8 @@ pub struct FlatGemm {
     /// `a` is stored `[K, M]` (read transposed).
     pub a_transposed: bool,
     pub b: String,
+    /// `b` is stored `[N, K]` (read transposed).
+    pub b_transposed: bool,
     pub c: String,
     pub bias: Option<String>,
 }
@@ -579,6 +683,18 @@ pub fn window_product(
     } else {
         gather_window(eq, ranges, info)
     }
+}
+
+/// The variables of an access through a window after its batch index, in im2col's order:
+/// those of its plain indices, then each window's second variable (written `h + i`, its
+/// tap `i`), then each window's first (its output position `h`), in axis order.
+fn window_order(x: &Access) -> Vec<Var> {
+    let dims = &x.index[1..];
+    let mut out: Vec<Var> = dims.iter().filter_map(Index::as_var).collect();
+    for pick in [1, 0] {
+        out.extend(dims.iter().filter(|ix| ix.terms.len() == 2).map(|ix| ix.terms[pick].var));
+    }
+    out
 }
 
 /// The plain variables of `a` after the batch index (where `batched`), if it has one.
@@ -656,7 +772,16 @@ fn gather_window(
     }
     let product = |vars: &[Var]| sizes(vars, ranges).map(|s| s.iter().product::<usize>());
     let dims = [product(&rows)?, product(sum)?, product(&cols)?];
-    let col_vars: Vec<Var> = std::iter::once("n").chain(sum.iter().copied()).chain(cols.iter().copied()).collect();
+    // The columns in the window's own order where the product allows (read transposed
+    // where the window's positions are summed, as in a weight gradient), so that every
+    // equation reading `x` through this window gathers the same columns.
+    let own = window_order(x);
+    let b_transposed = own == [cols.clone(), sum.clone()].concat();
+    let col_vars: Vec<Var> = if b_transposed {
+        std::iter::once("n").chain(own).collect()
+    } else {
+        std::iter::once("n").chain(sum.iter().copied()).chain(cols.iter().copied()).collect()
+    };
     Some(WindowProduct {
         before: Some(Equation { lhs: Access::new(COLUMNS, &col_vars), accumulate: false, rhs: Expr::Read(x.clone()) }),
         after: None,
@@ -666,6 +791,7 @@ fn gather_window(
             a: p.tensor.clone(),
             a_transposed: false,
             b: COLUMNS.to_string(),
+            b_transposed,
             c: eq.lhs.tensor.clone(),
             bias,
         },
@@ -722,6 +848,7 @@ fn scatter_window(
             a: p.tensor.clone(),
             a_transposed: true,
             b: q.tensor.clone(),
+            b_transposed: false,
             c: COLUMNS.to_string(),
             bias: None,
         },
@@ -750,7 +877,7 @@ pub fn flat_gemm(
         kb.input(t, if batch { batched(&dims) } else { fixed(&dims) })
     };
     let a = view(&mut kb, &g.a, a_batched, if g.a_transposed { [k, m] } else { [m, k] });
-    let b = view(&mut kb, &g.b, b_batched, [k, n]);
+    let b = view(&mut kb, &g.b, b_batched, if g.b_transposed { [n, k] } else { [k, n] });
     let bias = g.bias.as_ref().map(|t| kb.input(t, fixed(&[m])));
     let out = kb.target(&g.c, batched(&[m, n]), overwrite);
     let [ex, row, t] = [kb.var("n"), kb.var("m"), kb.var("t")];
@@ -767,7 +894,8 @@ pub fn flat_gemm(
     };
     body.push(contract(&mut kb, [fx(m), fx(n), fx(k)], (a, b, out), accumulate, |mm, nn, kk| {
         let ai = with_batch(a_batched, if g.a_transposed { [kk, mm] } else { [mm, kk] });
-        (ai, with_batch(b_batched, [kk, nn]), vec![v(ex), v(mm), v(nn)])
+        let bi = with_batch(b_batched, if g.b_transposed { [nn, kk] } else { [kk, nn] });
+        (ai, bi, vec![v(ex), v(mm), v(nn)])
     }));
     let mut tensors = vec![g.a.clone(), g.b.clone()];
     tensors.extend(g.bias.clone());
@@ -792,7 +920,7 @@ fn summed_gemm(
     let a_batched = batched_of(&g.a)?;
     let a_dims = if g.a_transposed { [k, m] } else { [m, k] };
     let a = kb.input(&g.a, if a_batched { batched(&a_dims) } else { fixed(&a_dims) });
-    let b = kb.input(&g.b, batched(&[k, n]));
+    let b = kb.input(&g.b, batched(&if g.b_transposed { [n, k] } else { [k, n] }));
     let out = kb.target(&g.c, fixed(&[m, n]), overwrite);
     let [one, ex, row, t] = [kb.var("one"), kb.var("n"), kb.var("m"), kb.var("t")];
     let mut body = Vec::new();
@@ -802,7 +930,8 @@ fn summed_gemm(
     let product = contract(&mut kb, [fx(m), fx(n), fx(k)], (a, b, out), true, |mm, nn, kk| {
         let mut ai = if a_batched { vec![v(ex)] } else { Vec::new() };
         ai.extend(if g.a_transposed { [kk, mm] } else { [mm, kk] }.map(v));
-        (ai, vec![v(ex), v(kk), v(nn)], vec![v(mm), v(nn)])
+        let bi = if g.b_transposed { [nn, kk] } else { [kk, nn] };
+        (ai, [vec![v(ex)], bi.map(v).to_vec()].concat(), vec![v(mm), v(nn)])
     });
     body.push(batch_loop(ex, vec![product]));
     let tensors = vec![g.a.clone(), g.b.clone(), g.c.clone()];
@@ -962,4 +1091,116 @@ pub fn clipped_sum_kernel(
         }
     };
     equation_kernel(name, &weighted, ranges, &with_clip, true, Batching::Summed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `(input, kernel, stride, pad_lo, dilation)` per axis: the equations
+    /// `cols'[n, c, k.., o..] = X[n, c, s·o + d·k − p ..]` and `dX[n, c, s·o + d·k − p ..] +=
+    /// cols'[n, c, k.., o..]`, with the ranges and tensor info they need.
+    #[allow(clippy::type_complexity)]
+    fn window_equations(
+        axes: &[(usize, usize, usize, usize, usize)],
+    ) -> (Equation, Equation, Vec<(Var, usize)>, Vec<usize>, Vec<usize>) {
+        let (ks, os): (Vec<Var>, Vec<Var>) =
+            if axes.len() == 1 { (vec!["i"], vec!["h"]) } else { (vec!["i", "j"], vec!["h", "w"]) };
+        let mut xi = vec![Index::var("n"), Index::var("c")];
+        let mut ranges = vec![("c", 3)];
+        let mut input = vec![3];
+        for (a, &(size, kernel, stride, pad, dilation)) in axes.iter().enumerate() {
+            xi.push(Index::window(os[a], stride, ks[a], dilation, pad));
+            let output = (size + pad - dilation * (kernel - 1) - 1) / stride + 1;
+            ranges.extend([(ks[a], kernel), (os[a], output)]);
+            input.push(size);
+        }
+        let cols = Access::new(COLUMNS, &[&["n", "c"][..], &ks, &os].concat());
+        let cols_shape: Vec<usize> = [&["c"][..], &ks, &os]
+            .concat()
+            .iter()
+            .map(|v| ranges.iter().find(|(u, _)| u == v).expect("a range").1)
+            .collect();
+        let x = Access { tensor: "X".into(), index: xi };
+        let gather = Equation { lhs: cols.clone(), accumulate: false, rhs: Expr::Read(x.clone()) };
+        let scatter = Equation { lhs: x.renamed("dX"), accumulate: true, rhs: Expr::Read(cols) };
+        (gather, scatter, ranges, input, cols_shape)
+    }
+
+    fn run(k: &Kernel, bufs: &mut [Vec<f32>]) {
+        pdgc_codegen::verify::verify(k).expect("verifies");
+        let mut slices: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        pdgc_codegen::interp::run(k, &mut slices, 2).expect("runs");
+    }
+
+    /// im2col and col2im lowered by `window_copy` (split loops, no guard per element inside
+    /// the input) compute exactly the plain definition, element by element, on 1-D and 2-D
+    /// windows with strides, dilations, padding on either side or none, and windows that
+    /// reach past the input's end.
+    #[test]
+    fn window_copies_are_im2col_and_col2im() {
+        let geometries: [&[(usize, usize, usize, usize, usize)]; 5] = [
+            &[(7, 3, 1, 1, 1)],
+            &[(9, 3, 2, 2, 2)],
+            &[(6, 3, 1, 1, 1), (5, 3, 2, 0, 1)],
+            &[(8, 5, 2, 2, 1), (4, 2, 1, 1, 3)],
+            &[(3, 3, 3, 4, 1), (7, 1, 1, 0, 1)],
+        ];
+        for axes in geometries {
+            let (gather, scatter, ranges, input, cols_shape) = window_equations(axes);
+            let info = |t: &str| {
+                let shape = match t {
+                    "X" | "dX" => input.clone(),
+                    _ => cols_shape.clone(),
+                };
+                Some(TensorInfo { padding: vec![(0, 0); shape.len()], shape, batched: true })
+            };
+            let (im2col, _) = equation_kernel("im2col", &gather, &ranges, &info, true, Batching::PerExample).unwrap();
+            let (col2im, _) = equation_kernel("col2im", &scatter, &ranges, &info, false, Batching::PerExample).unwrap();
+            // Both are window copies (not the guarded gather and scatter).
+            for (eq, target) in [(&gather, &cols_shape), (&scatter, &input)] {
+                let (mut b, _) = Builder::reading("copy", &ranges, &[&eq.rhs], &info).unwrap();
+                let out = b.kb.target(&eq.lhs.tensor, batched(target), !eq.accumulate);
+                assert!(window_copy(&mut b, eq, out, !eq.accumulate, target).unwrap().is_some(), "{axes:?}: {eq}");
+            }
+            let batch = 2;
+            let (x_len, c_len): (usize, usize) = (input.iter().product(), cols_shape.iter().product());
+            let x: Vec<f32> = (0..batch * x_len).map(|i| ((i as f32 + 0.5) * 0.37).sin()).collect();
+            let mut bufs = vec![x.clone(), vec![f32::NAN; batch * c_len]];
+            run(&im2col, &mut bufs);
+            let cols = bufs[1].clone();
+            let mut bufs = vec![cols.clone(), vec![0.0; batch * x_len]];
+            run(&col2im, &mut bufs);
+            let dx = bufs[1].clone();
+            // The plain definition, over every (c, taps, positions) in row-major order.
+            let mut want_dx = vec![0.0f32; batch * x_len];
+            let spatial = axes.len();
+            for n in 0..batch {
+                for (flat, &got) in cols[n * c_len..(n + 1) * c_len].iter().enumerate() {
+                    let mut rest = flat;
+                    let mut coords = vec![0; cols_shape.len()];
+                    for d in (0..cols_shape.len()).rev() {
+                        coords[d] = rest % cols_shape[d];
+                        rest /= cols_shape[d];
+                    }
+                    let mut at = Some(coords[0]);
+                    for (a, &(size, _, stride, pad, dilation)) in axes.iter().enumerate() {
+                        let ix = (coords[1 + spatial + a] * stride + coords[1 + a] * dilation) as i64 - pad as i64;
+                        at = match at {
+                            Some(at) if (0..size as i64).contains(&ix) => Some(at * size + ix as usize),
+                            _ => None,
+                        };
+                    }
+                    let want = at.map_or(0.0, |at| x[n * x_len + at]);
+                    assert_eq!(got.to_bits(), want.to_bits(), "{axes:?}: im2col at {n}, {coords:?}");
+                    if let Some(at) = at {
+                        want_dx[n * x_len + at] += got;
+                    }
+                }
+            }
+            for (i, (got, want)) in dx.iter().zip(&want_dx).enumerate() {
+                assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{axes:?}: col2im at {i}: {got} vs {want}");
+            }
+        }
+    }
 }
