@@ -252,10 +252,18 @@ struct Lowering<'g> {
     chunk_bytes: u64,
     /// Chunk groups made so far.
     groups: u32,
-    /// The convs that keep their forward pass's columns (see [`Lowering::kept_columns`]).
+    /// The convs, and the generically lowered nodes with window products, that keep their
+    /// forward pass's columns (see [`Lowering::kept_columns`]).
     kept: Vec<NodeId>,
     /// The node whose launches are being made (see [`Launch::node`]).
     current: Option<NodeId>,
+    /// Whether the forward pass is lowered (every entry runs it first, so the columns it
+    /// gathers are there for the backward launches of the same entry).
+    forward_done: bool,
+    /// The im2col columns of generically lowered window products that the forward pass
+    /// gathers for a node that keeps them, by node and gathering equation: a later window
+    /// product of that node gathering the same columns reads these.
+    window_columns: HashMap<(NodeId, String), BufId>,
 }
 
 /// Stage 5: the program of `graph`, whose per-example backward pass `differentiate`
@@ -286,10 +294,13 @@ pub fn lower(graph: &Graph, grads: &GradGraph, schedule: &Schedule) -> Result<Pr
         groups: 0,
         kept: Vec::new(),
         current: None,
+        forward_done: false,
+        window_columns: HashMap::new(),
     };
     l.kept = l.kept_columns();
     l.declare_buffers();
     let forward = l.forward()?;
+    l.forward_done = true;
 
     let mut entries = Vec::new();
     entries.push(Entry { kind: EntryKind::Loss, launches: forward.clone() });
@@ -435,14 +446,15 @@ impl<'g> Lowering<'g> {
         Ok((vec![self.launch(k, vec![self.act[input.index()], cols])], cols))
     }
 
-    /// The convs that keep their forward pass's columns for their later uses: those whose
-    /// columns for the whole batch are not chunked and, with those of the convs before them
-    /// that keep theirs, take at most `KEPT_CHUNKS` chunk budgets. Small nets then pay no
+    /// The convs (and generically lowered nodes whose forward pass gathers window columns)
+    /// that keep their forward pass's columns for their later uses: those whose columns for
+    /// the whole batch are not chunked and, with those of the nodes before them that keep
+    /// theirs, take at most `KEPT_CHUNKS` chunk budgets. Small nets then pay no
     /// recomputation, and large ones hold a bounded amount.
     fn kept_columns(&self) -> Vec<NodeId> {
         let mut kept = (Vec::new(), 0u64);
         for n in &self.graph.nodes {
-            let Some(per_example) = column_bytes(n) else { continue };
+            let Some(per_example) = column_bytes(n).or_else(|| self.window_column_bytes(n.id)) else { continue };
             let bytes = per_example * self.batch as u64;
             if self.column_chunk(n.id).is_none() && kept.1 + bytes <= KEPT_CHUNKS * self.chunk_bytes {
                 kept.0.push(n.id);
@@ -450,6 +462,22 @@ impl<'g> Lowering<'g> {
             }
         }
         kept.0
+    }
+
+    /// The bytes per example of the columns that generically lowered `node`'s forward pass
+    /// gathers for its window products; `None` where it gathers none.
+    fn window_column_bytes(&self, node: NodeId) -> Option<u64> {
+        let layer = self.layers.get(&node)?;
+        let step = self.grads.step(node)?;
+        let info = |t: &str| index::tensor_info(layer, t);
+        let elements: usize = step
+            .forward
+            .iter()
+            .filter_map(|eq| index::window_product(eq, &step.ranges, &info))
+            .filter(|w| w.before.is_some())
+            .map(|w| w.columns_shape.iter().product::<usize>())
+            .sum();
+        (elements > 0).then_some(elements as u64 * 4)
     }
 
     /// The gradient of conv `node`'s columns, a backward chunk workspace.
@@ -1092,8 +1120,10 @@ impl<'g> Lowering<'g> {
 
     /// The launches of a window product (see [`index::WindowProduct`]): the columns into a
     /// workspace of their own (gathered from the window, or computed by the contraction and
-    /// then scattered through the window), and one contraction per example. `first`: the
-    /// equation's target is written first here.
+    /// then scattered through the window), and one contraction per example. Columns that
+    /// the forward pass of a node that keeps them (see [`Self::kept_columns`]) gathered by
+    /// the same equation are read where they are, with no gather. `first`: the equation's
+    /// target is written first here.
     #[allow(clippy::too_many_arguments)]
     fn window_launches(
         &mut self,
@@ -1126,7 +1156,19 @@ impl<'g> Lowering<'g> {
             let col2im = format!("{name}_col2im");
             kernels.push((index::equation_kernel(&col2im, eq, ranges, &info, false, Batching::PerExample)?, first));
         }
-        let cols = self.extra(Role::Workspace(format!("{name}_cols")), &format!("{name}_cols"), true, shape);
+        // Columns the forward pass kept: read them (no gather).
+        let key = w.before.as_ref().map(|eq| (node, eq.to_string()));
+        let kept = key.as_ref().filter(|_| self.forward_done).and_then(|k| self.window_columns.get(k)).copied();
+        if kept.is_some() {
+            kernels.remove(0);
+        }
+        let cols = match kept {
+            Some(cols) => cols,
+            None => self.extra(Role::Workspace(format!("{name}_cols")), &format!("{name}_cols"), true, shape),
+        };
+        if let (Some(key), false, true) = (key, self.forward_done, self.kept.contains(&node)) {
+            self.window_columns.insert(key, cols);
+        }
         let mut out = Vec::new();
         for ((k, tensors), zero_first) in kernels {
             let mut args = Vec::new();
