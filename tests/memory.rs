@@ -181,17 +181,38 @@ fn assert_sessions_agree(
 /// may block a chunk of one example differently from a batch.
 #[test]
 fn chunked_conv_launches_give_the_batched_results() {
-    use pdgc::lower::LaunchMode;
     use pdgc::ops::Strategy;
-    for overrides in [
-        vec![("c1", Strategy::Unfold), ("c2", Strategy::Ghost), ("c3", Strategy::Naive)],
-        vec![("c1", Strategy::Ghost), ("c2", Strategy::Naive), ("c3", Strategy::Unfold)],
-    ] {
+    assert_chunks_agree(
+        "convs.pdg",
+        CONVS,
+        &[
+            &[("c1", Strategy::Unfold), ("c2", Strategy::Ghost), ("c3", Strategy::Naive)],
+            &[("c1", Strategy::Ghost), ("c2", Strategy::Naive), ("c3", Strategy::Unfold)],
+        ],
+    );
+}
+
+/// The same for convs written in index notation, whose window products (forward pass,
+/// input gradient, weight gradients per example and summed over the batch) run in chunks
+/// as the built-in conv's do.
+#[test]
+fn chunked_window_products_give_the_batched_results() {
+    use pdgc::ops::Strategy;
+    let src = std::fs::read_to_string("tests/data/models/index_conv.pdg").expect("test model");
+    assert_chunks_agree("index_conv.pdg", &src, &[&[("c1", Strategy::Direct), ("c2", Strategy::Ghost)]]);
+}
+
+/// Compiles `src` with each set of strategy overrides, batched and with a chunk budget of
+/// one byte, and checks that the chunked module runs chunks, holds less, and gives the
+/// batched module's results on every entry point.
+fn assert_chunks_agree(name: &str, src: &str, override_sets: &[&[(&str, pdgc::ops::Strategy)]]) {
+    use pdgc::lower::LaunchMode;
+    for overrides in override_sets {
         let mut opts = CompileOptions::new(5);
         opts.overrides = overrides.iter().map(|(l, s)| (l.to_string(), *s)).collect();
-        let batched = Module::from_source("convs.pdg", CONVS, &opts).expect("compiles");
+        let batched = Module::from_source(name, src, &opts).expect("compiles");
         opts.chunk_bytes = 1;
-        let chunked = Module::from_source("convs.pdg", CONVS, &opts).expect("compiles");
+        let chunked = Module::from_source(name, src, &opts).expect("compiles");
         let groups = |m: &Module| {
             m.program
                 .entries

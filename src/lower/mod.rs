@@ -1144,43 +1144,62 @@ impl<'g> Lowering<'g> {
                 index::tensor_info(layer, t)
             }
         };
+        // Columns the forward pass kept: read them (no gather).
+        let key = w.before.as_ref().map(|eq| (node, eq.to_string()));
+        let kept = key.as_ref().filter(|_| self.forward_done).and_then(|k| self.window_columns.get(k)).copied();
+        // Columns for the whole batch beyond the chunk budget: the launches run in chunks
+        // of examples, the columns a chunk workspace (as a built-in conv's).
+        let per_example = shape.iter().product::<usize>() as u64 * 4;
+        let chunk = match kept {
+            Some(_) => None,
+            None => column_chunk_examples(per_example, self.batch as u64, self.chunk_bytes),
+        };
+        // A batch-summed product in chunks adds every chunk's examples into its target,
+        // zeroed once before them where it is the target's first writer.
+        let zero_summed = chunk.is_some() && batching == Batching::Summed && first;
+        let overwrite = (first && !zero_summed) || w.after.is_some();
+        let gemm_name = if zero_summed { format!("{name}_chunked") } else { name.to_string() };
         // Each kernel, with whether its target is zeroed first (the col2im scatter's, when
         // it is the target's first writer).
         let mut kernels = Vec::new();
-        if let Some(eq) = &w.before {
+        if let (Some(eq), None) = (&w.before, kept) {
             let im2col = format!("{name}_im2col");
             kernels.push((index::equation_kernel(&im2col, eq, ranges, &info, true, Batching::PerExample)?, false));
         }
-        kernels.push((index::flat_gemm(name, &w.gemm, &info, first || w.after.is_some(), batching)?, false));
+        kernels.push((index::flat_gemm(&gemm_name, &w.gemm, &info, overwrite, batching)?, zero_summed));
         if let Some(eq) = &w.after {
             let col2im = format!("{name}_col2im");
             kernels.push((index::equation_kernel(&col2im, eq, ranges, &info, false, Batching::PerExample)?, first));
         }
-        // Columns the forward pass kept: read them (no gather).
-        let key = w.before.as_ref().map(|eq| (node, eq.to_string()));
-        let kept = key.as_ref().filter(|_| self.forward_done).and_then(|k| self.window_columns.get(k)).copied();
-        if kept.is_some() {
-            kernels.remove(0);
-        }
         let cols = match kept {
             Some(cols) => cols,
-            None => self.extra(Role::Workspace(format!("{name}_cols")), &format!("{name}_cols"), true, shape),
+            None => {
+                let cols = self.extra(Role::Workspace(format!("{name}_cols")), &format!("{name}_cols"), true, shape);
+                self.buffers[cols.0 as usize].chunk = chunk;
+                cols
+            }
         };
         if let (Some(key), false, true) = (key, self.forward_done, self.kept.contains(&node)) {
             self.window_columns.insert(key, cols);
         }
-        let mut out = Vec::new();
+        // The zeroing launches run before the chunks, over the whole batch.
+        let (mut zeros, mut group) = (Vec::new(), Vec::new());
         for ((k, tensors), zero_first) in kernels {
             let mut args = Vec::new();
             for t in &tensors {
                 args.push(if t == index::COLUMNS { cols } else { self.index_buffer(node, t, param_targets)? });
             }
-            if zero_first {
-                out.push(self.zero_launch(*args.last().expect("a target"))?);
+            let target = *args.last().expect("a target");
+            if zero_first && batching == Batching::Summed {
+                let [m, _, n] = w.gemm.dims;
+                zeros.push(self.launch(param_grads::zero(&format!("zero_{m}x{n}"), m, n)?, vec![target]));
+            } else if zero_first {
+                zeros.push(self.zero_launch(target)?);
             }
-            out.push(self.launch(k, args));
+            group.push(self.launch(k, args));
         }
-        Ok(out)
+        zeros.extend(self.chunked(group, chunk));
+        Ok(zeros)
     }
 
     /// Gradients of `node`'s layer other than its parameters': those of its temporaries
