@@ -18,7 +18,9 @@
 //! Matrix products (also one per example, or per example summed over the batch) and
 //! window products become contraction nodes (`matrix_product`, [`WindowProduct`]). A
 //! per-example parameter gradient's gather can store each example's squared norm as it
-//! stores the gradient ([`gather_with_norm`]).
+//! stores the gradient ([`gather_with_norm`]), and a window product's contraction kernel
+//! after it writes the product ([`flat_gemm`]). The im2col and col2im copies of window
+//! products run on split loops (no bounds guard per element inside the input).
 //!
 //! The ghost strategy of these layers is two more generic kernels: the squared norm of a
 //! parameter's gradient from Gram products of its derived equation's two factors
@@ -858,15 +860,22 @@ fn scatter_window(
 /// The kernel of a [`FlatGemm`]; `overwrite`: it is its target's first writer. `info` must
 /// know [`COLUMNS`]. With [`Batching::Summed`] the target has no batch dim and every
 /// example's product is added into it in turn (a parameter gradient summed over the batch;
-/// no bias). Returns the kernel and its arguments' tensors (the target last).
+/// no bias). With `norm = (slot, slots)` (per example only) the kernel also stores the
+/// squared norm of each example's product in `sqnorm[n, slot]` of `slots`, summed over the
+/// product just written (still in cache). Returns the kernel and its arguments' tensors (the
+/// target last, then `sqnorm` with a norm).
 pub fn flat_gemm(
     name: &str,
     g: &FlatGemm,
     info: &dyn Fn(&str) -> Option<TensorInfo>,
     overwrite: bool,
     batching: Batching,
+    norm: Option<(usize, usize)>,
 ) -> Result<(Kernel, Vec<String>)> {
     if batching == Batching::Summed {
+        if norm.is_some() {
+            return Err(Error::Internal(format!("{name}: a squared norm of a batch-summed product")));
+        }
         return summed_gemm(name, g, info, overwrite);
     }
     let [m, k, n] = g.dims;
@@ -879,7 +888,12 @@ pub fn flat_gemm(
     let a = view(&mut kb, &g.a, a_batched, if g.a_transposed { [k, m] } else { [m, k] });
     let b = view(&mut kb, &g.b, b_batched, if g.b_transposed { [n, k] } else { [k, n] });
     let bias = g.bias.as_ref().map(|t| kb.input(t, fixed(&[m])));
-    let out = kb.target(&g.c, batched(&[m, n]), overwrite);
+    let out = match norm {
+        // The norm reads the product back.
+        Some(_) => kb.arg(&g.c, batched(&[m, n]), ir::Mode::InOut),
+        None => kb.target(&g.c, batched(&[m, n]), overwrite),
+    };
+    let sq = norm.map(|(_, slots)| kb.output("sqnorm", batched(&[slots])));
     let [ex, row, t] = [kb.var("n"), kb.var("m"), kb.var("t")];
     let mut body = Vec::new();
     if let Some(bias) = bias {
@@ -900,6 +914,14 @@ pub fn flat_gemm(
     let mut tensors = vec![g.a.clone(), g.b.clone()];
     tensors.extend(g.bias.clone());
     tensors.push(g.c.clone());
+    if let (Some(sq), Some((slot, _))) = (sq, norm) {
+        let total = kb.acc("sq");
+        let x = load(out, vec![v(ex), v(row), v(t)]);
+        body.push(set(total, lit(0.0)));
+        body.push(lp(row, m, vec![vlp(t, n, vec![add_to(total, ir::Expr::mul(x.clone(), x))])]));
+        body.push(store(sq, vec![v(ex), Affine::constant(slot as i64)], ir::Expr::Acc(total)));
+        tensors.push("sqnorm".to_string());
+    }
     kb.finish(ex, Extent::Batch, body).map(|kernel| (kernel, tensors))
 }
 

@@ -1095,7 +1095,7 @@ impl<'g> Lowering<'g> {
                 // A batch-summed gradient: the gather's columns, then every example's
                 // product added into the target (a scatter or a bias is never summed).
                 if batching == Batching::PerExample || (w.after.is_none() && w.gemm.bias.is_none()) {
-                    return self.window_launches(node, name, &w, &ranges, first, batching, param_targets);
+                    return self.window_launches(node, name, &w, &ranges, first, batching, param_targets, None);
                 }
             }
         }
@@ -1134,6 +1134,7 @@ impl<'g> Lowering<'g> {
         first: bool,
         batching: Batching,
         param_targets: &HashMap<String, BufId>,
+        norm: Option<(BufId, usize)>,
     ) -> Result<Vec<Launch>> {
         let layer = self.index_layer(node)?;
         let shape = w.columns_shape.clone();
@@ -1166,7 +1167,9 @@ impl<'g> Lowering<'g> {
             let im2col = format!("{name}_im2col");
             kernels.push((index::equation_kernel(&im2col, eq, ranges, &info, true, Batching::PerExample)?, false));
         }
-        kernels.push((index::flat_gemm(&gemm_name, &w.gemm, &info, overwrite, batching)?, zero_summed));
+        let slots = self.graph.params.len();
+        let gemm = index::flat_gemm(&gemm_name, &w.gemm, &info, overwrite, batching, norm.map(|(_, s)| (s, slots)))?;
+        kernels.push((gemm, zero_summed));
         if let Some(eq) = &w.after {
             let col2im = format!("{name}_col2im");
             kernels.push((index::equation_kernel(&col2im, eq, ranges, &info, false, Batching::PerExample)?, first));
@@ -1186,10 +1189,16 @@ impl<'g> Lowering<'g> {
         let (mut zeros, mut group) = (Vec::new(), Vec::new());
         for ((k, tensors), zero_first) in kernels {
             let mut args = Vec::new();
+            let mut sq = None;
             for t in &tensors {
-                args.push(if t == index::COLUMNS { cols } else { self.index_buffer(node, t, param_targets)? });
+                match (t.as_str(), norm) {
+                    (index::COLUMNS, _) => args.push(cols),
+                    ("sqnorm", Some((buf, _))) => sq = Some(buf),
+                    _ => args.push(self.index_buffer(node, t, param_targets)?),
+                }
             }
             let target = *args.last().expect("a target");
+            args.extend(sq);
             if zero_first && batching == Batching::Summed {
                 let [m, _, n] = w.gemm.dims;
                 zeros.push(self.launch(param_grads::zero(&format!("zero_{m}x{n}"), m, n)?, vec![target]));
@@ -1267,8 +1276,8 @@ impl<'g> Lowering<'g> {
             let name = format!("{tag}_{}_{suffix}", param_suffix(&pg.param));
             let map = HashMap::from([(local, targets[at])]);
             if let (Some(sq), true) = (norms, fusable) {
-                if let Some(launch) = self.gather_with_norm(node, &format!("{name}_norm"), pg, &map, sq)? {
-                    out.push(launch);
+                if let Some(launches) = self.gather_with_norm(node, &format!("{name}_norm"), pg, &map, sq)? {
+                    out.extend(launches);
                     continue;
                 }
             }
@@ -1394,9 +1403,11 @@ impl<'g> Lowering<'g> {
         Ok(self.launch(k, vec![grad, sq]))
     }
 
-    /// The launch of `pg`'s per-example gather that also takes each example's squared norm
-    /// (see [`index::gather_with_norm`]), into `targets` and `sq`; `None` where the equation
-    /// is no such gather (a window product or a matrix product: a contraction computes it).
+    /// The launches of `pg`'s per-example gradient that also take each example's squared
+    /// norm into `sq` as they store it into `targets`: a gather that sums it as it stores
+    /// (see [`index::gather_with_norm`]), or a window product whose contraction's kernel sums
+    /// it over the product just written (see [`index::flat_gemm`]); `None` for any other
+    /// equation (a matrix product).
     fn gather_with_norm(
         &mut self,
         node: NodeId,
@@ -1404,14 +1415,19 @@ impl<'g> Lowering<'g> {
         pg: &crate::grad::ParamGrad,
         targets: &HashMap<String, BufId>,
         sq: BufId,
-    ) -> Result<Option<Launch>> {
+    ) -> Result<Option<Vec<Launch>>> {
         let layer = self.index_layer(node)?;
         let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
         let info = |t: &str| index::tensor_info(layer, t);
-        if index::window_product(&pg.eq, &ranges, &info).is_some() {
-            return Ok(None);
-        }
         let (slot, slots) = (self.slot(&pg.param), self.graph.params.len());
+        if let Some(w) = index::window_product(&pg.eq, &ranges, &info) {
+            // A window product: the squared norm in its contraction's kernel.
+            if w.after.is_some() || w.gemm.bias.is_some() {
+                return Ok(None);
+            }
+            let norm = Some((sq, slot));
+            return self.window_launches(node, name, &w, &ranges, true, Batching::PerExample, targets, norm).map(Some);
+        }
         let Some((k, tensors)) = index::gather_with_norm(name, &pg.eq, &ranges, &info, slot, slots)? else {
             return Ok(None);
         };
@@ -1420,7 +1436,7 @@ impl<'g> Lowering<'g> {
             args.push(self.index_buffer(node, t, targets)?);
         }
         args.push(sq);
-        Ok(Some(self.launch(k, args)))
+        Ok(Some(vec![self.launch(k, args)]))
     }
 }
 
