@@ -410,6 +410,11 @@ fn hand_written_conv_equals_the_built_in_conv() {
         let k = m.program.kernels.iter().find(|k| k.name == name).unwrap_or_else(|| panic!("no kernel {name}"));
         assert_eq!(k.has_contractions(), !name.ends_with("im2col") && !name.ends_with("col2im"), "{name}");
     }
+    // Book-keeping (after ghost norms) sums the weight gradient over the batch on the same
+    // columns, reading the output gradient scaled by the clip factors: one more contraction.
+    let m = module(rel, 2, vec![("c2".into(), Strategy::Ghost)]);
+    let k = m.program.kernels.iter().find(|k| k.name == "n3_c2_weight_bookkeep").expect("a book-keeping kernel");
+    assert!(k.has_contractions());
     let twin_src = read(rel)
         .replace("c1: conv3(x, 8)", "c1: conv2d(x, 8, 3, padding=1)")
         .replace("c2: conv3s2(h, 16)", "c2: conv2d(h, 16, 3, stride=2, padding=1, bias=false)");

@@ -264,6 +264,9 @@ struct Lowering<'g> {
     /// gathers for a node that keeps them, by node and gathering equation: a later window
     /// product of that node gathering the same columns reads these.
     window_columns: HashMap<(NodeId, String), BufId>,
+    /// The factor of each node's book-keeping that [`index::CLIPPED`] stands for, the clip
+    /// factors times it (see [`index::scaled_factor`]).
+    clipped: HashMap<NodeId, String>,
 }
 
 /// Stage 5: the program of `graph`, whose per-example backward pass `differentiate`
@@ -296,6 +299,7 @@ pub fn lower(graph: &Graph, grads: &GradGraph, schedule: &Schedule) -> Result<Pr
         current: None,
         forward_done: false,
         window_columns: HashMap::new(),
+        clipped: HashMap::new(),
     };
     l.kept = l.kept_columns();
     l.declare_buffers();
@@ -1027,6 +1031,18 @@ impl<'g> Lowering<'g> {
             .ok_or_else(|| crate::Error::Internal(format!("node {} is not lowered as an index-notation layer", node.0)))
     }
 
+    /// What the lowering knows of each tensor `node`'s derived equations name, the
+    /// book-keeping factor scaled by the clip factors ([`index::CLIPPED`]) included once
+    /// [`Self::index_clipped_sums`] has chosen it.
+    fn info(&self, node: NodeId) -> Result<impl Fn(&str) -> Option<index::TensorInfo> + 'g> {
+        let layer = self.index_layer(node)?;
+        let clipped = self.clipped.get(&node).cloned();
+        Ok(move |t: &str| match (t, &clipped) {
+            (index::CLIPPED, Some(f)) => index::tensor_info(layer, f),
+            _ => index::tensor_info(layer, t),
+        })
+    }
+
     /// The buffer of the parameter that `node`'s derived equations read as `local`.
     fn local_param(&self, node: NodeId, local: &str) -> Option<BufId> {
         if let Op::Index(_) = &self.graph.node(node).op {
@@ -1086,17 +1102,14 @@ impl<'g> Lowering<'g> {
         mode: LaunchMode,
         param_targets: &HashMap<String, BufId>,
     ) -> Result<Vec<Launch>> {
-        let layer = self.index_layer(node)?;
         let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
-        let info = |t: &str| index::tensor_info(layer, t);
+        let info = self.info(node)?;
         let mut out = Vec::new();
-        if mode == LaunchMode::Grid {
-            if let Some(w) = index::window_product(eq, &ranges, &info) {
-                // A batch-summed gradient: the gather's columns, then every example's
-                // product added into the target (a scatter or a bias is never summed).
-                if batching == Batching::PerExample || (w.after.is_none() && w.gemm.bias.is_none()) {
-                    return self.window_launches(node, name, &w, &ranges, first, batching, param_targets, None);
-                }
+        if let Some(w) = index::window_product(eq, &ranges, &info) {
+            // A batch-summed gradient: the gather's columns, then every example's product
+            // added into the target (a scatter or a bias is never summed).
+            if batching == Batching::PerExample || (w.after.is_none() && w.gemm.bias.is_none()) {
+                return self.window_launches(node, name, &w, &ranges, first, (batching, mode), param_targets, None);
             }
         }
         let scatter_first = first && eq.accumulate;
@@ -1123,7 +1136,8 @@ impl<'g> Lowering<'g> {
     /// then scattered through the window), and one contraction per example. Columns that
     /// the forward pass of a node that keeps them (see [`Self::kept_columns`]) gathered by
     /// the same equation are read where they are, with no gather. `first`: the equation's
-    /// target is written first here.
+    /// target is written first here. The launches run in `mode`: over the batch (in chunks
+    /// where the columns exceed the chunk budget), or one example at a time (`naive`).
     #[allow(clippy::too_many_arguments)]
     fn window_launches(
         &mut self,
@@ -1132,17 +1146,17 @@ impl<'g> Lowering<'g> {
         w: &index::WindowProduct,
         ranges: &[(crate::grad::Var, usize)],
         first: bool,
-        batching: Batching,
+        (batching, mode): (Batching, LaunchMode),
         param_targets: &HashMap<String, BufId>,
         norm: Option<(BufId, usize)>,
     ) -> Result<Vec<Launch>> {
-        let layer = self.index_layer(node)?;
         let shape = w.columns_shape.clone();
+        let of_layer = self.info(node)?;
         let info = |t: &str| {
             if t == index::COLUMNS {
                 Some(index::TensorInfo { shape: shape.clone(), batched: true, padding: vec![(0, 0); shape.len()] })
             } else {
-                index::tensor_info(layer, t)
+                of_layer(t)
             }
         };
         // Columns the forward pass kept: read them (no gather).
@@ -1151,9 +1165,9 @@ impl<'g> Lowering<'g> {
         // Columns for the whole batch beyond the chunk budget: the launches run in chunks
         // of examples, the columns a chunk workspace (as a built-in conv's).
         let per_example = shape.iter().product::<usize>() as u64 * 4;
-        let chunk = match kept {
-            Some(_) => None,
-            None => column_chunk_examples(per_example, self.batch as u64, self.chunk_bytes),
+        let chunk = match (kept, mode) {
+            (None, LaunchMode::Grid) => column_chunk_examples(per_example, self.batch as u64, self.chunk_bytes),
+            _ => None,
         };
         // A batch-summed product in chunks adds every chunk's examples into its target,
         // zeroed once before them where it is the target's first writer.
@@ -1205,7 +1219,7 @@ impl<'g> Lowering<'g> {
             } else if zero_first {
                 zeros.push(self.zero_launch(target)?);
             }
-            group.push(self.launch(k, args));
+            group.push(self.launch_as(k, args, mode));
         }
         zeros.extend(self.chunked(group, chunk));
         Ok(zeros)
@@ -1323,18 +1337,21 @@ impl<'g> Lowering<'g> {
             let k = param_grads::scale_rows(&format!("{tag}_bookkeep_scale_{size}"), size)?;
             out.push(self.launch(k, vec![source, clip, target]));
         }
+        if let Some(f) = &scaled {
+            self.clipped.insert(node, f.clone());
+        }
         for pg in &step.param_grads {
             let (local, at) = self.param_grad_target(node, pg)?;
             let targets = HashMap::from([(local, sums[at])]);
             let name = format!("{tag}_{}_bookkeep", param_suffix(&pg.param));
-            let (k, tensors) = match scaled.as_deref().filter(|f| index::scales(&pg.eq, f)) {
-                Some(f) => {
-                    let with_clipped = |t: &str| info(if t == index::CLIPPED { f } else { t });
-                    let eq = index::reading_clipped(&pg.eq, f);
-                    index::equation_kernel(&name, &eq, &step.ranges, &with_clipped, true, Batching::Summed)?
-                }
-                None => index::clipped_sum_kernel(&name, &pg.eq, &step.ranges, &info, index::CLIP)?,
-            };
+            if let Some(f) = scaled.as_deref().filter(|f| index::scales(&pg.eq, f)) {
+                // The derived gradient summed over the batch as it is, reading the scaled
+                // factor: a GEMM (on the kept columns for a window product).
+                let eq = index::reading_clipped(&pg.eq, f);
+                out.extend(self.index_launch(node, &name, &eq, true, Batching::Summed, LaunchMode::Grid, &targets)?);
+                continue;
+            }
+            let (k, tensors) = index::clipped_sum_kernel(&name, &pg.eq, &step.ranges, &info, index::CLIP)?;
             let mut args = Vec::new();
             for t in &tensors {
                 args.push(self.index_buffer(node, t, &targets)?);
@@ -1426,7 +1443,8 @@ impl<'g> Lowering<'g> {
                 return Ok(None);
             }
             let norm = Some((sq, slot));
-            return self.window_launches(node, name, &w, &ranges, true, Batching::PerExample, targets, norm).map(Some);
+            let per_example = (Batching::PerExample, LaunchMode::Grid);
+            return self.window_launches(node, name, &w, &ranges, true, per_example, targets, norm).map(Some);
         }
         let Some((k, tensors)) = index::gather_with_norm(name, &pg.eq, &ranges, &info, slot, slots)? else {
             return Ok(None);
