@@ -101,6 +101,7 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
             if needs_x {
                 step.input_grads.push(dx);
             }
+            step.ranges = conv_ranges(conv, &node.shape);
         }
         Op::Linear(l) => {
             let (c, ranges) = linear_contraction(l, &node.shape);
@@ -289,21 +290,33 @@ pub fn param_local(suffix: &str) -> &'static str {
     }
 }
 
-/// A built-in op whose every phase the generic lowering of derived equations handles, as
+/// A built-in op whose every phase the generic lowering of derived equations handles
+/// (`linear`; `conv1d`/`conv2d` without groups, but for its `crb` and `direct` schedules), as
 /// the layer in index notation those equations name (`X`, `W`, `b`, `Y`; the parameters'
 /// full names end in `weight` and `bias`, see [`param_local`]). `None` for other ops.
 pub fn as_index_layer(graph: &Graph, node: &Node) -> Option<IndexLayer> {
-    let Op::Linear(l) = &node.op else { return None };
-    let in_shape = graph.node(node.inputs[0]).shape.clone();
-    let (c, ranges) = linear_contraction(l, &node.shape);
-    let strip = |a: &Access| Access { tensor: a.tensor.clone(), index: a.index[1..].to_vec() };
+    let in_shape = graph.node(*node.inputs.first()?).shape.clone();
     let unpadded = |s: &[usize]| vec![(0, 0); s.len()];
-    let mut tensors = vec![LocalTensor {
-        name: "X".into(),
-        kind: LocalKind::Input(0),
-        shape: in_shape.clone(),
-        padding: unpadded(&in_shape),
-    }];
+    // The contraction, the variables it sums over and the input's zero padding.
+    let (c, ranges, sum, padding) = match &node.op {
+        Op::Linear(l) => {
+            let (c, ranges) = linear_contraction(l, &node.shape);
+            (c, ranges, vec!["i"], unpadded(&in_shape))
+        }
+        // A grouped conv's channel index `⌊co / Cg⌋·(Cin / G) + ci` is no window product
+        // of the generic lowering yet: it keeps the built-in kernels.
+        Op::Conv(conv) if conv.groups == 1 => {
+            let c = conv_contraction(conv, &in_shape);
+            let sum: Vec<Var> = c.w.vars().into_iter().skip(1).collect();
+            let mut padding = vec![(0, 0)];
+            padding.extend(conv.pad_lo.iter().copied().zip(conv.pad_hi.iter().copied()));
+            (c, conv_ranges(conv, &node.shape), sum, padding)
+        }
+        _ => return None,
+    };
+    let strip = |a: &Access| Access { tensor: a.tensor.clone(), index: a.index[1..].to_vec() };
+    let mut tensors =
+        vec![LocalTensor { name: "X".into(), kind: LocalKind::Input(0), shape: in_shape.clone(), padding }];
     for p in graph.params_of(node.id) {
         let suffix = p.name.rsplit('.').next().unwrap_or_default();
         tensors.push(LocalTensor {
@@ -319,13 +332,22 @@ pub fn as_index_layer(graph: &Graph, node: &Node) -> Option<IndexLayer> {
         shape: node.shape.clone(),
         padding: unpadded(&node.shape),
     });
-    let mut terms =
-        vec![IndexTerm { sum: vec!["i"], body: Expr::mul(vec![Expr::Read(c.w.clone()), Expr::Read(strip(&c.x))]) }];
+    let mut terms = vec![IndexTerm { sum, body: Expr::mul(vec![Expr::Read(c.w.clone()), Expr::Read(strip(&c.x))]) }];
     if let Some(b) = &c.bias {
         terms.push(IndexTerm { sum: vec![], body: Expr::Read(b.clone()) });
     }
     let stmt = IndexStmt { lhs: "Y".into(), vars: strip(&c.y).vars(), terms, ranges };
     Some(IndexLayer { def: node.op.name().to_string(), tensors, stmts: vec![stmt] })
+}
+
+/// The range of every variable of [`conv_contraction`] but `n`, for output shape `out_shape`.
+fn conv_ranges(conv: &Conv, out_shape: &[usize]) -> Vec<(Var, usize)> {
+    let (ov, kv): (Vec<Var>, Vec<Var>) =
+        if conv.spatial() == 1 { (vec!["ol"], vec!["kl"]) } else { (vec!["oh", "ow"], vec!["kh", "kw"]) };
+    let mut ranges = vec![("co", conv.out_channels), ("ci", conv.in_channels / conv.groups)];
+    ranges.extend(kv.into_iter().zip(conv.kernel.iter().copied()));
+    ranges.extend(ov.into_iter().zip(out_shape[1..].iter().copied()));
+    ranges
 }
 
 fn conv_contraction(conv: &Conv, in_shape: &[usize]) -> Contraction {

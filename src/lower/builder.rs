@@ -87,8 +87,16 @@ impl KernelBuilder {
         names.iter().map(|n| self.var(n)).collect()
     }
 
+    /// A new accumulator, named `name` (with a number after it where the kernel already
+    /// has one of that name, so printed kernels stay unambiguous).
     pub fn acc(&mut self, name: &str) -> AccId {
-        self.accs.push(name.to_string());
+        let mut unique = name.to_string();
+        let mut k = 2;
+        while self.accs.contains(&unique) {
+            unique = format!("{name}{k}");
+            k += 1;
+        }
+        self.accs.push(unique);
         AccId(self.accs.len() as u32 - 1)
     }
 

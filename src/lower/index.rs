@@ -245,7 +245,8 @@ fn unbound(t: &str) -> Error {
 
 /// A kernel computing `eq`, and the tensors its arguments are, in order (the target last).
 /// `info` describes every tensor the equation names; `first`: the kernel is the target's
-/// first writer (it overwrites; a scatter never does, its target is zeroed first).
+/// first writer (it overwrites; a scatter, which only adds, zeroes the example's part of its
+/// target first).
 pub fn equation_kernel(
     name: &str,
     eq: &Equation,
@@ -376,7 +377,15 @@ fn build(
         if batching == Batching::Summed {
             return Err(Error::Internal(format!("a scatter into a parameter gradient: `{eq}`")));
         }
-        if let Some(body) = window_copy(&mut b, eq, out, false, &target.shape)? {
+        // The target's first writer zeroes the example's part of it first, in the same kernel.
+        let mut body = Vec::new();
+        if first {
+            let vars: Vec<VarId> = (0..target.shape.len()).map(|d| b.kb.var(&format!("z{d}"))).collect();
+            let index = std::iter::once(v(n)).chain(vars.iter().map(|&x| v(x))).collect();
+            body.extend(vnest(&vars, &target.shape, vec![store(out, index, lit(0.0))]));
+        }
+        if let Some(copy) = window_copy(&mut b, eq, out, false, &target.shape)? {
+            body.extend(copy);
             return b.kb.finish(n, Extent::Batch, body).map(|k| Some((k, tensors)));
         }
         let mut vars: Vec<Var> = Vec::new();
@@ -395,7 +404,7 @@ fn build(
         let index = b.index(&eq.lhs);
         let guard = b.inside(&eq.lhs, &target)?;
         let store = guarded(guard, vec![accumulate(out, index, value)]);
-        let body = b.nest(&vars, [pre, store].concat())?;
+        body.extend(b.nest(&vars, [pre, store].concat())?);
         b.kb.finish(n, Extent::Batch, body).map(|k| Some((k, tensors)))
     }
 }
@@ -958,15 +967,6 @@ fn summed_gemm(
     body.push(batch_loop(ex, vec![product]));
     let tensors = vec![g.a.clone(), g.b.clone(), g.c.clone()];
     kb.finish(one, fx(1), body).map(|kernel| (kernel, tensors))
-}
-
-/// Zeroes a per-example buffer of `size` elements per example (before a scatter).
-pub fn zero(name: &str, size: usize) -> Result<Kernel> {
-    let mut kb = KernelBuilder::new(name);
-    let out = kb.output("t", batched(&[size]));
-    let [n, i] = [kb.var("n"), kb.var("i")];
-    let body = vec![vlp(i, size, vec![store(out, vec![v(n), v(i)], lit(0.0))])];
-    kb.finish(n, Extent::Batch, body)
 }
 
 /// `v_`, `v__`, ...: a name for the primed copy of `v` that `ranges` does not use.

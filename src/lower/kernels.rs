@@ -1,6 +1,6 @@
-//! Kernel generators for the ops whose equations are not yet lowered generically (convs,
-//! pools, norms, losses; activations and adds go through `lower::equation`, linears and
-//! layers in index notation through `lower::index`): one
+//! Kernel generators for the ops whose equations are not yet lowered generically (grouped
+//! convs, pools, norms, losses; activations and adds go through `lower::equation`, linears,
+//! convs without groups and layers in index notation through `lower::index`): one
 //! function per (op, phase). Each returns a complete kernel of the kernel IR; `lower`
 //! decides which run, in what order, on which buffers. GEMM-shaped work is a contraction
 //! node (`ir::Contract`), which each backend maps onto its best matrix-product code.

@@ -565,7 +565,7 @@ impl<'g> Lowering<'g> {
             let in_shape = n.inputs.first().map(|i| g.node(*i).shape.clone()).unwrap_or_default();
             let launch = match &n.op {
                 Op::Input { .. } | Op::Flatten => continue,
-                Op::Index(_) | Op::Linear(_) => {
+                _ if self.layers.contains_key(&n.id) => {
                     let eqs = self.grads.step(n.id).map(|s| s.forward.clone()).unwrap_or_default();
                     for (i, eq) in eqs.iter().enumerate() {
                         let name = format!("{tag}_fwd{i}");
@@ -580,6 +580,9 @@ impl<'g> Lowering<'g> {
                         )?);
                     }
                     continue;
+                }
+                Op::Index(_) | Op::Linear(_) => {
+                    return Err(crate::Error::Internal(format!("node {} is not lowered generically", n.id.0)))
                 }
                 Op::Conv(c) => {
                     let (im2col, cols) = self.columns(n.id, ColumnUse::Forward)?;
@@ -669,9 +672,12 @@ impl<'g> Lowering<'g> {
                 let in_shape = g.node(*input).shape.clone();
                 let launch = match &n.op {
                     Op::Input { .. } | Op::Flatten => continue,
-                    Op::Index(_) | Op::Linear(_) => {
+                    _ if self.layers.contains_key(&n.id) => {
                         out.extend(self.index_grads(n.id, Some(slot), first)?);
                         continue;
+                    }
+                    Op::Index(_) | Op::Linear(_) => {
+                        return Err(crate::Error::Internal(format!("node {} is not lowered generically", n.id.0)))
                     }
                     Op::Conv(c) => {
                         let dcols = self.column_grad(n.id);
@@ -829,7 +835,11 @@ impl<'g> Lowering<'g> {
         let want_norms = kind != EntryKind::PerExampleGrads;
         let sq = self.extra(Role::SqNormParts, "sqnorm", true, vec![slots]);
         let strategy = strategy_of(plan, node);
-        if self.layers.contains_key(&node) {
+        // A conv's `crb` and `direct` are schedules of its own (below), not of its derived
+        // equations.
+        let own_schedule =
+            matches!(g.node(node).op, Op::Conv(_)) && matches!(strategy, Strategy::Crb | Strategy::Direct);
+        if self.layers.contains_key(&node) && !own_schedule {
             return self.index_per_example(node, strategy, want_norms, sq);
         }
         let names: Vec<String> = g.params_of(node).map(|p| p.name.clone()).collect();
@@ -1104,7 +1114,6 @@ impl<'g> Lowering<'g> {
     ) -> Result<Vec<Launch>> {
         let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
         let info = self.info(node)?;
-        let mut out = Vec::new();
         if let Some(w) = index::window_product(eq, &ranges, &info) {
             // A batch-summed gradient: the gather's columns, then every example's product
             // added into the target (a scatter or a bias is never summed).
@@ -1112,23 +1121,12 @@ impl<'g> Lowering<'g> {
                 return self.window_launches(node, name, &w, &ranges, first, (batching, mode), param_targets, None);
             }
         }
-        let scatter_first = first && eq.accumulate;
-        let (k, tensors) = index::equation_kernel(name, eq, &ranges, &info, first && !scatter_first, batching)?;
+        let (k, tensors) = index::equation_kernel(name, eq, &ranges, &info, first, batching)?;
         let mut args = Vec::new();
         for t in &tensors {
             args.push(self.index_buffer(node, t, param_targets)?);
         }
-        if scatter_first {
-            out.push(self.zero_launch(*args.last().expect("a target"))?);
-        }
-        out.push(self.launch_as(k, args, mode));
-        Ok(out)
-    }
-
-    /// A launch zeroing the per-example buffer `target` (before a scatter into it).
-    fn zero_launch(&mut self, target: BufId) -> Result<Launch> {
-        let size = self.buffers[target.0 as usize].per_example_len() as usize;
-        Ok(self.launch(index::zero(&format!("zero_{size}"), size)?, vec![target]))
+        Ok(vec![self.launch_as(k, args, mode)])
     }
 
     /// The launches of a window product (see [`index::WindowProduct`]): the columns into a
@@ -1174,8 +1172,7 @@ impl<'g> Lowering<'g> {
         let zero_summed = chunk.is_some() && batching == Batching::Summed && first;
         let overwrite = (first && !zero_summed) || w.after.is_some();
         let gemm_name = if zero_summed { format!("{name}_chunked") } else { name.to_string() };
-        // Each kernel, with whether its target is zeroed first (the col2im scatter's, when
-        // it is the target's first writer).
+        // Each kernel, with whether its (batch-summed) target is zeroed before the chunks.
         let mut kernels = Vec::new();
         if let (Some(eq), None) = (&w.before, kept) {
             let im2col = format!("{name}_im2col");
@@ -1185,8 +1182,9 @@ impl<'g> Lowering<'g> {
         let gemm = index::flat_gemm(&gemm_name, &w.gemm, &info, overwrite, batching, norm.map(|(_, s)| (s, slots)))?;
         kernels.push((gemm, zero_summed));
         if let Some(eq) = &w.after {
-            let col2im = format!("{name}_col2im");
-            kernels.push((index::equation_kernel(&col2im, eq, ranges, &info, false, Batching::PerExample)?, first));
+            // The scatter of the columns zeroes its target itself where it is the first writer.
+            let col2im = format!("{name}_col2im{}", if first { "_first" } else { "" });
+            kernels.push((index::equation_kernel(&col2im, eq, ranges, &info, first, Batching::PerExample)?, false));
         }
         let cols = match kept {
             Some(cols) => cols,
@@ -1199,7 +1197,7 @@ impl<'g> Lowering<'g> {
         if let (Some(key), false, true) = (key, self.forward_done, self.kept.contains(&node)) {
             self.window_columns.insert(key, cols);
         }
-        // The zeroing launches run before the chunks, over the whole batch.
+        // The zeroing launch runs before the chunks.
         let (mut zeros, mut group) = (Vec::new(), Vec::new());
         for ((k, tensors), zero_first) in kernels {
             let mut args = Vec::new();
@@ -1213,11 +1211,9 @@ impl<'g> Lowering<'g> {
             }
             let target = *args.last().expect("a target");
             args.extend(sq);
-            if zero_first && batching == Batching::Summed {
+            if zero_first {
                 let [m, _, n] = w.gemm.dims;
                 zeros.push(self.launch(param_grads::zero(&format!("zero_{m}x{n}"), m, n)?, vec![target]));
-            } else if zero_first {
-                zeros.push(self.zero_launch(target)?);
             }
             group.push(self.launch_as(k, args, mode));
         }

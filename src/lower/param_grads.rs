@@ -1,6 +1,8 @@
-//! Parameter-gradient kernels: the non-private batch gradient, every per-example strategy
-//! (naive reuses the batch kernel one example at a time), ghost norms, and the DP-SGD
-//! tail (norms, clip factors, weighted sums, book-keeping's rescaling).
+//! Parameter-gradient kernels of the layers not lowered from their derived equations
+//! (grouped convs, norms; and every conv's `crb` and `direct` schedules): the non-private
+//! batch gradient, every per-example strategy (naive reuses the batch kernel one example at a
+//! time), ghost norms; and the DP-SGD tail of every layer (norms, clip factors, weighted
+//! sums, book-keeping's rescaling).
 //!
 //! A per-example kernel may also write each example's squared norm of the gradient it
 //! computes into `sqnorm[n, slot]` (one slot per parameter tensor): `direct` fuses it

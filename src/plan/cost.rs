@@ -447,9 +447,13 @@ mod tests {
             assert_eq!(norms[&Strategy::Ghost].flops, contraction + gram, "{args}");
             assert_eq!(norms[&Strategy::Ghost].held, 0, "{args}");
             let (_, sum) = costs(&src, Goal::ClippedSum, b);
-            // Book-keeping: the rescaled output gradient (one multiply per element), then one
-            // ordinary weight-gradient contraction; it holds the output gradient until then.
-            let rescale = b * t * p;
+            // Book-keeping: one factor rescaled (one multiply per element), then one ordinary
+            // weight-gradient contraction; it holds the output gradient until then. A conv
+            // without groups is lowered from its derived equations, whose book-keeping scales
+            // the smaller factor (these convs have no bias): here the input where it is smaller.
+            let input_len: u64 =
+                input.trim_matches(['[', ']']).split(", ").map(|d| d.parse::<u64>().unwrap()).product();
+            let rescale = if g == 1 { b * (t * p).min(input_len) } else { b * t * p };
             assert_eq!(sum[&Strategy::Ghost].flops, contraction + gram + rescale + contraction, "{args}");
             assert_eq!(sum[&Strategy::Ghost].held, 4 * b * t * p, "{args}");
         }
