@@ -412,8 +412,9 @@ fn build(
 /// A copy through a window: im2col's gather `cols'[n, V..] = X[n, window]` or col2im's
 /// scatter `X[n, window] += cols'[n, V..]`, where each index of `X` is a plain variable or
 /// a window `s·o + d·k − p` of two variables (no other terms, `p ≥ 0`), and the plain side
-/// runs over its variables in the order: the others, then each window's first variable (its
-/// tap `k`), then each window's second (its output position `o`), in `X`'s axis order.
+/// runs over its variables in the order: the others, then of each window the variable it runs
+/// first (taken as the tap `k`), then of each window the other one (the output position `o`),
+/// windows in `X`'s axis order.
 /// Lowered by [`window_nest`]: inside the input no bounds guard per element and, where the
 /// stride is 1, a vector loop along the innermost position; only the edges check their
 /// guards. (A gather that is its target's first writer stores zeros where the window reads
