@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::grad::layer as layer_grad;
-use crate::grad::GradGraph;
+use crate::grad::{Expr, GradGraph};
 use crate::graph::{numel, Graph, LabelSpec, Loss, NodeId, Op};
 use crate::index_layer::{IndexLayer, LocalKind};
 use crate::ops::Strategy;
@@ -1375,20 +1375,35 @@ impl<'g> Lowering<'g> {
             let step = self.grads.step(node).ok_or_else(|| crate::Error::Internal("no derived step".into()))?;
             let mut out = Vec::new();
             for pg in &step.param_grads {
-                let form = layer_grad::ghost_form(&pg.eq)
+                let mut form = layer_grad::ghost_form(&pg.eq)
                     .ok_or_else(|| crate::Error::Internal(format!("`{}` has no ghost form", pg.param)))?;
+                // A factor read through a window whose columns the forward pass kept is read
+                // from them: its Gram product then runs on plain, unguarded reads.
+                let columns = self.kept_window_columns(node, &pg.eq);
+                if let Some((cols, x, _, _)) = &columns {
+                    for f in [&mut form.left, &mut form.right] {
+                        if *f == Expr::Read(x.clone()) {
+                            *f = Expr::Read(cols.clone());
+                        }
+                    }
+                }
                 let name = format!("{tag}_{}_ghost", param_suffix(&pg.param));
-                let (k, tensors) = index::ghost_kernel(
-                    &name,
-                    &form,
-                    &step.ranges,
-                    &|t| index::tensor_info(layer, t),
-                    self.slot(&pg.param),
-                    slots,
-                )?;
+                let shape = columns.as_ref().map(|c| c.3.clone()).unwrap_or_default();
+                let info = |t: &str| match t {
+                    index::COLUMNS => Some(index::TensorInfo {
+                        shape: shape.clone(),
+                        batched: true,
+                        padding: vec![(0, 0); shape.len()],
+                    }),
+                    _ => index::tensor_info(layer, t),
+                };
+                let (k, tensors) = index::ghost_kernel(&name, &form, &step.ranges, &info, self.slot(&pg.param), slots)?;
                 let mut args = Vec::new();
                 for t in &tensors {
-                    args.push(self.index_buffer(node, t, &HashMap::new())?);
+                    args.push(match (t.as_str(), &columns) {
+                        (index::COLUMNS, Some((_, _, buf, _))) => *buf,
+                        _ => self.index_buffer(node, t, &HashMap::new())?,
+                    });
                 }
                 args.push(sq);
                 out.push(self.launch(k, args));
@@ -1405,6 +1420,22 @@ impl<'g> Lowering<'g> {
             _ => (Batching::PerExample, LaunchMode::Grid, strategy.name()),
         };
         self.index_param_grads(node, &tag, &pe, batching, mode, suffix, want_norms.then_some(sq))
+    }
+
+    /// Where `eq` is a window product whose columns `node`'s forward pass kept: the access
+    /// of those columns (`cols'[n, ..]`), the windowed read they gather, their buffer and
+    /// their per-example shape.
+    fn kept_window_columns(
+        &self,
+        node: NodeId,
+        eq: &crate::grad::Equation,
+    ) -> Option<(crate::grad::Access, crate::grad::Access, BufId, Vec<usize>)> {
+        let ranges = &self.grads.step(node)?.ranges;
+        let w = index::window_product(eq, ranges, &self.info(node).ok()?)?;
+        let before = w.before?;
+        let buf = *self.window_columns.get(&(node, before.to_string()))?;
+        let Expr::Read(x) = before.rhs else { return None };
+        Some((before.lhs, x, buf, w.columns_shape))
     }
 
     /// A launch storing the squared norm of each example's stored gradient of `param` in
