@@ -122,8 +122,7 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
         }
         Op::Pool(p) => {
             let spatial = p.kernel.len();
-            let (ov, kv): (Vec<Var>, Vec<Var>) =
-                if spatial == 1 { (vec!["ol"], vec!["kl"]) } else { (vec!["oh", "ow"], vec!["kh", "kw"]) };
+            let (ov, kv) = window_vars(spatial);
             let y = Access::new("Y", &[&["n", "c"][..], &ov].concat());
             let mut xi = vec![Index::var("n"), Index::var("c")];
             for a in 0..spatial {
@@ -340,10 +339,18 @@ pub fn as_index_layer(graph: &Graph, node: &Node) -> Option<IndexLayer> {
     Some(IndexLayer { def: node.op.name().to_string(), tensors, stmts: vec![stmt] })
 }
 
+/// The variables of a window's output positions and of its taps, along `spatial` axes.
+fn window_vars(spatial: usize) -> (Vec<Var>, Vec<Var>) {
+    if spatial == 1 {
+        (vec!["ol"], vec!["kl"])
+    } else {
+        (vec!["oh", "ow"], vec!["kh", "kw"])
+    }
+}
+
 /// The range of every variable of [`conv_contraction`] but `n`, for output shape `out_shape`.
 fn conv_ranges(conv: &Conv, out_shape: &[usize]) -> Vec<(Var, usize)> {
-    let (ov, kv): (Vec<Var>, Vec<Var>) =
-        if conv.spatial() == 1 { (vec!["ol"], vec!["kl"]) } else { (vec!["oh", "ow"], vec!["kh", "kw"]) };
+    let (ov, kv) = window_vars(conv.spatial());
     let mut ranges = vec![("co", conv.out_channels), ("ci", conv.in_channels / conv.groups)];
     ranges.extend(kv.into_iter().zip(conv.kernel.iter().copied()));
     ranges.extend(ov.into_iter().zip(out_shape[1..].iter().copied()));
@@ -353,8 +360,7 @@ fn conv_ranges(conv: &Conv, out_shape: &[usize]) -> Vec<(Var, usize)> {
 fn conv_contraction(conv: &Conv, in_shape: &[usize]) -> Contraction {
     let spatial = conv.spatial();
     debug_assert_eq!(in_shape.len(), spatial + 1);
-    let (ov, kv): (Vec<Var>, Vec<Var>) =
-        if spatial == 1 { (vec!["ol"], vec!["kl"]) } else { (vec!["oh", "ow"], vec!["kh", "kw"]) };
+    let (ov, kv) = window_vars(spatial);
     let chan = if conv.groups == 1 {
         Index::var("ci")
     } else {

@@ -66,6 +66,13 @@ pub struct TensorInfo {
     pub padding: Vec<(usize, usize)>,
 }
 
+impl TensorInfo {
+    /// A per-example tensor of `shape` without padding (a window product's columns).
+    pub fn unpadded(shape: Vec<usize>) -> TensorInfo {
+        TensorInfo { padding: vec![(0, 0); shape.len()], shape, batched: true }
+    }
+}
+
 /// How a kernel covers the batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Batching {
@@ -1176,7 +1183,7 @@ mod tests {
                     "X" | "dX" => input.clone(),
                     _ => cols_shape.clone(),
                 };
-                Some(TensorInfo { padding: vec![(0, 0); shape.len()], shape, batched: true })
+                Some(TensorInfo::unpadded(shape))
             };
             let (im2col, _) = equation_kernel("im2col", &gather, &ranges, &info, true, Batching::PerExample).unwrap();
             let (col2im, _) = equation_kernel("col2im", &scatter, &ranges, &info, false, Batching::PerExample).unwrap();

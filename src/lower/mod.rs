@@ -897,8 +897,8 @@ impl<'g> Lowering<'g> {
                 })
                 .collect();
             if strategy_of(plan, n.id) == Strategy::Ghost && self.layers.contains_key(&n.id) {
-                // Book-keeping for a layer in index notation: each derived gradient
-                // weighted by the clip factors and summed over the batch.
+                // Book-keeping of a layer lowered from its derived equations: each derived
+                // gradient weighted by the clip factors and summed over the batch.
                 out.extend(self.index_clipped_sums(n.id, &tag, &sums)?);
             } else if strategy_of(plan, n.id) == Strategy::Ghost {
                 // Book-keeping: rescale the stored output gradient, one ordinary GEMM.
@@ -1152,7 +1152,7 @@ impl<'g> Lowering<'g> {
         let of_layer = self.info(node)?;
         let info = |t: &str| {
             if t == index::COLUMNS {
-                Some(index::TensorInfo { shape: shape.clone(), batched: true, padding: vec![(0, 0); shape.len()] })
+                Some(index::TensorInfo::unpadded(shape.clone()))
             } else {
                 of_layer(t)
             }
@@ -1390,11 +1390,7 @@ impl<'g> Lowering<'g> {
                 let name = format!("{tag}_{}_ghost", param_suffix(&pg.param));
                 let shape = columns.as_ref().map(|c| c.3.clone()).unwrap_or_default();
                 let info = |t: &str| match t {
-                    index::COLUMNS => Some(index::TensorInfo {
-                        shape: shape.clone(),
-                        batched: true,
-                        padding: vec![(0, 0); shape.len()],
-                    }),
+                    index::COLUMNS => Some(index::TensorInfo::unpadded(shape.clone())),
                     _ => index::tensor_info(layer, t),
                 };
                 let (k, tensors) = index::ghost_kernel(&name, &form, &step.ranges, &info, self.slot(&pg.param), slots)?;
