@@ -879,21 +879,22 @@ fn scatter_window(
 /// example's product is added into it in turn (a parameter gradient summed over the batch;
 /// no bias). With `norm = (slot, slots)` (per example only) the kernel also stores the
 /// squared norm of each example's product in `sqnorm[n, slot]` of `slots`, summed over the
-/// product just written (still in cache). Returns the kernel and its arguments' tensors (the
-/// target last, then `sqnorm` with a norm).
+/// product just written (still in cache). A batch-summed product is split into `parts`
+/// partial sums (see [`summed_gemm`]). Returns the kernels, in launch order, each with its
+/// arguments' tensors (the target last, then `sqnorm` with a norm).
 pub fn flat_gemm(
     name: &str,
     g: &FlatGemm,
     info: &dyn Fn(&str) -> Option<TensorInfo>,
     overwrite: bool,
-    batching: Batching,
+    (batching, parts): (Batching, usize),
     norm: Option<(usize, usize)>,
-) -> Result<(Kernel, Vec<String>)> {
+) -> Result<Vec<(Kernel, Vec<String>)>> {
     if batching == Batching::Summed {
         if norm.is_some() {
             return Err(Error::Internal(format!("{name}: a squared norm of a batch-summed product")));
         }
-        return summed_gemm(name, g, info, overwrite);
+        return summed_gemm(name, g, info, overwrite, parts);
     }
     let [m, k, n] = g.dims;
     let mut kb = KernelBuilder::new(name);
@@ -939,42 +940,93 @@ pub fn flat_gemm(
         body.push(store(sq, vec![v(ex), Affine::constant(slot as i64)], ir::Expr::Acc(total)));
         tensors.push("sqnorm".to_string());
     }
-    kb.finish(ex, Extent::Batch, body).map(|kernel| (kernel, tensors))
+    kb.finish(ex, Extent::Batch, body).map(|kernel| vec![(kernel, tensors)])
 }
 
-/// [`flat_gemm`] summed over the batch: `c[m, t] (+)= Σ_n Σ_k a[(n,) m, k] · b[n, k, t]`,
-/// zeroed first when `overwrite`, the examples added in order (one grid iteration).
+/// The name of [`summed_gemm`]'s partial sums (not a valid `.pdg` identifier).
+pub const PARTS: &str = "parts'";
+
+/// Into how many partial sums [`summed_gemm`] splits a batch-summed product of `m × n`
+/// elements for a batch of `batch`: up to [`SUMMED_PARTS`], fewer where the partial sums
+/// would exceed [`SUMMED_PARTS_BYTES`]; `1` (no split) for a product whose target is large
+/// enough for a GEMM to be split over its own output blocks.
+pub fn summed_parts(batch: usize, elements: usize) -> usize {
+    let fit = SUMMED_PARTS_BYTES / (elements.max(1) * 4);
+    SUMMED_PARTS.min(batch).min(fit).max(1)
+}
+
+/// The most partial sums of a batch-summed product: a fixed number, not the thread count,
+/// so that results do not depend on how many threads run them.
+pub const SUMMED_PARTS: usize = 8;
+
+/// The most bytes [`summed_gemm`]'s partial sums may take.
+pub const SUMMED_PARTS_BYTES: usize = 16 << 20;
+
+/// [`flat_gemm`] summed over the batch: `c[m, t] (+)= Σ_n Σ_k a[(n,) m, k] · b[n, k, t]`.
+///
+/// Each example's product is small (a conv's weight gradient is `Cout × Cin·k²` over the
+/// example's positions), too small to split over threads by its output, so with `parts > 1`
+/// the examples are dealt into `parts` partial sums by `n mod parts`, one grid iteration
+/// each (independent, so they run on different threads): `{name}_parts` writes
+/// `parts'[p, m, t] = Σ_{n ≡ p} Σ_k ...`, then `{name}` adds the partial sums into `c` in
+/// order (zeroed first when `overwrite`). The split is fixed at lowering, so the sum's
+/// order, and the result, do not depend on the thread count. With `parts == 1`: one
+/// kernel, one grid iteration adding the examples in order.
 fn summed_gemm(
     name: &str,
     g: &FlatGemm,
     info: &dyn Fn(&str) -> Option<TensorInfo>,
     overwrite: bool,
-) -> Result<(Kernel, Vec<String>)> {
+    parts: usize,
+) -> Result<Vec<(Kernel, Vec<String>)>> {
     let [m, k, n] = g.dims;
     if g.bias.is_some() {
         return Err(Error::Internal(format!("{name}: a batch-summed window product with a bias")));
     }
-    let mut kb = KernelBuilder::new(name);
+    let split = parts > 1;
+    let mut kb = KernelBuilder::new(&if split { format!("{name}_parts") } else { name.to_string() });
     let batched_of = |t: &str| info(t).map(|i| i.batched).ok_or_else(|| unbound(t));
     let a_batched = batched_of(&g.a)?;
     let a_dims = if g.a_transposed { [k, m] } else { [m, k] };
     let a = kb.input(&g.a, if a_batched { batched(&a_dims) } else { fixed(&a_dims) });
     let b = kb.input(&g.b, batched(&if g.b_transposed { [n, k] } else { [k, n] }));
-    let out = kb.target(&g.c, fixed(&[m, n]), overwrite);
-    let [one, ex, row, t] = [kb.var("one"), kb.var("n"), kb.var("m"), kb.var("t")];
+    let out = if split { kb.output(PARTS, fixed(&[parts, m, n])) } else { kb.target(&g.c, fixed(&[m, n]), overwrite) };
+    let [part, ex, row, t] = [kb.var(if split { "p" } else { "one" }), kb.var("n"), kb.var("m"), kb.var("t")];
+    // The target's index, with the part first when split.
+    let at = |rest: [VarId; 2]| -> Vec<Affine> {
+        let mut ix = if split { vec![v(part)] } else { Vec::new() };
+        ix.extend(rest.map(v));
+        ix
+    };
     let mut body = Vec::new();
-    if overwrite {
-        body.push(lp(row, m, vec![vlp(t, n, vec![store(out, vec![v(row), v(t)], lit(0.0))])]));
+    if overwrite || split {
+        body.push(lp(row, m, vec![vlp(t, n, vec![store(out, at([row, t]), lit(0.0))])]));
     }
     let product = contract(&mut kb, [fx(m), fx(n), fx(k)], (a, b, out), true, |mm, nn, kk| {
         let mut ai = if a_batched { vec![v(ex)] } else { Vec::new() };
         ai.extend(if g.a_transposed { [kk, mm] } else { [mm, kk] }.map(v));
         let bi = if g.b_transposed { [nn, kk] } else { [kk, nn] };
-        (ai, [vec![v(ex)], bi.map(v).to_vec()].concat(), vec![v(mm), v(nn)])
+        (ai, [vec![v(ex)], bi.map(v).to_vec()].concat(), at([mm, nn]))
     });
-    body.push(batch_loop(ex, vec![product]));
-    let tensors = vec![g.a.clone(), g.b.clone(), g.c.clone()];
-    kb.finish(one, fx(1), body).map(|kernel| (kernel, tensors))
+    // `n mod parts == p`: `n - parts·⌊n/parts⌋ - p` in `0..1`.
+    let mine = || Affine::var(ex).plus_div(ex, -(parts as i64), parts as i64).plus(part, -1);
+    body.push(batch_loop(ex, if split { when(vec![in_range(mine(), 0, 1)], vec![product]) } else { vec![product] }));
+    let first = kb.finish(part, fx(parts), body)?;
+    let mut kernels = vec![(first, vec![g.a.clone(), g.b.clone(), if split { PARTS } else { &g.c }.to_string()])];
+    if split {
+        let mut kb = KernelBuilder::new(name);
+        let sums = kb.input(PARTS, fixed(&[parts, m, n]));
+        let out = kb.target(&g.c, fixed(&[m, n]), overwrite);
+        let [row, p, t] = [kb.var("m"), kb.var("p"), kb.var("t")];
+        let mut body = Vec::new();
+        if overwrite {
+            body.push(vlp(t, n, vec![store(out, vec![v(row), v(t)], lit(0.0))]));
+        }
+        let add = accumulate(out, vec![v(row), v(t)], load(sums, vec![v(p), v(row), v(t)]));
+        body.push(lp(p, parts, vec![vlp(t, n, vec![add])]));
+        kernels.push((kb.finish(row, fx(m), body)?, vec![PARTS.to_string(), g.c.clone()]));
+    }
+    Ok(kernels)
 }
 
 /// `v_`, `v__`, ...: a name for the primed copy of `v` that `ranges` does not use.

@@ -1179,8 +1179,14 @@ impl<'g> Lowering<'g> {
             kernels.push((index::equation_kernel(&im2col, eq, ranges, &info, true, Batching::PerExample)?, false));
         }
         let slots = self.graph.params.len();
-        let gemm = index::flat_gemm(&gemm_name, &w.gemm, &info, overwrite, batching, norm.map(|(_, s)| (s, slots)))?;
-        kernels.push((gemm, zero_summed));
+        // `naive`'s launches see one example each: nothing to split.
+        let [m, _, n] = w.gemm.dims;
+        let parts = if mode == LaunchMode::PerExample { 1 } else { index::summed_parts(self.batch, m * n) };
+        let norm_slot = norm.map(|(_, s)| (s, slots));
+        let gemms = index::flat_gemm(&gemm_name, &w.gemm, &info, overwrite, (batching, parts), norm_slot)?;
+        // The zeroing belongs to the kernel that writes the target, the last.
+        let last = gemms.len() - 1;
+        kernels.extend(gemms.into_iter().enumerate().map(|(i, k)| (k, zero_summed && i == last)));
         if let Some(eq) = &w.after {
             // The scatter of the columns zeroes its target itself where it is the first writer.
             let col2im = format!("{name}_col2im{}", if first { "_first" } else { "" });
@@ -1205,6 +1211,10 @@ impl<'g> Lowering<'g> {
             for t in &tensors {
                 match (t.as_str(), norm) {
                     (index::COLUMNS, _) => args.push(cols),
+                    (index::PARTS, _) => {
+                        let role = Role::Workspace(format!("{name}_parts"));
+                        args.push(self.extra(role, &format!("{name}_parts"), false, vec![parts, m, n]));
+                    }
                     ("sqnorm", Some((buf, _))) => sq = Some(buf),
                     _ => args.push(self.index_buffer(node, t, param_targets)?),
                 }

@@ -416,7 +416,8 @@ mod tests {
     /// The FLOPs read off the kernels are the strategy table's closed forms, on shapes with
     /// stride, dilation, padding and groups: the forward contraction (2BTpd) plus
     /// naive/unfold/direct's weight gradient (2BTpd), or ghost's Gram products
-    /// (2BT²(p + G·d) + 2BGT²), and book-keeping's one more contraction (2BTpd).
+    /// (2BT²(p + G·d) + 2BGT²), and book-keeping's one more contraction (2BTpd, plus the
+    /// adds of its partial sums).
     #[test]
     fn kernel_flops_are_the_closed_forms() {
         let cases = [
@@ -454,7 +455,11 @@ mod tests {
             let input_len: u64 =
                 input.trim_matches(['[', ']']).split(", ").map(|d| d.parse::<u64>().unwrap()).product();
             let rescale = if g == 1 { b * (t * p).min(input_len) } else { b * t * p };
-            assert_eq!(sum[&Strategy::Ghost].flops, contraction + gram + rescale + contraction, "{args}");
+            // Such a conv's batch-summed contraction runs in partial sums over the examples,
+            // then one add per partial sum and element.
+            let parts = crate::lower::index::summed_parts(b as usize, (p * d) as usize) as u64;
+            let reduce = if g == 1 { parts * p * d } else { 0 };
+            assert_eq!(sum[&Strategy::Ghost].flops, contraction + gram + rescale + contraction + reduce, "{args}");
             assert_eq!(sum[&Strategy::Ghost].held, 4 * b * t * p, "{args}");
         }
     }

@@ -5,7 +5,9 @@
 //! Counting rules, for a launch on `batch` examples:
 //! - every statement runs once per iteration of each enclosing loop (a loop over the batch
 //!   runs `batch` times); an `If`'s body is counted as if its condition held (guards of
-//!   padded windows are true almost everywhere);
+//!   padded windows are true almost everywhere), except a residue test
+//!   `lo <= v - c·⌊v/c⌋ + e < hi` (the examples a batch-summed product deals to one of its
+//!   partial sums), whose body runs in `(hi - lo)/c` of the iterations of `v`'s loop;
 //! - a `Set` or `Store` costs the float operations of its value (one per unary, binary or
 //!   select node; `exp`, `log`, `tanh` and `erf` count [`TRANSCENDENTAL`]), plus one for an
 //!   accumulating store;
@@ -17,7 +19,7 @@
 //! - bytes are each argument read once and written once (`inout` both): the traffic of a
 //!   kernel whose working set streams through the caches once.
 
-use crate::ir::{Arg, Contract, Expr, Kernel, Loop, Mode, Stmt, Unary};
+use crate::ir::{Arg, Cond, Contract, Expr, Kernel, Loop, Mode, Stmt, Unary};
 use crate::visit::{walk_stmt, Visitor};
 
 /// Float operations one `exp`, `log`, `tanh` or `erf` counts for (their polynomial
@@ -68,6 +70,21 @@ pub fn work(k: &Kernel, batch: u64) -> Work {
     c.exit_loop(&k.grid);
     c.work.bytes = k.args.iter().map(|a| arg_bytes(a, batch)).sum();
     c.work
+}
+
+/// The share `(num, den)` of its enclosing iterations in which an `If`'s condition holds:
+/// `(hi - lo)/c` for a residue test `lo <= v - c·⌊v/c⌋ + e < hi` (`v mod c` in a window of
+/// `hi - lo` values, whatever `e` adds), `1` for any other condition.
+fn share(cond: &Cond) -> (u64, u64) {
+    let Cond::InRange { index, lo, hi } = cond else { return (1, 1) };
+    let residue = index.terms.iter().find_map(|t| {
+        let whole = index.terms.iter().any(|u| u.var == t.var && u.coef == 1 && u.div == 1);
+        (t.div > 1 && t.coef == -t.div && whole).then_some(t.div as u64)
+    });
+    match residue {
+        Some(c) => ((hi - lo).clamp(0, c as i64) as u64, c),
+        None => (1, 1),
+    }
 }
 
 fn arg_bytes(a: &Arg, batch: u64) -> u64 {
@@ -152,7 +169,15 @@ impl<'k> Visitor<'k> for Count<'k> {
             Stmt::Set { value, .. } => self.count_ops(ops(value)),
             Stmt::Store { value, accumulate, .. } => self.count_ops(ops(value) + u64::from(*accumulate)),
             Stmt::Contract(c) => self.contract(c),
-            Stmt::Loop(_) | Stmt::If { .. } => walk_stmt(self, s),
+            Stmt::Loop(_) => walk_stmt(self, s),
+            Stmt::If { cond, then } => {
+                let (num, den) = share(cond);
+                self.mult.push(self.times().saturating_mul(num) / den);
+                for s in then {
+                    self.stmt(s);
+                }
+                self.mult.pop();
+            }
         }
     }
 
@@ -279,5 +304,16 @@ mod tests {
         assert_eq!(w.gemms, vec![Gemm { m: 3, n: 5, k: 7, count: 7 * 2 }]);
         assert_eq!(w.flops(), 2 * 3 * 5 * 7 * 14);
         assert_eq!(w.unit_flops + w.strided_flops, 0);
+        // Dealt to partial sums: `if g mod 2 == 0` keeps half of the loop's two runs; a
+        // guard of any other form counts as always true.
+        let Stmt::Loop(l) = &mut k.grid.body[0] else { unreachable!() };
+        let contraction = l.body.pop().expect("the contraction");
+        let residue = Affine::var(VarId(4)).plus_div(VarId(4), -2, 2);
+        l.body = vec![Stmt::If { cond: Cond::InRange { index: residue, lo: 0, hi: 1 }, then: vec![contraction] }];
+        assert_eq!(work(&k, 7).gemms, vec![Gemm { m: 3, n: 5, k: 7, count: 7 }]);
+        let Stmt::Loop(l) = &mut k.grid.body[0] else { unreachable!() };
+        let Stmt::If { cond: Cond::InRange { index, .. }, .. } = &mut l.body[0] else { unreachable!() };
+        *index = Affine::var(VarId(4));
+        assert_eq!(work(&k, 7).gemms, vec![Gemm { m: 3, n: 5, k: 7, count: 7 * 2 }]);
     }
 }

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::types::{F32, I64, I8};
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I64, I8};
 use cranelift_codegen::ir::{
     AbiParam, ExtFuncData, ExternalName, FuncRef, Function, InstBuilder, MemFlagsData, Signature, UserExternalName,
     UserFuncName, Value,
@@ -359,7 +359,11 @@ impl Translator<'_, '_> {
                 let c = self.cond(cond)?;
                 let t = self.expr(then)?;
                 let o = self.expr(otherwise)?;
-                self.b.ins().select(c, t, o)
+                // A float `select` lowers to a branch on x86-64, which mispredicts on data
+                // (which tap of a max pool's window won); an integer one is a `cmov`.
+                let [t, o] = [t, o].map(|x| self.b.ins().bitcast(I32, MemFlagsData::new(), x));
+                let r = self.b.ins().select(c, t, o);
+                self.b.ins().bitcast(F32, MemFlagsData::new(), r)
             }
         })
     }
@@ -385,6 +389,14 @@ impl Translator<'_, '_> {
             Binary::Mul => self.b.ins().fmul(x, y),
             Binary::Div => self.b.ins().fdiv(x, y),
             // NaN-propagating, as `ir::Binary` defines `Max` and `Min`.
+            Binary::Max | Binary::Min if self.b.func.dfg.value_type(x) == F32 => {
+                // On lanes: the scalar instructions lower to compares and branches on
+                // x86-64, which mispredict on data (a max pool over a ReLU's zeros); the
+                // lane versions are branch-free, with the same meaning.
+                let [x, y] = [x, y].map(|s| self.b.ins().scalar_to_vector(F32X4, s));
+                let lanes = if op == Binary::Max { self.b.ins().fmax(x, y) } else { self.b.ins().fmin(x, y) };
+                self.b.ins().extractlane(lanes, 0)
+            }
             Binary::Max => self.b.ins().fmax(x, y),
             Binary::Min => self.b.ins().fmin(x, y),
         }
