@@ -101,8 +101,8 @@ def failure(res: dict) -> str:
 # ---------------------------------------------------------------- machine
 
 
-def machine(pdgc: str, runner: Runner) -> list:
-    """Lines naming the machine and every package's version."""
+def machine(pdgc: str, runner: Runner, packages=PACKAGES) -> list:
+    """Lines naming the machine and the version of every package in `packages`."""
     cpu, flags, cores, package = "unknown CPU", set(), set(), None
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -119,7 +119,7 @@ def machine(pdgc: str, runner: Runner) -> list:
     with open("/proc/meminfo") as f:
         mem_gb = int(f.readline().split()[1]) / 1024 ** 2
     versions = []
-    for p in PACKAGES:
+    for p in packages:
         try:
             versions.append(f"{p} {metadata.version(p)}")
         except metadata.PackageNotFoundError:
@@ -408,6 +408,14 @@ def memory(args, runner, pdgc) -> int:
 # ---------------------------------------------------------------- main
 
 
+def warn_if_busy():
+    """Warns on stderr when the 1-minute load average says other processes share the CPUs."""
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        log(f"warning: load average {load:.2f}: other processes share the CPUs, and the times will show it "
+            f"(OpenMP's spinning barriers slow multi-threaded PyTorch down many times over)")
+
+
 def find_pdgc(given) -> str:
     for candidate in [given, os.environ.get("PDGC"), ROOT / "target" / "release" / "pdgc", shutil.which("pdgc")]:
         if candidate and Path(candidate).is_file():
@@ -437,10 +445,7 @@ def main(argv) -> int:
         args.warmup, args.reps = 1, 2
     pdgc = find_pdgc(args.pdgc)
     runner = Runner(args.threads)
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        log(f"warning: load average {load:.2f}: other processes share the CPUs, and the times will show it "
-            f"(OpenMP's spinning barriers slow multi-threaded PyTorch down many times over)")
+    warn_if_busy()
     if args.check:
         return check(args, runner, pdgc)
     if args.memory:
