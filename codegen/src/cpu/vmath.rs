@@ -4,7 +4,7 @@
 //! scalar code calls and the interpreter runs.
 
 use cranelift_codegen::ir::types::{F32X4, I32X4};
-use cranelift_codegen::ir::{Endianness, InstBuilder, MemFlagsData, Value};
+use cranelift_codegen::ir::{ConstantData, Endianness, InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::FunctionBuilder;
 
 use super::translate::float_cc;
@@ -32,12 +32,12 @@ impl Arith for Lanes<'_, '_> {
     /// An I32X4 lane mask.
     type M = Value;
     fn float(&mut self, c: f32) -> Value {
-        let s = self.0.ins().f32const(c);
-        self.0.ins().splat(F32X4, s)
+        let handle = self.0.func.dfg.constants.insert(lanes_of(c.to_le_bytes()));
+        self.0.ins().vconst(F32X4, handle)
     }
     fn int(&mut self, c: i32) -> Value {
-        let s = self.0.ins().iconst(cranelift_codegen::ir::types::I32, i64::from(c));
-        self.0.ins().splat(I32X4, s)
+        let handle = self.0.func.dfg.constants.insert(lanes_of(c.to_le_bytes()));
+        self.0.ins().vconst(I32X4, handle)
     }
     fn add(&mut self, a: Value, b: Value) -> Value {
         self.0.ins().fadd(a, b)
@@ -88,6 +88,12 @@ impl Arith for Lanes<'_, '_> {
     fn sshr(&mut self, a: Value, bits: u8) -> Value {
         self.0.ins().sshr_imm_s(a, i64::from(bits))
     }
+}
+
+/// A constant of four equal lanes, each `lane`'s bytes: one load from the constant pool
+/// (a scalar constant and a `splat` are two instructions at every use).
+fn lanes_of(lane: [u8; 4]) -> ConstantData {
+    ConstantData::from(lane.repeat(4))
 }
 
 /// Flags for reinterpreting a lane mask as floats lane by lane.
