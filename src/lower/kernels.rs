@@ -158,11 +158,65 @@ pub fn pool_forward(name: &str, p: &PoolGeom) -> Result<Kernel> {
             (lit(0.0), Expr::add(acc(a), xv), Expr::div(acc(a), lit(count)))
         }
     };
-    let mut per_output = vec![set(a, init)];
-    per_output.extend(nest(&k, &w.kernel, guarded(w.guards(&xi), vec![set(a, update)])));
-    per_output.push(store(y, cat(vec![v(n), v(ch)], idx(&o)), finish));
+    let out_ix = cat(vec![v(n), v(ch)], idx(&o));
+    let per_output = match unrolled_taps(w, &o, UNROLLED_TAPS) {
+        // No padding: the taps' reads as one expression (no loop, no register per tap).
+        Some(taps) => {
+            let mut reads = taps.into_iter().map(|t| load(x, cat(vec![v(n), v(ch)], t)));
+            let first = reads.next().expect("a window has taps");
+            let value = match p.kind {
+                PoolKind::Max => reads.fold(first, |m, r| Expr::bin(Binary::Max, m, r)),
+                PoolKind::Avg => {
+                    let count = w.kernel.iter().product::<usize>() as f32;
+                    Expr::div(reads.fold(first, Expr::add), lit(count))
+                }
+            };
+            vec![store(y, out_ix, value)]
+        }
+        None => {
+            let mut s = vec![set(a, init)];
+            s.extend(nest(&k, &w.kernel, guarded(w.guards(&xi), vec![set(a, update)])));
+            s.push(store(y, out_ix, finish));
+            s
+        }
+    };
     let body = nest(&[&[ch][..], &o].concat(), &[&[p.channels][..], &w.output].concat(), per_output);
     kb.finish(n, Extent::Batch, body)
+}
+
+/// Windows of at most this many taps are unrolled (no padding only): a max pool's
+/// backward then tests tap `i` against the `i` before it, so the work grows as its square.
+const UNROLLED_TAPS: usize = 9;
+
+/// The input index of every tap of a window without padding and with at most `most` taps,
+/// in the loop nest's order (the last axis fastest), at output position `o`; `None` for
+/// any other window.
+fn unrolled_taps(w: &Window, o: &[VarId], most: usize) -> Option<Vec<Vec<Affine>>> {
+    let taps: usize = w.kernel.iter().product();
+    if taps > most || (0..w.spatial()).any(|a| w.pad_lo[a] > 0 || w.pad_hi[a] > 0) {
+        return None;
+    }
+    let mut all = vec![Vec::new()];
+    for a in 0..w.spatial() {
+        let along = |k: usize| Affine::default().plus(o[a], w.stride[a] as i64).offset((k * w.dilation[a]) as i64);
+        all = all
+            .into_iter()
+            .flat_map(|t: Vec<Affine>| (0..w.kernel[a]).map(move |k| cat(t.clone(), vec![along(k)])))
+            .collect();
+    }
+    Some(all)
+}
+
+/// Whether the windows tile the input exactly: no padding, no overlap, no gap, nothing
+/// left over, so every input element lies in exactly one window.
+fn tiles(w: &Window) -> bool {
+    (0..w.spatial()).all(|a| {
+        w.pad_lo[a] == 0
+            && w.pad_hi[a] == 0
+            && w.dilation[a] == 1
+            && w.stride[a] == w.kernel[a]
+            && w.input[a] == w.output[a] * w.stride[a]
+    })
 }
 
 pub fn global_avg_pool_forward(name: &str, channels: usize, positions: usize) -> Result<Kernel> {
@@ -342,14 +396,34 @@ pub fn pool_backward(name: &str, p: &PoolGeom, first: bool) -> Result<Kernel> {
     let xi = w.input_index(&o, &k);
     let target = cat(vec![v(n), v(ch)], xi.clone());
     let out_ix = cat(vec![v(n), v(ch)], idx(&o));
+    // An unpadded max pool's small window, unrolled: tap `i` takes the gradient where it
+    // holds the maximum and no tap before it does. Where the windows tile the input, each
+    // element of `dx` is written once, so the first writer stores (no zeroing first).
+    let unrolled = if p.kind == PoolKind::Max { unrolled_taps(w, &o, UNROLLED_TAPS) } else { None };
+    let stores = first && unrolled.is_some() && tiles(w);
     let mut body = Vec::new();
-    if first {
+    if first && !stores {
         let zero_vars: Vec<VarId> = (0..xs.len()).map(|a| kb.var(&format!("z{a}"))).collect();
         let zero_ix = cat(vec![v(n)], idx(&zero_vars));
         body.extend(vnest(&zero_vars, &xs, vec![store(dx, zero_ix, lit(0.0))]));
     }
-    let per_out = match p.kind {
-        PoolKind::Max => {
+    let per_out = match (p.kind, unrolled) {
+        (PoolKind::Max, Some(taps)) => {
+            let ymax = load(y, out_ix.clone());
+            let xs: Vec<(Vec<Affine>, Expr)> = taps
+                .into_iter()
+                .map(|t| (cat(vec![v(n), v(ch)], t.clone()), load(x, cat(vec![v(n), v(ch)], t))))
+                .collect();
+            let mut s = vec![set(g, load(dy, out_ix.clone()))];
+            for (i, (at, xv)) in xs.iter().enumerate() {
+                let mut conds = vec![Cond::Cmp { op: CmpOp::Eq, a: xv.clone(), b: ymax.clone() }];
+                conds.extend(xs[..i].iter().map(|(_, e)| Cond::Cmp { op: CmpOp::Ne, a: e.clone(), b: ymax.clone() }));
+                let take = if conds.len() == 1 { conds.remove(0) } else { Cond::And(conds) };
+                s.push(put(dx, at.clone(), Expr::select(take, acc(g), lit(0.0)), stores));
+            }
+            s
+        }
+        (PoolKind::Max, None) => {
             let xv = load(x, target.clone());
             let is_max = Cond::Cmp { op: CmpOp::Eq, a: xv.clone(), b: load(y, out_ix.clone()) };
             let take = Cond::And(vec![is_max.clone(), Cond::Cmp { op: CmpOp::Eq, a: acc(found), b: lit(0.0) }]);
@@ -367,7 +441,7 @@ pub fn pool_backward(name: &str, p: &PoolGeom, first: bool) -> Result<Kernel> {
             ));
             s
         }
-        PoolKind::Avg => {
+        (PoolKind::Avg, _) => {
             let count = w.kernel.iter().product::<usize>() as f32;
             let mut s = vec![set(g, Expr::div(load(dy, out_ix.clone()), lit(count)))];
             s.extend(nest(&k, &w.kernel, guarded(w.guards(&xi), vec![accumulate(dx, target.clone(), acc(g))])));
