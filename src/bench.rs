@@ -18,6 +18,9 @@ use crate::ops::Strategy;
 use crate::runtime::Device;
 use crate::tensor::Batch;
 
+/// The kernels `--profile` lists one per line, the largest first; one more line sums the rest.
+const PROFILE_LINES: usize = 12;
+
 /// One column of the table: a strategy configuration.
 #[derive(Debug, Clone, Serialize)]
 pub struct Column {
@@ -308,8 +311,17 @@ impl std::fmt::Display for BenchReport {
         for p in &self.profile {
             let total: f64 = p.kernels.iter().map(|k| k.1).sum();
             writeln!(f, "  profile, {} ({total:.2} ms in kernels per step):", p.step)?;
-            for (name, ms, launches) in p.kernels.iter().take(12) {
+            for (name, ms, launches) in p.kernels.iter().take(PROFILE_LINES) {
                 writeln!(f, "    {ms:>9.2} ms {:>5.1}%  x{launches:<6} {name}", 100.0 * ms / total.max(1e-12))?;
+            }
+            if p.kernels.len() > PROFILE_LINES {
+                let rest: f64 = p.kernels.iter().skip(PROFILE_LINES).map(|k| k.1).sum();
+                let more = p.kernels.len() - PROFILE_LINES;
+                writeln!(
+                    f,
+                    "    {rest:>9.2} ms {:>5.1}%  in the {more} other kernels",
+                    100.0 * rest / total.max(1e-12)
+                )?;
             }
         }
         Ok(())

@@ -248,7 +248,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
         /// Also time every kernel of the non-private step and of the auto plan's clipped
-        /// sum, and print where the time goes.
+        /// sum, and print where the time goes (the 12 largest, then the rest summed; JSON
+        /// output lists every kernel).
         #[arg(long)]
         profile: bool,
     },
