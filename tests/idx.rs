@@ -4,14 +4,15 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use tempfile::TempDir;
+
 use pdgc::data::{self, normalize, Dataset, IMAGES_MAGIC, LABELS_MAGIC};
 use pdgc::{CompileOptions, Error, Labels, Module};
 
-fn tmp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pdgc-idx-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+/// A fresh, empty directory under the system's temp dir, removed with its contents when
+/// dropped.
+fn tmp_dir(name: &str) -> TempDir {
+    tempfile::Builder::new().prefix(&format!("pdgc-idx-{name}-")).tempdir().expect("temp dir")
 }
 
 fn idx_bytes(magic: u32, dims: &[u32], data: &[u8]) -> Vec<u8> {
@@ -47,22 +48,22 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 }
 
 /// A Fashion-MNIST-shaped directory: training files gzipped, test files raw.
-fn fashion_dir(name: &str, n_train: usize, n_test: usize) -> PathBuf {
+fn fashion_dir(name: &str, n_train: usize, n_test: usize) -> TempDir {
     let dir = tmp_dir(name);
-    write(&dir, "train-images-idx3-ubyte.gz", &gzip(&images(n_train, 28, 28)));
-    write(&dir, "train-labels-idx1-ubyte.gz", &gzip(&labels(n_train)));
-    write(&dir, "t10k-images-idx3-ubyte", &images(n_test, 28, 28));
-    write(&dir, "t10k-labels-idx1-ubyte", &labels(n_test));
+    write(dir.path(), "train-images-idx3-ubyte.gz", &gzip(&images(n_train, 28, 28)));
+    write(dir.path(), "train-labels-idx1-ubyte.gz", &gzip(&labels(n_train)));
+    write(dir.path(), "t10k-images-idx3-ubyte", &images(n_test, 28, 28));
+    write(dir.path(), "t10k-labels-idx1-ubyte", &labels(n_test));
     dir
 }
 
 #[test]
 fn raw_and_gzipped_files_read_the_same() {
     let dir = tmp_dir("same");
-    let raw_i = write(&dir, "i", &images(7, 3, 4));
-    let raw_l = write(&dir, "l", &labels(7));
-    let gz_i = write(&dir, "i.gz", &gzip(&images(7, 3, 4)));
-    let gz_l = write(&dir, "l.gz", &gzip(&labels(7)));
+    let raw_i = write(dir.path(), "i", &images(7, 3, 4));
+    let raw_l = write(dir.path(), "l", &labels(7));
+    let gz_i = write(dir.path(), "i.gz", &gzip(&images(7, 3, 4)));
+    let gz_l = write(dir.path(), "l.gz", &gzip(&labels(7)));
     let a = Dataset::from_idx_files(&raw_i, &raw_l).expect("raw");
     let b = Dataset::from_idx_files(&gz_i, &gz_l).expect("gz");
     assert_eq!(a, b);
@@ -83,7 +84,7 @@ fn normalization_is_fashion_mnist_mean_and_std() {
 #[test]
 fn fashion_mnist_loads_from_a_directory_and_batches_for_the_model() {
     let dir = fashion_dir("ok", 12, 5);
-    let fm = data::load_fashion_mnist(&dir).expect("loads");
+    let fm = data::load_fashion_mnist(dir.path()).expect("loads");
     assert_eq!((fm.train.len(), fm.test.len()), (12, 5));
     let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/samples/mnist_cnn.pdg")).expect("sample");
     let module = Module::from_source("mnist_cnn.pdg", &src, &CompileOptions::new(4)).expect("compiles");
@@ -105,8 +106,8 @@ fn missing_data_says_how_to_get_it() {
     assert!(text.contains("t10k-labels-idx1-ubyte"), "{text}");
 
     let dir = fashion_dir("one-missing", 3, 2);
-    std::fs::remove_file(dir.join("t10k-labels-idx1-ubyte")).expect("rm");
-    let err = data::load_fashion_mnist(&dir).expect_err("missing file");
+    std::fs::remove_file(dir.path().join("t10k-labels-idx1-ubyte")).expect("rm");
+    let err = data::load_fashion_mnist(dir.path()).expect_err("missing file");
     assert!(err.to_string().contains("t10k-labels-idx1-ubyte[.gz] does not exist"), "{err}");
 }
 
@@ -122,8 +123,8 @@ fn data_spec_parses_the_default_and_a_directory() {
 
 fn images_error(bytes: &[u8]) -> Error {
     let dir = tmp_dir("bad");
-    let i = write(&dir, "images", bytes);
-    let l = write(&dir, "labels", &labels(4));
+    let i = write(dir.path(), "images", bytes);
+    let l = write(dir.path(), "labels", &labels(4));
     Dataset::from_idx_files(&i, &l).expect_err("damaged file accepted")
 }
 
@@ -165,12 +166,12 @@ fn damaged_files_are_typed_errors() {
 #[test]
 fn counts_and_labels_are_checked() {
     let dir = tmp_dir("counts");
-    let i = write(&dir, "images", &images(5, 2, 2));
-    let l = write(&dir, "labels", &labels(4));
+    let i = write(dir.path(), "images", &images(5, 2, 2));
+    let l = write(dir.path(), "labels", &labels(4));
     let err = Dataset::from_idx_files(&i, &l).expect_err("mismatch");
     assert!(matches!(err, Error::DatasetMismatch { n_images: 5, n_labels: 4, .. }), "{err}");
 
-    let l = write(&dir, "labels12", &idx_bytes(LABELS_MAGIC, &[5], &[0, 1, 12, 3, 4]));
+    let l = write(dir.path(), "labels12", &idx_bytes(LABELS_MAGIC, &[5], &[0, 1, 12, 3, 4]));
     let err = Dataset::from_idx_files(&i, &l).expect_err("label 12");
     assert!(matches!(err, Error::LabelOutOfRange { example: 2, value: 12, classes: 10, .. }), "{err}");
 }
@@ -178,8 +179,8 @@ fn counts_and_labels_are_checked() {
 #[test]
 fn a_model_that_does_not_take_the_images_is_refused() {
     let dir = tmp_dir("model");
-    let i = write(&dir, "images", &images(3, 4, 4));
-    let l = write(&dir, "labels", &labels(3));
+    let i = write(dir.path(), "images", &images(3, 4, 4));
+    let l = write(dir.path(), "labels", &labels(3));
     let ds = Dataset::from_idx_files(&i, &l).expect("loads");
     let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/samples/mnist_cnn.pdg")).expect("sample");
     let module = Module::from_source("mnist_cnn.pdg", &src, &CompileOptions::new(4)).expect("compiles");

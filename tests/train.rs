@@ -7,7 +7,9 @@ mod common;
 use common::pdgc;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use tempfile::TempDir;
 
 use pdgc::data::Dataset;
 use pdgc::privacy::Accountant;
@@ -28,10 +30,10 @@ fn tiny(batch: usize) -> Module {
     Module::from_source("tiny.pdg", TINY, &CompileOptions::new(batch)).expect("compiles")
 }
 
-fn tmp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pdgc-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+/// A fresh, empty directory under the system's temp dir, removed with its contents when
+/// dropped.
+fn tmp_dir(name: &str) -> TempDir {
+    tempfile::Builder::new().prefix(&format!("pdgc-train-{name}-")).tempdir().expect("temp dir")
 }
 
 /// Class `c` lights pixel `3c + 1` of a 6x6 image, over a faint deterministic texture.
@@ -67,14 +69,14 @@ fn resuming_from_a_checkpoint_reproduces_the_uninterrupted_run() {
     for (name, opt) in [("momentum", Optimizer::Sgd { lr: 0.2, momentum: 0.9 }), ("adam", Optimizer::adam(0.05))] {
         let whole_dir = tmp_dir(&format!("whole-{name}"));
         let mut whole = Trainer::new(&module, config(3, opt, PRIVATE), &train).expect("trainer");
-        let whole_summary = whole.run(&train, &test, Some(&whole_dir), |_| {}).expect("run");
+        let whole_summary = whole.run(&train, &test, Some(whole_dir.path()), |_| {}).expect("run");
 
         let part_dir = tmp_dir(&format!("part-{name}"));
         let mut first = Trainer::new(&module, config(1, opt, PRIVATE), &train).expect("trainer");
-        first.run(&train, &test, Some(&part_dir), |_| {}).expect("epoch 1");
-        let mut rest = Trainer::resume(&module, config(3, opt, PRIVATE), &train, &part_dir).expect("resume");
+        first.run(&train, &test, Some(part_dir.path()), |_| {}).expect("epoch 1");
+        let mut rest = Trainer::resume(&module, config(3, opt, PRIVATE), &train, part_dir.path()).expect("resume");
         assert_eq!((rest.epochs_done, rest.steps_done), (1, 4));
-        let rest_summary = rest.run(&train, &test, Some(&part_dir), |_| {}).expect("epochs 2-3");
+        let rest_summary = rest.run(&train, &test, Some(part_dir.path()), |_| {}).expect("epochs 2-3");
 
         assert_eq!(rest.params, whole.params, "{name}: parameters bit for bit");
         assert_eq!(rest.opt_state, whole.opt_state, "{name}: optimizer state");
@@ -89,8 +91,8 @@ fn resuming_from_a_checkpoint_reproduces_the_uninterrupted_run() {
         assert_eq!(history(&rest), history(&whole), "{name}: per-epoch history");
         // And the parameters on disk are the same too (the optimizer file's metadata is a
         // hash map, so its bytes may be ordered differently; its contents were compared above).
-        let a = std::fs::read(whole_dir.join("params.safetensors")).expect("read");
-        let b = std::fs::read(part_dir.join("params.safetensors")).expect("read");
+        let a = std::fs::read(whole_dir.path().join("params.safetensors")).expect("read");
+        let b = std::fs::read(part_dir.path().join("params.safetensors")).expect("read");
         assert!(a == b, "{name}: params.safetensors differs");
     }
 }
@@ -116,34 +118,35 @@ fn resume_refuses_other_settings_and_torn_checkpoints() {
     let opt = Optimizer::Sgd { lr: 0.1, momentum: 0.0 };
     let dir = tmp_dir("refuse");
     let mut t = Trainer::new(&module, config(1, opt, PRIVATE), &train).expect("trainer");
-    t.run(&train, &test, Some(&dir), |_| {}).expect("run");
+    t.run(&train, &test, Some(dir.path()), |_| {}).expect("run");
 
     let other = Privacy::Private { clip: 0.5, noise_multiplier: 0.8, delta: 1e-5, accountant: Accountant::Pld };
-    let err = Trainer::resume(&module, config(2, opt, other), &train, &dir).err().expect("other clip");
+    let err = Trainer::resume(&module, config(2, opt, other), &train, dir.path()).err().expect("other clip");
     assert!(matches!(err, Error::Checkpoint { .. }) && err.to_string().contains("privacy"), "{err}");
-    let err =
-        Trainer::resume(&module, config(2, Optimizer::adam(0.1), PRIVATE), &train, &dir).err().expect("other opt");
+    let err = Trainer::resume(&module, config(2, Optimizer::adam(0.1), PRIVATE), &train, dir.path())
+        .err()
+        .expect("other opt");
     assert!(err.to_string().contains("optimizer"), "{err}");
-    let err = Trainer::resume(&tiny(4), TrainConfig { micro_batch: 4, ..config(2, opt, PRIVATE) }, &train, &dir)
+    let err = Trainer::resume(&tiny(4), TrainConfig { micro_batch: 4, ..config(2, opt, PRIVATE) }, &train, dir.path())
         .err()
         .expect("other module");
     assert!(
         err.to_string().contains("another model or micro-batch") || err.to_string().contains("micro_batch"),
         "{err}"
     );
-    let err = Trainer::resume(&module, config(2, opt, PRIVATE), &task(31, 0), &dir).err().expect("other data");
+    let err = Trainer::resume(&module, config(2, opt, PRIVATE), &task(31, 0), dir.path()).err().expect("other data");
     assert!(err.to_string().contains("32 training examples"), "{err}");
 
     // A torn checkpoint: state.json from epoch 1, parameters from a later epoch.
-    let mut later = Trainer::resume(&module, config(2, opt, PRIVATE), &train, &dir).expect("resume");
+    let mut later = Trainer::resume(&module, config(2, opt, PRIVATE), &train, dir.path()).expect("resume");
     later.run(&train, &test, None, |_| {}).expect("epoch 2");
     let other_dir = tmp_dir("refuse-later");
-    later.save_checkpoint(&other_dir, train.len()).expect("save");
-    std::fs::copy(other_dir.join("params.safetensors"), dir.join("params.safetensors")).expect("copy");
-    let err = Trainer::resume(&module, config(2, opt, PRIVATE), &train, &dir).err().expect("torn");
+    later.save_checkpoint(other_dir.path(), train.len()).expect("save");
+    std::fs::copy(other_dir.path().join("params.safetensors"), dir.path().join("params.safetensors")).expect("copy");
+    let err = Trainer::resume(&module, config(2, opt, PRIVATE), &train, dir.path()).err().expect("torn");
     assert!(err.to_string().contains("torn checkpoint"), "{err}");
 
-    let err = Trainer::resume(&module, config(2, opt, PRIVATE), &train, &tmp_dir("none")).err().expect("no dir");
+    let err = Trainer::resume(&module, config(2, opt, PRIVATE), &train, tmp_dir("none").path()).err().expect("no dir");
     assert!(matches!(err, Error::Read { .. }), "{err}");
 }
 
@@ -154,25 +157,27 @@ fn resume_refuses_another_accountant_and_reads_old_checkpoints_as_rdp() {
     let opt = Optimizer::Sgd { lr: 0.1, momentum: 0.0 };
     let dir = tmp_dir("accountant");
     let mut t = Trainer::new(&module, config(1, opt, PRIVATE), &train).expect("trainer");
-    t.run(&train, &test, Some(&dir), |_| {}).expect("run");
-    let state = std::fs::read_to_string(dir.join("state.json")).expect("state.json");
+    t.run(&train, &test, Some(dir.path()), |_| {}).expect("run");
+    let state = std::fs::read_to_string(dir.path().join("state.json")).expect("state.json");
     assert!(state.contains("\"accountant\": \"pld\""), "the checkpoint records the accountant:\n{state}");
-    let err = Trainer::resume(&module, config(2, opt, PRIVATE_RDP), &train, &dir).err().expect("other accountant");
+    let err =
+        Trainer::resume(&module, config(2, opt, PRIVATE_RDP), &train, dir.path()).err().expect("other accountant");
     assert!(matches!(err, Error::Checkpoint { .. }), "{err}");
     let message = err.to_string();
     assert!(message.contains("accounted with pld, this run asks for rdp"), "{message}");
     assert!(message.contains("--accountant pld"), "{message}");
-    Trainer::resume(&module, config(2, opt, PRIVATE), &train, &dir).expect("same accountant");
+    Trainer::resume(&module, config(2, opt, PRIVATE), &train, dir.path()).expect("same accountant");
 
     // A checkpoint from before the choice existed has no `accountant`: it was RDP.
     let mut old: serde_json::Value = serde_json::from_str(&state).expect("JSON");
     let private = old["config"]["privacy"]["private"].as_object_mut().expect("a private run");
     assert!(private.remove("accountant").is_some());
     let old = serde_json::to_string_pretty(&old).expect("JSON");
-    std::fs::write(dir.join("state.json"), &old).expect("write");
-    let err = Trainer::resume(&module, config(2, opt, PRIVATE), &train, &dir).err().expect("old checkpoint, PLD");
+    std::fs::write(dir.path().join("state.json"), &old).expect("write");
+    let err = Trainer::resume(&module, config(2, opt, PRIVATE), &train, dir.path()).err().expect("old checkpoint, PLD");
     assert!(err.to_string().contains("accounted with rdp, this run asks for pld"), "{err}\n{old}");
-    let resumed = Trainer::resume(&module, config(2, opt, PRIVATE_RDP), &train, &dir).expect("old checkpoint, RDP");
+    let resumed =
+        Trainer::resume(&module, config(2, opt, PRIVATE_RDP), &train, dir.path()).expect("old checkpoint, RDP");
     assert_eq!(resumed.epochs_done, 1);
 }
 
@@ -267,15 +272,15 @@ fn idx(magic: u32, dims: &[u32], data: &[u8]) -> Vec<u8> {
 }
 
 /// A Fashion-MNIST-shaped directory of `n` training and `n/2` test images.
-fn fashion_dir(name: &str, n: usize) -> PathBuf {
+fn fashion_dir(name: &str, n: usize) -> TempDir {
     let dir = tmp_dir(name);
-    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::create_dir_all(dir.path()).expect("dir");
     for (prefix, count) in [("train", n), ("t10k", n / 2)] {
         let pixels: Vec<u8> = (0..count * 784).map(|k| ((k / 784 % 10) * 25 + k % 7) as u8).collect();
         let labels: Vec<u8> = (0..count).map(|i| (i % 10) as u8).collect();
         let images = idx(0x803, &[count as u32, 28, 28], &pixels);
-        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte.gz")), images).expect("write");
-        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte.gz")), idx(0x801, &[count as u32], &labels))
+        std::fs::write(dir.path().join(format!("{prefix}-images-idx3-ubyte.gz")), images).expect("write");
+        std::fs::write(dir.path().join(format!("{prefix}-labels-idx1-ubyte.gz")), idx(0x801, &[count as u32], &labels))
             .expect("write");
     }
     dir
@@ -288,7 +293,7 @@ fn data_arg(dir: &Path) -> String {
 #[test]
 fn pdgc_train_runs_private_and_non_private_and_resumes() {
     let dir = fashion_dir("cli", 40);
-    let data = data_arg(&dir);
+    let data = data_arg(dir.path());
     let ckpt = tmp_dir("cli-ckpt");
     let common = ["train", "samples/mnist_cnn.pdg", "--data", &data, "--batch", "10", "--micro-batch", "8"];
     let private = ["--clip", "1.0", "--noise", "1.1", "--seed", "3", "--momentum", "0.5", "--lr", "0.05"];
@@ -302,7 +307,7 @@ fn pdgc_train_runs_private_and_non_private_and_resumes() {
     assert!(whole.contains("ε = ") && whole.contains("δ = 1e-5"), "{whole}");
     assert!(whole.lines().last().unwrap_or("").starts_with("final: test accuracy"), "{whole}");
 
-    let ckpt_s = ckpt.display().to_string();
+    let ckpt_s = ckpt.path().display().to_string();
     let mut args: Vec<&str> = common.to_vec();
     args.extend(private);
     args.extend(["--epochs", "1", "--checkpoint", &ckpt_s]);
@@ -342,7 +347,7 @@ fn pdgc_train_explains_missing_data_and_bad_flags() {
     assert!(stderr.contains("apt-get install dataset-fashion-mnist"), "{stderr}");
 
     let dir = fashion_dir("cli-bad", 20);
-    let data = data_arg(&dir);
+    let data = data_arg(dir.path());
     let (code, _, stderr) = pdgc(&["train", "samples/mnist_cnn.pdg", "--data", &data, "--noise", "1"]);
     assert_eq!(code, 1);
     assert!(stderr.contains("--clip C is required"), "{stderr}");
