@@ -58,14 +58,6 @@ impl Index {
         }
     }
 
-    /// `⌊var/div⌋·coef + inner`: the channel of a grouped conv (`group(co)·Cin/G + ci`).
-    pub fn grouped(var: Var, div: usize, coef: usize, inner: Var) -> Index {
-        Index {
-            terms: vec![Term { var, coef: coef as i64, div: div as i64 }, Term { var: inner, coef: 1, div: 1 }],
-            offset: 0,
-        }
-    }
-
     /// The single variable this index is, if it is a plain variable.
     pub fn as_var(&self) -> Option<Var> {
         match self.terms.as_slice() {
@@ -409,7 +401,11 @@ mod tests {
     fn indices_print_like_the_math() {
         assert_eq!(Index::window("oh", 2, "kh", 1, 3).to_string(), "oh·2+kh−3");
         assert_eq!(Index::window("oh", 1, "kh", 2, 0).to_string(), "oh+kh·2");
-        assert_eq!(Index::grouped("co", 8, 4, "ci").to_string(), "⌊co/8⌋·4+ci");
+        let grouped = Index {
+            terms: vec![Term { var: "co", coef: 4, div: 8 }, Term { var: "ci", coef: 1, div: 1 }],
+            offset: 0,
+        };
+        assert_eq!(grouped.to_string(), "⌊co/8⌋·4+ci");
         assert_eq!(Index::var("n").to_string(), "n");
     }
 

@@ -51,19 +51,24 @@ fn grad(a: &Access) -> Access {
 pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradStep> {
     let mut bindings = Vec::new();
     let in_shape = |i: usize| graph.node(node.inputs[i]).shape.clone();
+    // A tensor's shape, and the view a grouped conv reads it through.
+    let shown = |s: &[usize]| match &node.op {
+        Op::Conv(conv) if conv.groups > 1 => format!("{} as {}", shape(s), shape(&grouped_view(conv, s))),
+        _ => shape(s),
+    };
     for (i, id) in node.inputs.iter().enumerate() {
         let local = match (&node.op, i) {
             (Op::Add, 0) => "A",
             (Op::Add, _) => "B",
             _ => "X",
         };
-        bindings.push(format!("{local} = {id} {}", shape(&in_shape(i))));
+        bindings.push(format!("{local} = {id} {}", shown(&in_shape(i))));
     }
-    bindings.push(format!("Y = {} {}", node.id, shape(&node.shape)));
+    bindings.push(format!("Y = {} {}", node.id, shown(&node.shape)));
     let params: Vec<_> = graph.params_of(node.id).collect();
     for p in &params {
         let local = param_local(p.name.rsplit('.').next().unwrap_or_default());
-        bindings.push(format!("{local} = {} {}", p.name, shape(&p.shape)));
+        bindings.push(format!("{local} = {} {}", p.name, shown(&p.shape)));
     }
     let title = match &node.layer {
         Some(l) => format!("{l}: {}", node.op),
@@ -290,7 +295,7 @@ pub fn param_local(suffix: &str) -> &'static str {
 }
 
 /// A built-in op whose every phase the generic lowering of derived equations handles
-/// (`linear`; `conv1d`/`conv2d` without groups, but for its `crb` and `direct` schedules), as
+/// (`linear`; `conv1d`/`conv2d`, but for their `crb` and `direct` schedules), as
 /// the layer in index notation those equations name (`X`, `W`, `b`, `Y`; the parameters'
 /// full names end in `weight` and `bias`, see [`param_local`]). `None` for other ops.
 pub fn as_index_layer(graph: &Graph, node: &Node) -> Option<IndexLayer> {
@@ -302,35 +307,35 @@ pub fn as_index_layer(graph: &Graph, node: &Node) -> Option<IndexLayer> {
             let (c, ranges) = linear_contraction(l, &node.shape);
             (c, ranges, vec!["i"], unpadded(&in_shape))
         }
-        // A grouped conv's channel index `⌊co / Cg⌋·(Cin / G) + ci` is no window product
-        // of the generic lowering yet: it keeps the built-in kernels.
-        Op::Conv(conv) if conv.groups == 1 => {
+        Op::Conv(conv) => {
             let c = conv_contraction(conv, &in_shape);
-            let sum: Vec<Var> = c.w.vars().into_iter().skip(1).collect();
-            let mut padding = vec![(0, 0)];
+            let out = c.y.vars();
+            let sum: Vec<Var> = c.w.vars().into_iter().filter(|v| !out.contains(v)).collect();
+            let mut padding = vec![(0, 0); 1 + usize::from(conv.groups > 1)];
             padding.extend(conv.pad_lo.iter().copied().zip(conv.pad_hi.iter().copied()));
             (c, conv_ranges(conv, &node.shape), sum, padding)
         }
         _ => return None,
     };
+    // A grouped conv's tensors are read as (group, channel) views (see [`conv_contraction`]).
+    let view = |s: &[usize]| match &node.op {
+        Op::Conv(conv) => grouped_view(conv, s),
+        _ => s.to_vec(),
+    };
     let strip = |a: &Access| Access { tensor: a.tensor.clone(), index: a.index[1..].to_vec() };
-    let mut tensors =
-        vec![LocalTensor { name: "X".into(), kind: LocalKind::Input(0), shape: in_shape.clone(), padding }];
+    let mut tensors = vec![LocalTensor { name: "X".into(), kind: LocalKind::Input(0), shape: view(&in_shape), padding }];
     for p in graph.params_of(node.id) {
         let suffix = p.name.rsplit('.').next().unwrap_or_default();
+        let shape = view(&p.shape);
         tensors.push(LocalTensor {
             name: param_local(suffix).into(),
             kind: LocalKind::Param,
-            shape: p.shape.clone(),
-            padding: unpadded(&p.shape),
+            padding: unpadded(&shape),
+            shape,
         });
     }
-    tensors.push(LocalTensor {
-        name: "Y".into(),
-        kind: LocalKind::Temp,
-        shape: node.shape.clone(),
-        padding: unpadded(&node.shape),
-    });
+    let out_shape = view(&node.shape);
+    tensors.push(LocalTensor { name: "Y".into(), kind: LocalKind::Temp, padding: unpadded(&out_shape), shape: out_shape });
     let mut terms = vec![IndexTerm { sum, body: Expr::mul(vec![Expr::Read(c.w.clone()), Expr::Read(strip(&c.x))]) }];
     if let Some(b) = &c.bias {
         terms.push(IndexTerm { sum: vec![], body: Expr::Read(b.clone()) });
@@ -351,31 +356,46 @@ fn window_vars(spatial: usize) -> (Vec<Var>, Vec<Var>) {
 /// The range of every variable of [`conv_contraction`] but `n`, for output shape `out_shape`.
 fn conv_ranges(conv: &Conv, out_shape: &[usize]) -> Vec<(Var, usize)> {
     let (ov, kv) = window_vars(conv.spatial());
-    let mut ranges = vec![("co", conv.out_channels), ("ci", conv.in_channels / conv.groups)];
+    let mut ranges = if conv.groups == 1 { Vec::new() } else { vec![("g", conv.groups)] };
+    ranges.extend([("co", conv.out_channels / conv.groups), ("ci", conv.in_channels / conv.groups)]);
     ranges.extend(kv.into_iter().zip(conv.kernel.iter().copied()));
     ranges.extend(ov.into_iter().zip(out_shape[1..].iter().copied()));
     ranges
 }
 
+/// A conv's contraction `Y[n, co, o..] = Σ W[co, ci, k..]·X[n, ci, s·o + d·k − p] + b[co]`.
+/// A grouped conv (G > 1) reads every tensor as a (group, channel) view of the same memory
+/// (see [`grouped_view`]): `Y[n, g, co, o..] = Σ W[g, co, ci, k..]·X[n, g, ci, window] +
+/// b[g, co]`, so the group is one more free index of every product, shared by its two
+/// factors: no cross-group term can arise in any derived equation (per-example gradients,
+/// ghost norms).
 fn conv_contraction(conv: &Conv, in_shape: &[usize]) -> Contraction {
     let spatial = conv.spatial();
     debug_assert_eq!(in_shape.len(), spatial + 1);
     let (ov, kv) = window_vars(spatial);
-    let chan = if conv.groups == 1 {
-        Index::var("ci")
-    } else {
-        Index::grouped("co", conv.out_channels / conv.groups, conv.in_channels / conv.groups, "ci")
-    };
-    let mut xi = vec![Index::var("n"), chan];
+    let g: &[Var] = if conv.groups == 1 { &[] } else { &["g"] };
+    let mut xi: Vec<Index> = ["n"].iter().chain(g).chain(&["ci"]).map(|v| Index::var(v)).collect();
     for a in 0..spatial {
         xi.push(Index::window(ov[a], conv.stride[a], kv[a], conv.dilation[a], conv.pad_lo[a]));
     }
     Contraction {
-        y: Access::new("Y", &[&["n", "co"][..], &ov].concat()),
-        w: Access::new("W", &[&["co", "ci"][..], &kv].concat()),
+        y: Access::new("Y", &[&["n"][..], g, &["co"], &ov].concat()),
+        w: Access::new("W", &[g, &["co", "ci"], &kv].concat()),
         x: Access { tensor: "X".into(), index: xi },
-        bias: conv.bias.then(|| Access::new("b", &["co"])),
+        bias: conv.bias.then(|| Access::new("b", &[g, &["co"]].concat())),
     }
+}
+
+/// The (group, channel) view of a grouped conv's tensor of per-example `shape` (its input,
+/// output, weight or bias: each has the channels first): `[C, ..]` as `[G, C / G, ..]`, the
+/// same elements in the same order. `shape` itself for a conv without groups.
+pub fn grouped_view(conv: &Conv, shape: &[usize]) -> Vec<usize> {
+    if conv.groups == 1 || shape.is_empty() {
+        return shape.to_vec();
+    }
+    let mut view = vec![conv.groups, shape[0] / conv.groups];
+    view.extend(&shape[1..]);
+    view
 }
 
 /// The per-example loss and its gradient with respect to the network output.

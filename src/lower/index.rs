@@ -661,6 +661,10 @@ pub const COLUMNS: &str = "cols'";
 /// - A scatter `X[n, window(R, C)] += P[R.., K..] · Q[n, K.., C..]`, every variable summed (a
 ///   conv's input gradient, `P` read as `[K × M]`): first `cols'[n, R.., C..] = Pᵀ · Q`, then
 ///   the scatter of the columns through the window (`col2im`).
+///
+/// Variables that lead every access of the product (after `n`) as plain indices are its
+/// groups `G..` (a grouped conv's group, see `grad::grouped_view`): one product per group,
+/// the columns `cols'[n, G.., ..]`.
 #[derive(Debug, Clone)]
 pub struct WindowProduct {
     /// The gather of the columns before the contraction, or `None`.
@@ -672,12 +676,16 @@ pub struct WindowProduct {
     pub gemm: FlatGemm,
 }
 
-/// `c[n, m, t] (+)= Σ_k a[(n,) m, k] · b[(n,) k, t]` over flattened views of `M × K`, `K × N`
-/// and `M × N` elements, after `c = bias[m]` where there is a bias.
+/// `c[n, g, m, t] (+)= Σ_k a[(n,) g, m, k] · b[(n,) g, k, t]` over flattened views of
+/// `M × K`, `K × N` and `M × N` elements per group `g` (a grouped conv's groups; without
+/// groups, `G = 1` and the views have no group dim), after `c = bias[g, m]` where there is
+/// a bias.
 #[derive(Debug, Clone)]
 pub struct FlatGemm {
     /// `M`, `K`, `N`.
     pub dims: [usize; 3],
+    /// `G`: one product per group (`1`: none).
+    pub groups: usize,
     pub a: String,
     /// `a` is stored `[K, M]` (read transposed).
     pub a_transposed: bool,
@@ -724,6 +732,19 @@ fn plain_vars(a: &Access, batched: bool) -> Option<Vec<Var>> {
     a.index.iter().skip(usize::from(batched)).map(Index::as_var).collect()
 }
 
+/// The groups of a product (see [`WindowProduct`]): the longest run of variables that
+/// leads each of `lists` and the indices `x` as plain indices.
+fn group_prefix(lists: &[&[Var]], x: &[Index]) -> Vec<Var> {
+    let mut out = Vec::new();
+    for (i, ix) in x.iter().enumerate() {
+        match ix.as_var() {
+            Some(v) if lists.iter().all(|l| l.get(i) == Some(&v)) => out.push(v),
+            _ => break,
+        }
+    }
+    out
+}
+
 /// Whether `vars` index every element of a tensor of `shape` once, in order.
 fn covers(vars: &[Var], shape: &[usize], ranges: &[(Var, usize)]) -> bool {
     let range = |v: &Var| ranges.iter().find(|(u, _)| u == v).map(|(_, r)| *r);
@@ -756,9 +777,11 @@ fn gather_window(
     if !xi.batched || x.index.first()?.as_var() != Some("n") {
         return None;
     }
-    let p_vars = plain_vars(p, pi.batched)?;
-    let x_vars: Vec<Var> = x.index[1..].iter().flat_map(Index::vars).collect();
-    let lhs = plain_vars(&eq.lhs, true)?;
+    let p_all = plain_vars(p, pi.batched)?;
+    let lhs_all = plain_vars(&eq.lhs, true)?;
+    let groups = group_prefix(&[&p_all, &lhs_all], &x.index[1..]);
+    let (p_vars, lhs) = (p_all[groups.len()..].to_vec(), lhs_all[groups.len()..].to_vec());
+    let x_vars: Vec<Var> = x.index[1 + groups.len()..].iter().flat_map(Index::vars).collect();
     let rows: Vec<Var> = lhs.iter().copied().filter(|v| p_vars.contains(v) && !x_vars.contains(v)).collect();
     let cols: Vec<Var> = lhs.iter().copied().filter(|v| x_vars.contains(v) && !p_vars.contains(v)).collect();
     // The flattened views must be row-major matrices: P = [rows.., sum..], T = [rows.., cols..],
@@ -767,8 +790,8 @@ fn gather_window(
         || cols.is_empty()
         || [rows.clone(), sum.clone()].concat() != p_vars
         || [rows.clone(), cols.clone()].concat() != lhs
-        || !covers(&p_vars, &pi.shape, ranges)
-        || !covers(&lhs, &info(&eq.lhs.tensor)?.shape, ranges)
+        || !covers(&p_all, &pi.shape, ranges)
+        || !covers(&lhs_all, &info(&eq.lhs.tensor)?.shape, ranges)
         || !x_vars.iter().all(|v| sum.contains(v) || cols.contains(v))
     {
         return None;
@@ -781,7 +804,7 @@ fn gather_window(
         }
         match e {
             Expr::Read(b) if s.is_empty() && bias.is_none() && !info(&b.tensor)?.batched => {
-                if plain_vars(b, false)? != rows {
+                if plain_vars(b, false)? != [groups.clone(), rows.clone()].concat() {
                     return None;
                 }
                 bias = Some(b.tensor.clone());
@@ -795,11 +818,11 @@ fn gather_window(
     // where the window's positions are summed, as in a weight gradient), so that every
     // equation reading `x` through this window gathers the same columns.
     let own = window_order(x);
-    let b_transposed = own == [cols.clone(), sum.clone()].concat();
+    let b_transposed = own == [groups.clone(), cols.clone(), sum.clone()].concat();
     let col_vars: Vec<Var> = if b_transposed {
         std::iter::once("n").chain(own).collect()
     } else {
-        std::iter::once("n").chain(sum.iter().copied()).chain(cols.iter().copied()).collect()
+        [&["n"][..], &groups, sum, &cols].concat()
     };
     Some(WindowProduct {
         before: Some(Equation { lhs: Access::new(COLUMNS, &col_vars), accumulate: false, rhs: Expr::Read(x.clone()) }),
@@ -807,6 +830,7 @@ fn gather_window(
         columns_shape: sizes(&col_vars[1..], ranges)?,
         gemm: FlatGemm {
             dims,
+            groups: product(&groups)?,
             a: p.tensor.clone(),
             a_transposed: false,
             b: COLUMNS.to_string(),
@@ -834,8 +858,10 @@ fn scatter_window(
         (true, false) => ((f1, i1), (f0, i0)),
         _ => return None,
     };
-    let (p_vars, q_vars) = (plain_vars(p, false)?, plain_vars(q, true)?);
-    let lhs_vars: Vec<Var> = eq.lhs.index[1..].iter().flat_map(Index::vars).collect();
+    let (p_all, q_all) = (plain_vars(p, false)?, plain_vars(q, true)?);
+    let groups = group_prefix(&[&p_all, &q_all], &eq.lhs.index[1..]);
+    let (p_vars, q_vars) = (p_all[groups.len()..].to_vec(), q_all[groups.len()..].to_vec());
+    let lhs_vars: Vec<Var> = eq.lhs.index[1 + groups.len()..].iter().flat_map(Index::vars).collect();
     let k: Vec<Var> = p_vars.iter().copied().filter(|v| q_vars.contains(v) && !lhs_vars.contains(v)).collect();
     let rows: Vec<Var> = p_vars.iter().copied().filter(|v| !k.contains(v)).collect();
     let cols: Vec<Var> = q_vars.iter().copied().filter(|v| !k.contains(v)).collect();
@@ -845,15 +871,15 @@ fn scatter_window(
         || [k.clone(), rows.clone()].concat() != p_vars
         || [k.clone(), cols.clone()].concat() != q_vars
         || rows.iter().any(|v| cols.contains(v))
-        || !covers(&p_vars, &info(&p.tensor)?.shape, ranges)
-        || !covers(&q_vars, &qi.shape, ranges)
+        || !covers(&p_all, &info(&p.tensor)?.shape, ranges)
+        || !covers(&q_all, &qi.shape, ranges)
         || !lhs_vars.iter().all(|v| rows.contains(v) || cols.contains(v))
     {
         return None;
     }
     let product = |vars: &[Var]| sizes(vars, ranges).map(|s| s.iter().product::<usize>());
     let dims = [product(&rows)?, product(&k)?, product(&cols)?];
-    let col_vars: Vec<Var> = std::iter::once("n").chain(rows.iter().copied()).chain(cols.iter().copied()).collect();
+    let col_vars: Vec<Var> = [&["n"][..], &groups, &rows, &cols].concat();
     Some(WindowProduct {
         before: None,
         after: Some(Equation {
@@ -864,6 +890,7 @@ fn scatter_window(
         columns_shape: sizes(&col_vars[1..], ranges)?,
         gemm: FlatGemm {
             dims,
+            groups: product(&groups)?,
             a: p.tensor.clone(),
             a_transposed: true,
             b: q.tensor.clone(),
@@ -900,47 +927,88 @@ pub fn flat_gemm(
     let mut kb = KernelBuilder::new(name);
     let batched_of = |t: &str| info(t).map(|i| i.batched).ok_or_else(|| unbound(t));
     let (a_batched, b_batched) = (batched_of(&g.a)?, batched_of(&g.b)?);
+    let grouped = Grouped::new(&mut kb, g.groups);
     let view = |kb: &mut KernelBuilder, t: &str, batch: bool, dims: [usize; 2]| {
+        let dims = grouped.dims(&dims);
         kb.input(t, if batch { batched(&dims) } else { fixed(&dims) })
     };
     let a = view(&mut kb, &g.a, a_batched, if g.a_transposed { [k, m] } else { [m, k] });
     let b = view(&mut kb, &g.b, b_batched, if g.b_transposed { [n, k] } else { [k, n] });
-    let bias = g.bias.as_ref().map(|t| kb.input(t, fixed(&[m])));
+    let bias = g.bias.as_ref().map(|t| kb.input(t, fixed(&grouped.dims(&[m]))));
+    let out_dims = batched(&grouped.dims(&[m, n]));
     let out = match norm {
         // The norm reads the product back.
-        Some(_) => kb.arg(&g.c, batched(&[m, n]), ir::Mode::InOut),
-        None => kb.target(&g.c, batched(&[m, n]), overwrite),
+        Some(_) => kb.arg(&g.c, out_dims, ir::Mode::InOut),
+        None => kb.target(&g.c, out_dims, overwrite),
     };
     let sq = norm.map(|(_, slots)| kb.output("sqnorm", batched(&[slots])));
     let [ex, row, t] = [kb.var("n"), kb.var("m"), kb.var("t")];
-    let mut body = Vec::new();
-    if let Some(bias) = bias {
-        let value = load(bias, vec![v(row)]);
-        body.push(lp(row, m, vec![vlp(t, n, vec![put(out, vec![v(ex), v(row), v(t)], value.clone(), overwrite)])]));
-    }
-    let accumulate = !overwrite || bias.is_some();
-    let with_batch = |batch: bool, rest: [VarId; 2]| {
+    // Each index: the example where batched, then the group where grouped, then `rest`.
+    let at = |batch: bool, rest: &[VarId]| {
         let mut ix = if batch { vec![v(ex)] } else { Vec::new() };
-        ix.extend(rest.map(v));
+        ix.extend(grouped.index(rest));
         ix
     };
-    body.push(contract(&mut kb, [fx(m), fx(n), fx(k)], (a, b, out), accumulate, |mm, nn, kk| {
-        let ai = with_batch(a_batched, if g.a_transposed { [kk, mm] } else { [mm, kk] });
-        let bi = with_batch(b_batched, if g.b_transposed { [nn, kk] } else { [kk, nn] });
-        (ai, bi, vec![v(ex), v(mm), v(nn)])
-    }));
+    let mut body = Vec::new();
+    if let Some(bias) = bias {
+        let value = load(bias, at(false, &[row]));
+        let fill = lp(row, m, vec![vlp(t, n, vec![put(out, at(true, &[row, t]), value.clone(), overwrite)])]);
+        body.extend(grouped.over(vec![fill]));
+    }
+    let accumulate = !overwrite || bias.is_some();
+    let product = contract(&mut kb, [fx(m), fx(n), fx(k)], (a, b, out), accumulate, |mm, nn, kk| {
+        let ai = at(a_batched, &if g.a_transposed { [kk, mm] } else { [mm, kk] });
+        let bi = at(b_batched, &if g.b_transposed { [nn, kk] } else { [kk, nn] });
+        (ai, bi, at(true, &[mm, nn]))
+    });
+    body.extend(grouped.over(vec![product]));
     let mut tensors = vec![g.a.clone(), g.b.clone()];
     tensors.extend(g.bias.clone());
     tensors.push(g.c.clone());
     if let (Some(sq), Some((slot, _))) = (sq, norm) {
         let total = kb.acc("sq");
-        let x = load(out, vec![v(ex), v(row), v(t)]);
+        let x = load(out, at(true, &[row, t]));
         body.push(set(total, lit(0.0)));
-        body.push(lp(row, m, vec![vlp(t, n, vec![add_to(total, ir::Expr::mul(x.clone(), x))])]));
+        let square = lp(row, m, vec![vlp(t, n, vec![add_to(total, ir::Expr::mul(x.clone(), x))])]);
+        body.extend(grouped.over(vec![square]));
         body.push(store(sq, vec![v(ex), Affine::constant(slot as i64)], ir::Expr::Acc(total)));
         tensors.push("sqnorm".to_string());
     }
     kb.finish(ex, Extent::Batch, body).map(|kernel| vec![(kernel, tensors)])
+}
+
+/// The group dim of a [`FlatGemm`]'s views: with `G > 1` groups, a leading dim of every
+/// view and a loop around each statement over them; with one group, nothing (the kernel
+/// is that of an ungrouped product).
+struct Grouped {
+    groups: usize,
+    var: Option<VarId>,
+}
+
+impl Grouped {
+    fn new(kb: &mut KernelBuilder, groups: usize) -> Grouped {
+        Grouped { groups, var: (groups > 1).then(|| kb.var("g")) }
+    }
+
+    /// `dims` with the group dim first where grouped.
+    fn dims(&self, dims: &[usize]) -> Vec<usize> {
+        let mut out = if self.var.is_some() { vec![self.groups] } else { Vec::new() };
+        out.extend(dims);
+        out
+    }
+
+    /// The index `rest` with the group first where grouped.
+    fn index(&self, rest: &[VarId]) -> Vec<Affine> {
+        self.var.iter().chain(rest).map(|&x| v(x)).collect()
+    }
+
+    /// `body` in a loop over the groups where grouped.
+    fn over(&self, body: Vec<Stmt>) -> Vec<Stmt> {
+        match self.var {
+            Some(g) => vec![lp(g, self.groups, body)],
+            None => body,
+        }
+    }
 }
 
 /// The name of [`summed_gemm`]'s partial sums (not a valid `.pdg` identifier).
@@ -987,33 +1055,43 @@ fn summed_gemm(
     let mut kb = KernelBuilder::new(&if split { format!("{name}_parts") } else { name.to_string() });
     let batched_of = |t: &str| info(t).map(|i| i.batched).ok_or_else(|| unbound(t));
     let a_batched = batched_of(&g.a)?;
-    let a_dims = if g.a_transposed { [k, m] } else { [m, k] };
+    let grouped = Grouped::new(&mut kb, g.groups);
+    let a_dims = grouped.dims(&if g.a_transposed { [k, m] } else { [m, k] });
     let a = kb.input(&g.a, if a_batched { batched(&a_dims) } else { fixed(&a_dims) });
-    let b = kb.input(&g.b, batched(&if g.b_transposed { [n, k] } else { [k, n] }));
-    let out = if split { kb.output(PARTS, fixed(&[parts, m, n])) } else { kb.target(&g.c, fixed(&[m, n]), overwrite) };
+    let b = kb.input(&g.b, batched(&grouped.dims(&if g.b_transposed { [n, k] } else { [k, n] })));
+    let out_dims = grouped.dims(&[m, n]);
+    let out = if split {
+        kb.output(PARTS, fixed(&[&[parts][..], &out_dims].concat()))
+    } else {
+        kb.target(&g.c, fixed(&out_dims), overwrite)
+    };
     let [part, ex, row, t] = [kb.var(if split { "p" } else { "one" }), kb.var("n"), kb.var("m"), kb.var("t")];
-    // The target's index, with the part first when split.
+    // The target's index, with the part first when split (then the group where grouped).
     let at = |rest: [VarId; 2]| -> Vec<Affine> {
         let mut ix = if split { vec![v(part)] } else { Vec::new() };
-        ix.extend(rest.map(v));
+        ix.extend(grouped.index(&rest));
         ix
     };
     let mut body = Vec::new();
     if overwrite || split {
-        body.push(lp(row, m, vec![vlp(t, n, vec![store(out, at([row, t]), lit(0.0))])]));
+        body.extend(grouped.over(vec![lp(row, m, vec![vlp(t, n, vec![store(out, at([row, t]), lit(0.0))])])]));
     }
     let product = contract(&mut kb, [fx(m), fx(n), fx(k)], (a, b, out), true, |mm, nn, kk| {
         let mut ai = if a_batched { vec![v(ex)] } else { Vec::new() };
-        ai.extend(if g.a_transposed { [kk, mm] } else { [mm, kk] }.map(v));
-        let bi = if g.b_transposed { [nn, kk] } else { [kk, nn] };
-        (ai, [vec![v(ex)], bi.map(v).to_vec()].concat(), at([mm, nn]))
+        ai.extend(grouped.index(&if g.a_transposed { [kk, mm] } else { [mm, kk] }));
+        let bi = grouped.index(&if g.b_transposed { [nn, kk] } else { [kk, nn] });
+        (ai, [vec![v(ex)], bi].concat(), at([mm, nn]))
     });
+    let product = grouped.over(vec![product]);
     // `n mod parts == p`: `n - parts·⌊n/parts⌋ - p` in `0..1`.
     let mine = || Affine::var(ex).plus_div(ex, -(parts as i64), parts as i64).plus(part, -1);
-    body.push(batch_loop(ex, if split { when(vec![in_range(mine(), 0, 1)], vec![product]) } else { vec![product] }));
+    body.push(batch_loop(ex, if split { when(vec![in_range(mine(), 0, 1)], product) } else { product }));
     let first = kb.finish(part, fx(parts), body)?;
     let mut kernels = vec![(first, vec![g.a.clone(), g.b.clone(), if split { PARTS } else { &g.c }.to_string()])];
     if split {
+        // The partial sums read as `[parts, G·M, N]`, the target as `[G·M, N]`: the same
+        // elements, in the same order, as their grouped views.
+        let m = g.groups * m;
         let mut kb = KernelBuilder::new(name);
         let sums = kb.input(PARTS, fixed(&[parts, m, n]));
         let out = kb.target(&g.c, fixed(&[m, n]), overwrite);

@@ -1180,7 +1180,8 @@ impl<'g> Lowering<'g> {
         }
         let slots = self.graph.params.len();
         // `naive`'s launches see one example each: nothing to split.
-        let [m, _, n] = w.gemm.dims;
+        // The target's rows over every group (`[G·M, N]`).
+        let (m, n) = (w.gemm.groups * w.gemm.dims[0], w.gemm.dims[2]);
         let parts = if mode == LaunchMode::PerExample { 1 } else { index::summed_parts(self.batch, m * n) };
         let norm_slot = norm.map(|(_, s)| (s, slots));
         let gemms = index::flat_gemm(&gemm_name, &w.gemm, &info, overwrite, (batching, parts), norm_slot)?;
@@ -1222,7 +1223,6 @@ impl<'g> Lowering<'g> {
             let target = *args.last().expect("a target");
             args.extend(sq);
             if zero_first {
-                let [m, _, n] = w.gemm.dims;
                 zeros.push(self.launch(param_grads::zero(&format!("zero_{m}x{n}"), m, n)?, vec![target]));
             }
             group.push(self.launch_as(k, args, mode));
