@@ -6,8 +6,9 @@
 //! session's thread count), so the profile describes the code pdgc emits, not the
 //! hardware's datasheet. One function per field:
 //! - [`peak_flops`]: the best FLOP/s of conv-like weight-gradient contractions (the
-//!   non-private kernel, whose one grid iteration hands the whole product to a threaded
-//!   GEMM, and `unfold`'s, one GEMM per example split over the threads);
+//!   non-private kernels, every example's product summed in partial sums, and `unfold`'s,
+//!   one GEMM per example, examples split over the threads), as the pipeline compiles them
+//!   for a one-conv net ([`conv_kernels`]);
 //! - [`half_efficiency_flops`]: the `H` of [`DeviceProfile::gemm_efficiency`]'s ramp
 //!   `F / (F + H)`, fitted to a sweep of square contractions ([`sweep_rates`], whose
 //!   largest ones also count for the peak);
@@ -31,8 +32,8 @@ use pdgc_codegen::ir::{Affine, Arg, ArgId, Dim, Expr, Extent, Kernel, Loop, Loop
 
 use crate::error::{Error, Result};
 use crate::graph::Conv;
-use crate::lower::kernels::ConvGemm;
-use crate::lower::param_grads::{conv_batch_grad, conv_direct, ghost_conv, unfold_gemm, Outputs};
+use crate::lower::param_grads::{conv_direct, Outputs};
+use crate::module::{CompileOptions, Module};
 use crate::plan::DeviceProfile;
 
 /// What `pdgc calibrate` runs with.
@@ -299,21 +300,57 @@ fn scale_kernel() -> Kernel {
     }
 }
 
-fn conv_gemm(cout: usize, d: usize, t: usize) -> ConvGemm {
-    ConvGemm { groups: 1, cout, d, positions: t, bias: false }
+/// The kernels `pdgc` compiles, for `batch` examples, for a one-conv net whose conv (layer
+/// `c`, node 1, under `strategy`) is `conv` on an input of shape `input`, named `n1_c_{w}`
+/// for each `w` in `what` that the program has, in launch order: what a session runs for
+/// that conv. An error where it has none of them.
+fn conv_kernels(conv: &str, input: &str, strategy: &str, batch: usize, what: &[&str]) -> Result<Vec<Kernel>> {
+    let source = format!(
+        "model calibrate {{\n    input x: [{input}];\n    label y: classes(2);\n    \
+         h = @strategy({strategy}) c: {conv};\n    logits = fc: linear(global_avg_pool(h), 2);\n    \
+         loss cross_entropy(logits, y);\n}}\n"
+    );
+    let module = Module::from_source("calibrate.pdg", &source, &CompileOptions::new(batch))?;
+    let names: Vec<String> = what.iter().map(|w| format!("n1_c_{w}")).collect();
+    let kernels: Vec<Kernel> = module.program.kernels.iter().filter(|k| names.contains(&k.name)).cloned().collect();
+    if kernels.is_empty() {
+        return Err(Error::Internal(format!("calibration: none of {names:?} in the program of `{conv}`")));
+    }
+    Ok(kernels)
 }
 
-/// FLOP/s of the non-private weight-gradient kernel `dW = Σ_n dY_n · U_nᵀ` on `batch`
+/// The weight gradient of `conv1d(x, cout, 1)` on `d` channels of length `t` (the
+/// contraction `cout × d × t` per example) as `pdgc` compiles it: `what` names the kernels
+/// (see [`conv_kernels`]).
+fn weight_grad_kernels((cout, d, t, batch): (usize, usize, usize, usize), what: &[&str]) -> Result<Vec<Kernel>> {
+    conv_kernels(&format!("conv1d(x, {cout}, 1, bias=false)"), &format!("{d}, {t}"), "unfold", batch, what)
+}
+
+/// FLOP/s of `kernels` run one after the other on `batch` examples, for `flops` operations.
+fn rate(bench: &mut Bencher, kernels: Vec<Kernel>, batch: usize, flops: f64) -> Result<f64> {
+    let mut secs = 0.0;
+    for k in kernels {
+        let mut p = bench.prepare(Ok(k), batch)?;
+        secs += bench.seconds(&mut p)?;
+    }
+    Ok(flops / secs)
+}
+
+/// FLOP/s of the non-private weight-gradient kernels `dW = Σ_n dY_n · U_nᵀ` on `batch`
 /// examples of a `cout × d × t` contraction.
-fn batch_grad_rate(bench: &mut Bencher, (cout, d, t, batch): (usize, usize, usize, usize)) -> Result<f64> {
-    let mut p = bench.prepare(conv_batch_grad("calibrate_gemm", &conv_gemm(cout, d, t), false), batch)?;
-    let secs = bench.seconds(&mut p)?;
-    Ok((2 * batch * cout * d * t) as f64 / secs)
+fn batch_grad_rate(bench: &mut Bencher, shape: (usize, usize, usize, usize)) -> Result<f64> {
+    let (cout, d, t, batch) = shape;
+    rate(
+        bench,
+        weight_grad_kernels(shape, &["weight_batch_grad_parts", "weight_batch_grad"])?,
+        batch,
+        (2 * batch * cout * d * t) as f64,
+    )
 }
 
 /// The best FLOP/s of large conv-like contractions, each run both as the non-private
-/// kernel (one threaded GEMM per example) and as `unfold`'s per-example kernel (examples
-/// split over the threads).
+/// kernels (every example's product summed, in partial sums) and as `unfold`'s
+/// per-example kernel (examples split over the threads).
 pub fn peak_flops(
     bench: &mut Bencher,
     shapes: &[(usize, usize, usize, usize)],
@@ -322,20 +359,9 @@ pub fn peak_flops(
     let mut best: f64 = 0.0;
     for (i, &(cout, d, t, batch)) in shapes.iter().enumerate() {
         let batched = batch_grad_rate(bench, (cout, d, t, batch))?;
-        let conv = Conv {
-            in_channels: d,
-            out_channels: cout,
-            kernel: vec![1],
-            stride: vec![1],
-            pad_lo: vec![0],
-            pad_hi: vec![0],
-            dilation: vec![1],
-            groups: 1,
-            bias: false,
-        };
-        let unfold = unfold_gemm("calibrate_unfold", &conv, t, Outputs { store: true, norm: None });
-        let mut p = bench.prepare(unfold, batch)?;
-        let per_example = (2 * batch * cout * d * t) as f64 / bench.seconds(&mut p)?;
+        let flops = (2 * batch * cout * d * t) as f64;
+        let unfold = weight_grad_kernels((cout, d, t, batch), &["weight_unfold"])?;
+        let per_example = rate(bench, unfold, batch, flops)?;
         progress(&format!(
             "peak_flops {}/{}: {cout}×{d}×{t}, {batch} examples: {:.2} GFLOP/s batched, {:.2} GFLOP/s per example",
             i + 1,
@@ -496,7 +522,14 @@ pub fn gram_efficiency(
 ) -> Result<f64> {
     median_ratio(bench, "gram_efficiency", shapes, dev, progress, |s| Versus {
         label: format!("ghost conv 3×3 {}→{} on {}×{} (T = {})", s.cin, s.cout, s.hw, s.hw, s.t),
-        kernel: ghost_conv("calibrate_ghost", &conv3x3(s.cin, s.cout), s.t, 0, 1),
+        kernel: conv_kernels(
+            &format!("conv2d(x, {}, 3, padding=1, bias=false)", s.cout),
+            &format!("{}, {}, {}", s.cin, s.hw, s.hw),
+            "ghost",
+            s.batch,
+            &["weight_ghost"],
+        )
+        .and_then(|k| k.into_iter().next().ok_or_else(|| Error::Internal("no ghost kernel".into()))),
         batch: s.batch,
     })
 }

@@ -75,15 +75,19 @@ fn the_first_layer_needs_no_input_gradient() {
     );
 }
 
+/// A grouped conv reads its tensors as (group, channel) views, so the group `g` is a free
+/// index of both factors of every product: no term mixes two groups.
 #[test]
-fn grouped_convs_index_their_group_of_input_channels() {
+fn grouped_convs_read_their_tensors_by_group() {
     let g = graph_of_source(&sample("depthwise_separable"));
     let grads = differentiate(&g);
     let dw2 = grads.steps.iter().find(|s| s.title.starts_with("dw2:")).expect("dw2");
     assert_eq!(
         dw2.param_grads[0].eq.to_string(),
-        "dW[n,co,ci,kh,kw] = Σ_{oh,ow} dY[n,co,oh,ow] · X[n,co+ci,oh·2+kh−1,ow·2+kw−1]"
+        "dW[n,g,co,ci,kh,kw] = Σ_{oh,ow} dY[n,g,co,oh,ow] · X[n,g,ci,oh·2+kh−1,ow·2+kw−1]"
     );
+    assert!(dw2.bindings.contains(&"X = %6 [64, 32, 32] as [64, 1, 32, 32]".to_string()), "{:?}", dw2.bindings);
+    assert!(dw2.bindings.contains(&"W = dw2.weight [64, 1, 3, 3] as [64, 1, 1, 3, 3]".to_string()));
 }
 
 /// ResNet-18's last stage at 128x128 input has T = 4·4 = 16 output positions and

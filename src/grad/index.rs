@@ -401,10 +401,8 @@ mod tests {
     fn indices_print_like_the_math() {
         assert_eq!(Index::window("oh", 2, "kh", 1, 3).to_string(), "oh·2+kh−3");
         assert_eq!(Index::window("oh", 1, "kh", 2, 0).to_string(), "oh+kh·2");
-        let grouped = Index {
-            terms: vec![Term { var: "co", coef: 4, div: 8 }, Term { var: "ci", coef: 1, div: 1 }],
-            offset: 0,
-        };
+        let grouped =
+            Index { terms: vec![Term { var: "co", coef: 4, div: 8 }, Term { var: "ci", coef: 1, div: 1 }], offset: 0 };
         assert_eq!(grouped.to_string(), "⌊co/8⌋·4+ci");
         assert_eq!(Index::var("n").to_string(), "n");
     }

@@ -323,7 +323,8 @@ pub fn as_index_layer(graph: &Graph, node: &Node) -> Option<IndexLayer> {
         _ => s.to_vec(),
     };
     let strip = |a: &Access| Access { tensor: a.tensor.clone(), index: a.index[1..].to_vec() };
-    let mut tensors = vec![LocalTensor { name: "X".into(), kind: LocalKind::Input(0), shape: view(&in_shape), padding }];
+    let mut tensors =
+        vec![LocalTensor { name: "X".into(), kind: LocalKind::Input(0), shape: view(&in_shape), padding }];
     for p in graph.params_of(node.id) {
         let suffix = p.name.rsplit('.').next().unwrap_or_default();
         let shape = view(&p.shape);
@@ -335,7 +336,12 @@ pub fn as_index_layer(graph: &Graph, node: &Node) -> Option<IndexLayer> {
         });
     }
     let out_shape = view(&node.shape);
-    tensors.push(LocalTensor { name: "Y".into(), kind: LocalKind::Temp, padding: unpadded(&out_shape), shape: out_shape });
+    tensors.push(LocalTensor {
+        name: "Y".into(),
+        kind: LocalKind::Temp,
+        padding: unpadded(&out_shape),
+        shape: out_shape,
+    });
     let mut terms = vec![IndexTerm { sum, body: Expr::mul(vec![Expr::Read(c.w.clone()), Expr::Read(strip(&c.x))]) }];
     if let Some(b) = &c.bias {
         terms.push(IndexTerm { sum: vec![], body: Expr::Read(b.clone()) });

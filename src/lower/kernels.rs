@@ -1,6 +1,6 @@
-//! Kernel generators for the ops whose equations are not yet lowered generically (grouped
-//! convs, pools, norms, losses; activations and adds go through `lower::equation`, linears,
-//! convs without groups and layers in index notation through `lower::index`): one
+//! Kernel generators for the ops whose equations are not yet lowered generically (pools,
+//! norms, losses; activations and adds go through `lower::equation`, linears, convs and
+//! layers in index notation through `lower::index`): one
 //! function per (op, phase). Each returns a complete kernel of the kernel IR; `lower`
 //! decides which run, in what order, on which buffers. GEMM-shaped work is a contraction
 //! node (`ir::Contract`), which each backend maps onto its best matrix-product code.
@@ -15,9 +15,9 @@
 use pdgc_codegen::ir::{Affine, Binary, CmpOp, Cond, Expr, Extent, Kernel, Unary, VarId};
 
 use super::builder::*;
-use super::window::{idx, spatial_vars, window_nest, Window};
+use super::window::{idx, spatial_vars, Window};
 use crate::error::Result;
-use crate::graph::{Conv, PoolKind};
+use crate::graph::PoolKind;
 
 fn cat(a: Vec<Affine>, b: Vec<Affine>) -> Vec<Affine> {
     let mut a = a;
@@ -27,109 +27,6 @@ fn cat(a: Vec<Affine>, b: Vec<Affine>) -> Vec<Affine> {
 
 // ---------------------------------------------------------------------------------------
 // Forward
-
-/// One conv's GEMM view: `U[n, g, r, t]` (im2col) with `d` rows per group and `T`
-/// output positions; the weight `[Cout, d]`.
-pub struct ConvGemm {
-    pub groups: usize,
-    pub cout: usize,
-    pub d: usize,
-    pub positions: usize,
-    pub bias: bool,
-}
-
-impl ConvGemm {
-    pub fn of(c: &Conv, out_shape: &[usize]) -> ConvGemm {
-        ConvGemm {
-            groups: c.groups,
-            cout: c.out_channels,
-            d: c.in_channels / c.groups * c.kernel.iter().product::<usize>(),
-            positions: out_shape[1..].iter().product(),
-            bias: c.bias,
-        }
-    }
-
-    /// The group of output channel `co` as an index.
-    pub fn group(&self, co: VarId) -> Affine {
-        if self.groups == 1 {
-            Affine::constant(0)
-        } else {
-            Affine::default().plus_div(co, 1, (self.cout / self.groups) as i64)
-        }
-    }
-}
-
-/// Forward conv on im2col columns, one contraction per group: `Y[n, g·Cg + m, t] = b[co] +
-/// Σ_r W[g·Cg + m, r] · U[n, g, r, t]` (the bias is written first and the product added).
-pub fn conv_forward_cols(name: &str, cg: &ConvGemm) -> Result<Kernel> {
-    let mut kb = KernelBuilder::new(name);
-    let u = kb.input("cols", batched(&[cg.groups, cg.d, cg.positions]));
-    let wt = kb.input("w", fixed(&[cg.cout, cg.d]));
-    let b = cg.bias.then(|| kb.input("b", fixed(&[cg.cout])));
-    let y = kb.output("y", batched(&[cg.cout, cg.positions]));
-    let [n, co, t, g] = [kb.var("n"), kb.var("co"), kb.var("t"), kb.var("g")];
-    let cout_g = cg.cout / cg.groups;
-    let mut body = Vec::new();
-    if let Some(b) = b {
-        let bias = kb.acc("bias");
-        body.push(lp(
-            co,
-            cg.cout,
-            vec![
-                set(bias, load(b, vec![v(co)])),
-                vlp(t, cg.positions, vec![store(y, vec![v(n), v(co), v(t)], acc(bias))]),
-            ],
-        ));
-    }
-    let product = contract(&mut kb, [fx(cout_g), fx(cg.positions), fx(cg.d)], (wt, u, y), cg.bias, |m, p, r| {
-        let row = v(m).plus(g, cout_g as i64);
-        (vec![row.clone(), v(r)], vec![v(n), v(g), v(r), v(p)], vec![v(n), row, v(p)])
-    });
-    body.push(lp(g, cg.groups, vec![product]));
-    kb.finish(n, Extent::Batch, body)
-}
-
-/// Backward to the columns, one contraction per group: `dU[n, g, r, t] = Σ_j W[g·Cg + j, r]
-/// · dY[n, g·Cg + j, t]`.
-pub fn conv_colgrad(name: &str, cg: &ConvGemm) -> Result<Kernel> {
-    let mut kb = KernelBuilder::new(name);
-    let dy = kb.input("dy", batched(&[cg.cout, cg.positions]));
-    let wt = kb.input("w", fixed(&[cg.cout, cg.d]));
-    let du = kb.output("dcols", batched(&[cg.groups, cg.d, cg.positions]));
-    let [n, g] = [kb.var("n"), kb.var("g")];
-    let cout_g = cg.cout / cg.groups;
-    let product = contract(&mut kb, [fx(cg.d), fx(cg.positions), fx(cout_g)], (wt, dy, du), false, |r, t, j| {
-        let row = v(j).plus(g, cout_g as i64);
-        (vec![row.clone(), v(r)], vec![v(n), row, v(t)], vec![v(n), v(g), v(r), v(t)])
-    });
-    kb.finish(n, Extent::Batch, vec![lp(g, cg.groups, vec![product])])
-}
-
-/// col2im: `dX[n, chan, o·s+k·d−p] += dU[n, g, r, t]` where the window lies inside.
-pub fn col2im(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], first: bool) -> Result<Kernel> {
-    let w = Window::of_conv(c, in_shape, out_shape);
-    let cg = ConvGemm::of(c, out_shape);
-    let cin_g = c.in_channels / c.groups;
-    let mut kb = KernelBuilder::new(name);
-    let du = kb.input("dcols", batched(&[cg.groups, cg.d, cg.positions]));
-    let dx = kb.target("dx", batched(in_shape), first);
-    let n = kb.var("n");
-    let g = kb.var("g");
-    let ci = kb.var("ci");
-    let k = spatial_vars(&mut kb, w.spatial(), false);
-    let o = spatial_vars(&mut kb, w.spatial(), true);
-    let xi = w.input_index(&o, &k);
-    let (r, t) = w.column(ci, &k, &o);
-    let mut body = Vec::new();
-    if first {
-        let zero_vars: Vec<VarId> = (0..in_shape.len()).map(|a| kb.var(&format!("z{a}"))).collect();
-        body.extend(vnest(&zero_vars, in_shape, vec![store(dx, cat(vec![v(n)], idx(&zero_vars)), lit(0.0))]));
-    }
-    let target = cat(vec![v(n), v(ci).plus(g, cin_g as i64)], xi);
-    let add = accumulate(dx, target, load(du, vec![v(n), v(g), r, t]));
-    body.extend(nest(&[g, ci], &[c.groups, cin_g], window_nest(&w, &k, &o, vec![add], Vec::new())));
-    kb.finish(n, Extent::Batch, body)
-}
 
 pub struct PoolGeom {
     pub kind: PoolKind,

@@ -36,7 +36,7 @@ use crate::graph::{numel, Graph, LabelSpec, Loss, NodeId, Op};
 use crate::index_layer::{IndexLayer, LocalKind};
 use crate::ops::Strategy;
 use index::Batching;
-use kernels::{ConvGemm, NormGeom, PoolGeom};
+use kernels::{NormGeom, PoolGeom};
 use param_grads::Outputs;
 use window::Window;
 
@@ -53,9 +53,6 @@ pub enum Role {
     Activation(u32),
     /// Saved by a node's forward pass for its backward pass.
     Saved(u32, Saved),
-    /// A conv's im2col columns for one use, or their gradient: workspaces recomputed where
-    /// needed, except that small convs keep their forward columns for every use.
-    Columns(u32, ColumnUse),
     ActivationGrad(u32),
     Loss,
     PerExampleGrad(String),
@@ -77,34 +74,6 @@ pub enum Saved {
     Rstd,
     /// A temporary of a layer written in index notation, by its local name.
     Temp(String),
-}
-
-/// Which use a conv's im2col columns serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum ColumnUse {
-    /// The forward pass's (kept by small convs for every later use).
-    Forward,
-    /// The weight gradient (`unfold`, `ghost`, the batch gradient).
-    WeightGrad,
-    /// Book-keeping's clipped sum.
-    Bookkeep,
-    /// `naive`'s per-example launches.
-    Naive,
-    /// The gradient of the columns (the input gradient's GEMM).
-    Grad,
-}
-
-impl ColumnUse {
-    /// The short name in buffer names (`cols3_fwd`).
-    pub fn name(self) -> &'static str {
-        match self {
-            ColumnUse::Forward => "fwd",
-            ColumnUse::WeightGrad => "wgrad",
-            ColumnUse::Bookkeep => "bookkeep",
-            ColumnUse::Naive => "naive",
-            ColumnUse::Grad => "dcols",
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -344,13 +313,6 @@ pub fn column_chunk_examples(per_example: u64, batch: u64, chunk_bytes: u64) -> 
     (examples < batch).then(|| examples.min(u64::from(u32::MAX)) as u32)
 }
 
-/// Bytes of a conv node's im2col columns per example; `None` for other nodes.
-fn column_bytes(n: &crate::graph::Node) -> Option<u64> {
-    let Op::Conv(c) = &n.op else { return None };
-    let cg = ConvGemm::of(c, &n.shape);
-    Some((cg.groups * cg.d * cg.positions * 4) as u64)
-}
-
 /// The parameter gradients a backward pass computes, layer by layer as each layer's output
 /// gradient is complete (so that gradients and columns die early).
 #[derive(Clone, Copy)]
@@ -424,43 +386,18 @@ impl<'g> Lowering<'g> {
         self.extra(Role::Loss, "loss", true, vec![]);
     }
 
-    /// The im2col columns of conv `node` for one use and the launches that compute them.
-    /// A conv whose columns [`Self::kept_columns`] lists
-    /// computes them once, in the forward pass, and every later use reads those (no
-    /// launch). Any other conv recomputes them for each use into a workspace of its own,
-    /// written just before its readers: columns are the largest buffers of a conv net (9x
-    /// the output for a 3x3 kernel), and recomputing them costs one pass over the input.
-    /// Such a workspace is a chunk workspace (see [`Self::column_chunk`]) except for
-    /// `naive`'s, whose per-example launches read it outside any group.
-    fn columns(&mut self, node: NodeId, use_: ColumnUse) -> Result<(Vec<Launch>, BufId)> {
-        let g = self.graph;
-        let n = g.node(node);
-        let Op::Conv(c) = &n.op else {
-            return Err(crate::Error::Internal(format!("im2col columns of the non-conv node {}", n.id.0)));
-        };
-        if use_ != ColumnUse::Forward && self.kept.contains(&node) {
-            if let Some(cols) = self.extra.get(&Role::Columns(node.0, ColumnUse::Forward)) {
-                return Ok((Vec::new(), *cols));
-            }
-        }
-        let chunk = if use_ == ColumnUse::Naive { None } else { self.column_chunk(node) };
-        let cols = self.column_buffer(node, use_, &format!("cols{}_{}", node.0, use_.name()), chunk);
-        let input = n.inputs[0];
-        let k = param_grads::im2col(&format!("{}_im2col", self.tag(node)), c, &g.node(input).shape, &n.shape)?;
-        Ok((vec![self.launch(k, vec![self.act[input.index()], cols])], cols))
-    }
-
-    /// The convs (and generically lowered nodes whose forward pass gathers window columns)
-    /// that keep their forward pass's columns for their later uses: those whose columns for
+    /// The nodes whose forward pass gathers window columns (convs, layers in index notation
+    /// with window products) that keep their forward pass's columns for their later uses: those whose columns for
     /// the whole batch are not chunked and, with those of the nodes before them that keep
     /// theirs, take at most `KEPT_CHUNKS` chunk budgets. Small nets then pay no
     /// recomputation, and large ones hold a bounded amount.
     fn kept_columns(&self) -> Vec<NodeId> {
         let mut kept = (Vec::new(), 0u64);
         for n in &self.graph.nodes {
-            let Some(per_example) = column_bytes(n).or_else(|| self.window_column_bytes(n.id)) else { continue };
+            let Some(per_example) = self.window_column_bytes(n.id) else { continue };
             let bytes = per_example * self.batch as u64;
-            if self.column_chunk(n.id).is_none() && kept.1 + bytes <= KEPT_CHUNKS * self.chunk_bytes {
+            let chunked = column_chunk_examples(per_example, self.batch as u64, self.chunk_bytes).is_some();
+            if !chunked && kept.1 + bytes <= KEPT_CHUNKS * self.chunk_bytes {
                 kept.0.push(n.id);
                 kept.1 += bytes;
             }
@@ -482,29 +419,6 @@ impl<'g> Lowering<'g> {
             .map(|w| w.columns_shape.iter().product::<usize>())
             .sum();
         (elements > 0).then_some(elements as u64 * 4)
-    }
-
-    /// The gradient of conv `node`'s columns, a backward chunk workspace.
-    fn column_grad(&mut self, node: NodeId) -> BufId {
-        let chunk = self.column_chunk(node);
-        self.column_buffer(node, ColumnUse::Grad, &format!("dcols{}", node.0), chunk)
-    }
-
-    /// The workspace `Role::Columns(node, use_)` (declared on first use), one chunk of
-    /// `chunk` examples or the batch.
-    fn column_buffer(&mut self, node: NodeId, use_: ColumnUse, name: &str, chunk: Option<u32>) -> BufId {
-        let n = self.graph.node(node);
-        let Op::Conv(c) = &n.op else { unreachable!("columns are asked for convs only") };
-        let cg = ConvGemm::of(c, &n.shape);
-        let id = self.extra(Role::Columns(node.0, use_), name, true, vec![cg.groups, cg.d, cg.positions]);
-        self.buffers[id.0 as usize].chunk = chunk;
-        id
-    }
-
-    /// Examples per chunk for the launches around conv `node`'s columns (see
-    /// [`column_chunk_examples`]); `None` for other nodes.
-    fn column_chunk(&self, node: NodeId) -> Option<u32> {
-        column_chunk_examples(column_bytes(self.graph.node(node))?, self.batch as u64, self.chunk_bytes)
     }
 
     /// `launches` as one chunk group of `examples` examples, or as they are for `None`.
@@ -581,19 +495,8 @@ impl<'g> Lowering<'g> {
                     }
                     continue;
                 }
-                Op::Index(_) | Op::Linear(_) => {
+                Op::Index(_) | Op::Linear(_) | Op::Conv(_) => {
                     return Err(crate::Error::Internal(format!("node {} is not lowered generically", n.id.0)))
-                }
-                Op::Conv(c) => {
-                    let (im2col, cols) = self.columns(n.id, ColumnUse::Forward)?;
-                    let k = kernels::conv_forward_cols(&format!("{tag}_fwd"), &ConvGemm::of(c, &n.shape))?;
-                    let mut args = vec![cols, self.param(n.id, "weight").expect("weight")];
-                    args.extend(self.param(n.id, "bias"));
-                    args.push(y);
-                    let gemm = self.launch(k, args);
-                    let chunk = self.column_chunk(n.id);
-                    out.extend(self.chunked([im2col, vec![gemm]].concat(), chunk));
-                    continue;
                 }
                 Op::Activation(_) | Op::Add => {
                     let eq = self.grads.step(n.id).and_then(|s| s.forward.first()).expect("a derived forward");
@@ -676,19 +579,8 @@ impl<'g> Lowering<'g> {
                         out.extend(self.index_grads(n.id, Some(slot), first)?);
                         continue;
                     }
-                    Op::Index(_) | Op::Linear(_) => {
+                    Op::Index(_) | Op::Linear(_) | Op::Conv(_) => {
                         return Err(crate::Error::Internal(format!("node {} is not lowered generically", n.id.0)))
-                    }
-                    Op::Conv(c) => {
-                        let dcols = self.column_grad(n.id);
-                        let k =
-                            kernels::conv_colgrad(&format!("{}_colgrad", self.tag(n.id)), &ConvGemm::of(c, &n.shape))?;
-                        let gemm = self.launch(k, vec![dy, self.param(n.id, "weight").expect("weight"), dcols]);
-                        let k = kernels::col2im(&tag, c, &in_shape, &n.shape, first)?;
-                        let col2im = self.launch(k, vec![dcols, dx]);
-                        let chunk = self.column_chunk(n.id);
-                        out.extend(self.chunked(vec![gemm, col2im], chunk));
-                        continue;
                     }
                     Op::Activation(_) | Op::Add => {
                         // The derived input gradient of this operand (`dX`, `dA` or `dB`).
@@ -783,45 +675,10 @@ impl<'g> Lowering<'g> {
             );
         }
         let (_, dy, _) = self.conv_io(node);
-        self.batch_grad_launch(node, &tag, dy, targets, LaunchMode::Grid, ColumnUse::WeightGrad)
-    }
-
-    /// The batch-gradient kernels of one layer, writing into `targets` (weight, bias). A
-    /// conv recomputes its im2col columns into the workspace for `use_` first.
-    #[allow(clippy::too_many_arguments)]
-    fn batch_grad_launch(
-        &mut self,
-        node: NodeId,
-        tag: &str,
-        dy: BufId,
-        targets: Vec<BufId>,
-        mode: LaunchMode,
-        use_: ColumnUse,
-    ) -> Result<Vec<Launch>> {
-        let n = self.graph.node(node);
-        let Op::Conv(c) = &n.op else {
-            let geom = norm_geom(n).expect("a norm with parameters");
-            let k = param_grads::norm_batch_grad(&format!("{tag}_batch_grad"), &geom)?;
-            let args = vec![dy, self.saved[&(node.0, Saved::Xhat)]].into_iter().chain(targets).collect();
-            return Ok(vec![self.launch_as(k, args, mode)]);
-        };
-        let cg = ConvGemm::of(c, &n.shape);
-        let (im2col, cols) = self.columns(node, use_)?;
-        // In chunks, the weight gradient is zeroed first and each chunk adds to it.
-        let chunk = if mode == LaunchMode::Grid { self.column_chunk(node) } else { None };
-        let k = param_grads::conv_batch_grad(&format!("{tag}_batch_grad"), &cg, chunk.is_some())?;
-        let gemm = self.launch_as(k, vec![cols, dy, targets[0]], mode);
-        let mut out = Vec::new();
-        if chunk.is_some() {
-            let (rows, width) = (cg.cout, cg.d);
-            out.push(self.launch(param_grads::zero(&format!("zero_{rows}x{width}"), rows, width)?, vec![targets[0]]));
-        }
-        out.extend(self.chunked([im2col, vec![gemm]].concat(), chunk));
-        if c.bias {
-            let k = param_grads::conv_bias_batch_grad(&format!("{tag}_bias_batch_grad"), cg.cout, cg.positions)?;
-            out.push(self.launch_as(k, vec![dy, targets[1]], mode));
-        }
-        Ok(out)
+        let geom = norm_geom(g.node(node)).expect("a norm with parameters");
+        let k = param_grads::norm_batch_grad(&format!("{tag}_batch_grad"), &geom)?;
+        let args = vec![dy, self.saved[&(node.0, Saved::Xhat)]].into_iter().chain(targets).collect();
+        Ok(vec![self.launch(k, args)])
     }
 
     fn slot(&self, param: &str) -> usize {
@@ -847,7 +704,7 @@ impl<'g> Lowering<'g> {
         let norm = want_norms.then_some((slot, slots));
         // Materialized grads are stored unless only norms are wanted and the kernel can fuse.
         let store = !(kind == EntryKind::PerExampleNorms && matches!(strategy, Strategy::Direct | Strategy::Outer));
-        let pe: Vec<BufId> = if strategy == Strategy::Ghost || !store {
+        let pe: Vec<BufId> = if !store {
             Vec::new()
         } else {
             g.params_of(node)
@@ -900,19 +757,6 @@ impl<'g> Lowering<'g> {
                 // Book-keeping of a layer lowered from its derived equations: each derived
                 // gradient weighted by the clip factors and summed over the batch.
                 out.extend(self.index_clipped_sums(n.id, &tag, &sums)?);
-            } else if strategy_of(plan, n.id) == Strategy::Ghost {
-                // Book-keeping: rescale the stored output gradient, one ordinary GEMM.
-                let (_, dy, _) = self.conv_io(n.id);
-                let shape = n.shape.clone();
-                let dyc = self.extra(
-                    Role::Workspace(format!("dy_clipped{}", n.id.0)),
-                    &format!("dy_clipped{}", n.id.0),
-                    true,
-                    shape.clone(),
-                );
-                let k = param_grads::scale_rows(&format!("{tag}_bookkeep_scale"), numel(&shape) as usize)?;
-                out.push(self.launch(k, vec![dy, clip, dyc]));
-                out.extend(self.batch_grad_launch(n.id, &tag, dyc, sums, LaunchMode::Grid, ColumnUse::Bookkeep)?);
             } else {
                 for (p, sum) in g.params_of(n.id).zip(sums) {
                     let pe = self.extra[&Role::PerExampleGrad(p.name.clone())];
@@ -941,7 +785,6 @@ impl<'g> Lowering<'g> {
     ) -> Result<Vec<Launch>> {
         let g = self.graph;
         let n = g.node(node);
-        let slots = g.params.len();
         // The squared norms of the stored gradients, where the kernels do not fuse them.
         let names: Vec<String> = g.params_of(node).map(|p| p.name.clone()).collect();
         let sqnorms = |l: &mut Self| -> Result<Vec<Launch>> {
@@ -957,12 +800,6 @@ impl<'g> Lowering<'g> {
             args
         };
         Ok(match (&n.op, strategy) {
-            (_, Strategy::Naive) => {
-                let mut v =
-                    self.batch_grad_launch(node, tag, dy, pe.to_vec(), LaunchMode::PerExample, ColumnUse::Naive)?;
-                v.extend(sqnorms(self)?);
-                v
-            }
             (Op::Conv(c), Strategy::Direct) => {
                 let k = param_grads::conv_direct(tag, c, in_shape, &n.shape, out)?;
                 vec![self.launch(k, with_sq([vec![x, dy], pe.to_vec()].concat()))]
@@ -993,35 +830,11 @@ impl<'g> Lowering<'g> {
                 v.extend(sqnorms(self)?);
                 v
             }
-            (Op::Conv(c), Strategy::Unfold | Strategy::Ghost) => {
-                let positions = (numel(&n.shape) / c.out_channels as u64) as usize;
-                let (im2col, u) = self.columns(node, ColumnUse::WeightGrad)?;
-                let bias_out = Outputs {
-                    store: out.store && strategy == Strategy::Unfold,
-                    norm: out.norm.map(|(s, t)| (s + 1, t)),
-                };
-                let contraction = if strategy == Strategy::Unfold {
-                    let k = param_grads::unfold_gemm(tag, c, positions, out)?;
-                    self.launch(k, with_sq(vec![u, dy, pe[0]]))
-                } else {
-                    let (slot, _) = out.norm.expect("ghost computes norms");
-                    let k = param_grads::ghost_conv(tag, c, positions, slot, slots)?;
-                    self.launch(k, vec![u, dy, sq])
-                };
-                let chunk = self.column_chunk(node);
-                let mut v = self.chunked([im2col, vec![contraction]].concat(), chunk);
-                if c.bias && (bias_out.store || bias_out.norm.is_some()) {
-                    let k = param_grads::bias_per_example(&format!("{tag}_bias"), c.out_channels, positions, bias_out)?;
-                    let mut args = vec![dy];
-                    if bias_out.store {
-                        args.push(pe[1]);
-                    }
-                    if bias_out.norm.is_some() {
-                        args.push(sq);
-                    }
-                    v.push(self.launch(k, args));
-                }
-                v
+            (Op::Conv(_), _) => {
+                return Err(crate::Error::Internal(format!(
+                    "conv node {} has no {strategy} schedule of its own",
+                    node.0
+                )))
             }
             (_, _) => {
                 // Norm layers: direct.

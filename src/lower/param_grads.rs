@@ -1,19 +1,18 @@
-//! Parameter-gradient kernels of the layers not lowered from their derived equations
-//! (grouped convs, norms; and every conv's `crb` and `direct` schedules): the non-private
-//! batch gradient, every per-example strategy (naive reuses the batch kernel one example at a
-//! time), ghost norms; and the DP-SGD tail of every layer (norms, clip factors, weighted
-//! sums, book-keeping's rescaling).
+//! Parameter-gradient kernels of the layers not lowered from their derived equations (the
+//! norms' non-private and `direct` gradients; every conv's `crb` and `direct` schedules),
+//! and the DP-SGD tail of every layer (norms, clip factors, weighted sums, book-keeping's
+//! rescaling).
 //!
 //! A per-example kernel may also write each example's squared norm of the gradient it
 //! computes into `sqnorm[n, slot]` (one slot per parameter tensor): `direct` fuses it
 //! into its epilogue; with `store: false` they compute norms without ever
 //! writing the per-example gradient.
 
-use pdgc_codegen::ir::{Binary, Expr, Extent, Kernel, Mode, Unary, VarId};
+use pdgc_codegen::ir::{Binary, Expr, Extent, Kernel, Unary, VarId};
 
 use super::builder::*;
-use super::kernels::{ConvGemm, NormGeom};
-use super::window::{idx as ix, spatial_vars as spatial, window_nest, window_rows, Window};
+use super::kernels::NormGeom;
+use super::window::{idx as ix, spatial_vars as spatial, window_rows, Window};
 use crate::error::Result;
 use crate::graph::Conv;
 
@@ -40,48 +39,12 @@ fn channel(c: &Conv, co: VarId, ci: VarId) -> pdgc_codegen::ir::Affine {
     }
 }
 
-/// The non-private conv weight gradient on im2col columns, one contraction per example
-/// and group accumulated into `dW[g·Cg + m, r] = Σ_n Σ_t dY[n, g·Cg + m, t] · U[n, g, r, t]`
-/// (grid over the groups). Launched one example at a time, it is the `naive` strategy; on
-/// rescaled output gradients, book-keeping's clipped sum. With `accumulate`, `dW` is added
-/// to instead of overwritten (for chunks of examples after a [`zero`]).
-pub fn conv_batch_grad(name: &str, cg: &ConvGemm, accumulate: bool) -> Result<Kernel> {
-    let mut kb = KernelBuilder::new(name);
-    let u = kb.input("cols", batched(&[cg.groups, cg.d, cg.positions]));
-    let dy = kb.input("dy", batched(&[cg.cout, cg.positions]));
-    let dw = kb.arg("dw", fixed(&[cg.cout, cg.d]), Mode::InOut);
-    let [g, co, r, n] = [kb.var("g"), kb.var("co"), kb.var("r"), kb.var("n")];
-    let cout_g = cg.cout / cg.groups;
-    let row = |m: VarId| v(m).plus(g, cout_g as i64);
-    let zero = lp(co, cout_g, vec![vlp(r, cg.d, vec![store(dw, vec![row(co), v(r)], lit(0.0))])]);
-    let product = contract(&mut kb, [fx(cout_g), fx(cg.d), fx(cg.positions)], (dy, u, dw), true, |m, r, t| {
-        (vec![v(n), row(m), v(t)], vec![v(n), v(g), v(r), v(t)], vec![row(m), v(r)])
-    });
-    let body = if accumulate { vec![batch_loop(n, vec![product])] } else { vec![zero, batch_loop(n, vec![product])] };
-    kb.finish(g, fx(cg.groups), body)
-}
-
 /// `x[r, i] = 0` for a `rows × width` buffer (not batched), grid over the rows.
 pub fn zero(name: &str, rows: usize, width: usize) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let x = kb.output("x", fixed(&[rows, width]));
     let [r, i] = [kb.var("r"), kb.var("i")];
     kb.finish(r, fx(rows), vec![vlp(i, width, vec![store(x, vec![v(r), v(i)], lit(0.0))])])
-}
-
-/// The non-private conv bias gradient `db[co] = Σ_n Σ_t dY[n,co,t]` (grid over `co`).
-pub fn conv_bias_batch_grad(name: &str, channels: usize, positions: usize) -> Result<Kernel> {
-    let mut kb = KernelBuilder::new(name);
-    let dy = kb.input("dy", batched(&[channels, positions]));
-    let db = kb.output("db", fixed(&[channels]));
-    let [co, n, t] = [kb.var("co"), kb.var("n"), kb.var("t")];
-    let a = kb.acc("acc");
-    let body = vec![
-        set(a, lit(0.0)),
-        batch_loop(n, vec![vlp(t, positions, vec![add_to(a, load(dy, vec![v(n), v(co), v(t)]))])]),
-        store(db, vec![v(co)], acc(a)),
-    ];
-    kb.finish(co, fx(channels), body)
 }
 
 /// Per-example bias gradient `db[n,co] = Σ_t dY[n,co,t]` (and its squared norm).
@@ -198,115 +161,6 @@ pub fn crb_truncate(name: &str, c: &Conv, positions: &[usize]) -> Result<Kernel>
     let vars: Vec<VarId> = (0..2 + c.kernel.len()).map(|i| kb.var(&format!("i{i}"))).collect();
     let index = [vec![v(n)], ix(&vars)].concat();
     let body = vnest(&vars, &wshape(c), vec![store(gw, index.clone(), load(full, index))]);
-    kb.finish(n, Extent::Batch, body)
-}
-
-/// im2col: `U[n, g, r, t]` with `r` = (ci, k) of one group and `t` the output position;
-/// zero where the window reads padding.
-pub fn im2col(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize]) -> Result<Kernel> {
-    let w = Window::of_conv(c, in_shape, out_shape);
-    let cin_g = c.in_channels / c.groups;
-    let kprod: usize = c.kernel.iter().product();
-    let positions: usize = w.output.iter().product();
-    let mut kb = KernelBuilder::new(name);
-    let x = kb.input("x", batched(in_shape));
-    let u = kb.output("u", batched(&[c.groups, cin_g * kprod, positions]));
-    let n = kb.var("n");
-    let g = kb.var("g");
-    let ci = kb.var("ci");
-    let k = spatial(&mut kb, w.spatial(), false);
-    let o = spatial(&mut kb, w.spatial(), true);
-    let xi = w.input_index(&o, &k);
-    let (r, t) = w.column(ci, &k, &o);
-    let chan = v(ci).plus(g, cin_g as i64);
-    let value = load(x, [vec![v(n), chan], xi].concat());
-    let target = vec![v(n), v(g), r, t];
-    // The copy runs only where the window lies inside the input (a load there is in
-    // bounds); the zeros where it reads padding.
-    let copy = vec![store(u, target.clone(), value)];
-    let zero = vec![store(u, target, lit(0.0))];
-    let body = nest(&[g, ci], &[c.groups, cin_g], window_nest(&w, &k, &o, copy, zero));
-    kb.finish(n, Extent::Batch, body)
-}
-
-/// `unfold`: per example and group, the contraction `gW[n, g·Cg + m, r] = Σ_t dY[n, g·Cg +
-/// m, t] · U[n, g, r, t]`, then (for norms) the squared norm of the example's gradient.
-pub fn unfold_gemm(name: &str, c: &Conv, positions: usize, out: Outputs) -> Result<Kernel> {
-    let cin_g = c.in_channels / c.groups;
-    let d = cin_g * c.kernel.iter().product::<usize>();
-    let cout_g = c.out_channels / c.groups;
-    let mut kb = KernelBuilder::new(name);
-    let u = kb.input("u", batched(&[c.groups, d, positions]));
-    let dy = kb.input("dy", batched(&[c.out_channels, positions]));
-    let gw = kb.arg("gw", batched(&[c.out_channels, d]), if out.norm.is_some() { Mode::InOut } else { Mode::Out });
-    let part = out.norm.map(|(_, slots)| kb.arg("sqnorm", batched(&[slots]), Mode::InOut));
-    let [n, g, co, r] = [kb.var("n"), kb.var("g"), kb.var("co"), kb.var("r")];
-    let sq = kb.acc("sq");
-    let product = contract(&mut kb, [fx(cout_g), fx(d), fx(positions)], (dy, u, gw), false, |m, r, t| {
-        let row = v(m).plus(g, cout_g as i64);
-        (vec![v(n), row.clone(), v(t)], vec![v(n), v(g), v(r), v(t)], vec![v(n), row, v(r)])
-    });
-    let mut body = vec![lp(g, c.groups, vec![product])];
-    if let (Some(part), Some((slot, _))) = (part, out.norm) {
-        let gv = load(gw, vec![v(n), v(co), v(r)]);
-        body.push(set(sq, lit(0.0)));
-        body.push(lp(co, c.out_channels, vec![vlp(r, d, vec![add_to(sq, Expr::mul(gv.clone(), gv))])]));
-        body.push(store(part, vec![v(n), pdgc_codegen::ir::Affine::constant(slot as i64)], acc(sq)));
-    }
-    kb.finish(n, Extent::Batch, body)
-}
-
-/// Ghost norm of a conv (Li et al. 2021): `‖dW_n‖² = Σ_g Σ_{t,t'} (U_gᵀU_g)[t,t'] ·
-/// (G_gᵀG_g)[t,t']`, both Gram entries computed in registers (no T×T buffer), plus the
-/// bias's `Σ_co (Σ_t dY)²`.
-pub fn ghost_conv(name: &str, c: &Conv, positions: usize, slot: usize, slots: usize) -> Result<Kernel> {
-    let cin_g = c.in_channels / c.groups;
-    let d = cin_g * c.kernel.iter().product::<usize>();
-    let cout_g = c.out_channels / c.groups;
-    let mut kb = KernelBuilder::new(name);
-    let u = kb.input("u", batched(&[c.groups, d, positions]));
-    let dy = kb.input("dy", batched(&[c.out_channels, positions]));
-    let part = kb.arg("sqnorm", batched(&[slots]), pdgc_codegen::ir::Mode::InOut);
-    let [n, g, t, t2, r, co] = [kb.var("n"), kb.var("g"), kb.var("t"), kb.var("t2"), kb.var("r"), kb.var("co")];
-    let [total, gu, gg] = [kb.acc("total"), kb.acc("gram_u"), kb.acc("gram_g")];
-    let dy_at = |tv: VarId| load(dy, vec![v(n), v(co).plus(g, cout_g as i64), v(tv)]);
-    let body = vec![
-        set(total, lit(0.0)),
-        lp(
-            g,
-            c.groups,
-            vec![lp(
-                t,
-                positions,
-                vec![lp(
-                    t2,
-                    positions,
-                    vec![
-                        set(gu, lit(0.0)),
-                        lp(
-                            r,
-                            d,
-                            vec![add_to(
-                                gu,
-                                Expr::mul(
-                                    load(u, vec![v(n), v(g), v(r), v(t)]),
-                                    load(u, vec![v(n), v(g), v(r), v(t2)]),
-                                ),
-                            )],
-                        ),
-                        set(gg, lit(0.0)),
-                        lp(co, cout_g, vec![add_to(gg, Expr::mul(dy_at(t), dy_at(t2)))]),
-                        add_to(total, Expr::mul(acc(gu), acc(gg))),
-                    ],
-                )],
-            )],
-        ),
-        store(
-            part,
-            vec![v(n), pdgc_codegen::ir::Affine::constant(slot as i64)],
-            Expr::bin(Binary::Max, acc(total), lit(0.0)),
-        ),
-    ];
     kb.finish(n, Extent::Batch, body)
 }
 

@@ -75,7 +75,9 @@ impl Window {
 
     /// Where the tap `k` of input channel `ci` (within its group) at the output position `o`
     /// lies in im2col's columns `U[n, g, r, t]`: the row `r = ci·Πkernel + Σ k_a·Π_{b>a}
-    /// kernel_b` and the position `t = Σ o_a·Π_{b>a} output_b`.
+    /// kernel_b` and the position `t = Σ o_a·Π_{b>a} output_b`. (The layout the tests'
+    /// reference im2col writes; the lowering's columns follow their derived equations.)
+    #[cfg(test)]
     pub fn column(&self, ci: VarId, k: &[VarId], o: &[VarId]) -> (Affine, Affine) {
         let mut r = Affine::default().plus(ci, self.kernel.iter().product::<usize>() as i64);
         let mut t = Affine::default();
@@ -414,6 +416,48 @@ mod tests {
         pdgc_codegen::interp::run(k, &mut slices, 2).expect("runs");
     }
 
+    /// The im2col and col2im kernels the generic lowering makes (`lower::index`) for a grouped
+    /// conv's window, read through its (group, channel) view: the derived gather
+    /// `cols'[n, g, ci, k.., o..] = X[n, g, ci, window..]` and scatter `dX[n, g, ci, window..]
+    /// += cols'[n, g, ci, k.., o..]`. Returns the two kernels, arguments `(X, cols')` and
+    /// `(cols', dX)`.
+    fn generic_kernels(c: &Conv, input: &[usize], output: &[usize]) -> [pdgc_codegen::ir::Kernel; 2] {
+        use crate::grad::{intern, Access, Equation, Expr, Index, Var};
+        use crate::lower::index::{equation_kernel, Batching, TensorInfo, COLUMNS};
+        let spatial = c.kernel.len();
+        let taps: Vec<Var> = (0..spatial).map(|a| intern(&format!("k{a}"))).collect();
+        let outs: Vec<Var> = (0..spatial).map(|a| intern(&format!("o{a}"))).collect();
+        let mut ranges = vec![("g", c.groups), ("ci", c.in_channels / c.groups)];
+        ranges.extend(taps.iter().copied().zip(c.kernel.iter().copied()));
+        ranges.extend(outs.iter().copied().zip(output[1..].iter().copied()));
+        let mut window = vec![Index::var("n"), Index::var("g"), Index::var("ci")];
+        for a in 0..spatial {
+            window.push(Index::window(outs[a], c.stride[a], taps[a], c.dilation[a], c.pad_lo[a]));
+        }
+        let cols = Access::new(COLUMNS, &[&["n", "g", "ci"][..], &taps, &outs].concat());
+        let view = [vec![c.groups, c.in_channels / c.groups], input[1..].to_vec()].concat();
+        let padding: Vec<(usize, usize)> =
+            [vec![(0, 0); 2], c.pad_lo.iter().copied().zip(c.pad_hi.clone()).collect()].concat();
+        let cols_shape = [vec![c.groups, c.in_channels / c.groups], c.kernel.clone(), output[1..].to_vec()].concat();
+        let info = |t: &str| match t {
+            "X" => Some(TensorInfo { shape: view.clone(), batched: true, padding: padding.clone() }),
+            "dX" => Some(TensorInfo::unpadded(view.clone())),
+            COLUMNS => Some(TensorInfo::unpadded(cols_shape.clone())),
+            _ => None,
+        };
+        let x = Access { tensor: "X".into(), index: window.clone() };
+        let dx = Access { tensor: "dX".into(), index: window };
+        let gather = Equation { lhs: cols.clone(), accumulate: false, rhs: Expr::Read(x) };
+        let scatter = Equation { lhs: dx, accumulate: true, rhs: Expr::Read(cols) };
+        [(gather, "im2col", true), (scatter, "col2im", false)].map(|(eq, name, first)| {
+            let (k, tensors) =
+                equation_kernel(name, &eq, &ranges, &info, first, Batching::PerExample).expect("a window copy");
+            let want = if first { ["X", COLUMNS] } else { [COLUMNS, "dX"] };
+            assert_eq!(tensors, want, "{name}'s arguments");
+            k
+        })
+    }
+
     /// The split im2col writes the same bits as the guarded nest, and the split col2im adds
     /// the same contributions in the same order (bit for bit), on 1-D and 2-D windows with
     /// strides, dilations, asymmetric and unpadded axes, and outputs narrower than a kernel.
@@ -431,8 +475,7 @@ mod tests {
         for axes in geometries {
             let (c, input, output) = conv(axes);
             let [ref_fwd, ref_bwd] = guarded_reference(&c, &input, &output);
-            let split_fwd = super::super::param_grads::im2col("im2col", &c, &input, &output).expect("im2col");
-            let split_bwd = super::super::kernels::col2im("col2im", &c, &input, &output, false).expect("col2im");
+            let [split_fwd, split_bwd] = generic_kernels(&c, &input, &output);
             let cols = 2 * c.in_channels * c.kernel.iter().product::<usize>() * output[1..].iter().product::<usize>();
             let x = values(2 * input.iter().product::<usize>(), 0.5);
             let (mut reference, mut split) = ([x.clone(), vec![f32::NAN; cols]], [x.clone(), vec![f32::NAN; cols]]);

@@ -376,11 +376,8 @@ fn workspace(program: &Program, kind: EntryKind, node: NodeId, b: u64) -> u64 {
         .iter()
         .filter(|l| l.node == Some(node))
         .map(|l| {
-            let scratch: HashSet<_> = l
-                .args
-                .iter()
-                .filter(|&&id| matches!(program.buffer(id).role, Role::Columns(..) | Role::Workspace(_)))
-                .collect();
+            let scratch: HashSet<_> =
+                l.args.iter().filter(|&&id| matches!(program.buffer(id).role, Role::Workspace(_))).collect();
             scratch.into_iter().map(|&id| bytes_of(program, id, b)).sum::<u64>()
         })
         .max()
@@ -449,16 +446,16 @@ mod tests {
             assert_eq!(norms[&Strategy::Ghost].held, 0, "{args}");
             let (_, sum) = costs(&src, Goal::ClippedSum, b);
             // Book-keeping: one factor rescaled (one multiply per element), then one ordinary
-            // weight-gradient contraction; it holds the output gradient until then. A conv
-            // without groups is lowered from its derived equations, whose book-keeping scales
-            // the smaller factor (these convs have no bias): here the input where it is smaller.
+            // weight-gradient contraction; it holds the output gradient until then. A conv is
+            // lowered from its derived equations, whose book-keeping scales the smaller factor
+            // (these convs have no bias): here the input where it is smaller.
             let input_len: u64 =
                 input.trim_matches(['[', ']']).split(", ").map(|d| d.parse::<u64>().unwrap()).product();
-            let rescale = if g == 1 { b * (t * p).min(input_len) } else { b * t * p };
-            // Such a conv's batch-summed contraction runs in partial sums over the examples,
-            // then one add per partial sum and element.
+            let rescale = b * (t * p).min(input_len);
+            // Its batch-summed contraction runs in partial sums over the examples, then one
+            // add per partial sum and element.
             let parts = crate::lower::index::summed_parts(b as usize, (p * d) as usize) as u64;
-            let reduce = if g == 1 { parts * p * d } else { 0 };
+            let reduce = parts * p * d;
             assert_eq!(sum[&Strategy::Ghost].flops, contraction + gram + rescale + contraction + reduce, "{args}");
             assert_eq!(sum[&Strategy::Ghost].held, 4 * b * t * p, "{args}");
         }
