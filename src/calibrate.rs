@@ -522,16 +522,33 @@ pub fn gram_efficiency(
 ) -> Result<f64> {
     median_ratio(bench, "gram_efficiency", shapes, dev, progress, |s| Versus {
         label: format!("ghost conv 3×3 {}→{} on {}×{} (T = {})", s.cin, s.cout, s.hw, s.hw, s.t),
-        kernel: conv_kernels(
-            &format!("conv2d(x, {}, 3, padding=1, bias=false)", s.cout),
-            &format!("{}, {}, {}", s.cin, s.hw, s.hw),
-            "ghost",
-            s.batch,
-            &["weight_ghost"],
-        )
-        .and_then(|k| k.into_iter().next().ok_or_else(|| Error::Internal("no ghost kernel".into()))),
+        kernel: ghost_loop_nest(s),
         batch: s.batch,
     })
+}
+
+/// The ghost norm kernel of the weight of a 3×3 conv (padding 1) of shape `s` in its loop-nest
+/// form, the one the lowering makes where the conv's im2col columns are not kept (its Gram
+/// entries summed in registers over strided reads of the output gradient and the input
+/// window; with kept columns the Gram matrices are contractions, timed as GEMMs).
+fn ghost_loop_nest(s: ConvShape) -> Result<Kernel> {
+    use crate::lower::index::{ghost_kernel, tensor_info};
+    let source = format!(
+        "model calibrate {{\n    input x: [{}, {}, {}];\n    label y: classes(2);\n    \
+         h = c: conv2d(x, {}, 3, padding=1, bias=false);\n    logits = fc: linear(global_avg_pool(h), 2);\n    \
+         loss cross_entropy(logits, y);\n}}\n",
+        s.cin, s.hw, s.hw, s.cout
+    );
+    let module = Module::from_source("calibrate.pdg", &source, &CompileOptions::new(1))?;
+    let graph = &module.graph;
+    let grads = crate::grad::differentiate(graph);
+    let node = graph.nodes.iter().find(|n| n.layer.as_deref() == Some("c")).map(|n| n.id);
+    let missing = || Error::Internal("calibration: the conv's derived equations are missing".into());
+    let step = node.and_then(|id| grads.step(id)).ok_or_else(missing)?;
+    let layer = crate::grad::as_index_layer(graph, graph.node(step.node)).ok_or_else(missing)?;
+    let form = step.param_grads.first().and_then(|pg| crate::grad::layer::ghost_form(&pg.eq)).ok_or_else(missing)?;
+    let info = |t: &str| tensor_info(&layer, t);
+    ghost_kernel("calibrate_ghost", &form, &step.ranges, &info, 0, 1).map(|(k, _)| k)
 }
 
 /// The machine's RAM: `MemTotal` of a `/proc/meminfo`-style file, in bytes.

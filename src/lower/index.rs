@@ -1140,6 +1140,20 @@ pub fn ghost_kernel(
     let (mut b, tensors) = Builder::reading(name, &ranges, &[&form.left, &form.right], info)?;
     let sq = b.kb.output("sqnorm", batched(&[slots]));
     let n = b.var("n");
+    if let Expr::Num(c) = form.right {
+        // No second factor (a bias): `Σ_{t,t'} Σ_a A[a,t]·A[a,t'] = Σ_a (Σ_t A[a,t])²`, the
+        // squared norm of the gradient itself, in O(T) per element instead of O(T²).
+        let [total, grad] = [b.kb.acc("total"), b.kb.acc("grad")];
+        let (pre, value) = b.value(&form.left)?;
+        let sum = b.vector_nest(&form.t, [pre, vec![add_to(grad, value)]].concat())?;
+        let square = add_to(total, ir::Expr::mul(ir::Expr::Acc(grad), ir::Expr::Acc(grad)));
+        let outer: Vec<Var> = form.g.iter().chain(&form.a).copied().collect();
+        let mut body = vec![set(total, lit(0.0))];
+        body.extend(b.nest(&outer, [vec![set(grad, lit(0.0))], sum, vec![square]].concat())?);
+        let total = ir::Expr::mul(ir::Expr::Acc(total), lit((c * c) as f32));
+        body.push(store(sq, vec![v(n), Affine::constant(slot as i64)], total));
+        return b.kb.finish(n, Extent::Batch, body).map(|k| (k, tensors));
+    }
     let [total, ga, gb] = [b.kb.acc("total"), b.kb.acc("gram_a"), b.kb.acc("gram_b")];
     let gram = |b: &mut Builder<'_>, acc, vars: &[Var], x: &Expr, x2: &Expr| -> Result<Vec<Stmt>> {
         let (p1, v1) = b.value(x)?;
@@ -1159,6 +1173,76 @@ pub fn ghost_kernel(
     let total = ir::Expr::bin(ir::Binary::Max, ir::Expr::Acc(total), lit(0.0));
     body.push(store(sq, vec![v(n), Affine::constant(slot as i64)], total));
     b.kb.finish(n, Extent::Batch, body).map(|k| (k, tensors))
+}
+
+/// The name of [`ghost_gram_kernel`]'s Gram matrices (not a valid `.pdg` identifier).
+pub const GRAMS: &str = "grams'";
+
+/// The fewest summed positions `T` for which [`ghost_gram_kernel`] computes a ghost norm's
+/// Gram matrices as contractions (below, the loop nest of [`ghost_kernel`] is as fast).
+pub const GRAM_MIN_POSITIONS: usize = 8;
+
+/// The most bytes per example of [`ghost_gram_kernel`]'s two `T × T` Gram matrices.
+pub const GRAM_BYTES: usize = 8 << 20;
+
+/// [`ghost_kernel`]'s squared norm with its Gram matrices as contraction nodes (the CPU
+/// runs them on its GEMM), where both factors are per-example matrices read in order:
+/// `A[n, g.., a.., t..]` and `B[n, g.., b.., t..]` (plain reads covering unpadded tensors,
+/// such as an output gradient and a conv's kept im2col columns). Per example and group,
+/// `grams'[n, 0] = AᵀA` and `grams'[n, 1] = BᵀB` (`T × T` each), then their elementwise
+/// product summed. Returns the kernel, the tensors of its arguments (`A`, `B`, [`GRAMS`];
+/// the squared norms follow) and `T`; `None` where the factors are not such matrices, `T`
+/// is below [`GRAM_MIN_POSITIONS`], or the Gram matrices exceed [`GRAM_BYTES`].
+pub fn ghost_gram_kernel(
+    name: &str,
+    form: &GhostForm,
+    ranges: &[(Var, usize)],
+    info: &dyn Fn(&str) -> Option<TensorInfo>,
+    slot: usize,
+    slots: usize,
+) -> Result<Option<(Kernel, Vec<String>, usize)>> {
+    let product = |vars: &[Var]| sizes(vars, ranges).map(|s| s.iter().product::<usize>());
+    let matrix = |e: &Expr, rows: &[Var]| -> Option<Access> {
+        let Expr::Read(a) = e else { return None };
+        let ti = info(&a.tensor)?;
+        let vars = plain_vars(a, true)?;
+        let want = [&form.g[..], rows, &form.t].concat();
+        let unpadded = ti.padding.iter().all(|&p| p == (0, 0));
+        (ti.batched && unpadded && vars == want && covers(&vars, &ti.shape, ranges)).then(|| a.clone())
+    };
+    let (Some(a), Some(b)) = (matrix(&form.left, &form.a), matrix(&form.right, &form.b)) else { return Ok(None) };
+    let (Some(groups), Some(ma), Some(mb), Some(t)) =
+        (product(&form.g), product(&form.a), product(&form.b), product(&form.t))
+    else {
+        return Ok(None);
+    };
+    if t < GRAM_MIN_POSITIONS || 2 * t * t * 4 > GRAM_BYTES || a.tensor == b.tensor {
+        return Ok(None);
+    }
+    let mut kb = KernelBuilder::new(name);
+    let grouped = Grouped::new(&mut kb, groups);
+    let av = kb.input(&a.tensor, batched(&grouped.dims(&[ma, t])));
+    let bv = kb.input(&b.tensor, batched(&grouped.dims(&[mb, t])));
+    let grams = kb.arg(GRAMS, batched(&[2, t, t]), ir::Mode::InOut);
+    let sq = kb.output("sqnorm", batched(&[slots]));
+    let [n, row, col] = [kb.var("n"), kb.var("t"), kb.var("u")];
+    let total = kb.acc("total");
+    let at = |rest: &[VarId]| [vec![v(n)], grouped.index(rest)].concat();
+    let gram = |kb: &mut KernelBuilder, x: ir::ArgId, rows: usize, which: i64| {
+        contract(kb, [fx(t), fx(t), fx(rows)], (x, x, grams), false, |m, j, k| {
+            (at(&[k, m]), at(&[k, j]), vec![v(n), Affine::constant(which), v(m), v(j)])
+        })
+    };
+    let (gram_a, gram_b) = (gram(&mut kb, av, ma, 0), gram(&mut kb, bv, mb, 1));
+    let entry = |which: i64| load(grams, vec![v(n), Affine::constant(which), v(row), v(col)]);
+    let dot = lp(row, t, vec![vlp(col, t, vec![add_to(total, ir::Expr::mul(entry(0), entry(1)))])]);
+    let mut body = vec![set(total, lit(0.0))];
+    body.extend(grouped.over(vec![gram_a, gram_b, dot]));
+    // ‖Σ_t A_tᵀ B_t‖² is never negative; rounding in the cross terms must not make it so.
+    let clamped = ir::Expr::bin(ir::Binary::Max, ir::Expr::Acc(total), lit(0.0));
+    body.push(store(sq, vec![v(n), Affine::constant(slot as i64)], clamped));
+    let kernel = kb.finish(n, Extent::Batch, body)?;
+    Ok(Some((kernel, vec![a.tensor.clone(), b.tensor.clone(), GRAMS.to_string()], t)))
 }
 
 /// The name under which a tensor scaled by the clip factors, `clipped'[n, ..] = c[n] ·

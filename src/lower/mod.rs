@@ -1216,11 +1216,25 @@ impl<'g> Lowering<'g> {
                     index::COLUMNS => Some(index::TensorInfo::unpadded(shape.clone())),
                     _ => index::tensor_info(layer, t),
                 };
-                let (k, tensors) = index::ghost_kernel(&name, &form, &step.ranges, &info, self.slot(&pg.param), slots)?;
+                let slot = self.slot(&pg.param);
+                // Gram matrices as contractions where both factors are plain matrices (the
+                // output gradient and kept columns), else one loop nest.
+                let (k, tensors, positions) =
+                    match index::ghost_gram_kernel(&name, &form, &step.ranges, &info, slot, slots)? {
+                        Some((k, tensors, t)) => (k, tensors, t),
+                        None => {
+                            let (k, tensors) = index::ghost_kernel(&name, &form, &step.ranges, &info, slot, slots)?;
+                            (k, tensors, 0)
+                        }
+                    };
                 let mut args = Vec::new();
                 for t in &tensors {
                     args.push(match (t.as_str(), &columns) {
                         (index::COLUMNS, Some((_, _, buf, _))) => *buf,
+                        (index::GRAMS, _) => {
+                            let role = Role::Workspace(format!("{name}_grams"));
+                            self.extra(role, &format!("{name}_grams"), true, vec![2, positions, positions])
+                        }
                         _ => self.index_buffer(node, t, &HashMap::new())?,
                     });
                 }
