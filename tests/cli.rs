@@ -145,8 +145,8 @@ fn bench_says_where_it_ran_and_cuda_without_a_gpu_is_a_clear_error() {
 #[test]
 fn grads_on_an_empty_batch_gives_empty_outputs_and_a_zero_sum() {
     use safetensors::{tensor::TensorView, Dtype, SafeTensors};
-    let dir = std::env::temp_dir().join(format!("pdgc-cli-empty-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let scratch = tempfile::Builder::new().prefix("pdgc-cli-empty-").tempdir().expect("temp dir");
+    let dir = scratch.path();
     let src = std::fs::read_to_string("samples/mnist_cnn.pdg").expect("reads");
     let module = pdgc::Module::from_source("mnist_cnn.pdg", &src, &pdgc::CompileOptions::new(1)).expect("compiles");
     let params = dir.join("params.safetensors");
@@ -183,7 +183,6 @@ fn grads_on_an_empty_batch_gives_empty_outputs_and_a_zero_sum() {
     let sum = st.tensor("clipped_sum.conv1.weight").expect("clipped sum");
     assert_eq!(sum.shape(), &[16, 1, 8, 8]);
     assert!(sum.data().iter().all(|&b| b == 0), "the clipped sum of no examples is zero");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -194,8 +193,8 @@ fn sizes_too_large_for_the_kernels_fail_check_and_compile_clearly() {
     assert!(stderr.contains("error[E0211]") && stderr.contains("samples/errors/too_large.pdg:6:31"), "{stderr}");
 
     // 2^31 outputs per example are fine; at 128 examples the buffer outgrows one launch.
-    let dir = std::env::temp_dir().join(format!("pdgc-cli-limits-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let scratch = tempfile::Builder::new().prefix("pdgc-cli-limits-").tempdir().expect("temp dir");
+    let dir = scratch.path();
     let model = dir.join("wide.pdg");
     let src = "model wide {\n    input x: [1];\n    label y: [1];\n    h = fc1: linear(x, 2147483648);\n    \
                p = fc2: linear(h, 1);\n    loss mse(p, y);\n}\n";

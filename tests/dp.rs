@@ -473,9 +473,8 @@ fn momentum_through_dp_steps_matches_the_formula_on_clipped_sums() {
 
 #[test]
 fn optimizer_state_round_trips_through_safetensors() {
-    let dir = std::env::temp_dir().join(format!("pdgc-dp-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join("opt.safetensors");
+    let dir = tempfile::Builder::new().prefix("pdgc-dp-").tempdir().expect("temp dir");
+    let path = dir.path().join("opt.safetensors");
     let opt = Optimizer::adam(0.01);
     let mut p = one_param(&[1.0, 2.0, 3.0]);
     let mut state = OptimizerState::default();

@@ -7,10 +7,14 @@ use std::path::PathBuf;
 
 use pdgc::{Batch, CompileOptions, Device, Error, Labels, Module, Params, Tensor};
 
+/// A path named `name` that no test creates (for messages and missing files).
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pdgc-errors-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir.join(name)
+    std::env::temp_dir().join(format!("pdgc-errors-{}-{name}", std::process::id()))
+}
+
+/// A scratch directory of its own, removed when the test ends, pass or fail.
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("pdgc-errors-").tempdir().expect("temp dir")
 }
 
 fn mnist(batch: usize) -> Module {
@@ -59,7 +63,8 @@ fn source_errors_come_back_rendered() {
 fn parameter_files_are_validated() {
     let m = mnist(2);
     let good = m.init_params(0);
-    let path = tmp("params.safetensors");
+    let dir = scratch();
+    let path = dir.path().join("params.safetensors");
     good.save(&path).expect("saves");
     assert_eq!(Params::load(&path, &m.graph).expect("loads"), good);
 
@@ -112,7 +117,8 @@ fn i64_bytes(v: &[i64]) -> Vec<u8> {
 fn batch_files_are_validated() {
     use safetensors::Dtype::*;
     let m = mnist(4);
-    let path = tmp("batch.safetensors");
+    let dir = scratch();
+    let path = dir.path().join("batch.safetensors");
     write_batch(&path, (&[2, 1, 28, 28], f32_bytes(2 * 784), F32), (&[2], i64_bytes(&[3, 9]), I64));
     let b = Batch::load(&path, &m.graph).expect("valid batch");
     assert_eq!(b.size().expect("size"), 2);
@@ -252,8 +258,9 @@ fn claimed_tensor(name: &str, shape: &str, data: usize) -> Vec<u8> {
 #[test]
 fn files_that_claim_enormous_tensors_are_typed_errors_not_aborts() {
     let m = mnist(2);
+    let dir = scratch();
     for shape in ["[1099511627776,1099511627776]", "[4611686018427387904,4611686018427387904]", "[8,1,5,5]"] {
-        let path = tmp("huge.safetensors");
+        let path = dir.path().join("huge.safetensors");
         std::fs::write(&path, claimed_tensor("conv1.weight", shape, 16)).expect("written");
         match Params::load(&path, &m.graph) {
             Err(Error::Safetensors { .. }) => {}

@@ -289,7 +289,7 @@ pub fn pool_backward(name: &str, p: &PoolGeom, first: bool) -> Result<Kernel> {
     let ch = kb.var("c");
     let o = spatial_vars(&mut kb, w.spatial(), true);
     let k = spatial_vars(&mut kb, w.spatial(), false);
-    let [found, g] = [kb.acc("found"), kb.acc("g")];
+    let g = kb.acc("g");
     let xi = w.input_index(&o, &k);
     let target = cat(vec![v(n), v(ch)], xi.clone());
     let out_ix = cat(vec![v(n), v(ch)], idx(&o));
@@ -321,6 +321,7 @@ pub fn pool_backward(name: &str, p: &PoolGeom, first: bool) -> Result<Kernel> {
             s
         }
         (PoolKind::Max, None) => {
+            let found = kb.acc("found");
             let xv = load(x, target.clone());
             let is_max = Cond::Cmp { op: CmpOp::Eq, a: xv.clone(), b: load(y, out_ix.clone()) };
             let take = Cond::And(vec![is_max.clone(), Cond::Cmp { op: CmpOp::Eq, a: acc(found), b: lit(0.0) }]);
