@@ -785,8 +785,9 @@ fn gather_window(
     let rows: Vec<Var> = lhs.iter().copied().filter(|v| p_vars.contains(v) && !x_vars.contains(v)).collect();
     let cols: Vec<Var> = lhs.iter().copied().filter(|v| x_vars.contains(v) && !p_vars.contains(v)).collect();
     // The flattened views must be row-major matrices: P = [rows.., sum..], T = [rows.., cols..],
-    // every variable covering its whole dim, and X reading nothing else.
-    if rows.is_empty()
+    // every variable covering its whole dim, and X reading nothing else. Per group, a
+    // product may have one row (a depthwise conv's channel is its group and its row).
+    if (rows.is_empty() && groups.is_empty())
         || cols.is_empty()
         || [rows.clone(), sum.clone()].concat() != p_vars
         || [rows.clone(), cols.clone()].concat() != lhs
@@ -865,8 +866,8 @@ fn scatter_window(
     let k: Vec<Var> = p_vars.iter().copied().filter(|v| q_vars.contains(v) && !lhs_vars.contains(v)).collect();
     let rows: Vec<Var> = p_vars.iter().copied().filter(|v| !k.contains(v)).collect();
     let cols: Vec<Var> = q_vars.iter().copied().filter(|v| !k.contains(v)).collect();
-    if k.is_empty()
-        || rows.is_empty()
+    // Per group, the sum may have one term and the product one row (a depthwise conv).
+    if ((k.is_empty() || rows.is_empty()) && groups.is_empty())
         || cols.is_empty()
         || [k.clone(), rows.clone()].concat() != p_vars
         || [k.clone(), cols.clone()].concat() != q_vars
