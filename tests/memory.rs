@@ -202,9 +202,40 @@ fn chunked_window_products_give_the_batched_results() {
     assert_chunks_agree("index_conv.pdg", &src, &[&[("c1", Strategy::Direct), ("c2", Strategy::Ghost)]]);
 }
 
+/// A ghost layer whose columns are kept but whose Gram matrices for the batch exceed the
+/// chunk budget computes them in chunks of examples: index_conv's `c1` (T = 144, 166 KB of
+/// Gram matrices per example) under a 100 kB budget that still keeps its 78 kB of columns.
+#[test]
+fn ghost_gram_matrices_beyond_the_budget_run_in_chunks() {
+    use pdgc::lower::LaunchMode;
+    use pdgc::ops::Strategy;
+    let src = std::fs::read_to_string("tests/data/models/index_conv.pdg").expect("test model");
+    let mut opts = CompileOptions::new(5);
+    opts.overrides = vec![("c1".to_string(), Strategy::Ghost)];
+    let batched = Module::from_source("index_conv.pdg", &src, &opts).expect("compiles");
+    opts.chunk_bytes = 100_000;
+    let chunked = Module::from_source("index_conv.pdg", &src, &opts).expect("compiles");
+    let ghost = chunked.program.kernels.iter().position(|k| k.name == "n1_c1_weight_ghost").expect("c1's ghost kernel");
+    assert!(!chunked.program.kernels.iter().any(|k| k.name == "n1_c1_weight_ghost_im2col"), "c1 keeps its columns");
+    let launches: Vec<_> =
+        chunked.program.entries.iter().flat_map(|e| &e.launches).filter(|l| l.kernel == ghost).collect();
+    assert!(!launches.is_empty());
+    for l in launches {
+        assert!(matches!(l.mode, LaunchMode::Chunked { examples: 1, .. }), "{:?}", l.mode);
+    }
+    let params = batched.init_params(3);
+    let batch = Batch::random(&batched.graph, 5, 4);
+    for (device, exact) in [(Device::Interpreter, true), (Device::Cpu, false)] {
+        let mut a = chunked.session(device).expect("session");
+        let mut b = batched.session(device).expect("session");
+        assert_sessions_agree(&mut a, &mut b, &params, &batch, exact);
+    }
+}
+
 /// Compiles `src` with each set of strategy overrides, batched and with a chunk budget of
 /// one byte, and checks that the chunked module runs chunks, holds less, and gives the
-/// batched module's results on every entry point.
+/// batched module's results on every entry point (a ghost layer's Gram matrices from the
+/// kept columns against those from columns gathered in chunks).
 fn assert_chunks_agree(name: &str, src: &str, override_sets: &[&[(&str, pdgc::ops::Strategy)]]) {
     use pdgc::lower::LaunchMode;
     for overrides in override_sets {
@@ -223,6 +254,11 @@ fn assert_chunks_agree(name: &str, src: &str, override_sets: &[&[(&str, pdgc::op
         };
         assert_eq!(groups(&batched), 0);
         assert!(groups(&chunked) > 0);
+        // A ghost layer whose columns are not kept gathers them for its Gram contractions.
+        if overrides.iter().any(|(_, s)| *s == pdgc::ops::Strategy::Ghost) {
+            let gathers = chunked.program.kernels.iter().any(|k| k.name.ends_with("_weight_ghost_im2col"));
+            assert!(gathers, "{name}: no ghost layer gathers its columns");
+        }
         for kind in EntryKind::ALL {
             let (b, c) = (budget_for(&batched, kind, 5), budget_for(&chunked, kind, 5));
             assert!(c < b, "{kind:?}: chunks hold less than the batch ({c} vs {b} bytes)");

@@ -1211,12 +1211,20 @@ impl<'g> Lowering<'g> {
                     }
                 }
                 let name = format!("{tag}_{}_ghost", param_suffix(&pg.param));
+                let slot = self.slot(&pg.param);
+                // Columns the forward pass did not keep: gathered here (in chunks of examples
+                // where large) where that lets the Gram matrices be contractions.
+                if columns.is_none() {
+                    if let Some(launches) = self.ghost_with_columns(node, &name, &pg.eq, &form, slot, sq)? {
+                        out.extend(launches);
+                        continue;
+                    }
+                }
                 let shape = columns.as_ref().map(|c| c.3.clone()).unwrap_or_default();
                 let info = |t: &str| match t {
                     index::COLUMNS => Some(index::TensorInfo::unpadded(shape.clone())),
                     _ => index::tensor_info(layer, t),
                 };
-                let slot = self.slot(&pg.param);
                 // Gram matrices as contractions where both factors are plain matrices (the
                 // output gradient and kept columns), else one loop nest.
                 let (k, tensors, positions) =
@@ -1239,7 +1247,15 @@ impl<'g> Lowering<'g> {
                     });
                 }
                 args.push(sq);
-                out.push(self.launch(k, args));
+                // The Gram matrices of the batch beyond the chunk budget: in chunks of examples.
+                let bytes = (2 * positions * positions * 4) as u64;
+                let chunk = (positions > 0).then(|| column_chunk_examples(bytes, self.batch as u64, self.chunk_bytes));
+                let chunk = chunk.flatten();
+                if let Some(grams) = tensors.iter().position(|t| t == index::GRAMS) {
+                    self.buffers[args[grams].0 as usize].chunk = chunk;
+                }
+                let launch = self.launch(k, args);
+                out.extend(self.chunked(vec![launch], chunk));
             }
             return Ok(out);
         }
@@ -1269,6 +1285,72 @@ impl<'g> Lowering<'g> {
         let buf = *self.window_columns.get(&(node, before.to_string()))?;
         let Expr::Read(x) = before.rhs else { return None };
         Some((before.lhs, x, buf, w.columns_shape))
+    }
+
+    /// The ghost norm of the derived gradient `eq` of `node` (ghost form `form`) where one
+    /// factor is read through a window whose columns the forward pass did not keep: the
+    /// columns gathered into a workspace (im2col), then the Gram matrices as contractions
+    /// ([`index::ghost_gram_kernel`]), both in chunks of examples where the columns and Gram
+    /// matrices of the batch exceed the chunk budget. `None` where the Gram kernel does not
+    /// apply (the loop nest reads the window itself then).
+    fn ghost_with_columns(
+        &mut self,
+        node: NodeId,
+        name: &str,
+        eq: &crate::grad::Equation,
+        form: &layer_grad::GhostForm,
+        slot: usize,
+        sq: BufId,
+    ) -> Result<Option<Vec<Launch>>> {
+        let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
+        let of_layer = self.info(node)?;
+        let Some(w) = index::window_product(eq, &ranges, &of_layer) else { return Ok(None) };
+        let Some(before) = w.before else { return Ok(None) };
+        let Expr::Read(x) = &before.rhs else { return Ok(None) };
+        let mut form = form.clone();
+        let mut swapped = false;
+        for f in [&mut form.left, &mut form.right] {
+            if *f == Expr::Read(x.clone()) {
+                *f = Expr::Read(before.lhs.clone());
+                swapped = true;
+            }
+        }
+        let shape = w.columns_shape.clone();
+        let info = |t: &str| match t {
+            index::COLUMNS => Some(index::TensorInfo::unpadded(shape.clone())),
+            _ => of_layer(t),
+        };
+        let slots = self.graph.params.len();
+        let Some((gram, tensors, t)) =
+            (if swapped { index::ghost_gram_kernel(name, &form, &ranges, &info, slot, slots)? } else { None })
+        else {
+            return Ok(None);
+        };
+        let im2col =
+            index::equation_kernel(&format!("{name}_im2col"), &before, &ranges, &info, true, Batching::PerExample)?;
+        let per_example = (shape.iter().product::<usize>() + 2 * t * t) as u64 * 4;
+        let chunk = column_chunk_examples(per_example, self.batch as u64, self.chunk_bytes);
+        let cols = self.extra(Role::Workspace(format!("{name}_cols")), &format!("{name}_cols"), true, shape.clone());
+        let grams = self.extra(Role::Workspace(format!("{name}_grams")), &format!("{name}_grams"), true, vec![2, t, t]);
+        for b in [cols, grams] {
+            self.buffers[b.0 as usize].chunk = chunk;
+        }
+        let mut launches = Vec::new();
+        for (k, names) in [im2col, (gram, tensors)] {
+            let mut args = Vec::new();
+            for n in &names {
+                args.push(match n.as_str() {
+                    index::COLUMNS => cols,
+                    index::GRAMS => grams,
+                    _ => self.index_buffer(node, n, &HashMap::new())?,
+                });
+            }
+            if k.args.iter().any(|a| a.name == "sqnorm") {
+                args.push(sq);
+            }
+            launches.push(self.launch(k, args));
+        }
+        Ok(Some(self.chunked(launches, chunk)))
     }
 
     /// A launch storing the squared norm of each example's stored gradient of `param` in
