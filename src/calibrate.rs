@@ -305,18 +305,24 @@ fn scale_kernel() -> Kernel {
 /// for each `w` in `what` that the program has, in launch order: what a session runs for
 /// that conv. An error where it has none of them.
 fn conv_kernels(conv: &str, input: &str, strategy: &str, batch: usize, what: &[&str]) -> Result<Vec<Kernel>> {
-    let source = format!(
-        "model calibrate {{\n    input x: [{input}];\n    label y: classes(2);\n    \
-         h = @strategy({strategy}) c: {conv};\n    logits = fc: linear(global_avg_pool(h), 2);\n    \
-         loss cross_entropy(logits, y);\n}}\n"
-    );
-    let module = Module::from_source("calibrate.pdg", &source, &CompileOptions::new(batch))?;
+    let module = one_conv_net(&format!("@strategy({strategy}) c: {conv}"), input, batch)?;
     let names: Vec<String> = what.iter().map(|w| format!("n1_c_{w}")).collect();
     let kernels: Vec<Kernel> = module.program.kernels.iter().filter(|k| names.contains(&k.name)).cloned().collect();
     if kernels.is_empty() {
         return Err(Error::Internal(format!("calibration: none of {names:?} in the program of `{conv}`")));
     }
     Ok(kernels)
+}
+
+/// A net of one conv layer `conv` (`c: conv2d(x, ...)`, node 1) on an input of shape
+/// `input`, then global average pooling, a linear layer and cross-entropy, compiled for
+/// `batch` examples.
+fn one_conv_net(conv: &str, input: &str, batch: usize) -> Result<Module> {
+    let source = format!(
+        "model calibrate {{\n    input x: [{input}];\n    label y: classes(2);\n    h = {conv};\n    \
+         logits = fc: linear(global_avg_pool(h), 2);\n    loss cross_entropy(logits, y);\n}}\n"
+    );
+    Module::from_source("calibrate.pdg", &source, &CompileOptions::new(batch))
 }
 
 /// The weight gradient of `conv1d(x, cout, 1)` on `d` channels of length `t` (the
@@ -533,13 +539,8 @@ pub fn gram_efficiency(
 /// window; with kept columns the Gram matrices are contractions, timed as GEMMs).
 fn ghost_loop_nest(s: ConvShape) -> Result<Kernel> {
     use crate::lower::index::{ghost_kernel, tensor_info};
-    let source = format!(
-        "model calibrate {{\n    input x: [{}, {}, {}];\n    label y: classes(2);\n    \
-         h = c: conv2d(x, {}, 3, padding=1, bias=false);\n    logits = fc: linear(global_avg_pool(h), 2);\n    \
-         loss cross_entropy(logits, y);\n}}\n",
-        s.cin, s.hw, s.hw, s.cout
-    );
-    let module = Module::from_source("calibrate.pdg", &source, &CompileOptions::new(1))?;
+    let conv = format!("c: conv2d(x, {}, 3, padding=1, bias=false)", s.cout);
+    let module = one_conv_net(&conv, &format!("{}, {}, {}", s.cin, s.hw, s.hw), 1)?;
     let graph = &module.graph;
     let grads = crate::grad::differentiate(graph);
     let node = graph.nodes.iter().find(|n| n.layer.as_deref() == Some("c")).map(|n| n.id);

@@ -1190,72 +1190,16 @@ impl<'g> Lowering<'g> {
         sq: BufId,
     ) -> Result<Vec<Launch>> {
         let g = self.graph;
-        let slots = g.params.len();
         let tag = self.tag(node);
         if strategy == Strategy::Ghost {
             // Squared norms from Gram products of each derived gradient's factors.
-            let layer = self.index_layer(node)?;
             let step = self.grads.step(node).ok_or_else(|| crate::Error::Internal("no derived step".into()))?;
             let mut out = Vec::new();
             for pg in &step.param_grads {
-                let mut form = layer_grad::ghost_form(&pg.eq)
+                let form = layer_grad::ghost_form(&pg.eq)
                     .ok_or_else(|| crate::Error::Internal(format!("`{}` has no ghost form", pg.param)))?;
-                // A factor read through a window whose columns the forward pass kept is read
-                // from them: its Gram product then runs on plain, unguarded reads.
-                let columns = self.kept_window_columns(node, &pg.eq);
-                if let Some((cols, x, _, _)) = &columns {
-                    for f in [&mut form.left, &mut form.right] {
-                        if *f == Expr::Read(x.clone()) {
-                            *f = Expr::Read(cols.clone());
-                        }
-                    }
-                }
                 let name = format!("{tag}_{}_ghost", param_suffix(&pg.param));
-                let slot = self.slot(&pg.param);
-                // Columns the forward pass did not keep: gathered here (in chunks of examples
-                // where large) where that lets the Gram matrices be contractions.
-                if columns.is_none() {
-                    if let Some(launches) = self.ghost_with_columns(node, &name, &pg.eq, &form, slot, sq)? {
-                        out.extend(launches);
-                        continue;
-                    }
-                }
-                let shape = columns.as_ref().map(|c| c.3.clone()).unwrap_or_default();
-                let info = |t: &str| match t {
-                    index::COLUMNS => Some(index::TensorInfo::unpadded(shape.clone())),
-                    _ => index::tensor_info(layer, t),
-                };
-                // Gram matrices as contractions where both factors are plain matrices (the
-                // output gradient and kept columns), else one loop nest.
-                let (k, tensors, positions) =
-                    match index::ghost_gram_kernel(&name, &form, &step.ranges, &info, slot, slots)? {
-                        Some((k, tensors, t)) => (k, tensors, t),
-                        None => {
-                            let (k, tensors) = index::ghost_kernel(&name, &form, &step.ranges, &info, slot, slots)?;
-                            (k, tensors, 0)
-                        }
-                    };
-                let mut args = Vec::new();
-                for t in &tensors {
-                    args.push(match (t.as_str(), &columns) {
-                        (index::COLUMNS, Some((_, _, buf, _))) => *buf,
-                        (index::GRAMS, _) => {
-                            let role = Role::Workspace(format!("{name}_grams"));
-                            self.extra(role, &format!("{name}_grams"), true, vec![2, positions, positions])
-                        }
-                        _ => self.index_buffer(node, t, &HashMap::new())?,
-                    });
-                }
-                args.push(sq);
-                // The Gram matrices of the batch beyond the chunk budget: in chunks of examples.
-                let bytes = (2 * positions * positions * 4) as u64;
-                let chunk = (positions > 0).then(|| column_chunk_examples(bytes, self.batch as u64, self.chunk_bytes));
-                let chunk = chunk.flatten();
-                if let Some(grams) = tensors.iter().position(|t| t == index::GRAMS) {
-                    self.buffers[args[grams].0 as usize].chunk = chunk;
-                }
-                let launch = self.launch(k, args);
-                out.extend(self.chunked(vec![launch], chunk));
+                out.extend(self.ghost_launches(node, &name, &pg.eq, &form, self.slot(&pg.param), sq)?);
             }
             return Ok(out);
         }
@@ -1271,29 +1215,14 @@ impl<'g> Lowering<'g> {
         self.index_param_grads(node, &tag, &pe, batching, mode, suffix, want_norms.then_some(sq))
     }
 
-    /// Where `eq` is a window product whose columns `node`'s forward pass kept: the access
-    /// of those columns (`cols'[n, ..]`), the windowed read they gather, their buffer and
-    /// their per-example shape.
-    fn kept_window_columns(
-        &self,
-        node: NodeId,
-        eq: &crate::grad::Equation,
-    ) -> Option<(crate::grad::Access, crate::grad::Access, BufId, Vec<usize>)> {
-        let ranges = &self.grads.step(node)?.ranges;
-        let w = index::window_product(eq, ranges, &self.info(node).ok()?)?;
-        let before = w.before?;
-        let buf = *self.window_columns.get(&(node, before.to_string()))?;
-        let Expr::Read(x) = before.rhs else { return None };
-        Some((before.lhs, x, buf, w.columns_shape))
-    }
-
-    /// The ghost norm of the derived gradient `eq` of `node` (ghost form `form`) where one
-    /// factor is read through a window whose columns the forward pass did not keep: the
-    /// columns gathered into a workspace (im2col), then the Gram matrices as contractions
-    /// ([`index::ghost_gram_kernel`]), both in chunks of examples where the columns and Gram
-    /// matrices of the batch exceed the chunk budget. `None` where the Gram kernel does not
-    /// apply (the loop nest reads the window itself then).
-    fn ghost_with_columns(
+    /// The squared norm of `node`'s derived gradient `eq`, by its ghost form `form`, into
+    /// slot `slot` of `sq`. A factor read through a window is read from its im2col columns
+    /// where that helps: the forward pass's where it kept them (plain, unguarded reads), else
+    /// gathered here where that lets the Gram matrices be contractions. The Gram matrices are
+    /// contractions where both factors are then plain matrices ([`index::ghost_gram_kernel`]),
+    /// else one loop nest sums them in registers ([`index::ghost_kernel`]). Gathered columns
+    /// and Gram matrices of the batch beyond the chunk budget run in chunks of examples.
+    fn ghost_launches(
         &mut self,
         node: NodeId,
         name: &str,
@@ -1301,48 +1230,76 @@ impl<'g> Lowering<'g> {
         form: &layer_grad::GhostForm,
         slot: usize,
         sq: BufId,
-    ) -> Result<Option<Vec<Launch>>> {
+    ) -> Result<Vec<Launch>> {
         let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
         let of_layer = self.info(node)?;
-        let Some(w) = index::window_product(eq, &ranges, &of_layer) else { return Ok(None) };
-        let Some(before) = w.before else { return Ok(None) };
-        let Expr::Read(x) = &before.rhs else { return Ok(None) };
-        let mut form = form.clone();
-        let mut swapped = false;
-        for f in [&mut form.left, &mut form.right] {
-            if *f == Expr::Read(x.clone()) {
-                *f = Expr::Read(before.lhs.clone());
-                swapped = true;
+        let slots = self.graph.params.len();
+        // A window product's columns: their gather and per-example shape, and the form that
+        // reads them instead of the window.
+        let window = index::window_product(eq, &ranges, &of_layer).and_then(|w| Some((w.before?, w.columns_shape)));
+        let (before, shape) = window.unzip();
+        let shape = shape.unwrap_or_default();
+        let on_columns = before.as_ref().and_then(|b| {
+            let Expr::Read(x) = &b.rhs else { return None };
+            let mut f = form.clone();
+            let mut swapped = false;
+            for side in [&mut f.left, &mut f.right] {
+                if *side == Expr::Read(x.clone()) {
+                    *side = Expr::Read(b.lhs.clone());
+                    swapped = true;
+                }
             }
-        }
-        let shape = w.columns_shape.clone();
+            swapped.then_some(f)
+        });
+        let kept = before.as_ref().and_then(|b| self.window_columns.get(&(node, b.to_string())).copied());
         let info = |t: &str| match t {
             index::COLUMNS => Some(index::TensorInfo::unpadded(shape.clone())),
             _ => of_layer(t),
         };
-        let slots = self.graph.params.len();
-        let Some((gram, tensors, t)) =
-            (if swapped { index::ghost_gram_kernel(name, &form, &ranges, &info, slot, slots)? } else { None })
-        else {
-            return Ok(None);
+        let gram = match &on_columns {
+            Some(f) => index::ghost_gram_kernel(name, f, &ranges, &info, slot, slots)?,
+            None => None,
         };
-        let im2col =
-            index::equation_kernel(&format!("{name}_im2col"), &before, &ranges, &info, true, Batching::PerExample)?;
-        let per_example = (shape.iter().product::<usize>() + 2 * t * t) as u64 * 4;
-        let chunk = column_chunk_examples(per_example, self.batch as u64, self.chunk_bytes);
-        let cols = self.extra(Role::Workspace(format!("{name}_cols")), &format!("{name}_cols"), true, shape.clone());
-        let grams = self.extra(Role::Workspace(format!("{name}_grams")), &format!("{name}_grams"), true, vec![2, t, t]);
-        for b in [cols, grams] {
-            self.buffers[b.0 as usize].chunk = chunk;
-        }
+        let mut kernels = Vec::new();
+        // Bytes per example of the workspaces: gathered columns and the Gram matrices.
+        let mut per_example = 0;
+        let (gather, positions) = match gram {
+            Some((k, tensors, t)) => {
+                let gather = kept.is_none();
+                if let (true, Some(b)) = (gather, &before) {
+                    let im2col = format!("{name}_im2col");
+                    kernels.push(index::equation_kernel(&im2col, b, &ranges, &info, true, Batching::PerExample)?);
+                    per_example += shape.iter().product::<usize>();
+                }
+                per_example += 2 * t * t;
+                kernels.push((k, tensors));
+                (gather, t)
+            }
+            None => {
+                // The loop nest reads kept columns, or the window itself.
+                let f = on_columns.as_ref().filter(|_| kept.is_some()).unwrap_or(form);
+                kernels.push(index::ghost_kernel(name, f, &ranges, &info, slot, slots)?);
+                (false, 0)
+            }
+        };
+        let chunk = match per_example {
+            0 => None,
+            e => column_chunk_examples(e as u64 * 4, self.batch as u64, self.chunk_bytes),
+        };
+        let workspace = |l: &mut Self, what: &str, shape: Vec<usize>| {
+            let id = l.extra(Role::Workspace(format!("{name}_{what}")), &format!("{name}_{what}"), true, shape);
+            l.buffers[id.0 as usize].chunk = chunk;
+            id
+        };
+        let cols = if gather { Some(workspace(self, "cols", shape.clone())) } else { kept };
+        let grams = (positions > 0).then(|| workspace(self, "grams", vec![2, positions, positions]));
         let mut launches = Vec::new();
-        for (k, names) in [im2col, (gram, tensors)] {
+        for (k, tensors) in kernels {
             let mut args = Vec::new();
-            for n in &names {
-                args.push(match n.as_str() {
-                    index::COLUMNS => cols,
-                    index::GRAMS => grams,
-                    _ => self.index_buffer(node, n, &HashMap::new())?,
+            for t in &tensors {
+                args.push(match (t.as_str(), cols, grams) {
+                    (index::COLUMNS, Some(b), _) | (index::GRAMS, _, Some(b)) => b,
+                    _ => self.index_buffer(node, t, &HashMap::new())?,
                 });
             }
             if k.args.iter().any(|a| a.name == "sqnorm") {
@@ -1350,7 +1307,7 @@ impl<'g> Lowering<'g> {
             }
             launches.push(self.launch(k, args));
         }
-        Ok(Some(self.chunked(launches, chunk)))
+        Ok(self.chunked(launches, chunk))
     }
 
     /// A launch storing the squared norm of each example's stored gradient of `param` in
