@@ -810,15 +810,14 @@ fn run_parallel_matches_a_single_thread() {
     }
 }
 
-#[test]
-fn a_contraction_gives_the_same_bits_on_any_number_of_pool_threads() {
-    // One grid iteration, so the kernel runs on the calling thread and its GEMM on the
-    // pool of the thread count asked for; the GEMM never splits the sum over k.
-    let (m, k, n) = (96u32, 200u32, 130u32);
+/// One grid iteration of `c[m, n] (+)= Σ_k a[m, k] · b[.., ..]`, with `b` stored `[n, k]`
+/// where `b_by_rows` (both operands contiguous along `k`), else `[k, n]`; `c` is read and
+/// written (random at the start) so that an accumulating product adds to it.
+fn contraction_kernel([m, k, n]: [u32; 3], b_by_rows: bool, accumulate: bool) -> Kernel {
     let mut kb = KernelBuilder::new("gemm");
     let a = kb.input("a", &[f(m), f(k)]);
-    let b = kb.input("b", &[f(k), f(n)]);
-    let c_arg = kb.output("c", &[f(m), f(n)]);
+    let b = kb.input("b", &if b_by_rows { [f(n), f(k)] } else { [f(k), f(n)] });
+    let c_arg = kb.arg("c", &[f(m), f(n)], Mode::InOut);
     let [g, vm, vn, vk] = [kb.var("g"), kb.var("m"), kb.var("n"), kb.var("k")];
     let contract = Stmt::Contract(Contract {
         m: vm,
@@ -826,27 +825,50 @@ fn a_contraction_gives_the_same_bits_on_any_number_of_pool_threads() {
         k: vk,
         extents: [Extent::Fixed(m), Extent::Fixed(n), Extent::Fixed(k)],
         a: Operand { arg: a, index: vec![v(vm), v(vk)] },
-        b: Operand { arg: b, index: vec![v(vk), v(vn)] },
+        b: Operand { arg: b, index: if b_by_rows { vec![v(vn), v(vk)] } else { vec![v(vk), v(vn)] } },
         c: Operand { arg: c_arg, index: vec![v(vm), v(vn)] },
-        accumulate: false,
+        accumulate,
     });
-    let kernel = kb.finish(g, Extent::Fixed(1), vec![contract]);
-    let compiled = jit(true).compile(std::slice::from_ref(&kernel)).unwrap().remove(0);
+    kb.finish(g, Extent::Fixed(1), vec![contract])
+}
+
+/// Runs `kernel` (a [`contraction_kernel`]) on each of `threads` pools: every result close
+/// to the interpreter's and all of them the same bits.
+fn check_contraction(what: &str, kernel: &Kernel, threads: &[usize]) {
+    // One grid iteration, so the kernel runs on the calling thread and its GEMM on the
+    // pool of the thread count asked for; the GEMM never splits the sum over k.
+    let compiled = jit(true).compile(std::slice::from_ref(kernel)).unwrap().remove(0);
     let mut rng = Rng::new(3);
-    let inputs = random_bufs(&kernel, 0, &mut rng, -1.0, 1.0);
+    let inputs = random_bufs(kernel, 0, &mut rng, -1.0, 1.0);
     let mut want = inputs.clone();
-    exec(Backend::Interp, &kernel, &mut want, 0);
+    exec(Backend::Interp, kernel, &mut want, 0);
+    let wanted: Vec<f64> = want[2].iter().map(|x| *x as f64).collect();
     let mut first: Option<Vec<f32>> = None;
-    for threads in [1, 2, 4, 2] {
+    for &threads in threads {
         let mut bufs = inputs.clone();
         let mut views: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
         compiled.run_parallel(&mut views, 0, threads).unwrap();
-        let wanted: Vec<f64> = want[2].iter().map(|x| *x as f64).collect();
-        assert_close(&format!("gemm on {threads} threads vs interpreter"), &bufs[2], &wanted, 1e-5);
+        let what = format!("{what} on {threads} threads");
+        assert_close(&format!("{what} vs interpreter"), &bufs[2], &wanted, 1e-5);
         match &first {
-            Some(f) => assert_bits_eq(&format!("gemm on {threads} threads"), &bufs[2], f),
+            Some(f) => assert_bits_eq(&what, &bufs[2], f),
             None => first = Some(bufs[2].clone()),
         }
+    }
+}
+
+#[test]
+fn a_contraction_gives_the_same_bits_on_any_number_of_pool_threads() {
+    check_contraction("gemm", &contraction_kernel([96, 200, 130], false, false), &[1, 2, 4, 2]);
+}
+
+#[test]
+fn a_dot_shaped_contraction_matches_the_interpreter_on_any_number_of_threads() {
+    // Both operands contiguous along a long `k` (a weight gradient's layout), which the
+    // CPU backend runs through a column-major scratch matrix; overwritten and accumulated.
+    for accumulate in [false, true] {
+        let kernel = contraction_kernel([37, 700, 45], true, accumulate);
+        check_contraction(&format!("dot-shaped gemm (accumulate {accumulate})"), &kernel, &[1, 2, 4]);
     }
 }
 
