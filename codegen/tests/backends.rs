@@ -713,24 +713,9 @@ fn backends_agree_on_random_inputs() {
     cross_check(&selects_kernel(), 0, -1.0, 1.0, 1e-5);
 }
 
-/// `exp`, `log`, `tanh`, `erf` on vector lanes are the scalar functions' very operation
-/// sequences: on special values and inputs spread over every binade, the vector JIT, the
-/// scalar JIT and the interpreter agree bit for bit, and the vector loop makes no calls.
-#[test]
-fn vector_functions_agree_bit_for_bit() {
-    const OPS: [Unary; 4] = [Unary::Exp, Unary::Log, Unary::Tanh, Unary::Erf];
-    let len = 64u32;
-    let mut kb = KernelBuilder::new("functions");
-    let x = kb.input("x", &[B, f(len)]);
-    // One output per function: a vector loop stores to each argument at one index only.
-    let ys = OPS.map(|op| kb.output(&format!("{op:?}"), &[B, f(len)]));
-    let [n, i] = [kb.var("n"), kb.var("i")];
-    let stores =
-        OPS.iter().zip(ys).map(|(op, y)| store(y, vec![v(n), v(i)], Expr::un(*op, ld(x, vec![v(n), v(i)])))).collect();
-    let k = kb.finish(n, Extent::Batch, vec![vlp(i, len, stores)]);
-    let text = jit(true).clif_text(&k).unwrap();
-    assert!(!text.contains("call "), "the vector loop still calls a function:\n{text}");
-
+/// Inputs for the math functions, `batch × len` of them: special values first, then
+/// floats from every binade and dense ones in `[-12, 12]`.
+fn math_inputs(batch: u64, len: u32) -> Vec<f32> {
     let specials = [
         f32::NAN,
         -f32::NAN,
@@ -757,7 +742,6 @@ fn vector_functions_agree_bit_for_bit() {
         -1.0,
         0.5,
     ];
-    let batch = 40u64;
     let mut rng = Rng::new(17);
     let mut xs: Vec<f32> = specials.to_vec();
     while xs.len() < (batch * len as u64) as usize {
@@ -767,6 +751,29 @@ fn vector_functions_agree_bit_for_bit() {
         xs.push(rng.vec(1, -12.0, 12.0)[0]);
     }
     xs.truncate((batch * len as u64) as usize);
+    xs
+}
+
+/// `exp`, `log`, `tanh`, `erf` on vector lanes are the scalar functions' very operation
+/// sequences: on special values and inputs spread over every binade, the vector JIT, the
+/// scalar JIT and the interpreter agree bit for bit, and the vector loop makes no calls.
+#[test]
+fn vector_functions_agree_bit_for_bit() {
+    const OPS: [Unary; 4] = [Unary::Exp, Unary::Log, Unary::Tanh, Unary::Erf];
+    let len = 64u32;
+    let mut kb = KernelBuilder::new("functions");
+    let x = kb.input("x", &[B, f(len)]);
+    // One output per function: a vector loop stores to each argument at one index only.
+    let ys = OPS.map(|op| kb.output(&format!("{op:?}"), &[B, f(len)]));
+    let [n, i] = [kb.var("n"), kb.var("i")];
+    let stores =
+        OPS.iter().zip(ys).map(|(op, y)| store(y, vec![v(n), v(i)], Expr::un(*op, ld(x, vec![v(n), v(i)])))).collect();
+    let k = kb.finish(n, Extent::Batch, vec![vlp(i, len, stores)]);
+    let text = jit(true).clif_text(&k).unwrap();
+    assert!(!text.contains("call "), "the vector loop still calls a function:\n{text}");
+
+    let batch = 40u64;
+    let xs = math_inputs(batch, len);
     let mut results = Vec::new();
     for be in ALL {
         let mut bufs = vec![xs.clone(); 1 + OPS.len()];
@@ -791,6 +798,37 @@ fn vector_functions_agree_bit_for_bit() {
     }
 }
 
+/// A vector loop that only maps `exp`, `log`, `tanh` or `erf` over a contiguous run runs as
+/// one call of the natively compiled map (the widest vectors the host has), in place or
+/// into another buffer, and gives the interpreter's bits on every input.
+#[test]
+fn native_maps_agree_bit_for_bit() {
+    const OPS: [Unary; 4] = [Unary::Exp, Unary::Log, Unary::Tanh, Unary::Erf];
+    let (batch, len) = (40u64, 67u32);
+    let xs = math_inputs(batch, len);
+    for op in OPS {
+        for in_place in [false, true] {
+            let mut kb = KernelBuilder::new("map");
+            let x = kb.arg("x", &[B, f(len)], Mode::InOut);
+            let y = kb.output("y", &[B, f(len)]);
+            let [n, i] = [kb.var("n"), kb.var("i")];
+            let target = if in_place { x } else { y };
+            let body = store(target, vec![v(n), v(i)], Expr::un(op, ld(x, vec![v(n), v(i)])));
+            let k = kb.finish(n, Extent::Batch, vec![vlp(i, len, vec![body])]);
+            let text = jit(true).clif_text(&k).unwrap();
+            assert!(text.contains("call "), "{op:?}: the map is not one call:\n{text}");
+            let mut results = Vec::new();
+            for be in ALL {
+                let mut bufs = vec![xs.clone(), vec![0.0; xs.len()]];
+                exec(be, &k, &mut bufs, batch);
+                results.push(bufs.remove(usize::from(!in_place)));
+            }
+            for (be, r) in ALL.iter().zip(&results).skip(1) {
+                assert_bits_eq(&format!("{op:?} (in place {in_place}): {be:?} vs interpreter"), r, &results[0]);
+            }
+        }
+    }
+}
 #[test]
 fn run_parallel_matches_a_single_thread() {
     let k = conv2d_kernel(&CONV);

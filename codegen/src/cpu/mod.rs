@@ -27,6 +27,7 @@ mod gemm;
 mod pool;
 mod translate;
 mod vector;
+mod vmap;
 mod vmath;
 
 use std::sync::{Arc, Mutex};
@@ -144,6 +145,7 @@ impl CpuBackend {
             builder.symbol(name, f as *const u8);
         }
         builder.symbol("pdgc_sgemm", gemm::pdgc_sgemm as *const u8);
+        builder.symbol("pdgc_vmap", vmap::pdgc_vmap as *const u8);
         let mut module = JITModule::new(builder);
         let mut math = [FuncId::from_u32(0); MATH_SYMBOLS.len()];
         for (id, (name, _)) in math.iter_mut().zip(MATH_SYMBOLS) {
@@ -154,6 +156,9 @@ impl CpuBackend {
         let gemm = module
             .declare_function("pdgc_sgemm", Linkage::Import, &gemm_signature(call_conv))
             .map_err(|e| CpuError::Setup(format!("declaring pdgc_sgemm: {e}")))?;
+        let vmap = module
+            .declare_function("pdgc_vmap", Linkage::Import, &vmap_signature(call_conv))
+            .map_err(|e| CpuError::Setup(format!("declaring pdgc_vmap: {e}")))?;
         let cfg = translate::Config {
             call_conv,
             frontend,
@@ -161,6 +166,7 @@ impl CpuBackend {
             vectorize: options.vectorize,
             math,
             gemm,
+            vmap,
         };
         Ok(CpuBackend { jit: Arc::new(Jit(Mutex::new(Some(module)))), cfg, host_fma, options })
     }
@@ -258,6 +264,13 @@ fn math_signature(call_conv: CallConv) -> Signature {
 fn gemm_signature(call_conv: CallConv) -> Signature {
     let mut sig = Signature::new(call_conv);
     sig.params.extend([AbiParam::new(types::I64); 13]);
+    sig
+}
+
+/// `pdgc_vmap(op, x, y, len)`: all i64.
+fn vmap_signature(call_conv: CallConv) -> Signature {
+    let mut sig = Signature::new(call_conv);
+    sig.params.extend([AbiParam::new(types::I64); 4]);
     sig
 }
 

@@ -22,10 +22,11 @@ use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_module::FuncId;
 
-use super::{gemm_signature, math_signature, CpuError};
+use super::{gemm_signature, math_signature, vmap, vmap_signature, CpuError};
 use crate::analysis::vector;
 use crate::ir::{
-    AccId, Affine, ArgId, Binary, CmpOp, Cond, Contract, Expr, Extent, Kernel, LoopKind, Operand, Stmt, Unary, VarId,
+    AccId, Affine, ArgId, Binary, CmpOp, Cond, Contract, Expr, Extent, Kernel, Loop, LoopKind, Operand, Stmt, Unary,
+    VarId,
 };
 
 /// What translation needs from the backend.
@@ -39,6 +40,8 @@ pub(super) struct Config {
     pub math: [FuncId; 4],
     /// `pdgc_sgemm`, the contraction kernel (`gemm.rs`).
     pub gemm: FuncId,
+    /// `pdgc_vmap`, a transcendental over a contiguous run (`vmap.rs`).
+    pub vmap: FuncId,
 }
 
 /// The Cranelift function of a verified kernel, named after it.
@@ -73,6 +76,7 @@ pub(super) fn function(k: &Kernel, cfg: &Config, fctx: &mut FunctionBuilderConte
         accs,
         math_refs: [None; 4],
         gemm_ref: None,
+        vmap_ref: None,
         hoisted: HashMap::new(),
     };
     t.scalar_loop(k.grid.var, lo, hi, false, &k.grid.body, true)?;
@@ -99,6 +103,7 @@ pub(super) struct Translator<'k, 'f> {
     accs: Vec<Variable>,
     math_refs: [Option<FuncRef>; 4],
     gemm_ref: Option<FuncRef>,
+    vmap_ref: Option<FuncRef>,
     /// Scalar values of the loop-invariant subexpressions of the vector loop being
     /// emitted, computed once in front of it, by the address of the expression.
     pub hoisted: HashMap<*const Expr, Value>,
@@ -167,6 +172,9 @@ impl Translator<'_, '_> {
         match s {
             Stmt::Loop(l) => {
                 if l.kind == LoopKind::Vector && self.cfg.vectorize {
+                    if let Some(map) = self.native_map(l) {
+                        return self.call_vmap(l, map);
+                    }
                     if let Some(plan) = vector::plan(self.k, l) {
                         return self.vector_loop(l, &plan);
                     }
@@ -228,19 +236,69 @@ impl Translator<'_, '_> {
         let func = match self.gemm_ref {
             Some(f) => f,
             None => {
-                let signature = self.b.import_signature(gemm_signature(self.cfg.call_conv));
-                let name = self.b.func.declare_imported_user_function(UserExternalName::new(0, self.cfg.gemm.as_u32()));
-                let f = self.b.import_function(ExtFuncData {
-                    name: ExternalName::user(name),
-                    signature,
-                    colocated: false,
-                    patchable: false,
-                });
+                let f = self.import(self.cfg.gemm, gemm_signature(self.cfg.call_conv));
                 self.gemm_ref = Some(f);
                 f
             }
         };
         self.b.ins().call(func, &[m, n, k, cp, c_rs, c_cs, ap, a_rs, a_cs, bp, b_rs, b_cs, acc]);
+        Ok(())
+    }
+
+    /// A vector loop that only maps a transcendental over a contiguous run, `y[.., i] =
+    /// f(x[.., i])` with unit element strides along the loop's variable (and `y` either
+    /// another argument or `x` at the same index): its function's code in `vmap::OPS`, the
+    /// load and the store.
+    fn native_map<'s>(&self, l: &'s Loop) -> Option<(usize, &'s Expr, &'s Stmt)> {
+        let [store @ Stmt::Store { arg: y, index: yi, value: Expr::Unary(op, x), accumulate: false }] = &l.body[..]
+        else {
+            return None;
+        };
+        let code = vmap::OPS.iter().position(|o| o == op)?;
+        let Expr::Load { arg: xa, index: xi } = &**x else { return None };
+        if xa == y && xi != yi {
+            return None;
+        }
+        let unit = |arg: ArgId, index: &[Affine]| {
+            let strides = self.strides.get(arg.0 as usize)?;
+            let mut along = 0i64;
+            for (ix, &s) in index.iter().zip(strides) {
+                for t in ix.terms.iter().filter(|t| t.var == l.var) {
+                    if t.div != 1 {
+                        return None;
+                    }
+                    along += t.coef * s as i64;
+                }
+            }
+            Some(along == 1)
+        };
+        (unit(*xa, xi)? && unit(*y, yi)?).then_some((code, &**x, store))
+    }
+
+    /// A [`Self::native_map`] loop as one call of `pdgc_vmap` from the loop variable's 0.
+    fn call_vmap(&mut self, l: &Loop, (code, load, store): (usize, &Expr, &Stmt)) -> Result<(), CpuError> {
+        let len = match l.extent {
+            Extent::Fixed(0) => return Ok(()),
+            Extent::Fixed(n) => self.b.ins().iconst(I64, n as i64),
+            Extent::Batch => self.batch,
+        };
+        let (Expr::Load { arg: xa, index: xi }, Stmt::Store { arg: ya, index: yi, .. }) = (load, store) else {
+            return Err(internal(self.k, "a native map without its load and store"));
+        };
+        let var = self.var(l.var)?;
+        let zero = self.b.ins().iconst(I64, 0);
+        self.b.def_var(var, zero);
+        let (x, y) = (self.address(*xa, xi)?, self.address(*ya, yi)?);
+        let op = self.b.ins().iconst(I64, code as i64);
+        let func = match self.vmap_ref {
+            Some(f) => f,
+            None => {
+                let f = self.import(self.cfg.vmap, vmap_signature(self.cfg.call_conv));
+                self.vmap_ref = Some(f);
+                f
+            }
+        };
+        self.b.ins().call(func, &[op, x, y, len]);
         Ok(())
     }
 
@@ -402,19 +460,23 @@ impl Translator<'_, '_> {
         }
     }
 
+    /// A function of the JIT module, imported into this one.
+    fn import(&mut self, id: FuncId, signature: Signature) -> FuncRef {
+        let signature = self.b.import_signature(signature);
+        let name = self.b.func.declare_imported_user_function(UserExternalName::new(0, id.as_u32()));
+        self.b.import_function(ExtFuncData {
+            name: ExternalName::user(name),
+            signature,
+            colocated: false,
+            patchable: false,
+        })
+    }
+
     fn call_math(&mut self, slot: usize, x: Value) -> Result<Value, CpuError> {
         let func = match self.math_refs[slot] {
             Some(f) => f,
             None => {
-                let signature = self.b.import_signature(math_signature(self.cfg.call_conv));
-                let name =
-                    self.b.func.declare_imported_user_function(UserExternalName::new(0, self.cfg.math[slot].as_u32()));
-                let f = self.b.import_function(ExtFuncData {
-                    name: ExternalName::user(name),
-                    signature,
-                    colocated: false,
-                    patchable: false,
-                });
+                let f = self.import(self.cfg.math[slot], math_signature(self.cfg.call_conv));
                 self.math_refs[slot] = Some(f);
                 f
             }
