@@ -30,19 +30,32 @@ thread_local! {
 }
 
 /// The shortest sum over `k` run through the column-major scratch: below it, the transpose
-/// of the `m × n` result costs more than the packing it saves. Measured on one core for
-/// conv weight gradients `m × n` over `k` positions: 32×288 over 1024 went from 388 to
-/// 128 µs, 50×625 over 1024 from 1100 to 549, 64×576 over 256 from 179 to 169 and
-/// 100×1250 over 256 from 784 to 694, while 128×1152 over 64 went from 143 to 304.
+/// of the `m × n` result costs more than the packing it saves.
 const DOT_MIN_K: i64 = 256;
+
+/// The most rows `m` run through the scratch. Into a column-major result the crate reads
+/// the large operand in place only while `m` is at most two of its register tiles (64 rows
+/// with AVX-512); beyond that it packs that operand anyway and the transpose is extra work.
+/// Measured on one core for conv weight gradients `m × n` over `k` positions (µs, as it is
+/// / through the scratch): 32×288 over 1024 388 / 128, 50×625 over 1024 1100 / 549,
+/// 25×75 over 1024 132 / 76, 64×576 over 256 179 / 162, but 200×900 over 484 1457 / 1372
+/// alone and slower inside toy_l4_r2_k3's step (148 → 192 ms for that layer at B = 128),
+/// and 128×1152 over 64 143 / 304.
+const DOT_MAX_ROWS: i64 = 64;
 
 /// The largest scratch matrix, in elements (16 MiB); a larger product runs as it is.
 const DOT_MAX_ELEMENTS: i64 = 4 << 20;
 
 /// Whether `C[m×n] (+)= A·B` is run through the column-major scratch: `A` and `B` both
-/// contiguous along `k`, `C` row-major, a long sum and a matrix (not a vector) result.
+/// contiguous along `k`, `C` row-major, a long sum, few rows and a matrix (not a vector).
 fn dot_shaped(m: i64, n: i64, k: i64, c_cs: i64, a_cs: i64, b_rs: i64) -> bool {
-    a_cs == 1 && b_rs == 1 && c_cs == 1 && k >= DOT_MIN_K && m >= 2 && n >= 2 && m * n <= DOT_MAX_ELEMENTS
+    a_cs == 1
+        && b_rs == 1
+        && c_cs == 1
+        && k >= DOT_MIN_K
+        && (2..=DOT_MAX_ROWS).contains(&m)
+        && n >= 2
+        && m * n <= DOT_MAX_ELEMENTS
 }
 
 /// Runs `f` with GEMMs on this thread allowed `threads` threads.
