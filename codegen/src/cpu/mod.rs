@@ -10,14 +10,16 @@
 //! entry points; `translate` turns one kernel into a Cranelift function (scalar code,
 //! the reference path); `vector` is the F32X4 path for `LoopKind::Vector` loops it can
 //! prove lane-independent, falling back to scalar code for everything else; `vmath` emits
-//! `exp`, `log`, `tanh` and `erf` on lanes; `gemm` runs contractions
-//! ([`crate::ir::Contract`]) on the `gemm` crate's tuned micro-kernels.
+//! `exp`, `log`, `tanh` and `erf` on lanes, and `vmap` maps one of them over a contiguous
+//! run (a vector loop that does only that) at the host's widest vectors; `gemm` runs
+//! contractions ([`crate::ir::Contract`]) on the `gemm` crate's tuned micro-kernels.
 //!
 //! Floating point: scalar code computes exactly what [`crate::interp`] computes (same
 //! operations, same order, the same functions for `exp`, `log`, `tanh`, `erf`, called as
 //! JIT symbols). Vector code computes those four functions lane by lane with the very
-//! operation sequence of the scalar functions (`crate::math::approx`), so they agree bit
-//! for bit too. Vector code reassociates reductions (four lanes, several
+//! operation sequence of the scalar functions (`crate::math::approx`), and so does `vmap`
+//! (the same sequence, compiled without reassociation or fused multiply-adds), so they
+//! agree bit for bit too. Vector code reassociates reductions (four lanes, several
 //! vector accumulators) and, where the host has FMA (x86: AVX and FMA; always on aarch64),
 //! fuses `acc + a·b` into one `fma`, so it agrees with the interpreter to rounding, not
 //! to the bit. `Max`/`Min` are Cranelift's NaN-propagating `fmax`/`fmin`, the semantics

@@ -267,7 +267,7 @@ impl Translator<'_, '_> {
                     if t.div != 1 {
                         return None;
                     }
-                    along += t.coef * s as i64;
+                    along = along.checked_add(t.coef.checked_mul(s as i64)?)?;
                 }
             }
             Some(along == 1)
