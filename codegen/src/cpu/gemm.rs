@@ -38,9 +38,9 @@ const DOT_MIN_K: i64 = 256;
 /// with AVX-512); beyond that it packs that operand anyway and the transpose is extra work.
 /// Measured on one core for conv weight gradients `m × n` over `k` positions (µs, as it is
 /// / through the scratch): 32×288 over 1024 388 / 128, 50×625 over 1024 1100 / 549,
-/// 25×75 over 1024 132 / 76, 64×576 over 256 179 / 162, but 200×900 over 484 1457 / 1372
-/// alone and slower inside toy_l4_r2_k3's step (148 → 192 ms for that layer at B = 128),
-/// and 128×1152 over 64 143 / 304.
+/// 25×75 over 1024 132 / 76, 64×576 over 256 179 / 162, but 200×900 over 484 only
+/// 1457 / 1372 (no gain measurable inside toy_l4_r2_k3's noisy step) and 128×1152 over 64
+/// 143 / 304.
 const DOT_MAX_ROWS: i64 = 64;
 
 /// The largest scratch matrix, in elements (16 MiB); a larger product runs as it is.

@@ -46,7 +46,7 @@ use cranelift_module::{default_libcall_names, FuncId, Linkage, Module, ModuleErr
 use thiserror::Error;
 
 use crate::analysis::launch::grid_independent;
-use crate::ir::{Arg, Extent, Kernel};
+use crate::ir::{Arg, Extent, Kernel, Unary};
 use crate::math;
 use crate::verify::{verify, VerifyError};
 
@@ -106,6 +106,16 @@ impl Drop for Jit {
             unsafe { module.free_memory() };
         }
     }
+}
+
+/// The functions that are calls rather than instructions, in the order of
+/// [`MATH_SYMBOLS`]: an op's position here is its slot there and its code for
+/// `vmap::pdgc_vmap`.
+const MATH_OPS: [Unary; 4] = [Unary::Exp, Unary::Log, Unary::Tanh, Unary::Erf];
+
+/// `op`'s slot in [`MATH_OPS`], if it is one of those functions.
+fn math_slot(op: Unary) -> Option<usize> {
+    MATH_OPS.iter().position(|o| *o == op)
 }
 
 /// The scalar math functions compiled code calls, as `(symbol, address)`.

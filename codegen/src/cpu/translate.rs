@@ -22,12 +22,20 @@ use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_module::FuncId;
 
-use super::{gemm_signature, math_signature, vmap, vmap_signature, CpuError};
+use super::{gemm_signature, math_signature, math_slot, vmap_signature, CpuError};
 use crate::analysis::vector;
 use crate::ir::{
     AccId, Affine, ArgId, Binary, CmpOp, Cond, Contract, Expr, Extent, Kernel, Loop, LoopKind, Operand, Stmt, Unary,
     VarId,
 };
+
+/// A vector loop [`Translator::native_map`] runs as one `pdgc_vmap` call: the function's
+/// slot (its code for the call) and the argument and index of the load and the store.
+struct NativeMap<'s> {
+    slot: usize,
+    x: (ArgId, &'s [Affine]),
+    y: (ArgId, &'s [Affine]),
+}
 
 /// What translation needs from the backend.
 pub(super) struct Config {
@@ -247,14 +255,12 @@ impl Translator<'_, '_> {
 
     /// A vector loop that only maps a transcendental over a contiguous run, `y[.., i] =
     /// f(x[.., i])` with unit element strides along the loop's variable (and `y` either
-    /// another argument or `x` at the same index): its function's code in `vmap::OPS`, the
-    /// load and the store.
-    fn native_map<'s>(&self, l: &'s Loop) -> Option<(usize, &'s Expr, &'s Stmt)> {
-        let [store @ Stmt::Store { arg: y, index: yi, value: Expr::Unary(op, x), accumulate: false }] = &l.body[..]
-        else {
+    /// another argument or `x` at the same index).
+    fn native_map<'s>(&self, l: &'s Loop) -> Option<NativeMap<'s>> {
+        let [Stmt::Store { arg: y, index: yi, value: Expr::Unary(op, x), accumulate: false }] = &l.body[..] else {
             return None;
         };
-        let code = vmap::OPS.iter().position(|o| o == op)?;
+        let slot = math_slot(*op)?;
         let Expr::Load { arg: xa, index: xi } = &**x else { return None };
         if xa == y && xi != yi {
             return None;
@@ -272,24 +278,21 @@ impl Translator<'_, '_> {
             }
             Some(along == 1)
         };
-        (unit(*xa, xi)? && unit(*y, yi)?).then_some((code, &**x, store))
+        (unit(*xa, xi)? && unit(*y, yi)?).then_some(NativeMap { slot, x: (*xa, xi), y: (*y, yi) })
     }
 
     /// A [`Self::native_map`] loop as one call of `pdgc_vmap` from the loop variable's 0.
-    fn call_vmap(&mut self, l: &Loop, (code, load, store): (usize, &Expr, &Stmt)) -> Result<(), CpuError> {
+    fn call_vmap(&mut self, l: &Loop, map: NativeMap<'_>) -> Result<(), CpuError> {
         let len = match l.extent {
             Extent::Fixed(0) => return Ok(()),
             Extent::Fixed(n) => self.b.ins().iconst(I64, n as i64),
             Extent::Batch => self.batch,
         };
-        let (Expr::Load { arg: xa, index: xi }, Stmt::Store { arg: ya, index: yi, .. }) = (load, store) else {
-            return Err(internal(self.k, "a native map without its load and store"));
-        };
         let var = self.var(l.var)?;
         let zero = self.b.ins().iconst(I64, 0);
         self.b.def_var(var, zero);
-        let (x, y) = (self.address(*xa, xi)?, self.address(*ya, yi)?);
-        let op = self.b.ins().iconst(I64, code as i64);
+        let (x, y) = (self.address(map.x.0, map.x.1)?, self.address(map.y.0, map.y.1)?);
+        let op = self.b.ins().iconst(I64, map.slot as i64);
         let func = match self.vmap_ref {
             Some(f) => f,
             None => {
@@ -432,10 +435,10 @@ impl Translator<'_, '_> {
             Unary::Neg => self.b.ins().fneg(x),
             Unary::Abs => self.b.ins().fabs(x),
             Unary::Sqrt => self.b.ins().sqrt(x),
-            Unary::Exp => self.call_math(0, x)?,
-            Unary::Log => self.call_math(1, x)?,
-            Unary::Tanh => self.call_math(2, x)?,
-            Unary::Erf => self.call_math(3, x)?,
+            Unary::Exp | Unary::Log | Unary::Tanh | Unary::Erf => {
+                let slot = math_slot(op).ok_or_else(|| internal(self.k, "a math function without its symbol"))?;
+                self.call_math(slot, x)?
+            }
         })
     }
 
