@@ -171,6 +171,7 @@ fn test_models_every_strategy_matches_the_reference() {
         "tests/data/models/hardswish_net.pdg",
         "tests/data/models/per_side_padding.pdg",
         "tests/data/models/linear_rows.pdg",
+        "tests/data/models/overlapping_max_pool.pdg",
     ] {
         check_model(rel, 2, Device::Cpu, false);
     }
@@ -208,7 +209,7 @@ fn the_generated_cuda_c_agrees_with_the_reference() {
 }
 
 /// The models the CUDA tests run, with their batch sizes.
-const CUDA_MODELS: [(&str, usize); 12] = [
+const CUDA_MODELS: [(&str, usize); 13] = [
     ("samples/mnist_cnn.pdg", 3),
     ("samples/cifar_cnn.pdg", 2),
     ("samples/conv1d_net.pdg", 3),
@@ -221,6 +222,7 @@ const CUDA_MODELS: [(&str, usize); 12] = [
     ("samples/gated_bilinear.pdg", 2),
     ("tests/data/models/index_conv.pdg", 2),
     ("tests/data/models/linear_rows.pdg", 2),
+    ("tests/data/models/overlapping_max_pool.pdg", 2),
 ];
 
 /// Whether a CUDA device is usable here. `PDGC_REQUIRE_GPU=1` (scripts/gpu-check.sh) turns

@@ -56,7 +56,9 @@ pub fn pool_forward(name: &str, p: &PoolGeom) -> Result<Kernel> {
         }
     };
     let out_ix = cat(vec![v(n), v(ch)], idx(&o));
-    let per_output = match unrolled_taps(w, &o, UNROLLED_TAPS) {
+    let outer = [&[ch][..], &o].concat();
+    let extents = [&[p.channels][..], &w.output].concat();
+    let body = match unrolled_taps(w, &o, UNROLLED_TAPS) {
         // No padding: the taps' reads as one expression (no loop, no register per tap).
         Some(taps) => {
             let mut reads = taps.into_iter().map(|t| load(x, cat(vec![v(n), v(ch)], t)));
@@ -68,16 +70,21 @@ pub fn pool_forward(name: &str, p: &PoolGeom) -> Result<Kernel> {
                     Expr::div(reads.fold(first, Expr::add), lit(count))
                 }
             };
-            vec![store(y, out_ix, value)]
+            // One store per output: where the taps move one element per output along the
+            // last axis (stride 1), their reads are SIMD lanes of a vector loop.
+            let per_output = vec![store(y, out_ix, value)];
+            match w.stride.last() {
+                Some(1) => vnest(&outer, &extents, per_output),
+                _ => nest(&outer, &extents, per_output),
+            }
         }
         None => {
             let mut s = vec![set(a, init)];
             s.extend(nest(&k, &w.kernel, guarded(w.guards(&xi), vec![set(a, update)])));
             s.push(store(y, out_ix, finish));
-            s
+            nest(&outer, &extents, s)
         }
     };
-    let body = nest(&[&[ch][..], &o].concat(), &[&[p.channels][..], &w.output].concat(), per_output);
     kb.finish(n, Extent::Batch, body)
 }
 
@@ -276,6 +283,18 @@ pub fn mse(name: &str, size: usize) -> Result<Kernel> {
 
 /// Max pool: the gradient goes to the first maximum of each window (PyTorch's choice);
 /// average pool: spread evenly (padding counted, as PyTorch's default).
+/// Whether tap `i` (its value `xv`) of an unrolled window holds the window's maximum
+/// `ymax` and no tap before it does: the tap that takes the gradient.
+fn first_max(taps: &[(Vec<Affine>, Expr)], i: usize, xv: &Expr, ymax: &Expr) -> Cond {
+    let mut conds = vec![Cond::Cmp { op: CmpOp::Eq, a: xv.clone(), b: ymax.clone() }];
+    conds.extend(taps[..i].iter().map(|(_, e)| Cond::Cmp { op: CmpOp::Ne, a: e.clone(), b: ymax.clone() }));
+    if conds.len() == 1 {
+        conds.remove(0)
+    } else {
+        Cond::And(conds)
+    }
+}
+
 pub fn pool_backward(name: &str, p: &PoolGeom, first: bool) -> Result<Kernel> {
     let w = &p.window;
     let mut kb = KernelBuilder::new(name);
@@ -289,7 +308,6 @@ pub fn pool_backward(name: &str, p: &PoolGeom, first: bool) -> Result<Kernel> {
     let ch = kb.var("c");
     let o = spatial_vars(&mut kb, w.spatial(), true);
     let k = spatial_vars(&mut kb, w.spatial(), false);
-    let g = kb.acc("g");
     let xi = w.input_index(&o, &k);
     let target = cat(vec![v(n), v(ch)], xi.clone());
     let out_ix = cat(vec![v(n), v(ch)], idx(&o));
@@ -304,8 +322,29 @@ pub fn pool_backward(name: &str, p: &PoolGeom, first: bool) -> Result<Kernel> {
         let zero_ix = cat(vec![v(n)], idx(&zero_vars));
         body.extend(vnest(&zero_vars, &xs, vec![store(dx, zero_ix, lit(0.0))]));
     }
+    let outer = [&[ch][..], &o].concat();
+    let extents = [&[p.channels][..], &w.output].concat();
+    // Where the taps move one element per output along the last axis (stride 1), the
+    // windows overlap and their reads are SIMD lanes: one loop nest per tap, whose last
+    // loop writes distinct elements of `dx` and so is a vector loop. Each element of `dx`
+    // still receives its windows' contributions, in tap order rather than window order.
+    // Otherwise one nest for all taps (a stride-2 pool's four passes were slower).
+    let lanes = w.stride.last() == Some(&1);
     let per_out = match (p.kind, unrolled) {
+        (PoolKind::Max, Some(taps)) if lanes => {
+            let ymax = load(y, out_ix.clone());
+            let xs: Vec<(Vec<Affine>, Expr)> = taps
+                .into_iter()
+                .map(|t| (cat(vec![v(n), v(ch)], t.clone()), load(x, cat(vec![v(n), v(ch)], t))))
+                .collect();
+            for (i, (at, xv)) in xs.iter().enumerate() {
+                let grad = Expr::select(first_max(&xs, i, xv, &ymax), load(dy, out_ix.clone()), lit(0.0));
+                body.extend(vnest(&outer, &extents, vec![put(dx, at.clone(), grad, stores)]));
+            }
+            return kb.finish(n, Extent::Batch, body);
+        }
         (PoolKind::Max, Some(taps)) => {
+            let g = kb.acc("g");
             let ymax = load(y, out_ix.clone());
             let xs: Vec<(Vec<Affine>, Expr)> = taps
                 .into_iter()
@@ -313,14 +352,12 @@ pub fn pool_backward(name: &str, p: &PoolGeom, first: bool) -> Result<Kernel> {
                 .collect();
             let mut s = vec![set(g, load(dy, out_ix.clone()))];
             for (i, (at, xv)) in xs.iter().enumerate() {
-                let mut conds = vec![Cond::Cmp { op: CmpOp::Eq, a: xv.clone(), b: ymax.clone() }];
-                conds.extend(xs[..i].iter().map(|(_, e)| Cond::Cmp { op: CmpOp::Ne, a: e.clone(), b: ymax.clone() }));
-                let take = if conds.len() == 1 { conds.remove(0) } else { Cond::And(conds) };
-                s.push(put(dx, at.clone(), Expr::select(take, acc(g), lit(0.0)), stores));
+                s.push(put(dx, at.clone(), Expr::select(first_max(&xs, i, xv, &ymax), acc(g), lit(0.0)), stores));
             }
             s
         }
         (PoolKind::Max, None) => {
+            let g = kb.acc("g");
             let found = kb.acc("found");
             let xv = load(x, target.clone());
             let is_max = Cond::Cmp { op: CmpOp::Eq, a: xv.clone(), b: load(y, out_ix.clone()) };
@@ -340,13 +377,14 @@ pub fn pool_backward(name: &str, p: &PoolGeom, first: bool) -> Result<Kernel> {
             s
         }
         (PoolKind::Avg, _) => {
+            let g = kb.acc("g");
             let count = w.kernel.iter().product::<usize>() as f32;
             let mut s = vec![set(g, Expr::div(load(dy, out_ix.clone()), lit(count)))];
             s.extend(nest(&k, &w.kernel, guarded(w.guards(&xi), vec![accumulate(dx, target.clone(), acc(g))])));
             s
         }
     };
-    body.extend(nest(&[&[ch][..], &o].concat(), &[&[p.channels][..], &w.output].concat(), per_out));
+    body.extend(nest(&outer, &extents, per_out));
     kb.finish(n, Extent::Batch, body)
 }
 
