@@ -38,6 +38,7 @@ backend_tests!(
     grid_subrange,
     nan_semantics,
     vector_selects_and_invariants,
+    stride_two_loads,
 );
 
 /// The generated CUDA C, compiled for the host (`cuda::host`), on the same cases: what the
@@ -62,6 +63,7 @@ mod cuda_c {
         vector_reductions_and_maps,
         nan_semantics,
         vector_selects_and_invariants,
+        stride_two_loads,
     );
 }
 
@@ -671,6 +673,60 @@ fn vector_selects_and_invariants(be: Backend) {
     }
 }
 
+/// Loads that move two elements per step of a vector loop (a stride-2 pool's taps): a map
+/// `y[g, j] = max(x[g, 2j], x[g, 2j+1]) + w[g]·x[g, 2j+2]` over 11 outputs (two chunks of
+/// four lanes and a scalar tail; the last tap reads the row's last element) and a reduction
+/// `out[g] = Σ_j x[g, 2j+1]`.
+fn stride_two_kernel() -> Kernel {
+    let mut kb = KernelBuilder::new("stride_two");
+    let x = kb.input("x", &[f(2), f(23)]);
+    let w = kb.input("w", &[f(2)]);
+    let y = kb.output("y", &[f(2), f(11)]);
+    let out = kb.output("out", &[f(2)]);
+    let [g, j, k] = ["g", "j", "k"].map(|s| kb.var(s));
+    let s = kb.acc("s");
+    let tap = |var: VarId, offset: i64| ld(x, vec![v(g), Affine::default().plus(var, 2).offset(offset)]);
+    let body = vec![
+        vlp(
+            j,
+            11,
+            vec![store(
+                y,
+                vec![v(g), v(j)],
+                Expr::add(Expr::bin(Binary::Max, tap(j, 0), tap(j, 1)), Expr::mul(ld(w, vec![v(g)]), tap(j, 2))),
+            )],
+        ),
+        set(s, c(0.0)),
+        vlp(k, 11, vec![set(s, Expr::add(acc(s), tap(k, 1)))]),
+        store(out, vec![v(g)], acc(s)),
+    ];
+    kb.finish(g, Extent::Fixed(2), body)
+}
+
+fn stride_two_loads(be: Backend) {
+    let k = stride_two_kernel();
+    let mut rng = Rng::new(7);
+    let mut bufs = random_bufs(&k, 0, &mut rng, -1.0, 1.0);
+    let (x, w) = (bufs[0].clone(), bufs[1].clone());
+    exec(be, &k, &mut bufs, 0);
+    let mut want_y = Vec::new();
+    let mut want_out = Vec::new();
+    for g in 0..2 {
+        let row = &x[g * 23..(g + 1) * 23];
+        for j in 0..11 {
+            want_y.push((row[2 * j].max(row[2 * j + 1]) + w[g] * row[2 * j + 2]) as f64);
+        }
+        want_out.push((0..11).map(|j| row[2 * j + 1] as f64).sum::<f64>());
+    }
+    assert_close("stride-2 map", &bufs[2], &want_y, 1e-6);
+    assert_close("stride-2 reduction", &bufs[3], &want_out, 1e-5);
+    if be == Backend::Vector {
+        // Both loops took the vector path, with the even-lane shuffle.
+        let text = jit(true).clif_text(&k).unwrap();
+        assert!(text.matches("shuffle").count() >= 2, "{text}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Cross-checks on random inputs: scalar JIT == interpreter bit for bit, vector JIT close.
 
@@ -711,6 +767,7 @@ fn backends_agree_on_random_inputs() {
     cross_check(&unary_kernel(13), 2, 0.1, 3.0, 0.0);
     cross_check(&reductions_kernel(37), 3, -2.0, 2.0, 1e-5);
     cross_check(&selects_kernel(), 0, -1.0, 1.0, 1e-5);
+    cross_check(&stride_two_kernel(), 0, -1.0, 1.0, 1e-5);
 }
 
 /// Inputs for the math functions, `batch × len` of them: special values first, then

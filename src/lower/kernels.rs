@@ -70,11 +70,12 @@ pub fn pool_forward(name: &str, p: &PoolGeom) -> Result<Kernel> {
                     Expr::div(reads.fold(first, Expr::add), lit(count))
                 }
             };
-            // One store per output: where the taps move one element per output along the
-            // last axis (stride 1), their reads are SIMD lanes of a vector loop.
+            // One store per output: where the taps move one or two elements per output
+            // along the last axis (stride 1 or 2), their reads are SIMD lanes of a vector
+            // loop (stride 2: the even lanes of two loads).
             let per_output = vec![store(y, out_ix, value)];
             match w.stride.last() {
-                Some(1) => vnest(&outer, &extents, per_output),
+                Some(1 | 2) => vnest(&outer, &extents, per_output),
                 _ => nest(&outer, &extents, per_output),
             }
         }
@@ -281,8 +282,6 @@ pub fn mse(name: &str, size: usize) -> Result<Kernel> {
 // ---------------------------------------------------------------------------------------
 // Backward: input gradients.
 
-/// Max pool: the gradient goes to the first maximum of each window (PyTorch's choice);
-/// average pool: spread evenly (padding counted, as PyTorch's default).
 /// Whether tap `i` (its value `xv`) of an unrolled window holds the window's maximum
 /// `ymax` and no tap before it does: the tap that takes the gradient.
 fn first_max(taps: &[(Vec<Affine>, Expr)], i: usize, xv: &Expr, ymax: &Expr) -> Cond {
@@ -295,6 +294,8 @@ fn first_max(taps: &[(Vec<Affine>, Expr)], i: usize, xv: &Expr, ymax: &Expr) -> 
     }
 }
 
+/// Max pool: the gradient goes to the first maximum of each window (PyTorch's choice);
+/// average pool: spread evenly (padding counted, as PyTorch's default).
 pub fn pool_backward(name: &str, p: &PoolGeom, first: bool) -> Result<Kernel> {
     let w = &p.window;
     let mut kb = KernelBuilder::new(name);
@@ -331,25 +332,20 @@ pub fn pool_backward(name: &str, p: &PoolGeom, first: bool) -> Result<Kernel> {
     // Otherwise one nest for all taps (a stride-2 pool's four passes were slower).
     let lanes = w.stride.last() == Some(&1);
     let per_out = match (p.kind, unrolled) {
-        (PoolKind::Max, Some(taps)) if lanes => {
-            let ymax = load(y, out_ix.clone());
-            let xs: Vec<(Vec<Affine>, Expr)> = taps
-                .into_iter()
-                .map(|t| (cat(vec![v(n), v(ch)], t.clone()), load(x, cat(vec![v(n), v(ch)], t))))
-                .collect();
-            for (i, (at, xv)) in xs.iter().enumerate() {
-                let grad = Expr::select(first_max(&xs, i, xv, &ymax), load(dy, out_ix.clone()), lit(0.0));
-                body.extend(vnest(&outer, &extents, vec![put(dx, at.clone(), grad, stores)]));
-            }
-            return kb.finish(n, Extent::Batch, body);
-        }
         (PoolKind::Max, Some(taps)) => {
-            let g = kb.acc("g");
             let ymax = load(y, out_ix.clone());
             let xs: Vec<(Vec<Affine>, Expr)> = taps
                 .into_iter()
                 .map(|t| (cat(vec![v(n), v(ch)], t.clone()), load(x, cat(vec![v(n), v(ch)], t))))
                 .collect();
+            if lanes {
+                for (i, (at, xv)) in xs.iter().enumerate() {
+                    let grad = Expr::select(first_max(&xs, i, xv, &ymax), load(dy, out_ix.clone()), lit(0.0));
+                    body.extend(vnest(&outer, &extents, vec![put(dx, at.clone(), grad, stores)]));
+                }
+                return kb.finish(n, Extent::Batch, body);
+            }
+            let g = kb.acc("g");
             let mut s = vec![set(g, load(dy, out_ix.clone()))];
             for (i, (at, xv)) in xs.iter().enumerate() {
                 s.push(put(dx, at.clone(), Expr::select(first_max(&xs, i, xv, &ymax), acc(g), lit(0.0)), stores));

@@ -5,7 +5,7 @@
 //! Along an axis whose windows reach the padding, the guard `0 ≤ o·stride + k·dilation − pad_lo < input` holds for
 //! every tap on one contiguous range of output positions `o` (it fails only within about
 //! `pad / stride` positions of either end). So [`window_nest`] runs the innermost output
-//! axis as up to three loops: that range with no guard (with stride 1 a unit-stride
+//! axis as up to three loops: that range with no guard (with stride 1 or 2 a
 //! [`LoopKind::Vector`](pdgc_codegen::ir::LoopKind) loop, which the CPU backend runs on SIMD
 //! lanes), and the positions before and after it, which check the guard per element. The
 //! guards of the other axes do not depend on the innermost output position: they run once
@@ -205,7 +205,7 @@ pub fn window_nest(w: &Window, k: &[VarId], o: &[VarId], inside: Vec<Stmt>, outs
 /// enclosing loops bind (a kernel that reduces over the positions for each tap).
 ///
 /// Along the innermost axis, the positions at which every tap reads inside the input form
-/// one range: there `inside` runs with no guard (a vector loop when the stride is 1); only
+/// one range: there `inside` runs with no guard (a vector loop when the stride is 1 or 2); only
 /// the few positions before and after it check the guard per element. The guards of the
 /// other axes check once per row. An axis is guarded only if some position and tap reads
 /// outside the input along it. If the bodies' indices cannot be shifted to a range's start
@@ -253,14 +253,34 @@ fn rows(w: &Window, o: &[VarId], xi: &[Affine], inside: &[Stmt], outside: &[Stmt
             within[last] = positions.clone();
             span(ol, positions.start, positions.end, &split(w, &[last], xi, &within, inside.to_vec(), outside), false)
         };
-        // The inside loop moves the input index by the stride per step: unit stride with 1.
-        [edge(0..lo)?, span(ol, lo, hi, inside, w.stride[last] == 1)?, edge(hi..extent)?].concat()
+        // The inside loop moves the input index by the stride per step: SIMD lanes with
+        // stride 1, or with 2 for reads (the even lanes of two loads).
+        [edge(0..lo)?, span(ol, lo, hi, inside, lanes(w, ol, inside))?, edge(hi..extent)?].concat()
     } else {
-        span(ol, 0, extent, inside, w.stride[last] == 1)?
+        span(ol, 0, extent, inside, lanes(w, ol, inside))?
     };
     let outer: Vec<usize> = (0..last).filter(|&a| w.reads_outside(a)).collect();
     let row = split(w, &outer, xi, &w.positions(), line, &span(ol, 0, extent, outside, true)?);
     Some(nest(&o[..last], &w.output[..last], row))
+}
+
+/// Whether the innermost output axis's loops over `body` (at position variable `ol`) are
+/// vector loops: where the taps move one element per output position (stride 1), or two
+/// (stride 2) and only reads move that way, each store moving one element (im2col's
+/// gather, not col2im's scatter); the CPU backend's vector analysis runs those on lanes.
+fn lanes(w: &Window, ol: VarId, body: &[Stmt]) -> bool {
+    let unit_store = |s: &Stmt| match s {
+        Stmt::Store { index, .. } => index.split_last().is_some_and(|(last, rest)| {
+            last.terms.iter().all(|t| t.var != ol || (t.coef == 1 && t.div == 1))
+                && rest.iter().all(|ix| ix.terms.iter().all(|t| t.var != ol))
+        }),
+        _ => true,
+    };
+    match w.stride.last() {
+        Some(1) => true,
+        Some(2) => body.iter().all(unit_store),
+        _ => false,
+    }
 }
 
 /// `body` at the positions `lo..hi` of `var`: a loop over `0..hi-lo` with `var + lo` for

@@ -11,7 +11,9 @@
 //!   of `v` (its flat offset is `v` plus terms without `v`),
 //!
 //! where `e` reads no reduced accumulator and is built from constants, loads that move
-//! one element per step of `v` or do not depend on `v`, other accumulators, the unary ops
+//! one element per step of `v` or do not depend on `v`, loads that move two elements per
+//! step (a stride-2 pool's or conv's taps) of a buffer the loop does not store to, other
+//! accumulators, the unary ops
 //! (`exp`, `log`, `tanh` and `erf` as the lane versions of their one definition, see
 //! `vmath`), the binary ops, and `Select`s over comparisons; any subexpression that does
 //! not depend on `v` is allowed, and is computed once in front of the loop. Lanes must be independent: every load of an
@@ -64,6 +66,9 @@ pub(crate) struct Plan<'k> {
 pub(crate) enum Step {
     /// The flat offset moves one element per step of the loop variable.
     Unit,
+    /// The flat offset moves two elements per step (a stride-2 window's taps): a load
+    /// reads the even elements of seven consecutive ones, never past the last it needs.
+    Pair,
     /// The flat offset does not depend on the loop variable.
     Invariant,
     Other,
@@ -159,6 +164,7 @@ impl Plan<'_> {
         match (uses, coef) {
             (false, _) => Step::Invariant,
             (true, 1) => Step::Unit,
+            (true, 2) => Step::Pair,
             _ => Step::Other,
         }
     }
@@ -193,10 +199,11 @@ impl Plan<'_> {
         }
         match e {
             Expr::Const(_) => true,
-            Expr::Load { arg, index } => {
-                self.step(*arg, index) == Step::Unit
-                    && self.stored.iter().all(|(a, ix)| a != arg || *ix == index.as_slice())
-            }
+            Expr::Load { arg, index } => match self.step(*arg, index) {
+                Step::Unit => self.stored.iter().all(|(a, ix)| a != arg || *ix == index.as_slice()),
+                Step::Pair => self.stored.iter().all(|(a, _)| a != arg),
+                Step::Invariant | Step::Other => false,
+            },
             Expr::Acc(_) | Expr::Index(_) => false,
             Expr::Unary(_, x) => self.lanes_ok(x),
             Expr::Binary(_, a, b) => self.lanes_ok(a) && self.lanes_ok(b),

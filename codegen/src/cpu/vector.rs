@@ -9,14 +9,14 @@
 //! `acc + a*b` and `arg[..] += a*b` become one `fma`. Anything else runs as scalar code.
 
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32X4, I32, I32X4, I64, I8};
-use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value};
+use cranelift_codegen::ir::types::{F32X4, I32, I32X4, I64, I8, I8X16};
+use cranelift_codegen::ir::{ConstantData, InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::Variable;
 
 use super::translate::{float_cc, internal, Translator};
 use super::vmath::{self, lane_order};
 use super::CpuError;
-use crate::analysis::vector::{Item, Plan, Reduction, LANES};
+use crate::analysis::vector::{Item, Plan, Reduction, Step, LANES};
 use crate::ir::{Binary, Cond, Expr, Loop, Unary};
 
 /// A value in vector code: one scalar for all lanes, or four lanes.
@@ -193,13 +193,13 @@ impl Translator<'_, '_> {
                     let cur = self.b.use_var(vacc);
                     let next = match (op, self.fusable(value)) {
                         (Reduction::Add | Reduction::Sub, Some((a, b))) => {
-                            let x = self.lanes(a)?;
-                            let y = self.lanes(b)?;
+                            let x = self.lanes(plan, a)?;
+                            let y = self.lanes(plan, b)?;
                             let (x, y) = (self.vector(x), self.vector(y));
                             self.b.ins().fma(x, y, cur)
                         }
                         _ => {
-                            let e = self.lanes(value)?;
+                            let e = self.lanes(plan, value)?;
                             let e = self.vector(e);
                             self.fold(*op, cur, e)
                         }
@@ -210,15 +210,15 @@ impl Translator<'_, '_> {
                     let fused = if *accumulate { self.fusable(value) } else { None };
                     let new = match fused {
                         Some((a, b)) => {
-                            let x = self.lanes(a)?;
-                            let y = self.lanes(b)?;
+                            let x = self.lanes(plan, a)?;
+                            let y = self.lanes(plan, b)?;
                             let (x, y) = (self.vector(x), self.vector(y));
                             let addr = self.address(*arg, index)?;
                             let old = self.b.ins().load(F32X4, vector_flags(), addr, 0);
                             self.b.ins().fma(x, y, old)
                         }
                         None => {
-                            let e = self.lanes(value)?;
+                            let e = self.lanes(plan, value)?;
                             let mut v = self.vector(e);
                             if *accumulate {
                                 let addr = self.address(*arg, index)?;
@@ -255,17 +255,20 @@ impl Translator<'_, '_> {
     }
 
     /// An expression of a vectorizable loop body (see [`plan`]) on four lanes.
-    fn lanes(&mut self, e: &Expr) -> Result<Lanes, CpuError> {
+    fn lanes(&mut self, plan: &Plan, e: &Expr) -> Result<Lanes, CpuError> {
         if let Some(v) = self.hoisted.get(&(e as *const Expr)) {
             return Ok(Lanes::Scalar(*v));
         }
         Ok(match e {
             Expr::Load { arg, index } => {
                 let addr = self.address(*arg, index)?;
-                Lanes::Vector(self.b.ins().load(F32X4, vector_flags(), addr, 0))
+                match plan.step(*arg, index) {
+                    Step::Pair => Lanes::Vector(self.even_lanes(addr)),
+                    _ => Lanes::Vector(self.b.ins().load(F32X4, vector_flags(), addr, 0)),
+                }
             }
             Expr::Const(_) | Expr::Acc(_) | Expr::Index(_) => Lanes::Scalar(self.expr(e)?),
-            Expr::Unary(op, x) => match self.lanes(x)? {
+            Expr::Unary(op, x) => match self.lanes(plan, x)? {
                 Lanes::Scalar(s) => Lanes::Scalar(self.unary(*op, s)?),
                 Lanes::Vector(v) => match op {
                     Unary::Neg | Unary::Abs | Unary::Sqrt => Lanes::Vector(self.unary(*op, v)?),
@@ -274,7 +277,7 @@ impl Translator<'_, '_> {
                     ),
                 },
             },
-            Expr::Binary(op, a, b) => match (self.lanes(a)?, self.lanes(b)?) {
+            Expr::Binary(op, a, b) => match (self.lanes(plan, a)?, self.lanes(plan, b)?) {
                 (Lanes::Scalar(x), Lanes::Scalar(y)) => Lanes::Scalar(self.binary(*op, x, y)),
                 (x, y) => {
                     let (x, y) = (self.vector(x), self.vector(y));
@@ -282,9 +285,9 @@ impl Translator<'_, '_> {
                 }
             },
             Expr::Select { cond, then, otherwise } => {
-                let c = self.lane_cond(cond)?;
-                let t = self.lanes(then)?;
-                let o = self.lanes(otherwise)?;
+                let c = self.lane_cond(plan, cond)?;
+                let t = self.lanes(plan, then)?;
+                let o = self.lanes(plan, otherwise)?;
                 match (c, t, o) {
                     (LaneCond::Scalar(c), Lanes::Scalar(t), Lanes::Scalar(o)) => {
                         Lanes::Scalar(self.b.ins().select(c, t, o))
@@ -303,10 +306,25 @@ impl Translator<'_, '_> {
         })
     }
 
-    fn lane_cond(&mut self, c: &Cond) -> Result<LaneCond, CpuError> {
+    /// Elements 0, 2, 4 and 6 from `addr` (a stride-2 load): elements 0–3 and 3–6 loaded,
+    /// lanes 0 and 2 of the first and 1 and 3 of the second shuffled together. Nothing
+    /// past element 6, the last the lanes need, is read.
+    fn even_lanes(&mut self, addr: Value) -> Value {
+        let low = self.b.ins().load(F32X4, vector_flags(), addr, 0);
+        let high = self.b.ins().load(F32X4, vector_flags(), addr, 12);
+        let low = self.b.ins().bitcast(I8X16, lane_order(), low);
+        let high = self.b.ins().bitcast(I8X16, lane_order(), high);
+        // Bytes 0–15 name the first vector's, 16–31 the second's.
+        let bytes: Vec<u8> = [0u8, 8, 20, 28].iter().flat_map(|&b| b..b + 4).collect();
+        let mask = self.b.func.dfg.immediates.push(ConstantData::from(bytes));
+        let even = self.b.ins().shuffle(low, high, mask);
+        self.b.ins().bitcast(F32X4, lane_order(), even)
+    }
+
+    fn lane_cond(&mut self, plan: &Plan, c: &Cond) -> Result<LaneCond, CpuError> {
         Ok(match c {
             Cond::InRange { .. } => LaneCond::Scalar(self.cond(c)?),
-            Cond::Cmp { op, a, b } => match (self.lanes(a)?, self.lanes(b)?) {
+            Cond::Cmp { op, a, b } => match (self.lanes(plan, a)?, self.lanes(plan, b)?) {
                 (Lanes::Scalar(x), Lanes::Scalar(y)) => LaneCond::Scalar(self.b.ins().fcmp(float_cc(*op), x, y)),
                 (x, y) => {
                     let (x, y) = (self.vector(x), self.vector(y));
@@ -316,7 +334,7 @@ impl Translator<'_, '_> {
             Cond::And(cs) => {
                 let mut all = LaneCond::Scalar(self.b.ins().iconst(I8, 1));
                 for c in cs {
-                    let next = self.lane_cond(c)?;
+                    let next = self.lane_cond(plan, c)?;
                     all = match (all, next) {
                         (LaneCond::Scalar(a), LaneCond::Scalar(b)) => LaneCond::Scalar(self.b.ins().band(a, b)),
                         (LaneCond::Mask(a), LaneCond::Mask(b)) => LaneCond::Mask(self.b.ins().band(a, b)),
