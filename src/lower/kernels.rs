@@ -12,10 +12,10 @@
 //! `first` means "this kernel is the first to write this gradient": it overwrites
 //! (gathers) or zero-fills before scattering; later contributions accumulate.
 
-use pdgc_codegen::ir::{Affine, Binary, CmpOp, Cond, Expr, Extent, Kernel, Unary, VarId};
+use pdgc_codegen::ir::{Affine, Binary, CmpOp, Cond, Expr, Extent, Kernel, Stmt, Unary, VarId};
 
 use super::builder::*;
-use super::window::{idx, spatial_vars, Window};
+use super::window::{idx, lanes, spatial_vars, Window};
 use crate::error::Result;
 use crate::graph::PoolKind;
 
@@ -70,12 +70,11 @@ pub fn pool_forward(name: &str, p: &PoolGeom) -> Result<Kernel> {
                     Expr::div(reads.fold(first, Expr::add), lit(count))
                 }
             };
-            // One store per output: where the taps move one or two elements per output
-            // along the last axis (stride 1 or 2), their reads are SIMD lanes of a vector
-            // loop (stride 2: the even lanes of two loads).
+            // One store per output: a vector loop along the last output axis where the
+            // window rule allows (taps moving one or two elements per output).
             let per_output = vec![store(y, out_ix, value)];
-            match w.stride.last() {
-                Some(1 | 2) => vnest(&outer, &extents, per_output),
+            match o.last() {
+                Some(&last) if lanes(w, last, &per_output) => vnest(&outer, &extents, per_output),
                 _ => nest(&outer, &extents, per_output),
             }
         }
@@ -325,12 +324,11 @@ pub fn pool_backward(name: &str, p: &PoolGeom, first: bool) -> Result<Kernel> {
     }
     let outer = [&[ch][..], &o].concat();
     let extents = [&[p.channels][..], &w.output].concat();
-    // Where the taps move one element per output along the last axis (stride 1), the
-    // windows overlap and their reads are SIMD lanes: one loop nest per tap, whose last
-    // loop writes distinct elements of `dx` and so is a vector loop. Each element of `dx`
-    // still receives its windows' contributions, in tap order rather than window order.
-    // Otherwise one nest for all taps (a stride-2 pool's four passes were slower).
-    let lanes = w.stride.last() == Some(&1);
+    // Where a tap's writes are vector lanes by the window rule (stride 1: the windows
+    // overlap), one loop nest per tap, whose last loop writes distinct elements of `dx`.
+    // Each element of `dx` still receives its windows' contributions, in tap order rather
+    // than window order. Otherwise one nest for all taps (a stride-2 pool's four passes
+    // were slower).
     let per_out = match (p.kind, unrolled) {
         (PoolKind::Max, Some(taps)) => {
             let ymax = load(y, out_ix.clone());
@@ -338,11 +336,16 @@ pub fn pool_backward(name: &str, p: &PoolGeom, first: bool) -> Result<Kernel> {
                 .into_iter()
                 .map(|t| (cat(vec![v(n), v(ch)], t.clone()), load(x, cat(vec![v(n), v(ch)], t))))
                 .collect();
-            if lanes {
-                for (i, (at, xv)) in xs.iter().enumerate() {
+            let per_tap: Vec<Stmt> = xs
+                .iter()
+                .enumerate()
+                .map(|(i, (at, xv))| {
                     let grad = Expr::select(first_max(&xs, i, xv, &ymax), load(dy, out_ix.clone()), lit(0.0));
-                    body.extend(vnest(&outer, &extents, vec![put(dx, at.clone(), grad, stores)]));
-                }
+                    put(dx, at.clone(), grad, stores)
+                })
+                .collect();
+            if o.last().is_some_and(|&last| lanes(w, last, &per_tap)) {
+                body.extend(per_tap.into_iter().flat_map(|s| vnest(&outer, &extents, vec![s])));
                 return kb.finish(n, Extent::Batch, body);
             }
             let g = kb.acc("g");

@@ -268,7 +268,7 @@ fn rows(w: &Window, o: &[VarId], xi: &[Affine], inside: &[Stmt], outside: &[Stmt
 /// vector loops: where the taps move one element per output position (stride 1), or two
 /// (stride 2) and only reads move that way, each store moving one element (im2col's
 /// gather, not col2im's scatter); the CPU backend's vector analysis runs those on lanes.
-fn lanes(w: &Window, ol: VarId, body: &[Stmt]) -> bool {
+pub fn lanes(w: &Window, ol: VarId, body: &[Stmt]) -> bool {
     let unit_store = |s: &Stmt| match s {
         Stmt::Store { index, .. } => index.split_last().is_some_and(|(last, rest)| {
             last.terms.iter().all(|t| t.var != ol || (t.coef == 1 && t.div == 1))
