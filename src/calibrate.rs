@@ -174,7 +174,13 @@ impl Bencher {
             self.backend.compile(std::slice::from_ref(&kernel)).map_err(|e| Error::Backend(e.to_string()))?;
         let kernel = compiled.into_iter().next().ok_or_else(|| Error::Internal("no kernel compiled".into()))?;
         let batch = batch as u64;
-        let bufs = kernel.args().iter().map(|a| buffer(a, batch)).collect::<Result<Vec<Vec<f32>>>>()?;
+        // One buffer per bound argument (the backend provides private memory).
+        let bufs = kernel
+            .args()
+            .iter()
+            .filter(|a| a.mode != Mode::Private)
+            .map(|a| buffer(a, batch))
+            .collect::<Result<Vec<Vec<f32>>>>()?;
         Ok(Prepared { kernel, bufs, batch })
     }
 
@@ -217,7 +223,7 @@ fn buffer(a: &Arg, batch: u64) -> Result<Vec<f32>> {
     })?;
     match a.mode {
         Mode::Out => v.resize(len, 0.0),
-        Mode::In | Mode::InOut => v.extend((0..len).map(|i| (i % 251) as f32 / 251.0 - 0.5)),
+        Mode::In | Mode::InOut | Mode::Private => v.extend((0..len).map(|i| (i % 251) as f32 / 251.0 - 0.5)),
     }
     Ok(v)
 }
@@ -302,12 +308,15 @@ fn scale_kernel() -> Kernel {
 
 /// The kernels `pdgc` compiles, for `batch` examples, for a one-conv net whose conv (layer
 /// `c`, node 1, under `strategy`) is `conv` on an input of shape `input`, named `n1_c_{w}`
-/// for each `w` in `what` that the program has, in launch order: what a session runs for
-/// that conv. An error where it has none of them.
+/// for each `w` in `what` that the program has (or `n1_c_{w}_fused`, with the gather of its
+/// columns), in launch order: what a session runs for that conv. An error where it has none
+/// of them.
 fn conv_kernels(conv: &str, input: &str, strategy: &str, batch: usize, what: &[&str]) -> Result<Vec<Kernel>> {
     let module = one_conv_net(&format!("@strategy({strategy}) c: {conv}"), input, batch)?;
     let names: Vec<String> = what.iter().map(|w| format!("n1_c_{w}")).collect();
-    let kernels: Vec<Kernel> = module.program.kernels.iter().filter(|k| names.contains(&k.name)).cloned().collect();
+    // A kernel with its columns' gather fused in (`lower::fuse`) counts as the product's.
+    let named = |k: &&Kernel| names.iter().any(|n| k.name == *n || k.name == format!("{n}_fused"));
+    let kernels: Vec<Kernel> = module.program.kernels.iter().filter(named).cloned().collect();
     if kernels.is_empty() {
         return Err(Error::Internal(format!("calibration: none of {names:?} in the program of `{conv}`")));
     }

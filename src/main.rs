@@ -629,6 +629,7 @@ fn load_module(path: &Path, args: &PlanArgs) -> Result<pdgc::Module, String> {
         memory_budget: opts.memory_budget,
         overrides: opts.overrides,
         chunk_bytes: pdgc::lower::CHUNK_BYTES,
+        private_bytes: pdgc::lower::PRIVATE_COLUMN_BYTES,
     };
     pdgc::Module::from_source(&path.display().to_string(), &src, &options).map_err(|e| e.to_string())
 }
@@ -1028,6 +1029,7 @@ fn plan_options(args: &PlanArgs, graph: &pdgc::Graph) -> Result<PlanOptions, Str
         memory_budget: args.memory_budget,
         overrides: args.strategy.clone(),
         chunk_bytes: pdgc::lower::CHUNK_BYTES,
+        private_bytes: pdgc::lower::PRIVATE_COLUMN_BYTES,
     })
 }
 

@@ -45,10 +45,19 @@ pub struct CompileOptions {
     /// in chunks of examples (see [`crate::lower::LaunchMode::Chunked`]).
     #[serde(default = "default_chunk_bytes")]
     pub chunk_bytes: u64,
+    /// The most bytes of one example's im2col columns that a conv's launches keep in private
+    /// memory, one buffer per worker thread, instead of a workspace for the batch (see
+    /// [`crate::lower::fuse`]); 0 turns private columns off.
+    #[serde(default = "default_private_bytes")]
+    pub private_bytes: u64,
 }
 
 fn default_chunk_bytes() -> u64 {
     crate::lower::CHUNK_BYTES
+}
+
+fn default_private_bytes() -> u64 {
+    crate::lower::PRIVATE_COLUMN_BYTES
 }
 
 impl CompileOptions {
@@ -59,6 +68,7 @@ impl CompileOptions {
             memory_budget: None,
             overrides: Vec::new(),
             chunk_bytes: crate::lower::CHUNK_BYTES,
+            private_bytes: crate::lower::PRIVATE_COLUMN_BYTES,
         }
     }
 
@@ -70,6 +80,7 @@ impl CompileOptions {
             memory_budget: self.memory_budget,
             overrides: self.overrides.clone(),
             chunk_bytes: self.chunk_bytes,
+            private_bytes: self.private_bytes,
         }
     }
 }
@@ -124,6 +135,7 @@ impl Module {
         let schedule = Schedule {
             batch: options.batch,
             chunk_bytes: options.chunk_bytes,
+            private_bytes: options.private_bytes,
             grads: plans[0].strategies(),
             norms: plans[1].strategies(),
             clipped_sum: plans[2].strategies(),

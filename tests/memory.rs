@@ -212,6 +212,7 @@ fn ghost_gram_matrices_beyond_the_budget_run_in_chunks() {
     let src = std::fs::read_to_string("tests/data/models/index_conv.pdg").expect("test model");
     let mut opts = CompileOptions::new(5);
     opts.overrides = vec![("c1".to_string(), Strategy::Ghost)];
+    opts.private_bytes = 0; // columns for the batch, kept from the forward pass
     let batched = Module::from_source("index_conv.pdg", &src, &opts).expect("compiles");
     opts.chunk_bytes = 100_000;
     let chunked = Module::from_source("index_conv.pdg", &src, &opts).expect("compiles");
@@ -248,6 +249,7 @@ fn assert_chunks_agree(name: &str, src: &str, override_sets: &[&[(&str, pdgc::op
     for overrides in override_sets {
         let mut opts = CompileOptions::new(5);
         opts.overrides = overrides.iter().map(|(l, s)| (l.to_string(), *s)).collect();
+        opts.private_bytes = 0; // columns in workspaces for the batch, which chunks then cut
         let batched = Module::from_source(name, src, &opts).expect("compiles");
         opts.chunk_bytes = 1;
         let chunked = Module::from_source(name, src, &opts).expect("compiles");

@@ -15,8 +15,15 @@ fn read(rel: &str) -> String {
 }
 
 fn module(rel: &str, batch: usize, overrides: Vec<(String, Strategy)>) -> Module {
+    module_with(rel, batch, overrides, pdgc::lower::PRIVATE_COLUMN_BYTES)
+}
+
+/// [`module`] with at most `private_bytes` of one example's im2col columns in private
+/// memory (0: none, every conv's columns in workspaces for the batch).
+fn module_with(rel: &str, batch: usize, overrides: Vec<(String, Strategy)>, private_bytes: u64) -> Module {
     let mut opts = CompileOptions::new(batch);
     opts.overrides = overrides;
+    opts.private_bytes = private_bytes;
     Module::from_source(rel, &read(rel), &opts).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
@@ -67,7 +74,12 @@ fn forced(m: &Module, s: Strategy) -> Vec<(String, Strategy)> {
 /// Every entry point against the reference, for one model, strategy configuration and
 /// device.
 fn check_model(rel: &str, batch_size: usize, device: Device, only_auto: bool) {
-    let base = module(rel, batch_size, vec![]);
+    check_model_with(rel, batch_size, device, only_auto, pdgc::lower::PRIVATE_COLUMN_BYTES)
+}
+
+/// [`check_model`] with at most `private_bytes` of one example's columns in private memory.
+fn check_model_with(rel: &str, batch_size: usize, device: Device, only_auto: bool, private_bytes: u64) {
+    let base = module_with(rel, batch_size, vec![], private_bytes);
     let params = base.init_params(3);
     let batch = Batch::random(&base.graph, batch_size, 11);
     let (rp, rb) = to_reference(&params, &batch);
@@ -103,7 +115,7 @@ fn check_model(rel: &str, batch_size: usize, device: Device, only_auto: bool) {
         let what = format!("{rel} {:?} {}", device, config.map_or("auto".into(), |s: Strategy| s.to_string()));
         let m = match config {
             None => base.clone(),
-            Some(s) => module(rel, batch_size, forced(&base, s)),
+            Some(s) => module_with(rel, batch_size, forced(&base, s), private_bytes),
         };
         let mut s = m.session(device).expect("session");
         let loss = s.loss(&params, &batch).expect("loss");
@@ -175,6 +187,16 @@ fn test_models_every_strategy_matches_the_reference() {
     ] {
         check_model(rel, 2, Device::Cpu, false);
     }
+}
+
+/// The convs' columns in workspaces for the batch, kept from the forward pass or gathered
+/// again (what convs with columns too large for private memory do), on every strategy.
+#[test]
+fn columns_for_the_batch_match_the_reference() {
+    for rel in ["samples/mnist_cnn.pdg", "tests/data/models/conv_geometry.pdg", "tests/data/models/index_conv.pdg"] {
+        check_model_with(rel, 3, Device::Cpu, false, 0);
+    }
+    check_model_with("tests/data/models/conv_geometry.pdg", 2, Device::Interpreter, true, 0);
 }
 
 #[test]
@@ -396,10 +418,19 @@ fn hand_written_depthwise_conv_equals_the_built_in_grouped_conv() {
 fn hand_written_conv_equals_the_built_in_conv() {
     // Its forward pass, per-example weight gradients and input gradient run as im2col
     // columns and one contraction per example, then col2im for the input gradient (the
-    // lowering's window products), as the built-in conv's do. The weight gradients read the
-    // columns the forward pass gathered (small enough to keep): no second im2col.
+    // lowering's window products), as the built-in conv's do. By default each kernel
+    // gathers (or scatters) one example's columns in private memory around its contraction.
     let rel = "tests/data/models/index_conv.pdg";
-    let m = module(rel, 2, vec![("c1".into(), Strategy::Direct), ("c2".into(), Strategy::Direct)]);
+    let direct = vec![("c1".into(), Strategy::Direct), ("c2".into(), Strategy::Direct)];
+    let m = module(rel, 2, direct.clone());
+    for name in ["n1_c1_fwd0_fused", "n3_c2_fwd0_fused", "n3_c2_weight_direct_fused", "n3_c2_bwd_dx0_fused"] {
+        let k = m.program.kernels.iter().find(|k| k.name == name).unwrap_or_else(|| panic!("no kernel {name}"));
+        assert!(k.has_contractions() && k.args.iter().any(|a| a.mode == pdgc_codegen::ir::Mode::Private), "{k}");
+    }
+    assert!(!m.program.kernels.iter().any(|k| k.name.contains("im2col")), "columns gathered for the batch");
+    // With columns for the batch (private memory off), the weight gradients read the columns
+    // the forward pass gathered (small enough to keep): no second im2col.
+    let m = module_with(rel, 2, direct, 0);
     assert!(!m.program.kernels.iter().any(|k| k.name.ends_with("weight_direct_im2col")), "columns gathered twice");
     for name in [
         "n1_c1_fwd0_im2col",
@@ -415,7 +446,7 @@ fn hand_written_conv_equals_the_built_in_conv() {
     // Book-keeping (after ghost norms) sums the weight gradient over the batch on the same
     // columns, reading the output gradient scaled by the clip factors: one more contraction,
     // split into partial sums over the examples, which a second kernel adds up.
-    let m = module(rel, 2, vec![("c2".into(), Strategy::Ghost)]);
+    let m = module_with(rel, 2, vec![("c2".into(), Strategy::Ghost)], 0);
     let kernel = |name: &str| m.program.kernels.iter().find(|k| k.name == name).expect(name);
     assert!(kernel("n3_c2_weight_bookkeep_parts").has_contractions());
     assert!(!kernel("n3_c2_weight_bookkeep").has_contractions());

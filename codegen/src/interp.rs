@@ -31,21 +31,22 @@ pub enum InterpError {
     Malformed { kernel: String, stmt: String, message: String },
 }
 
-/// Runs every grid iteration of `k` for `batch`, with `bufs[i]` the buffer of `args[i]`.
+/// Runs every grid iteration of `k` for `batch`, with `bufs[i]` the buffer of the `i`-th
+/// bound argument ([`Kernel::bound`]).
 pub fn run(k: &Kernel, bufs: &mut [&mut [f32]], batch: u64) -> Result<(), InterpError> {
     let extent = k.grid.extent.resolve(batch);
     run_range(k, bufs, batch, 0, extent)
 }
 
-/// Runs grid iterations `lo..hi` of `k`, as a compiled kernel's entry point does.
+/// Runs grid iterations `lo..hi` of `k`, as a compiled kernel's entry point does. Private
+/// arguments get one slice per grid iteration, filled with NaN, so reading what the
+/// iteration did not write shows in the results.
 pub fn run_range(k: &Kernel, bufs: &mut [&mut [f32]], batch: u64, lo: u64, hi: u64) -> Result<(), InterpError> {
-    // A contraction means the loop nest that defines it (`Kernel::desugared`).
-    let desugared = k.desugared();
-    let k: &Kernel = &desugared;
-    if bufs.len() != k.args.len() {
-        return Err(InterpError::BufferCount { kernel: k.name.clone(), expected: k.args.len(), got: bufs.len() });
+    let bound: Vec<_> = k.bound().collect();
+    if bufs.len() != bound.len() {
+        return Err(InterpError::BufferCount { kernel: k.name.clone(), expected: bound.len(), got: bufs.len() });
     }
-    for (a, b) in k.args.iter().zip(bufs.iter()) {
+    for a in &k.args {
         if let Some(i) = a.dims.iter().skip(1).position(|d| *d == Dim::Batch) {
             return Err(InterpError::Malformed {
                 kernel: k.name.clone(),
@@ -53,6 +54,15 @@ pub fn run_range(k: &Kernel, bufs: &mut [&mut [f32]], batch: u64, lo: u64, hi: u
                 message: format!("the batch dim is dim {}; it may only be the first", i + 1),
             });
         }
+        if a.mode == Mode::Private && a.dims.contains(&Dim::Batch) {
+            return Err(InterpError::Malformed {
+                kernel: k.name.clone(),
+                stmt: format!("argument `{}`", a.name),
+                message: "a private argument has a batch dim".into(),
+            });
+        }
+    }
+    for (a, b) in bound.iter().zip(bufs.iter()) {
         if let Some(expected) = a.len_mismatch(batch, b.len()) {
             return Err(InterpError::BufferLen {
                 kernel: k.name.clone(),
@@ -67,9 +77,36 @@ pub fn run_range(k: &Kernel, bufs: &mut [&mut [f32]], batch: u64, lo: u64, hi: u
     if lo > hi || hi > extent {
         return Err(InterpError::GridRange { kernel: k.name.clone(), lo, hi, extent });
     }
+    // A contraction means the loop nest that defines it (`Kernel::desugared`); private
+    // arguments are one slice per iteration (`Kernel::private_sliced`).
+    let desugared = k.desugared();
+    let sliced = desugared.private_sliced();
+    let k: &Kernel = &sliced;
+    let mut private: Vec<Vec<f32>> = Vec::new();
+    for (a, original) in k.args.iter().zip(&desugared.args) {
+        if original.mode == Mode::Private {
+            let len =
+                a.checked_len(batch).and_then(|n| usize::try_from(n).ok()).ok_or_else(|| InterpError::Malformed {
+                    kernel: k.name.clone(),
+                    stmt: format!("argument `{}`", a.name),
+                    message: "private memory larger than the address space".into(),
+                })?;
+            private.push(vec![f32::NAN; len]);
+        }
+    }
+    let (mut given, mut own) = (bufs.iter_mut(), private.iter_mut());
+    let mut all: Vec<&mut [f32]> = Vec::with_capacity(k.args.len());
+    for original in &desugared.args {
+        let next = if original.mode == Mode::Private {
+            own.next().map(|v| v.as_mut_slice())
+        } else {
+            given.next().map(|b| &mut **b)
+        };
+        all.extend(next);
+    }
     let mut m = Machine {
         k,
-        bufs,
+        bufs: &mut all,
         batch,
         strides: k.args.iter().map(|a| a.strides()).collect(),
         vars: vec![None; k.vars.len()],

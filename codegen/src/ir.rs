@@ -10,11 +10,12 @@
 //! write the same element, none reads what another writes), so a backend may split them
 //! over threads or GPU blocks. Everything inside runs sequentially, in order. Stores with
 //! `accumulate` add to the element; plain stores overwrite it. Accumulators are scalar
-//! registers private to one grid iteration.
+//! registers private to one grid iteration, and so are [`Mode::Private`] arguments.
 //!
 //! The entry point of a compiled kernel runs grid iterations `lo..hi` for a given `batch`:
 //! `fn(bufs: *const *mut f32, batch: u64, lo: u64, hi: u64)`, with `bufs[i]` the buffer of
-//! `args[i]`.
+//! `args[i]`. A launch binds buffers to the [`Kernel::bound`] arguments only (every one but
+//! the private ones), in order; the backend supplies the private ones.
 
 use std::fmt;
 
@@ -46,6 +47,13 @@ pub enum Mode {
     In,
     Out,
     InOut,
+    /// Memory private to each grid iteration (an example's im2col columns between the gather
+    /// and the product that reads them): its dims are all fixed, every iteration has its own
+    /// copy, whose contents are undefined when the iteration starts and dead when it ends, so
+    /// the iteration writes what it reads first. A launch binds no buffer for it: the backend
+    /// provides the memory (the CPU one buffer per worker thread, kept in its cache; the
+    /// interpreter and CUDA one slice per iteration, see [`Kernel::private_sliced`]).
+    Private,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -315,6 +323,51 @@ impl Kernel {
             }
         }
         walk_body_mut(&mut Desugar(&mut k.accs), &mut k.grid.body);
+        std::borrow::Cow::Owned(k)
+    }
+}
+
+impl Kernel {
+    /// The arguments a launch binds a buffer to, in order: all but the [`Mode::Private`] ones.
+    pub fn bound(&self) -> impl Iterator<Item = &Arg> {
+        self.args.iter().filter(|a| a.mode != Mode::Private)
+    }
+
+    /// Whether any argument is [`Mode::Private`].
+    pub fn has_private(&self) -> bool {
+        self.args.iter().any(|a| a.mode == Mode::Private)
+    }
+
+    /// This kernel with each [`Mode::Private`] argument made an `inout` buffer with one slice
+    /// per grid iteration: a leading dim of the grid's extent, indexed by the grid variable.
+    /// That is what private memory means when every iteration has its own (the interpreter
+    /// and the CUDA C run this form, and the analyses prove bounds and independence on it);
+    /// the CPU backend runs the kernel as it is, one slice per worker thread, which the
+    /// iterations of one worker reuse in turn.
+    pub fn private_sliced(&self) -> std::borrow::Cow<'_, Kernel> {
+        if !self.has_private() {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        let mut k = self.clone();
+        for a in &mut k.args {
+            if a.mode == Mode::Private {
+                a.mode = Mode::InOut;
+                a.dims.insert(0, k.grid.extent);
+            }
+        }
+        struct Slice<'a> {
+            private: &'a [bool],
+            grid: VarId,
+        }
+        impl VisitorMut for Slice<'_> {
+            fn index(&mut self, arg: ArgId, index: &mut Vec<Affine>) {
+                if self.private.get(arg.0 as usize).copied().unwrap_or(false) {
+                    index.insert(0, Affine::var(self.grid));
+                }
+            }
+        }
+        let private: Vec<bool> = self.args.iter().map(|a| a.mode == Mode::Private).collect();
+        walk_body_mut(&mut Slice { private: &private, grid: k.grid.var }, &mut k.grid.body);
         std::borrow::Cow::Owned(k)
     }
 }
@@ -645,6 +698,7 @@ impl fmt::Display for Kernel {
                     Mode::In => "in",
                     Mode::Out => "out",
                     Mode::InOut => "inout",
+                    Mode::Private => "private",
                 };
                 format!("{mode} {}[{}]", a.name, dims.join(", "))
             })

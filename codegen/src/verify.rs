@@ -10,7 +10,8 @@
 //! 3. Every variable that an index uses (loads, stores, `Expr::Index`, `Cond::InRange`)
 //!    is bound by an enclosing loop.
 //! 4. `Dim::Batch` appears only as the first dim of an argument, and the fixed dims of an
-//!    argument multiply to a size that 64-bit byte offsets can hold.
+//!    argument multiply to a size that 64-bit byte offsets can hold. A `Private` argument
+//!    has no batch dim (its size is one iteration's).
 //! 5. A load or store has as many indices as its argument has dims; loads read only `In`
 //!    and `InOut` arguments, stores write only `Out` and `InOut` arguments.
 //! 6. Every read of an accumulator comes after a `Set` of it in program (textual) order.
@@ -37,6 +38,12 @@
 //!    it, so its variables are loop variables there and its accesses are proved in bounds
 //!    like any other.
 //!
+//! Checks 1–8 see `Private` arguments in their sliced form ([`Kernel::private_sliced`]: one
+//! slice per grid iteration, an `inout` buffer), so they are read and written like any
+//! buffer and proved in bounds in every slice. That iterations write a private buffer
+//! before they read it is not proved; the interpreter fills it with NaN, so a test that
+//! runs a kernel there sees any read of what the iteration did not write.
+//!
 //! What it does not check: that grid iterations are independent (see
 //! [`crate::analysis::launch::grid_independent`] for the sufficient condition the CPU backend uses before it
 //! splits a grid over threads).
@@ -56,11 +63,16 @@ pub struct VerifyError {
 
 /// Checks every invariant listed in the module doc. A kernel with contractions is checked
 /// in its desugared form ([`Kernel::desugared`]), which defines what they mean, plus
-/// invariant 9.
+/// invariant 9; private arguments in their sliced form ([`Kernel::private_sliced`]).
 pub fn verify(k: &Kernel) -> Result<(), VerifyError> {
     let desugared = k.desugared();
     let mut errors = contract_errors(k);
-    if let Err(e) = verify_loops(&desugared) {
+    for a in k.args.iter().filter(|a| a.mode == Mode::Private) {
+        if a.dims.contains(&Dim::Batch) {
+            errors.push(format!("private argument `{}` has a batch dim", a.name));
+        }
+    }
+    if let Err(e) = verify_loops(&desugared.private_sliced()) {
         errors.extend(e.errors);
     }
     if errors.is_empty() {

@@ -2,8 +2,8 @@
 //! nodes they care about (an access, a register read, a loop); the `walk_*` functions visit
 //! everything else in program order: a loop's body between `enter_loop` and `exit_loop`, a
 //! store's value before the store itself, a contraction's operand reads before its write.
-//! Rewrites implement [`VisitorMut`], which reaches every statement and every affine index
-//! (loop variables that statements bind are left to the rewrite).
+//! Rewrites implement [`VisitorMut`], which reaches every statement, every access's index and
+//! every affine index (loop variables that statements bind are left to the rewrite).
 //!
 //! Backends and the interpreter do not use it: they give every node its meaning and so
 //! match on it themselves.
@@ -94,15 +94,26 @@ pub fn walk_cond<'k, V: Visitor<'k> + ?Sized>(v: &mut V, c: &'k Cond) {
     }
 }
 
-/// A rewriting walk: every statement (`stmt`, whose default visits its children) and every
-/// affine index (`affine`) of loads, stores, conditions, index values and contraction
+/// A rewriting walk: every statement (`stmt`) and expression (`expr`), whose defaults visit
+/// their children, every access's index (`index`, whose default visits its affines) and
+/// every affine index (`affine`) of loads, stores, conditions, index values and contraction
 /// operands.
 pub trait VisitorMut {
     fn stmt(&mut self, s: &mut Stmt) {
         walk_stmt_mut(self, s);
     }
 
+    fn expr(&mut self, e: &mut Expr) {
+        walk_expr_mut(self, e);
+    }
+
     fn affine(&mut self, _a: &mut Affine) {}
+
+    /// The index of an access to `arg` (a load, a store or a contraction operand); the
+    /// default visits each of its affines.
+    fn index(&mut self, _arg: ArgId, index: &mut Vec<Affine>) {
+        index.iter_mut().for_each(|a| self.affine(a));
+    }
 }
 
 pub fn walk_body_mut<V: VisitorMut + ?Sized>(v: &mut V, body: &mut [Stmt]) {
@@ -114,10 +125,10 @@ pub fn walk_body_mut<V: VisitorMut + ?Sized>(v: &mut V, body: &mut [Stmt]) {
 pub fn walk_stmt_mut<V: VisitorMut + ?Sized>(v: &mut V, s: &mut Stmt) {
     match s {
         Stmt::Loop(l) => walk_body_mut(v, &mut l.body),
-        Stmt::Set { value, .. } => walk_expr_mut(v, value),
-        Stmt::Store { index, value, .. } => {
-            walk_expr_mut(v, value);
-            index.iter_mut().for_each(|a| v.affine(a));
+        Stmt::Set { value, .. } => v.expr(value),
+        Stmt::Store { arg, index, value, .. } => {
+            v.expr(value);
+            v.index(*arg, index);
         }
         Stmt::If { cond, then } => {
             walk_cond_mut(v, cond);
@@ -125,26 +136,26 @@ pub fn walk_stmt_mut<V: VisitorMut + ?Sized>(v: &mut V, s: &mut Stmt) {
         }
         Stmt::Contract(c) => {
             for op in [&mut c.a, &mut c.b, &mut c.c] {
-                op.index.iter_mut().for_each(|a| v.affine(a));
+                v.index(op.arg, &mut op.index);
             }
         }
     }
 }
 
-fn walk_expr_mut<V: VisitorMut + ?Sized>(v: &mut V, e: &mut Expr) {
+pub fn walk_expr_mut<V: VisitorMut + ?Sized>(v: &mut V, e: &mut Expr) {
     match e {
         Expr::Const(_) | Expr::Acc(_) => {}
         Expr::Index(a) => v.affine(a),
-        Expr::Load { index, .. } => index.iter_mut().for_each(|a| v.affine(a)),
-        Expr::Unary(_, a) => walk_expr_mut(v, a),
+        Expr::Load { arg, index } => v.index(*arg, index),
+        Expr::Unary(_, a) => v.expr(a),
         Expr::Binary(_, a, b) => {
-            walk_expr_mut(v, a);
-            walk_expr_mut(v, b);
+            v.expr(a);
+            v.expr(b);
         }
         Expr::Select { cond, then, otherwise } => {
             walk_cond_mut(v, cond);
-            walk_expr_mut(v, then);
-            walk_expr_mut(v, otherwise);
+            v.expr(then);
+            v.expr(otherwise);
         }
     }
 }
@@ -153,8 +164,8 @@ fn walk_cond_mut<V: VisitorMut + ?Sized>(v: &mut V, c: &mut Cond) {
     match c {
         Cond::InRange { index, .. } => v.affine(index),
         Cond::Cmp { a, b, .. } => {
-            walk_expr_mut(v, a);
-            walk_expr_mut(v, b);
+            v.expr(a);
+            v.expr(b);
         }
         Cond::And(cs) => cs.iter_mut().for_each(|c| walk_cond_mut(v, c)),
     }

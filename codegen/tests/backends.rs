@@ -39,6 +39,7 @@ backend_tests!(
     nan_semantics,
     vector_selects_and_invariants,
     stride_two_loads,
+    private_memory,
 );
 
 /// The generated CUDA C, compiled for the host (`cuda::host`), on the same cases: what the
@@ -64,6 +65,7 @@ mod cuda_c {
         nan_semantics,
         vector_selects_and_invariants,
         stride_two_loads,
+        private_memory,
     );
 }
 
@@ -727,6 +729,97 @@ fn stride_two_loads(be: Backend) {
     }
 }
 
+/// Private memory (an im2col's columns between the gather and the product): per example,
+/// `t[i, j] = 2·x[n, i + j]` (a vector loop) for `i < 3`, `j < 6`; then `y[n, j] =
+/// t[2, 5 - j] - t[0, j]` and the product `z[n, m, j] = Σ_i W[m, i]·t[i, j]`. Every
+/// iteration overwrites all of `t` before it reads it, and the workers reuse their memory,
+/// so a stale or shared `t` shows in `y` and `z`.
+fn private_kernel() -> Kernel {
+    let mut kb = KernelBuilder::new("private");
+    let x = kb.input("x", &[Dim::Batch, f(8)]);
+    let w = kb.input("W", &[f(4), f(3)]);
+    let t = kb.arg("t", &[f(3), f(6)], Mode::Private);
+    let y = kb.output("y", &[Dim::Batch, f(6)]);
+    let z = kb.output("z", &[Dim::Batch, f(4), f(6)]);
+    let [n, i, j, jj, m, kk, jz] = ["n", "i", "j", "jj", "m", "k", "jz"].map(|s| kb.var(s));
+    let body = vec![
+        lp(
+            i,
+            3,
+            vec![vlp(j, 6, vec![store(t, vec![v(i), v(j)], Expr::mul(c(2.0), ld(x, vec![v(n), v(i).plus(j, 1)])))])],
+        ),
+        vlp(
+            jj,
+            6,
+            vec![store(
+                y,
+                vec![v(n), v(jj)],
+                Expr::sub(
+                    ld(t, vec![Affine::constant(2), Affine::constant(5).plus(jj, -1)]),
+                    ld(t, vec![Affine::constant(0), v(jj)]),
+                ),
+            )],
+        ),
+        Stmt::Contract(Contract {
+            m,
+            n: jz,
+            k: kk,
+            extents: [Extent::Fixed(4), Extent::Fixed(6), Extent::Fixed(3)],
+            a: Operand { arg: w, index: vec![v(m), v(kk)] },
+            b: Operand { arg: t, index: vec![v(kk), v(jz)] },
+            c: Operand { arg: z, index: vec![v(n), v(m), v(jz)] },
+            accumulate: false,
+        }),
+    ];
+    kb.finish(n, Extent::Batch, body)
+}
+
+fn private_memory(be: Backend) {
+    let k = private_kernel();
+    let batch = 5;
+    let mut rng = Rng::new(11);
+    let mut bufs = random_bufs(&k, batch, &mut rng, -1.0, 1.0);
+    assert_eq!(bufs.len(), 4, "no buffer is bound to the private argument");
+    let (x, w) = (bufs[0].clone(), bufs[1].clone());
+    exec(be, &k, &mut bufs, batch);
+    let (mut want_y, mut want_z) = (Vec::new(), Vec::new());
+    for e in 0..batch as usize {
+        let t = |i: usize, j: usize| 2.0 * x[e * 8 + i + j] as f64;
+        want_y.extend((0..6).map(|j| t(2, 5 - j) - t(0, j)));
+        for m in 0..4 {
+            want_z.extend((0..6).map(|j| (0..3).map(|i| w[m * 3 + i] as f64 * t(i, j)).sum::<f64>()));
+        }
+    }
+    assert_close("y", &bufs[2], &want_y, 1e-6);
+    assert_close("z", &bufs[3], &want_z, 1e-5);
+    if matches!(be, Backend::Scalar | Backend::Vector) {
+        // Split over threads, each with its own private memory.
+        let compiled = jit(be == Backend::Vector).compile(std::slice::from_ref(&k)).unwrap();
+        assert!(compiled[0].is_parallel(), "private memory does not stand in the way of the split");
+        let mut again = random_bufs(&k, batch, &mut Rng::new(11), -1.0, 1.0);
+        let mut views: Vec<&mut [f32]> = again.iter_mut().map(|b| b.as_mut_slice()).collect();
+        compiled[0].run_parallel(&mut views, batch, 2).unwrap();
+        assert_close("y on 2 threads", &again[2], &want_y, 1e-6);
+        assert_close("z on 2 threads", &again[3], &want_z, 1e-5);
+    }
+}
+
+/// A private buffer read before the iteration writes it gives NaN in the interpreter (its
+/// memory starts as NaN in every iteration), so tests see such a read.
+#[test]
+fn the_interpreter_shows_a_read_of_unwritten_private_memory() {
+    let mut kb = KernelBuilder::new("stale");
+    let t = kb.arg("t", &[f(2)], Mode::Private);
+    let y = kb.output("y", &[Dim::Batch]);
+    let n = kb.var("n");
+    let body =
+        vec![store(y, vec![v(n)], ld(t, vec![Affine::constant(1)])), store(t, vec![Affine::constant(1)], c(1.0))];
+    let k = kb.finish(n, Extent::Batch, body);
+    let mut bufs = vec![vec![0.0f32; 3]];
+    exec(Backend::Interp, &k, &mut bufs, 3);
+    assert!(bufs[0].iter().all(|x| x.is_nan()), "{:?}", bufs[0]);
+}
+
 // ---------------------------------------------------------------------------------------
 // Cross-checks on random inputs: scalar JIT == interpreter bit for bit, vector JIT close.
 
@@ -739,7 +832,7 @@ fn cross_check(k: &Kernel, batch: u64, lo: f32, hi: f32, tol: f64) {
         exec(be, k, &mut bufs, batch);
         results.push(bufs);
     }
-    for (i, a) in k.args.iter().enumerate() {
+    for (i, a) in k.bound().enumerate() {
         if a.mode == Mode::In {
             continue;
         }

@@ -139,6 +139,32 @@ fn the_batch_dim_may_only_be_first() {
     rejects(&k, &["argument `x`: the batch dim is dim 1; it may only be the first"]);
 }
 
+/// Private memory is one grid iteration's: no batch dim, and its accesses proved in bounds
+/// in each iteration's slice. It never stands in the way of splitting the grid.
+#[test]
+fn private_arguments_are_per_iteration() {
+    let mut kb = KernelBuilder::new("private");
+    let x = kb.input("x", &[B, f(4)]);
+    let t = kb.arg("t", &[f(4)], Mode::Private);
+    let y = kb.output("y", &[B, f(4)]);
+    let [n, i, j] = [kb.var("n"), kb.var("i"), kb.var("j")];
+    let body = vec![
+        lp(i, 4, vec![store(t, vec![v(i)], ld(x, vec![v(n), v(i)]))]),
+        lp(j, 4, vec![store(y, vec![v(n), v(j)], ld(t, vec![Affine::constant(3).plus(j, -1)]))]),
+    ];
+    let k = kb.finish(n, Extent::Batch, body);
+    accepts(&k);
+    assert!(grid_independent(&k));
+    let mut batched = k.clone();
+    batched.args[1].dims = vec![B, f(4)];
+    rejects(&batched, &["private argument `t` has a batch dim"]);
+    let mut past_the_end = k.clone();
+    let Stmt::Loop(l) = &mut past_the_end.grid.body[1] else { unreachable!("a loop") };
+    let Stmt::Store { value: Expr::Load { index, .. }, .. } = &mut l.body[0] else { unreachable!("a store") };
+    index[0] = Affine::constant(4).plus(j, -1);
+    rejects(&past_the_end, &["index 1 of `t` (`-j+4`) ranges over [1, 4], outside the dim 0..4"]);
+}
+
 #[test]
 fn huge_buffers_are_rejected() {
     let mut k = base();

@@ -131,6 +131,7 @@ fn compile(
         memory_budget,
         overrides,
         chunk_bytes: pdgc::lower::CHUNK_BYTES,
+        private_bytes: pdgc::lower::PRIVATE_COLUMN_BYTES,
     };
     let inner = pdgc::Module::from_source(&name, &source, &options).map_err(to_py)?;
     Ok(Module { inner, goal, device })

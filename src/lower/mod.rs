@@ -18,6 +18,7 @@
 
 mod builder;
 pub mod equation;
+pub mod fuse;
 pub mod index;
 pub mod kernels;
 pub mod param_grads;
@@ -196,6 +197,9 @@ pub struct Schedule {
     /// The most bytes of im2col columns a conv's launches hold at once (normally
     /// [`CHUNK_BYTES`]).
     pub chunk_bytes: u64,
+    /// The most bytes of one example's im2col columns kept in private memory (normally
+    /// [`PRIVATE_COLUMN_BYTES`]; see [`fuse`]).
+    pub private_bytes: u64,
     pub grads: HashMap<NodeId, Strategy>,
     pub norms: HashMap<NodeId, Strategy>,
     pub clipped_sum: HashMap<NodeId, Strategy>,
@@ -219,6 +223,7 @@ struct Lowering<'g> {
     /// The largest batch the program runs (chunk groups smaller than it pay off).
     batch: usize,
     chunk_bytes: u64,
+    private_bytes: u64,
     /// Chunk groups made so far.
     groups: u32,
     /// The convs, and the generically lowered nodes with window products, that keep their
@@ -263,6 +268,7 @@ pub fn lower(graph: &Graph, grads: &GradGraph, schedule: &Schedule) -> Result<Pr
         extra: HashMap::new(),
         batch: schedule.batch.max(1),
         chunk_bytes: schedule.chunk_bytes,
+        private_bytes: schedule.private_bytes,
         groups: 0,
         kept: Vec::new(),
         current: None,
@@ -299,6 +305,11 @@ pub fn lower(graph: &Graph, grads: &GradGraph, schedule: &Schedule) -> Result<Pr
 /// they run in chunks of examples (256 MiB keeps every GEMM of a chunk large: a 3x3 conv on
 /// 224x224 with 64 input channels has 115 MB of columns per example, two examples a chunk).
 pub const CHUNK_BYTES: u64 = 256 << 20;
+
+/// The most bytes of im2col columns per example that a conv's launches keep in private
+/// memory (one buffer per worker thread, see `fuse`) rather than in a workspace for the
+/// batch: about what a core's cache holds.
+pub const PRIVATE_COLUMN_BYTES: u64 = 4 << 20;
 
 /// How many chunk budgets of columns the convs that keep their forward pass's columns may
 /// hold together (see `Lowering::kept_columns`).
@@ -395,6 +406,9 @@ impl<'g> Lowering<'g> {
         let mut kept = (Vec::new(), 0u64);
         for n in &self.graph.nodes {
             let Some(per_example) = self.window_column_bytes(n.id) else { continue };
+            if per_example <= self.private_bytes {
+                continue; // gathered in private memory by each launch that reads them
+            }
             let bytes = per_example * self.batch as u64;
             let chunked = column_chunk_examples(per_example, self.batch as u64, self.chunk_bytes).is_some();
             if !chunked && kept.1 + bytes <= KEPT_CHUNKS * self.chunk_bytes {
@@ -1006,15 +1020,37 @@ impl<'g> Lowering<'g> {
             let col2im = format!("{name}_col2im{}", if first { "_first" } else { "" });
             kernels.push((index::equation_kernel(&col2im, eq, ranges, &info, first, Batching::PerExample)?, false));
         }
+        // Columns that only these kernels use, one example's small enough for a core's
+        // cache: the kernels run as one, the columns in private memory (`fuse`).
+        let keeps = !self.forward_done && self.kept.contains(&node);
+        // (A product summed over the batch is two kernels, partial sums and their sum: the
+        // gather joins the first.)
+        let fused_kernels = if batching == Batching::Summed { 3 } else { 2 };
+        let private = mode == LaunchMode::Grid
+            && chunk.is_none()
+            && kept.is_none()
+            && !keeps
+            && per_example <= self.private_bytes
+            && kernels.len() == fused_kernels
+            && kernels.iter().all(|(_, zero)| !zero);
+        if private {
+            let parts: Vec<_> = kernels.drain(..2).map(|(k, _)| k).collect();
+            // Named after the product, the part with the contraction.
+            let product = parts.iter().find(|(k, _)| k.has_contractions()).map_or(name, |(k, _)| k.name.as_str());
+            let fused = fuse::fuse(&format!("{product}_fused"), &parts, index::COLUMNS)?;
+            kernels.insert(0, (fused, false));
+        }
+        // The columns' workspace (none where they are private).
         let cols = match kept {
-            Some(cols) => cols,
+            Some(cols) => Some(cols),
+            None if private => None,
             None => {
                 let cols = self.extra(Role::Workspace(format!("{name}_cols")), &format!("{name}_cols"), true, shape);
                 self.buffers[cols.0 as usize].chunk = chunk;
-                cols
+                Some(cols)
             }
         };
-        if let (Some(key), false, true) = (key, self.forward_done, self.kept.contains(&node)) {
+        if let (Some(key), true, Some(cols)) = (key, keeps, cols) {
             self.window_columns.insert(key, cols);
         }
         // The zeroing launch runs before the chunks.
@@ -1024,7 +1060,9 @@ impl<'g> Lowering<'g> {
             let mut sq = None;
             for t in &tensors {
                 match (t.as_str(), norm) {
-                    (index::COLUMNS, _) => args.push(cols),
+                    (index::COLUMNS, _) => args.push(
+                        cols.ok_or_else(|| crate::error::Error::Internal(format!("`{name}` binds private columns")))?,
+                    ),
                     (index::PARTS, _) => {
                         let role = Role::Workspace(format!("{name}_parts"));
                         args.push(self.extra(role, &format!("{name}_parts"), false, vec![parts, m, n]));
@@ -1291,7 +1329,24 @@ impl<'g> Lowering<'g> {
             l.buffers[id.0 as usize].chunk = chunk;
             id
         };
-        let cols = if gather { Some(workspace(self, "cols", shape.clone())) } else { kept };
+        // The gram kernel's squared norms are its last argument, bound to `sq`.
+        const SQNORM: &str = "sqnorm";
+        for (k, tensors) in &mut kernels {
+            if k.args.last().is_some_and(|a| a.name == SQNORM) && tensors.len() + 1 == k.args.len() {
+                tensors.push(SQNORM.to_string());
+            }
+        }
+        // Gathered columns that one example's fit a core's cache: the gather runs inside the
+        // Gram kernel, the columns in private memory (`fuse`).
+        let private = gather
+            && chunk.is_none()
+            && kernels.len() == 2
+            && shape.iter().product::<usize>() as u64 * 4 <= self.private_bytes;
+        if private {
+            let fused = fuse::fuse(&format!("{name}_fused"), &kernels, index::COLUMNS)?;
+            kernels = vec![fused];
+        }
+        let cols = if gather && !private { Some(workspace(self, "cols", shape.clone())) } else { kept };
         let grams = (positions > 0).then(|| workspace(self, "grams", vec![2, positions, positions]));
         let mut launches = Vec::new();
         for (k, tensors) in kernels {
@@ -1299,11 +1354,9 @@ impl<'g> Lowering<'g> {
             for t in &tensors {
                 args.push(match (t.as_str(), cols, grams) {
                     (index::COLUMNS, Some(b), _) | (index::GRAMS, _, Some(b)) => b,
+                    (SQNORM, _, _) => sq,
                     _ => self.index_buffer(node, t, &HashMap::new())?,
                 });
-            }
-            if k.args.iter().any(|a| a.name == "sqnorm") {
-                args.push(sq);
             }
             launches.push(self.launch(k, args));
         }

@@ -187,7 +187,7 @@ pub fn measure(
     layers: &[(NodeId, LayerDims)],
     goal: Goal,
     b: u64,
-    chunk_bytes: u64,
+    (chunk_bytes, private_bytes): (u64, u64),
     dev: &DeviceProfile,
 ) -> Result<Measured> {
     let mut measured =
@@ -213,6 +213,7 @@ pub fn measure(
         let schedule = Schedule {
             batch: b as usize,
             chunk_bytes,
+            private_bytes,
             grads: strategies(Goal::Grads),
             norms: strategies(Goal::Norms),
             clipped_sum: strategies(Goal::ClippedSum),
@@ -253,6 +254,7 @@ pub fn measure(
             let empty = Schedule {
                 batch: b as usize,
                 chunk_bytes,
+                private_bytes,
                 grads: HashMap::new(),
                 norms: HashMap::new(),
                 clipped_sum: HashMap::new(),
@@ -396,7 +398,16 @@ mod tests {
         let layers: Vec<(NodeId, LayerDims)> =
             g.nodes.iter().filter_map(|n| Some((n.id, LayerDims::of(&g, &grads, n)?))).collect();
         let dev = DeviceProfile::h200();
-        let m = measure(&g, &grads, &layers, goal, b, crate::lower::CHUNK_BYTES, &dev).expect("lowers");
+        let m = measure(
+            &g,
+            &grads,
+            &layers,
+            goal,
+            b,
+            (crate::lower::CHUNK_BYTES, crate::lower::PRIVATE_COLUMN_BYTES),
+            &dev,
+        )
+        .expect("lowers");
         let node = g.nodes.iter().find(|n| n.layer.as_deref() == Some("l")).expect("layer `l`").id;
         let dims = layers.iter().find(|(n, _)| *n == node).expect("parameterized").1.clone();
         let by = m.layers.iter().filter(|((n, _), _)| *n == node).map(|((_, s), c)| (*s, c.clone())).collect();

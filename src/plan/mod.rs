@@ -43,6 +43,9 @@ pub struct PlanOptions {
     /// The most bytes of im2col columns a conv's launches hold at once (as `lower` is
     /// told; normally [`crate::lower::CHUNK_BYTES`]).
     pub chunk_bytes: u64,
+    /// The most bytes of one example's im2col columns kept in private memory (as `lower` is
+    /// told; normally [`crate::lower::PRIVATE_COLUMN_BYTES`]).
+    pub private_bytes: u64,
 }
 
 impl PlanOptions {
@@ -54,6 +57,7 @@ impl PlanOptions {
             memory_budget: None,
             overrides: Vec::new(),
             chunk_bytes: crate::lower::CHUNK_BYTES,
+            private_bytes: crate::lower::PRIVATE_COLUMN_BYTES,
         }
     }
 }
@@ -128,7 +132,7 @@ impl LayerPlan {
 fn initial_layers(graph: &Graph, grads: &GradGraph, opts: &PlanOptions, b: u64) -> Result<(Vec<LayerPlan>, f64, f64)> {
     let dims: Vec<(NodeId, LayerDims)> =
         graph.nodes.iter().filter_map(|n| Some((n.id, LayerDims::of(graph, grads, n)?))).collect();
-    let m = measure(graph, grads, &dims, opts.goal, b, opts.chunk_bytes, &opts.device)?;
+    let m = measure(graph, grads, &dims, opts.goal, b, (opts.chunk_bytes, opts.private_bytes), &opts.device)?;
     let mut layers = Vec::new();
     for (id, dims) in dims {
         let node = graph.node(id);

@@ -11,8 +11,11 @@ use crate::visit::{walk_body, walk_expr, walk_stmt, Visitor};
 /// every argument that some statement stores to is accessed (by every load and store of
 /// it) with the grid variable, alone, in one and the same index position. Iteration `g`
 /// then touches only elements whose coordinate there is `g`, so iterations run on
-/// different threads never touch the same element. Assumes a verified kernel.
+/// different threads never touch the same element. Private arguments count in their
+/// sliced form ([`Kernel::private_sliced`], one slice per iteration), so they never stand
+/// in the way. Assumes a verified kernel.
 pub fn grid_independent(k: &Kernel) -> bool {
+    let k = k.private_sliced();
     independent_over(k.args.len(), &k.grid.body, &[k.grid.var])
 }
 

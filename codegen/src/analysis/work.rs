@@ -89,7 +89,12 @@ fn share(cond: &Cond) -> (u64, u64) {
 
 fn arg_bytes(a: &Arg, batch: u64) -> u64 {
     let elems: u64 = a.dims.iter().map(|d| d.resolve(batch)).product();
-    let passes = if a.mode == Mode::InOut { 2 } else { 1 };
+    // Private memory is reused by every iteration of a worker and stays in its cache.
+    let passes = match a.mode {
+        Mode::InOut => 2,
+        Mode::Private => 0,
+        Mode::In | Mode::Out => 1,
+    };
     elems.saturating_mul(4 * passes)
 }
 

@@ -46,7 +46,7 @@ use cranelift_module::{default_libcall_names, FuncId, Linkage, Module, ModuleErr
 use thiserror::Error;
 
 use crate::analysis::launch::grid_independent;
-use crate::ir::{Arg, Extent, Kernel, Unary};
+use crate::ir::{Arg, Extent, Kernel, Mode, Unary};
 use crate::math;
 use crate::verify::{verify, VerifyError};
 
@@ -85,6 +85,19 @@ impl Default for CpuOptions {
     fn default() -> CpuOptions {
         CpuOptions { vectorize: true, fma: true }
     }
+}
+
+thread_local! {
+    /// This thread's memory for the private arguments of the kernels it runs
+    /// ([`Mode::Private`]): every grid iteration a thread runs reuses it, so it stays in
+    /// the core's cache. Grown to the largest need seen, never shrunk.
+    static PRIVATE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The elements a private argument takes in [`PRIVATE`]: its size rounded up to a 64-byte
+/// cache line, so that two arguments never share one.
+fn private_slot(a: &Arg) -> usize {
+    (a.len(0) as usize).next_multiple_of(16)
 }
 
 /// The entry point of a compiled kernel (see [`crate::ir`]).
@@ -228,6 +241,7 @@ impl CpuBackend {
                     args: k.args.clone(),
                     grid: k.grid.extent,
                     parallel: grid_independent(k),
+                    private_len: k.args.iter().filter(|a| a.mode == Mode::Private).map(private_slot).sum(),
                     entry,
                     _jit: Arc::clone(&self.jit),
                 }
@@ -315,6 +329,9 @@ pub struct CompiledKernel {
     grid: Extent,
     /// Whether [`grid_independent`] holds, so that `run_parallel` may split the grid.
     parallel: bool,
+    /// Elements of private memory a call needs (the [`private_slot`]s of its private
+    /// arguments).
+    private_len: usize,
     entry: KernelFn,
     _jit: Arc<Jit>,
 }
@@ -367,17 +384,15 @@ impl CompiledKernel {
         unsafe { (self.entry)(bufs, batch, lo, hi) }
     }
 
-    /// Checks the buffers against the argument list and the grid range, and returns the
-    /// grid extent for `batch`.
+    /// Checks the buffers against the bound arguments and returns the grid extent for
+    /// `batch`.
     fn check(&self, bufs: &[&mut [f32]], batch: u64) -> Result<u64, CpuError> {
-        if bufs.len() != self.args.len() {
-            return Err(CpuError::BufferCount {
-                kernel: self.name.clone(),
-                expected: self.args.len(),
-                got: bufs.len(),
-            });
+        let bound = self.args.iter().filter(|a| a.mode != Mode::Private);
+        let expected = bound.clone().count();
+        if bufs.len() != expected {
+            return Err(CpuError::BufferCount { kernel: self.name.clone(), expected, got: bufs.len() });
         }
-        for (a, b) in self.args.iter().zip(bufs) {
+        for (a, b) in bound.zip(bufs) {
             if let Some(expected) = a.len_mismatch(batch, b.len()) {
                 return Err(CpuError::BufferLen {
                     kernel: self.name.clone(),
@@ -391,6 +406,49 @@ impl CompiledKernel {
         Ok(self.grid.resolve(batch))
     }
 
+    /// Runs grid iterations `lo..hi` on the calling thread with `bound`, the bound buffers'
+    /// addresses in order, and this thread's private memory for the private arguments
+    /// (see [`PRIVATE`]).
+    ///
+    /// # Safety
+    ///
+    /// As [`Self::call_raw`] for the bound buffers.
+    unsafe fn call_with_private(&self, bound: &[*mut f32], batch: u64, lo: u64, hi: u64) {
+        if self.private_len == 0 {
+            // SAFETY: as this function's contract; no private arguments.
+            return unsafe { self.call_raw(bound.as_ptr(), batch, lo, hi) };
+        }
+        let run = |memory: &mut Vec<f32>| {
+            if memory.len() < self.private_len {
+                memory.resize(self.private_len, 0.0);
+            }
+            let (mut given, mut offset) = (bound.iter(), 0);
+            let ptrs: Vec<*mut f32> = self
+                .args
+                .iter()
+                .map(|a| match a.mode {
+                    Mode::Private => {
+                        // SAFETY: `private_len` covers every private argument, each rounded
+                        // up to a cache line, so `offset + len` stays within `memory`.
+                        let p = unsafe { memory.as_mut_ptr().add(offset) };
+                        offset += private_slot(a);
+                        p
+                    }
+                    _ => given.next().copied().unwrap_or(std::ptr::null_mut()),
+                })
+                .collect();
+            // SAFETY: the bound pointers as the contract says; each private argument gets
+            // its own range of this thread's memory, which nothing else uses during the call.
+            unsafe { self.call_raw(ptrs.as_ptr(), batch, lo, hi) }
+        };
+        // A kernel run inside another's call on this thread (never done today) gets fresh
+        // memory rather than sharing the borrowed one.
+        PRIVATE.with(|memory| match memory.try_borrow_mut() {
+            Ok(mut memory) => run(&mut memory),
+            Err(_) => run(&mut Vec::new()),
+        })
+    }
+
     /// Runs grid iterations `lo..hi` on the calling thread.
     pub fn run(&self, bufs: &mut [&mut [f32]], batch: u64, lo: u64, hi: u64) -> Result<(), CpuError> {
         let extent = self.check(bufs, batch)?;
@@ -398,9 +456,9 @@ impl CompiledKernel {
             return Err(CpuError::GridRange { kernel: self.name.clone(), lo, hi, extent });
         }
         let ptrs: Vec<*mut f32> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
-        // SAFETY: one pointer per argument, each to a buffer of the checked length that
-        // we borrow mutably (so exclusively) for the call; the range is checked.
-        unsafe { self.call_raw(ptrs.as_ptr(), batch, lo, hi) };
+        // SAFETY: one pointer per bound argument, each to a buffer of the checked length
+        // that we borrow mutably (so exclusively) for the call; the range is checked.
+        unsafe { self.call_with_private(&ptrs, batch, lo, hi) };
         Ok(())
     }
 
@@ -424,7 +482,7 @@ impl CompiledKernel {
         // kernel is grid-independent (see `SendPtrs`).
         let work = move |t: u64| {
             let (lo, hi) = range(t);
-            unsafe { self.call_raw(ptrs.0.as_ptr(), batch, lo, hi) }
+            unsafe { self.call_with_private(&ptrs.0, batch, lo, hi) }
         };
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             pool.in_place_scope(|s| {

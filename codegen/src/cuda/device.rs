@@ -18,7 +18,7 @@ use cudarc::nvrtc::Ptx;
 
 use super::nvrtc::{compile_cubin, Arch, Opt};
 use super::{CudaError, CudaModule, LaunchInfo};
-use crate::ir::Arg;
+use crate::ir::{Arg, Mode};
 
 /// NVRTC takes seconds on a large module, and a process often loads the same one several
 /// times (one session per strategy in `pdgc bench`), so cubins are kept per (source, arch).
@@ -166,7 +166,7 @@ impl CudaDevice {
         self.stream.synchronize().map_err(driver("synchronizing"))
     }
 
-    /// Launches kernel `index` of `module` on `views` (one per argument) for `batch`.
+    /// Launches kernel `index` of `module` on `views` (one per bound argument) for `batch`.
     pub fn launch(&self, module: &LoadedModule, index: usize, views: &[View<'_>], batch: u64) -> Result<(), CudaError> {
         let (func, info, args) = match (module.funcs.get(index), module.infos.get(index), module.args.get(index)) {
             (Some(f), Some(i), Some(a)) => (f, i, a),
@@ -174,7 +174,8 @@ impl CudaDevice {
         };
         let name = &module.names[index];
         super::check_lengths(name, args, &views.iter().map(|v| v.len).collect::<Vec<_>>(), batch)?;
-        for (a, v) in args.iter().zip(views) {
+        let bound = args.iter().filter(|a| a.mode != Mode::Private);
+        for (a, v) in bound.zip(views) {
             if v.offset.checked_add(v.len).is_none_or(|end| end > v.buffer.len()) {
                 return Err(CudaError::BufferLen {
                     kernel: name.clone(),
@@ -186,12 +187,26 @@ impl CudaDevice {
             }
         }
         let Some((blocks, threads)) = info.dims(batch)? else { return Ok(()) };
+        // Private memory, one slice per grid iteration, allocated for this launch (freed in
+        // stream order after it).
+        let private = super::private_lens(name, args, info.grid(), batch)?
+            .into_iter()
+            .map(|n| self.alloc(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (mut given, mut own) = (views.iter(), private.iter());
+        let all: Vec<(&DeviceBuffer, usize)> = args
+            .iter()
+            .filter_map(|a| match a.mode {
+                Mode::Private => own.next().map(|b| (b, 0)),
+                _ => given.next().map(|v| (v.buffer, v.offset)),
+            })
+            .collect();
         // Keep the read/write records alive until the launch is queued.
-        let mut records = Vec::with_capacity(views.len());
-        let mut ptrs: Vec<u64> = Vec::with_capacity(views.len());
-        for v in views {
-            let (base, record) = v.buffer.slice.device_ptr(&self.stream);
-            ptrs.push(base + (v.offset * std::mem::size_of::<f32>()) as u64);
+        let mut records = Vec::with_capacity(all.len());
+        let mut ptrs: Vec<u64> = Vec::with_capacity(all.len());
+        for (buffer, offset) in all {
+            let (base, record) = buffer.slice.device_ptr(&self.stream);
+            ptrs.push(base + (offset * std::mem::size_of::<f32>()) as u64);
             records.push(record);
         }
         let mut builder = self.stream.launch_builder(func);

@@ -113,8 +113,8 @@ fn compile_in(dir: &std::path::Path, module: &CudaModule, kernels: &[Kernel]) ->
 }
 
 impl HostModule {
-    /// Launches kernel `index` on `bufs` (one per argument, each of the argument's length
-    /// at `batch`), with the grid a GPU launch would have.
+    /// Launches kernel `index` on `bufs` (one per bound argument, each of the argument's
+    /// length at `batch`), with the grid a GPU launch would have.
     pub fn launch(&self, index: usize, bufs: &mut [&mut [f32]], batch: u64) -> Result<(), CudaError> {
         let (Some(f), Some(info), Some(args)) =
             (self.launchers.get(index), self.module.kernels.get(index), self.args.get(index))
@@ -124,10 +124,21 @@ impl HostModule {
         let name = &self.names[index];
         super::check_lengths(name, args, &bufs.iter().map(|b| b.len()).collect::<Vec<_>>(), batch)?;
         let Some((blocks, threads)) = info.dims(batch)? else { return Ok(()) };
-        let ptrs: Vec<*mut f32> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
-        // SAFETY: one pointer per argument, each to a buffer of the checked length, borrowed
-        // mutably for the call; the generated code stays within those lengths (verified IR)
-        // and runs on this thread only.
+        // Private memory, one slice per grid iteration, NaN so that reading what an
+        // iteration did not write shows (as in the interpreter).
+        let mut private: Vec<Vec<f32>> =
+            super::private_lens(name, args, info.grid(), batch)?.into_iter().map(|n| vec![f32::NAN; n]).collect();
+        let (mut given, mut own) = (bufs.iter_mut(), private.iter_mut());
+        let ptrs: Vec<*mut f32> = args
+            .iter()
+            .filter_map(|a| match a.mode {
+                crate::ir::Mode::Private => own.next().map(|v| v.as_mut_ptr()),
+                _ => given.next().map(|b| b.as_mut_ptr()),
+            })
+            .collect();
+        // SAFETY: one pointer per argument, each to a buffer of the checked length (private
+        // ones of their sliced length), borrowed mutably for the call; the generated code
+        // stays within those lengths (verified IR) and runs on this thread only.
         unsafe { f(ptrs.as_ptr(), batch, blocks, threads) };
         Ok(())
     }

@@ -37,7 +37,7 @@ use std::collections::HashSet;
 use std::fmt::Write;
 
 use crate::analysis::launch::{parallel_nest, sunk_loops, Sunk};
-use crate::ir::{Affine, Binary, CmpOp, Cond, Expr, Extent, Kernel, Loop, Mode, Stmt, Unary, VarId};
+use crate::ir::{Affine, Arg, Binary, CmpOp, Cond, Expr, Extent, Kernel, Loop, Mode, Stmt, Unary, VarId};
 use crate::verify::{verify, VerifyError};
 
 #[derive(Debug, thiserror::Error)]
@@ -110,8 +110,15 @@ pub struct LaunchInfo {
     /// The extents of the parallel nest, outermost (the grid) first; just the grid when
     /// not `parallel`.
     pub extents: Vec<Extent>,
-    /// Argument count (buffers); the batch follows them.
+    /// Argument count (buffers, private ones included); the batch follows them.
     pub args: usize,
+}
+
+impl LaunchInfo {
+    /// The grid's extent: the outermost of [`Self::extents`].
+    pub fn grid(&self) -> Extent {
+        self.extents.first().copied().unwrap_or(Extent::Fixed(1))
+    }
 }
 
 impl LaunchInfo {
@@ -140,19 +147,39 @@ pub struct CudaModule {
     pub kernels: Vec<LaunchInfo>,
 }
 
-/// Checks a launch's buffer lengths (in argument order) against the kernel's arguments at
-/// `batch`: what both the device and the host launch must hold before running code that
-/// does not check its accesses.
-fn check_lengths(kernel: &str, args: &[crate::ir::Arg], lens: &[usize], batch: u64) -> Result<(), CudaError> {
-    if lens.len() != args.len() {
-        return Err(CudaError::BufferCount { kernel: kernel.to_string(), expected: args.len(), got: lens.len() });
+/// Checks a launch's buffer lengths (in the order of the bound arguments,
+/// [`Kernel::bound`]) against the kernel's arguments at `batch`: what both the device and
+/// the host launch must hold before running code that does not check its accesses.
+fn check_lengths(kernel: &str, args: &[Arg], lens: &[usize], batch: u64) -> Result<(), CudaError> {
+    let bound: Vec<&Arg> = args.iter().filter(|a| a.mode != Mode::Private).collect();
+    if lens.len() != bound.len() {
+        return Err(CudaError::BufferCount { kernel: kernel.to_string(), expected: bound.len(), got: lens.len() });
     }
-    for (a, &got) in args.iter().zip(lens) {
+    for (a, &got) in bound.iter().zip(lens) {
         if let Some(expected) = a.len_mismatch(batch, got) {
             return Err(CudaError::BufferLen { kernel: kernel.to_string(), arg: a.name.clone(), batch, expected, got });
         }
     }
     Ok(())
+}
+
+/// The elements of each private argument's memory at `batch` (one slice per grid
+/// iteration, as [`Kernel::private_sliced`] renders it), in argument order; `grid` is the
+/// kernel's grid extent.
+fn private_lens(kernel: &str, args: &[Arg], grid: Extent, batch: u64) -> Result<Vec<usize>, CudaError> {
+    args.iter()
+        .filter(|a| a.mode == Mode::Private)
+        .map(|a| {
+            let len = a.checked_len(batch).and_then(|n| n.checked_mul(grid.resolve(batch)));
+            len.and_then(|n| usize::try_from(n).ok()).ok_or_else(|| CudaError::BufferLen {
+                kernel: kernel.to_string(),
+                arg: a.name.clone(),
+                batch,
+                expected: "more than the address space".into(),
+                got: 0,
+            })
+        })
+        .collect()
 }
 
 /// The symbol of kernel `index`: unique in a module, a valid C identifier.
@@ -169,8 +196,11 @@ pub fn render_module(kernels: &[Kernel]) -> Result<CudaModule, VerifyError> {
     for (i, k) in kernels.iter().enumerate() {
         verify(k)?;
         // A contraction renders as the loop nest that defines it (one thread per output
-        // element where the independence proofs allow).
-        let k: &Kernel = &k.desugared();
+        // element where the independence proofs allow); private arguments as one slice per
+        // grid iteration, which the launch allocates.
+        let desugared = k.desugared();
+        let sliced = desugared.private_sliced();
+        let k: &Kernel = &sliced;
         let sym = symbol(i, k);
         let threads = Threads::of(k);
         source.push('\n');
@@ -187,8 +217,9 @@ pub fn render_module(kernels: &[Kernel]) -> Result<CudaModule, VerifyError> {
 /// The CUDA C of one kernel as a `__global__` function named `symbol` (no helpers; see
 /// [`render_module`]). Assumes a verified kernel.
 pub fn render_kernel(k: &Kernel, symbol: &str) -> String {
-    let k: &Kernel = &k.desugared();
-    render_with(k, symbol, &Threads::of(k))
+    let desugared = k.desugared();
+    let sliced = desugared.private_sliced();
+    render_with(&sliced, symbol, &Threads::of(&sliced))
 }
 
 /// How a kernel's iterations map onto GPU threads: the parallel nest ([`parallel_nest`];

@@ -179,16 +179,15 @@ pub fn exec(be: Backend, k: &Kernel, bufs: &mut [Vec<f32>], batch: u64) {
     }
 }
 
-/// Buffers of the right length for `batch`: `In`/`InOut` ones from `rng` in `[lo, hi)`,
-/// `Out` ones zero.
+/// Buffers of the right length for `batch`, one per bound argument (private ones have
+/// none): `In`/`InOut` ones from `rng` in `[lo, hi)`, `Out` ones zero.
 pub fn random_bufs(k: &Kernel, batch: u64, rng: &mut Rng, lo: f32, hi: f32) -> Vec<Vec<f32>> {
-    k.args
-        .iter()
+    k.bound()
         .map(|a| {
             let n = a.len(batch) as usize;
             match a.mode {
                 Mode::Out => vec![0.0; n],
-                Mode::In | Mode::InOut => rng.vec(n, lo, hi),
+                Mode::In | Mode::InOut | Mode::Private => rng.vec(n, lo, hi),
             }
         })
         .collect()
