@@ -12,7 +12,8 @@
 //! over the batch (a weight gradient, whose grid runs over partial sums and loops over
 //! examples inside) runs inside that loop, right before the statement that reads what it
 //! gathered, for the same example: the product then reads exactly the example's columns it
-//! read before. [`fuse`] checks what it relies on and refuses otherwise.
+//! read before, and the gather writes nothing else. [`fuse`] checks what it relies on and
+//! refuses otherwise.
 
 use pdgc_codegen::analysis::launch::grid_independent;
 use pdgc_codegen::ir::{AccId, Affine, Arg, ArgId, Dim, Expr, Kernel, Loop, Mode, Stmt, Term, VarId};
@@ -51,7 +52,9 @@ pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Resul
     };
     for &p in &order {
         let (k, names) = &parts[p];
-        if names.len() != k.args.len() || (p != host && k.grid.extent != Dim::Batch) {
+        // Every part runs over the batch, but the host of a gather.
+        let over_batch = k.grid.extent == Dim::Batch || (gather.is_some() && p == host);
+        if names.len() != k.args.len() || !over_batch {
             return Err(bug(format!("`{}` is not a kernel over the batch with named arguments", k.name)));
         }
         let mut args = Vec::with_capacity(k.args.len());
@@ -135,20 +138,39 @@ pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Resul
     match gather {
         None => fused.grid.body = bodies.into_iter().flat_map(|(b, _)| b).collect(),
         Some(_) => {
-            let [(mut host_body, _), (gather_body, _)]: [(Vec<Stmt>, VarId); 2] =
+            let [(mut host_body, host_example), (gather_body, _)]: [(Vec<Stmt>, VarId); 2] =
                 bodies.try_into().map_err(|_| bug("two parts expected".into()))?;
-            if !insert_before_read(&mut host_body, private_id, gather_body) {
+            // The gather writes nothing but the columns, so running it inside the host's
+            // example loop changes nothing else the host computes.
+            if gather_body.iter().any(|s| stores_other_than(s, private_id)) {
+                return Err(bug(format!("the gather writes more than `{private}`")));
+            }
+            if !insert_before_read(&mut host_body, private_id, host_example, gather_body) {
                 return Err(bug(format!("no read of `{private}` to gather for")));
             }
             fused.grid.body = host_body;
         }
     }
-    if !grid_independent(&fused) {
+    // Kernels run back to back per example must not see each other's other examples.
+    if gather.is_none() && !grid_independent(&fused) {
         return Err(bug("the fused grid's iterations are not independent".into()));
     }
     let bound = tensors.into_iter().zip(&fused.args).filter(|(_, a)| a.mode != Mode::Private).map(|(t, _)| t);
     let bound = bound.collect();
     Ok((fused, bound))
+}
+
+/// Whether `s` stores to an argument other than `arg`.
+fn stores_other_than(s: &Stmt, arg: ArgId) -> bool {
+    struct Find(ArgId, bool);
+    impl<'k> Visitor<'k> for Find {
+        fn access(&mut self, a: ArgId, _: &'k [Affine], store: bool) {
+            self.1 |= store && a != self.0;
+        }
+    }
+    let mut find = Find(arg, false);
+    walk_stmt(&mut find, s);
+    find.1
 }
 
 /// Whether `s` reads or writes `arg` anywhere.
@@ -180,17 +202,27 @@ fn example_of(body: &[Stmt], arg: ArgId) -> Option<VarId> {
     find.1.flatten()
 }
 
-/// Inserts `stmts` right before the statement of `body` (at any depth) that first touches
-/// `arg`, in the same block; false when none does.
-fn insert_before_read(body: &mut Vec<Stmt>, arg: ArgId, stmts: Vec<Stmt>) -> bool {
+/// Inserts `stmts` before the first statement of `body` that touches `arg`, inside the loop
+/// over `example` and inside any `If` around that statement there (a partial sum's test of
+/// which examples it adds), but not inside a loop nested in the example loop, so that they
+/// run once per example; false when nothing touches `arg` inside such a loop.
+fn insert_before_read(body: &mut Vec<Stmt>, arg: ArgId, example: VarId, stmts: Vec<Stmt>) -> bool {
+    insert_in(body, arg, example, false, stmts)
+}
+
+fn insert_in(body: &mut Vec<Stmt>, arg: ArgId, example: VarId, inside: bool, stmts: Vec<Stmt>) -> bool {
     let Some(i) = body.iter().position(|s| touches(s, arg)) else { return false };
     match &mut body[i] {
-        Stmt::Loop(l) => insert_before_read(&mut l.body, arg, stmts),
-        Stmt::If { then, .. } => insert_before_read(then, arg, stmts),
-        _ => {
+        Stmt::Loop(l) if !inside => {
+            let inside = l.var == example;
+            insert_in(&mut l.body, arg, example, inside, stmts)
+        }
+        Stmt::If { then, .. } => insert_in(then, arg, example, inside, stmts),
+        _ if inside => {
             body.splice(i..i, stmts);
             true
         }
+        _ => false,
     }
 }
 
@@ -258,5 +290,74 @@ impl VisitorMut for Remap {
         for t in &mut a.terms {
             t.var = self.vars[t.var.0 as usize];
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lower::builder::{batched, load, lp, store, v, KernelBuilder};
+
+    /// `u[n, i] = 2·x[n, i]` then `y[n, i] = u[n, i + shift]`: a gather and its reader.
+    fn parts(shift: i64) -> Vec<(Kernel, Vec<String>)> {
+        let mut kb = KernelBuilder::new("gather");
+        let x = kb.input("x", batched(&[4]));
+        let u = kb.output("u", batched(&[4]));
+        let [n, i] = [kb.var("n"), kb.var("i")];
+        let body =
+            vec![lp(i, 4, vec![store(u, vec![v(n), v(i)], Expr::mul(Expr::Const(2.0), load(x, vec![v(n), v(i)])))])];
+        let gather = kb.finish(n, Dim::Batch, body).expect("valid");
+        let mut kb = KernelBuilder::new("read");
+        let u = kb.input("u", batched(&[4]));
+        let y = kb.output("y", batched(&[4]));
+        let [n, i] = [kb.var("n"), kb.var("i")];
+        let at = if shift == 0 { vec![v(n), v(i)] } else { vec![v(n).offset(shift), v(i)] };
+        let body = vec![lp(i, 4, vec![store(y, vec![v(n), v(i)], load(u, at))])];
+        let read = kb.finish(n, Dim::Batch, body).expect("valid");
+        let names = |t: &[&str]| t.iter().map(|s| s.to_string()).collect();
+        vec![(gather, names(&["x", "u"])), (read, names(&["u", "y"]))]
+    }
+
+    #[test]
+    fn a_gather_and_its_reader_become_one_kernel_with_private_memory() {
+        let (k, bound) = fuse("fused", &parts(0), "u").expect("fuses");
+        assert_eq!(bound, vec!["x".to_string(), "y".to_string()]);
+        let private: Vec<_> = k.args.iter().filter(|a| a.mode == Mode::Private).collect();
+        assert_eq!(private.len(), 1);
+        assert_eq!(private[0].dims, vec![Dim::Fixed(4)]);
+        pdgc_codegen::verify::verify(&k).expect("verifies");
+        assert!(grid_independent(&k));
+    }
+
+    /// A gather joins the example loop of a product summed over the batch whose grid is one
+    /// iteration writing the whole sum (what a weight gradient with a single partial sum
+    /// is): `dw[j] += Σ_n u[n, j]`, `u` gathered from `x` per example.
+    #[test]
+    fn a_gather_joins_the_example_loop_of_a_single_sum() {
+        let gather = parts(0).remove(0);
+        let mut kb = KernelBuilder::new("sum");
+        let u = kb.input("u", batched(&[4]));
+        let dw = kb.output("dw", vec![Dim::Fixed(4)]);
+        let [p, n, j] = [kb.var("p"), kb.var("n"), kb.var("j")];
+        let add = Stmt::Store { arg: dw, index: vec![v(j)], value: load(u, vec![v(n), v(j)]), accumulate: true };
+        let body = vec![crate::lower::builder::batch_loop(n, vec![lp(j, 4, vec![add])])];
+        let host = kb.finish(p, Dim::Fixed(1), body).expect("valid");
+        let names = |t: &[&str]| t.iter().map(|s| s.to_string()).collect();
+        let (k, bound) = fuse("fused", &[gather, (host, names(&["u", "dw"]))], "u").expect("fuses");
+        assert_eq!(bound, vec!["dw".to_string(), "x".to_string()]);
+        pdgc_codegen::verify::verify(&k).expect("verifies");
+        // The gather runs inside the example loop, before the sum reads the columns.
+        let Stmt::Loop(examples) = &k.grid.body[0] else { panic!("{k}") };
+        assert_eq!(examples.body.len(), 2, "{k}");
+        let mut x = [1.0f32, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0];
+        let mut out = [0.0f32; 4];
+        pdgc_codegen::interp::run(&k, &mut [&mut out, &mut x], 2).expect("runs");
+        assert_eq!(out, [22.0, 44.0, 66.0, 88.0]);
+    }
+
+    #[test]
+    fn a_reader_of_another_example_is_refused() {
+        let e = fuse("fused", &parts(1), "u").expect_err("reads example n + 1");
+        assert!(e.to_string().contains("other than at its own example"), "{e}");
     }
 }

@@ -990,8 +990,19 @@ impl<'g> Lowering<'g> {
         // Columns for the whole batch beyond the chunk budget: the launches run in chunks
         // of examples, the columns a chunk workspace (as a built-in conv's).
         let per_example = shape.iter().product::<usize>() as u64 * 4;
+        // Columns that only these kernels use, one example's small enough for a core's
+        // cache: the kernels run as one, the columns in private memory (`fuse`), one
+        // example's per worker thread, so they need no chunks.
+        let keeps = !self.forward_done && self.kept.contains(&node);
+        let private = mode == LaunchMode::Grid
+            && kept.is_none()
+            && !keeps
+            && per_example <= self.private_bytes
+            && w.before.is_some() != w.after.is_some();
         let chunk = match (kept, mode) {
-            (None, LaunchMode::Grid) => column_chunk_examples(per_example, self.batch as u64, self.chunk_bytes),
+            (None, LaunchMode::Grid) if !private => {
+                column_chunk_examples(per_example, self.batch as u64, self.chunk_bytes)
+            }
             _ => None,
         };
         // A batch-summed product in chunks adds every chunk's examples into its target,
@@ -1020,20 +1031,12 @@ impl<'g> Lowering<'g> {
             let col2im = format!("{name}_col2im{}", if first { "_first" } else { "" });
             kernels.push((index::equation_kernel(&col2im, eq, ranges, &info, first, Batching::PerExample)?, false));
         }
-        // Columns that only these kernels use, one example's small enough for a core's
-        // cache: the kernels run as one, the columns in private memory (`fuse`).
-        let keeps = !self.forward_done && self.kept.contains(&node);
-        // (A product summed over the batch is two kernels, partial sums and their sum: the
-        // gather joins the first.)
-        let fused_kernels = if batching == Batching::Summed { 3 } else { 2 };
-        let private = mode == LaunchMode::Grid
-            && chunk.is_none()
-            && kept.is_none()
-            && !keeps
-            && per_example <= self.private_bytes
-            && kernels.len() == fused_kernels
-            && kernels.iter().all(|(_, zero)| !zero);
         if private {
+            // The gather or scatter and the product; a product summed over the batch in
+            // partial sums is two kernels, and the gather joins the first.
+            if !(2..=3).contains(&kernels.len()) || kernels.iter().any(|(_, zero)| *zero) {
+                return Err(crate::error::Error::Internal(format!("`{name}`: no product to fuse its columns with")));
+            }
             let parts: Vec<_> = kernels.drain(..2).map(|(k, _)| k).collect();
             // Named after the product, the part with the contraction.
             let product = parts.iter().find(|(k, _)| k.has_contractions()).map_or(name, |(k, _)| k.name.as_str());
