@@ -25,10 +25,14 @@ use crate::error::{Error, Result};
 /// lowering returns them) as one kernel named `name` that runs them in order per example,
 /// and the tensors its bound arguments are. Tensor `private` (written by one part, read by
 /// a later one) becomes a private argument, flattened to one dim: every access to it must
-/// index its batch dim with the grid variable. Other tensors that several parts name must
+/// index its batch dim with the part's variable of the example (its grid's, or that of the
+/// example loop of a batch-summed product that a gather joins). Other tensors that several parts name must
 /// be read-only in all of them and have the same dims.
 pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Result<(Kernel, Vec<String>)> {
     let bug = |what: String| Error::Internal(format!("fusing into `{name}`: {what}"));
+    if parts.is_empty() {
+        return Err(bug("no kernels".into()));
+    }
     // The host: the first part over the batch, or a batch-summed product whose example
     // loop a gather joins.
     let (host, gather) = match parts {
