@@ -178,7 +178,7 @@ impl Bencher {
         let bufs = kernel
             .args()
             .iter()
-            .filter(|a| a.mode != Mode::Private)
+            .filter(|a| a.is_bound())
             .map(|a| buffer(a, batch))
             .collect::<Result<Vec<Vec<f32>>>>()?;
         Ok(Prepared { kernel, bufs, batch })

@@ -82,28 +82,32 @@ pub fn run_range(k: &Kernel, bufs: &mut [&mut [f32]], batch: u64, lo: u64, hi: u
     let desugared = k.desugared();
     let sliced = desugared.private_sliced();
     let k: &Kernel = &sliced;
-    let mut private: Vec<Vec<f32>> = Vec::new();
+    // Each private argument's NaN-filled slices (`None` for a bound one, which takes the
+    // next given buffer).
+    let mut private = Vec::with_capacity(k.args.len());
     for (a, original) in k.args.iter().zip(&desugared.args) {
-        if original.mode == Mode::Private {
-            let len =
-                a.checked_len(batch).and_then(|n| usize::try_from(n).ok()).ok_or_else(|| InterpError::Malformed {
-                    kernel: k.name.clone(),
-                    stmt: format!("argument `{}`", a.name),
-                    message: "private memory larger than the address space".into(),
+        private.push(match original.is_bound() {
+            true => None,
+            false => {
+                let len = a.checked_len(batch).and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
+                    InterpError::Malformed {
+                        kernel: k.name.clone(),
+                        stmt: format!("argument `{}`", a.name),
+                        message: "private memory larger than the address space".into(),
+                    }
                 })?;
-            private.push(vec![f32::NAN; len]);
-        }
+                Some(vec![f32::NAN; len])
+            }
+        });
     }
-    let (mut given, mut own) = (bufs.iter_mut(), private.iter_mut());
-    let mut all: Vec<&mut [f32]> = Vec::with_capacity(k.args.len());
-    for original in &desugared.args {
-        let next = if original.mode == Mode::Private {
-            own.next().map(|v| v.as_mut_slice())
-        } else {
-            given.next().map(|b| &mut **b)
-        };
-        all.extend(next);
-    }
+    let mut given = bufs.iter_mut();
+    let mut all: Vec<&mut [f32]> = private
+        .iter_mut()
+        .filter_map(|own| match own {
+            Some(v) => Some(v.as_mut_slice()),
+            None => given.next().map(|b| &mut **b),
+        })
+        .collect();
     let mut m = Machine {
         k,
         bufs: &mut all,

@@ -330,12 +330,12 @@ impl Kernel {
 impl Kernel {
     /// The arguments a launch binds a buffer to, in order: all but the [`Mode::Private`] ones.
     pub fn bound(&self) -> impl Iterator<Item = &Arg> {
-        self.args.iter().filter(|a| a.mode != Mode::Private)
+        self.args.iter().filter(|a| a.is_bound())
     }
 
     /// Whether any argument is [`Mode::Private`].
     pub fn has_private(&self) -> bool {
-        self.args.iter().any(|a| a.mode == Mode::Private)
+        self.args.iter().any(|a| !a.is_bound())
     }
 
     /// This kernel with each [`Mode::Private`] argument made an `inout` buffer with one slice
@@ -350,7 +350,7 @@ impl Kernel {
         }
         let mut k = self.clone();
         for a in &mut k.args {
-            if a.mode == Mode::Private {
+            if !a.is_bound() {
                 a.mode = Mode::InOut;
                 a.dims.insert(0, k.grid.extent);
             }
@@ -366,7 +366,7 @@ impl Kernel {
                 }
             }
         }
-        let private: Vec<bool> = self.args.iter().map(|a| a.mode == Mode::Private).collect();
+        let private: Vec<bool> = self.args.iter().map(|a| !a.is_bound()).collect();
         walk_body_mut(&mut Slice { private: &private, grid: k.grid.var }, &mut k.grid.body);
         std::borrow::Cow::Owned(k)
     }
@@ -431,6 +431,12 @@ impl Dim {
 }
 
 impl Arg {
+    /// Whether a launch binds a buffer to this argument: every mode but [`Mode::Private`],
+    /// whose memory the backend supplies.
+    pub fn is_bound(&self) -> bool {
+        self.mode != Mode::Private
+    }
+
     /// Element strides (row-major); the batch dim, if any, is the leading one, so every
     /// stride is a constant.
     pub fn strides(&self) -> Vec<u64> {

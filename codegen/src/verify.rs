@@ -67,7 +67,7 @@ pub struct VerifyError {
 pub fn verify(k: &Kernel) -> Result<(), VerifyError> {
     let desugared = k.desugared();
     let mut errors = contract_errors(k);
-    for a in k.args.iter().filter(|a| a.mode == Mode::Private) {
+    for a in k.args.iter().filter(|a| !a.is_bound()) {
         if a.dims.contains(&Dim::Batch) {
             errors.push(format!("private argument `{}` has a batch dim", a.name));
         }

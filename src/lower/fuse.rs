@@ -159,7 +159,7 @@ pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Resul
     if gather.is_none() && !grid_independent(&fused) {
         return Err(bug("the fused grid's iterations are not independent".into()));
     }
-    let bound = tensors.into_iter().zip(&fused.args).filter(|(_, a)| a.mode != Mode::Private).map(|(t, _)| t);
+    let bound = tensors.into_iter().zip(&fused.args).filter(|(_, a)| a.is_bound()).map(|(t, _)| t);
     let bound = bound.collect();
     Ok((fused, bound))
 }
@@ -326,7 +326,7 @@ mod tests {
     fn a_gather_and_its_reader_become_one_kernel_with_private_memory() {
         let (k, bound) = fuse("fused", &parts(0), "u").expect("fuses");
         assert_eq!(bound, vec!["x".to_string(), "y".to_string()]);
-        let private: Vec<_> = k.args.iter().filter(|a| a.mode == Mode::Private).collect();
+        let private: Vec<_> = k.args.iter().filter(|a| !a.is_bound()).collect();
         assert_eq!(private.len(), 1);
         assert_eq!(private[0].dims, vec![Dim::Fixed(4)]);
         pdgc_codegen::verify::verify(&k).expect("verifies");

@@ -307,7 +307,7 @@ fn build(
     let n = b.var("n");
     // The squared norm's argument, accumulator and store (after every other statement).
     let norm = norm.map(|(slot, slots)| {
-        tensors.push("sqnorm".to_string());
+        tensors.push(SQNORM.to_string());
         let sq = b.kb.output("sqnorm", batched(&[slots]));
         let acc = b.kb.acc("sq");
         (acc, store(sq, vec![v(n), Affine::constant(slot as i64)], ir::Expr::Acc(acc)))
@@ -645,6 +645,11 @@ fn matrix_product(
     Ok(Some((body, mode == Rows::PerExample)))
 }
 
+/// The tag, in a kernel's list of tensors, of its per-example squared norms (the `sqnorm`
+/// argument, bound to the norm-parts buffer; not a valid `.pdg` identifier, so a layer's
+/// tensor cannot take its place).
+pub const SQNORM: &str = "sqnorm'";
+
 /// The name under which a window product's im2col columns enter its equations (not a valid
 /// `.pdg` identifier, so it cannot name a tensor of the layer).
 pub const COLUMNS: &str = "cols'";
@@ -973,7 +978,7 @@ pub fn flat_gemm(
         let square = lp(row, m, vec![vlp(t, n, vec![add_to(total, ir::Expr::mul(x.clone(), x))])]);
         body.extend(grouped.over(vec![square]));
         body.push(store(sq, vec![v(ex), Affine::constant(slot as i64)], ir::Expr::Acc(total)));
-        tensors.push("sqnorm".to_string());
+        tensors.push(SQNORM.to_string());
     }
     kb.finish(ex, Extent::Batch, body).map(|kernel| vec![(kernel, tensors)])
 }
@@ -1138,8 +1143,9 @@ pub fn ghost_kernel(
         prime.insert(t, p);
     }
     let (left2, right2) = (renamed(&form.left, &prime), renamed(&form.right, &prime));
-    let (mut b, tensors) = Builder::reading(name, &ranges, &[&form.left, &form.right], info)?;
+    let (mut b, mut tensors) = Builder::reading(name, &ranges, &[&form.left, &form.right], info)?;
     let sq = b.kb.output("sqnorm", batched(&[slots]));
+    tensors.push(SQNORM.to_string());
     let n = b.var("n");
     if let Expr::Num(c) = form.right {
         // No second factor (a bias): `Σ_{t,t'} Σ_a A[a,t]·A[a,t'] = Σ_a (Σ_t A[a,t])²`, the
@@ -1191,8 +1197,8 @@ pub const GRAM_BYTES: usize = 8 << 20;
 /// `A[n, g.., a.., t..]` and `B[n, g.., b.., t..]` (plain reads covering unpadded tensors,
 /// such as an output gradient and a conv's kept im2col columns). Per example and group,
 /// `grams'[n, 0] = AᵀA` and `grams'[n, 1] = BᵀB` (`T × T` each), then their elementwise
-/// product summed. Returns the kernel, the tensors of its arguments (`A`, `B`, [`GRAMS`];
-/// the squared norms follow) and `T`; `None` where the factors are not such matrices, `T`
+/// product summed. Returns the kernel, the tensors of its arguments (`A`, `B`, [`GRAMS`],
+/// [`SQNORM`]) and `T`; `None` where the factors are not such matrices, `T`
 /// is below [`GRAM_MIN_POSITIONS`], or the Gram matrices exceed [`GRAM_BYTES`].
 pub fn ghost_gram_kernel(
     name: &str,
@@ -1243,7 +1249,7 @@ pub fn ghost_gram_kernel(
     let clamped = ir::Expr::bin(ir::Binary::Max, ir::Expr::Acc(total), lit(0.0));
     body.push(store(sq, vec![v(n), Affine::constant(slot as i64)], clamped));
     let kernel = kb.finish(n, Extent::Batch, body)?;
-    Ok(Some((kernel, vec![a.tensor.clone(), b.tensor.clone(), GRAMS.to_string()], t)))
+    Ok(Some((kernel, vec![a.tensor.clone(), b.tensor.clone(), GRAMS.to_string(), SQNORM.to_string()], t)))
 }
 
 /// The name under which a tensor scaled by the clip factors, `clipped'[n, ..] = c[n] ·

@@ -1070,7 +1070,7 @@ impl<'g> Lowering<'g> {
                         let role = Role::Workspace(format!("{name}_parts"));
                         args.push(self.extra(role, &format!("{name}_parts"), false, vec![parts, m, n]));
                     }
-                    ("sqnorm", Some((buf, _))) => sq = Some(buf),
+                    (index::SQNORM, Some((buf, _))) => sq = Some(buf),
                     _ => args.push(self.index_buffer(node, t, param_targets)?),
                 }
             }
@@ -1332,13 +1332,6 @@ impl<'g> Lowering<'g> {
             l.buffers[id.0 as usize].chunk = chunk;
             id
         };
-        // The gram kernel's squared norms are its last argument, bound to `sq`.
-        const SQNORM: &str = "sqnorm";
-        for (k, tensors) in &mut kernels {
-            if k.args.last().is_some_and(|a| a.name == SQNORM) && tensors.len() + 1 == k.args.len() {
-                tensors.push(SQNORM.to_string());
-            }
-        }
         // Gathered columns that one example's fit a core's cache: the gather runs inside the
         // Gram kernel, the columns in private memory (`fuse`).
         let private = gather
@@ -1357,7 +1350,7 @@ impl<'g> Lowering<'g> {
             for t in &tensors {
                 args.push(match (t.as_str(), cols, grams) {
                     (index::COLUMNS, Some(b), _) | (index::GRAMS, _, Some(b)) => b,
-                    (SQNORM, _, _) => sq,
+                    (index::SQNORM, _, _) => sq,
                     _ => self.index_buffer(node, t, &HashMap::new())?,
                 });
             }

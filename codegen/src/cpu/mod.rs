@@ -87,11 +87,20 @@ impl Default for CpuOptions {
     }
 }
 
+/// One worker thread's memory for private arguments, and the argument addresses of its
+/// last call (reused so that a call allocates nothing once the thread has run a kernel).
+#[derive(Default)]
+struct Private {
+    memory: Vec<f32>,
+    ptrs: Vec<*mut f32>,
+}
+
 thread_local! {
     /// This thread's memory for the private arguments of the kernels it runs
     /// ([`Mode::Private`]): every grid iteration a thread runs reuses it, so it stays in
     /// the core's cache. Grown to the largest need seen, never shrunk.
-    static PRIVATE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PRIVATE: std::cell::RefCell<Private> =
+        const { std::cell::RefCell::new(Private { memory: Vec::new(), ptrs: Vec::new() }) };
 }
 
 /// The elements a private argument takes in [`PRIVATE`]: its size rounded up to a 64-byte
@@ -241,7 +250,7 @@ impl CpuBackend {
                     args: k.args.clone(),
                     grid: k.grid.extent,
                     parallel: grid_independent(k),
-                    private_len: k.args.iter().filter(|a| a.mode == Mode::Private).map(private_slot).sum(),
+                    private_len: k.args.iter().filter(|a| !a.is_bound()).map(private_slot).sum(),
                     entry,
                     _jit: Arc::clone(&self.jit),
                 }
@@ -387,7 +396,7 @@ impl CompiledKernel {
     /// Checks the buffers against the bound arguments and returns the grid extent for
     /// `batch`.
     fn check(&self, bufs: &[&mut [f32]], batch: u64) -> Result<u64, CpuError> {
-        let bound = self.args.iter().filter(|a| a.mode != Mode::Private);
+        let bound = self.args.iter().filter(|a| a.is_bound());
         let expected = bound.clone().count();
         if bufs.len() != expected {
             return Err(CpuError::BufferCount { kernel: self.name.clone(), expected, got: bufs.len() });
@@ -418,34 +427,31 @@ impl CompiledKernel {
             // SAFETY: as this function's contract; no private arguments.
             return unsafe { self.call_raw(bound.as_ptr(), batch, lo, hi) };
         }
-        let run = |memory: &mut Vec<f32>| {
+        let run = |Private { memory, ptrs }: &mut Private| {
             if memory.len() < self.private_len {
                 memory.resize(self.private_len, 0.0);
             }
             let (mut given, mut offset) = (bound.iter(), 0);
-            let ptrs: Vec<*mut f32> = self
-                .args
-                .iter()
-                .map(|a| match a.mode {
-                    Mode::Private => {
-                        // SAFETY: `private_len` covers every private argument, each rounded
-                        // up to a cache line, so `offset + len` stays within `memory`.
-                        let p = unsafe { memory.as_mut_ptr().add(offset) };
-                        offset += private_slot(a);
-                        p
-                    }
-                    _ => given.next().copied().unwrap_or(std::ptr::null_mut()),
-                })
-                .collect();
+            ptrs.clear();
+            ptrs.extend(self.args.iter().map(|a| match a.mode {
+                Mode::Private => {
+                    // SAFETY: `private_len` covers every private argument, each rounded
+                    // up to a cache line, so `offset + len` stays within `memory`.
+                    let p = unsafe { memory.as_mut_ptr().add(offset) };
+                    offset += private_slot(a);
+                    p
+                }
+                _ => given.next().copied().unwrap_or(std::ptr::null_mut()),
+            }));
             // SAFETY: the bound pointers as the contract says; each private argument gets
             // its own range of this thread's memory, which nothing else uses during the call.
             unsafe { self.call_raw(ptrs.as_ptr(), batch, lo, hi) }
         };
         // A kernel run inside another's call on this thread (never done today) gets fresh
         // memory rather than sharing the borrowed one.
-        PRIVATE.with(|memory| match memory.try_borrow_mut() {
-            Ok(mut memory) => run(&mut memory),
-            Err(_) => run(&mut Vec::new()),
+        PRIVATE.with(|private| match private.try_borrow_mut() {
+            Ok(mut private) => run(&mut private),
+            Err(_) => run(&mut Private::default()),
         })
     }
 

@@ -174,7 +174,7 @@ impl CudaDevice {
         };
         let name = &module.names[index];
         super::check_lengths(name, args, &views.iter().map(|v| v.len).collect::<Vec<_>>(), batch)?;
-        let bound = args.iter().filter(|a| a.mode != Mode::Private);
+        let bound = args.iter().filter(|a| a.is_bound());
         for (a, v) in bound.zip(views) {
             if v.offset.checked_add(v.len).is_none_or(|end| end > v.buffer.len()) {
                 return Err(CudaError::BufferLen {

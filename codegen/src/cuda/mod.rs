@@ -151,7 +151,7 @@ pub struct CudaModule {
 /// [`Kernel::bound`]) against the kernel's arguments at `batch`: what both the device and
 /// the host launch must hold before running code that does not check its accesses.
 fn check_lengths(kernel: &str, args: &[Arg], lens: &[usize], batch: u64) -> Result<(), CudaError> {
-    let bound: Vec<&Arg> = args.iter().filter(|a| a.mode != Mode::Private).collect();
+    let bound: Vec<&Arg> = args.iter().filter(|a| a.is_bound()).collect();
     if lens.len() != bound.len() {
         return Err(CudaError::BufferCount { kernel: kernel.to_string(), expected: bound.len(), got: lens.len() });
     }
@@ -168,7 +168,7 @@ fn check_lengths(kernel: &str, args: &[Arg], lens: &[usize], batch: u64) -> Resu
 /// kernel's grid extent.
 fn private_lens(kernel: &str, args: &[Arg], grid: Extent, batch: u64) -> Result<Vec<usize>, CudaError> {
     args.iter()
-        .filter(|a| a.mode == Mode::Private)
+        .filter(|a| !a.is_bound())
         .map(|a| {
             let len = a.checked_len(batch).and_then(|n| n.checked_mul(grid.resolve(batch)));
             len.and_then(|n| usize::try_from(n).ok()).ok_or_else(|| CudaError::BufferLen {
