@@ -309,13 +309,20 @@ fn scale_kernel() -> Kernel {
 /// The kernels `pdgc` compiles, for `batch` examples, for a one-conv net whose conv (layer
 /// `c`, node 1, under `strategy`) is `conv` on an input of shape `input`, named `n1_c_{w}`
 /// for each `w` in `what` that the program has (or `n1_c_{w}_fused`, with the gather of its
-/// columns), in launch order: what a session runs for that conv. An error where it has none
+/// columns, either followed by `__` and the next launch's kernel), in launch order: what a session runs for that conv. An error where it has none
 /// of them.
 fn conv_kernels(conv: &str, input: &str, strategy: &str, batch: usize, what: &[&str]) -> Result<Vec<Kernel>> {
     let module = one_conv_net(&format!("@strategy({strategy}) c: {conv}"), input, batch)?;
     let names: Vec<String> = what.iter().map(|w| format!("n1_c_{w}")).collect();
-    // A kernel with its columns' gather fused in (`lower::fuse`) counts as the product's.
-    let named = |k: &&Kernel| names.iter().any(|n| k.name == *n || k.name == format!("{n}_fused"));
+    // A kernel with its columns' gather fused in (`lower::fuse`) counts as the product's, and
+    // so does one that also runs the next launch (`lower::chain`: the forward pass with the
+    // global average pool that reads its output, an in-cache pass over it).
+    let named = |k: &&Kernel| {
+        names.iter().any(|n| {
+            let fused = format!("{n}_fused");
+            [n, &fused].iter().any(|m| k.name == **m || k.name.starts_with(&format!("{m}__")))
+        })
+    };
     let kernels: Vec<Kernel> = module.program.kernels.iter().filter(named).cloned().collect();
     if kernels.is_empty() {
         return Err(Error::Internal(format!("calibration: none of {names:?} in the program of `{conv}`")));

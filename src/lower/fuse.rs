@@ -15,6 +15,8 @@
 //! read before, and the gather writes nothing else. [`fuse`] checks what it relies on and
 //! refuses otherwise.
 
+use std::collections::{HashMap, HashSet};
+
 use pdgc_codegen::analysis::launch::grid_independent;
 use pdgc_codegen::ir::{AccId, Affine, Arg, ArgId, Dim, Expr, Kernel, Loop, Mode, Stmt, Term, VarId};
 use pdgc_codegen::visit::{walk_body, walk_body_mut, walk_expr_mut, walk_stmt, walk_stmt_mut, Visitor, VisitorMut};
@@ -24,10 +26,13 @@ use crate::error::{Error, Result};
 /// `parts` (each a kernel over the batch and the tensors its arguments are, as the index
 /// lowering returns them) as one kernel named `name` that runs them in order per example,
 /// and the tensors its bound arguments are. Tensor `private` (written by one part, read by
-/// a later one) becomes a private argument, flattened to one dim: every access to it must
+/// a later one) becomes a private argument of one example's dims (flattened to one dim where
+/// the parts view it with different dims): every access to it must
 /// index its batch dim with the part's variable of the example (its grid's, or that of the
-/// example loop of a batch-summed product that a gather joins). Other tensors that several parts name must
-/// be read-only in all of them and have the same dims.
+/// example loop of a batch-summed product that a gather joins). Other tensors that several parts
+/// name must be read-only in all of them and hold as many elements per example; where the
+/// parts view one with different dims (an activation one part flattens), every access to it
+/// is flattened to one dim per example.
 pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Result<(Kernel, Vec<String>)> {
     let bug = |what: String| Error::Internal(format!("fusing into `{name}`: {what}"));
     if parts.is_empty() {
@@ -48,6 +53,17 @@ pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Resul
         grid: Loop { var: VarId(0), extent: first.grid.extent, kind: first.grid.kind, body: Vec::new() },
     };
     let mut tensors: Vec<String> = Vec::new();
+    // Tensors the parts view with different dims (an activation flattened by one, shaped by
+    // the other): every part's accesses to them are flattened to one dim per example.
+    let mut dims_of: HashMap<&str, &Vec<Dim>> = HashMap::new();
+    let mut flat: HashSet<&str> = HashSet::new();
+    for (k, names) in parts {
+        for (a, t) in k.args.iter().zip(names) {
+            if *dims_of.entry(t).or_insert(&a.dims) != &a.dims {
+                flat.insert(t);
+            }
+        }
+    }
     // Each part's body, renumbered, with the fused variable of its example.
     let mut bodies: Vec<(Vec<Stmt>, VarId)> = Vec::new();
     let order: Vec<usize> = match gather {
@@ -63,20 +79,39 @@ pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Resul
         }
         let mut args = Vec::with_capacity(k.args.len());
         let mut private_arg = None;
+        let mut flattened = vec![None; k.args.len()];
         for (i, (a, t)) in k.args.iter().zip(names).enumerate() {
+            let flat_arg;
+            let a = if t != private && flat.contains(t.as_str()) {
+                let batched = a.dims.first() == Some(&Dim::Batch);
+                let len = a.len(1);
+                let len = Dim::Fixed(u32::try_from(len).map_err(|_| bug(format!("`{t}` is too large")))?);
+                flattened[i] = Some((a.strides(), batched));
+                flat_arg = Arg { dims: if batched { vec![Dim::Batch, len] } else { vec![len] }, ..a.clone() };
+                &flat_arg
+            } else {
+                a
+            };
             let at = tensors.iter().position(|u| u == t);
             let id = if t == private {
                 if a.dims.first() != Some(&Dim::Batch) || a.dims[1..].contains(&Dim::Batch) {
                     return Err(bug(format!("private `{t}` of `{}` is not one slice per example", k.name)));
                 }
-                private_arg = Some((ArgId(i as u32), a.strides()));
+                // One slice per example: its dims where every part views it alike (so
+                // guards on each index still bound it), else flattened.
+                let flatten = flat.contains(t.as_str());
+                private_arg = Some((ArgId(i as u32), a.strides(), flatten));
                 let len = a.len(1);
-                let dims = vec![Dim::Fixed(u32::try_from(len).map_err(|_| bug(format!("`{t}` is too large")))?)];
+                let dims = match flatten {
+                    true => vec![Dim::Fixed(u32::try_from(len).map_err(|_| bug(format!("`{t}` is too large")))?)],
+                    false => a.dims[1..].to_vec(),
+                };
                 match at {
                     Some(at) if fused.args[at].dims == dims => at,
                     Some(_) => return Err(bug(format!("`{t}` has different sizes in the parts"))),
                     None => {
-                        fused.args.push(Arg { name: a.name.clone(), dims, mode: Mode::Private });
+                        let name = unique_name(&fused.args, &a.name);
+                        fused.args.push(Arg { name, dims, mode: Mode::Private });
                         tensors.push(t.clone());
                         fused.args.len() - 1
                     }
@@ -91,7 +126,7 @@ pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Resul
                         at
                     }
                     None => {
-                        fused.args.push(a.clone());
+                        fused.args.push(Arg { name: unique_name(&fused.args, &a.name), ..a.clone() });
                         tensors.push(t.clone());
                         fused.args.len() - 1
                     }
@@ -99,7 +134,7 @@ pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Resul
             };
             args.push(ArgId(id as u32));
         }
-        let Some((private_id, _)) = private_arg else {
+        let Some((private_id, _, _)) = private_arg else {
             return Err(bug(format!("`{}` does not use `{private}`", k.name)));
         };
         // The part's variable of the example: its grid's, or (the host of a gather) the one
@@ -130,7 +165,7 @@ pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Resul
             })
             .collect();
         let example = vars[own_example.0 as usize];
-        let mut remap = Remap { vars, accs, args, private: private_arg, example: own_example, sliced: true };
+        let mut remap = Remap { vars, accs, args, private: private_arg, flattened, example: own_example, sliced: true };
         let mut body = k.grid.body.clone();
         walk_body_mut(&mut remap, &mut body);
         if !remap.sliced {
@@ -164,6 +199,16 @@ pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Resul
     Ok((fused, bound))
 }
 
+/// `name`, or `name_2`, `name_3`, … where an argument of `args` has it (parts name their
+/// arguments alike, and a kernel's argument names are its parameters in CUDA C).
+fn unique_name(args: &[Arg], name: &str) -> String {
+    let taken = |n: &str| args.iter().any(|a| a.name == n);
+    match taken(name) {
+        false => name.to_string(),
+        true => (2..).map(|i| format!("{name}_{i}")).find(|n| !taken(n)).expect("a free name"),
+    }
+}
+
 /// Whether `s` stores to an argument other than `arg`.
 fn stores_other_than(s: &Stmt, arg: ArgId) -> bool {
     struct Find(ArgId, bool);
@@ -178,7 +223,7 @@ fn stores_other_than(s: &Stmt, arg: ArgId) -> bool {
 }
 
 /// Whether `s` reads or writes `arg` anywhere.
-fn touches(s: &Stmt, arg: ArgId) -> bool {
+pub(super) fn touches(s: &Stmt, arg: ArgId) -> bool {
     struct Find(ArgId, bool);
     impl<'k> Visitor<'k> for Find {
         fn access(&mut self, a: ArgId, _: &'k [Affine], _: bool) {
@@ -236,8 +281,12 @@ struct Remap {
     vars: Vec<VarId>,
     accs: Vec<AccId>,
     args: Vec<ArgId>,
-    /// The part's argument that becomes private, with its strides (batch dim first).
-    private: Option<(ArgId, Vec<u64>)>,
+    /// The part's argument that becomes private, with its strides (batch dim first) and
+    /// whether it is flattened (else its batch index is dropped).
+    private: Option<(ArgId, Vec<u64>, bool)>,
+    /// Per argument of the part, its strides and whether it is batched where the fused
+    /// kernel views it flattened (to `[B, len]`, or `[len]`).
+    flattened: Vec<Option<(Vec<u64>, bool)>>,
     /// The part's variable of the example (its grid's, or the example loop's of a host).
     example: VarId,
     /// Whether every access to the private argument so far indexed the batch dim with the
@@ -275,8 +324,11 @@ impl VisitorMut for Remap {
     }
 
     fn index(&mut self, arg: ArgId, index: &mut Vec<Affine>) {
-        if let Some((private, strides)) = &self.private {
-            if arg == *private {
+        if let Some((private, strides, flatten)) = &self.private {
+            if arg == *private && !flatten {
+                self.sliced &= index.first().and_then(Affine::as_var) == Some(self.example);
+                index.remove(0);
+            } else if arg == *private {
                 self.sliced &= index.first().and_then(Affine::as_var) == Some(self.example);
                 let mut flat = Affine::default();
                 for (a, stride) in index.iter().zip(strides).skip(1) {
@@ -286,6 +338,17 @@ impl VisitorMut for Remap {
                 }
                 *index = vec![flat];
             }
+        }
+        if let Some(Some((strides, batched))) = self.flattened.get(arg.0 as usize) {
+            let keep = usize::from(*batched);
+            let mut flat = Affine::default();
+            for (a, stride) in index.iter().zip(strides).skip(keep) {
+                let stride = *stride as i64;
+                flat.terms.extend(a.terms.iter().map(|t| Term { coef: t.coef * stride, ..*t }));
+                flat.offset += a.offset * stride;
+            }
+            index.truncate(keep);
+            index.push(flat);
         }
         index.iter_mut().for_each(|a| self.affine(a));
     }

@@ -4,7 +4,9 @@
 //! gradients, saved statistics, per-example gradients, norms, clip factors, sums,
 //! workspaces), holds every kernel once, and lists for each entry point (loss, batch
 //! gradient, per-example grads, per-example norms, clipped sum) the launches that compute
-//! it, in order. Nothing is computed outside kernels.
+//! it, in order. Nothing is computed outside kernels. Last, consecutive launches that pass
+//! an activation (or its gradient) from one to the next and nowhere else are fused, the
+//! tensor in private memory ([`chain`]).
 //!
 //! Sizes are never truncated: every size reaches the kernel IR through a checked conversion
 //! (`builder::size`), and one that does not fit makes `lower` an [`crate::Error::Internal`]
@@ -17,6 +19,7 @@
 //! before `norms_and_clip` reads it.
 
 mod builder;
+pub mod chain;
 pub mod equation;
 pub mod fuse;
 pub mod index;
@@ -298,7 +301,13 @@ pub fn lower(graph: &Graph, grads: &GradGraph, schedule: &Schedule) -> Result<Pr
         launches.extend(l.clip_and_sum(plan, kind)?);
         entries.push(Entry { kind, launches });
     }
-    Ok(Program { buffers: l.buffers, kernels: l.kernels, entries })
+    let mut program = Program { buffers: l.buffers, kernels: l.kernels, entries };
+    if schedule.private_bytes > 0 {
+        // The network's output, which a session reads after a forward run.
+        let output: Vec<BufId> = program.find(&Role::Activation(graph.loss.input().0)).into_iter().collect();
+        chain::fuse_chains(&mut program, &output, schedule.private_bytes);
+    }
+    Ok(program)
 }
 
 /// The most bytes of im2col columns a conv's launches hold at once by default: beyond it,
