@@ -16,9 +16,9 @@
 //! enumerating its accesses, [`writes_slice_first`]), so nothing reads memory the iteration
 //! did not write; the fused grid's iterations are independent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use pdgc_codegen::ir::{Affine, ArgId, Cond, Dim, Expr, Kernel, Mode, Stmt};
+use pdgc_codegen::ir::{AccId, Affine, ArgId, Cond, Dim, Expr, Kernel, Mode, Stmt, VarId};
 
 use super::fuse::{self, touches};
 use super::{Launch, LaunchMode, Program, Role};
@@ -33,7 +33,10 @@ const MAX_ACCESSES: u64 = 1 << 24;
 /// runs any more are dropped.
 pub fn fuse_chains(program: &mut Program, keep: &[super::BufId], private_bytes: u64) {
     // Fusing a pair can make a new pair with the next launch: repeat until nothing fuses.
-    while let Some((first, second, fused)) = next_pair(program, keep, private_bytes) {
+    // The pairs tried so far (each once, however many rounds there are; kernel indices stay
+    // put until the end).
+    let mut tried = HashSet::new();
+    while let Some((first, second, fused)) = next_pair(program, keep, private_bytes, &mut tried) {
         let kernel = match program.kernels.iter().position(|k| k.name == fused.kernel.name) {
             Some(i) => i,
             None => {
@@ -66,7 +69,12 @@ struct Fused {
 }
 
 /// The first pair of launches (in entry order) that fuses, with the fused kernel.
-fn next_pair(program: &Program, keep: &[super::BufId], private_bytes: u64) -> Option<(Launch, Launch, Fused)> {
+fn next_pair(
+    program: &Program,
+    keep: &[super::BufId],
+    private_bytes: u64,
+    tried: &mut HashSet<(usize, usize, super::BufId)>,
+) -> Option<(Launch, Launch, Fused)> {
     // How many launches bind each buffer, over all entries.
     let mut binders: HashMap<super::BufId, Vec<&Launch>> = HashMap::new();
     for l in program.entries.iter().flat_map(|e| &e.launches) {
@@ -103,6 +111,10 @@ fn next_pair(program: &Program, keep: &[super::BufId], private_bytes: u64) -> Op
                 // Only this pair binds `t`, wherever it runs, and every entry that runs
                 // one of them runs both back to back.
                 if !binders[&t].iter().all(|l| *l == a || *l == b) || !always_together(program, a, b) {
+                    continue;
+                }
+                // The costly checks below, once per pair of kernels and tensor.
+                if !tried.insert((a.kernel, b.kernel, t)) {
                     continue;
                 }
                 let Some(arg) = ka.args.iter().enumerate().filter(|(_, x)| x.is_bound()).nth(i).map(|(k, _)| k) else {
@@ -178,31 +190,132 @@ fn drop_unused_kernels(program: &mut Program) {
 /// read anywhere counts. `false` where it cannot tell (a loop over the batch inside the
 /// iteration, more than [`MAX_ACCESSES`] accesses, an index outside the slice).
 pub fn writes_slice_first(k: &Kernel, arg: ArgId) -> bool {
+    thread_local! {
+        /// Answers so far, by the kernel's text and the argument: planning lowers the same
+        /// kernels once per candidate, and enumerating a large slice takes a while.
+        static SEEN: std::cell::RefCell<HashMap<(String, u32), bool>> = std::cell::RefCell::new(HashMap::new());
+    }
+    let key = (k.to_string(), arg.0);
+    if let Some(known) = SEEN.with(|seen| seen.borrow().get(&key).copied()) {
+        return known;
+    }
+    let answer = enumerate_writes(k, arg);
+    SEEN.with(|seen| {
+        let mut seen = seen.borrow_mut();
+        if seen.len() >= 1024 {
+            seen.clear();
+        }
+        seen.insert(key, answer);
+    });
+    answer
+}
+
+/// [`writes_slice_first`], worked out.
+fn enumerate_writes(k: &Kernel, arg: ArgId) -> bool {
     let Some(a) = k.args.get(arg.0 as usize) else { return false };
     if a.dims.first() != Some(&Dim::Batch) {
         return false;
     }
     let len = a.len(1);
     let Ok(size) = usize::try_from(len) else { return false };
+    // The common case at once: the first statement that touches the slice writes all of it.
+    let strides = a.strides();
+    if let Some(first) = k.grid.body.iter().find(|s| touches(s, arg)) {
+        if covers(first, arg, k.grid.var, &strides, len, &mut Vec::new()) {
+            return true;
+        }
+    }
+    if std::env::var("PDGC_DEBUG_CHAIN").is_ok() {
+        eprintln!("walk {} {}", k.name, len);
+    }
     let mut walk = Walk {
         arg,
-        strides: a.strides(),
+        strides,
         written: vec![false; size],
+        left: size,
+        touching: HashMap::new(),
         vars: vec![None; k.vars.len()],
-        budget: MAX_ACCESSES,
+        budget: MAX_ACCESSES.min(len.saturating_mul(8)),
         grid: k.grid.var,
     };
     walk.vars[k.grid.var.0 as usize] = Some(0);
-    walk.body(&k.grid.body, true) && walk.written.iter().all(|&w| w)
+    walk.body(&k.grid.body, true) && walk.left == 0
+}
+
+/// Whether `s`, a nest of loops around one plain store to `arg` or a contraction that
+/// stores (not adds) into `arg` (with `loops` the enclosing loops' variables and extents so
+/// far; at each level, the other statements touch no `arg`), writes every element of the
+/// example's slice exactly once without reading `arg` first.
+fn covers(s: &Stmt, arg: ArgId, grid: VarId, strides: &[u64], len: u64, loops: &mut Vec<(VarId, u64)>) -> bool {
+    match s {
+        Stmt::Loop(l) => {
+            // Statements that do not touch `arg` neither write nor read it.
+            let touching: Vec<&Stmt> = l.body.iter().filter(|s| touches(s, arg)).collect();
+            let (Dim::Fixed(n), [inner]) = (l.extent, touching.as_slice()) else { return false };
+            loops.push((l.var, u64::from(n)));
+            covers(inner, arg, grid, strides, len, loops)
+        }
+        Stmt::Store { arg: to, index, value, accumulate: false } if *to == arg => {
+            !touches(&Stmt::Set { acc: AccId(0), value: value.clone() }, arg)
+                && counts_through(index, grid, strides, loops, len)
+        }
+        Stmt::Contract(c) if c.c.arg == arg && !c.accumulate && c.a.arg != arg && c.b.arg != arg => {
+            let (Dim::Fixed(m), Dim::Fixed(n)) = (c.extents[0], c.extents[1]) else { return false };
+            loops.extend([(c.m, u64::from(m)), (c.n, u64::from(n))]);
+            counts_through(&c.c.index, grid, strides, loops, len)
+        }
+        _ => false,
+    }
+}
+
+/// Whether `index` is the grid variable, then a flat offset `Σ coef·var` (through
+/// `strides`) whose terms are the variables of `loops`, each once, with strides that count
+/// through all `len` elements of the slice in mixed radix.
+fn counts_through(index: &[Affine], grid: VarId, strides: &[u64], loops: &[(VarId, u64)], len: u64) -> bool {
+    let Some((first, rest)) = index.split_first() else { return false };
+    if first.as_var() != Some(grid) {
+        return false;
+    }
+    // Each loop's stride in the flat offset.
+    let mut terms: Vec<(u64, u64, VarId)> = Vec::new();
+    for (a, &stride) in rest.iter().zip(&strides[1..]) {
+        if a.offset != 0 {
+            return false;
+        }
+        for t in &a.terms {
+            let Some(&(_, n)) = loops.iter().find(|(v, _)| *v == t.var) else { return false };
+            if t.div != 1 || t.coef <= 0 || terms.iter().any(|(_, _, v)| *v == t.var) {
+                return false;
+            }
+            terms.push((t.coef as u64 * stride, n, t.var));
+        }
+    }
+    if terms.len() != loops.len() {
+        return false;
+    }
+    terms.sort_unstable_by_key(|&(stride, n, _)| (stride, n));
+    let mut next = 1;
+    for (stride, n, _) in terms {
+        if stride != next {
+            return false;
+        }
+        next = stride * n;
+    }
+    next == len
 }
 
 struct Walk {
     arg: ArgId,
     strides: Vec<u64>,
     written: Vec<bool>,
+    /// Elements not yet written: at 0, nothing that follows can read unwritten memory.
+    left: usize,
+    /// [`Walk::touches`] of each statement seen, by address (the kernel is not changed
+    /// while it is walked).
+    touching: HashMap<*const Stmt, bool>,
     vars: Vec<Option<i64>>,
     budget: u64,
-    grid: pdgc_codegen::ir::VarId,
+    grid: VarId,
 }
 
 impl Walk {
@@ -212,8 +325,24 @@ impl Walk {
         body.iter().all(|s| self.stmt(s, sure))
     }
 
+    /// Whether `s` touches the argument (remembered per statement: a loop asks it of its
+    /// body's statements in every iteration).
+    fn touches(&mut self, s: &Stmt) -> bool {
+        let arg = self.arg;
+        *self.touching.entry(s as *const Stmt).or_insert_with(|| touches(s, arg))
+    }
+
+    /// Records a write of element `at`, where it certainly happens.
+    fn mark(&mut self, at: usize, sure: bool) {
+        if sure && !self.written[at] {
+            self.written[at] = true;
+            self.left -= 1;
+        }
+    }
+
     fn stmt(&mut self, s: &Stmt, sure: bool) -> bool {
-        if !touches(s, self.arg) {
+        // Once every element is written, nothing after can read unwritten memory.
+        if self.left == 0 || !self.touches(s) {
             return true;
         }
         match s {
@@ -221,6 +350,9 @@ impl Walk {
                 let Dim::Fixed(n) = l.extent else { return false };
                 let v = l.var.0 as usize;
                 for i in 0..i64::from(n) {
+                    if self.left == 0 {
+                        break;
+                    }
                     self.budget = match self.budget.checked_sub(1) {
                         Some(b) => b,
                         None => return false,
@@ -245,7 +377,7 @@ impl Walk {
                 if *accumulate && !self.written[at] {
                     return false;
                 }
-                self.written[at] |= sure;
+                self.mark(at, sure);
                 true
             }
             Stmt::If { cond, then } => match self.cond(cond) {
@@ -291,7 +423,7 @@ impl Walk {
                             if c.accumulate && !self.written[at] {
                                 return false;
                             }
-                            self.written[at] |= sure;
+                            self.mark(at, sure);
                         }
                     }
                 }
