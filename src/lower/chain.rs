@@ -92,20 +92,23 @@ fn next_pair(
             if ka.grid.extent != Dim::Batch || kb.grid.extent != Dim::Batch {
                 continue;
             }
+            // The kernel's argument index of each bound argument (`Launch::args` order).
+            let bound = |k: &Kernel| -> Vec<usize> { (0..k.args.len()).filter(|&x| k.args[x].is_bound()).collect() };
+            let (bound_a, bound_b) = (bound(ka), bound(kb));
             for (i, &t) in a.args.iter().enumerate() {
                 let decl = program.buffer(t);
+                let Some(&arg) = bound_a.get(i) else { continue };
                 let passed = matches!(decl.role, Role::Activation(_) | Role::ActivationGrad(_))
                     && decl.batched
                     && decl.chunk.is_none()
                     && !keep.contains(&t)
                     && decl.per_example_len() * 4 <= private_bytes
-                    && matches!(ka.bound().nth(i).map(|x| x.mode), Some(Mode::Out | Mode::InOut))
+                    && matches!(ka.args[arg].mode, Mode::Out | Mode::InOut)
                     && a.args.iter().filter(|&&u| u == t).count() == 1;
                 let read = b.args.iter().position(|&u| u == t);
                 let Some(j) = read.filter(|_| passed) else { continue };
-                if kb.bound().nth(j).map(|x| x.mode) != Some(Mode::In)
-                    || b.args.iter().filter(|&&u| u == t).count() != 1
-                {
+                let read_only = bound_b.get(j).is_some_and(|&x| kb.args[x].mode == Mode::In);
+                if !read_only || b.args.iter().filter(|&&u| u == t).count() != 1 {
                     continue;
                 }
                 // Only this pair binds `t`, wherever it runs, and every entry that runs
@@ -117,9 +120,6 @@ fn next_pair(
                 if !tried.insert((a.kernel, b.kernel, t)) {
                     continue;
                 }
-                let Some(arg) = ka.args.iter().enumerate().filter(|(_, x)| x.is_bound()).nth(i).map(|(k, _)| k) else {
-                    continue;
-                };
                 if !writes_slice_first(ka, ArgId(arg as u32)) {
                     continue;
                 }
@@ -195,6 +195,14 @@ pub fn writes_slice_first(k: &Kernel, arg: ArgId) -> bool {
         /// kernels once per candidate, and enumerating a large slice takes a while.
         static SEEN: std::cell::RefCell<HashMap<(String, u32), bool>> = std::cell::RefCell::new(HashMap::new());
     }
+    // The common case at once: the first statement that touches the slice writes all of it.
+    if let Some(a) = k.args.get(arg.0 as usize).filter(|a| a.dims.first() == Some(&Dim::Batch)) {
+        if let Some(first) = k.grid.body.iter().find(|s| touches(s, arg)) {
+            if covers(first, arg, k.grid.var, &a.strides(), a.len(1), &mut Vec::new()) {
+                return true;
+            }
+        }
+    }
     let key = (k.to_string(), arg.0);
     if let Some(known) = SEEN.with(|seen| seen.borrow().get(&key).copied()) {
         return known;
@@ -210,7 +218,7 @@ pub fn writes_slice_first(k: &Kernel, arg: ArgId) -> bool {
     answer
 }
 
-/// [`writes_slice_first`], worked out.
+/// [`writes_slice_first`] by enumerating the accesses.
 fn enumerate_writes(k: &Kernel, arg: ArgId) -> bool {
     let Some(a) = k.args.get(arg.0 as usize) else { return false };
     if a.dims.first() != Some(&Dim::Batch) {
@@ -218,16 +226,7 @@ fn enumerate_writes(k: &Kernel, arg: ArgId) -> bool {
     }
     let len = a.len(1);
     let Ok(size) = usize::try_from(len) else { return false };
-    // The common case at once: the first statement that touches the slice writes all of it.
     let strides = a.strides();
-    if let Some(first) = k.grid.body.iter().find(|s| touches(s, arg)) {
-        if covers(first, arg, k.grid.var, &strides, len, &mut Vec::new()) {
-            return true;
-        }
-    }
-    if std::env::var("PDGC_DEBUG_CHAIN").is_ok() {
-        eprintln!("walk {} {}", k.name, len);
-    }
     let mut walk = Walk {
         arg,
         strides,
