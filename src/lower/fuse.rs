@@ -325,30 +325,16 @@ impl VisitorMut for Remap {
 
     fn index(&mut self, arg: ArgId, index: &mut Vec<Affine>) {
         if let Some((private, strides, flatten)) = &self.private {
-            if arg == *private && !flatten {
+            if arg == *private {
                 self.sliced &= index.first().and_then(Affine::as_var) == Some(self.example);
-                index.remove(0);
-            } else if arg == *private {
-                self.sliced &= index.first().and_then(Affine::as_var) == Some(self.example);
-                let mut flat = Affine::default();
-                for (a, stride) in index.iter().zip(strides).skip(1) {
-                    let stride = *stride as i64;
-                    flat.terms.extend(a.terms.iter().map(|t| Term { coef: t.coef * stride, ..*t }));
-                    flat.offset += a.offset * stride;
+                if *flatten {
+                    flatten_after(index, strides, 1);
                 }
-                *index = vec![flat];
+                index.remove(0);
             }
         }
         if let Some(Some((strides, batched))) = self.flattened.get(arg.0 as usize) {
-            let keep = usize::from(*batched);
-            let mut flat = Affine::default();
-            for (a, stride) in index.iter().zip(strides).skip(keep) {
-                let stride = *stride as i64;
-                flat.terms.extend(a.terms.iter().map(|t| Term { coef: t.coef * stride, ..*t }));
-                flat.offset += a.offset * stride;
-            }
-            index.truncate(keep);
-            index.push(flat);
+            flatten_after(index, strides, usize::from(*batched));
         }
         index.iter_mut().for_each(|a| self.affine(a));
     }
@@ -358,6 +344,19 @@ impl VisitorMut for Remap {
             t.var = self.vars[t.var.0 as usize];
         }
     }
+}
+
+/// Replaces `index[keep..]` by one index into the row-major flattening of those dims
+/// (`strides` are the whole tensor's, one per dim of `index`).
+fn flatten_after(index: &mut Vec<Affine>, strides: &[u64], keep: usize) {
+    let mut flat = Affine::default();
+    for (a, stride) in index.iter().zip(strides).skip(keep) {
+        let stride = *stride as i64;
+        flat.terms.extend(a.terms.iter().map(|t| Term { coef: t.coef * stride, ..*t }));
+        flat.offset += a.offset * stride;
+    }
+    index.truncate(keep);
+    index.push(flat);
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ mod vector;
 mod vmap;
 mod vmath;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cranelift_codegen::control::ControlPlane;
@@ -115,6 +116,9 @@ pub type KernelFn = unsafe extern "C" fn(bufs: *const *mut f32, batch: u64, lo: 
 /// The JIT module. It frees its code when the last handle goes: the backend and every
 /// [`CompiledKernel`] hold an `Arc` of it, so no function pointer outlives its code.
 struct Jit(Mutex<Option<JITModule>>);
+
+/// Numbers the JIT functions of the process, so that their names never collide.
+static NEXT_FUNCTION: AtomicUsize = AtomicUsize::new(0);
 
 impl Drop for Jit {
     fn drop(&mut self) {
@@ -228,7 +232,12 @@ impl CpuBackend {
         let mut ids: Vec<FuncId> = Vec::with_capacity(kernels.len());
         for k in kernels {
             ctx.func = translate::function(k, &self.cfg, &mut fctx)?;
-            let id = module.declare_anonymous_function(&ctx.func.signature).map_err(|e| module_error(k, &ctx, e))?;
+            // Named (uniquely: the module outlives many compiles) so that `perf record`,
+            // which makes Cranelift write `/tmp/perf-<pid>.map`, names each kernel's code.
+            let name = format!("pdgc:{}#{}", k.name, NEXT_FUNCTION.fetch_add(1, Ordering::Relaxed));
+            let id = module
+                .declare_function(&name, Linkage::Local, &ctx.func.signature)
+                .map_err(|e| module_error(k, &ctx, e))?;
             module.define_function(id, &mut ctx).map_err(|e| module_error(k, &ctx, e))?;
             module.clear_context(&mut ctx);
             ids.push(id);
