@@ -31,8 +31,6 @@ use pdgc_codegen::cpu::{CompiledKernel, CpuBackend};
 use pdgc_codegen::ir::{Affine, Arg, ArgId, Dim, Expr, Extent, Kernel, Loop, LoopKind, Mode, Stmt, VarId};
 
 use crate::error::{Error, Result};
-use crate::graph::Conv;
-use crate::lower::param_grads::{conv_direct, Outputs};
 use crate::module::{CompileOptions, Module};
 use crate::plan::DeviceProfile;
 
@@ -450,20 +448,6 @@ pub fn half_efficiency_flops(points: &[SweepPoint]) -> Result<f64> {
         .ok_or_else(|| Error::Internal("the search grid is empty".into()))
 }
 
-fn conv3x3(cin: usize, cout: usize) -> Conv {
-    Conv {
-        in_channels: cin,
-        out_channels: cout,
-        kernel: vec![3, 3],
-        stride: vec![1, 1],
-        pad_lo: vec![1, 1],
-        pad_hi: vec![1, 1],
-        dilation: vec![1, 1],
-        groups: 1,
-        bias: false,
-    }
-}
-
 /// One kernel timed against the GEMM the cost model would run instead.
 struct Versus {
     label: String,
@@ -522,13 +506,14 @@ pub fn window_efficiency(
 ) -> Result<f64> {
     median_ratio(bench, "window_efficiency", shapes, dev, progress, |s| Versus {
         label: format!("direct conv 3×3 {}→{} on {}×{}", s.cin, s.cout, s.hw, s.hw),
-        kernel: conv_direct(
-            "calibrate_direct",
-            &conv3x3(s.cin, s.cout),
-            &[s.cin, s.hw, s.hw],
-            &[s.cout, s.hw, s.hw],
-            Outputs { store: true, norm: None },
-        ),
+        kernel: conv_kernels(
+            &format!("conv2d(x, {}, 3, padding=1, bias=false)", s.cout),
+            &format!("{}, {}, {}", s.cin, s.hw, s.hw),
+            "direct",
+            s.batch,
+            &["weight_direct"],
+        )
+        .map(|mut kernels| kernels.swap_remove(0)),
         batch: s.batch,
     })
 }

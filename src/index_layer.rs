@@ -99,6 +99,16 @@ impl IndexLayer {
         self.tensors.iter().filter(|t| matches!(t.kind, LocalKind::Input(_)))
     }
 
+    /// Whether a statement reads a tensor through an index that is not a plain variable (a
+    /// window such as `x[c, 2*h + i - 1]`): only then can a derived gradient be a window
+    /// product, which `unfold` and `direct` schedule differently.
+    pub fn reads_windows(&self) -> bool {
+        self.stmts
+            .iter()
+            .flat_map(|s| &s.terms)
+            .any(|t| crate::grad::layer::reads(&t.body).iter().any(|a| !a.is_plain()))
+    }
+
     /// Forward FLOPs per example: 2 per multiply-add of each term's loop nest, counting a
     /// term's operations as one multiply-add per point (the convention of the built-in ops).
     pub fn flops(&self) -> u64 {

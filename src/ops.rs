@@ -217,17 +217,23 @@ pub fn lookup(name: &str) -> Option<&'static OpSig> {
 }
 
 /// The per-example gradient strategies of a layer written in index notation that has
-/// parameters: a batch-1 backward per example, the derived per-example gradient equations
-/// run directly, or ghost norms from the Gram products of their factors (for norms and
-/// clipped sums, where every parameter is read in one place; the planner offers it only
-/// there).
-pub const INDEX_STRATEGIES: &[Strategy] = &[Strategy::Naive, Strategy::Direct, Strategy::Ghost];
+/// parameters: a batch-1 backward per example; the derived per-example gradient equations
+/// run over the batch, a window product through im2col columns and a contraction
+/// (`unfold`) or each equation as one loop nest reading the window in place (`direct`); or
+/// ghost norms from the Gram products of their factors (for norms and clipped sums, where
+/// every parameter is read in one place; the planner offers it only there).
+pub const INDEX_STRATEGIES: &[Strategy] = &[Strategy::Naive, Strategy::Unfold, Strategy::Direct, Strategy::Ghost];
+
+/// [`INDEX_STRATEGIES`] of a layer that reads no window, where `unfold` and `direct` would
+/// be the same kernels: `direct` stands for both.
+pub const PLAIN_INDEX_STRATEGIES: &[Strategy] = &[Strategy::Naive, Strategy::Direct, Strategy::Ghost];
 
 /// The per-example gradient strategies that apply to a node's op (empty for ops without
 /// parameters).
 pub fn strategies(op: &crate::graph::Op) -> &'static [Strategy] {
     match op {
-        crate::graph::Op::Index(l) if l.params().next().is_some() => INDEX_STRATEGIES,
+        crate::graph::Op::Index(l) if l.params().next().is_some() && l.reads_windows() => INDEX_STRATEGIES,
+        crate::graph::Op::Index(l) if l.params().next().is_some() => PLAIN_INDEX_STRATEGIES,
         crate::graph::Op::Index(_) => &[],
         other => lookup(other.name()).map_or(&[], |o| o.kind.strategies()),
     }

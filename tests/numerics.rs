@@ -411,7 +411,7 @@ fn hand_written_depthwise_conv_equals_the_built_in_grouped_conv() {
     let twin_src = read(rel)
         .replace("dw1: depthwise3(h)", "dw1: conv2d(h, 16, 3, padding=1, groups=16)")
         .replace("dw2: depthwise3s2(h)", "dw2: conv2d(h, 32, 3, stride=2, padding=1, groups=32)");
-    assert_equals_twin(rel, &twin_src, &["dw1", "dw2"], &[Strategy::Naive, Strategy::Direct]);
+    assert_equals_twin(rel, &twin_src, &["dw1", "dw2"], &[Strategy::Naive, Strategy::Unfold, Strategy::Direct]);
 }
 
 #[test]
@@ -421,10 +421,10 @@ fn hand_written_conv_equals_the_built_in_conv() {
     // lowering's window products), as the built-in conv's do. By default each kernel
     // gathers (or scatters) one example's columns in private memory around its contraction.
     let rel = "tests/data/models/index_conv.pdg";
-    let direct = vec![("c1".into(), Strategy::Direct), ("c2".into(), Strategy::Direct)];
-    let m = module(rel, 2, direct.clone());
+    let unfold = vec![("c1".into(), Strategy::Unfold), ("c2".into(), Strategy::Unfold)];
+    let m = module(rel, 2, unfold.clone());
     // (A kernel may also run the launch after it, `lower::chain`: `{name}__{next}`.)
-    for name in ["n1_c1_fwd0_fused", "n3_c2_fwd0_fused", "n3_c2_weight_direct_fused", "n3_c2_bwd_dx0_fused"] {
+    for name in ["n1_c1_fwd0_fused", "n3_c2_fwd0_fused", "n3_c2_weight_unfold_fused", "n3_c2_bwd_dx0_fused"] {
         let named = |k: &&pdgc_codegen::ir::Kernel| k.name == name || k.name.starts_with(&format!("{name}__"));
         let k = m.program.kernels.iter().find(named).unwrap_or_else(|| panic!("no kernel {name}"));
         assert!(k.has_contractions() && k.args.iter().any(|a| a.mode == pdgc_codegen::ir::Mode::Private), "{k}");
@@ -432,13 +432,13 @@ fn hand_written_conv_equals_the_built_in_conv() {
     assert!(!m.program.kernels.iter().any(|k| k.name.contains("im2col")), "columns gathered for the batch");
     // With columns for the batch (private memory off), the weight gradients read the columns
     // the forward pass gathered (small enough to keep): no second im2col.
-    let m = module_with(rel, 2, direct, 0);
-    assert!(!m.program.kernels.iter().any(|k| k.name.ends_with("weight_direct_im2col")), "columns gathered twice");
+    let m = module_with(rel, 2, unfold, 0);
+    assert!(!m.program.kernels.iter().any(|k| k.name.ends_with("weight_unfold_im2col")), "columns gathered twice");
     for name in [
         "n1_c1_fwd0_im2col",
         "n1_c1_fwd0",
         "n3_c2_fwd0_im2col",
-        "n3_c2_weight_direct",
+        "n3_c2_weight_unfold",
         "n3_c2_bwd_dx0",
         "n3_c2_bwd_dx0_col2im_first",
     ] {
@@ -458,7 +458,7 @@ fn hand_written_conv_equals_the_built_in_conv() {
     let twin_src = read(rel)
         .replace("c1: conv3(x, 8)", "c1: conv2d(x, 8, 3, padding=1)")
         .replace("c2: conv3s2(h, 16)", "c2: conv2d(h, 16, 3, stride=2, padding=1, bias=false)");
-    assert_equals_twin(rel, &twin_src, &["c1", "c2"], &[Strategy::Naive, Strategy::Direct]);
+    assert_equals_twin(rel, &twin_src, &["c1", "c2"], &[Strategy::Naive, Strategy::Unfold, Strategy::Direct]);
 }
 
 /// The model `rel`, whose `layers` are written in index notation, against `twin_src`, the

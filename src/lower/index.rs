@@ -20,7 +20,10 @@
 //! per-example parameter gradient's gather can store each example's squared norm as it
 //! stores the gradient ([`gather_with_norm`]), and a window product's contraction kernel
 //! after it writes the product ([`flat_gemm`]). The im2col and col2im copies of window
-//! products run on split loops (no bounds guard per element inside the input).
+//! products run on split loops (no bounds guard per element inside the input), and so does
+//! a gather's term that sums a product over a window's output positions (`window_sum`: a
+//! conv's weight gradient under the `direct` schedule, which lowers a window product as a
+//! gather instead of columns and a contraction).
 //!
 //! The ghost strategy of these layers is two more generic kernels: the squared norm of a
 //! parameter's gradient from Gram products of its derived equation's two factors
@@ -53,7 +56,7 @@ use super::builder::*;
 use super::equation::scalar;
 use crate::error::{Error, Result};
 use crate::grad::layer::{renamed, GhostForm};
-use crate::grad::{Access, Equation, Expr, Index, Reduction, Var};
+use crate::grad::{Access, Equation, Expr, Index, Reduction, Term, Var};
 
 /// What the lowering needs to know of one tensor an equation names.
 #[derive(Debug, Clone)]
@@ -354,6 +357,12 @@ fn build(
         let acc = b.kb.acc("sum");
         let mut inner = vec![set(acc, lit(0.0))];
         for (sum, body) in ts {
+            if batching == Batching::PerExample {
+                if let Some(rows) = window_sum(&mut b, &sum, body, acc)? {
+                    inner.extend(rows);
+                    continue;
+                }
+            }
             let (pre, value) = b.value(body)?;
             let mut vars = sum.clone();
             if batching == Batching::Summed {
@@ -449,7 +458,46 @@ fn window_copy(
     };
     let Some(vars) = plain_vars(plain, true) else { return Ok(None) };
     let position = |v: Var| vars.iter().position(|u| *u == v);
-    // Each window axis: (its dim of X, the tap, the position, their coefficients, the offset).
+    // Of each window axis's two variables, the one the plain side runs first is the tap.
+    let Some((w, taps, positions)) = window_of(b, windowed, &shape, |t0, t1| {
+        let (p0, p1) = (position(t0.var)?, position(t1.var)?);
+        Some(if p0 < p1 { (t0, t1) } else { (t1, t0) })
+    })?
+    else {
+        return Ok(None);
+    };
+    let others: Vec<Var> = vars.iter().copied().filter(|v| !taps.contains(v) && !positions.contains(v)).collect();
+    if [others.clone(), taps.clone(), positions.clone()].concat() != vars {
+        return Ok(None);
+    }
+    let other_ids: Vec<VarId> = others.iter().map(|v| b.var(v)).collect();
+    let extents = others.iter().map(|v| b.range(v)).collect::<Result<Vec<usize>>>()?;
+    let tap_ids: Vec<VarId> = taps.iter().map(|v| b.var(v)).collect();
+    let pos_ids: Vec<VarId> = positions.iter().map(|v| b.var(v)).collect();
+    let (arg, _) = b.args.get(&read.tensor).cloned().ok_or_else(|| unbound(&read.tensor))?;
+    let (target, source) = (b.index(&eq.lhs), b.index(read));
+    let (inside, outside) = if eq.accumulate {
+        (vec![accumulate(out, target, load(arg, source))], Vec::new())
+    } else {
+        let zeros = if overwrite { vec![store(out, target.clone(), lit(0.0))] } else { Vec::new() };
+        (vec![put(out, target, load(arg, source), overwrite)], zeros)
+    };
+    Ok(Some(nest(&other_ids, &extents, super::window::window_nest(&w, &tap_ids, &pos_ids, inside, outside))))
+}
+
+/// The window through which `windowed` (a batched access; `shape` its tensor's per-example
+/// shape) reads: each of its indices is a plain variable that stays inside its dim, or
+/// `s·o + d·k − p` of two variables (`s, d > 0`, `p ≥ 0`), which `tap_first` orders as
+/// (the tap `k`, the output position `o`) or refuses. Returns the window and its taps' and
+/// positions' variables, in the axis order of `windowed`; `None` for any other access or
+/// where it has no window axis.
+fn window_of<'t>(
+    b: &Builder,
+    windowed: &'t Access,
+    shape: &[usize],
+    tap_first: impl Fn(&'t Term, &'t Term) -> Option<(&'t Term, &'t Term)>,
+) -> Result<Option<(super::window::Window, Vec<Var>, Vec<Var>)>> {
+    // Each window axis: (its dim of X, the tap, the position, the padding).
     let mut axes = Vec::new();
     for (d, ix) in windowed.index[1..].iter().enumerate() {
         if ix.as_var().is_some() {
@@ -463,17 +511,10 @@ fn window_copy(
         if t0.div != 1 || t1.div != 1 || t0.coef <= 0 || t1.coef <= 0 || ix.offset > 0 {
             return Ok(None);
         }
-        let (Some(p0), Some(p1)) = (position(t0.var), position(t1.var)) else { return Ok(None) };
-        let (tap, pos) = if p0 < p1 { (t0, t1) } else { (t1, t0) };
-        axes.push((d, tap.clone(), pos.clone(), -ix.offset));
+        let Some((tap, pos)) = tap_first(t0, t1) else { return Ok(None) };
+        axes.push((d, tap, pos, -ix.offset));
     }
     if axes.is_empty() {
-        return Ok(None);
-    }
-    let taps: Vec<Var> = axes.iter().map(|a| a.1.var).collect();
-    let positions: Vec<Var> = axes.iter().map(|a| a.2.var).collect();
-    let others: Vec<Var> = vars.iter().copied().filter(|v| !taps.contains(v) && !positions.contains(v)).collect();
-    if [others.clone(), taps.clone(), positions.clone()].concat() != vars {
         return Ok(None);
     }
     let mut w = super::window::Window {
@@ -496,19 +537,114 @@ fn window_copy(
         w.pad_lo.push(*pad as usize);
         w.pad_hi.push((last - (input - 1)).max(0) as usize);
     }
-    let other_ids: Vec<VarId> = others.iter().map(|v| b.var(v)).collect();
-    let extents = others.iter().map(|v| b.range(v)).collect::<Result<Vec<usize>>>()?;
+    let taps = axes.iter().map(|a| a.1.var).collect();
+    let positions = axes.iter().map(|a| a.2.var).collect();
+    Ok(Some((w, taps, positions)))
+}
+
+/// A gather's term `Σ_{sum} F · X[n, window]` that sums a product over the output positions
+/// of the window one factor reads (a conv's weight gradient run directly, with no columns:
+/// `dW[n, co, ci, kh, kw] = Σ_{oh, ow} dY[n, co, oh, ow] · X[n, ci, oh + kh − 1, ow + kw − 1]`),
+/// added into `acc`: the taps are the target's variables (bound by enclosing loops), the
+/// summed variables exactly the positions, and every other read stays inside its tensor.
+/// Lowered by [`window_rows`]: no guard per element inside the input, the padding adds
+/// nothing. `None` for any other term.
+fn window_sum(b: &mut Builder, sum: &[Var], body: &Expr, acc: ir::AccId) -> Result<Option<Vec<Stmt>>> {
+    let Expr::Mul(factors) = body else { return Ok(None) };
+    let mut windowed = factors.iter().filter_map(|f| match f {
+        Expr::Read(a) if !a.is_plain() => Some(a),
+        _ => None,
+    });
+    let (Some(x), None) = (windowed.next(), windowed.next()) else { return Ok(None) };
+    let Some((_, info)) = b.args.get(&x.tensor).cloned() else { return Ok(None) };
+    if !info.batched || x.index.first().and_then(Index::as_var) != Some("n") {
+        return Ok(None);
+    }
+    let summed = |v: Var| sum.contains(&v);
+    let Some((w, taps, positions)) = window_of(b, x, &info.shape, |t0, t1| match (summed(t0.var), summed(t1.var)) {
+        (false, true) => Some((t0, t1)),
+        (true, false) => Some((t1, t0)),
+        _ => None,
+    })?
+    else {
+        return Ok(None);
+    };
+    if positions != sum {
+        return Ok(None);
+    }
+    let mut loads: Vec<(Access, ir::Expr)> = Vec::new();
+    for a in crate::grad::layer::reads(body) {
+        let (arg, info) = b.args.get(&a.tensor).cloned().ok_or_else(|| unbound(&a.tensor))?;
+        if a != x && !b.inside(a, &info)?.is_empty() {
+            return Ok(None);
+        }
+        let index = b.index(a);
+        loads.push((a.clone(), load(arg, index)));
+    }
+    let Some(value) = scalar(body, &|a: &Access| loads.iter().find(|(b, _)| b == a).map(|(_, v)| v.clone())) else {
+        return Ok(None);
+    };
     let tap_ids: Vec<VarId> = taps.iter().map(|v| b.var(v)).collect();
     let pos_ids: Vec<VarId> = positions.iter().map(|v| b.var(v)).collect();
-    let (arg, _) = b.args.get(&read.tensor).cloned().ok_or_else(|| unbound(&read.tensor))?;
-    let (target, source) = (b.index(&eq.lhs), b.index(read));
-    let (inside, outside) = if eq.accumulate {
-        (vec![accumulate(out, target, load(arg, source))], Vec::new())
-    } else {
-        let zeros = if overwrite { vec![store(out, target.clone(), lit(0.0))] } else { Vec::new() };
-        (vec![put(out, target, load(arg, source), overwrite)], zeros)
+    Ok(Some(super::window::window_rows(&w, &tap_ids, &pos_ids, vec![add_to(acc, value)], Vec::new())))
+}
+
+/// The workspace of [`crb_kernels`] in the equations it makes (not a valid `.pdg`
+/// identifier, so it cannot name a tensor of the layer).
+pub const CRB_FULL: &str = "crb_full'";
+
+/// crb (Rochette et al. 2019) as a schedule of a derived per-example gradient that sums a
+/// product over a window's output positions (`dW[n, .., k..] = Σ_o F · X[n, .., s·o + d·k − p]`,
+/// see `window_sum`): the same equation over every tap position the padded input admits
+/// (`positions`, one per window axis, each at least the kernel) — the seed paper's
+/// convolution of X by dY with stride and dilation swapped — into the workspace
+/// [`CRB_FULL`], then the kernel-sized corner of it copied into the gradient. Returns the
+/// two kernels with the tensors of their arguments, and the workspace's per-example shape;
+/// `None` where `eq` is no such product.
+#[allow(clippy::type_complexity)]
+pub fn crb_kernels(
+    name: &str,
+    eq: &Equation,
+    ranges: &[(Var, usize)],
+    info: &dyn Fn(&str) -> Option<TensorInfo>,
+    positions: &[usize],
+) -> Result<Option<(Vec<(Kernel, Vec<String>)>, Vec<usize>)>> {
+    let ts = terms(&eq.rhs);
+    let ([(sum, Expr::Mul(factors))], false) = (&ts[..], eq.accumulate) else { return Ok(None) };
+    let mut windowed = factors.iter().filter_map(|f| match f {
+        Expr::Read(a) if !a.is_plain() => Some(a),
+        _ => None,
+    });
+    let (Some(x), None) = (windowed.next(), windowed.next()) else { return Ok(None) };
+    // Each window axis's tap: the variable of its index that is not summed.
+    let mut taps = Vec::new();
+    for ix in x.index.iter().skip(1).filter(|ix| ix.as_var().is_none()) {
+        let [t0, t1] = &ix.terms[..] else { return Ok(None) };
+        match (sum.contains(&t0.var), sum.contains(&t1.var)) {
+            (false, true) => taps.push(t0.var),
+            (true, false) => taps.push(t1.var),
+            _ => return Ok(None),
+        }
+    }
+    let target = info(&eq.lhs.tensor).ok_or_else(|| unbound(&eq.lhs.tensor))?;
+    let lhs_vars: Vec<Option<Var>> = eq.lhs.index.iter().skip(1).map(Index::as_var).collect();
+    if taps.len() != positions.len() || !taps.iter().all(|t| lhs_vars.contains(&Some(*t))) {
+        return Ok(None);
+    }
+    let extended = |v: Var| taps.iter().position(|t| *t == v).map(|i| positions[i]);
+    let full_shape: Vec<usize> =
+        lhs_vars.iter().zip(&target.shape).map(|(v, d)| v.and_then(extended).unwrap_or(*d)).collect();
+    let wide: Vec<(Var, usize)> = ranges.iter().map(|(v, r)| (*v, extended(v).unwrap_or(*r))).collect();
+    let info = |t: &str| match t {
+        CRB_FULL => Some(TensorInfo::unpadded(full_shape.clone())),
+        _ => info(t),
     };
-    Ok(Some(nest(&other_ids, &extents, super::window::window_nest(&w, &tap_ids, &pos_ids, inside, outside))))
+    let full = Access { tensor: CRB_FULL.to_string(), index: eq.lhs.index.clone() };
+    let conv = Equation { lhs: full.clone(), accumulate: false, rhs: eq.rhs.clone() };
+    let corner = Equation { lhs: eq.lhs.clone(), accumulate: false, rhs: Expr::Read(full) };
+    let conv = equation_kernel(&format!("{name}_conv"), &conv, &wide, &info, true, Batching::PerExample)?;
+    let corner = equation_kernel(&format!("{name}_truncate"), &corner, ranges, &info, true, Batching::PerExample)?;
+    Ok(Some((vec![conv, corner], full_shape)))
 }
 
 /// How [`matrix_product`] covers the batch.
@@ -1378,6 +1514,17 @@ mod tests {
         (gather, scatter, ranges, input, cols_shape)
     }
 
+    /// Window geometries, `(input, kernel, stride, pad_lo, dilation)` per axis: 1-D and 2-D
+    /// windows with strides, dilations, padding on either side or none, and windows that
+    /// reach past the input's end.
+    const GEOMETRIES: [&[(usize, usize, usize, usize, usize)]; 5] = [
+        &[(7, 3, 1, 1, 1)],
+        &[(9, 3, 2, 2, 2)],
+        &[(6, 3, 1, 1, 1), (5, 3, 2, 0, 1)],
+        &[(8, 5, 2, 2, 1), (4, 2, 1, 1, 3)],
+        &[(3, 3, 3, 4, 1), (7, 1, 1, 0, 1)],
+    ];
+
     fn run(k: &Kernel, bufs: &mut [Vec<f32>]) {
         pdgc_codegen::verify::verify(k).expect("verifies");
         let mut slices: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
@@ -1385,19 +1532,11 @@ mod tests {
     }
 
     /// im2col and col2im lowered by `window_copy` (split loops, no guard per element inside
-    /// the input) compute exactly the plain definition, element by element, on 1-D and 2-D
-    /// windows with strides, dilations, padding on either side or none, and windows that
-    /// reach past the input's end.
+    /// the input) compute exactly the plain definition, element by element, on every window
+    /// geometry of [`GEOMETRIES`].
     #[test]
     fn window_copies_are_im2col_and_col2im() {
-        let geometries: [&[(usize, usize, usize, usize, usize)]; 5] = [
-            &[(7, 3, 1, 1, 1)],
-            &[(9, 3, 2, 2, 2)],
-            &[(6, 3, 1, 1, 1), (5, 3, 2, 0, 1)],
-            &[(8, 5, 2, 2, 1), (4, 2, 1, 1, 3)],
-            &[(3, 3, 3, 4, 1), (7, 1, 1, 0, 1)],
-        ];
-        for axes in geometries {
+        for axes in GEOMETRIES {
             let (gather, scatter, ranges, input, cols_shape) = window_equations(axes);
             let info = |t: &str| {
                 let shape = match t {
@@ -1451,6 +1590,109 @@ mod tests {
             }
             for (i, (got, want)) in dx.iter().zip(&want_dx).enumerate() {
                 assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{axes:?}: col2im at {i}: {got} vs {want}");
+            }
+        }
+    }
+
+    /// A gradient that sums a product over a window's output positions (a conv's weight
+    /// gradient `G[n, c, k..] = Σ_o Y[n, c, o..] · X[n, c, s·o + d·k − p ..]`) lowered as one
+    /// loop nest (`direct`: `window_sum`, split rows with no guard per element inside the
+    /// input) and by crb (over every tap position the padded input admits, then the
+    /// kernel-sized corner) computes the plain definition on every window geometry of
+    /// [`GEOMETRIES`].
+    #[test]
+    fn window_sums_and_crb_are_the_plain_definition() {
+        for axes in GEOMETRIES {
+            let (gather, _, ranges, input, _) = window_equations(axes);
+            let spatial = axes.len();
+            let Expr::Read(x) = &gather.rhs else { unreachable!() };
+            let vars: Vec<Var> = gather.lhs.index.iter().filter_map(Index::as_var).collect();
+            let (ks, os) = (&vars[2..2 + spatial], &vars[2 + spatial..]);
+            let range = |v: &Var| ranges.iter().find(|(u, _)| u == v).expect("a range").1;
+            let (taps, outs): (Vec<usize>, Vec<usize>) =
+                (ks.iter().map(range).collect(), os.iter().map(range).collect());
+            let y = Access::new("Y", &[&["n", "c"][..], os].concat());
+            let body = Expr::Mul(vec![Expr::Read(y), Expr::Read(x.clone())]);
+            let eq = Equation {
+                lhs: Access::new("G", &[&["n", "c"][..], ks].concat()),
+                accumulate: false,
+                rhs: Expr::Reduce(Reduction::Sum, os.to_vec(), Box::new(body.clone())),
+            };
+            let (g_shape, y_shape) = ([&[3][..], &taps].concat(), [&[3][..], &outs].concat());
+            let info = |t: &str| {
+                Some(TensorInfo::unpadded(match t {
+                    "X" => input.clone(),
+                    "Y" => y_shape.clone(),
+                    _ => g_shape.clone(),
+                }))
+            };
+            // `direct`: the term is a window sum (not the guarded gather).
+            let (mut b, _) = Builder::reading("direct", &ranges, &[&eq.rhs], &info).unwrap();
+            let acc = b.kb.acc("sum");
+            assert!(window_sum(&mut b, os, &body, acc).unwrap().is_some(), "{axes:?}: {eq}");
+            let (direct, _) = equation_kernel("direct", &eq, &ranges, &info, true, Batching::PerExample).unwrap();
+            // crb over one more position per axis than the kernel where the input allows.
+            let positions: Vec<usize> = axes
+                .iter()
+                .zip(&outs)
+                .map(|(&(size, kernel, stride, pad, dilation), &out)| {
+                    let span = stride * (out - 1) + 1;
+                    ((size + 2 * pad).saturating_sub(span) / dilation + 1).max(kernel)
+                })
+                .collect();
+            let (crb, full_shape) =
+                crb_kernels("crb", &eq, &ranges, &info, &positions).unwrap().expect("a crb schedule");
+            assert_eq!(full_shape, [&[3][..], &positions].concat(), "{axes:?}");
+            let batch = 2;
+            let (x_len, y_len, g_len) =
+                (input.iter().product::<usize>(), y_shape.iter().product::<usize>(), g_shape.iter().product::<usize>());
+            let x: Vec<f32> = (0..batch * x_len).map(|i| ((i as f32 + 0.5) * 0.37).sin()).collect();
+            let yv: Vec<f32> = (0..batch * y_len).map(|i| ((i as f32 + 0.25) * 0.61).cos()).collect();
+            let mut bufs = vec![yv.clone(), x.clone(), vec![f32::NAN; batch * g_len]];
+            run(&direct, &mut bufs);
+            let got_direct = bufs[2].clone();
+            let full_len: usize = full_shape.iter().product();
+            let mut bufs = vec![yv.clone(), x.clone(), vec![f32::NAN; batch * full_len]];
+            run(&crb[0].0, &mut bufs);
+            let mut bufs = vec![bufs[2].clone(), vec![f32::NAN; batch * g_len]];
+            run(&crb[1].0, &mut bufs);
+            let got_crb = bufs[1].clone();
+            // The plain definition in f64, at every (c, taps) in row-major order.
+            for n in 0..batch {
+                for flat in 0..g_len {
+                    let (mut rest, mut coords) = (flat, vec![0; g_shape.len()]);
+                    for d in (0..g_shape.len()).rev() {
+                        coords[d] = rest % g_shape[d];
+                        rest /= g_shape[d];
+                    }
+                    let mut want = 0.0f64;
+                    for o in 0..outs.iter().product::<usize>() {
+                        let (mut rest, mut pos) = (o, vec![0; spatial]);
+                        for a in (0..spatial).rev() {
+                            pos[a] = rest % outs[a];
+                            rest /= outs[a];
+                        }
+                        let mut at = Some(coords[0]);
+                        for (a, &(size, _, stride, pad, dilation)) in axes.iter().enumerate() {
+                            let ix = (pos[a] * stride + coords[1 + a] * dilation) as i64 - pad as i64;
+                            at = match at {
+                                Some(at) if (0..size as i64).contains(&ix) => Some(at * size + ix as usize),
+                                _ => None,
+                            };
+                        }
+                        let y_at = pos.iter().zip(&outs).fold(coords[0], |acc, (p, o)| acc * o + p);
+                        if let Some(at) = at {
+                            want += yv[n * y_len + y_at] as f64 * x[n * x_len + at] as f64;
+                        }
+                    }
+                    for (what, got) in [("direct", &got_direct), ("crb", &got_crb)] {
+                        let got = got[n * g_len + flat] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                            "{axes:?}: {what} at {n}, {coords:?}: {got} vs {want}"
+                        );
+                    }
+                }
             }
         }
     }

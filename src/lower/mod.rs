@@ -109,6 +109,18 @@ impl BufferDecl {
     }
 }
 
+/// How a derived parameter gradient that is a window product runs (its schedule).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Windows {
+    /// im2col columns and a contraction (`unfold`; every batch-summed gradient).
+    Columns,
+    /// One loop nest that reads the window in place (`direct`).
+    InPlace,
+    /// Over every tap position the padded input admits (these, per window axis), then
+    /// the kernel-sized corner (`crb`).
+    Crb(Vec<usize>),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LaunchMode {
     /// The whole grid, split over threads.
@@ -506,15 +518,8 @@ impl<'g> Lowering<'g> {
                     let eqs = self.grads.step(n.id).map(|s| s.forward.clone()).unwrap_or_default();
                     for (i, eq) in eqs.iter().enumerate() {
                         let name = format!("{tag}_fwd{i}");
-                        out.extend(self.index_launch(
-                            n.id,
-                            &name,
-                            eq,
-                            true,
-                            Batching::PerExample,
-                            LaunchMode::Grid,
-                            &HashMap::new(),
-                        )?);
+                        let per_example = (Batching::PerExample, LaunchMode::Grid);
+                        out.extend(self.index_launch(n.id, &name, eq, (true, true), per_example, &HashMap::new())?);
                     }
                     continue;
                 }
@@ -687,15 +692,8 @@ impl<'g> Lowering<'g> {
             .collect();
         let tag = self.tag(node);
         if self.layers.contains_key(&node) {
-            return self.index_param_grads(
-                node,
-                &tag,
-                &targets,
-                Batching::Summed,
-                LaunchMode::Grid,
-                "batch_grad",
-                None,
-            );
+            let how = (Batching::Summed, LaunchMode::Grid, Windows::Columns);
+            return self.index_param_grads(node, &tag, &targets, how, "batch_grad", None);
         }
         let (_, dy, _) = self.conv_io(node);
         let geom = norm_geom(g.node(node)).expect("a norm with parameters");
@@ -715,18 +713,15 @@ impl<'g> Lowering<'g> {
         let want_norms = kind != EntryKind::PerExampleGrads;
         let sq = self.extra(Role::SqNormParts, "sqnorm", true, vec![slots]);
         let strategy = strategy_of(plan, node);
-        // A conv's `crb` and `direct` are schedules of its own (below), not of its derived
-        // equations.
-        let own_schedule =
-            matches!(g.node(node).op, Op::Conv(_)) && matches!(strategy, Strategy::Crb | Strategy::Direct);
-        if self.layers.contains_key(&node) && !own_schedule {
+        if self.layers.contains_key(&node) {
             return self.index_per_example(node, strategy, want_norms, sq);
         }
+        // What is left: a norm layer's affine parameters, by its `direct` kernel.
         let names: Vec<String> = g.params_of(node).map(|p| p.name.clone()).collect();
         let slot = self.slot(&names[0]);
         let norm = want_norms.then_some((slot, slots));
-        // Materialized grads are stored unless only norms are wanted and the kernel can fuse.
-        let store = !(kind == EntryKind::PerExampleNorms && matches!(strategy, Strategy::Direct | Strategy::Outer));
+        // Materialized grads are stored unless only norms are wanted (the kernel fuses them).
+        let store = kind != EntryKind::PerExampleNorms;
         let pe: Vec<BufId> = if !store {
             Vec::new()
         } else {
@@ -736,10 +731,17 @@ impl<'g> Lowering<'g> {
                 })
                 .collect()
         };
-        let (x, dy, in_shape) = self.conv_io(node);
+        let (_, dy, _) = self.conv_io(node);
         let tag = format!("{}_{}{}", self.tag(node), strategy, if store { "" } else { "_norm_only" });
         let tag = if want_norms && store { format!("{tag}_norm") } else { tag };
-        self.layer_strategy(node, strategy, &tag, x, dy, &in_shape, &pe, Outputs { store, norm }, sq)
+        let geom = norm_geom(g.node(node))
+            .ok_or_else(|| crate::Error::Internal(format!("node {} has no {strategy} schedule of its own", node.0)))?;
+        let k = param_grads::norm_per_example(&tag, &geom, Outputs { store, norm })?;
+        let mut args = [vec![dy, self.saved[&(node.0, Saved::Xhat)]], pe].concat();
+        if norm.is_some() {
+            args.push(sq);
+        }
+        Ok(vec![self.launch(k, args)])
     }
 
     /// After the backward pass of a per-example entry: the norms and clip factors (unless
@@ -791,81 +793,6 @@ impl<'g> Lowering<'g> {
             }
         }
         Ok(out)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn layer_strategy(
-        &mut self,
-        node: NodeId,
-        strategy: Strategy,
-        tag: &str,
-        x: BufId,
-        dy: BufId,
-        in_shape: &[usize],
-        pe: &[BufId],
-        out: Outputs,
-        sq: BufId,
-    ) -> Result<Vec<Launch>> {
-        let g = self.graph;
-        let n = g.node(node);
-        // The squared norms of the stored gradients, where the kernels do not fuse them.
-        let names: Vec<String> = g.params_of(node).map(|p| p.name.clone()).collect();
-        let sqnorms = |l: &mut Self| -> Result<Vec<Launch>> {
-            match out.norm {
-                None => Ok(Vec::new()),
-                Some(_) => names.iter().zip(pe).map(|(name, buf)| l.sqnorm_launch(name, *buf, sq)).collect(),
-            }
-        };
-        let with_sq = |mut args: Vec<BufId>| {
-            if out.norm.is_some() {
-                args.push(sq);
-            }
-            args
-        };
-        Ok(match (&n.op, strategy) {
-            (Op::Conv(c), Strategy::Direct) => {
-                let k = param_grads::conv_direct(tag, c, in_shape, &n.shape, out)?;
-                vec![self.launch(k, with_sq([vec![x, dy], pe.to_vec()].concat()))]
-            }
-            (Op::Conv(c), Strategy::Crb) => {
-                let positions = crb_positions(c, in_shape, &n.shape);
-                let mut full_shape = vec![c.out_channels, c.in_channels / c.groups];
-                full_shape.extend(&positions);
-                let full = self.extra(
-                    Role::Workspace(format!("crb{}", node.0)),
-                    &format!("crb_full{}", node.0),
-                    true,
-                    full_shape,
-                );
-                let k1 = param_grads::crb_conv(&format!("{tag}_conv"), c, in_shape, &n.shape, &positions)?;
-                let k2 = param_grads::crb_truncate(&format!("{tag}_truncate"), c, &positions)?;
-                let mut v = vec![self.launch(k1, vec![x, dy, full]), self.launch(k2, vec![full, pe[0]])];
-                let positions_out = (numel(&n.shape) / c.out_channels as u64) as usize;
-                if c.bias {
-                    let k = param_grads::bias_per_example(
-                        &format!("{tag}_bias"),
-                        c.out_channels,
-                        positions_out,
-                        Outputs { store: true, norm: None },
-                    )?;
-                    v.push(self.launch(k, vec![dy, pe[1]]));
-                }
-                v.extend(sqnorms(self)?);
-                v
-            }
-            (Op::Conv(_), _) => {
-                return Err(crate::Error::Internal(format!(
-                    "conv node {} has no {strategy} schedule of its own",
-                    node.0
-                )))
-            }
-            (_, _) => {
-                // Norm layers: direct.
-                let geom = norm_geom(n).expect("a norm with parameters");
-                let k = param_grads::norm_per_example(tag, &geom, out)?;
-                vec![self.launch(k, with_sq([vec![dy, self.saved[&(node.0, Saved::Xhat)]], pe.to_vec()].concat()))]
-            }
-        })
     }
 }
 
@@ -937,20 +864,20 @@ impl<'g> Lowering<'g> {
 
     /// The launches of one derived equation of `node`'s layer: its kernel, after a kernel
     /// zeroing the target where the equation is a scatter and the target's first writer.
-    #[allow(clippy::too_many_arguments)]
+    /// With `columns`, a window product runs as im2col or col2im columns and contractions
+    /// ([`Self::window_launches`]); without, as one loop nest that reads the window in place.
     fn index_launch(
         &mut self,
         node: NodeId,
         name: &str,
         eq: &crate::grad::Equation,
-        first: bool,
-        batching: Batching,
-        mode: LaunchMode,
+        (first, columns): (bool, bool),
+        (batching, mode): (Batching, LaunchMode),
         param_targets: &HashMap<String, BufId>,
     ) -> Result<Vec<Launch>> {
         let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
         let info = self.info(node)?;
-        if let Some(w) = index::window_product(eq, &ranges, &info) {
+        if let Some(w) = index::window_product(eq, &ranges, &info).filter(|_| columns) {
             // A batch-summed gradient: the gather's columns, then every example's product
             // added into the target (a scatter or a bias is never summed).
             if batching == Batching::PerExample || (w.after.is_none() && w.gemm.bias.is_none()) {
@@ -963,6 +890,38 @@ impl<'g> Lowering<'g> {
             args.push(self.index_buffer(node, t, param_targets)?);
         }
         Ok(vec![self.launch_as(k, args, mode)])
+    }
+
+    /// crb's two launches of `pg`'s per-example gradient (see [`index::crb_kernels`]): the
+    /// derived equation over every tap position into a workspace, then its kernel-sized
+    /// corner into `targets`; `None` where the gradient is no window product.
+    fn crb_launches(
+        &mut self,
+        node: NodeId,
+        name: &str,
+        pg: &crate::grad::ParamGrad,
+        targets: &HashMap<String, BufId>,
+        positions: &[usize],
+    ) -> Result<Option<Vec<Launch>>> {
+        let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
+        let info = self.info(node)?;
+        let Some((kernels, full_shape)) = index::crb_kernels(name, &pg.eq, &ranges, &info, positions)? else {
+            return Ok(None);
+        };
+        let role = Role::Workspace(format!("crb{}", node.0));
+        let full = self.extra(role, &format!("crb_full{}", node.0), true, full_shape);
+        let mut out = Vec::new();
+        for (k, tensors) in kernels {
+            let mut args = Vec::new();
+            for t in &tensors {
+                args.push(match t.as_str() {
+                    index::CRB_FULL => full,
+                    _ => self.index_buffer(node, t, targets)?,
+                });
+            }
+            out.push(self.launch(k, args));
+        }
+        Ok(Some(out))
     }
 
     /// The launches of a window product (see [`index::WindowProduct`]): the columns into a
@@ -1122,49 +1081,52 @@ impl<'g> Lowering<'g> {
             written.push(eq.lhs.tensor.clone());
             let overwrites = is_first && !eq.accumulate;
             let name = format!("{tag}_bwd_{}{i}{}", eq.lhs.tensor, if overwrites { "_first" } else { "" });
-            out.extend(self.index_launch(
-                node,
-                &name,
-                eq,
-                is_first,
-                Batching::PerExample,
-                LaunchMode::Grid,
-                &HashMap::new(),
-            )?);
+            let per_example = (Batching::PerExample, LaunchMode::Grid);
+            out.extend(self.index_launch(node, &name, eq, (is_first, true), per_example, &HashMap::new())?);
         }
         Ok(out)
     }
 
     /// The parameter gradients of `node`'s layer into `targets` (in the order of
-    /// `graph.params_of`): summed over the batch, or per example. With `norms`, each
-    /// per-example gradient's squared norm goes into its slot of that buffer: taken as the
-    /// gradient is stored where its equation is a plain gather run over the batch, else by a
-    /// pass over the stored gradient after it.
-    #[allow(clippy::too_many_arguments)]
+    /// `graph.params_of`): summed over the batch, or per example, a gradient that is a
+    /// window product run as `windows` says. With `norms`, each per-example gradient's
+    /// squared norm goes into its slot of that buffer: taken as the gradient is stored
+    /// where its equation is a plain gather or a window product run over the batch, else by
+    /// a pass over the stored gradient after it.
     fn index_param_grads(
         &mut self,
         node: NodeId,
         tag: &str,
         targets: &[BufId],
-        batching: Batching,
-        mode: LaunchMode,
+        (batching, mode, windows): (Batching, LaunchMode, Windows),
         suffix: &str,
         norms: Option<BufId>,
     ) -> Result<Vec<Launch>> {
         let pgs = self.grads.step(node).map(|s| s.param_grads.clone()).unwrap_or_default();
         let fusable = batching == Batching::PerExample && mode == LaunchMode::Grid;
+        let columns = windows == Windows::Columns;
         let mut out = Vec::new();
         for pg in &pgs {
             let (local, at) = self.param_grad_target(node, pg)?;
             let name = format!("{tag}_{}_{suffix}", param_suffix(&pg.param));
             let map = HashMap::from([(local, targets[at])]);
+            if let (Windows::Crb(positions), true) = (&windows, fusable) {
+                if let Some(launches) = self.crb_launches(node, &name, pg, &map, positions)? {
+                    out.extend(launches);
+                    if let Some(sq) = norms {
+                        out.push(self.sqnorm_launch(&pg.param, targets[at], sq)?);
+                    }
+                    continue;
+                }
+            }
             if let (Some(sq), true) = (norms, fusable) {
-                if let Some(launches) = self.gather_with_norm(node, &format!("{name}_norm"), pg, &map, sq)? {
+                let name = format!("{name}_norm");
+                if let Some(launches) = self.gather_with_norm(node, &name, pg, &map, sq, columns)? {
                     out.extend(launches);
                     continue;
                 }
             }
-            out.extend(self.index_launch(node, &name, &pg.eq, true, batching, mode, &map)?);
+            out.extend(self.index_launch(node, &name, &pg.eq, (true, columns), (batching, mode), &map)?);
             if let Some(sq) = norms {
                 out.push(self.sqnorm_launch(&pg.param, targets[at], sq)?);
             }
@@ -1217,7 +1179,8 @@ impl<'g> Lowering<'g> {
                 // The derived gradient summed over the batch as it is, reading the scaled
                 // factor: a GEMM (on the kept columns for a window product).
                 let eq = index::reading_clipped(&pg.eq, f);
-                out.extend(self.index_launch(node, &name, &eq, true, Batching::Summed, LaunchMode::Grid, &targets)?);
+                let summed = (Batching::Summed, LaunchMode::Grid);
+                out.extend(self.index_launch(node, &name, &eq, (true, true), summed, &targets)?);
                 continue;
             }
             let (k, tensors) = index::clipped_sum_kernel(&name, &pg.eq, &step.ranges, &info, index::CLIP)?;
@@ -1262,7 +1225,15 @@ impl<'g> Lowering<'g> {
             Strategy::Naive => (Batching::Summed, LaunchMode::PerExample, "naive"),
             _ => (Batching::PerExample, LaunchMode::Grid, strategy.name()),
         };
-        self.index_param_grads(node, &tag, &pe, batching, mode, suffix, want_norms.then_some(sq))
+        let windows = match (&g.node(node).op, strategy) {
+            (Op::Conv(c), Strategy::Crb) => {
+                let in_shape = g.node(g.node(node).inputs[0]).shape.clone();
+                Windows::Crb(crb_positions(c, &in_shape, &g.node(node).shape))
+            }
+            (_, Strategy::Direct | Strategy::Crb) => Windows::InPlace,
+            _ => Windows::Columns,
+        };
+        self.index_param_grads(node, &tag, &pe, (batching, mode, windows), suffix, want_norms.then_some(sq))
     }
 
     /// The squared norm of `node`'s derived gradient `eq`, by its ghost form `form`, into
@@ -1380,8 +1351,9 @@ impl<'g> Lowering<'g> {
     /// The launches of `pg`'s per-example gradient that also take each example's squared
     /// norm into `sq` as they store it into `targets`: a gather that sums it as it stores
     /// (see [`index::gather_with_norm`]), or a window product whose contraction's kernel sums
-    /// it over the product just written (see [`index::flat_gemm`]); `None` for any other
-    /// equation (a matrix product).
+    /// it over the product just written (see [`index::flat_gemm`]; only with `columns`,
+    /// else a window product is a gather too); `None` for any other equation (a matrix
+    /// product).
     fn gather_with_norm(
         &mut self,
         node: NodeId,
@@ -1389,12 +1361,13 @@ impl<'g> Lowering<'g> {
         pg: &crate::grad::ParamGrad,
         targets: &HashMap<String, BufId>,
         sq: BufId,
+        columns: bool,
     ) -> Result<Option<Vec<Launch>>> {
         let layer = self.index_layer(node)?;
         let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
         let info = |t: &str| index::tensor_info(layer, t);
         let (slot, slots) = (self.slot(&pg.param), self.graph.params.len());
-        if let Some(w) = index::window_product(&pg.eq, &ranges, &info) {
+        if let Some(w) = index::window_product(&pg.eq, &ranges, &info).filter(|_| columns) {
             // A window product: the squared norm in its contraction's kernel.
             if w.after.is_some() || w.gemm.bias.is_some() {
                 return Ok(None);

@@ -1,20 +1,17 @@
 //! Parameter-gradient kernels of the layers not lowered from their derived equations (the
-//! norms' non-private and `direct` gradients; every conv's `crb` and `direct` schedules),
-//! and the DP-SGD tail of every layer (norms, clip factors, weighted sums, book-keeping's
-//! rescaling).
+//! norms' non-private and `direct` gradients), and the DP-SGD tail of every layer (norms,
+//! clip factors, weighted sums, book-keeping's rescaling).
 //!
 //! A per-example kernel may also write each example's squared norm of the gradient it
-//! computes into `sqnorm[n, slot]` (one slot per parameter tensor): `direct` fuses it
-//! into its epilogue; with `store: false` they compute norms without ever
+//! computes into `sqnorm[n, slot]` (one slot per parameter tensor): the norms' `direct`
+//! fuses it into its epilogue; with `store: false` it computes norms without ever
 //! writing the per-example gradient.
 
-use pdgc_codegen::ir::{Binary, Expr, Extent, Kernel, Unary, VarId};
+use pdgc_codegen::ir::{Binary, Expr, Extent, Kernel, Unary};
 
 use super::builder::*;
 use super::kernels::NormGeom;
-use super::window::{idx as ix, spatial_vars as spatial, window_rows, Window};
 use crate::error::Result;
-use crate::graph::Conv;
 
 /// Where a per-example kernel puts its results.
 #[derive(Clone, Copy, Debug)]
@@ -25,143 +22,12 @@ pub struct Outputs {
     pub norm: Option<(usize, usize)>,
 }
 
-fn wshape(c: &Conv) -> Vec<usize> {
-    let mut s = vec![c.out_channels, c.in_channels / c.groups];
-    s.extend(&c.kernel);
-    s
-}
-
-fn channel(c: &Conv, co: VarId, ci: VarId) -> pdgc_codegen::ir::Affine {
-    if c.groups == 1 {
-        v(ci)
-    } else {
-        v(ci).plus_div(co, (c.in_channels / c.groups) as i64, (c.out_channels / c.groups) as i64)
-    }
-}
-
 /// `x[r, i] = 0` for a `rows × width` buffer (not batched), grid over the rows.
 pub fn zero(name: &str, rows: usize, width: usize) -> Result<Kernel> {
     let mut kb = KernelBuilder::new(name);
     let x = kb.output("x", fixed(&[rows, width]));
     let [r, i] = [kb.var("r"), kb.var("i")];
     kb.finish(r, fx(rows), vec![vlp(i, width, vec![store(x, vec![v(r), v(i)], lit(0.0))])])
-}
-
-/// Per-example bias gradient `db[n,co] = Σ_t dY[n,co,t]` (and its squared norm).
-pub fn bias_per_example(name: &str, channels: usize, positions: usize, out: Outputs) -> Result<Kernel> {
-    let mut kb = KernelBuilder::new(name);
-    let dy = kb.input("dy", batched(&[channels, positions]));
-    let db = out.store.then(|| kb.output("db", batched(&[channels])));
-    let part = out.norm.map(|(_, slots)| kb.arg("sqnorm", batched(&[slots]), pdgc_codegen::ir::Mode::InOut));
-    let [n, ch, t] = [kb.var("n"), kb.var("c"), kb.var("t")];
-    let [a, sq] = [kb.acc("acc"), kb.acc("sq")];
-    let mut per_c = vec![set(a, lit(0.0)), vlp(t, positions, vec![add_to(a, load(dy, vec![v(n), v(ch), v(t)]))])];
-    if let Some(db) = db {
-        per_c.push(store(db, vec![v(n), v(ch)], acc(a)));
-    }
-    per_c.push(add_to(sq, Expr::mul(acc(a), acc(a))));
-    let mut body = vec![set(sq, lit(0.0)), lp(ch, channels, per_c)];
-    if let (Some(part), Some((slot, _))) = (part, out.norm) {
-        body.push(store(part, vec![v(n), pdgc_codegen::ir::Affine::constant(slot as i64)], acc(sq)));
-    }
-    kb.finish(n, Extent::Batch, body)
-}
-
-/// `direct`: the fused per-example conv weight gradient, no im2col buffer; the weight's
-/// squared norm (and the bias's) accumulated in the epilogue.
-pub fn conv_direct(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], out: Outputs) -> Result<Kernel> {
-    let w = Window::of_conv(c, in_shape, out_shape);
-    let mut kb = KernelBuilder::new(name);
-    let x = kb.input("x", batched(in_shape));
-    let dy = kb.input("dy", batched(out_shape));
-    let gw = out.store.then(|| kb.output("gw", batched(&wshape(c))));
-    let gb = (out.store && c.bias).then(|| kb.output("gb", batched(&[c.out_channels])));
-    let part = out.norm.map(|(_, slots)| kb.arg("sqnorm", batched(&[slots]), pdgc_codegen::ir::Mode::InOut));
-    let n = kb.var("n");
-    let co = kb.var("co");
-    let ci = kb.var("ci");
-    let k = spatial(&mut kb, w.spatial(), false);
-    let o = spatial(&mut kb, w.spatial(), true);
-    let [a, sq, bsq] = [kb.acc("acc"), kb.acc("sq"), kb.acc("bias_sq")];
-    let xi = w.input_index(&o, &k);
-    let prod = Expr::mul(
-        load(dy, [vec![v(n), v(co)], ix(&o)].concat()),
-        load(x, [vec![v(n), channel(c, co, ci)], xi].concat()),
-    );
-    let mut per_w = vec![set(a, lit(0.0))];
-    per_w.extend(window_rows(&w, &k, &o, vec![add_to(a, prod)], Vec::new()));
-    if let Some(gw) = gw {
-        per_w.push(store(gw, [vec![v(n), v(co), v(ci)], ix(&k)].concat(), acc(a)));
-    }
-    per_w.push(add_to(sq, Expr::mul(acc(a), acc(a))));
-    let mut per_co = nest(&[&[ci][..], &k].concat(), &[&[c.in_channels / c.groups][..], &c.kernel].concat(), per_w);
-    if c.bias {
-        let o2 = spatial(&mut kb, w.spatial(), true);
-        per_co.push(set(a, lit(0.0)));
-        per_co.extend(vnest(&o2, &w.output, vec![add_to(a, load(dy, [vec![v(n), v(co)], ix(&o2)].concat()))]));
-        if let Some(gb) = gb {
-            per_co.push(store(gb, vec![v(n), v(co)], acc(a)));
-        }
-        per_co.push(add_to(bsq, Expr::mul(acc(a), acc(a))));
-    }
-    let mut body = vec![set(sq, lit(0.0)), set(bsq, lit(0.0)), lp(co, c.out_channels, per_co)];
-    if let (Some(part), Some((slot, _))) = (part, out.norm) {
-        body.push(store(part, vec![v(n), pdgc_codegen::ir::Affine::constant(slot as i64)], acc(sq)));
-        if c.bias {
-            body.push(store(part, vec![v(n), pdgc_codegen::ir::Affine::constant(slot as i64 + 1)], acc(bsq)));
-        }
-    }
-    kb.finish(n, Extent::Batch, body)
-}
-
-/// crb (Rochette et al. 2019): the weight gradient as a convolution of X by dY with
-/// stride and dilation swapped, computed over every position the grouped convolution
-/// produces (`positions` per axis, ≥ the kernel) into `full`; [`crb_truncate`] keeps the
-/// kernel-sized part.
-pub fn crb_conv(name: &str, c: &Conv, in_shape: &[usize], out_shape: &[usize], positions: &[usize]) -> Result<Kernel> {
-    // The grouped conv's taps are its output positions `q`, which read X at
-    // q·dilation + o·stride − pad_lo: a window like the conv's with `positions` taps.
-    let w = Window { kernel: positions.to_vec(), ..Window::of_conv(c, in_shape, out_shape) };
-    let mut kb = KernelBuilder::new(name);
-    let x = kb.input("x", batched(in_shape));
-    let dy = kb.input("dy", batched(out_shape));
-    let mut full_shape = vec![c.out_channels, c.in_channels / c.groups];
-    full_shape.extend(positions);
-    let full = kb.output("full", batched(&full_shape));
-    let n = kb.var("n");
-    let co = kb.var("co");
-    let ci = kb.var("ci");
-    let q = spatial(&mut kb, w.spatial(), false);
-    let o = spatial(&mut kb, w.spatial(), true);
-    let a = kb.acc("acc");
-    let xi = w.input_index(&o, &q);
-    let prod = Expr::mul(
-        load(dy, [vec![v(n), v(co)], ix(&o)].concat()),
-        load(x, [vec![v(n), channel(c, co, ci)], xi].concat()),
-    );
-    let mut per_q = vec![set(a, lit(0.0))];
-    per_q.extend(window_rows(&w, &q, &o, vec![add_to(a, prod)], Vec::new()));
-    per_q.push(store(full, [vec![v(n), v(co), v(ci)], ix(&q)].concat(), acc(a)));
-    let body = nest(
-        &[&[co, ci][..], &q].concat(),
-        &[&[c.out_channels, c.in_channels / c.groups][..], positions].concat(),
-        per_q,
-    );
-    kb.finish(n, Extent::Batch, body)
-}
-
-/// Copies the kernel-sized corner of crb's output into the per-example gradient.
-pub fn crb_truncate(name: &str, c: &Conv, positions: &[usize]) -> Result<Kernel> {
-    let mut kb = KernelBuilder::new(name);
-    let mut full_shape = vec![c.out_channels, c.in_channels / c.groups];
-    full_shape.extend(positions);
-    let full = kb.input("full", batched(&full_shape));
-    let gw = kb.output("gw", batched(&wshape(c)));
-    let n = kb.var("n");
-    let vars: Vec<VarId> = (0..2 + c.kernel.len()).map(|i| kb.var(&format!("i{i}"))).collect();
-    let index = [vec![v(n)], ix(&vars)].concat();
-    let body = vnest(&vars, &wshape(c), vec![store(gw, index.clone(), load(full, index))]);
-    kb.finish(n, Extent::Batch, body)
 }
 
 fn slot_ix(slot: usize) -> pdgc_codegen::ir::Affine {
