@@ -367,3 +367,40 @@ fn write_batch(path: &std::path::Path, b: &Batch) {
     ];
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
+
+/// Where only the norms are wanted, `direct` computes each conv's per-example squared norms
+/// as it computes the gradient, element by element, and never stores the gradient: no
+/// launch of the norms entry binds a per-example gradient buffer (so the arena holds none),
+/// and the norms equal those of `unfold`, which does store it.
+#[test]
+fn direct_norms_store_no_per_example_gradient() {
+    use pdgc::lower::{EntryKind, Role};
+    use pdgc::ops::Strategy;
+    let src = std::fs::read_to_string("samples/cifar_cnn.pdg").expect("sample");
+    let layers = ["conv1", "conv2", "conv3", "conv4", "conv5", "conv6"];
+    let compile = |s: Strategy| {
+        let mut opts = CompileOptions::new(4);
+        opts.overrides = layers.iter().map(|l| (l.to_string(), s)).collect();
+        Module::from_source("cifar_cnn.pdg", &src, &opts).expect("compiles")
+    };
+    let (direct, unfold) = (compile(Strategy::Direct), compile(Strategy::Unfold));
+    let norms = direct.program.entry(EntryKind::PerExampleNorms);
+    let stored: Vec<&str> = norms
+        .launches
+        .iter()
+        .flat_map(|l| &l.args)
+        .map(|b| direct.program.buffer(*b))
+        .filter(|b| matches!(&b.role, Role::PerExampleGrad(p) if p.starts_with("conv")))
+        .map(|b| b.name.as_str())
+        .collect();
+    assert!(stored.is_empty(), "the norms entry stores {stored:?}");
+    let params = direct.init_params(5);
+    let batch = Batch::random(&direct.graph, 4, 6);
+    let mut a = direct.session(Device::Cpu).expect("session");
+    let mut b = unfold.session(Device::Cpu).expect("session");
+    assert_close(
+        "norms",
+        &a.per_example_norms(&params, &batch).unwrap(),
+        &b.per_example_norms(&params, &batch).unwrap(),
+    );
+}

@@ -271,24 +271,36 @@ pub fn equation_kernel(
 
 /// A per-example parameter gradient's gather (one that is no matrix product) that also
 /// stores the squared norm of each example's gradient in `sqnorm[n, slot]` of `slots`, as
-/// it stores the gradient: no second pass over it. Returns the kernel and its arguments'
-/// tensors (the target, then the squared norms, last); `None` for any other equation.
+/// it computes the gradient: no second pass over it. With `store`, it stores the gradient
+/// too; without, the gradient is never written (the norms are all that is wanted). Returns
+/// the kernel and its arguments' tensors (the target where it is stored, then the squared
+/// norms, last); `None` for any other equation.
 pub fn gather_with_norm(
     name: &str,
     eq: &Equation,
     ranges: &[(Var, usize)],
     info: &dyn Fn(&str) -> Option<TensorInfo>,
-    slot: usize,
-    slots: usize,
+    (slot, slots): (usize, usize),
+    store: bool,
 ) -> Result<Option<(Kernel, Vec<String>)>> {
     if !eq.lhs.is_plain() || eq.accumulate {
         return Ok(None);
     }
-    build(name, eq, ranges, info, true, Batching::PerExample, Some((slot, slots)))
+    if !store {
+        // A matrix product's norm is its contraction's to compute, over the stored product.
+        let (mut probe, _) = Builder::reading(name, ranges, &[&eq.rhs], info)?;
+        let target = info(&eq.lhs.tensor).ok_or_else(|| unbound(&eq.lhs.tensor))?;
+        let out = probe.kb.target(&eq.lhs.tensor, batched(&target.shape), true);
+        if matrix_product(&mut probe, eq, Batching::PerExample, out, true)?.is_some() {
+            return Ok(None);
+        }
+    }
+    build(name, eq, ranges, info, true, Batching::PerExample, Some((slot, slots, store)))
 }
 
-/// [`equation_kernel`], and with `norm` the squared norms of [`gather_with_norm`]: `None`
-/// only then, for an equation that is a matrix product (its contraction computes it).
+/// [`equation_kernel`], and with `norm` the squared norms of [`gather_with_norm`] (the
+/// target stored or not): `None` only then, for an equation that is a matrix product (its
+/// contraction computes it).
 fn build(
     name: &str,
     eq: &Equation,
@@ -296,20 +308,27 @@ fn build(
     info: &dyn Fn(&str) -> Option<TensorInfo>,
     first: bool,
     batching: Batching,
-    norm: Option<(usize, usize)>,
+    norm: Option<(usize, usize, bool)>,
 ) -> Result<Option<(Kernel, Vec<String>)>> {
     let (mut b, mut tensors) = Builder::reading(name, ranges, &[&eq.rhs], info)?;
     let target = info(&eq.lhs.tensor).ok_or_else(|| unbound(&eq.lhs.tensor))?;
     let overwrite = first && !eq.accumulate;
     let lhs_dims = if batching == Batching::Summed { fixed(&target.shape) } else { batched(&target.shape) };
-    let out = b.kb.target(&eq.lhs.tensor, lhs_dims, overwrite);
-    tensors.push(eq.lhs.tensor.clone());
     if eq.lhs.index.first().and_then(Index::as_var) != Some("n") {
         return Err(Error::Internal(format!("the derived equation `{eq}` is not per example")));
     }
+    if let Some((slot, slots, false)) = norm {
+        // Only the squared norms: a gather that never writes its target (no argument).
+        if !eq.lhs.is_plain() || batching != Batching::PerExample {
+            return Ok(None);
+        }
+        return norm_only(b, tensors, eq, (slot, slots)).map(Some);
+    }
+    let out = b.kb.target(&eq.lhs.tensor, lhs_dims, overwrite);
+    tensors.push(eq.lhs.tensor.clone());
     let n = b.var("n");
     // The squared norm's argument, accumulator and store (after every other statement).
-    let norm = norm.map(|(slot, slots)| {
+    let norm = norm.map(|(slot, slots, _)| {
         tensors.push(SQNORM.to_string());
         let sq = b.kb.output("sqnorm", batched(&[slots]));
         let acc = b.kb.acc("sq");
@@ -423,6 +442,36 @@ fn build(
         body.extend(b.nest(&vars, [pre, store].concat())?);
         b.kb.finish(n, Extent::Batch, body).map(|k| Some((k, tensors)))
     }
+}
+
+/// A per-example gather's squared norm into `sqnorm[n, slot]` of `slots`, the gradient
+/// computed element by element as [`build`]'s gather does (window sums on split rows) and
+/// never stored: the kernel of the norms when only the norms are wanted.
+fn norm_only(
+    mut b: Builder,
+    mut tensors: Vec<String>,
+    eq: &Equation,
+    (slot, slots): (usize, usize),
+) -> Result<(Kernel, Vec<String>)> {
+    let n = b.var("n");
+    tensors.push(SQNORM.to_string());
+    let sqnorm = b.kb.output("sqnorm", batched(&[slots]));
+    let (sq, acc) = (b.kb.acc("sq"), b.kb.acc("sum"));
+    let kept: Vec<Var> = eq.lhs.index[1..].iter().filter_map(Index::as_var).collect();
+    let mut inner = vec![set(acc, lit(0.0))];
+    for (sum, body) in terms(&eq.rhs) {
+        if let Some(rows) = window_sum(&mut b, &sum, body, acc)? {
+            inner.extend(rows);
+            continue;
+        }
+        let (pre, value) = b.value(body)?;
+        inner.extend(b.vector_nest(&sum, [pre, vec![add_to(acc, value)]].concat())?);
+    }
+    inner.push(add_to(sq, ir::Expr::mul(ir::Expr::Acc(acc), ir::Expr::Acc(acc))));
+    let mut body = vec![set(sq, lit(0.0))];
+    body.extend(b.nest(&kept, inner)?);
+    body.push(store(sqnorm, vec![v(n), Affine::constant(slot as i64)], ir::Expr::Acc(sq)));
+    b.kb.finish(n, Extent::Batch, body).map(|k| (k, tensors))
 }
 
 /// A copy through a window: im2col's gather `cols'[n, V..] = X[n, window]` or col2im's

@@ -714,7 +714,7 @@ impl<'g> Lowering<'g> {
         let sq = self.extra(Role::SqNormParts, "sqnorm", true, vec![slots]);
         let strategy = strategy_of(plan, node);
         if self.layers.contains_key(&node) {
-            return self.index_per_example(node, strategy, want_norms, sq);
+            return self.index_per_example(node, strategy, kind, sq);
         }
         // What is left: a norm layer's affine parameters, by its `direct` kernel.
         let names: Vec<String> = g.params_of(node).map(|p| p.name.clone()).collect();
@@ -1092,7 +1092,8 @@ impl<'g> Lowering<'g> {
     /// window product run as `windows` says. With `norms`, each per-example gradient's
     /// squared norm goes into its slot of that buffer: taken as the gradient is stored
     /// where its equation is a plain gather or a window product run over the batch, else by
-    /// a pass over the stored gradient after it.
+    /// a pass over the stored gradient after it; with `norms: (_, false)` (only the norms
+    /// are wanted) a plain gather computes the norm without storing the gradient at all.
     fn index_param_grads(
         &mut self,
         node: NodeId,
@@ -1100,8 +1101,9 @@ impl<'g> Lowering<'g> {
         targets: &[BufId],
         (batching, mode, windows): (Batching, LaunchMode, Windows),
         suffix: &str,
-        norms: Option<BufId>,
+        norms: Option<(BufId, bool)>,
     ) -> Result<Vec<Launch>> {
+        let (norms, store) = (norms.map(|(sq, _)| sq), norms.is_none_or(|(_, store)| store));
         let pgs = self.grads.step(node).map(|s| s.param_grads.clone()).unwrap_or_default();
         let fusable = batching == Batching::PerExample && mode == LaunchMode::Grid;
         let columns = windows == Windows::Columns;
@@ -1121,7 +1123,7 @@ impl<'g> Lowering<'g> {
             }
             if let (Some(sq), true) = (norms, fusable) {
                 let name = format!("{name}_norm");
-                if let Some(launches) = self.gather_with_norm(node, &name, pg, &map, sq, columns)? {
+                if let Some(launches) = self.gather_with_norm(node, &name, pg, &map, sq, (columns, store))? {
                     out.extend(launches);
                     continue;
                 }
@@ -1199,7 +1201,7 @@ impl<'g> Lowering<'g> {
         &mut self,
         node: NodeId,
         strategy: Strategy,
-        want_norms: bool,
+        kind: EntryKind,
         sq: BufId,
     ) -> Result<Vec<Launch>> {
         let g = self.graph;
@@ -1233,7 +1235,8 @@ impl<'g> Lowering<'g> {
             (_, Strategy::Direct | Strategy::Crb) => Windows::InPlace,
             _ => Windows::Columns,
         };
-        self.index_param_grads(node, &tag, &pe, (batching, mode, windows), suffix, want_norms.then_some(sq))
+        let norms = (kind != EntryKind::PerExampleGrads).then_some((sq, kind != EntryKind::PerExampleNorms));
+        self.index_param_grads(node, &tag, &pe, (batching, mode, windows), suffix, norms)
     }
 
     /// The squared norm of `node`'s derived gradient `eq`, by its ghost form `form`, into
@@ -1350,10 +1353,10 @@ impl<'g> Lowering<'g> {
 
     /// The launches of `pg`'s per-example gradient that also take each example's squared
     /// norm into `sq` as they store it into `targets`: a gather that sums it as it stores
-    /// (see [`index::gather_with_norm`]), or a window product whose contraction's kernel sums
-    /// it over the product just written (see [`index::flat_gemm`]; only with `columns`,
-    /// else a window product is a gather too); `None` for any other equation (a matrix
-    /// product).
+    /// (see [`index::gather_with_norm`]; without `store`, one that never stores the
+    /// gradient), or a window product whose contraction's kernel sums it over the product
+    /// just written (see [`index::flat_gemm`]; only with `columns`, else a window product is
+    /// a gather too); `None` for any other equation (a matrix product).
     fn gather_with_norm(
         &mut self,
         node: NodeId,
@@ -1361,7 +1364,7 @@ impl<'g> Lowering<'g> {
         pg: &crate::grad::ParamGrad,
         targets: &HashMap<String, BufId>,
         sq: BufId,
-        columns: bool,
+        (columns, store): (bool, bool),
     ) -> Result<Option<Vec<Launch>>> {
         let layer = self.index_layer(node)?;
         let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
@@ -1376,7 +1379,8 @@ impl<'g> Lowering<'g> {
             let per_example = (Batching::PerExample, LaunchMode::Grid);
             return self.window_launches(node, name, &w, &ranges, true, per_example, targets, norm).map(Some);
         }
-        let Some((k, tensors)) = index::gather_with_norm(name, &pg.eq, &ranges, &info, slot, slots)? else {
+        let name = if store { name.to_string() } else { format!("{name}_only") };
+        let Some((k, tensors)) = index::gather_with_norm(&name, &pg.eq, &ranges, &info, (slot, slots), store)? else {
             return Ok(None);
         };
         let mut args = Vec::new();
