@@ -374,21 +374,7 @@ fn build(
             return Err(Error::Internal(format!("a squared norm of a batch-summed gradient: `{eq}`")));
         }
         let acc = b.kb.acc("sum");
-        let mut inner = vec![set(acc, lit(0.0))];
-        for (sum, body) in ts {
-            if batching == Batching::PerExample {
-                if let Some(rows) = window_sum(&mut b, &sum, body, acc)? {
-                    inner.extend(rows);
-                    continue;
-                }
-            }
-            let (pre, value) = b.value(body)?;
-            let mut vars = sum.clone();
-            if batching == Batching::Summed {
-                vars.insert(0, "n");
-            }
-            inner.extend(b.vector_nest(&vars, [pre, vec![add_to(acc, value)]].concat())?);
-        }
+        let mut inner = sum_terms(&mut b, &ts, acc, batching)?;
         inner.push(put(out, index, ir::Expr::Acc(acc), overwrite));
         inner.extend(norm.as_ref().map(|(sq, _)| square(*sq, &ir::Expr::Acc(acc))));
         let (grid, extent, loops) = match batching {
@@ -444,6 +430,28 @@ fn build(
     }
 }
 
+/// `acc = 0`, then every term of a gather summed into `acc` at one element of its target:
+/// a window sum on split rows ([`window_sum`], per example), else a loop nest over the
+/// term's summed variables (and the batch, for a batch-summed gradient).
+fn sum_terms(b: &mut Builder, ts: &[(Vec<Var>, &Expr)], acc: ir::AccId, batching: Batching) -> Result<Vec<Stmt>> {
+    let mut out = vec![set(acc, lit(0.0))];
+    for (sum, body) in ts {
+        if batching == Batching::PerExample {
+            if let Some(rows) = window_sum(b, sum, body, acc)? {
+                out.extend(rows);
+                continue;
+            }
+        }
+        let (pre, value) = b.value(body)?;
+        let mut vars = sum.clone();
+        if batching == Batching::Summed {
+            vars.insert(0, "n");
+        }
+        out.extend(b.vector_nest(&vars, [pre, vec![add_to(acc, value)]].concat())?);
+    }
+    Ok(out)
+}
+
 /// A per-example gather's squared norm into `sqnorm[n, slot]` of `slots`, the gradient
 /// computed element by element as [`build`]'s gather does (window sums on split rows) and
 /// never stored: the kernel of the norms when only the norms are wanted.
@@ -458,15 +466,7 @@ fn norm_only(
     let sqnorm = b.kb.output("sqnorm", batched(&[slots]));
     let (sq, acc) = (b.kb.acc("sq"), b.kb.acc("sum"));
     let kept: Vec<Var> = eq.lhs.index[1..].iter().filter_map(Index::as_var).collect();
-    let mut inner = vec![set(acc, lit(0.0))];
-    for (sum, body) in terms(&eq.rhs) {
-        if let Some(rows) = window_sum(&mut b, &sum, body, acc)? {
-            inner.extend(rows);
-            continue;
-        }
-        let (pre, value) = b.value(body)?;
-        inner.extend(b.vector_nest(&sum, [pre, vec![add_to(acc, value)]].concat())?);
-    }
+    let mut inner = sum_terms(&mut b, &terms(&eq.rhs), acc, Batching::PerExample)?;
     inner.push(add_to(sq, ir::Expr::mul(ir::Expr::Acc(acc), ir::Expr::Acc(acc))));
     let mut body = vec![set(sq, lit(0.0))];
     body.extend(b.nest(&kept, inner)?);
@@ -591,6 +591,19 @@ fn window_of<'t>(
     Ok(Some((w, taps, positions)))
 }
 
+/// The one factor of a product read through an index that is not a plain variable (the
+/// windowed read); `None` where there is none or more than one.
+fn window_factor(factors: &[Expr]) -> Option<&Access> {
+    let mut windowed = factors.iter().filter_map(|f| match f {
+        Expr::Read(a) if !a.is_plain() => Some(a),
+        _ => None,
+    });
+    match (windowed.next(), windowed.next()) {
+        (Some(x), None) => Some(x),
+        _ => None,
+    }
+}
+
 /// A gather's term `Σ_{sum} F · X[n, window]` that sums a product over the output positions
 /// of the window one factor reads (a conv's weight gradient run directly, with no columns:
 /// `dW[n, co, ci, kh, kw] = Σ_{oh, ow} dY[n, co, oh, ow] · X[n, ci, oh + kh − 1, ow + kw − 1]`),
@@ -600,11 +613,7 @@ fn window_of<'t>(
 /// nothing. `None` for any other term.
 fn window_sum(b: &mut Builder, sum: &[Var], body: &Expr, acc: ir::AccId) -> Result<Option<Vec<Stmt>>> {
     let Expr::Mul(factors) = body else { return Ok(None) };
-    let mut windowed = factors.iter().filter_map(|f| match f {
-        Expr::Read(a) if !a.is_plain() => Some(a),
-        _ => None,
-    });
-    let (Some(x), None) = (windowed.next(), windowed.next()) else { return Ok(None) };
+    let Some(x) = window_factor(factors) else { return Ok(None) };
     let Some((_, info)) = b.args.get(&x.tensor).cloned() else { return Ok(None) };
     if !info.batched || x.index.first().and_then(Index::as_var) != Some("n") {
         return Ok(None);
@@ -660,11 +669,7 @@ pub fn crb_kernels(
 ) -> Result<Option<(Vec<(Kernel, Vec<String>)>, Vec<usize>)>> {
     let ts = terms(&eq.rhs);
     let ([(sum, Expr::Mul(factors))], false) = (&ts[..], eq.accumulate) else { return Ok(None) };
-    let mut windowed = factors.iter().filter_map(|f| match f {
-        Expr::Read(a) if !a.is_plain() => Some(a),
-        _ => None,
-    });
-    let (Some(x), None) = (windowed.next(), windowed.next()) else { return Ok(None) };
+    let Some(x) = window_factor(factors) else { return Ok(None) };
     // Each window axis's tap: the variable of its index that is not summed.
     let mut taps = Vec::new();
     for ix in x.index.iter().skip(1).filter(|ix| ix.as_var().is_none()) {
