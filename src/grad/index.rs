@@ -69,6 +69,19 @@ impl Index {
     pub fn vars(&self) -> impl Iterator<Item = Var> + '_ {
         self.terms.iter().map(|t| t.var)
     }
+
+    /// This index with `var` fixed at `value` (a loop over `var` unrolled).
+    pub fn pinned(&self, var: Var, value: i64) -> Index {
+        let mut out = Index { terms: Vec::with_capacity(self.terms.len()), offset: self.offset };
+        for t in &self.terms {
+            if t.var == var {
+                out.offset += t.coef * value.div_euclid(t.div);
+            } else {
+                out.terms.push(t.clone());
+            }
+        }
+        out
+    }
 }
 
 /// A read of `tensor[index, ...]`.
@@ -101,6 +114,11 @@ impl Access {
 
     pub fn renamed(&self, tensor: impl Into<String>) -> Access {
         Access { tensor: tensor.into(), index: self.index.clone() }
+    }
+
+    /// This access with `var` fixed at `value` in every index.
+    pub fn pinned(&self, var: Var, value: i64) -> Access {
+        Access { tensor: self.tensor.clone(), index: self.index.iter().map(|ix| ix.pinned(var, value)).collect() }
     }
 }
 

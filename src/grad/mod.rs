@@ -28,7 +28,7 @@ use std::fmt;
 use serde::Serialize;
 
 pub use index::{intern, Access, Cmp, Equation, Expr, Func, Index, Reduction, Term, Var};
-pub use rules::{as_index_layer, param_local};
+pub use rules::{as_index_layer, label_local, param_local};
 
 use crate::graph::{Graph, NodeId};
 
@@ -37,6 +37,8 @@ pub struct GradGraph {
     pub model: String,
     /// The per-example loss and its gradient with respect to the network output.
     pub loss: Vec<Equation>,
+    /// The range of every variable of the loss's equations but `n`.
+    pub loss_ranges: Vec<(Var, usize)>,
     /// One step per node that takes part in the backward pass, output to input.
     pub steps: Vec<GradStep>,
 }
@@ -52,10 +54,10 @@ pub struct GradStep {
     /// Gradients with respect to the inputs that need one (`dX`, `dA`, `dB`).
     pub input_grads: Vec<Equation>,
     pub param_grads: Vec<ParamGrad>,
-    /// For a layer written in index notation and for the built-in ops lowered like one
-    /// ([`as_index_layer`]): the range of every variable its equations use but `n`, one
-    /// range per name (their lowering is generic and reads them here). Empty for the other
-    /// built-in ops, whose kernels know their loops.
+    /// For a layer written in index notation, for the built-in ops lowered like one
+    /// ([`as_index_layer`]) and for pools: the range of every variable its equations use
+    /// but `n`, one range per name (their lowering is generic and reads them here). Empty
+    /// for the other built-in ops, whose kernels know their loops.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ranges: Vec<(Var, usize)>,
 }
@@ -163,7 +165,8 @@ pub fn differentiate(graph: &Graph) -> GradGraph {
             rules::define(graph, n, &input_needs)
         })
         .collect();
-    GradGraph { model: graph.name.clone(), loss: rules::loss(graph), steps }
+    let (loss, loss_ranges) = rules::loss(graph);
+    GradGraph { model: graph.name.clone(), loss, loss_ranges, steps }
 }
 
 impl GradGraph {

@@ -148,6 +148,9 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
             if needs_x {
                 step.input_grads.push(scatter(grad(&x), back));
             }
+            step.ranges = vec![("c", node.shape[0])];
+            step.ranges.extend(ov.iter().copied().zip(node.shape[1..].iter().copied()));
+            step.ranges.extend(kv.iter().copied().zip(p.kernel.iter().copied()));
         }
         Op::GlobalAvgPool => {
             let xv = with_n(&dim_vars(in_shape(0).len()));
@@ -157,6 +160,7 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
             if needs_x {
                 step.input_grads.push(eq(grad(&x), Expr::div(rd(&grad(&y)), Expr::num(positions as f64))));
             }
+            step.ranges = xv[1..].iter().copied().zip(in_shape(0)).collect();
         }
         Op::Flatten => {
             let s = in_shape(0);
@@ -404,21 +408,37 @@ pub fn grouped_view(conv: &Conv, shape: &[usize]) -> Vec<usize> {
     view
 }
 
-/// The per-example loss and its gradient with respect to the network output.
-pub fn loss(graph: &Graph) -> Vec<Equation> {
+/// The name under which the loss's equations read the label: its own, unless that is one
+/// of the names they give the network's output, its gradient and the loss (`Y`, `dY`, `ℓ`).
+pub fn label_local(graph: &Graph) -> &str {
+    match graph.label.name() {
+        "Y" | "dY" | "ℓ" => "T",
+        name => name,
+    }
+}
+
+/// The per-example loss and its gradient with respect to the network output, and the
+/// range of every variable they use but `n`.
+pub fn loss(graph: &Graph) -> (Vec<Equation>, Vec<(Var, usize)>) {
     let out = graph.node(graph.loss.input());
     let loss = Access::new("ℓ", &["n"]);
     match (&graph.loss, &graph.label) {
-        (Loss::CrossEntropy { .. }, LabelSpec::Classes { name, .. }) => {
+        (Loss::CrossEntropy { .. }, LabelSpec::Classes { .. }) => {
             let y = Access::new("Y", &["n", "k"]);
-            let onehot =
-                Expr::select(Expr::Var("k"), Cmp::Eq, Expr::read(name.clone(), &["n"]), Expr::num(1.0), Expr::num(0.0));
+            let onehot = Expr::select(
+                Expr::Var("k"),
+                Cmp::Eq,
+                Expr::read(label_local(graph), &["n"]),
+                Expr::num(1.0),
+                Expr::num(0.0),
+            );
             // softmax: exp(Y[n,k] − logsumexp_j Y[n,j])
             let softmax = Expr::apply(
                 Func::Exp,
                 vec![Expr::sub(rd(&y), Expr::reduce(Reduction::LogSumExp, vec!["j"], Expr::read("Y", &["n", "j"])))],
             );
-            vec![
+            let classes = out.shape[0];
+            let eqs = vec![
                 eq(
                     loss,
                     Expr::sub(
@@ -427,18 +447,20 @@ pub fn loss(graph: &Graph) -> Vec<Equation> {
                     ),
                 ),
                 eq(grad(&y), Expr::sub(softmax, onehot)),
-            ]
+            ];
+            (eqs, vec![("k", classes), ("j", classes)])
         }
-        (_, label) => {
+        _ => {
             let v = with_n(&dim_vars(out.shape.len()));
             let y = Access::new("Y", &v);
-            let t = Access::new(label.name(), &v);
+            let t = Access::new(label_local(graph), &v);
             let diff = Expr::sub(rd(&y), rd(&t));
             let count = out.shape.iter().product::<usize>() as f64;
-            vec![
+            let eqs = vec![
                 eq(loss, Expr::reduce(Reduction::Mean, v[1..].to_vec(), Expr::mul(vec![diff.clone(), diff.clone()]))),
                 eq(grad(&y), Expr::div(Expr::mul(vec![Expr::num(2.0), diff]), Expr::num(count))),
-            ]
+            ];
+            (eqs, v[1..].iter().copied().zip(out.shape.iter().copied()).collect())
         }
     }
 }

@@ -1,14 +1,19 @@
 //! Lowering of the equations derived for a layer written in index notation
-//! ([`crate::grad::layer`]) or for a built-in op that has that form (`linear`, see
-//! [`crate::grad::as_index_layer`]): each equation becomes one kernel, with no knowledge
-//! of the layer it came from.
+//! ([`crate::grad::layer`]), for a built-in op that has that form (`linear`, convs, see
+//! [`crate::grad::as_index_layer`]), for pools and for the loss: each equation becomes one
+//! kernel, with no knowledge of the op it came from.
 //!
 //! - A gather `t[n, v...] = Σ_terms Σ_{s} body` loops over `v`, sums each term over its own
-//!   variables into one accumulator, and stores it once.
+//!   variables into one accumulator, and stores it once. A gather that is one max or mean
+//!   over a window's taps (a pool's forward) is [`reduce_gather`]'s.
 //! - A scatter `t[n, idx] += value` (an affine left-hand side) loops over every variable
-//!   and adds into `t`; writes that land in the zero padding are dropped.
+//!   and adds into `t`; writes that land in the zero padding are dropped. One routed
+//!   through a first maximum (max pooling's backward) is [`first_max_scatter`]'s.
 //! - A read that may leave its tensor (zero padding) is loaded under a guard, so no backend
 //!   ever touches memory outside a buffer; outside, it reads 0.
+//! - A reduction inside an expression (a softmax's log-sum-exp) or a loop variable's value
+//!   (a one-hot comparison) is computed into an accumulator first, before the loops over
+//!   the variables it does not depend on ([`Builder::value_in`]).
 //!
 //! Per-example kernels run the batch as their grid (each example on its own); the
 //! batch-summed parameter gradient (`Batching::Summed`) drops `n` from the target, makes
@@ -197,12 +202,28 @@ impl<'a> Builder<'a> {
         a.index.iter().map(|ix| self.affine(ix)).collect()
     }
 
-    /// A term body's value, and the statements that load its guarded reads first.
+    /// A term body's value, and the statements that load its guarded reads and compute its
+    /// reductions first.
     fn value(&mut self, body: &Expr) -> Result<(Vec<Stmt>, ir::Expr)> {
-        let mut pre = Vec::new();
+        let (outside, pre, value) = self.value_in(body, None)?;
+        Ok(([outside, pre].concat(), value))
+    }
+
+    /// [`Builder::value`] inside loops over `kept`: the statements computing the reductions
+    /// of `body` that depend on none of `kept` come first, to run before those loops (a
+    /// softmax's log-sum-exp, computed once per example and not once per class). Returns
+    /// them, the statements to run at each element, and the value.
+    fn value_in(&mut self, body: &Expr, kept: Option<&[Var]>) -> Result<(Vec<Stmt>, Vec<Stmt>, ir::Expr)> {
+        let (mut outside, mut pre, mut lifted) = (Vec::new(), Vec::new(), Vec::new());
+        let body = self.lift(body, kept, (&mut outside, &mut pre), &mut lifted)?;
         let mut loaded: Vec<(Access, ir::Expr)> = Vec::new();
-        for a in crate::grad::layer::reads(body) {
+        for a in crate::grad::layer::reads(&body) {
             if loaded.iter().any(|(b, _)| b == a) {
+                continue;
+            }
+            if a.tensor == LIFTED {
+                let at = a.index.first().map_or(0, |ix| ix.offset as usize);
+                loaded.push((a.clone(), lifted[at].clone()));
                 continue;
             }
             let (arg, info) = self.args.get(&a.tensor).cloned().ok_or_else(|| unbound(&a.tensor))?;
@@ -218,9 +239,99 @@ impl<'a> Builder<'a> {
             };
             loaded.push((a.clone(), value));
         }
-        let value = scalar(body, &|a: &Access| loaded.iter().find(|(b, _)| b == a).map(|(_, v)| v.clone()))
+        let value = scalar(&body, &|a: &Access| loaded.iter().find(|(b, _)| b == a).map(|(_, v)| v.clone()))
             .ok_or_else(|| Error::Internal(format!("an index-notation term the lowering cannot express: {body}")))?;
-        Ok((pre, value))
+        Ok((outside, pre, value))
+    }
+
+    /// `e` with each reduction and each loop variable's value replaced by a read of
+    /// [`LIFTED`] at the position in `lifted` of its value: a reduction's statements go to
+    /// `outside` where `kept` is given and the reduction depends on none of its variables,
+    /// else to `pre`.
+    fn lift(
+        &mut self,
+        e: &Expr,
+        kept: Option<&[Var]>,
+        (outside, pre): (&mut Vec<Stmt>, &mut Vec<Stmt>),
+        lifted: &mut Vec<ir::Expr>,
+    ) -> Result<Expr> {
+        let at = |lifted: &Vec<ir::Expr>| {
+            Expr::Read(Access {
+                tensor: LIFTED.into(),
+                index: vec![Index { terms: vec![], offset: lifted.len() as i64 - 1 }],
+            })
+        };
+        let mut each = |items: &[Expr], b: &mut Builder| -> Result<Vec<Expr>> {
+            items.iter().map(|x| b.lift(x, kept, (&mut *outside, &mut *pre), &mut *lifted)).collect()
+        };
+        Ok(match e {
+            Expr::Var(var) => {
+                let index = self.affine(&Index::var(var));
+                lifted.push(ir::Expr::Index(index));
+                at(lifted)
+            }
+            Expr::Reduce(r, vars, body) => {
+                let (stmts, value) = self.reduction(*r, vars, body)?;
+                let free = free_vars(e);
+                match kept {
+                    Some(kept) if free.iter().all(|v| !kept.contains(v)) => outside.extend(stmts),
+                    _ => pre.extend(stmts),
+                }
+                lifted.push(value);
+                at(lifted)
+            }
+            Expr::Read(_) | Expr::Num(_) | Expr::FirstMax(..) => e.clone(),
+            Expr::Mul(items) => Expr::Mul(each(items, self)?),
+            Expr::Add(items) => Expr::Add(each(items, self)?),
+            Expr::Apply(f, items) => Expr::Apply(*f, each(items, self)?),
+            Expr::Sub(a, b) => {
+                let mut v = each(&[(**a).clone(), (**b).clone()], self)?;
+                let b = v.pop().expect("two");
+                Expr::sub(v.pop().expect("two"), b)
+            }
+            Expr::Div(a, b) => {
+                let mut v = each(&[(**a).clone(), (**b).clone()], self)?;
+                let b = v.pop().expect("two");
+                Expr::div(v.pop().expect("two"), b)
+            }
+            Expr::Select { a, op, b, then, otherwise } => {
+                let parts = [(**a).clone(), (**b).clone(), (**then).clone(), (**otherwise).clone()];
+                let [a, b, then, otherwise]: [Expr; 4] = each(&parts, self)?.try_into().expect("four");
+                Expr::select(a, *op, b, then, otherwise)
+            }
+        })
+    }
+
+    /// The statements that compute `r` over `vars` of `body` into an accumulator, and its
+    /// value: a sum or mean (reads outside their tensors count as zero), or a log-sum-exp
+    /// (`m + log Σ exp(body − m)` with `m` the maximum, which no term then exceeds).
+    fn reduction(&mut self, r: Reduction, vars: &[Var], body: &Expr) -> Result<(Vec<Stmt>, ir::Expr)> {
+        let (pre, value) = self.value(body)?;
+        let count = vars.iter().map(|v| self.range(v)).collect::<Result<Vec<usize>>>()?.iter().product::<usize>();
+        match r {
+            Reduction::Sum | Reduction::Mean => {
+                let a = self.kb.acc(if r == Reduction::Sum { "sum" } else { "mean" });
+                let mut out = vec![set(a, lit(0.0))];
+                out.extend(self.vector_nest(vars, [pre, vec![add_to(a, value)]].concat())?);
+                let total = if r == Reduction::Sum { acc(a) } else { ir::Expr::div(acc(a), lit(count as f32)) };
+                Ok((out, total))
+            }
+            Reduction::LogSumExp => {
+                let (m, sum) = (self.kb.acc("max"), self.kb.acc("sumexp"));
+                let mut out = vec![set(m, lit(f32::NEG_INFINITY))];
+                out.extend(self.nest(
+                    vars,
+                    [pre.clone(), vec![set(m, ir::Expr::bin(ir::Binary::Max, acc(m), value.clone()))]].concat(),
+                )?);
+                out.push(set(sum, lit(0.0)));
+                let term = ir::Expr::un(ir::Unary::Exp, ir::Expr::sub(value, acc(m)));
+                out.extend(self.vector_nest(vars, [pre, vec![add_to(sum, term)]].concat())?);
+                Ok((out, ir::Expr::add(acc(m), ir::Expr::un(ir::Unary::Log, acc(sum)))))
+            }
+            Reduction::Max => {
+                Err(Error::Internal(format!("a maximum inside an expression: max over {vars:?} of {body}")))
+            }
+        }
     }
 
     /// Loops over `vars` (the batch for `n`) around `body`, outermost first.
@@ -247,6 +358,46 @@ impl<'a> Builder<'a> {
         }
         Ok(body)
     }
+}
+
+/// The tensor under which [`Builder::lift`] stands in a lifted value (not a valid `.pdg`
+/// identifier, so it cannot name a tensor of a layer).
+const LIFTED: &str = "lifted'";
+
+/// The variables `e` depends on: those it reads or names, less those its reductions sum
+/// over, less the batch's `n`.
+fn free_vars(e: &Expr) -> Vec<Var> {
+    fn visit(e: &Expr, bound: &mut Vec<Var>, out: &mut Vec<Var>) {
+        let add = |v: Var, bound: &[Var], out: &mut Vec<Var>| {
+            if v != "n" && !bound.contains(&v) && !out.contains(&v) {
+                out.push(v);
+            }
+        };
+        match e {
+            Expr::Read(a) => a.vars().into_iter().for_each(|v| add(v, bound, out)),
+            Expr::Var(v) => add(v, bound, out),
+            Expr::Num(_) => {}
+            Expr::Mul(items) | Expr::Add(items) | Expr::Apply(_, items) => {
+                items.iter().for_each(|x| visit(x, bound, out))
+            }
+            Expr::Sub(a, b) | Expr::Div(a, b) | Expr::FirstMax(a, b) => {
+                visit(a, bound, out);
+                visit(b, bound, out);
+            }
+            Expr::Select { a, b, then, otherwise, .. } => {
+                [a, b, then, otherwise].into_iter().for_each(|x| visit(x, bound, out))
+            }
+            Expr::Reduce(_, vars, body) => {
+                let before = bound.len();
+                bound.extend(vars.iter().copied());
+                visit(body, bound, out);
+                bound.truncate(before);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    visit(e, &mut Vec::new(), &mut out);
+    out
 }
 
 fn unbound(t: &str) -> Error {
@@ -324,7 +475,10 @@ fn build(
         }
         return norm_only(b, tensors, eq, (slot, slots)).map(Some);
     }
-    let out = b.kb.target(&eq.lhs.tensor, lhs_dims, overwrite);
+    // A scatter's first writer zeroes its target (or stores every element of it) before it
+    // adds: it never reads what the target held.
+    let fresh = overwrite || (first && !eq.lhs.is_plain() && batching == Batching::PerExample);
+    let out = b.kb.target(&eq.lhs.tensor, lhs_dims, fresh);
     tensors.push(eq.lhs.tensor.clone());
     let n = b.var("n");
     // The squared norm's argument, accumulator and store (after every other statement).
@@ -352,6 +506,11 @@ fn build(
             Batching::PerExample => b.index(&eq.lhs),
             Batching::Summed => eq.lhs.index[1..].iter().map(|ix| b.affine(ix)).collect(),
         };
+        if batching == Batching::PerExample && norm.is_none() {
+            if let Some(body) = reduce_gather(&mut b, eq, out, overwrite)? {
+                return b.kb.finish(n, Extent::Batch, body).map(|k| Some((k, tensors)));
+            }
+        }
         let ts = terms(&eq.rhs);
         if let ([(sum, body)], Batching::PerExample) = (&ts[..], batching) {
             if sum.is_empty() && norm.is_none() {
@@ -360,10 +519,10 @@ fn build(
                 }
             }
             if sum.is_empty() {
-                let (pre, value) = b.value(body)?;
+                let (outside, pre, value) = b.value_in(body, Some(&kept))?;
                 let mut inner = [pre, vec![put(out, index, value.clone(), overwrite)]].concat();
                 inner.extend(norm.as_ref().map(|(sq, _)| square(*sq, &value)));
-                let mut body = Vec::new();
+                let mut body = outside;
                 body.extend(norm.as_ref().map(|(sq, _)| set(*sq, lit(0.0))));
                 body.extend(b.vector_nest(&kept, inner)?);
                 body.extend(norm.map(|(_, store)| store));
@@ -398,12 +557,13 @@ fn build(
         if batching == Batching::Summed {
             return Err(Error::Internal(format!("a scatter into a parameter gradient: `{eq}`")));
         }
+        if let Some(body) = first_max_scatter(&mut b, eq, out, first, &target.shape)? {
+            return b.kb.finish(n, Extent::Batch, body).map(|k| Some((k, tensors)));
+        }
         // The target's first writer zeroes the example's part of it first, in the same kernel.
         let mut body = Vec::new();
         if first {
-            let vars: Vec<VarId> = (0..target.shape.len()).map(|d| b.kb.var(&format!("z{d}"))).collect();
-            let index = std::iter::once(v(n)).chain(vars.iter().map(|&x| v(x))).collect();
-            body.extend(vnest(&vars, &target.shape, vec![store(out, index, lit(0.0))]));
+            body.extend(zeroed(&mut b, out, &target.shape));
         }
         if let Some(copy) = window_copy(&mut b, eq, out, false, &target.shape)? {
             body.extend(copy);
@@ -428,6 +588,353 @@ fn build(
         body.extend(b.nest(&vars, [pre, store].concat())?);
         b.kb.finish(n, Extent::Batch, body).map(|k| Some((k, tensors)))
     }
+}
+
+/// The statements that zero one example's part of a per-example target of `shape`.
+fn zeroed(b: &mut Builder, out: ir::ArgId, shape: &[usize]) -> Vec<Stmt> {
+    let n = b.var("n");
+    let vars: Vec<VarId> = (0..shape.len()).map(|d| b.kb.var(&format!("z{d}"))).collect();
+    let index = std::iter::once(v(n)).chain(vars.iter().map(|&x| v(x))).collect();
+    vnest(&vars, shape, vec![store(out, index, lit(0.0))])
+}
+
+/// Reductions over at most this many taps are unrolled where no tap reads outside its
+/// tensor: a max or mean becomes one expression (no loop, no register per tap), and a
+/// first-maximum scatter tests tap `i` against the `i` taps before it, so its work grows as
+/// the square of the taps.
+const UNROLLED_TAPS: usize = 9;
+
+/// Every assignment of values to `vars` in loop order (the last fastest); `None` where
+/// there are more than `most`.
+#[allow(clippy::type_complexity)]
+fn tap_values(b: &Builder, vars: &[Var], most: usize) -> Result<Option<Vec<Vec<(Var, i64)>>>> {
+    let mut all: Vec<Vec<(Var, i64)>> = vec![Vec::new()];
+    for &var in vars {
+        let range = b.range(var)?;
+        if all.len() * range > most {
+            return Ok(None);
+        }
+        all = all
+            .into_iter()
+            .flat_map(|t| {
+                (0..range as i64).map(move |k| {
+                    let mut t = t.clone();
+                    t.push((var, k));
+                    t
+                })
+            })
+            .collect();
+    }
+    Ok(Some(all))
+}
+
+/// `a` with each variable of `tap` fixed at its value.
+fn pin_access(a: &Access, tap: &[(Var, i64)]) -> Access {
+    tap.iter().fold(a.clone(), |a, &(var, k)| a.pinned(var, k))
+}
+
+/// `e` with each variable of `tap` fixed at its value.
+fn pin(e: &Expr, tap: &[(Var, i64)]) -> Expr {
+    e.map(&|a: &Access| pin_access(a, tap), &|var| var)
+}
+
+/// Whether every read of `e` stays inside its tensor over the ranges of its variables.
+fn reads_inside(b: &mut Builder, e: &Expr) -> Result<bool> {
+    for a in crate::grad::layer::reads(e) {
+        let (_, info) = b.args.get(&a.tensor).cloned().ok_or_else(|| unbound(&a.tensor))?;
+        if !b.inside(a, &info)?.is_empty() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The window through which the one read of `e` that is not a plain access reads, with its
+/// taps among `taps`, as [`window_of`] gives it; `None` where there is no such read.
+fn window_read(b: &Builder, e: &Expr, taps: &[Var]) -> Result<Option<(super::window::Window, Vec<Var>, Vec<Var>)>> {
+    let reads = crate::grad::layer::reads(e);
+    let mut windowed = reads.iter().filter(|a| !a.is_plain());
+    let (Some(x), None) = (windowed.next(), windowed.next()) else { return Ok(None) };
+    let Some((_, info)) = b.args.get(&x.tensor) else { return Ok(None) };
+    if !info.batched || x.index.first().and_then(Index::as_var) != Some("n") {
+        return Ok(None);
+    }
+    window_of(b, x, &info.shape, |t0, t1| match (taps.contains(&t0.var), taps.contains(&t1.var)) {
+        (true, false) => Some((t0, t1)),
+        (false, true) => Some((t1, t0)),
+        _ => None,
+    })
+}
+
+/// Loops over `kept` around `stmts`, the innermost a vector loop where the CPU backend can
+/// run it on lanes: always where the body reads through no window, and by the window rule
+/// ([`super::window::lanes`]) where it reads through one whose last output axis is the
+/// innermost loop.
+fn lanes_nest(b: &mut Builder, kept: &[Var], e: &Expr, taps: &[Var], stmts: Vec<Stmt>) -> Result<Vec<Stmt>> {
+    let vector = match window_read(b, e, taps)? {
+        None => crate::grad::layer::reads(e).iter().all(|a| a.is_plain()),
+        Some((w, _, positions)) => match (kept.last(), positions.last()) {
+            (Some(last), Some(pos)) if last == pos => {
+                let ol = b.var(last);
+                super::window::lanes(&w, ol, &stmts)
+            }
+            _ => false,
+        },
+    };
+    if vector {
+        b.vector_nest(kept, stmts)
+    } else {
+        b.nest(kept, stmts)
+    }
+}
+
+/// A per-example gather whose right-hand side is one max or mean over `vars` (a pool's
+/// forward `Y[n, c, oh, ow] = max_{kh, kw} X[n, c, 2·oh + kh, 2·ow + kw]`, a global average
+/// pool's `Y[n, c] = mean_{h, w} X[n, c, h, w]`), stored once per element of its target. A
+/// tap of a max whose reads leave their tensors is skipped (max pooling pads with −∞); a
+/// mean counts it as zero (average pooling's count includes the padding). A reduction over
+/// few taps ([`UNROLLED_TAPS`]) none of which leaves its tensor is one expression of every
+/// tap's value. `None` for any other equation.
+fn reduce_gather(b: &mut Builder, eq: &Equation, out: ir::ArgId, overwrite: bool) -> Result<Option<Vec<Stmt>>> {
+    let Expr::Reduce(r @ (Reduction::Max | Reduction::Mean), vars, body) = &eq.rhs else { return Ok(None) };
+    let max = *r == Reduction::Max;
+    let kept: Vec<Var> = eq.lhs.index[1..].iter().filter_map(Index::as_var).collect();
+    let index = b.index(&eq.lhs);
+    let count = vars.iter().map(|v| b.range(v)).collect::<Result<Vec<usize>>>()?.iter().product::<usize>() as f32;
+    if let Some(taps) = tap_values(b, vars, UNROLLED_TAPS)? {
+        let bodies: Vec<Expr> = taps.iter().map(|t| pin(body, t)).collect();
+        let mut inside = true;
+        for e in &bodies {
+            inside &= reads_inside(b, e)?;
+        }
+        if inside {
+            let mut values = Vec::new();
+            for e in &bodies {
+                values.push(b.value(e)?.1);
+            }
+            let mut values = values.into_iter();
+            let first = values.next().ok_or_else(|| Error::Internal(format!("a reduction over nothing: `{eq}`")))?;
+            let value = if max {
+                values.fold(first, |m, x| ir::Expr::bin(ir::Binary::Max, m, x))
+            } else {
+                ir::Expr::div(values.fold(first, ir::Expr::add), lit(count))
+            };
+            let stmts = vec![put(out, index, value, overwrite)];
+            return lanes_nest(b, &kept, body, vars, stmts).map(Some);
+        }
+    }
+    let a = b.kb.acc(if max { "max" } else { "mean" });
+    let mut inner = vec![set(a, lit(if max { f32::NEG_INFINITY } else { 0.0 }))];
+    if max {
+        // The taps outside are skipped: the update runs where every read lies inside.
+        let mut guards = Vec::new();
+        let mut loads: Vec<(Access, ir::Expr)> = Vec::new();
+        for x in crate::grad::layer::reads(body) {
+            let (arg, info) = b.args.get(&x.tensor).cloned().ok_or_else(|| unbound(&x.tensor))?;
+            guards.extend(b.inside(x, &info)?);
+            let at = b.index(x);
+            loads.push((x.clone(), load(arg, at)));
+        }
+        let value = scalar(body, &|x: &Access| loads.iter().find(|(y, _)| y == x).map(|(_, v)| v.clone()))
+            .ok_or_else(|| Error::Internal(format!("a maximum the lowering cannot express: {body}")))?;
+        let update = guarded(guards, vec![set(a, ir::Expr::bin(ir::Binary::Max, acc(a), value))]);
+        inner.extend(b.nest(vars, update)?);
+        inner.push(put(out, index, acc(a), overwrite));
+    } else {
+        let (pre, value) = b.value(body)?;
+        inner.extend(b.vector_nest(vars, [pre, vec![add_to(a, value)]].concat())?);
+        inner.push(put(out, index, ir::Expr::div(acc(a), lit(count)), overwrite));
+    }
+    b.nest(&kept, inner).map(Some)
+}
+
+/// The one first-maximum routing `first_max(x, y)` of `e`, as its two reads; `None` where
+/// there is none, more than one, or its operands are not reads.
+fn first_max_of(e: &Expr) -> Option<(&Access, &Access)> {
+    fn visit<'e>(e: &'e Expr, out: &mut Vec<(&'e Expr, &'e Expr)>) {
+        match e {
+            Expr::FirstMax(x, y) => out.push((x, y)),
+            Expr::Mul(items) | Expr::Add(items) | Expr::Apply(_, items) => items.iter().for_each(|x| visit(x, out)),
+            Expr::Sub(a, b) | Expr::Div(a, b) => {
+                visit(a, out);
+                visit(b, out);
+            }
+            Expr::Select { a, b, then, otherwise, .. } => {
+                [a, b, then, otherwise].into_iter().for_each(|x| visit(x, out))
+            }
+            Expr::Reduce(_, _, body) => visit(body, out),
+            Expr::Read(_) | Expr::Num(_) | Expr::Var(_) => {}
+        }
+    }
+    let mut found = Vec::new();
+    visit(e, &mut found);
+    match found[..] {
+        [(Expr::Read(x), Expr::Read(y))] => Some((x, y)),
+        _ => None,
+    }
+}
+
+/// `e` with its first-maximum routing replaced by 1 (the value a tap that takes it adds).
+fn routed(e: &Expr) -> Expr {
+    match e {
+        Expr::FirstMax(..) => Expr::Num(1.0),
+        Expr::Mul(items) => {
+            let mut items: Vec<Expr> = items.iter().map(routed).filter(|x| *x != Expr::Num(1.0)).collect();
+            match items.len() {
+                0 => Expr::Num(1.0),
+                1 => items.remove(0),
+                _ => Expr::Mul(items),
+            }
+        }
+        Expr::Add(items) => Expr::Add(items.iter().map(routed).collect()),
+        Expr::Apply(f, items) => Expr::Apply(*f, items.iter().map(routed).collect()),
+        Expr::Sub(a, b) => Expr::sub(routed(a), routed(b)),
+        Expr::Div(a, b) => Expr::div(routed(a), routed(b)),
+        Expr::Select { a, op, b, then, otherwise } => {
+            Expr::select(routed(a), *op, routed(b), routed(then), routed(otherwise))
+        }
+        other => other.clone(),
+    }
+}
+
+/// A per-example scatter routed through a first maximum (max pooling's backward,
+/// `dX[n, c, 2·oh + kh, 2·ow + kw] += dY[n, c, oh, ow] · first_max(X[n, c, 2·oh + kh, 2·ow + kw],
+/// Y[n, c, oh, ow])`): `first_max(x, y)` is 1 at the first tap where `x` equals `y` and 0 at
+/// every other, the taps being the variables `x` reads and `y` does not, in row-major order
+/// (PyTorch's choice among ties). Loops over the other variables, `y`'s first; a tap `x`
+/// reads outside its tensor is skipped (the maximum never lies in the padding). Over few
+/// taps ([`UNROLLED_TAPS`]) none of which leaves its tensors, the taps are unrolled: tap `i`
+/// takes the value where it holds the maximum and no tap before it does; where the windows
+/// then tile the target (every element in exactly one) its first writer stores instead of
+/// zeroing and adding, and where a tap's writes are vector lanes by the window rule (the
+/// windows overlap, stride 1) each tap runs as a loop nest of its own. `None` for any other
+/// equation.
+fn first_max_scatter(
+    b: &mut Builder,
+    eq: &Equation,
+    out: ir::ArgId,
+    first: bool,
+    target_shape: &[usize],
+) -> Result<Option<Vec<Stmt>>> {
+    let Some((x, y)) = first_max_of(&eq.rhs) else { return Ok(None) };
+    let y_vars = y.vars();
+    let taps: Vec<Var> = x.vars().into_iter().filter(|v| *v != "n" && !y_vars.contains(v)).collect();
+    let mut outer: Vec<Var> = y_vars.into_iter().filter(|v| *v != "n").collect();
+    for a in std::iter::once(&eq.lhs).chain(crate::grad::layer::reads(&eq.rhs)) {
+        for v in a.vars() {
+            if v != "n" && !taps.contains(&v) && !outer.contains(&v) {
+                outer.push(v);
+            }
+        }
+    }
+    let value = routed(&eq.rhs);
+    let tap_free = |e: &Expr| crate::grad::layer::reads(e).iter().all(|a| a.vars().iter().all(|v| !taps.contains(v)));
+    if taps.is_empty() || !tap_free(&value) || !reads_inside(b, &Expr::Read(y.clone()))? {
+        return Ok(None);
+    }
+    let (x_arg, _) = b.args.get(&x.tensor).cloned().ok_or_else(|| unbound(&x.tensor))?;
+    let (y_arg, _) = b.args.get(&y.tensor).cloned().ok_or_else(|| unbound(&y.tensor))?;
+    let y_index = b.index(y);
+    let ymax = load(y_arg, y_index);
+    let is_max = |xv: ir::Expr, op: ir::CmpOp| ir::Cond::Cmp { op, a: xv, b: ymax.clone() };
+    let target = TensorInfo::unpadded(target_shape.to_vec());
+    let g = b.kb.acc("g");
+    let (pre, gv) = b.value(&value)?;
+    let mut body = Vec::new();
+
+    if let Some(tap_list) = tap_values(b, &taps, UNROLLED_TAPS)? {
+        let mut inside = true;
+        let mut at = Vec::new();
+        for t in &tap_list {
+            let (xt, lhs) = (pin(&Expr::Read(x.clone()), t), pin_access(&eq.lhs, t));
+            inside &= reads_inside(b, &xt)? && b.inside(&lhs, &target)?.is_empty();
+            at.push((xt, lhs));
+        }
+        if inside {
+            let window = window_read(b, &Expr::Read(x.clone()), &taps)?;
+            // Each element of the target in exactly one window: its first writer stores.
+            let tiles = eq.lhs.index == x.index
+                && window.as_ref().is_some_and(|(w, _, _)| w.tiles())
+                && x.index[1..].iter().enumerate().all(|(d, ix)| match ix.as_var() {
+                    Some(var) => b.range(var).ok() == target_shape.get(d).copied(),
+                    None => true,
+                });
+            let stores = first && tiles;
+            if first && !stores {
+                body.extend(zeroed(b, out, target_shape));
+            }
+            let mut xs = Vec::new();
+            for (xt, _) in &at {
+                xs.push(b.value(xt)?.1);
+            }
+            let taken = |i: usize| {
+                let mut conds = vec![is_max(xs[i].clone(), ir::CmpOp::Eq)];
+                conds.extend(xs[..i].iter().map(|e| is_max(e.clone(), ir::CmpOp::Ne)));
+                if conds.len() == 1 {
+                    conds.remove(0)
+                } else {
+                    ir::Cond::And(conds)
+                }
+            };
+            let mut per_tap = Vec::new();
+            for (i, (_, lhs)) in at.iter().enumerate() {
+                let index = b.index(lhs);
+                per_tap.push(put(out, index, ir::Expr::select(taken(i), gv.clone(), lit(0.0)), stores));
+            }
+            let lanes = match (&window, outer.last()) {
+                (Some((w, _, positions)), Some(last)) if pre.is_empty() && positions.last() == Some(last) => {
+                    let ol = b.var(last);
+                    super::window::lanes(w, ol, &per_tap)
+                }
+                _ => false,
+            };
+            if lanes {
+                for s in per_tap {
+                    body.extend(b.vector_nest(&outer, vec![s])?);
+                }
+                return Ok(Some(body));
+            }
+            let mut inner = pre;
+            inner.push(set(g, gv));
+            for (i, (_, lhs)) in at.iter().enumerate() {
+                let index = b.index(lhs);
+                inner.push(put(out, index, ir::Expr::select(taken(i), acc(g), lit(0.0)), stores));
+            }
+            body.extend(b.nest(&outer, inner)?);
+            return Ok(Some(body));
+        }
+    }
+    if first {
+        body.extend(zeroed(b, out, target_shape));
+    }
+    // Every tap in order, a flag marking that the maximum was found.
+    let found = b.kb.acc("found");
+    let xv = load(x_arg, b.index(x));
+    let take = ir::Cond::And(vec![
+        is_max(xv.clone(), ir::CmpOp::Eq),
+        ir::Cond::Cmp { op: ir::CmpOp::Eq, a: acc(found), b: lit(0.0) },
+    ]);
+    let seen = ir::Expr::select(is_max(xv, ir::CmpOp::Eq), lit(1.0), lit(0.0));
+    let index = b.index(&eq.lhs);
+    let mut guards = b.inside(&eq.lhs, &target)?;
+    let (_, x_info) = b.args.get(&x.tensor).cloned().ok_or_else(|| unbound(&x.tensor))?;
+    for g in b.inside(x, &x_info)? {
+        if !guards.contains(&g) {
+            guards.push(g);
+        }
+    }
+    let update = guarded(
+        guards,
+        vec![
+            accumulate(out, index, ir::Expr::select(take, acc(g), lit(0.0))),
+            set(found, ir::Expr::bin(ir::Binary::Max, acc(found), seen)),
+        ],
+    );
+    let mut inner = pre;
+    inner.extend([set(found, lit(0.0)), set(g, gv)]);
+    inner.extend(b.nest(&taps, update)?);
+    body.extend(b.nest(&outer, inner)?);
+    Ok(Some(body))
 }
 
 /// `acc = 0`, then every term of a gather summed into `acc` at one element of its target:
@@ -1585,6 +2092,53 @@ mod tests {
         pdgc_codegen::interp::run(k, &mut slices, 2).expect("runs");
     }
 
+    /// The windowed read `X[n, c, s·o + d·k − p ..]` of [`window_equations`], its taps' and
+    /// positions' variables and ranges, every variable's range, and the input's shape.
+    struct WindowRead {
+        x: Access,
+        ks: Vec<Var>,
+        os: Vec<Var>,
+        taps: Vec<usize>,
+        outs: Vec<usize>,
+        ranges: Vec<(Var, usize)>,
+        input: Vec<usize>,
+    }
+
+    fn window_read(axes: &[(usize, usize, usize, usize, usize)]) -> WindowRead {
+        let (gather, _, ranges, input, _) = window_equations(axes);
+        let spatial = axes.len();
+        let Expr::Read(x) = gather.rhs else { unreachable!() };
+        let vars: Vec<Var> = gather.lhs.index.iter().filter_map(Index::as_var).collect();
+        let (ks, os) = (vars[2..2 + spatial].to_vec(), vars[2 + spatial..].to_vec());
+        let range = |v: &Var| ranges.iter().find(|(u, _)| u == v).expect("a range").1;
+        let (taps, outs) = (ks.iter().map(range).collect(), os.iter().map(range).collect());
+        WindowRead { x, ks, os, taps, outs, ranges, input }
+    }
+
+    /// The row-major coordinates of element `flat` of a tensor of `shape`.
+    fn unravel(flat: usize, shape: &[usize]) -> Vec<usize> {
+        let (mut rest, mut coords) = (flat, vec![0; shape.len()]);
+        for d in (0..shape.len()).rev() {
+            coords[d] = rest % shape[d];
+            rest /= shape[d];
+        }
+        coords
+    }
+
+    /// The flat per-example position in the input of `axes` (see [`window_equations`]) that
+    /// channel `c` reads at output position `pos` and tap `tap`; `None` in the padding.
+    fn input_at(axes: &[(usize, usize, usize, usize, usize)], c: usize, pos: &[usize], tap: &[usize]) -> Option<usize> {
+        let mut at = Some(c);
+        for (a, &(size, _, stride, pad, dilation)) in axes.iter().enumerate() {
+            let ix = (pos[a] * stride + tap[a] * dilation) as i64 - pad as i64;
+            at = match at {
+                Some(at) if (0..size as i64).contains(&ix) => Some(at * size + ix as usize),
+                _ => None,
+            };
+        }
+        at
+    }
+
     /// im2col and col2im lowered by `window_copy` (split loops, no guard per element inside
     /// the input) compute exactly the plain definition, element by element, on every window
     /// geometry of [`GEOMETRIES`].
@@ -1621,20 +2175,8 @@ mod tests {
             let spatial = axes.len();
             for n in 0..batch {
                 for (flat, &got) in cols[n * c_len..(n + 1) * c_len].iter().enumerate() {
-                    let mut rest = flat;
-                    let mut coords = vec![0; cols_shape.len()];
-                    for d in (0..cols_shape.len()).rev() {
-                        coords[d] = rest % cols_shape[d];
-                        rest /= cols_shape[d];
-                    }
-                    let mut at = Some(coords[0]);
-                    for (a, &(size, _, stride, pad, dilation)) in axes.iter().enumerate() {
-                        let ix = (coords[1 + spatial + a] * stride + coords[1 + a] * dilation) as i64 - pad as i64;
-                        at = match at {
-                            Some(at) if (0..size as i64).contains(&ix) => Some(at * size + ix as usize),
-                            _ => None,
-                        };
-                    }
+                    let coords = unravel(flat, &cols_shape);
+                    let at = input_at(axes, coords[0], &coords[1 + spatial..], &coords[1..1 + spatial]);
                     let want = at.map_or(0.0, |at| x[n * x_len + at]);
                     assert_eq!(got.to_bits(), want.to_bits(), "{axes:?}: im2col at {n}, {coords:?}");
                     if let Some(at) = at {
@@ -1657,14 +2199,8 @@ mod tests {
     #[test]
     fn window_sums_and_crb_are_the_plain_definition() {
         for axes in GEOMETRIES {
-            let (gather, _, ranges, input, _) = window_equations(axes);
-            let spatial = axes.len();
-            let Expr::Read(x) = &gather.rhs else { unreachable!() };
-            let vars: Vec<Var> = gather.lhs.index.iter().filter_map(Index::as_var).collect();
-            let (ks, os) = (&vars[2..2 + spatial], &vars[2 + spatial..]);
-            let range = |v: &Var| ranges.iter().find(|(u, _)| u == v).expect("a range").1;
-            let (taps, outs): (Vec<usize>, Vec<usize>) =
-                (ks.iter().map(range).collect(), os.iter().map(range).collect());
+            let WindowRead { x, ks, os, taps, outs, ranges, input } = window_read(axes);
+            let (ks, os) = (&ks[..], &os[..]);
             let y = Access::new("Y", &[&["n", "c"][..], os].concat());
             let body = Expr::Mul(vec![Expr::Read(y), Expr::Read(x.clone())]);
             let eq = Equation {
@@ -1714,26 +2250,11 @@ mod tests {
             // The plain definition in f64, at every (c, taps) in row-major order.
             for n in 0..batch {
                 for flat in 0..g_len {
-                    let (mut rest, mut coords) = (flat, vec![0; g_shape.len()]);
-                    for d in (0..g_shape.len()).rev() {
-                        coords[d] = rest % g_shape[d];
-                        rest /= g_shape[d];
-                    }
+                    let coords = unravel(flat, &g_shape);
                     let mut want = 0.0f64;
                     for o in 0..outs.iter().product::<usize>() {
-                        let (mut rest, mut pos) = (o, vec![0; spatial]);
-                        for a in (0..spatial).rev() {
-                            pos[a] = rest % outs[a];
-                            rest /= outs[a];
-                        }
-                        let mut at = Some(coords[0]);
-                        for (a, &(size, _, stride, pad, dilation)) in axes.iter().enumerate() {
-                            let ix = (pos[a] * stride + coords[1 + a] * dilation) as i64 - pad as i64;
-                            at = match at {
-                                Some(at) if (0..size as i64).contains(&ix) => Some(at * size + ix as usize),
-                                _ => None,
-                            };
-                        }
+                        let pos = unravel(o, &outs);
+                        let at = input_at(axes, coords[0], &pos, &coords[1..]);
                         let y_at = pos.iter().zip(&outs).fold(coords[0], |acc, (p, o)| acc * o + p);
                         if let Some(at) = at {
                             want += yv[n * y_len + y_at] as f64 * x[n * x_len + at] as f64;
@@ -1747,6 +2268,105 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// Pool-shaped windows besides [`GEOMETRIES`]: 2x2 windows that tile the input (the
+    /// first writer stores), overlapping 2x2 windows at stride 1 (one loop nest per tap),
+    /// 3x3 windows at stride 2 (nine taps unrolled) and padded 3x3 windows (loops over taps).
+    const POOLS: [&[(usize, usize, usize, usize, usize)]; 4] = [
+        &[(8, 2, 2, 0, 1), (6, 2, 2, 0, 1)],
+        &[(7, 2, 1, 0, 1), (5, 2, 1, 0, 1)],
+        &[(9, 3, 2, 0, 1), (9, 3, 2, 0, 1)],
+        &[(8, 3, 2, 1, 1), (7, 3, 2, 1, 1)],
+    ];
+
+    /// A max and a mean over a window's taps (`reduce_gather`) and the first-maximum
+    /// scatter of a max's gradient (`first_max_scatter`) compute the plain definition —
+    /// taps outside the input skipped by the max and counted as zero by the mean, the
+    /// gradient to the first tap (row-major) that holds the maximum — on every window of
+    /// [`GEOMETRIES`] and [`POOLS`], with many ties (small integers).
+    #[test]
+    fn pool_reductions_and_first_max_are_the_plain_definition() {
+        for axes in GEOMETRIES.iter().chain(&POOLS) {
+            let WindowRead { x, ks, os, taps, outs, ranges, input } = window_read(axes);
+            let (ks, os) = (&ks[..], &os[..]);
+            let y = Access::new("Y", &[&["n", "c"][..], os].concat());
+            let reduce = |r: Reduction| Equation {
+                lhs: y.clone(),
+                accumulate: false,
+                rhs: Expr::Reduce(r, ks.to_vec(), Box::new(Expr::Read(x.clone()))),
+            };
+            let route = Equation {
+                lhs: x.renamed("dX"),
+                accumulate: true,
+                rhs: Expr::Mul(vec![
+                    Expr::Read(y.renamed("dY")),
+                    Expr::FirstMax(Box::new(Expr::Read(x.clone())), Box::new(Expr::Read(y.clone()))),
+                ]),
+            };
+            let y_shape = [&[3][..], &outs].concat();
+            let info = |t: &str| {
+                Some(TensorInfo::unpadded(match t {
+                    "X" | "dX" => input.clone(),
+                    _ => y_shape.clone(),
+                }))
+            };
+            let kernel = |name: &str, eq: &Equation| {
+                equation_kernel(name, eq, &ranges, &info, true, Batching::PerExample).unwrap()
+            };
+            let (max, mean, (back, args)) = (
+                kernel("max", &reduce(Reduction::Max)),
+                kernel("mean", &reduce(Reduction::Mean)),
+                kernel("back", &route),
+            );
+            assert_eq!(args, ["dY", "X", "Y", "dX"], "{axes:?}");
+            let batch = 2;
+            let (x_len, y_len) = (input.iter().product::<usize>(), y_shape.iter().product::<usize>());
+            let xv: Vec<f32> = (0..batch * x_len).map(|i| ((i * 7 + i / 5) % 4) as f32 - 1.0).collect();
+            let dy: Vec<f32> = (0..batch * y_len).map(|i| 1.0 + i as f32).collect();
+            let mut bufs = vec![xv.clone(), vec![f32::NAN; batch * y_len]];
+            run(&max.0, &mut bufs);
+            let got_max = bufs[1].clone();
+            let mut bufs = vec![xv.clone(), vec![f32::NAN; batch * y_len]];
+            run(&mean.0, &mut bufs);
+            let got_mean = bufs[1].clone();
+            let mut bufs = vec![dy.clone(), xv.clone(), got_max.clone(), vec![f32::NAN; batch * x_len]];
+            run(&back, &mut bufs);
+            let got_back = bufs[3].clone();
+            // The plain definition at every (c, positions) in row-major order, taps in order.
+            let mut want_back = vec![0.0f32; batch * x_len];
+            for n in 0..batch {
+                for flat in 0..y_len {
+                    let coords = unravel(flat, &y_shape);
+                    let (mut most, mut sum, mut first) = (f32::NEG_INFINITY, 0.0f32, None);
+                    let count: usize = taps.iter().product();
+                    for t in 0..count {
+                        let tap = unravel(t, &taps);
+                        if let Some(at) = input_at(axes, coords[0], &coords[1..], &tap) {
+                            let value = xv[n * x_len + at];
+                            sum += value;
+                            if value > most {
+                                (most, first) = (value, Some(at));
+                            }
+                        }
+                    }
+                    let at = n * y_len + flat;
+                    assert_eq!(got_max[at].to_bits(), most.to_bits(), "{axes:?}: max at {n}, {coords:?}");
+                    let mean = sum / count as f32;
+                    assert!(
+                        (got_mean[at] - mean).abs() <= 1e-6,
+                        "{axes:?}: mean at {n}, {coords:?}: {} vs {mean}",
+                        got_mean[at]
+                    );
+                    if let Some(first) = first {
+                        want_back[n * x_len + first] += dy[at];
+                    }
+                }
+            }
+            for (i, (got, want)) in got_back.iter().zip(&want_back).enumerate() {
+                assert_eq!(got.to_bits(), want.to_bits(), "{axes:?}: first-max gradient at {i}");
             }
         }
     }

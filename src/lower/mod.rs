@@ -40,9 +40,8 @@ use crate::graph::{numel, Graph, LabelSpec, Loss, NodeId, Op};
 use crate::index_layer::{IndexLayer, LocalKind};
 use crate::ops::Strategy;
 use index::Batching;
-use kernels::{NormGeom, PoolGeom};
+use kernels::NormGeom;
 use param_grads::Outputs;
-use window::Window;
 
 /// Index of a buffer in [`Program::buffers`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -511,7 +510,6 @@ impl<'g> Lowering<'g> {
             let tag = self.tag(n.id);
             let y = self.act[n.id.index()];
             let x = n.inputs.first().map(|i| self.act[i.index()]);
-            let in_shape = n.inputs.first().map(|i| g.node(*i).shape.clone()).unwrap_or_default();
             let launch = match &n.op {
                 Op::Input { .. } | Op::Flatten => continue,
                 _ if self.layers.contains_key(&n.id) => {
@@ -530,15 +528,9 @@ impl<'g> Lowering<'g> {
                     let eq = self.grads.step(n.id).and_then(|s| s.forward.first()).expect("a derived forward");
                     self.pointwise(n.id, &format!("{tag}_fwd"), eq, true)?
                 }
-                Op::Pool(p) => {
-                    let geom = pool_geom(p, &in_shape, &n.shape);
-                    let k = kernels::pool_forward(&format!("{tag}_fwd"), &geom)?;
-                    self.launch(k, vec![x.expect("input"), y])
-                }
-                Op::GlobalAvgPool => {
-                    let positions = (numel(&in_shape) / in_shape[0] as u64) as usize;
-                    let k = kernels::global_avg_pool_forward(&format!("{tag}_fwd"), in_shape[0], positions)?;
-                    self.launch(k, vec![x.expect("input"), y])
+                Op::Pool(_) | Op::GlobalAvgPool => {
+                    let eq = self.grads.step(n.id).and_then(|s| s.forward.first()).expect("a derived forward");
+                    self.derived(n.id, &format!("{tag}_fwd"), eq, true)?
                 }
                 Op::GroupNorm(_) | Op::InstanceNorm(_) | Op::LayerNorm(_) => {
                     let geom = norm_geom(n).expect("norm op");
@@ -559,11 +551,38 @@ impl<'g> Lowering<'g> {
         let out_node = g.loss.input();
         let (z, dz, loss, label) =
             (self.act[out_node.index()], self.grad[out_node.index()], self.extra[&Role::Loss], self.label());
-        let k = match &g.loss {
-            Loss::CrossEntropy { .. } => kernels::cross_entropy("loss_cross_entropy", g.node(out_node).shape[0])?,
-            Loss::Mse { .. } => kernels::mse("loss_mse", numel(&g.node(out_node).shape) as usize)?,
+        let kind = match &g.loss {
+            Loss::CrossEntropy { .. } => "cross_entropy",
+            Loss::Mse { .. } => "mse",
         };
-        out.push(self.launch(k, vec![z, label, loss, dz]));
+        let out_shape = g.node(out_node).shape.clone();
+        let label_name = crate::grad::label_local(g).to_string();
+        let label_shape = match &g.label {
+            LabelSpec::Classes { .. } => Vec::new(),
+            LabelSpec::Target { shape, .. } => shape.clone(),
+        };
+        let info = |t: &str| match t {
+            "Y" | "dY" => Some(index::TensorInfo::unpadded(out_shape.clone())),
+            "ℓ" => Some(index::TensorInfo::unpadded(Vec::new())),
+            _ if t == label_name => Some(index::TensorInfo::unpadded(label_shape.clone())),
+            _ => None,
+        };
+        for (i, eq) in self.grads.loss.iter().enumerate() {
+            let name = if i == 0 { format!("loss_{kind}") } else { format!("loss_{kind}_grad{}", i - 1) };
+            let (k, tensors) =
+                index::equation_kernel(&name, eq, &self.grads.loss_ranges, &info, true, Batching::PerExample)?;
+            let args = tensors
+                .iter()
+                .map(|t| match t.as_str() {
+                    "Y" => Ok(z),
+                    "dY" => Ok(dz),
+                    "ℓ" => Ok(loss),
+                    _ if *t == label_name => Ok(label),
+                    _ => Err(crate::Error::Internal(format!("`{t}` is not a tensor of the loss"))),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            out.push(self.launch(k, args));
+        }
         Ok(out)
     }
 
@@ -600,7 +619,6 @@ impl<'g> Lowering<'g> {
                 written.push(dx);
                 let tag = format!("{}_bwd{slot}{}", self.tag(n.id), if first { "_first" } else { "" });
                 let dy = self.grad[n.id.index()];
-                let in_shape = g.node(*input).shape.clone();
                 let launch = match &n.op {
                     Op::Input { .. } | Op::Flatten => continue,
                     _ if self.layers.contains_key(&n.id) => {
@@ -624,15 +642,9 @@ impl<'g> Lowering<'g> {
                             .expect("a derived input gradient");
                         self.pointwise(n.id, &tag, eq, first)?
                     }
-                    Op::Pool(p) => {
-                        let geom = pool_geom(p, &in_shape, &n.shape);
-                        let k = kernels::pool_backward(&tag, &geom, first)?;
-                        self.launch(k, vec![self.act[input.index()], self.act[n.id.index()], dy, dx])
-                    }
-                    Op::GlobalAvgPool => {
-                        let positions = (numel(&in_shape) / in_shape[0] as u64) as usize;
-                        let k = kernels::global_avg_pool_backward(&tag, in_shape[0], positions, first)?;
-                        self.launch(k, vec![dy, dx])
+                    Op::Pool(_) | Op::GlobalAvgPool => {
+                        let eq = self.grads.step(n.id).and_then(|s| s.input_grads.first()).expect("a derived dX");
+                        self.derived(n.id, &tag, eq, first)?
                     }
                     Op::GroupNorm(_) | Op::InstanceNorm(_) | Op::LayerNorm(_) => {
                         let geom = norm_geom(n).expect("norm op");
@@ -673,6 +685,30 @@ impl<'g> Lowering<'g> {
             equation::pointwise(name, eq, size, first).expect("activation and add equations are pointwise");
         let args = tensors.iter().map(|t| self.local(node, t).expect("a step's tensors are bound")).collect();
         Ok(self.launch(k?, args))
+    }
+
+    /// The launch of a derived equation of `node`'s step, a node with no parameters read
+    /// through windows or reduced (a pool), lowered as the equations of a layer in index
+    /// notation are (see [`index::equation_kernel`]); `first`: the kernel is its target's
+    /// first writer.
+    fn derived(&mut self, node: NodeId, name: &str, eq: &crate::grad::Equation, first: bool) -> Result<Launch> {
+        let n = self.graph.node(node);
+        let in_shape = &self.graph.node(n.inputs[0]).shape;
+        let info = |t: &str| match t {
+            "X" | "dX" => Some(index::TensorInfo::unpadded(in_shape.clone())),
+            "Y" | "dY" => Some(index::TensorInfo::unpadded(n.shape.clone())),
+            _ => None,
+        };
+        let ranges = self.grads.step(node).map(|s| s.ranges.as_slice()).unwrap_or_default();
+        let (k, tensors) = index::equation_kernel(name, eq, ranges, &info, first, Batching::PerExample)?;
+        let args = tensors
+            .iter()
+            .map(|t| {
+                self.local(node, t)
+                    .ok_or_else(|| crate::Error::Internal(format!("`{t}` is not a tensor of node {}", node.0)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(self.launch(k, args))
     }
 
     fn conv_io(&self, node: NodeId) -> (BufId, BufId, Vec<usize>) {
@@ -1401,10 +1437,6 @@ fn clipped_role(node: NodeId) -> Role {
 /// `weight` for `conv1.weight`: the name a parameter's kernels carry.
 fn param_suffix(param: &str) -> &str {
     param.rsplit('.').next().unwrap_or_default()
-}
-
-fn pool_geom(p: &crate::graph::Pool, in_shape: &[usize], out_shape: &[usize]) -> PoolGeom {
-    PoolGeom { kind: p.kind, channels: in_shape[0], window: Window::of_pool(p, in_shape, out_shape) }
 }
 
 /// The geometry of a norm node, `None` for other ops.

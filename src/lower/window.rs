@@ -57,6 +57,18 @@ impl Window {
         }
     }
 
+    /// Whether the windows tile the input exactly: no padding, no overlap, no gap, nothing
+    /// left over, so every input element lies in exactly one window.
+    pub fn tiles(&self) -> bool {
+        (0..self.spatial()).all(|a| {
+            self.pad_lo[a] == 0
+                && self.pad_hi[a] == 0
+                && self.dilation[a] == 1
+                && self.stride[a] == self.kernel[a]
+                && self.input[a] == self.output[a] * self.stride[a]
+        })
+    }
+
     pub fn spatial(&self) -> usize {
         self.kernel.len()
     }
