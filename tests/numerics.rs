@@ -184,6 +184,8 @@ fn test_models_every_strategy_matches_the_reference() {
         "tests/data/models/per_side_padding.pdg",
         "tests/data/models/linear_rows.pdg",
         "tests/data/models/overlapping_max_pool.pdg",
+        "tests/data/models/labels_named_like_the_loss.pdg",
+        "tests/data/models/target_named_dy.pdg",
     ] {
         check_model(rel, 2, Device::Cpu, false);
     }
