@@ -898,6 +898,25 @@ impl<'g> Lowering<'g> {
         })
     }
 
+    /// The buffers of a kernel's argument tensors, named as `node`'s derived equations name
+    /// them, in order: `bound(t)` where that names the buffer (a workspace of the caller's),
+    /// else the layer's tensor or gradient ([`Self::index_buffer`]).
+    fn buffers_of(
+        &mut self,
+        node: NodeId,
+        tensors: &[String],
+        targets: &HashMap<String, BufId>,
+        bound: impl Fn(&str) -> Option<BufId>,
+    ) -> Result<Vec<BufId>> {
+        tensors
+            .iter()
+            .map(|t| match bound(t) {
+                Some(b) => Ok(b),
+                None => self.index_buffer(node, t, targets),
+            })
+            .collect()
+    }
+
     /// The launches of one derived equation of `node`'s layer: its kernel, after a kernel
     /// zeroing the target where the equation is a scatter and the target's first writer.
     /// With `columns`, a window product runs as im2col or col2im columns and contractions
@@ -921,10 +940,7 @@ impl<'g> Lowering<'g> {
             }
         }
         let (k, tensors) = index::equation_kernel(name, eq, &ranges, &info, first, batching)?;
-        let mut args = Vec::new();
-        for t in &tensors {
-            args.push(self.index_buffer(node, t, param_targets)?);
-        }
+        let args = self.buffers_of(node, &tensors, param_targets, |_| None)?;
         Ok(vec![self.launch_as(k, args, mode)])
     }
 
@@ -948,13 +964,7 @@ impl<'g> Lowering<'g> {
         let full = self.extra(role, &format!("crb_full{}", node.0), true, full_shape);
         let mut out = Vec::new();
         for (k, tensors) in kernels {
-            let mut args = Vec::new();
-            for t in &tensors {
-                args.push(match t.as_str() {
-                    index::CRB_FULL => full,
-                    _ => self.index_buffer(node, t, targets)?,
-                });
-            }
+            let args = self.buffers_of(node, &tensors, targets, |t| (t == index::CRB_FULL).then_some(full))?;
             out.push(self.launch(k, args));
         }
         Ok(Some(out))
@@ -1222,10 +1232,7 @@ impl<'g> Lowering<'g> {
                 continue;
             }
             let (k, tensors) = index::clipped_sum_kernel(&name, &pg.eq, &step.ranges, &info, index::CLIP)?;
-            let mut args = Vec::new();
-            for t in &tensors {
-                args.push(self.index_buffer(node, t, &targets)?);
-            }
+            let args = self.buffers_of(node, &tensors, &targets, |_| None)?;
             out.push(self.launch(k, args));
         }
         Ok(out)
@@ -1365,14 +1372,11 @@ impl<'g> Lowering<'g> {
         let grams = (positions > 0).then(|| workspace(self, "grams", vec![2, positions, positions]));
         let mut launches = Vec::new();
         for (k, tensors) in kernels {
-            let mut args = Vec::new();
-            for t in &tensors {
-                args.push(match (t.as_str(), cols, grams) {
-                    (index::COLUMNS, Some(b), _) | (index::GRAMS, _, Some(b)) => b,
-                    (index::SQNORM, _, _) => sq,
-                    _ => self.index_buffer(node, t, &HashMap::new())?,
-                });
-            }
+            let args = self.buffers_of(node, &tensors, &HashMap::new(), |t| match (t, cols, grams) {
+                (index::COLUMNS, Some(b), _) | (index::GRAMS, _, Some(b)) => Some(b),
+                (index::SQNORM, _, _) => Some(sq),
+                _ => None,
+            })?;
             launches.push(self.launch(k, args));
         }
         Ok(self.chunked(launches, chunk))
@@ -1419,11 +1423,7 @@ impl<'g> Lowering<'g> {
         let Some((k, tensors)) = index::gather_with_norm(&name, &pg.eq, &ranges, &info, (slot, slots), store)? else {
             return Ok(None);
         };
-        let mut args = Vec::new();
-        for t in &tensors[..tensors.len() - 1] {
-            args.push(self.index_buffer(node, t, targets)?);
-        }
-        args.push(sq);
+        let args = self.buffers_of(node, &tensors, targets, |t| (t == index::SQNORM).then_some(sq))?;
         Ok(Some(vec![self.launch(k, args)]))
     }
 }
