@@ -276,6 +276,57 @@ impl Expr {
     }
 }
 
+impl Expr {
+    /// Every variable this expression reads or names, those its reductions sum over
+    /// included, in order of first appearance (never the batch's `n`).
+    pub fn vars(&self) -> Vec<Var> {
+        let mut out = Vec::new();
+        self.walk_vars(true, &mut Vec::new(), &mut out);
+        out
+    }
+
+    /// The variables this expression depends on: [`Expr::vars`] less those its reductions
+    /// sum over.
+    pub fn free_vars(&self) -> Vec<Var> {
+        let mut out = Vec::new();
+        self.walk_vars(false, &mut Vec::new(), &mut out);
+        out
+    }
+
+    fn walk_vars(&self, summed_too: bool, bound: &mut Vec<Var>, out: &mut Vec<Var>) {
+        let add = |v: Var, bound: &[Var], out: &mut Vec<Var>| {
+            if v != "n" && !bound.contains(&v) && !out.contains(&v) {
+                out.push(v);
+            }
+        };
+        match self {
+            Expr::Read(a) => a.vars().into_iter().for_each(|v| add(v, bound, out)),
+            Expr::Var(v) => add(v, bound, out),
+            Expr::Num(_) => {}
+            Expr::Mul(items) | Expr::Add(items) | Expr::Apply(_, items) => {
+                items.iter().for_each(|x| x.walk_vars(summed_too, bound, out))
+            }
+            Expr::Sub(a, b) | Expr::Div(a, b) | Expr::FirstMax(a, b) => {
+                a.walk_vars(summed_too, bound, out);
+                b.walk_vars(summed_too, bound, out);
+            }
+            Expr::Select { a, b, then, otherwise, .. } => {
+                [a, b, then, otherwise].into_iter().for_each(|x| x.walk_vars(summed_too, bound, out))
+            }
+            Expr::Reduce(_, vars, body) => {
+                let before = bound.len();
+                if summed_too {
+                    vars.iter().for_each(|v| add(v, bound, out));
+                } else {
+                    bound.extend(vars.iter().copied());
+                }
+                body.walk_vars(summed_too, bound, out);
+                bound.truncate(before);
+            }
+        }
+    }
+}
+
 /// `lhs = rhs` or, for a scatter (an affine left-hand side), `lhs += rhs`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Equation {

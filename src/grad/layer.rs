@@ -454,34 +454,6 @@ pub struct GhostForm {
     pub right: Expr,
 }
 
-fn expr_vars(e: &Expr) -> Vec<Var> {
-    let mut out: Vec<Var> = Vec::new();
-    let mut add = |v: Var| {
-        if v != "n" && !out.contains(&v) {
-            out.push(v);
-        }
-    };
-    fn walk(e: &Expr, add: &mut impl FnMut(Var)) {
-        match e {
-            Expr::Var(v) => add(v),
-            Expr::Read(a) => a.vars().into_iter().for_each(&mut *add),
-            Expr::Num(_) => {}
-            Expr::Mul(items) | Expr::Add(items) | Expr::Apply(_, items) => items.iter().for_each(|x| walk(x, add)),
-            Expr::Sub(a, b) | Expr::Div(a, b) | Expr::FirstMax(a, b) => {
-                walk(a, add);
-                walk(b, add);
-            }
-            Expr::Select { a, b, then, otherwise, .. } => [a, b, then, otherwise].iter().for_each(|x| walk(x, add)),
-            Expr::Reduce(_, vars, body) => {
-                vars.iter().for_each(|v| add(v));
-                walk(body, add);
-            }
-        }
-    }
-    walk(e, &mut add);
-    out
-}
-
 /// The ghost form of a parameter gradient derived by [`define`], or `None` when it has
 /// several parts (a parameter read in several places).
 pub fn ghost_form(eq: &Equation) -> Option<GhostForm> {
@@ -497,7 +469,7 @@ pub fn ghost_form(eq: &Equation) -> Option<GhostForm> {
     };
     let left = factors.remove(0);
     let right = times(factors);
-    let (vl, vr) = (expr_vars(&left), expr_vars(&right));
+    let (vl, vr) = (left.vars(), right.vars());
     let g: Vec<Var> = params.iter().copied().filter(|v| vl.contains(v) && vr.contains(v)).collect();
     let b: Vec<Var> = params.iter().copied().filter(|v| vr.contains(v) && !vl.contains(v)).collect();
     // A parameter variable neither factor reads repeats the same value: it joins `a`.

@@ -261,9 +261,7 @@ impl<'a> Builder<'a> {
                 index: vec![Index { terms: vec![], offset: lifted.len() as i64 - 1 }],
             })
         };
-        let mut each = |items: &[Expr], b: &mut Builder| -> Result<Vec<Expr>> {
-            items.iter().map(|x| b.lift(x, kept, (&mut *outside, &mut *pre), &mut *lifted)).collect()
-        };
+        let mut one = |x: &Expr, b: &mut Builder| b.lift(x, kept, (&mut *outside, &mut *pre), &mut *lifted);
         Ok(match e {
             Expr::Var(var) => {
                 let index = self.affine(&Index::var(var));
@@ -272,34 +270,39 @@ impl<'a> Builder<'a> {
             }
             Expr::Reduce(r, vars, body) => {
                 let (stmts, value) = self.reduction(*r, vars, body)?;
-                let free = free_vars(e);
                 match kept {
-                    Some(kept) if free.iter().all(|v| !kept.contains(v)) => outside.extend(stmts),
+                    Some(kept) if e.free_vars().iter().all(|v| !kept.contains(v)) => outside.extend(stmts),
                     _ => pre.extend(stmts),
                 }
                 lifted.push(value);
                 at(lifted)
             }
             Expr::Read(_) | Expr::Num(_) | Expr::FirstMax(..) => e.clone(),
-            Expr::Mul(items) => Expr::Mul(each(items, self)?),
-            Expr::Add(items) => Expr::Add(each(items, self)?),
-            Expr::Apply(f, items) => Expr::Apply(*f, each(items, self)?),
-            Expr::Sub(a, b) => {
-                let mut v = each(&[(**a).clone(), (**b).clone()], self)?;
-                let b = v.pop().expect("two");
-                Expr::sub(v.pop().expect("two"), b)
-            }
-            Expr::Div(a, b) => {
-                let mut v = each(&[(**a).clone(), (**b).clone()], self)?;
-                let b = v.pop().expect("two");
-                Expr::div(v.pop().expect("two"), b)
-            }
+            Expr::Mul(items) => Expr::Mul(items.iter().map(|x| one(x, self)).collect::<Result<_>>()?),
+            Expr::Add(items) => Expr::Add(items.iter().map(|x| one(x, self)).collect::<Result<_>>()?),
+            Expr::Apply(f, items) => Expr::Apply(*f, items.iter().map(|x| one(x, self)).collect::<Result<_>>()?),
+            Expr::Sub(a, b) => Expr::sub(one(a, self)?, one(b, self)?),
+            Expr::Div(a, b) => Expr::div(one(a, self)?, one(b, self)?),
             Expr::Select { a, op, b, then, otherwise } => {
-                let parts = [(**a).clone(), (**b).clone(), (**then).clone(), (**otherwise).clone()];
-                let [a, b, then, otherwise]: [Expr; 4] = each(&parts, self)?.try_into().expect("four");
-                Expr::select(a, *op, b, then, otherwise)
+                Expr::select(one(a, self)?, *op, one(b, self)?, one(then, self)?, one(otherwise, self)?)
             }
         })
+    }
+
+    /// `body`'s value with every read loaded unguarded, and each read with the conditions
+    /// under which it lies inside its tensor (for the caller to guard by, or to refuse);
+    /// `None` where the scalar lowering cannot express `body`.
+    #[allow(clippy::type_complexity)]
+    fn unguarded<'e>(&mut self, body: &'e Expr) -> Result<Option<(ir::Expr, Vec<(&'e Access, Vec<(Affine, usize)>)>)>> {
+        let (mut loads, mut inside) = (Vec::new(), Vec::new());
+        for a in crate::grad::layer::reads(body) {
+            let (arg, info) = self.args.get(&a.tensor).cloned().ok_or_else(|| unbound(&a.tensor))?;
+            inside.push((a, self.inside(a, &info)?));
+            let index = self.index(a);
+            loads.push((a.clone(), load(arg, index)));
+        }
+        let value = scalar(body, &|a: &Access| loads.iter().find(|(b, _)| b == a).map(|(_, v)| v.clone()));
+        Ok(value.map(|v| (v, inside)))
     }
 
     /// The statements that compute `r` over `vars` of `body` into an accumulator, and its
@@ -363,42 +366,6 @@ impl<'a> Builder<'a> {
 /// The tensor under which [`Builder::lift`] stands in a lifted value (not a valid `.pdg`
 /// identifier, so it cannot name a tensor of a layer).
 const LIFTED: &str = "lifted'";
-
-/// The variables `e` depends on: those it reads or names, less those its reductions sum
-/// over, less the batch's `n`.
-fn free_vars(e: &Expr) -> Vec<Var> {
-    fn visit(e: &Expr, bound: &mut Vec<Var>, out: &mut Vec<Var>) {
-        let add = |v: Var, bound: &[Var], out: &mut Vec<Var>| {
-            if v != "n" && !bound.contains(&v) && !out.contains(&v) {
-                out.push(v);
-            }
-        };
-        match e {
-            Expr::Read(a) => a.vars().into_iter().for_each(|v| add(v, bound, out)),
-            Expr::Var(v) => add(v, bound, out),
-            Expr::Num(_) => {}
-            Expr::Mul(items) | Expr::Add(items) | Expr::Apply(_, items) => {
-                items.iter().for_each(|x| visit(x, bound, out))
-            }
-            Expr::Sub(a, b) | Expr::Div(a, b) | Expr::FirstMax(a, b) => {
-                visit(a, bound, out);
-                visit(b, bound, out);
-            }
-            Expr::Select { a, b, then, otherwise, .. } => {
-                [a, b, then, otherwise].into_iter().for_each(|x| visit(x, bound, out))
-            }
-            Expr::Reduce(_, vars, body) => {
-                let before = bound.len();
-                bound.extend(vars.iter().copied());
-                visit(body, bound, out);
-                bound.truncate(before);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    visit(e, &mut Vec::new(), &mut out);
-    out
-}
 
 fn unbound(t: &str) -> Error {
     Error::Internal(format!("tensor `{t}` of an index-notation equation is not bound"))
@@ -727,16 +694,10 @@ fn reduce_gather(b: &mut Builder, eq: &Equation, out: ir::ArgId, overwrite: bool
     let mut inner = vec![set(a, lit(if max { f32::NEG_INFINITY } else { 0.0 }))];
     if max {
         // The taps outside are skipped: the update runs where every read lies inside.
-        let mut guards = Vec::new();
-        let mut loads: Vec<(Access, ir::Expr)> = Vec::new();
-        for x in crate::grad::layer::reads(body) {
-            let (arg, info) = b.args.get(&x.tensor).cloned().ok_or_else(|| unbound(&x.tensor))?;
-            guards.extend(b.inside(x, &info)?);
-            let at = b.index(x);
-            loads.push((x.clone(), load(arg, at)));
-        }
-        let value = scalar(body, &|x: &Access| loads.iter().find(|(y, _)| y == x).map(|(_, v)| v.clone()))
+        let (value, inside) = b
+            .unguarded(body)?
             .ok_or_else(|| Error::Internal(format!("a maximum the lowering cannot express: {body}")))?;
+        let guards = inside.into_iter().flat_map(|(_, g)| g).collect();
         let update = guarded(guards, vec![set(a, ir::Expr::bin(ir::Binary::Max, acc(a), value))]);
         inner.extend(b.nest(vars, update)?);
         inner.push(put(out, index, acc(a), overwrite));
@@ -876,30 +837,27 @@ fn first_max_scatter(
                     ir::Cond::And(conds)
                 }
             };
-            let mut per_tap = Vec::new();
-            for (i, (_, lhs)) in at.iter().enumerate() {
-                let index = b.index(lhs);
-                per_tap.push(put(out, index, ir::Expr::select(taken(i), gv.clone(), lit(0.0)), stores));
-            }
+            // Tap `i` adds `value` where it takes the gradient.
+            let per_tap = |b: &mut Builder, value: &ir::Expr| -> Vec<Stmt> {
+                let route = |i: usize| ir::Expr::select(taken(i), value.clone(), lit(0.0));
+                at.iter().enumerate().map(|(i, (_, lhs))| put(out, b.index(lhs), route(i), stores)).collect()
+            };
             let lanes = match (&window, outer.last()) {
                 (Some((w, _, positions)), Some(last)) if pre.is_empty() && positions.last() == Some(last) => {
                     let ol = b.var(last);
-                    super::window::lanes(w, ol, &per_tap)
+                    super::window::lanes(w, ol, &per_tap(b, &gv))
                 }
                 _ => false,
             };
             if lanes {
-                for s in per_tap {
+                for s in per_tap(b, &gv) {
                     body.extend(b.vector_nest(&outer, vec![s])?);
                 }
                 return Ok(Some(body));
             }
             let mut inner = pre;
             inner.push(set(g, gv));
-            for (i, (_, lhs)) in at.iter().enumerate() {
-                let index = b.index(lhs);
-                inner.push(put(out, index, ir::Expr::select(taken(i), acc(g), lit(0.0)), stores));
-            }
+            inner.extend(per_tap(b, &acc(g)));
             body.extend(b.nest(&outer, inner)?);
             return Ok(Some(body));
         }
@@ -1137,18 +1095,10 @@ fn window_sum(b: &mut Builder, sum: &[Var], body: &Expr, acc: ir::AccId) -> Resu
     if positions != sum {
         return Ok(None);
     }
-    let mut loads: Vec<(Access, ir::Expr)> = Vec::new();
-    for a in crate::grad::layer::reads(body) {
-        let (arg, info) = b.args.get(&a.tensor).cloned().ok_or_else(|| unbound(&a.tensor))?;
-        if a != x && !b.inside(a, &info)?.is_empty() {
-            return Ok(None);
-        }
-        let index = b.index(a);
-        loads.push((a.clone(), load(arg, index)));
-    }
-    let Some(value) = scalar(body, &|a: &Access| loads.iter().find(|(b, _)| b == a).map(|(_, v)| v.clone())) else {
+    let Some((value, inside)) = b.unguarded(body)? else { return Ok(None) };
+    if inside.iter().any(|(a, g)| *a != x && !g.is_empty()) {
         return Ok(None);
-    };
+    }
     let tap_ids: Vec<VarId> = taps.iter().map(|v| b.var(v)).collect();
     let pos_ids: Vec<VarId> = positions.iter().map(|v| b.var(v)).collect();
     Ok(Some(super::window::window_rows(&w, &tap_ids, &pos_ids, vec![add_to(acc, value)], Vec::new())))

@@ -549,39 +549,25 @@ impl<'g> Lowering<'g> {
         // The per-example loss and its gradient w.r.t. the network output (no node's).
         self.current = None;
         let out_node = g.loss.input();
-        let (z, dz, loss, label) =
-            (self.act[out_node.index()], self.grad[out_node.index()], self.extra[&Role::Loss], self.label());
+        let (z, dz, loss) = (self.act[out_node.index()], self.grad[out_node.index()], self.extra[&Role::Loss]);
         let kind = match &g.loss {
             Loss::CrossEntropy { .. } => "cross_entropy",
             Loss::Mse { .. } => "mse",
         };
-        let out_shape = g.node(out_node).shape.clone();
-        let label_name = crate::grad::label_local(g).to_string();
+        let (out_shape, label) = (g.node(out_node).shape.clone(), self.label());
         let label_shape = match &g.label {
             LabelSpec::Classes { .. } => Vec::new(),
             LabelSpec::Target { shape, .. } => shape.clone(),
         };
-        let info = |t: &str| match t {
-            "Y" | "dY" => Some(index::TensorInfo::unpadded(out_shape.clone())),
-            "ℓ" => Some(index::TensorInfo::unpadded(Vec::new())),
-            _ if t == label_name => Some(index::TensorInfo::unpadded(label_shape.clone())),
-            _ => None,
-        };
+        let bindings = [
+            ("Y", &out_shape, z),
+            ("dY", &out_shape, dz),
+            ("ℓ", &Vec::new(), loss),
+            (crate::grad::label_local(g), &label_shape, label),
+        ];
         for (i, eq) in self.grads.loss.iter().enumerate() {
             let name = if i == 0 { format!("loss_{kind}") } else { format!("loss_{kind}_grad{}", i - 1) };
-            let (k, tensors) =
-                index::equation_kernel(&name, eq, &self.grads.loss_ranges, &info, true, Batching::PerExample)?;
-            let args = tensors
-                .iter()
-                .map(|t| match t.as_str() {
-                    "Y" => Ok(z),
-                    "dY" => Ok(dz),
-                    "ℓ" => Ok(loss),
-                    _ if *t == label_name => Ok(label),
-                    _ => Err(crate::Error::Internal(format!("`{t}` is not a tensor of the loss"))),
-                })
-                .collect::<Result<Vec<_>>>()?;
-            out.push(self.launch(k, args));
+            out.push(self.equation_launch(&name, eq, &self.grads.loss_ranges, &bindings, true)?);
         }
         Ok(out)
     }
@@ -688,25 +674,44 @@ impl<'g> Lowering<'g> {
     }
 
     /// The launch of a derived equation of `node`'s step, a node with no parameters read
-    /// through windows or reduced (a pool), lowered as the equations of a layer in index
-    /// notation are (see [`index::equation_kernel`]); `first`: the kernel is its target's
-    /// first writer.
+    /// through windows or reduced (a pool); `first`: the kernel is its target's first writer.
     fn derived(&mut self, node: NodeId, name: &str, eq: &crate::grad::Equation, first: bool) -> Result<Launch> {
-        let n = self.graph.node(node);
-        let in_shape = &self.graph.node(n.inputs[0]).shape;
-        let info = |t: &str| match t {
-            "X" | "dX" => Some(index::TensorInfo::unpadded(in_shape.clone())),
-            "Y" | "dY" => Some(index::TensorInfo::unpadded(n.shape.clone())),
-            _ => None,
-        };
-        let ranges = self.grads.step(node).map(|s| s.ranges.as_slice()).unwrap_or_default();
+        let g = self.graph;
+        let (n, input) = (g.node(node), g.node(node).inputs[0]);
+        let (in_shape, shape) = (&g.node(input).shape, &n.shape);
+        let bindings = [
+            ("X", in_shape, self.act[input.index()]),
+            ("dX", in_shape, self.grad[input.index()]),
+            ("Y", shape, self.act[node.index()]),
+            ("dY", shape, self.grad[node.index()]),
+        ];
+        self.equation_launch(name, eq, self.ranges(node), &bindings, first)
+    }
+
+    /// The range of every variable of `node`'s derived equations but `n` (see
+    /// [`crate::grad::GradStep::ranges`]).
+    fn ranges(&self, node: NodeId) -> &'g [(crate::grad::Var, usize)] {
+        let grads = self.grads;
+        grads.step(node).map(|s| s.ranges.as_slice()).unwrap_or_default()
+    }
+
+    /// The launch of derived equation `eq` over `ranges`, lowered as the equations of a
+    /// layer in index notation are (see [`index::equation_kernel`]), each tensor it names
+    /// bound (its name, per-example shape, buffer) in `bindings`.
+    fn equation_launch(
+        &mut self,
+        name: &str,
+        eq: &crate::grad::Equation,
+        ranges: &[(crate::grad::Var, usize)],
+        bindings: &[(&str, &Vec<usize>, BufId)],
+        first: bool,
+    ) -> Result<Launch> {
+        let bound = |t: &str| bindings.iter().find(|(u, _, _)| *u == t);
+        let info = |t: &str| bound(t).map(|(_, shape, _)| index::TensorInfo::unpadded(shape.to_vec()));
         let (k, tensors) = index::equation_kernel(name, eq, ranges, &info, first, Batching::PerExample)?;
         let args = tensors
             .iter()
-            .map(|t| {
-                self.local(node, t)
-                    .ok_or_else(|| crate::Error::Internal(format!("`{t}` is not a tensor of node {}", node.0)))
-            })
+            .map(|t| bound(t).map(|(_, _, b)| *b).ok_or_else(|| crate::Error::Internal(format!("`{t}` is not bound"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(self.launch(k, args))
     }
@@ -930,16 +935,16 @@ impl<'g> Lowering<'g> {
         (batching, mode): (Batching, LaunchMode),
         param_targets: &HashMap<String, BufId>,
     ) -> Result<Vec<Launch>> {
-        let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
+        let ranges = self.ranges(node);
         let info = self.info(node)?;
-        if let Some(w) = index::window_product(eq, &ranges, &info).filter(|_| columns) {
+        if let Some(w) = index::window_product(eq, ranges, &info).filter(|_| columns) {
             // A batch-summed gradient: the gather's columns, then every example's product
             // added into the target (a scatter or a bias is never summed).
             if batching == Batching::PerExample || (w.after.is_none() && w.gemm.bias.is_none()) {
-                return self.window_launches(node, name, &w, &ranges, first, (batching, mode), param_targets, None);
+                return self.window_launches(node, name, &w, ranges, first, (batching, mode), param_targets, None);
             }
         }
-        let (k, tensors) = index::equation_kernel(name, eq, &ranges, &info, first, batching)?;
+        let (k, tensors) = index::equation_kernel(name, eq, ranges, &info, first, batching)?;
         let args = self.buffers_of(node, &tensors, param_targets, |_| None)?;
         Ok(vec![self.launch_as(k, args, mode)])
     }
@@ -955,9 +960,9 @@ impl<'g> Lowering<'g> {
         targets: &HashMap<String, BufId>,
         positions: &[usize],
     ) -> Result<Option<Vec<Launch>>> {
-        let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
+        let ranges = self.ranges(node);
         let info = self.info(node)?;
-        let Some((kernels, full_shape)) = index::crb_kernels(name, &pg.eq, &ranges, &info, positions)? else {
+        let Some((kernels, full_shape)) = index::crb_kernels(name, &pg.eq, ranges, &info, positions)? else {
             return Ok(None);
         };
         let role = Role::Workspace(format!("crb{}", node.0));
@@ -1298,12 +1303,12 @@ impl<'g> Lowering<'g> {
         slot: usize,
         sq: BufId,
     ) -> Result<Vec<Launch>> {
-        let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
+        let ranges = self.ranges(node);
         let of_layer = self.info(node)?;
         let slots = self.graph.params.len();
         // A window product's columns: their gather and per-example shape, and the form that
         // reads them instead of the window.
-        let window = index::window_product(eq, &ranges, &of_layer).and_then(|w| Some((w.before?, w.columns_shape)));
+        let window = index::window_product(eq, ranges, &of_layer).and_then(|w| Some((w.before?, w.columns_shape)));
         let (before, shape) = window.unzip();
         let shape = shape.unwrap_or_default();
         let on_columns = before.as_ref().and_then(|b| {
@@ -1324,7 +1329,7 @@ impl<'g> Lowering<'g> {
             _ => of_layer(t),
         };
         let gram = match &on_columns {
-            Some(f) => index::ghost_gram_kernel(name, f, &ranges, &info, slot, slots)?,
+            Some(f) => index::ghost_gram_kernel(name, f, ranges, &info, slot, slots)?,
             None => None,
         };
         let mut kernels = Vec::new();
@@ -1335,7 +1340,7 @@ impl<'g> Lowering<'g> {
                 let gather = kept.is_none();
                 if let (true, Some(b)) = (gather, &before) {
                     let im2col = format!("{name}_im2col");
-                    kernels.push(index::equation_kernel(&im2col, b, &ranges, &info, true, Batching::PerExample)?);
+                    kernels.push(index::equation_kernel(&im2col, b, ranges, &info, true, Batching::PerExample)?);
                     per_example += shape.iter().product::<usize>();
                 }
                 per_example += 2 * t * t;
@@ -1345,7 +1350,7 @@ impl<'g> Lowering<'g> {
             None => {
                 // The loop nest reads kept columns, or the window itself.
                 let f = on_columns.as_ref().filter(|_| kept.is_some()).unwrap_or(form);
-                kernels.push(index::ghost_kernel(name, f, &ranges, &info, slot, slots)?);
+                kernels.push(index::ghost_kernel(name, f, ranges, &info, slot, slots)?);
                 (false, 0)
             }
         };
@@ -1407,20 +1412,20 @@ impl<'g> Lowering<'g> {
         (columns, store): (bool, bool),
     ) -> Result<Option<Vec<Launch>>> {
         let layer = self.index_layer(node)?;
-        let ranges = self.grads.step(node).map(|s| s.ranges.clone()).unwrap_or_default();
+        let ranges = self.ranges(node);
         let info = |t: &str| index::tensor_info(layer, t);
         let (slot, slots) = (self.slot(&pg.param), self.graph.params.len());
-        if let Some(w) = index::window_product(&pg.eq, &ranges, &info).filter(|_| columns) {
+        if let Some(w) = index::window_product(&pg.eq, ranges, &info).filter(|_| columns) {
             // A window product: the squared norm in its contraction's kernel.
             if w.after.is_some() || w.gemm.bias.is_some() {
                 return Ok(None);
             }
             let norm = Some((sq, slot));
             let per_example = (Batching::PerExample, LaunchMode::Grid);
-            return self.window_launches(node, name, &w, &ranges, true, per_example, targets, norm).map(Some);
+            return self.window_launches(node, name, &w, ranges, true, per_example, targets, norm).map(Some);
         }
         let name = if store { name.to_string() } else { format!("{name}_only") };
-        let Some((k, tensors)) = index::gather_with_norm(&name, &pg.eq, &ranges, &info, (slot, slots), store)? else {
+        let Some((k, tensors)) = index::gather_with_norm(&name, &pg.eq, ranges, &info, (slot, slots), store)? else {
             return Ok(None);
         };
         let args = self.buffers_of(node, &tensors, targets, |t| (t == index::SQNORM).then_some(sq))?;

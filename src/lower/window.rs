@@ -44,19 +44,6 @@ impl Window {
         }
     }
 
-    /// A pool's window (no dilation).
-    pub fn of_pool(p: &crate::graph::Pool, in_shape: &[usize], out_shape: &[usize]) -> Window {
-        Window {
-            input: in_shape[1..].to_vec(),
-            output: out_shape[1..].to_vec(),
-            kernel: p.kernel.clone(),
-            stride: p.stride.clone(),
-            pad_lo: p.pad_lo.clone(),
-            pad_hi: p.pad_hi.clone(),
-            dilation: vec![1; p.kernel.len()],
-        }
-    }
-
     /// Whether the windows tile the input exactly: no padding, no overlap, no gap, nothing
     /// left over, so every input element lies in exactly one window.
     pub fn tiles(&self) -> bool {
