@@ -29,7 +29,9 @@ use crate::runtime::{Device, Session};
 use crate::tensor::Params;
 
 pub const MAGIC: &[u8; 4] = b"PDGM";
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped whenever a saved module's program changes form: version 2 names every saved
+/// temporary by its local name (the norms' `X̂`, `μ`, `σ⁻¹`).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// What the compiler needs besides the source.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -25,7 +25,7 @@
 use crate::diag::{Diagnostic, Span};
 use crate::error::{Error, Result};
 use crate::graph::{numel, Graph, Op};
-use crate::lower::{Program, Role, Saved};
+use crate::lower::{Program, Role};
 use crate::report::thousands;
 
 use super::shapes::Built;
@@ -158,10 +158,7 @@ fn describe(role: &Role, graph: &Graph, name: &str, source: &str) -> String {
         Role::Param(p) => format!("the parameter {}", param(p)),
         Role::Activation(id) => format!("the output of {}", node(*id)),
         Role::ActivationGrad(id) => format!("the gradient of the output of {}", node(*id)),
-        Role::Saved(id, Saved::Temp(what)) => format!("the temporary `{what}` of {}", node(*id)),
-        Role::Saved(id, what) => {
-            format!("the saved `{}` of {}", if *what == Saved::Xhat { "xhat" } else { "rstd" }, node(*id))
-        }
+        Role::Saved(id, what) => format!("the temporary `{what}` of {}", node(*id)),
         Role::PerExampleGrad(p) => format!("the per-example gradients of {}", param(p)),
         Role::BatchGrad(p) => format!("the batch gradient of {}", param(p)),
         Role::ClippedSum(p) => format!("the clipped sum of {}", param(p)),

@@ -52,8 +52,13 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
     let mut bindings = Vec::new();
     let in_shape = |i: usize| graph.node(node.inputs[i]).shape.clone();
     // A tensor's shape, and the view a grouped conv reads it through.
-    let shown = |s: &[usize]| match &node.op {
-        Op::Conv(conv) if conv.groups > 1 => format!("{} as {}", shape(s), shape(&grouped_view(conv, s))),
+    let norm = norm_view(node);
+    let shown = |s: &[usize], param: bool| match (&node.op, &norm) {
+        (Op::Conv(conv), _) if conv.groups > 1 => format!("{} as {}", shape(s), shape(&grouped_view(conv, s))),
+        (_, Some(view)) => match if param { &view.param } else { &view.x } {
+            v if v.as_slice() == s => shape(s),
+            v => format!("{} as {}", shape(s), shape(v)),
+        },
         _ => shape(s),
     };
     for (i, id) in node.inputs.iter().enumerate() {
@@ -62,13 +67,13 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
             (Op::Add, _) => "B",
             _ => "X",
         };
-        bindings.push(format!("{local} = {id} {}", shown(&in_shape(i))));
+        bindings.push(format!("{local} = {id} {}", shown(&in_shape(i), false)));
     }
-    bindings.push(format!("Y = {} {}", node.id, shown(&node.shape)));
+    bindings.push(format!("Y = {} {}", node.id, shown(&node.shape, false)));
     let params: Vec<_> = graph.params_of(node.id).collect();
     for p in &params {
         let local = param_local(p.name.rsplit('.').next().unwrap_or_default());
-        bindings.push(format!("{local} = {} {}", p.name, shown(&p.shape)));
+        bindings.push(format!("{local} = {} {}", p.name, shown(&p.shape, true)));
     }
     let title = match &node.layer {
         Some(l) => format!("{l}: {}", node.op),
@@ -187,80 +192,64 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
             }
         }
         Op::GroupNorm(n) | Op::InstanceNorm(n) | Op::LayerNorm(n) => {
-            let s = &node.shape;
-            let v = with_n(&dim_vars(s.len()));
-            let x = Access::new("X", &v);
-            let xhat = Access::new("X̂", &v);
-            let y = Access::new("Y", &v);
-            // The statistics' index and the variables each statistic averages over.
-            let (stat, over): (Access, Vec<Var>) = match &node.op {
-                Op::GroupNorm(_) => {
-                    let per_group = s[0] / n.groups;
-                    let g = Index { terms: vec![Term { var: v[1], coef: 1, div: per_group as i64 }], offset: 0 };
-                    (Access { tensor: "σ".into(), index: vec![Index::var("n"), g] }, v[1..].to_vec())
-                }
-                Op::InstanceNorm(_) => (Access::new("σ", &v[..2]), v[2..].to_vec()),
-                _ => (Access::new("σ", &v[..v.len() - n.groups]), v[v.len() - n.groups..].to_vec()),
-            };
-            let mean = stat.renamed("μ");
-            let group_note = match &node.op {
-                Op::GroupNorm(_) => format!(" (c in the group of {})", v[1]),
-                _ => String::new(),
-            };
-            step.forward.push(eq(mean.clone(), Expr::reduce(Reduction::Mean, over.clone(), rd(&x))));
-            step.forward.push(eq(
-                stat.clone(),
-                Expr::apply(
-                    Func::Sqrt,
-                    vec![Expr::Add(vec![
-                        Expr::sub(
-                            Expr::reduce(Reduction::Mean, over.clone(), Expr::mul(vec![rd(&x), rd(&x)])),
-                            Expr::mul(vec![rd(&mean), rd(&mean)]),
-                        ),
-                        Expr::num(n.eps),
-                    ])],
-                ),
+            let view = norm_view(node).expect("a norm");
+            let x = Access::new("X", &with_n(&view.vars));
+            let xhat = x.renamed("X̂");
+            let y = x.renamed("Y");
+            let (mean, rstd) = (Access::new("μ", &["n", "r"]), Access::new("σ⁻¹", &["n", "r"]));
+            let centered = || Expr::sub(rd(&x), rd(&mean));
+            let m = |over: &[Var], e: Expr| Expr::reduce(Reduction::Mean, over.to_vec(), e);
+            step.forward.push(eq(mean.clone(), m(&view.over, rd(&x))));
+            // Two passes (the mean first, then the centered squares): no cancellation.
+            let variance = m(&view.over, Expr::mul(vec![centered(), centered()]));
+            let root = Expr::apply(Func::Sqrt, vec![Expr::Add(vec![variance, Expr::num(n.eps)])]);
+            step.forward.push(eq(rstd.clone(), Expr::div(Expr::num(1.0), root)));
+            step.forward.push(eq(xhat.clone(), Expr::mul(vec![centered(), rd(&rstd)])));
+            step.bindings.push(format!(
+                "μ, σ⁻¹ = mean and 1/std of row r {}; X̂ {}",
+                shape(&[view.rows]),
+                shape(&view.x)
             ));
-            step.forward.push(eq(xhat.clone(), Expr::div(Expr::sub(rd(&x), rd(&mean)), rd(&stat))));
-            if !group_note.is_empty() {
-                step.bindings.push(format!("μ, σ average over {}{group_note}", over.join(",")));
-            }
-            let dxhat = grad(&xhat);
-            if n.affine {
-                // The affine part Y = γ·X̂ + β is a contraction with the parameters.
-                let pv: Vec<Var> = match &node.op {
-                    Op::LayerNorm(_) => v[v.len() - n.groups..].to_vec(),
-                    _ => vec![v[1]],
+            // `dX̂` at the variables `vars` (`view.vars` or their primed copies): the output
+            // gradient through the affine part.
+            let dxhat = |vars: &[Var]| {
+                let at = |of: &[Var]| -> Vec<Var> {
+                    of.iter().map(|p| vars[view.vars.iter().position(|v| v == p).expect("a row var")]).collect()
                 };
-                let c = Contraction {
-                    y: y.clone(),
-                    w: Access::new("W", &pv),
-                    x: xhat.clone(),
-                    bias: Some(Access::new("b", &pv)),
-                };
-                let d = contraction(&mut step, c);
-                if needs_x {
-                    step.input_grads.push(d);
+                let dy = rd(&Access::new("dY", &with_n(vars)));
+                match n.affine {
+                    true => Expr::mul(vec![dy, rd(&Access::new("W", &at(&view.param_vars)))]),
+                    false => dy,
                 }
+            };
+            if n.affine {
+                // The affine part Y = W·X̂ + b is a contraction with the parameters; its input
+                // gradient `dY·W` is read in place inside `dX`'s (no `dX̂` tensor).
+                let (w, b) = (Access::new("W", &view.param_vars), Access::new("b", &view.param_vars));
+                let c = Contraction { y: y.clone(), w, x: xhat.clone(), bias: Some(b) };
+                let _ = contraction(&mut step, c);
             } else {
                 step.forward.push(eq(y.clone(), rd(&xhat)));
-                if needs_x {
-                    step.input_grads.push(eq(dxhat.clone(), rd(&grad(&y))));
-                }
             }
             if needs_x {
-                let m = |e: Expr| Expr::reduce(Reduction::Mean, over.clone(), e);
+                // dX = σ⁻¹·(dX̂ − mean(dX̂) − X̂·mean(dX̂·X̂)), the means over the row (primed).
+                let primed: Vec<Var> =
+                    view.vars.iter().map(|v| if view.over.contains(v) { prime(v) } else { *v }).collect();
+                let over: Vec<Var> = view.over.iter().map(|v| prime(v)).collect();
+                let xhat_p = Access::new("X̂", &with_n(&primed));
                 step.input_grads.push(eq(
                     grad(&x),
-                    Expr::div(
+                    Expr::mul(vec![
+                        rd(&rstd),
                         Expr::sub(
-                            Expr::sub(rd(&dxhat), m(rd(&dxhat))),
-                            Expr::mul(vec![rd(&xhat), m(Expr::mul(vec![rd(&dxhat), rd(&xhat)]))]),
+                            Expr::sub(dxhat(&view.vars), m(&over, dxhat(&primed))),
+                            Expr::mul(vec![rd(&xhat), m(&over, Expr::mul(vec![dxhat(&primed), rd(&xhat_p)]))]),
                         ),
-                        rd(&stat),
-                    ),
+                    ]),
                 ));
             }
+            step.ranges = view.vars.iter().copied().zip(view.x.iter().copied()).collect();
+            step.ranges.extend(view.over.iter().map(|v| (prime(v), view.range(v))));
         }
     }
     Some(step)
@@ -299,12 +288,48 @@ pub fn param_local(suffix: &str) -> &'static str {
 }
 
 /// A built-in op whose every phase the generic lowering of derived equations handles
-/// (`linear`; `conv1d`/`conv2d`, but for their `crb` and `direct` schedules), as
+/// (`linear`; `conv1d`/`conv2d`, but for their `crb` and `direct` schedules; the norms), as
 /// the layer in index notation those equations name (`X`, `W`, `b`, `Y`; the parameters'
-/// full names end in `weight` and `bias`, see [`param_local`]). `None` for other ops.
+/// full names end in `weight` and `bias`, see [`param_local`]; a norm's statistics `μ`,
+/// `σ⁻¹` and `X̂` are temporaries). `None` for other ops.
 pub fn as_index_layer(graph: &Graph, node: &Node) -> Option<IndexLayer> {
     let in_shape = graph.node(*node.inputs.first()?).shape.clone();
     let unpadded = |s: &[usize]| vec![(0, 0); s.len()];
+    let local = |name: &str, kind: LocalKind, shape: &[usize]| LocalTensor {
+        name: name.into(),
+        kind,
+        padding: unpadded(shape),
+        shape: shape.to_vec(),
+    };
+    if let Some(view) = norm_view(node) {
+        // A norm: its statistics and `X̂` are temporaries (see [`define`]), and its output
+        // the affine part `Y = W·X̂ + b` (or `X̂`).
+        let mut tensors = vec![local("X", LocalKind::Input(0), &view.x)];
+        let params: Vec<_> = graph.params_of(node.id).collect();
+        for p in &params {
+            tensors.push(local(
+                param_local(p.name.rsplit('.').next().unwrap_or_default()),
+                LocalKind::Param,
+                &view.param,
+            ));
+        }
+        for (t, shape) in
+            [("μ", vec![view.rows]), ("σ⁻¹", vec![view.rows]), ("X̂", view.x.clone()), ("Y", view.x.clone())]
+        {
+            tensors.push(local(t, LocalKind::Temp, &shape));
+        }
+        let xhat = Expr::Read(Access::new("X̂", &view.vars));
+        let terms = match params.is_empty() {
+            true => vec![IndexTerm { sum: vec![], body: xhat }],
+            false => vec![
+                IndexTerm { sum: vec![], body: Expr::mul(vec![Expr::Read(Access::new("W", &view.param_vars)), xhat]) },
+                IndexTerm { sum: vec![], body: Expr::Read(Access::new("b", &view.param_vars)) },
+            ],
+        };
+        let ranges = view.vars.iter().copied().zip(view.x.iter().copied()).collect();
+        let stmt = IndexStmt { lhs: "Y".into(), vars: view.vars.clone(), terms, ranges };
+        return Some(IndexLayer { def: node.op.name().to_string(), tensors, stmts: vec![stmt] });
+    }
     // The contraction, the variables it sums over and the input's zero padding.
     let (c, ranges, sum, padding) = match &node.op {
         Op::Linear(l) => {
@@ -406,6 +431,54 @@ pub fn grouped_view(conv: &Conv, shape: &[usize]) -> Vec<usize> {
     let mut view = vec![conv.groups, shape[0] / conv.groups];
     view.extend(&shape[1..]);
     view
+}
+
+/// How a norm layer's derived equations view its tensors: the input (and output) as rows
+/// `r` of the elements one mean and variance cover — `[G, C/G, H·W]` (variables `r, c, s`)
+/// for a group norm, `[C, H·W]` (`r, s`) for an instance norm, `[leading, normalized]`
+/// (`r, s`) for a layer norm — and the affine parameters in the same terms (`[G, C/G]`,
+/// `[C]`, `[normalized]`).
+pub struct NormView {
+    /// The input's view.
+    pub x: Vec<usize>,
+    /// The variables indexing it (`n` not included).
+    pub vars: Vec<Var>,
+    /// The variables one row's statistics average over.
+    pub over: Vec<Var>,
+    /// The parameters' view and the variables indexing them.
+    pub param: Vec<usize>,
+    pub param_vars: Vec<Var>,
+    /// Rows per example.
+    pub rows: usize,
+}
+
+impl NormView {
+    pub fn range(&self, v: Var) -> usize {
+        self.vars.iter().position(|u| *u == v).map_or(1, |i| self.x[i])
+    }
+}
+
+/// The [`NormView`] of a norm node, `None` for other ops.
+pub fn norm_view(node: &Node) -> Option<NormView> {
+    let s = &node.shape;
+    let total: usize = s.iter().product();
+    let (x, vars, param_vars): (Vec<usize>, Vec<Var>, Vec<Var>) = match &node.op {
+        Op::GroupNorm(n) => (vec![n.groups, s[0] / n.groups, total / s[0]], vec!["r", "c", "s"], vec!["r", "c"]),
+        Op::InstanceNorm(_) => (vec![s[0], total / s[0]], vec!["r", "s"], vec!["r"]),
+        Op::LayerNorm(n) => {
+            let inner: usize = s[s.len() - n.groups..].iter().product();
+            (vec![total / inner, inner], vec!["r", "s"], vec!["s"])
+        }
+        _ => return None,
+    };
+    let param = param_vars.iter().map(|p| x[vars.iter().position(|v| v == p).expect("a var")]).collect();
+    let over = vars[1..].to_vec();
+    Some(NormView { rows: x[0], x, vars, over, param, param_vars })
+}
+
+/// `v′`: the name of a variable bound by a reduction inside an equation that uses `v` free.
+fn prime(v: Var) -> Var {
+    super::intern(&format!("{v}′"))
 }
 
 /// The name under which the loss's equations read the label: its own, unless that is one

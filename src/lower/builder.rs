@@ -236,7 +236,7 @@ impl VisitorMut for Rename {
 }
 
 /// Renames `old` to `new` in a statement (a loop that rebinds `old` keeps its own).
-fn rename_stmt(mut s: Stmt, old: VarId, new: VarId) -> Stmt {
+pub(super) fn rename_stmt(mut s: Stmt, old: VarId, new: VarId) -> Stmt {
     Rename { old, new }.stmt(&mut s);
     s
 }

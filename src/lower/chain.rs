@@ -162,7 +162,7 @@ fn always_together(program: &Program, a: &Launch, b: &Launch) -> bool {
 }
 
 /// Removes the kernels no launch runs, renumbering the launches' kernel indices.
-fn drop_unused_kernels(program: &mut Program) {
+pub(super) fn drop_unused_kernels(program: &mut Program) {
     let mut used = vec![false; program.kernels.len()];
     for l in program.entries.iter().flat_map(|e| &e.launches) {
         used[l.kernel] = true;

@@ -34,6 +34,22 @@ use crate::error::{Error, Result};
 /// parts view one with different dims (an activation one part flattens), every access to it
 /// is flattened to one dim per example.
 pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Result<(Kernel, Vec<String>)> {
+    fuse_parts(name, parts, Some(private))
+}
+
+/// Per-example kernels `parts` (see [`fuse`]) as one whose grid iteration runs each one's
+/// iteration in turn, sharing no private memory: what one part writes for an example and a
+/// later one reads stays in its buffer, read back while it is in cache (a norm's row
+/// statistics, then its normalized input, then the affine output: one launch). Such a
+/// tensor is read and written by the fused kernel; the fused grid's independence
+/// ([`grid_independent`]) proves each iteration touches only its own example's slice of
+/// it, so iteration `n` of a later part reads what iteration `n` of an earlier one wrote.
+/// Refused (an error) otherwise.
+pub fn sequence(name: &str, parts: &[(Kernel, Vec<String>)]) -> Result<(Kernel, Vec<String>)> {
+    fuse_parts(name, parts, None)
+}
+
+fn fuse_parts(name: &str, parts: &[(Kernel, Vec<String>)], private: Option<&str>) -> Result<(Kernel, Vec<String>)> {
     let bug = |what: String| Error::Internal(format!("fusing into `{name}`: {what}"));
     if parts.is_empty() {
         return Err(bug("no kernels".into()));
@@ -41,7 +57,9 @@ pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Resul
     // The host: the first part over the batch, or a batch-summed product whose example
     // loop a gather joins.
     let (host, gather) = match parts {
-        [(g, _), (h, _)] if g.grid.extent == Dim::Batch && h.grid.extent != Dim::Batch => (1, Some(0)),
+        [(g, _), (h, _)] if private.is_some() && g.grid.extent == Dim::Batch && h.grid.extent != Dim::Batch => {
+            (1, Some(0))
+        }
         _ => (0, None),
     };
     let first = &parts[host].0;
@@ -82,7 +100,8 @@ pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Resul
         let mut flattened = vec![None; k.args.len()];
         for (i, (a, t)) in k.args.iter().zip(names).enumerate() {
             let flat_arg;
-            let a = if t != private && flat.contains(t.as_str()) {
+            let is_private = private == Some(t.as_str());
+            let a = if !is_private && flat.contains(t.as_str()) {
                 let batched = a.dims.first() == Some(&Dim::Batch);
                 let len = a.len(1);
                 let len = Dim::Fixed(u32::try_from(len).map_err(|_| bug(format!("`{t}` is too large")))?);
@@ -93,7 +112,7 @@ pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Resul
                 a
             };
             let at = tensors.iter().position(|u| u == t);
-            let id = if t == private {
+            let id = if is_private {
                 if a.dims.first() != Some(&Dim::Batch) || a.dims[1..].contains(&Dim::Batch) {
                     return Err(bug(format!("private `{t}` of `{}` is not one slice per example", k.name)));
                 }
@@ -119,9 +138,15 @@ pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Resul
             } else {
                 match at {
                     Some(at) => {
-                        let shared = &fused.args[at];
-                        if shared.dims != a.dims || shared.mode != Mode::In || a.mode != Mode::In {
+                        let shared = &mut fused.args[at];
+                        let written = shared.mode != Mode::In || a.mode != Mode::In;
+                        let per_example = a.dims.first() == Some(&Dim::Batch) && private.is_none();
+                        if shared.dims != a.dims || (written && !per_example) {
                             return Err(bug(format!("`{t}` is shared by the parts but not read-only in both")));
+                        }
+                        // Written by one part, read or written by another: read and written.
+                        if shared.mode != a.mode {
+                            shared.mode = Mode::InOut;
                         }
                         at
                     }
@@ -134,12 +159,14 @@ pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Resul
             };
             args.push(ArgId(id as u32));
         }
-        let Some((private_id, _, _)) = private_arg else {
-            return Err(bug(format!("`{}` does not use `{private}`", k.name)));
+        let private_id = match (private_arg.as_ref(), private) {
+            (Some((id, _, _)), _) => Some(*id),
+            (None, Some(private)) => return Err(bug(format!("`{}` does not use `{private}`", k.name))),
+            (None, None) => None,
         };
         // The part's variable of the example: its grid's, or (the host of a gather) the one
         // that indexes the example of its first access to the private tensor.
-        let own_example = if p == host && gather.is_some() {
+        let own_example = if let (true, Some(_), Some(private_id)) = (p == host, gather, private_id) {
             example_of(&k.grid.body, private_id).ok_or_else(|| bug(format!("no example loop in `{}`", k.name)))?
         } else {
             k.grid.var
@@ -169,14 +196,19 @@ pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Resul
         let mut body = k.grid.body.clone();
         walk_body_mut(&mut remap, &mut body);
         if !remap.sliced {
+            let private = private.unwrap_or_default();
             return Err(bug(format!("`{}` reaches `{private}` other than at its own example", k.name)));
         }
         bodies.push((body, example));
     }
-    let private_id = ArgId(tensors.iter().position(|t| t == private).expect("added above") as u32);
-    match gather {
-        None => fused.grid.body = bodies.into_iter().flat_map(|(b, _)| b).collect(),
-        Some(_) => {
+    match (gather, private) {
+        (None, None) => {
+            fused.grid.body = fuse_loops(bodies.into_iter().flat_map(|(b, _)| b).collect());
+            drop_unbound_vars(&mut fused);
+        }
+        (None, _) | (_, None) => fused.grid.body = bodies.into_iter().flat_map(|(b, _)| b).collect(),
+        (Some(_), Some(private)) => {
+            let private_id = ArgId(tensors.iter().position(|t| t == private).expect("added above") as u32);
             let [(mut host_body, host_example), (gather_body, _)]: [(Vec<Stmt>, VarId); 2] =
                 bodies.try_into().map_err(|_| bug("two parts expected".into()))?;
             // The gather writes nothing but the columns, so running it inside the host's
@@ -197,6 +229,135 @@ pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Resul
     let bound = tensors.into_iter().zip(&fused.args).filter(|(_, a)| a.is_bound()).map(|(t, _)| t);
     let bound = bound.collect();
     Ok((fused, bound))
+}
+
+/// `body` with each two adjacent loops over the same extent (the same kind) that may run as
+/// one ([`loops_fuse`]) run as one, the second's variable renamed to the first's, and the
+/// merged body's adjacent loops in turn: the parts of a [`sequence`] then share their loop
+/// nests (a norm's row statistics and normalized values in one loop over rows, its `X̂` and
+/// affine output in one pass over the row), as a hand-written kernel would.
+fn fuse_loops(body: Vec<Stmt>) -> Vec<Stmt> {
+    let mut out: Vec<Stmt> = Vec::new();
+    for s in body {
+        if let (Some(Stmt::Loop(prev)), Stmt::Loop(next)) = (out.last_mut(), &s) {
+            if prev.extent == next.extent && prev.kind == next.kind {
+                let renamed: Vec<Stmt> =
+                    next.body.iter().map(|s| super::builder::rename_stmt(s.clone(), next.var, prev.var)).collect();
+                if loops_fuse(prev.var, &prev.body, &renamed) {
+                    prev.body.extend(renamed);
+                    prev.body = fuse_loops(std::mem::take(&mut prev.body));
+                    continue;
+                }
+            }
+        }
+        out.push(s);
+    }
+    out
+}
+
+/// `k` without the variables no loop binds (those of loops [`fuse_loops`] merged into
+/// others), the rest renumbered.
+fn drop_unbound_vars(k: &mut Kernel) {
+    struct Bound(HashSet<VarId>);
+    impl<'k> Visitor<'k> for Bound {
+        fn stmt(&mut self, s: &'k Stmt) {
+            match s {
+                Stmt::Loop(l) => {
+                    self.0.insert(l.var);
+                }
+                Stmt::Contract(c) => self.0.extend([c.m, c.n, c.k]),
+                _ => {}
+            }
+            walk_stmt(self, s);
+        }
+    }
+    let mut bound = Bound(HashSet::from([k.grid.var]));
+    walk_body(&mut bound, &k.grid.body);
+    let keep: Vec<usize> = (0..k.vars.len()).filter(|&v| bound.0.contains(&VarId(v as u32))).collect();
+    if keep.len() == k.vars.len() {
+        return;
+    }
+    // A variable that is dropped and still read maps to no variable: the verifier says so.
+    let mut vars = vec![VarId(u32::MAX); k.vars.len()];
+    for (new, &old) in keep.iter().enumerate() {
+        vars[old] = VarId(new as u32);
+    }
+    let mut remap = Remap {
+        accs: (0..k.accs.len() as u32).map(AccId).collect(),
+        args: (0..k.args.len() as u32).map(ArgId).collect(),
+        private: None,
+        flattened: vec![None; k.args.len()],
+        example: k.grid.var,
+        sliced: true,
+        vars,
+    };
+    walk_body_mut(&mut remap, &mut k.grid.body);
+    k.grid.var = remap.vars[k.grid.var.0 as usize];
+    k.vars = keep.iter().map(|&v| k.vars[v].clone()).collect();
+}
+
+/// Whether loop bodies `a` then `b` over the same variable `var` may run as one loop whose
+/// iteration runs `a`'s then `b`'s: they share no accumulator, and every argument one of
+/// them stores to and the other reaches is accessed (by both) at one index that has, in
+/// some dim, the same expression of `var` (coefficient ≠ 0, no division) and of variables
+/// bound outside the loops — so an element is touched only by one iteration of each loop,
+/// the same one, and iteration `i` of `b` sees exactly what iteration `i` of `a` wrote.
+fn loops_fuse(var: VarId, a: &[Stmt], b: &[Stmt]) -> bool {
+    #[derive(Default)]
+    struct Uses<'k> {
+        accesses: Vec<(ArgId, &'k [Affine], bool)>,
+        accs: HashSet<AccId>,
+        bound: HashSet<VarId>,
+    }
+    impl<'k> Visitor<'k> for Uses<'k> {
+        fn stmt(&mut self, s: &'k Stmt) {
+            if let Stmt::Set { acc, .. } = s {
+                self.accs.insert(*acc);
+            }
+            walk_stmt(self, s);
+        }
+        fn expr(&mut self, e: &'k Expr) {
+            if let Expr::Acc(acc) = e {
+                self.accs.insert(*acc);
+            }
+            pdgc_codegen::visit::walk_expr(self, e);
+        }
+        fn access(&mut self, arg: ArgId, index: &'k [Affine], store: bool) {
+            self.accesses.push((arg, index, store));
+        }
+        fn enter_loop(&mut self, l: &'k Loop) {
+            self.bound.insert(l.var);
+        }
+    }
+    let (mut ua, mut ub) = (Uses::default(), Uses::default());
+    walk_body(&mut ua, a);
+    walk_body(&mut ub, b);
+    if ua.accs.intersection(&ub.accs).next().is_some() || a.iter().chain(b).any(|s| matches!(s, Stmt::Contract(_))) {
+        return false;
+    }
+    let inner: HashSet<VarId> = ua.bound.union(&ub.bound).copied().collect();
+    let stored = |u: &Uses, arg: ArgId| u.accesses.iter().any(|(x, _, store)| *x == arg && *store);
+    let reached = |u: &Uses, arg: ArgId| u.accesses.iter().any(|(x, _, _)| *x == arg);
+    let shared: HashSet<ArgId> = ua
+        .accesses
+        .iter()
+        .chain(&ub.accesses)
+        .map(|(arg, _, _)| *arg)
+        .filter(|&arg| (stored(&ua, arg) && reached(&ub, arg)) || (stored(&ub, arg) && reached(&ua, arg)))
+        .collect();
+    shared.into_iter().all(|arg| {
+        let indices: Vec<&[Affine]> =
+            ua.accesses.iter().chain(&ub.accesses).filter(|(x, _, _)| *x == arg).map(|(_, ix, _)| *ix).collect();
+        let first = indices[0];
+        (0..first.len()).any(|d| {
+            let e = &first[d];
+            let on_var = e.terms.iter().any(|t| t.var == var && t.coef != 0 && t.div == 1);
+            let outer = e.terms.iter().all(|t| t.var == var || !inner.contains(&t.var));
+            let by_var = |t: &&Term| t.var == var;
+            let single = e.terms.iter().filter(by_var).count() == 1;
+            on_var && outer && single && indices.iter().all(|ix| ix.get(d) == Some(e))
+        })
+    })
 }
 
 /// `name`, or `name_2`, `name_3`, … where an argument of `args` has it (parts name their
@@ -393,6 +554,38 @@ mod tests {
         assert_eq!(private[0].dims, vec![Dim::Fixed(4)]);
         pdgc_codegen::verify::verify(&k).expect("verifies");
         assert!(grid_independent(&k));
+    }
+
+    /// `u[n, i] = 2·x[n, i]`, then `y[n, i] = u[n, i]` or, `reverse`, `u[n, 3 − i]`.
+    fn written_then_read(reverse: bool) -> Vec<(Kernel, Vec<String>)> {
+        let mut parts = parts(0);
+        let mut kb = KernelBuilder::new("read");
+        let u = kb.input("u", batched(&[4]));
+        let y = kb.output("y", batched(&[4]));
+        let [n, i] = [kb.var("n"), kb.var("i")];
+        let at = if reverse { Affine::constant(3).plus(i, -1) } else { v(i) };
+        let body = vec![lp(i, 4, vec![store(y, vec![v(n), v(i)], load(u, vec![v(n), at]))])];
+        parts[1].0 = kb.finish(n, Dim::Batch, body).expect("valid");
+        parts
+    }
+
+    #[test]
+    fn a_sequence_merges_loops_only_where_each_iteration_reads_what_it_wrote() {
+        for reverse in [false, true] {
+            let (k, bound) = sequence("seq", &written_then_read(reverse)).expect("fuses");
+            assert_eq!(bound, vec!["x".to_string(), "u".to_string(), "y".to_string()]);
+            pdgc_codegen::verify::verify(&k).expect("verifies");
+            // Reading `u[3 − i]` at step `i` needs every step of the writer first.
+            let loops = k.grid.body.iter().filter(|s| matches!(s, Stmt::Loop(_))).count();
+            assert_eq!(loops, if reverse { 2 } else { 1 }, "{k}");
+            let mut x = [1.0f32, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0];
+            let (mut u, mut y) = ([f32::NAN; 8], [f32::NAN; 8]);
+            pdgc_codegen::interp::run(&k, &mut [&mut x, &mut u, &mut y], 2).expect("runs");
+            let want: Vec<f32> = (0..8).map(|e| 2.0 * x[if reverse { e / 4 * 4 + 3 - e % 4 } else { e }]).collect();
+            assert_eq!(y.to_vec(), want, "{k}");
+        }
+        // A part reading another example's slice of what an earlier part writes is refused.
+        assert!(sequence("seq", &parts(1)).is_err());
     }
 
     /// A gather joins the example loop of a product summed over the batch whose grid is one

@@ -205,17 +205,21 @@ impl<'a> Builder<'a> {
     /// A term body's value, and the statements that load its guarded reads and compute its
     /// reductions first.
     fn value(&mut self, body: &Expr) -> Result<(Vec<Stmt>, ir::Expr)> {
-        let (outside, pre, value) = self.value_in(body, None)?;
-        Ok(([outside, pre].concat(), value))
+        let (mut levels, value) = self.value_in(body, &[])?;
+        Ok((levels.pop().unwrap_or_default(), value))
     }
 
-    /// [`Builder::value`] inside loops over `kept`: the statements computing the reductions
-    /// of `body` that depend on none of `kept` come first, to run before those loops (a
-    /// softmax's log-sum-exp, computed once per example and not once per class). Returns
-    /// them, the statements to run at each element, and the value.
-    fn value_in(&mut self, body: &Expr, kept: Option<&[Var]>) -> Result<(Vec<Stmt>, Vec<Stmt>, ir::Expr)> {
-        let (mut outside, mut pre, mut lifted) = (Vec::new(), Vec::new(), Vec::new());
-        let body = self.lift(body, kept, (&mut outside, &mut pre), &mut lifted)?;
+    /// [`Builder::value`] inside loops over `kept` (outermost first): each reduction of
+    /// `body` is computed at the depth of the innermost of `kept` it depends on, so it runs
+    /// once per value of the variables it depends on (a softmax's log-sum-exp once per
+    /// example and not once per class; a norm's row means once per row, inside the loop
+    /// over rows and before the loops over the row's elements). Returns the statements of
+    /// each depth — `levels[i]` to run inside the loops over `kept[..i]`, before the loop
+    /// over `kept[i]`; the last at each element — and the value.
+    fn value_in(&mut self, body: &Expr, kept: &[Var]) -> Result<(Vec<Vec<Stmt>>, ir::Expr)> {
+        let (mut levels, mut lifted) = (vec![Vec::new(); kept.len() + 1], Vec::new());
+        let body = self.lift(body, kept, &mut levels, &mut lifted)?;
+        let mut pre = levels.pop().unwrap_or_default();
         let mut loaded: Vec<(Access, ir::Expr)> = Vec::new();
         for a in crate::grad::layer::reads(&body) {
             if loaded.iter().any(|(b, _)| b == a) {
@@ -241,27 +245,33 @@ impl<'a> Builder<'a> {
         }
         let value = scalar(&body, &|a: &Access| loaded.iter().find(|(b, _)| b == a).map(|(_, v)| v.clone()))
             .ok_or_else(|| Error::Internal(format!("an index-notation term the lowering cannot express: {body}")))?;
-        Ok((outside, pre, value))
+        levels.push(pre);
+        Ok((levels, value))
+    }
+
+    /// The loops over `kept` (outermost first, the innermost a vector loop) around `inner`,
+    /// with the statements of [`Builder::value_in`]'s `levels` at their depths.
+    fn placed(&mut self, kept: &[Var], mut levels: Vec<Vec<Stmt>>, inner: Vec<Stmt>) -> Result<Vec<Stmt>> {
+        let mut body = [levels.pop().unwrap_or_default(), inner].concat();
+        for (i, &v) in kept.iter().enumerate().rev() {
+            let looped = self.loops(&[v], body, i + 1 == kept.len())?;
+            body = [std::mem::take(&mut levels[i]), looped].concat();
+        }
+        Ok(body)
     }
 
     /// `e` with each reduction and each loop variable's value replaced by a read of
     /// [`LIFTED`] at the position in `lifted` of its value: a reduction's statements go to
-    /// `outside` where `kept` is given and the reduction depends on none of its variables,
-    /// else to `pre`.
-    fn lift(
-        &mut self,
-        e: &Expr,
-        kept: Option<&[Var]>,
-        (outside, pre): (&mut Vec<Stmt>, &mut Vec<Stmt>),
-        lifted: &mut Vec<ir::Expr>,
-    ) -> Result<Expr> {
+    /// `levels[d]`, `d` one past the position in `kept` of the innermost variable it
+    /// depends on (0 for none).
+    fn lift(&mut self, e: &Expr, kept: &[Var], levels: &mut [Vec<Stmt>], lifted: &mut Vec<ir::Expr>) -> Result<Expr> {
         let at = |lifted: &Vec<ir::Expr>| {
             Expr::Read(Access {
                 tensor: LIFTED.into(),
                 index: vec![Index { terms: vec![], offset: lifted.len() as i64 - 1 }],
             })
         };
-        let mut one = |x: &Expr, b: &mut Builder| b.lift(x, kept, (&mut *outside, &mut *pre), &mut *lifted);
+        let mut one = |x: &Expr, b: &mut Builder| b.lift(x, kept, &mut *levels, &mut *lifted);
         Ok(match e {
             Expr::Var(var) => {
                 let index = self.affine(&Index::var(var));
@@ -270,10 +280,9 @@ impl<'a> Builder<'a> {
             }
             Expr::Reduce(r, vars, body) => {
                 let (stmts, value) = self.reduction(*r, vars, body)?;
-                match kept {
-                    Some(kept) if e.free_vars().iter().all(|v| !kept.contains(v)) => outside.extend(stmts),
-                    _ => pre.extend(stmts),
-                }
+                let free = e.free_vars();
+                let depth = kept.iter().rposition(|v| free.contains(v)).map_or(0, |i| i + 1);
+                merged(&mut levels[depth], stmts);
                 lifted.push(value);
                 at(lifted)
             }
@@ -353,14 +362,53 @@ impl<'a> Builder<'a> {
         let mut body = body;
         for (i, &v) in vars.iter().enumerate().rev() {
             let id = self.var(v);
+            // A loop around loops runs as a plain loop: only an innermost loop has lanes.
+            let innermost = !body.iter().any(|s| matches!(s, Stmt::Loop(_)));
             body = vec![match v {
                 "n" => batch_loop(id, body),
-                _ if vector && i + 1 == vars.len() => vlp(id, self.range(v)?, body),
+                _ if vector && innermost && i + 1 == vars.len() => vlp(id, self.range(v)?, body),
                 _ => lp(id, self.range(v)?, body),
             }];
         }
         Ok(body)
     }
+}
+
+/// `stmts` (a reduction's, see [`Builder::reduction`]) after `level`'s statements: where both
+/// end in a sum `acc = 0; loops { ..; acc += .. }` over the same loops, one nest computes the
+/// two sums (a norm's two row means of its input gradient in one pass over the row). The
+/// sums are independent: a reduction inside another's body is computed inside its loops,
+/// never beside it.
+fn merged(level: &mut Vec<Stmt>, mut stmts: Vec<Stmt>) {
+    /// The innermost body of a nest of loops each holding only the next one, and the nest's
+    /// headers.
+    fn innermost(s: &mut Stmt) -> Option<(Vec<(VarId, ir::Extent, ir::LoopKind)>, &mut Vec<Stmt>)> {
+        let Stmt::Loop(l) = s else { return None };
+        let header = (l.var, l.extent, l.kind);
+        if let [Stmt::Loop(_)] = l.body.as_slice() {
+            let (mut headers, body) = innermost(&mut l.body[0])?;
+            headers.insert(0, header);
+            return Some((headers, body));
+        }
+        Some((vec![header], &mut l.body))
+    }
+    let sum = |s: &[Stmt]| matches!(s, [Stmt::Set { value: ir::Expr::Const(c), .. }, Stmt::Loop(_)] if *c == 0.0);
+    if sum(&stmts) && level.len() >= 2 && sum(&level[level.len() - 2..]) {
+        let (mut new_loop, init) = (stmts.pop(), stmts.pop());
+        let last = level.len() - 1;
+        if let (Some((ha, body)), Some((hb, more))) =
+            (innermost(&mut level[last]), new_loop.as_mut().and_then(innermost))
+        {
+            if ha == hb {
+                body.append(more);
+                level.insert(last, init.expect("a sum's initial value"));
+                return;
+            }
+        }
+        stmts.extend(init);
+        stmts.extend(new_loop);
+    }
+    level.extend(stmts);
 }
 
 /// The tensor under which [`Builder::lift`] stands in a lifted value (not a valid `.pdg`
@@ -486,12 +534,11 @@ fn build(
                 }
             }
             if sum.is_empty() {
-                let (outside, pre, value) = b.value_in(body, Some(&kept))?;
-                let mut inner = [pre, vec![put(out, index, value.clone(), overwrite)]].concat();
+                let (levels, value) = b.value_in(body, &kept)?;
+                let mut inner = vec![put(out, index, value.clone(), overwrite)];
                 inner.extend(norm.as_ref().map(|(sq, _)| square(*sq, &value)));
-                let mut body = outside;
-                body.extend(norm.as_ref().map(|(sq, _)| set(*sq, lit(0.0))));
-                body.extend(b.vector_nest(&kept, inner)?);
+                let mut body: Vec<Stmt> = norm.as_ref().map(|(sq, _)| set(*sq, lit(0.0))).into_iter().collect();
+                body.extend(b.placed(&kept, levels, inner)?);
                 body.extend(norm.map(|(_, store)| store));
                 return b.kb.finish(n, Extent::Batch, body).map(|k| Some((k, tensors)));
             }
@@ -929,9 +976,22 @@ fn norm_only(
     let n = b.var("n");
     tensors.push(SQNORM.to_string());
     let sqnorm = b.kb.output("sqnorm", batched(&[slots]));
-    let (sq, acc) = (b.kb.acc("sq"), b.kb.acc("sum"));
+    let sq = b.kb.acc("sq");
     let kept: Vec<Var> = eq.lhs.index[1..].iter().filter_map(Index::as_var).collect();
-    let mut inner = sum_terms(&mut b, &terms(&eq.rhs), acc, Batching::PerExample)?;
+    let ts = terms(&eq.rhs);
+    if let [(sum, body)] = &ts[..] {
+        if sum.is_empty() {
+            // Nothing to sum (an outer product): each element squared as the gather that
+            // stores it computes it, on the same vector lanes, so both give the same norm.
+            let (levels, value) = b.value_in(body, &kept)?;
+            let mut body = vec![set(sq, lit(0.0))];
+            body.extend(b.placed(&kept, levels, vec![add_to(sq, ir::Expr::mul(value.clone(), value))])?);
+            body.push(store(sqnorm, vec![v(n), Affine::constant(slot as i64)], ir::Expr::Acc(sq)));
+            return b.kb.finish(n, Extent::Batch, body).map(|k| (k, tensors));
+        }
+    }
+    let acc = b.kb.acc("sum");
+    let mut inner = sum_terms(&mut b, &ts, acc, Batching::PerExample)?;
     inner.push(add_to(sq, ir::Expr::mul(ir::Expr::Acc(acc), ir::Expr::Acc(acc))));
     let mut body = vec![set(sq, lit(0.0))];
     body.extend(b.nest(&kept, inner)?);
@@ -2023,6 +2083,46 @@ mod tests {
         let gather = Equation { lhs: cols.clone(), accumulate: false, rhs: Expr::Read(x.clone()) };
         let scatter = Equation { lhs: x.renamed("dX"), accumulate: true, rhs: Expr::Read(cols) };
         (gather, scatter, ranges, input, cols_shape)
+    }
+
+    /// A norm's row means inside its input gradient run once per row: inside the loop over
+    /// rows `r`, before the loops over the row's elements, not inside them (where they would
+    /// give the same values, at the row's size times the work); the two means share one
+    /// pass over the row.
+    #[test]
+    fn reductions_run_at_the_depth_of_the_variables_they_depend_on() {
+        let src =
+            "model m { input x: [4, 3, 3]; label y: classes(2); h = gn: group_norm(c: conv2d(x, 4, kernel=1), 2); \
+                   logits = fc: linear(flatten(h), 2); loss cross_entropy(logits, y); }";
+        let graph = crate::compile_front(src).graph.expect("checks");
+        let grads = crate::grad::differentiate(&graph);
+        let node = graph.nodes.iter().find(|n| n.layer.as_deref() == Some("gn")).expect("the norm");
+        let step = grads.step(node.id).expect("a step");
+        let layer = crate::grad::as_index_layer(&graph, node).expect("a norm is lowered as a layer");
+        let info = |t: &str| tensor_info(&layer, t);
+        let dx = step.input_grads.iter().find(|e| e.lhs.tensor == "dX").expect("dX");
+        let (k, _) = equation_kernel("dx", dx, &step.ranges, &info, true, Batching::PerExample).expect("lowers");
+        struct Depths<'k> {
+            k: &'k Kernel,
+            open: Vec<&'k str>,
+            /// The loops enclosing each loop over a row's primed (reduced) variable.
+            reduced: Vec<Vec<&'k str>>,
+        }
+        impl<'k> pdgc_codegen::visit::Visitor<'k> for Depths<'k> {
+            fn enter_loop(&mut self, l: &'k ir::Loop) {
+                let name = self.k.vars[l.var.0 as usize].as_str();
+                if name.ends_with('′') {
+                    self.reduced.push(self.open.clone());
+                }
+                self.open.push(name);
+            }
+            fn exit_loop(&mut self, _: &'k ir::Loop) {
+                self.open.pop();
+            }
+        }
+        let mut d = Depths { k: &k, open: Vec::new(), reduced: Vec::new() };
+        pdgc_codegen::visit::walk_body(&mut d, &k.grid.body);
+        assert_eq!(d.reduced, vec![vec!["r"], vec!["r", "c′"]], "{k}");
     }
 
     /// Window geometries, `(input, kernel, stride, pad_lo, dilation)` per axis: 1-D and 2-D

@@ -23,7 +23,6 @@ pub mod chain;
 pub mod equation;
 pub mod fuse;
 pub mod index;
-pub mod kernels;
 pub mod param_grads;
 pub mod window;
 
@@ -40,8 +39,6 @@ use crate::graph::{numel, Graph, LabelSpec, Loss, NodeId, Op};
 use crate::index_layer::{IndexLayer, LocalKind};
 use crate::ops::Strategy;
 use index::Batching;
-use kernels::NormGeom;
-use param_grads::Outputs;
 
 /// Index of a buffer in [`Program::buffers`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -54,8 +51,9 @@ pub enum Role {
     Label,
     Param(String),
     Activation(u32),
-    /// Saved by a node's forward pass for its backward pass.
-    Saved(u32, Saved),
+    /// A temporary of a node's derived equations (a norm's `X̂`, a layer's own), by its
+    /// local name: saved by the forward pass for the backward pass.
+    Saved(u32, String),
     ActivationGrad(u32),
     Loss,
     PerExampleGrad(String),
@@ -66,17 +64,6 @@ pub enum Role {
     ClipNorm,
     ClippedSum(String),
     Workspace(String),
-}
-
-/// What a node's forward pass saves for its backward pass.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Saved {
-    /// A norm's normalized input.
-    Xhat,
-    /// A norm's reciprocal standard deviations.
-    Rstd,
-    /// A temporary of a layer written in index notation, by its local name.
-    Temp(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -230,8 +217,6 @@ struct Lowering<'g> {
     by_name: HashMap<String, usize>,
     act: Vec<BufId>,
     grad: Vec<BufId>,
-    /// Saved by a norm's forward for its backward: `Xhat` and `Rstd`.
-    saved: HashMap<(u32, Saved), BufId>,
     params: HashMap<String, BufId>,
     extra: HashMap<Role, BufId>,
     /// The largest batch the program runs (chunk groups smaller than it pay off).
@@ -277,7 +262,6 @@ pub fn lower(graph: &Graph, grads: &GradGraph, schedule: &Schedule) -> Result<Pr
         by_name: HashMap::new(),
         act: Vec::new(),
         grad: Vec::new(),
-        saved: HashMap::new(),
         params: HashMap::new(),
         extra: HashMap::new(),
         batch: schedule.batch.max(1),
@@ -318,6 +302,8 @@ pub fn lower(graph: &Graph, grads: &GradGraph, schedule: &Schedule) -> Result<Pr
         let output: Vec<BufId> = program.find(&Role::Activation(graph.loss.input().0)).into_iter().collect();
         chain::fuse_chains(&mut program, &output, schedule.private_bytes);
     }
+    // The kernels of launches fused into others (`in_sequence`, `fuse_chains`).
+    chain::drop_unused_kernels(&mut program);
     Ok(program)
 }
 
@@ -407,12 +393,6 @@ impl<'g> Lowering<'g> {
                 _ => self.buffer(format!("grad{}", n.id.0), true, n.shape.clone(), Role::ActivationGrad(n.id.0)),
             };
             self.grad.push(id);
-            if let Some(geom) = norm_geom(n) {
-                let x = self.buffer(format!("xhat{}", n.id.0), true, n.shape.clone(), Role::Saved(n.id.0, Saved::Xhat));
-                let r = self.buffer(format!("rstd{}", n.id.0), true, vec![geom.rows], Role::Saved(n.id.0, Saved::Rstd));
-                self.saved.insert((n.id.0, Saved::Xhat), x);
-                self.saved.insert((n.id.0, Saved::Rstd), r);
-            }
         }
         self.extra(Role::Loss, "loss", true, vec![]);
     }
@@ -508,21 +488,25 @@ impl<'g> Lowering<'g> {
         for n in &g.nodes {
             self.current = Some(n.id);
             let tag = self.tag(n.id);
-            let y = self.act[n.id.index()];
-            let x = n.inputs.first().map(|i| self.act[i.index()]);
             let launch = match &n.op {
                 Op::Input { .. } | Op::Flatten => continue,
                 _ if self.layers.contains_key(&n.id) => {
                     let eqs = self.grads.step(n.id).map(|s| s.forward.clone()).unwrap_or_default();
+                    let mut launches = Vec::new();
                     for (i, eq) in eqs.iter().enumerate() {
                         let name = format!("{tag}_fwd{i}");
                         let per_example = (Batching::PerExample, LaunchMode::Grid);
-                        out.extend(self.index_launch(n.id, &name, eq, (true, true), per_example, &HashMap::new())?);
+                        launches.extend(self.index_launch(
+                            n.id,
+                            &name,
+                            eq,
+                            (true, true),
+                            per_example,
+                            &HashMap::new(),
+                        )?);
                     }
+                    out.extend(self.in_sequence(&format!("{tag}_fwd"), launches));
                     continue;
-                }
-                Op::Index(_) | Op::Linear(_) | Op::Conv(_) => {
-                    return Err(crate::Error::Internal(format!("node {} is not lowered generically", n.id.0)))
                 }
                 Op::Activation(_) | Op::Add => {
                     let eq = self.grads.step(n.id).and_then(|s| s.forward.first()).expect("a derived forward");
@@ -532,17 +516,7 @@ impl<'g> Lowering<'g> {
                     let eq = self.grads.step(n.id).and_then(|s| s.forward.first()).expect("a derived forward");
                     self.derived(n.id, &format!("{tag}_fwd"), eq, true)?
                 }
-                Op::GroupNorm(_) | Op::InstanceNorm(_) | Op::LayerNorm(_) => {
-                    let geom = norm_geom(n).expect("norm op");
-                    let k = kernels::norm_forward(&format!("{tag}_fwd"), &geom)?;
-                    let mut args = vec![x.expect("input")];
-                    if geom.affine {
-                        args.push(self.param(n.id, "weight").expect("gamma"));
-                        args.push(self.param(n.id, "bias").expect("beta"));
-                    }
-                    args.extend([y, self.saved[&(n.id.0, Saved::Xhat)], self.saved[&(n.id.0, Saved::Rstd)]]);
-                    self.launch(k, args)
-                }
+                _ => return Err(unlowered(n.id)),
             };
             out.push(launch);
         }
@@ -604,15 +578,11 @@ impl<'g> Lowering<'g> {
                 let first = !written.contains(&dx);
                 written.push(dx);
                 let tag = format!("{}_bwd{slot}{}", self.tag(n.id), if first { "_first" } else { "" });
-                let dy = self.grad[n.id.index()];
                 let launch = match &n.op {
                     Op::Input { .. } | Op::Flatten => continue,
                     _ if self.layers.contains_key(&n.id) => {
                         out.extend(self.index_grads(n.id, Some(slot), first)?);
                         continue;
-                    }
-                    Op::Index(_) | Op::Linear(_) | Op::Conv(_) => {
-                        return Err(crate::Error::Internal(format!("node {} is not lowered generically", n.id.0)))
                     }
                     Op::Activation(_) | Op::Add => {
                         // The derived input gradient of this operand (`dX`, `dA` or `dB`).
@@ -632,16 +602,7 @@ impl<'g> Lowering<'g> {
                         let eq = self.grads.step(n.id).and_then(|s| s.input_grads.first()).expect("a derived dX");
                         self.derived(n.id, &tag, eq, first)?
                     }
-                    Op::GroupNorm(_) | Op::InstanceNorm(_) | Op::LayerNorm(_) => {
-                        let geom = norm_geom(n).expect("norm op");
-                        let k = kernels::norm_backward_input(&tag, &geom, first)?;
-                        let mut args = vec![dy, self.saved[&(n.id.0, Saved::Xhat)], self.saved[&(n.id.0, Saved::Rstd)]];
-                        if geom.affine {
-                            args.push(self.param(n.id, "weight").expect("gamma"));
-                        }
-                        args.push(dx);
-                        self.launch(k, args)
-                    }
+                    _ => return Err(unlowered(n.id)),
                 };
                 out.push(launch);
             }
@@ -716,12 +677,6 @@ impl<'g> Lowering<'g> {
         Ok(self.launch(k, args))
     }
 
-    fn conv_io(&self, node: NodeId) -> (BufId, BufId, Vec<usize>) {
-        let n = self.graph.node(node);
-        let input = n.inputs[0];
-        (self.act[input.index()], self.grad[node.index()], self.graph.node(input).shape.clone())
-    }
-
     /// The non-private gradient of one layer's parameters, summed over the batch.
     fn batch_grad_layer(&mut self, node: NodeId) -> Result<Vec<Launch>> {
         let g = self.graph;
@@ -731,16 +686,12 @@ impl<'g> Lowering<'g> {
                 self.extra(Role::BatchGrad(p.name.clone()), &format!("batch_grad.{}", p.name), false, p.shape.clone())
             })
             .collect();
-        let tag = self.tag(node);
-        if self.layers.contains_key(&node) {
-            let how = (Batching::Summed, LaunchMode::Grid, Windows::Columns);
-            return self.index_param_grads(node, &tag, &targets, how, "batch_grad", None);
+        if !self.layers.contains_key(&node) {
+            return Err(unlowered(node));
         }
-        let (_, dy, _) = self.conv_io(node);
-        let geom = norm_geom(g.node(node)).expect("a norm with parameters");
-        let k = param_grads::norm_batch_grad(&format!("{tag}_batch_grad"), &geom)?;
-        let args = vec![dy, self.saved[&(node.0, Saved::Xhat)]].into_iter().chain(targets).collect();
-        Ok(vec![self.launch(k, args)])
+        let tag = self.tag(node);
+        let how = (Batching::Summed, LaunchMode::Grid, Windows::Columns);
+        self.index_param_grads(node, &tag, &targets, how, "batch_grad", None)
     }
 
     fn slot(&self, param: &str) -> usize {
@@ -749,40 +700,13 @@ impl<'g> Lowering<'g> {
 
     /// One layer's per-example gradients or squared norms (or both) by its planned strategy.
     fn per_example_layer(&mut self, plan: &Strategies, kind: EntryKind, node: NodeId) -> Result<Vec<Launch>> {
-        let g = self.graph;
-        let slots = g.params.len();
-        let want_norms = kind != EntryKind::PerExampleGrads;
+        let slots = self.graph.params.len();
         let sq = self.extra(Role::SqNormParts, "sqnorm", true, vec![slots]);
         let strategy = strategy_of(plan, node);
-        if self.layers.contains_key(&node) {
-            return self.index_per_example(node, strategy, kind, sq);
+        if !self.layers.contains_key(&node) {
+            return Err(unlowered(node));
         }
-        // What is left: a norm layer's affine parameters, by its `direct` kernel.
-        let names: Vec<String> = g.params_of(node).map(|p| p.name.clone()).collect();
-        let slot = self.slot(&names[0]);
-        let norm = want_norms.then_some((slot, slots));
-        // Materialized grads are stored unless only norms are wanted (the kernel fuses them).
-        let store = kind != EntryKind::PerExampleNorms;
-        let pe: Vec<BufId> = if !store {
-            Vec::new()
-        } else {
-            g.params_of(node)
-                .map(|p| {
-                    self.extra(Role::PerExampleGrad(p.name.clone()), &format!("grad.{}", p.name), true, p.shape.clone())
-                })
-                .collect()
-        };
-        let (_, dy, _) = self.conv_io(node);
-        let tag = format!("{}_{}{}", self.tag(node), strategy, if store { "" } else { "_norm_only" });
-        let tag = if want_norms && store { format!("{tag}_norm") } else { tag };
-        let geom = norm_geom(g.node(node))
-            .ok_or_else(|| crate::Error::Internal(format!("node {} has no {strategy} schedule of its own", node.0)))?;
-        let k = param_grads::norm_per_example(&tag, &geom, Outputs { store, norm })?;
-        let mut args = [vec![dy, self.saved[&(node.0, Saved::Xhat)]], pe].concat();
-        if norm.is_some() {
-            args.push(sq);
-        }
-        Ok(vec![self.launch(k, args)])
+        self.index_per_example(node, strategy, kind, sq)
     }
 
     /// After the backward pass of a per-example entry: the norms and clip factors (unless
@@ -893,7 +817,7 @@ impl<'g> Lowering<'g> {
             (LocalKind::Temp, false) if output => self.act[node.index()],
             (LocalKind::Temp, true) if output => self.grad[node.index()],
             (LocalKind::Temp, false) => {
-                let (role, shape) = (Role::Saved(node.0, Saved::Temp(t.name.clone())), t.shape.clone());
+                let (role, shape) = (Role::Saved(node.0, t.name.clone()), t.shape.clone());
                 self.extra(role, &format!("n{}_{}", node.0, t.name), true, shape)
             }
             (LocalKind::Temp, true) => {
@@ -947,6 +871,31 @@ impl<'g> Lowering<'g> {
         let (k, tensors) = index::equation_kernel(name, eq, ranges, &info, first, batching)?;
         let args = self.buffers_of(node, &tensors, param_targets, |_| None)?;
         Ok(vec![self.launch_as(k, args, mode)])
+    }
+
+    /// Launches over the batch (more than one, none with a contraction) as one launch named
+    /// `name` whose grid iteration runs each one's iteration in turn ([`fuse::sequence`]):
+    /// what one writes for an example and a later one reads (a norm's row statistics, then
+    /// its `X̂`) is read back while it is in cache, and what several read (the output
+    /// gradient both parameter gradients of a layer read) is read from memory once. The
+    /// launches as they are where that does not apply or `sequence` refuses (iterations
+    /// that are not independent).
+    fn in_sequence(&mut self, name: &str, launches: Vec<Launch>) -> Vec<Launch> {
+        let over_batch = |l: &Launch| {
+            let k = &self.kernels[l.kernel];
+            l.mode == LaunchMode::Grid && k.grid.extent == pdgc_codegen::ir::Dim::Batch && !k.has_contractions()
+        };
+        if launches.len() < 2 || !launches.iter().all(over_batch) {
+            return launches;
+        }
+        // Each buffer named by its id, so that the parts name a buffer alike.
+        let parts: Vec<(Kernel, Vec<String>)> = launches
+            .iter()
+            .map(|l| (self.kernels[l.kernel].clone(), l.args.iter().map(|b| b.0.to_string()).collect()))
+            .collect();
+        let Ok((k, bound)) = fuse::sequence(name, &parts) else { return launches };
+        let args = bound.iter().map(|t| BufId(t.parse().expect("a buffer id"))).collect();
+        vec![self.launch(k, args)]
     }
 
     /// crb's two launches of `pg`'s per-example gradient (see [`index::crb_kernels`]): the
@@ -1184,7 +1133,14 @@ impl<'g> Lowering<'g> {
                 out.push(self.sqnorm_launch(&pg.param, targets[at], sq)?);
             }
         }
-        Ok(out)
+        // The parameters' per-example kernels of one layer as one launch where they run
+        // over the batch (a layer's weight and bias gradients read its output gradient once).
+        let name = match (norms, store) {
+            (None, _) => format!("{tag}_{suffix}"),
+            (Some(_), true) => format!("{tag}_{suffix}_norm"),
+            (Some(_), false) => format!("{tag}_{suffix}_norm_only"),
+        };
+        Ok(self.in_sequence(&name, out))
     }
 
     /// The local tensor whose gradient `pg` derives, and the position of its parameter in
@@ -1439,26 +1395,15 @@ fn clipped_role(node: NodeId) -> Role {
     Role::Workspace(format!("n{}_clipped", node.0))
 }
 
+/// The error for a node with parameters (or an op of the layer form) that the generic
+/// lowering of derived equations did not take (`Lowering::layers` lacks it): a bug.
+fn unlowered(node: NodeId) -> crate::Error {
+    crate::Error::Internal(format!("node {} is not lowered from its derived equations", node.0))
+}
+
 /// `weight` for `conv1.weight`: the name a parameter's kernels carry.
 fn param_suffix(param: &str) -> &str {
     param.rsplit('.').next().unwrap_or_default()
-}
-
-/// The geometry of a norm node, `None` for other ops.
-fn norm_geom(n: &crate::graph::Node) -> Option<NormGeom> {
-    let shape = &n.shape;
-    let total = numel(shape) as usize;
-    let (norm, rows, cg, per_element) = match &n.op {
-        Op::GroupNorm(norm) => (norm, norm.groups, shape[0] / norm.groups, false),
-        Op::InstanceNorm(norm) => (norm, shape[0], 1, false),
-        Op::LayerNorm(norm) => {
-            let inner: usize = shape[shape.len() - norm.groups..].iter().product();
-            (norm, total / inner, 1, true)
-        }
-        _ => return None,
-    };
-    let s = total / (rows * cg);
-    Some(NormGeom { rows, cg, s, eps: norm.eps as f32, affine: norm.affine, per_element_param: per_element })
 }
 
 /// The positions per spatial axis crb's grouped convolution produces (≥ the kernel).
