@@ -37,11 +37,12 @@ pub fn fuse(name: &str, parts: &[(Kernel, Vec<String>)], private: &str) -> Resul
     fuse_parts(name, parts, Some(private))
 }
 
-/// Per-example kernels `parts` (see [`fuse`]) as one whose grid iteration runs each one's
-/// iteration in turn, sharing no private memory: what one part writes for an example and a
-/// later one reads stays in its buffer, read back while it is in cache (a norm's row
-/// statistics, then its normalized input, then the affine output: one launch). Such a
-/// tensor is read and written by the fused kernel; the fused grid's independence
+/// Kernels `parts` over one grid (see [`fuse`]: over the batch, or all over the same other
+/// grid) as one whose grid iteration runs each one's iteration in turn, sharing no private
+/// memory: what one part writes for an example and a later one reads stays in its buffer,
+/// read back while it is in cache (a norm's row statistics, then its normalized input, then
+/// the affine output: one launch). Such a tensor (of the batch) is read and written by the
+/// fused kernel; the fused grid's independence
 /// ([`grid_independent`]) proves each iteration touches only its own example's slice of
 /// it, so iteration `n` of a later part reads what iteration `n` of an earlier one wrote.
 /// Refused (an error) otherwise.
@@ -91,7 +92,11 @@ fn fuse_parts(name: &str, parts: &[(Kernel, Vec<String>)], private: Option<&str>
     for &p in &order {
         let (k, names) = &parts[p];
         // Every part runs over the batch, but the host of a gather.
-        let over_batch = k.grid.extent == Dim::Batch || (gather.is_some() && p == host);
+        // (A sequence's parts may all run over another grid, the same one: a layer's
+        // batch-summed gradients over their rows.)
+        let over_batch = k.grid.extent == Dim::Batch
+            || (gather.is_some() && p == host)
+            || (private.is_none() && k.grid.extent == first.grid.extent);
         if names.len() != k.args.len() || !over_batch {
             return Err(bug(format!("`{}` is not a kernel over the batch with named arguments", k.name)));
         }

@@ -873,19 +873,21 @@ impl<'g> Lowering<'g> {
         Ok(vec![self.launch_as(k, args, mode)])
     }
 
-    /// Launches over the batch (more than one, none with a contraction) as one launch named
-    /// `name` whose grid iteration runs each one's iteration in turn ([`fuse::sequence`]):
+    /// Launches over one grid (the batch, or the same rows: more than one, none with a
+    /// contraction) as one launch named `name` whose grid iteration runs each one's
+    /// iteration in turn ([`fuse::sequence`]):
     /// what one writes for an example and a later one reads (a norm's row statistics, then
     /// its `X̂`) is read back while it is in cache, and what several read (the output
     /// gradient both parameter gradients of a layer read) is read from memory once. The
     /// launches as they are where that does not apply or `sequence` refuses (iterations
     /// that are not independent).
     fn in_sequence(&mut self, name: &str, launches: Vec<Launch>) -> Vec<Launch> {
-        let over_batch = |l: &Launch| {
+        let Some(grid) = launches.first().map(|l| self.kernels[l.kernel].grid.extent) else { return launches };
+        let fusable = |l: &Launch| {
             let k = &self.kernels[l.kernel];
-            l.mode == LaunchMode::Grid && k.grid.extent == pdgc_codegen::ir::Dim::Batch && !k.has_contractions()
+            l.mode == LaunchMode::Grid && k.grid.extent == grid && !k.has_contractions()
         };
-        if launches.len() < 2 || !launches.iter().all(over_batch) {
+        if launches.len() < 2 || !launches.iter().all(fusable) {
             return launches;
         }
         // Each buffer named by its id, so that the parts name a buffer alike.
