@@ -14,6 +14,12 @@
 //! gathered, for the same example: the product then reads exactly the example's columns it
 //! read before, and the gather writes nothing else. [`fuse`] checks what it relies on and
 //! refuses otherwise.
+//!
+//! A third form shares no private memory: a layer's several launches over one grid (a
+//! norm's statistics, normalized input and affine output; a layer's weight and bias
+//! gradients) run in turn per grid iteration ([`sequence`]), each tensor in its buffer, and
+//! their adjacent loops over the same range merge where every element one writes and the
+//! other touches is touched by the same iteration of each ([`fuse_loops`]).
 
 use std::collections::{HashMap, HashSet};
 
