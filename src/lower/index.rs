@@ -1,7 +1,7 @@
 //! Lowering of the equations derived for a layer written in index notation
 //! ([`crate::grad::layer`]), for a built-in op that has that form (`linear`, convs, see
-//! [`crate::grad::as_index_layer`]), for pools and for the loss: each equation becomes one
-//! kernel, with no knowledge of the op it came from.
+//! [`crate::grad::as_index_layer`]: `linear`, convs, the norms), for pools and for the loss:
+//! each equation becomes one kernel, with no knowledge of the op it came from.
 //!
 //! - A gather `t[n, v...] = Σ_terms Σ_{s} body` loops over `v`, sums each term over its own
 //!   variables into one accumulator, and stores it once. A gather that is one max or mean
@@ -11,9 +11,10 @@
 //!   through a first maximum (max pooling's backward) is [`first_max_scatter`]'s.
 //! - A read that may leave its tensor (zero padding) is loaded under a guard, so no backend
 //!   ever touches memory outside a buffer; outside, it reads 0.
-//! - A reduction inside an expression (a softmax's log-sum-exp) or a loop variable's value
-//!   (a one-hot comparison) is computed into an accumulator first, before the loops over
-//!   the variables it does not depend on ([`Builder::value_in`]).
+//! - A reduction inside an expression (a softmax's log-sum-exp, a norm's row means) or a
+//!   loop variable's value (a one-hot comparison) is computed into an accumulator first,
+//!   inside the loops over the variables it depends on and before the others
+//!   ([`Builder::value_in`]); sibling sums over the same loops share one loop nest.
 //!
 //! Per-example kernels run the batch as their grid (each example on its own); the
 //! batch-summed parameter gradient (`Batching::Summed`) drops `n` from the target, makes
