@@ -55,9 +55,9 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
     let norm = norm_view(node);
     let shown = |s: &[usize], param: bool| match (&node.op, &norm) {
         (Op::Conv(conv), _) if conv.groups > 1 => format!("{} as {}", shape(s), shape(&grouped_view(conv, s))),
-        (_, Some(view)) => match if param { &view.param } else { &view.x } {
+        (_, Some(view)) => match if param { view.param() } else { view.x.clone() } {
             v if v.as_slice() == s => shape(s),
-            v => format!("{} as {}", shape(s), shape(v)),
+            v => format!("{} as {}", shape(s), shape(&v)),
         },
         _ => shape(s),
     };
@@ -199,15 +199,15 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
             let (mean, rstd) = (Access::new("μ", &["n", "r"]), Access::new("σ⁻¹", &["n", "r"]));
             let centered = || Expr::sub(rd(&x), rd(&mean));
             let m = |over: &[Var], e: Expr| Expr::reduce(Reduction::Mean, over.to_vec(), e);
-            step.forward.push(eq(mean.clone(), m(&view.over, rd(&x))));
+            step.forward.push(eq(mean.clone(), m(view.over(), rd(&x))));
             // Two passes (the mean first, then the centered squares): no cancellation.
-            let variance = m(&view.over, Expr::mul(vec![centered(), centered()]));
+            let variance = m(view.over(), Expr::mul(vec![centered(), centered()]));
             let root = Expr::apply(Func::Sqrt, vec![Expr::Add(vec![variance, Expr::num(n.eps)])]);
             step.forward.push(eq(rstd.clone(), Expr::div(Expr::num(1.0), root)));
             step.forward.push(eq(xhat.clone(), Expr::mul(vec![centered(), rd(&rstd)])));
             step.bindings.push(format!(
                 "μ, σ⁻¹ = mean and 1/std of row r {}; X̂ {}",
-                shape(&[view.rows]),
+                shape(&[view.rows()]),
                 shape(&view.x)
             ));
             // `dX̂` at the variables `vars` (`view.vars` or their primed copies): the output
@@ -234,8 +234,8 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
             if needs_x {
                 // dX = σ⁻¹·(dX̂ − mean(dX̂) − X̂·mean(dX̂·X̂)), the means over the row (primed).
                 let primed: Vec<Var> =
-                    view.vars.iter().map(|v| if view.over.contains(v) { prime(v) } else { *v }).collect();
-                let over: Vec<Var> = view.over.iter().map(|v| prime(v)).collect();
+                    view.vars.iter().map(|v| if view.over().contains(v) { prime(v) } else { *v }).collect();
+                let over: Vec<Var> = view.over().iter().map(|v| prime(v)).collect();
                 let xhat_p = Access::new("X̂", &with_n(&primed));
                 step.input_grads.push(eq(
                     grad(&x),
@@ -249,7 +249,7 @@ pub fn define(graph: &Graph, node: &Node, input_needs: &[bool]) -> Option<GradSt
                 ));
             }
             step.ranges = view.vars.iter().copied().zip(view.x.iter().copied()).collect();
-            step.ranges.extend(view.over.iter().map(|v| (prime(v), view.range(v))));
+            step.ranges.extend(view.over().iter().map(|v| (prime(v), view.range(v))));
         }
     }
     Some(step)
@@ -310,11 +310,11 @@ pub fn as_index_layer(graph: &Graph, node: &Node) -> Option<IndexLayer> {
             tensors.push(local(
                 param_local(p.name.rsplit('.').next().unwrap_or_default()),
                 LocalKind::Param,
-                &view.param,
+                &view.param(),
             ));
         }
         for (t, shape) in
-            [("μ", vec![view.rows]), ("σ⁻¹", vec![view.rows]), ("X̂", view.x.clone()), ("Y", view.x.clone())]
+            [("μ", vec![view.rows()]), ("σ⁻¹", vec![view.rows()]), ("X̂", view.x.clone()), ("Y", view.x.clone())]
         {
             tensors.push(local(t, LocalKind::Temp, &shape));
         }
@@ -439,22 +439,33 @@ pub fn grouped_view(conv: &Conv, shape: &[usize]) -> Vec<usize> {
 /// (`r, s`) for a layer norm — and the affine parameters in the same terms (`[G, C/G]`,
 /// `[C]`, `[normalized]`).
 pub struct NormView {
-    /// The input's view.
+    /// The input's view (rows first).
     pub x: Vec<usize>,
     /// The variables indexing it (`n` not included).
     pub vars: Vec<Var>,
-    /// The variables one row's statistics average over.
-    pub over: Vec<Var>,
-    /// The parameters' view and the variables indexing them.
-    pub param: Vec<usize>,
+    /// The variables indexing the parameters (a prefix or suffix of `vars`).
     pub param_vars: Vec<Var>,
-    /// Rows per example.
-    pub rows: usize,
 }
 
 impl NormView {
+    /// The range of variable `v` of the view.
     pub fn range(&self, v: Var) -> usize {
         self.vars.iter().position(|u| *u == v).map_or(1, |i| self.x[i])
+    }
+
+    /// Rows per example.
+    pub fn rows(&self) -> usize {
+        self.x[0]
+    }
+
+    /// The variables one row's statistics average over (all but the row's).
+    pub fn over(&self) -> &[Var] {
+        &self.vars[1..]
+    }
+
+    /// The parameters' view.
+    pub fn param(&self) -> Vec<usize> {
+        self.param_vars.iter().map(|&p| self.range(p)).collect()
     }
 }
 
@@ -471,9 +482,7 @@ pub fn norm_view(node: &Node) -> Option<NormView> {
         }
         _ => return None,
     };
-    let param = param_vars.iter().map(|p| x[vars.iter().position(|v| v == p).expect("a var")]).collect();
-    let over = vars[1..].to_vec();
-    Some(NormView { rows: x[0], x, vars, over, param, param_vars })
+    Some(NormView { x, vars, param_vars })
 }
 
 /// `v′`: the name of a variable bound by a reduction inside an equation that uses `v` free.

@@ -269,22 +269,9 @@ fn fuse_loops(body: Vec<Stmt>) -> Vec<Stmt> {
 /// `k` without the variables no loop binds (those of loops [`fuse_loops`] merged into
 /// others), the rest renumbered.
 fn drop_unbound_vars(k: &mut Kernel) {
-    struct Bound(HashSet<VarId>);
-    impl<'k> Visitor<'k> for Bound {
-        fn stmt(&mut self, s: &'k Stmt) {
-            match s {
-                Stmt::Loop(l) => {
-                    self.0.insert(l.var);
-                }
-                Stmt::Contract(c) => self.0.extend([c.m, c.n, c.k]),
-                _ => {}
-            }
-            walk_stmt(self, s);
-        }
-    }
-    let mut bound = Bound(HashSet::from([k.grid.var]));
-    walk_body(&mut bound, &k.grid.body);
-    let keep: Vec<usize> = (0..k.vars.len()).filter(|&v| bound.0.contains(&VarId(v as u32))).collect();
+    let mut bound = bound_vars(&k.grid.body);
+    bound.insert(k.grid.var);
+    let keep: Vec<usize> = (0..k.vars.len()).filter(|&v| bound.contains(&VarId(v as u32))).collect();
     if keep.len() == k.vars.len() {
         return;
     }
@@ -307,6 +294,26 @@ fn drop_unbound_vars(k: &mut Kernel) {
     k.vars = keep.iter().map(|&v| k.vars[v].clone()).collect();
 }
 
+/// The variables the loops and contractions of `body` bind, at any depth.
+fn bound_vars(body: &[Stmt]) -> HashSet<VarId> {
+    struct Bound(HashSet<VarId>);
+    impl<'k> Visitor<'k> for Bound {
+        fn stmt(&mut self, s: &'k Stmt) {
+            match s {
+                Stmt::Loop(l) => {
+                    self.0.insert(l.var);
+                }
+                Stmt::Contract(c) => self.0.extend([c.m, c.n, c.k]),
+                _ => {}
+            }
+            walk_stmt(self, s);
+        }
+    }
+    let mut bound = Bound(HashSet::new());
+    walk_body(&mut bound, body);
+    bound.0
+}
+
 /// Whether loop bodies `a` then `b` over the same variable `var` may run as one loop whose
 /// iteration runs `a`'s then `b`'s: they share no accumulator, and every argument one of
 /// them stores to and the other reaches is accessed (by both) at one index that has, in
@@ -318,7 +325,6 @@ fn loops_fuse(var: VarId, a: &[Stmt], b: &[Stmt]) -> bool {
     struct Uses<'k> {
         accesses: Vec<(ArgId, &'k [Affine], bool)>,
         accs: HashSet<AccId>,
-        bound: HashSet<VarId>,
     }
     impl<'k> Visitor<'k> for Uses<'k> {
         fn stmt(&mut self, s: &'k Stmt) {
@@ -336,9 +342,6 @@ fn loops_fuse(var: VarId, a: &[Stmt], b: &[Stmt]) -> bool {
         fn access(&mut self, arg: ArgId, index: &'k [Affine], store: bool) {
             self.accesses.push((arg, index, store));
         }
-        fn enter_loop(&mut self, l: &'k Loop) {
-            self.bound.insert(l.var);
-        }
     }
     let (mut ua, mut ub) = (Uses::default(), Uses::default());
     walk_body(&mut ua, a);
@@ -346,7 +349,7 @@ fn loops_fuse(var: VarId, a: &[Stmt], b: &[Stmt]) -> bool {
     if ua.accs.intersection(&ub.accs).next().is_some() || a.iter().chain(b).any(|s| matches!(s, Stmt::Contract(_))) {
         return false;
     }
-    let inner: HashSet<VarId> = ua.bound.union(&ub.bound).copied().collect();
+    let inner: HashSet<VarId> = [a, b].into_iter().flat_map(bound_vars).collect();
     let stored = |u: &Uses, arg: ArgId| u.accesses.iter().any(|(x, _, store)| *x == arg && *store);
     let reached = |u: &Uses, arg: ArgId| u.accesses.iter().any(|(x, _, _)| *x == arg);
     let shared: HashSet<ArgId> = ua
