@@ -22,8 +22,9 @@
 use crate::graph::{Graph, Op};
 use crate::lower::{BufId, EntryKind, LaunchMode, Program, Role};
 
-/// Offsets are multiples of this many `f32`s (64 bytes).
-const ALIGN: u64 = 16;
+/// Offsets are multiples of this many `f32`s (64 bytes): the arena starts on a cache line,
+/// so every buffer does.
+const ALIGN: u64 = pdgc_codegen::buffer::ALIGN_FLOATS as u64;
 
 /// One entry point's arena layout for runs of `batch` examples.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,6 +20,7 @@
 
 use std::sync::Arc;
 
+use pdgc_codegen::buffer::AlignedBuf;
 use pdgc_codegen::cpu::{CompiledKernel, CpuBackend};
 use pdgc_codegen::cuda::device::{CudaDevice, DeviceBuffer, LoadedModule, View};
 use pdgc_codegen::cuda::host::HostModule;
@@ -102,8 +103,9 @@ pub struct Session {
     graph: Arc<Graph>,
     program: Arc<Program>,
     executor: Executor,
-    /// The host buffers of the entry last bound, at the offsets of its layout.
-    arena: Vec<f32>,
+    /// The host buffers of the entry last bound, at the offsets of its layout (multiples of
+    /// 64 bytes from the arena's start, which is on a cache line: every buffer is).
+    arena: AlignedBuf,
     /// Per entry (in [`EntryKind::ALL`] order), its layout for runs of its micro-batch size;
     /// computed on first use.
     layouts: Vec<Option<Layout>>,
@@ -154,7 +156,7 @@ impl Session {
             graph,
             program,
             executor,
-            arena: Vec::new(),
+            arena: AlignedBuf::new(),
             layouts: vec![None; EntryKind::ALL.len()],
             bound: None,
             output,
@@ -255,16 +257,12 @@ impl Session {
     /// Lays the arena out for `kind`, growing it (fallibly) if needed.
     fn prepare(&mut self, kind: EntryKind) -> Result<()> {
         let len = self.layout(kind)?.len as usize;
-        if self.arena.len() < len {
-            let more = len - self.arena.len();
-            self.arena.try_reserve_exact(more).map_err(|_| Error::OutOfMemory {
-                what: format!("the {} step's buffers", kind.name()),
-                bytes: len as u64 * 4,
-                budget: None,
-                advice: "lower --memory-budget to run in smaller micro-batches, or free memory".into(),
-            })?;
-            self.arena.resize(len, POISON);
-        }
+        self.arena.grow(len, POISON).map_err(|_| Error::OutOfMemory {
+            what: format!("the {} step's buffers", kind.name()),
+            bytes: len as u64 * 4,
+            budget: None,
+            advice: "lower --memory-budget to run in smaller micro-batches, or free memory".into(),
+        })?;
         self.bound = Some(kind);
         Ok(())
     }

@@ -24,10 +24,12 @@
 //!    must lie within i64: backends compute indices in wrapping 64-bit arithmetic, which
 //!    then gives the exact value. An enclosing `If` whose condition is, or has as a
 //!    conjunct of `Cond::And`, `InRange { index: c, lo, hi }` narrows the interval of any
-//!    accessed index equal to `c + d` for a constant `d` (terms compared after sorting
-//!    and merging like terms) to `[lo+d, hi-1+d]`, provided the interval of `c` itself
-//!    lies within i64; conditions inside `Select` narrow nothing, since a backend may
-//!    evaluate both arms. A position of a `Dim::Batch` dim must be exactly one variable
+//!    accessed index equal to `s·c + r` for an integer `s ≠ 0` (terms compared after
+//!    sorting and merging like terms) to `s·[lo, hi-1]` plus the interval of the rest `r`
+//!    (a constant `d` for an index dim's own guard, `[lo+d, hi-1+d]`; other terms for a
+//!    flattened index, whose interval the other guards narrow in turn), provided the
+//!    interval of `c` itself lies within i64; conditions inside `Select` narrow nothing,
+//!    since a backend may evaluate both arms. A position of a `Dim::Batch` dim must be exactly one variable
 //!    of an `Extent::Batch` loop, and such a variable appears in no other load or store
 //!    position. An access that is never reached (inside a `Fixed(0)` loop, or narrowed
 //!    to an empty interval) is accepted.
@@ -426,9 +428,14 @@ impl Verifier<'_> {
     /// positive (all reported elsewhere, or unreachable).
     fn natural(&self, ix: &Affine) -> Option<Interval> {
         let (terms, offset) = normalize(ix);
-        let mut lo = offset as i128;
-        let mut hi = offset as i128;
-        for (var, div, coef) in terms {
+        self.natural_terms(&terms, offset as i128)
+    }
+
+    /// [`Self::natural`] of `Σ terms + offset`.
+    fn natural_terms(&self, terms: &[NormalTerm], offset: i128) -> Option<Interval> {
+        let mut lo = offset;
+        let mut hi = offset;
+        for &(var, div, coef) in terms {
             let e = match self.extent_of(var)? {
                 Extent::Fixed(e) if e > 0 && div > 0 => e as i128,
                 _ => return None,
@@ -442,18 +449,68 @@ impl Verifier<'_> {
         Some((lo, hi))
     }
 
-    /// Narrows an index's interval by the enclosing `InRange` facts.
-    fn narrow(&self, ix: &Affine, (mut lo, mut hi): Interval) -> Interval {
+    /// Narrows an index's interval by the enclosing `InRange` facts (invariant 8): where
+    /// the index is `s·c + r` for a fact `lo <= c < hi`, an integer `s ≠ 0` and the rest
+    /// `r` (every term of `s·c` appears in the index), it lies in `s·[lo, hi-1]` plus the
+    /// interval of `r`, itself narrowed by the other facts. With `r` a constant this is
+    /// the guard of an index dim; with `r` other terms, the guards of the dims of a
+    /// flattened index (`1024·c + 32·(h+kh-1) + (w+kw-1)` under `0 <= h+kh-1 < 32` and
+    /// `0 <= w+kw-1 < 32`).
+    fn narrow(&self, ix: &Affine, interval: Interval) -> Interval {
         let (terms, offset) = normalize(ix);
-        for f in &self.facts {
-            if f.terms == terms {
-                let d = offset as i128 - f.offset as i128;
-                lo = lo.max(f.lo as i128 + d);
-                hi = hi.min(f.hi as i128 - 1 + d);
-            }
+        let facts: Vec<&Fact> = self.facts.iter().filter(|f| !f.terms.is_empty()).collect();
+        // Each fact is used at most once along a path; beyond a few facts, one at a time.
+        if facts.len() > MAX_NARROWING_FACTS {
+            return facts.iter().fold(interval, |acc, f| intersect(acc, self.narrowed(&terms, offset as i128, &[f])));
         }
-        (lo, hi)
+        intersect(interval, self.narrowed(&terms, offset as i128, &facts))
     }
+
+    /// The interval of `Σ terms + offset` by its variables' extents and each decomposition
+    /// through one of `facts` (see [`Self::narrow`]), intersected; unbounded when the
+    /// extents give none.
+    fn narrowed(&self, terms: &[NormalTerm], offset: i128, facts: &[&Fact]) -> Interval {
+        let mut best = self.natural_terms(terms, offset).unwrap_or((i128::MIN, i128::MAX));
+        for (i, f) in facts.iter().enumerate() {
+            let Some(s) = multiple_of(terms, &f.terms) else { continue };
+            if f.lo >= f.hi {
+                // The guard is never true: nothing under it runs.
+                return (1, 0);
+            }
+            let rest: Vec<NormalTerm> =
+                terms.iter().filter(|t| !f.terms.iter().any(|u| (u.0, u.1) == (t.0, t.1))).copied().collect();
+            let rest_offset = offset - s * f.offset as i128;
+            let others: Vec<&Fact> = facts.iter().enumerate().filter(|&(j, _)| j != i).map(|(_, f)| *f).collect();
+            let (rlo, rhi) = self.narrowed(&rest, rest_offset, &others);
+            if rlo == i128::MIN || rhi == i128::MAX {
+                continue;
+            }
+            let (a, b) = (s * f.lo as i128, s * (f.hi as i128 - 1));
+            best = intersect(best, (a.min(b) + rlo, a.max(b) + rhi));
+        }
+        best
+    }
+}
+
+/// How many enclosing facts [`Verifier::narrow`] combines along one decomposition (more
+/// are applied one at a time): the combinations grow as the factorial of the count.
+const MAX_NARROWING_FACTS: usize = 6;
+
+/// The integer `s ≠ 0` with `terms ⊇ s·fact` term by term (same variables and divisors,
+/// coefficients `s` times the fact's), if there is one.
+fn multiple_of(terms: &[NormalTerm], fact: &[NormalTerm]) -> Option<i128> {
+    let &(var, div, coef) = fact.first()?;
+    let own = terms.iter().find(|t| (t.0, t.1) == (var, div))?.2;
+    if own % coef != 0 {
+        return None;
+    }
+    let s = own / coef;
+    let all = fact.iter().all(|&(v, d, c)| terms.iter().any(|t| (t.0, t.1) == (v, d) && t.2 == s * c));
+    (s != 0 && all).then_some(s)
+}
+
+fn intersect((a, b): Interval, (c, d): Interval) -> Interval {
+    (a.max(c), b.min(d))
 }
 
 fn fits_i64(lo: i128, hi: i128) -> bool {

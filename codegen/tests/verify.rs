@@ -301,6 +301,48 @@ fn a_padded_convolution_needs_its_guards() {
 }
 
 #[test]
+fn guards_on_the_dims_of_a_flattened_index_bound_it() {
+    // A padded 3x3 window over a 4x4 image read through its flattening to 16 elements:
+    // `x[4·(h+kh-1) + (w+kw-1)]` under `0 <= h+kh-1 < 4` and `0 <= w+kw-1 < 4`, the guards
+    // each of the image's dims had before it was flattened (a conv's input gradient fused
+    // with a kernel that views it flat). `row` is the row guard's index (of `h`, `kh`).
+    type Row = Option<(fn(VarId, VarId) -> Affine, i64, i64)>;
+    let build = |row: Row, col: Option<(i64, i64)>, len: u32| {
+        let mut kb = KernelBuilder::new("window");
+        let x = kb.input("x", &[f(len)]);
+        let y = kb.output("y", &[f(4), f(4)]);
+        let [g, h, w, kh, kw] = [kb.var("g"), kb.var("h"), kb.var("w"), kb.var("kh"), kb.var("kw")];
+        let a = kb.acc("a");
+        let ix = Affine::default().plus(h, 4).plus(kh, 4).plus(w, 1).plus(kw, 1).offset(-5);
+        let mut add = add_to(a, ld(x, vec![ix]));
+        if let Some((lo, hi)) = col {
+            add = when(in_range(v(w).plus(kw, 1).offset(-1), lo, hi), vec![add]);
+        }
+        if let Some((r, lo, hi)) = row {
+            add = when(in_range(r(h, kh), lo, hi), vec![add]);
+        }
+        let window = lp(kh, 3, vec![lp(kw, 3, vec![add])]);
+        let body = vec![set(a, c(0.0)), window, store(y, vec![v(h), v(w)], acc(a))];
+        kb.finish(g, Extent::Fixed(1), vec![lp(h, 4, vec![lp(w, 4, body)])])
+    };
+    let row: fn(VarId, VarId) -> Affine = |h, kh| v(h).plus(kh, 1).offset(-1);
+    accepts(&build(Some((row, 0, 4)), Some((0, 4)), 16));
+    // Either guard alone leaves an end of the flattened range uncovered.
+    rejects(&build(None, None, 16), &["ranges over [-5, 20]"]);
+    rejects(&build(Some((row, 0, 4)), None, 16), &["ranges over [-1, 16] even under the enclosing guards"]);
+    rejects(&build(None, Some((0, 4)), 16), &["ranges over [-4, 19] even under the enclosing guards"]);
+    // A guard one row too wide lets the last row's window past the end.
+    rejects(&build(Some((row, 0, 5)), Some((0, 4)), 16), &["ranges over [0, 19] even under the enclosing guards"]);
+    accepts(&build(Some((row, 0, 5)), Some((0, 4)), 20));
+    // A guard on the negated row (`-3 <= 1-h-kh < 1`) decomposes with a factor of -4.
+    let negated: fn(VarId, VarId) -> Affine = |h, kh| Affine::constant(1).plus(h, -1).plus(kh, -1);
+    accepts(&build(Some((negated, -3, 1)), Some((0, 4)), 16));
+    rejects(&build(Some((negated, -3, 1)), Some((0, 4)), 15), &["ranges over [0, 15] even under the enclosing guards"]);
+    // A guard that is never true makes the access unreachable.
+    accepts(&build(Some((row, 2, 2)), None, 1));
+}
+
+#[test]
 fn batch_dims_take_exactly_one_batch_loop_variable() {
     // The grid variable of a fixed-extent grid in a batch dim.
     let mut k = base();

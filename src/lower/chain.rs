@@ -138,7 +138,8 @@ fn next_pair(
                 let name = format!("{}__{}", ka.name, kb.name);
                 // `fuse` refuses what it cannot prove sound; such a pair stays as it is.
                 let Ok((kernel, bound)) = fuse::fuse(&name, &parts, &format!("b{}", t.0)) else { continue };
-                // Flattened views can lose the guards that bounded an index dim by dim.
+                // A check, not an expectation: `fuse` flattens the accesses of a tensor the
+                // parts view with different dims, and the verifier must still bound them.
                 if pdgc_codegen::verify::verify(&kernel).is_err() {
                     continue;
                 }

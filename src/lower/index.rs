@@ -876,36 +876,48 @@ fn first_max_scatter(
             for (xt, _) in &at {
                 xs.push(b.value(xt)?.1);
             }
-            let taken = |i: usize| {
-                let mut conds = vec![is_max(xs[i].clone(), ir::CmpOp::Eq)];
-                conds.extend(xs[..i].iter().map(|e| is_max(e.clone(), ir::CmpOp::Ne)));
-                if conds.len() == 1 {
-                    conds.remove(0)
-                } else {
-                    ir::Cond::And(conds)
-                }
-            };
-            // Tap `i` adds `value` where it takes the gradient.
-            let per_tap = |b: &mut Builder, value: &ir::Expr| -> Vec<Stmt> {
+            // Tap `i` adds `value` where it takes the gradient: where it holds the maximum
+            // `ymax` and no tap before it does (`xs` the taps' values).
+            let per_tap = |b: &mut Builder, xs: &[ir::Expr], ymax: &ir::Expr, value: &ir::Expr| -> Vec<Stmt> {
+                let is_max = |xv: &ir::Expr, op: ir::CmpOp| ir::Cond::Cmp { op, a: xv.clone(), b: ymax.clone() };
+                let taken = |i: usize| {
+                    let mut conds = vec![is_max(&xs[i], ir::CmpOp::Eq)];
+                    conds.extend(xs[..i].iter().map(|e| is_max(e, ir::CmpOp::Ne)));
+                    if conds.len() == 1 {
+                        conds.remove(0)
+                    } else {
+                        ir::Cond::And(conds)
+                    }
+                };
                 let route = |i: usize| ir::Expr::select(taken(i), value.clone(), lit(0.0));
                 at.iter().enumerate().map(|(i, (_, lhs))| put(out, b.index(lhs), route(i), stores)).collect()
             };
             let lanes = match (&window, outer.last()) {
                 (Some((w, _, positions)), Some(last)) if pre.is_empty() && positions.last() == Some(last) => {
                     let ol = b.var(last);
-                    super::window::lanes(w, ol, &per_tap(b, &gv))
+                    super::window::lanes(w, ol, &per_tap(b, &xs, &ymax, &gv))
                 }
                 _ => false,
             };
             if lanes {
-                for s in per_tap(b, &gv) {
+                for s in per_tap(b, &xs, &ymax, &gv) {
                     body.extend(b.vector_nest(&outer, vec![s])?);
                 }
                 return Ok(Some(body));
             }
+            // One element at a time: each tap's value and the maximum are read once (the
+            // conditions compare each with the maximum up to once per tap after it).
             let mut inner = pre;
             inner.push(set(g, gv));
-            inner.extend(per_tap(b, &acc(g)));
+            let m = b.kb.acc("ymax");
+            inner.push(set(m, ymax.clone()));
+            let mut read = Vec::with_capacity(xs.len());
+            for (i, xv) in xs.iter().enumerate() {
+                let t = b.kb.acc(&format!("x{i}"));
+                inner.push(set(t, xv.clone()));
+                read.push(acc(t));
+            }
+            inner.extend(per_tap(b, &read, &acc(m), &acc(g)));
             body.extend(b.nest(&outer, inner)?);
             return Ok(Some(body));
         }

@@ -43,6 +43,8 @@ use cranelift_codegen::CodegenError;
 use cranelift_codegen::Context;
 use cranelift_frontend::FunctionBuilderContext;
 use cranelift_jit::{JITBuilder, JITModule};
+
+use crate::buffer::{AlignedBuf, ALIGN_FLOATS};
 use cranelift_module::{default_libcall_names, FuncId, Linkage, Module, ModuleError};
 use thiserror::Error;
 
@@ -92,7 +94,7 @@ impl Default for CpuOptions {
 /// last call (reused so that a call allocates nothing once the thread has run a kernel).
 #[derive(Default)]
 struct Private {
-    memory: Vec<f32>,
+    memory: AlignedBuf,
     ptrs: Vec<*mut f32>,
 }
 
@@ -101,13 +103,14 @@ thread_local! {
     /// ([`Mode::Private`]): every grid iteration a thread runs reuses it, so it stays in
     /// the core's cache. Grown to the largest need seen, never shrunk.
     static PRIVATE: std::cell::RefCell<Private> =
-        const { std::cell::RefCell::new(Private { memory: Vec::new(), ptrs: Vec::new() }) };
+        const { std::cell::RefCell::new(Private { memory: AlignedBuf::new(), ptrs: Vec::new() }) };
 }
 
 /// The elements a private argument takes in [`PRIVATE`]: its size rounded up to a 64-byte
-/// cache line, so that two arguments never share one.
+/// cache line, so that two arguments never share one and each starts on one (the memory
+/// is an [`AlignedBuf`]).
 fn private_slot(a: &Arg) -> usize {
-    (a.len(0) as usize).next_multiple_of(16)
+    (a.len(0) as usize).next_multiple_of(ALIGN_FLOATS)
 }
 
 /// The entry point of a compiled kernel (see [`crate::ir`]).
@@ -437,8 +440,11 @@ impl CompiledKernel {
             return unsafe { self.call_raw(bound.as_ptr(), batch, lo, hi) };
         }
         let run = |Private { memory, ptrs }: &mut Private| {
-            if memory.len() < self.private_len {
-                memory.resize(self.private_len, 0.0);
+            if memory.grow(self.private_len, 0.0).is_err() {
+                // As a `Vec` that cannot grow: no memory for this thread's arguments.
+                std::alloc::handle_alloc_error(
+                    std::alloc::Layout::array::<f32>(self.private_len).unwrap_or(std::alloc::Layout::new::<f32>()),
+                );
             }
             let (mut given, mut offset) = (bound.iter(), 0);
             ptrs.clear();
