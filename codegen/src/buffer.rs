@@ -47,6 +47,16 @@ impl AlignedBuf {
         *self = AlignedBuf { data, base };
         Ok(())
     }
+
+    /// [`Self::grow`] that aborts the process when the memory cannot be had, as a `Vec`
+    /// does (the CPU backend's own scratch memory, which has no error path).
+    pub fn grow_or_abort(&mut self, len: usize, fill: f32) {
+        if self.grow(len, fill).is_err() {
+            let layout =
+                std::alloc::Layout::array::<f32>(len + ALIGN_FLOATS).unwrap_or(std::alloc::Layout::new::<f32>());
+            std::alloc::handle_alloc_error(layout);
+        }
+    }
 }
 
 impl Deref for AlignedBuf {

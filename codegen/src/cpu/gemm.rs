@@ -22,11 +22,14 @@
 
 use std::cell::{Cell, RefCell};
 
+use crate::buffer::AlignedBuf;
+
 thread_local! {
     /// The threads a GEMM called on this thread may use.
     static THREADS: Cell<usize> = const { Cell::new(1) };
-    /// The column-major scratch matrix of a [`dot_shaped`] product, reused across calls.
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The column-major scratch matrix of a [`dot_shaped`] product, reused across calls
+    /// (on a cache line, as the arguments are).
+    static SCRATCH: RefCell<AlignedBuf> = const { RefCell::new(AlignedBuf::new()) };
 }
 
 /// The shortest sum over `k` run through the column-major scratch: below it, the transpose
@@ -106,9 +109,7 @@ pub(crate) unsafe extern "C" fn pdgc_sgemm(
         let (mu, nu) = (m as usize, n as usize);
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            if scratch.len() < mu * nu {
-                scratch.resize(mu * nu, 0.0);
-            }
+            scratch.grow_or_abort(mu * nu, 0.0);
             // SAFETY: the scratch holds `m·n` elements, column-major (row stride 1, column
             // stride `m`), and is this thread's own; `a` and `b` as the caller's contract.
             unsafe { sgemm([m, n, k], (scratch.as_mut_ptr(), 1, m), (a, a_rs, a_cs), (b, b_rs, b_cs), false) };

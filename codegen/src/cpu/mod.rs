@@ -440,12 +440,7 @@ impl CompiledKernel {
             return unsafe { self.call_raw(bound.as_ptr(), batch, lo, hi) };
         }
         let run = |Private { memory, ptrs }: &mut Private| {
-            if memory.grow(self.private_len, 0.0).is_err() {
-                // As a `Vec` that cannot grow: no memory for this thread's arguments.
-                std::alloc::handle_alloc_error(
-                    std::alloc::Layout::array::<f32>(self.private_len).unwrap_or(std::alloc::Layout::new::<f32>()),
-                );
-            }
+            memory.grow_or_abort(self.private_len, 0.0);
             let (mut given, mut offset) = (bound.iter(), 0);
             ptrs.clear();
             ptrs.extend(self.args.iter().map(|a| match a.mode {
