@@ -9,7 +9,7 @@
 use std::collections::TryReserveError;
 use std::ops::{Deref, DerefMut};
 
-/// The alignment of a [`AlignedBuf`]'s first element, in bytes.
+/// The alignment of an [`AlignedBuf`]'s first element, in bytes.
 pub const ALIGN_BYTES: usize = 64;
 
 /// The alignment in floats: arguments placed at multiples of it stay aligned.
@@ -39,7 +39,8 @@ impl AlignedBuf {
         }
         let mut data: Vec<f32> = Vec::new();
         data.try_reserve_exact(len + ALIGN_FLOATS - 1)?;
-        // At most ALIGN_FLOATS - 1: the allocation holds `len` floats after it.
+        // At most ALIGN_FLOATS - 1, so the allocation holds `len` floats after it (were
+        // `align_offset` ever to decline, `usize::MAX`, the buffer would be merely unaligned).
         let base = data.as_ptr().align_offset(ALIGN_BYTES).min(ALIGN_FLOATS - 1);
         data.resize(base, 0.0);
         data.extend_from_slice(self);

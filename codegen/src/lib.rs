@@ -6,11 +6,11 @@
 //! ([`cuda`]: CUDA C, NVRTC, device launches) and the analyses they share ([`analysis`]:
 //! how a kernel's iterations split over threads, which loops run on vector lanes, what a
 //! kernel costs to run) and the aligned host memory their arguments live in ([`buffer`]).
-//! It never imports the root crate and knows nothing of layers, the `.pdg` language or gradients. Every backend
-//! renders the same kernel description, so a kernel's meaning is defined once. The
-//! interpreter and the CPU backend share their scalar float semantics (`math`: one
-//! definition of each transcendental, NaN-propagating `max`/`min`), so the JIT's scalar
-//! code, and its vector code for those functions, match the oracle bit for bit.
+//! It never imports the root crate and knows nothing of layers, the `.pdg` language or
+//! gradients. Every backend renders the same kernel description, so a kernel's meaning is
+//! defined once. The interpreter and the CPU backend share their scalar float semantics
+//! (`math`: one definition of each transcendental, NaN-propagating `max`/`min`), so the
+//! JIT's scalar code, and its vector code for those functions, match the oracle bit for bit.
 
 pub mod analysis;
 pub mod buffer;
