@@ -18,7 +18,7 @@ pub const ALIGN_FLOATS: usize = ALIGN_BYTES / std::mem::size_of::<f32>();
 /// Floats on a 64-byte boundary, readable and writable as a slice (`Deref`).
 #[derive(Debug, Default)]
 pub struct AlignedBuf {
-    /// The allocation: `base` floats of padding, then the buffer's `len`.
+    /// The allocation: `base` floats of padding (none while empty), then the buffer.
     data: Vec<f32>,
     base: usize,
 }
@@ -64,13 +64,13 @@ impl Deref for AlignedBuf {
     type Target = [f32];
 
     fn deref(&self) -> &[f32] {
-        self.data.get(self.base..).unwrap_or_default()
+        &self.data[self.base..]
     }
 }
 
 impl DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [f32] {
-        self.data.get_mut(self.base..).unwrap_or_default()
+        &mut self.data[self.base..]
     }
 }
 

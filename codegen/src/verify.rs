@@ -29,9 +29,9 @@
 //!    (a constant `d` for an index dim's own guard, `[lo+d, hi-1+d]`; other terms for a
 //!    flattened index, whose interval the other guards narrow in turn), provided the
 //!    interval of `c` itself lies within i64; conditions inside `Select` narrow nothing,
-//!    since a backend may evaluate both arms. A position of a `Dim::Batch` dim must be exactly one variable
-//!    of an `Extent::Batch` loop, and such a variable appears in no other load or store
-//!    position. An access that is never reached (inside a `Fixed(0)` loop, or narrowed
+//!    since a backend may evaluate both arms. A position of a `Dim::Batch` dim must be
+//!    exactly one variable of an `Extent::Batch` loop, and such a variable appears in no
+//!    other load or store position. An access that is never reached (inside a `Fixed(0)` loop, or narrowed
 //!    to an empty interval) is accepted.
 //!
 //! 9. The variables a [`crate::ir::Contract`] binds (`m`, `n`, `k`) appear in its operands'
@@ -458,35 +458,35 @@ impl Verifier<'_> {
     /// `0 <= w+kw-1 < 32`).
     fn narrow(&self, ix: &Affine, interval: Interval) -> Interval {
         let (terms, offset) = normalize(ix);
-        let facts: Vec<&Fact> = self.facts.iter().filter(|f| !f.terms.is_empty()).collect();
+        let facts: Vec<&Fact> = self.facts.iter().collect();
+        let within =
+            |facts: &[&Fact]| self.narrowed(&terms, offset as i128, facts).map_or(interval, |i| intersect(interval, i));
         // Each fact is used at most once along a path; beyond a few facts, one at a time.
         if facts.len() > MAX_NARROWING_FACTS {
-            return facts.iter().fold(interval, |acc, f| intersect(acc, self.narrowed(&terms, offset as i128, &[f])));
+            return facts.iter().fold(interval, |acc, f| intersect(acc, within(&[f])));
         }
-        intersect(interval, self.narrowed(&terms, offset as i128, &facts))
+        within(&facts)
     }
 
     /// The interval of `Σ terms + offset` by its variables' extents and each decomposition
-    /// through one of `facts` (see [`Self::narrow`]), intersected; unbounded when the
-    /// extents give none.
-    fn narrowed(&self, terms: &[NormalTerm], offset: i128, facts: &[&Fact]) -> Interval {
-        let mut best = self.natural_terms(terms, offset).unwrap_or((i128::MIN, i128::MAX));
+    /// through one of `facts` (see [`Self::narrow`]), intersected; `None` where neither
+    /// bounds it.
+    fn narrowed(&self, terms: &[NormalTerm], offset: i128, facts: &[&Fact]) -> Option<Interval> {
+        let mut best = self.natural_terms(terms, offset);
         for (i, f) in facts.iter().enumerate() {
             let Some(s) = multiple_of(terms, &f.terms) else { continue };
             if f.lo >= f.hi {
                 // The guard is never true: nothing under it runs.
-                return (1, 0);
+                return Some((1, 0));
             }
             let rest: Vec<NormalTerm> =
                 terms.iter().filter(|t| !f.terms.iter().any(|u| (u.0, u.1) == (t.0, t.1))).copied().collect();
             let rest_offset = offset - s * f.offset as i128;
             let others: Vec<&Fact> = facts.iter().enumerate().filter(|&(j, _)| j != i).map(|(_, f)| *f).collect();
-            let (rlo, rhi) = self.narrowed(&rest, rest_offset, &others);
-            if rlo == i128::MIN || rhi == i128::MAX {
-                continue;
-            }
+            let Some((rlo, rhi)) = self.narrowed(&rest, rest_offset, &others) else { continue };
             let (a, b) = (s * f.lo as i128, s * (f.hi as i128 - 1));
-            best = intersect(best, (a.min(b) + rlo, a.max(b) + rhi));
+            let through = (a.min(b) + rlo, a.max(b) + rhi);
+            best = Some(best.map_or(through, |x| intersect(x, through)));
         }
         best
     }
@@ -497,9 +497,10 @@ impl Verifier<'_> {
 const MAX_NARROWING_FACTS: usize = 6;
 
 /// The integer `s ≠ 0` with `terms ⊇ s·fact` term by term (same variables and divisors,
-/// coefficients `s` times the fact's), if there is one.
+/// coefficients `s` times the fact's), if there is one; `1` for a constant fact and index.
 fn multiple_of(terms: &[NormalTerm], fact: &[NormalTerm]) -> Option<i128> {
-    let &(var, div, coef) = fact.first()?;
+    // A constant guard bounds only a constant index (itself plus the offsets' difference).
+    let Some(&(var, div, coef)) = fact.first() else { return terms.is_empty().then_some(1) };
     let own = terms.iter().find(|t| (t.0, t.1) == (var, div))?.2;
     if own % coef != 0 {
         return None;

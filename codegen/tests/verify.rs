@@ -264,6 +264,11 @@ fn guards_make_the_same_access_safe() {
     rejects(&gather(4, 4, shifted, Some(in_range(v(VarId(0)).offset(1), 0, 4))), &["ranges over [1, 4]"]);
     // A guard that is never true makes the access unreachable.
     accepts(&gather(4, 4, |i| v(i).offset(100), Some(in_range(v(VarId(1)), 3, 2))));
+    // So does a constant guard that fails, over a constant index (an unrolled tap in the
+    // padding), while one that holds bounds it.
+    accepts(&gather(4, 4, |_| Affine::constant(-1), Some(in_range(Affine::constant(-1), 0, 4))));
+    accepts(&gather(4, 4, |_| Affine::constant(2), Some(in_range(Affine::constant(1), 0, 4))));
+    rejects(&gather(4, 4, |_| Affine::constant(4), Some(in_range(Affine::constant(3), 0, 4))), &["ranges over [4, 4]"]);
 }
 
 #[test]

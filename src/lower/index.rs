@@ -845,7 +845,8 @@ fn first_max_scatter(
     let (y_arg, _) = b.args.get(&y.tensor).cloned().ok_or_else(|| unbound(&y.tensor))?;
     let y_index = b.index(y);
     let ymax = load(y_arg, y_index);
-    let is_max = |xv: ir::Expr, op: ir::CmpOp| ir::Cond::Cmp { op, a: xv, b: ymax.clone() };
+    // `x op max`: whether a tap holds (or does not hold) the maximum.
+    let is_max = |xv: &ir::Expr, max: &ir::Expr, op: ir::CmpOp| ir::Cond::Cmp { op, a: xv.clone(), b: max.clone() };
     let target = TensorInfo::unpadded(target_shape.to_vec());
     let g = b.kb.acc("g");
     let (pre, gv) = b.value(&value)?;
@@ -879,10 +880,9 @@ fn first_max_scatter(
             // Tap `i` adds `value` where it takes the gradient: where it holds the maximum
             // `ymax` and no tap before it does (`xs` the taps' values).
             let per_tap = |b: &mut Builder, xs: &[ir::Expr], ymax: &ir::Expr, value: &ir::Expr| -> Vec<Stmt> {
-                let is_max = |xv: &ir::Expr, op: ir::CmpOp| ir::Cond::Cmp { op, a: xv.clone(), b: ymax.clone() };
                 let taken = |i: usize| {
-                    let mut conds = vec![is_max(&xs[i], ir::CmpOp::Eq)];
-                    conds.extend(xs[..i].iter().map(|e| is_max(e, ir::CmpOp::Ne)));
+                    let mut conds = vec![is_max(&xs[i], ymax, ir::CmpOp::Eq)];
+                    conds.extend(xs[..i].iter().map(|e| is_max(e, ymax, ir::CmpOp::Ne)));
                     if conds.len() == 1 {
                         conds.remove(0)
                     } else {
@@ -929,10 +929,10 @@ fn first_max_scatter(
     let found = b.kb.acc("found");
     let xv = load(x_arg, b.index(x));
     let take = ir::Cond::And(vec![
-        is_max(xv.clone(), ir::CmpOp::Eq),
+        is_max(&xv, &ymax, ir::CmpOp::Eq),
         ir::Cond::Cmp { op: ir::CmpOp::Eq, a: acc(found), b: lit(0.0) },
     ]);
-    let seen = ir::Expr::select(is_max(xv, ir::CmpOp::Eq), lit(1.0), lit(0.0));
+    let seen = ir::Expr::select(is_max(&xv, &ymax, ir::CmpOp::Eq), lit(1.0), lit(0.0));
     let index = b.index(&eq.lhs);
     let mut guards = b.inside(&eq.lhs, &target)?;
     let (_, x_info) = b.args.get(&x.tensor).cloned().ok_or_else(|| unbound(&x.tensor))?;
