@@ -286,19 +286,24 @@ impl Contract {
     }
 }
 
+/// Whether any statement of `body`, at any depth, is a [`Contract`].
+pub fn holds_contract(body: &[Stmt]) -> bool {
+    struct Find(bool);
+    impl<'k> Visitor<'k> for Find {
+        fn stmt(&mut self, s: &'k Stmt) {
+            self.0 |= matches!(s, Stmt::Contract(_));
+            walk_stmt(self, s);
+        }
+    }
+    let mut find = Find(false);
+    walk_body(&mut find, body);
+    find.0
+}
+
 impl Kernel {
     /// Whether any statement is a [`Contract`].
     pub fn has_contractions(&self) -> bool {
-        struct Find(bool);
-        impl<'k> Visitor<'k> for Find {
-            fn stmt(&mut self, s: &'k Stmt) {
-                self.0 |= matches!(s, Stmt::Contract(_));
-                walk_stmt(self, s);
-            }
-        }
-        let mut find = Find(false);
-        walk_body(&mut find, &self.grid.body);
-        find.0
+        holds_contract(&self.grid.body)
     }
 
     /// This kernel with every [`Contract`] replaced by the loop nest that defines it

@@ -58,6 +58,111 @@ pub fn independent_over(args: usize, body: &[Stmt], vars: &[VarId]) -> bool {
     ok
 }
 
+/// Another sufficient condition for the iterations of the loops `nest` (perfectly nested,
+/// outermost first, the outermost one the only statement of `body`) to touch disjoint
+/// elements, on the flat (row-major) element index of each stored argument. Every access
+/// to it is `Σ c_v·v` over the nest's variables, the same for all of them, plus the same
+/// terms in variables bound outside the nest (fixed while it runs), plus a part in the
+/// variables of loops inside the nest and a constant, which lies in one window
+/// `[lo, hi]` for all accesses. The accesses of one iteration then lie within
+/// `base + [lo, hi]`, and distinct iterations' bases are far enough apart when, taken in
+/// order of increasing `|c_v|`, each step exceeds what the window and the smaller steps
+/// span: `|c_v| > (hi − lo) + Σ |c_u|·(extent_u − 1)`, as the digits of a mixed-radix
+/// number (a batch extent is allowed only for the largest step). This covers the flattened
+/// stores [`independent_over`] cannot see, such as an im2col's columns
+/// `cols[576·ci + 192·kh + 64·kw + 8·oh + ow]` with their padding taps.
+pub fn injective_over(k: &Kernel, body: &[Stmt], nest: &[&Loop]) -> bool {
+    let Some(inner) = nest.last() else { return false };
+    // The loops inside the nest, with their extents.
+    struct Loops<'a>(Vec<&'a Loop>);
+    impl<'a> Visitor<'a> for Loops<'a> {
+        fn enter_loop(&mut self, l: &'a Loop) {
+            self.0.push(l);
+        }
+    }
+    let mut inside = Loops(Vec::new());
+    walk_body(&mut inside, &inner.body);
+    let mut stored = vec![false; k.args.len()];
+    visit_accesses(body, &mut |arg, _, store| stored[arg.0 as usize] |= store);
+    /// Per stored argument: the nest's steps and the outer terms every access shares, and
+    /// the window of the rest.
+    #[derive(PartialEq)]
+    struct Shape {
+        nest: Vec<i128>,
+        outer: Vec<(VarId, i128)>,
+    }
+    let mut seen: Vec<Option<(Shape, i128, i128)>> = (0..k.args.len()).map(|_| None).collect();
+    let mut ok = true;
+    visit_accesses(body, &mut |arg, index, _| {
+        let i = arg.0 as usize;
+        if !stored[i] || !ok {
+            return;
+        }
+        let strides = k.args[i].strides();
+        let mut shape = Shape { nest: vec![0; nest.len()], outer: Vec::new() };
+        let (mut lo, mut hi) = (0i128, 0i128);
+        for (a, &st) in index.iter().zip(&strides) {
+            let st = i128::from(st);
+            lo += i128::from(a.offset) * st;
+            hi += i128::from(a.offset) * st;
+            for t in &a.terms {
+                let step = i128::from(t.coef) * st;
+                if let Some(p) = nest.iter().position(|l| l.var == t.var) {
+                    ok &= t.div == 1;
+                    shape.nest[p] += step;
+                } else if let Some(l) = inside.0.iter().find(|l| l.var == t.var) {
+                    // A loop inside the nest: its variable spans [0, extent − 1].
+                    let Extent::Fixed(e) = l.extent else {
+                        ok = false;
+                        return;
+                    };
+                    ok &= t.div == 1;
+                    let reach = step * (i128::from(e.max(1)) - 1);
+                    lo += reach.min(0);
+                    hi += reach.max(0);
+                } else {
+                    ok &= t.div == 1;
+                    match shape.outer.iter_mut().find(|o| o.0 == t.var) {
+                        Some(o) => o.1 += step,
+                        None => shape.outer.push((t.var, step)),
+                    }
+                }
+            }
+        }
+        shape.outer.sort_by_key(|o| o.0 .0);
+        match &mut seen[i] {
+            Some((s, l, h)) => {
+                ok &= *s == shape;
+                (*l, *h) = ((*l).min(lo), (*h).max(hi));
+            }
+            slot => *slot = Some((shape, lo, hi)),
+        }
+    });
+    ok && seen.iter().flatten().all(|(shape, lo, hi)| {
+        let mut steps: Vec<(i128, Extent)> = Vec::new();
+        for (l, &step) in nest.iter().zip(&shape.nest) {
+            match l.extent {
+                Extent::Fixed(0 | 1) => {}
+                _ if step == 0 => return false,
+                e => steps.push((step.abs(), e)),
+            }
+        }
+        steps.sort_by_key(|s| s.0);
+        let mut span = hi - lo;
+        for (j, &(step, extent)) in steps.iter().enumerate() {
+            if step <= span {
+                return false;
+            }
+            match extent {
+                Extent::Fixed(e) => span += step * (i128::from(e) - 1),
+                Extent::Batch if j + 1 == steps.len() => {}
+                Extent::Batch => return false,
+            }
+        }
+        true
+    })
+}
+
 /// The loops that become the thread index: the grid, then each loop that is the whole
 /// body of the previous one, as long as every stored argument stays indexed by all of
 /// their variables ([`independent_over`]) and every accumulator read in the loop's body is
@@ -181,13 +286,13 @@ fn reads_outside(body: &[Stmt], vars: &[VarId], accs: &[AccId]) -> bool {
 }
 
 /// Whether `e` reads a register for which `p` holds.
-fn reads_acc(e: &Expr, p: &impl Fn(AccId) -> bool) -> bool {
+pub(crate) fn reads_acc(e: &Expr, p: &impl Fn(AccId) -> bool) -> bool {
     let mut reads = ReadsAcc { p, hit: false };
     reads.expr(e);
     reads.hit
 }
 
-fn cond_reads_acc(c: &Cond, p: &impl Fn(AccId) -> bool) -> bool {
+pub(crate) fn cond_reads_acc(c: &Cond, p: &impl Fn(AccId) -> bool) -> bool {
     let mut reads = ReadsAcc { p, hit: false };
     reads.cond(c);
     reads.hit
@@ -210,7 +315,7 @@ impl<'k, P: Fn(AccId) -> bool> Visitor<'k> for ReadsAcc<'_, P> {
 
 /// Whether every accumulator read in `body` was set before, in program order, within one
 /// execution of `body` (sets inside nested loops and `if`s count only inside them).
-fn accs_set_before_read(body: &[Stmt], set: &mut Vec<AccId>) -> bool {
+pub(crate) fn accs_set_before_read(body: &[Stmt], set: &mut Vec<AccId>) -> bool {
     for s in body {
         let unset = |a: AccId| !set.contains(&a);
         let ok = match s {

@@ -29,6 +29,7 @@
 //! Integer indices are 64-bit (`long long`): a buffer's length depends on the run-time batch,
 //! and a product of extents is never formed in 32-bit `int`.
 
+pub mod block;
 pub mod device;
 pub mod host;
 pub mod nvrtc;
@@ -100,15 +101,26 @@ pub const MAX_LAUNCH_THREADS: u64 = MAX_BLOCKS * BLOCK as u64;
 /// The helpers every module starts with.
 pub const HELPERS: &str = include_str!("pdgc.cuh");
 
+/// How a kernel's iterations map onto GPU threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaunchMode {
+    /// One thread runs the whole grid in order: its iterations are not proved independent.
+    Serial,
+    /// One thread per iteration of the parallel nest (and of the loops sunk into it).
+    PerIteration,
+    /// One block of [`BLOCK`] threads per grid iteration, its threads running each statement
+    /// together ([`block`]): tiled contractions, spread loop nests.
+    Block,
+}
+
 /// How a rendered kernel is launched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaunchInfo {
     /// The `extern "C"` symbol in the module.
     pub symbol: String,
-    /// One thread per iteration of the parallel nest (else one thread runs the whole grid).
-    pub parallel: bool,
-    /// The extents of the parallel nest, outermost (the grid) first; just the grid when
-    /// not `parallel`.
+    pub mode: LaunchMode,
+    /// The extents of the parallel nest, outermost (the grid) first; just the grid for the
+    /// other modes.
     pub extents: Vec<Extent>,
     /// Argument count (buffers, private ones included); the batch follows them.
     pub args: usize,
@@ -123,16 +135,22 @@ impl LaunchInfo {
 
 impl LaunchInfo {
     /// `(blocks, threads per block)` for a batch, or `None` when there is nothing to run;
-    /// an error when the parallel nest has more iterations than one launch has threads.
+    /// an error when the parallel nest has more iterations than one launch has threads. A
+    /// block-cooperative kernel gets one block per grid iteration, at most [`MAX_BLOCKS`]
+    /// (its blocks then take several iterations each).
     pub fn dims(&self, batch: u64) -> Result<Option<(u32, u32)>, CudaError> {
         let extent = self.extents.iter().try_fold(1u64, |n, e| n.checked_mul(e.resolve(batch)));
         let too_many = |threads: String| CudaError::TooManyThreads { kernel: self.symbol.clone(), batch, threads };
-        match extent {
-            Some(0) => Ok(None),
-            _ if !self.parallel => Ok(Some((1, 1))),
-            None => Err(too_many("more than 2^64".into())),
-            Some(n) if n > MAX_LAUNCH_THREADS => Err(too_many(n.to_string())),
-            Some(n) => {
+        match (extent, self.mode) {
+            (Some(0), _) => Ok(None),
+            (_, LaunchMode::Serial) => Ok(Some((1, 1))),
+            (_, LaunchMode::Block) => {
+                let blocks = self.grid().resolve(batch).min(MAX_BLOCKS);
+                Ok(Some((u32::try_from(blocks).expect("MAX_BLOCKS fits u32"), BLOCK)))
+            }
+            (None, _) => Err(too_many("more than 2^64".into())),
+            (Some(n), _) if n > MAX_LAUNCH_THREADS => Err(too_many(n.to_string())),
+            (Some(n), _) => {
                 let blocks = u32::try_from(n.div_ceil(BLOCK as u64)).map_err(|_| too_many(n.to_string()))?;
                 Ok(Some((blocks, BLOCK)))
             }
@@ -195,21 +213,11 @@ pub fn render_module(kernels: &[Kernel]) -> Result<CudaModule, VerifyError> {
     let mut infos = Vec::with_capacity(kernels.len());
     for (i, k) in kernels.iter().enumerate() {
         verify(k)?;
-        // A contraction renders as the loop nest that defines it (one thread per output
-        // element where the independence proofs allow); private arguments as one slice per
-        // grid iteration, which the launch allocates.
-        let desugared = k.desugared();
-        let sliced = desugared.private_sliced();
-        let k: &Kernel = &sliced;
         let sym = symbol(i, k);
-        let threads = Threads::of(k);
+        let (code, mode, extents) = render_one(k, &sym);
         source.push('\n');
-        source.push_str(&render_with(k, &sym, &threads));
-        let extents = match threads.nest.is_empty() {
-            true => vec![k.grid.extent],
-            false => threads.nest.iter().map(|l| l.extent).chain(threads.sunk.map(|s| s.extent)).collect(),
-        };
-        infos.push(LaunchInfo { symbol: sym, parallel: !threads.nest.is_empty(), extents, args: k.args.len() });
+        source.push_str(&code);
+        infos.push(LaunchInfo { symbol: sym, mode, extents, args: k.args.len() });
     }
     Ok(CudaModule { source, kernels: infos })
 }
@@ -217,9 +225,35 @@ pub fn render_module(kernels: &[Kernel]) -> Result<CudaModule, VerifyError> {
 /// The CUDA C of one kernel as a `__global__` function named `symbol` (no helpers; see
 /// [`render_module`]). Assumes a verified kernel.
 pub fn render_kernel(k: &Kernel, symbol: &str) -> String {
-    let desugared = k.desugared();
-    let sliced = desugared.private_sliced();
-    render_with(&sliced, symbol, &Threads::of(&sliced))
+    render_one(k, symbol).0
+}
+
+/// One kernel's function, launch mode and launch extents. Private arguments become one
+/// slice per grid iteration, which the launch allocates. Where the one-thread-per-iteration
+/// form would leave a grid iteration's work to one thread (no loop nested in the grid, no
+/// sunk loops), the block-cooperative form ([`block`]) renders it if it applies; otherwise
+/// a contraction renders as the loop nest that defines it.
+fn render_one(k: &Kernel, symbol: &str) -> (String, LaunchMode, Vec<Extent>) {
+    let sliced = k.private_sliced();
+    let desugared = sliced.desugared();
+    let threads = Threads::of(&desugared);
+    if threads.nest.len() <= 1 && threads.sunk.is_none() {
+        if let Some(plan) = block::plan(&sliced) {
+            let r = Renderer::new(&sliced, plan.sunk.clone());
+            let mut out = header(&r, symbol, BLOCK);
+            r.block_body(&mut out, &plan);
+            out.push_str("}\n");
+            return (out, LaunchMode::Block, vec![sliced.grid.extent]);
+        }
+    }
+    let (mode, extents) = match threads.nest.is_empty() {
+        true => (LaunchMode::Serial, vec![desugared.grid.extent]),
+        false => (
+            LaunchMode::PerIteration,
+            threads.nest.iter().map(|l| l.extent).chain(threads.sunk.as_ref().map(|s| s.extent)).collect(),
+        ),
+    };
+    (render_with(&desugared, symbol, &threads), mode, extents)
 }
 
 /// How a kernel's iterations map onto GPU threads: the parallel nest ([`parallel_nest`];
@@ -237,9 +271,9 @@ impl<'k> Threads<'k> {
     }
 }
 
-fn render_with(k: &Kernel, symbol: &str, threads: &Threads<'_>) -> String {
-    let Threads { nest, sunk } = threads;
-    let r = Renderer::new(k, sunk.as_ref().map(|s| s.vars.clone()).unwrap_or_default());
+/// The IR as a comment, then the function's signature and opening brace.
+fn header(r: &Renderer<'_>, symbol: &str, bounds: u32) -> String {
+    let k = r.k;
     let mut out = String::new();
     // The IR text as a comment: what this function computes, in the notation of the
     // kernel snapshots.
@@ -256,10 +290,17 @@ fn render_with(k: &Kernel, symbol: &str, threads: &Threads<'_>) -> String {
         })
         .chain(std::iter::once("const unsigned long long batch".to_string()))
         .collect();
-    let bounds = if nest.is_empty() { 1 } else { BLOCK };
     let _ = writeln!(out, "extern \"C\" __global__ void __launch_bounds__({bounds}) {symbol}(");
     let _ = writeln!(out, "    {}) {{", params.join(",\n    "));
     let _ = writeln!(out, "  (void)batch;");
+    out
+}
+
+fn render_with(k: &Kernel, symbol: &str, threads: &Threads<'_>) -> String {
+    let Threads { nest, sunk } = threads;
+    let r = Renderer::new(k, sunk.as_ref().map(|s| s.vars.clone()).unwrap_or_default());
+    let bounds = if nest.is_empty() { 1 } else { BLOCK };
+    let mut out = header(&r, symbol, bounds);
     match nest.as_slice() {
         [] => {
             let g = r.var(k.grid.var);
@@ -290,28 +331,9 @@ fn render_with(k: &Kernel, symbol: &str, threads: &Threads<'_>) -> String {
                 );
                 dims.push(("pdgc_t".to_string(), sunk.extent));
             }
-            // The product is computed in 64 bits: a fixed first factor gets `LL`, since two
-            // `int` literals would multiply in (overflowing) 32-bit `int`.
-            let total: Vec<String> = dims
-                .iter()
-                .enumerate()
-                .map(|(i, d)| match d.1 {
-                    Extent::Fixed(n) if i == 0 => format!("{n}LL"),
-                    e => Renderer::extent(e),
-                })
-                .collect();
             let _ = writeln!(out, "  const long long pdgc_tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;");
-            let _ = writeln!(out, "  if (pdgc_tid >= {}) return;", total.join(" * "));
-            let _ = writeln!(out, "  long long pdgc_rest = pdgc_tid;");
-            for (i, (v, e)) in dims.iter().enumerate().rev() {
-                if i == 0 {
-                    let _ = writeln!(out, "  const long long {v} = pdgc_rest;");
-                } else {
-                    let e = Renderer::extent(*e);
-                    let _ = writeln!(out, "  const long long {v} = pdgc_rest % {e};");
-                    let _ = writeln!(out, "  pdgc_rest /= {e};");
-                }
-            }
+            let _ = writeln!(out, "  if (pdgc_tid >= {}) return;", Renderer::product(&dims));
+            Renderer::decompose(&mut out, &dims, "pdgc_tid", 1);
             r.locals(&mut out, 1);
             r.stmts(&mut out, &inner.body, 1);
         }
@@ -566,8 +588,8 @@ impl<'k> Renderer<'k> {
                     self.stmts(out, then, depth + 1);
                     let _ = writeln!(out, "{p}}}");
                 }
-                // `render_module` and `render_kernel` render the desugared kernel, in which
-                // a contraction is the loop nest that defines it.
+                // Block-cooperative kernels render their contractions as units of their own
+                // (`block`); the others are rendered desugared, a contraction as its loop nest.
                 Stmt::Contract(_) => {
                     let _ = writeln!(out, "{p}#error \"contraction not desugared\"");
                 }
