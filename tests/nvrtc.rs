@@ -105,20 +105,30 @@ fn every_sample_compiles_to_cubin_for_sm80_and_sm90() {
 }
 
 #[test]
-fn the_timed_samples_compile_with_full_optimization() {
-    if !nvrtc_here("the_timed_samples_compile_with_full_optimization") {
+fn every_sample_compiles_with_full_optimization_for_sm80_and_sm90() {
+    if !nvrtc_here("every_sample_compiles_with_full_optimization_for_sm80_and_sm90") {
         return;
     }
-    // What a session on an H100/H200 compiles (scripts/gpu-check.sh times these).
-    for name in ["mnist_cnn", "cifar_cnn"] {
-        let path = format!("{}/samples/{name}.pdg", env!("CARGO_MANIFEST_DIR"));
-        let src = std::fs::read_to_string(&path).expect("sample");
-        let m = Module::from_source(name, &src, &CompileOptions::new(256)).expect("compiles");
+    // What a session on an A100/H100/H200 compiles, at the batch gpu-check times.
+    let jobs: Vec<(PathBuf, Arch)> =
+        samples().into_iter().flat_map(|p| [(p.clone(), Arch(80)), (p, Arch(90))]).collect();
+    let started = std::time::Instant::now();
+    parallel(&jobs, |(path, arch)| {
+        let src = std::fs::read_to_string(path).expect("sample");
+        let name = path.display().to_string();
+        let m = Module::from_source(&name, &src, &CompileOptions::new(256)).expect("compiles");
         let cuda = render_module(&m.program.kernels).expect("renders");
-        let cubin = nvrtc::compile_cubin(&cuda.source, "pdgc_module.cu", Arch(90), Opt::Full)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(&cubin[..4], b"\x7fELF");
-    }
+        let t = std::time::Instant::now();
+        let cubin = nvrtc::compile_cubin(&cuda.source, "pdgc_module.cu", *arch, Opt::Full)
+            .unwrap_or_else(|e| panic!("{name} for {arch}: {e}"));
+        assert_eq!(&cubin[..4], b"\x7fELF", "{name}: the {arch} cubin is not an ELF image");
+        eprintln!(
+            "{name} for {arch}: {} kernels at full optimization in {:.1} s",
+            cuda.kernels.len(),
+            t.elapsed().as_secs_f64()
+        );
+    });
+    eprintln!("{} modules at full optimization in {:.1} s", jobs.len(), started.elapsed().as_secs_f64());
 }
 
 #[test]
