@@ -93,8 +93,10 @@ pub struct BenchReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct ProfiledStep {
     pub step: String,
-    /// `(kernel, ms per step, launches per step)`, slowest first.
-    pub kernels: Vec<(String, f64, f64)>,
+    /// `(kernel, ms per step, launches per step, GFLOP/s achieved, holds a contraction)`,
+    /// slowest first; the rate is 0 for kernels without arithmetic to count (copies,
+    /// gathers).
+    pub kernels: Vec<(String, f64, f64, f64, bool)>,
 }
 
 /// Runs `f` `repeats` times with the session's kernel profiling on.
@@ -109,7 +111,14 @@ fn profiled(
         f(session)?;
     }
     let per = repeats as f64;
-    let kernels = session.profile().into_iter().map(|(k, secs, n)| (k, secs * 1e3 / per, n as f64 / per)).collect();
+    let kernels = session
+        .profile()
+        .into_iter()
+        .map(|(k, t)| {
+            let rate = if t.secs > 0.0 { t.flops as f64 / t.secs / 1e9 } else { 0.0 };
+            (k, t.secs * 1e3 / per, t.launches as f64 / per, rate, t.contraction)
+        })
+        .collect();
     Ok(ProfiledStep { step: step.to_string(), kernels })
 }
 
@@ -311,8 +320,9 @@ impl std::fmt::Display for BenchReport {
         for p in &self.profile {
             let total: f64 = p.kernels.iter().map(|k| k.1).sum();
             writeln!(f, "  profile, {} ({total:.2} ms in kernels per step):", p.step)?;
-            for (name, ms, launches) in p.kernels.iter().take(PROFILE_LINES) {
-                writeln!(f, "    {ms:>9.2} ms {:>5.1}%  x{launches:<6} {name}", 100.0 * ms / total.max(1e-12))?;
+            for (name, ms, launches, gflops, _) in p.kernels.iter().take(PROFILE_LINES) {
+                let rate = if *gflops > 0.0 { format!("{gflops:>8.1} GFLOP/s") } else { " ".repeat(16) };
+                writeln!(f, "    {ms:>9.2} ms {:>5.1}% {rate}  x{launches:<6} {name}", 100.0 * ms / total.max(1e-12))?;
             }
             if p.kernels.len() > PROFILE_LINES {
                 let rest: f64 = p.kernels.iter().skip(PROFILE_LINES).map(|k| k.1).sum();

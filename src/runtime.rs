@@ -117,7 +117,8 @@ pub struct Session {
     max_batch: usize,
     threads: usize,
     /// Per-kernel cumulative seconds and launches, when profiling is on.
-    profile: Option<Vec<(f64, u64)>>,
+    /// Per kernel while profiling: seconds, launches, FLOPs of those launches.
+    profile: Option<Vec<KernelTime>>,
     /// Why `Device::Auto` did not get CUDA.
     fallback: Option<String>,
 }
@@ -234,19 +235,19 @@ impl Session {
 
     /// Starts (or restarts) timing every kernel launch.
     pub fn enable_profiling(&mut self) {
-        self.profile = Some(vec![(0.0, 0); self.program.kernels.len()]);
+        self.profile = Some(vec![KernelTime::default(); self.program.kernels.len()]);
     }
 
-    /// Kernel name, total seconds and launches since profiling started, slowest first.
-    pub fn profile(&self) -> Vec<(String, f64, u64)> {
+    /// Per kernel launched since profiling started: name and totals, slowest first.
+    pub fn profile(&self) -> Vec<(String, KernelTime)> {
         let Some(p) = &self.profile else { return Vec::new() };
-        let mut rows: Vec<(String, f64, u64)> = p
+        let mut rows: Vec<(String, KernelTime)> = p
             .iter()
             .enumerate()
-            .filter(|(_, (_, n))| *n > 0)
-            .map(|(i, (t, n))| (self.program.kernels[i].name.clone(), *t, *n))
+            .filter(|(_, t)| t.launches > 0)
+            .map(|(i, t)| (self.program.kernels[i].name.clone(), *t))
             .collect();
-        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        rows.sort_by(|a, b| b.1.secs.total_cmp(&a.1.secs));
         rows
     }
 
@@ -433,8 +434,7 @@ impl Session {
             c.dev.launch(&c.module, kernel, &views, batch).map_err(|e| Error::Backend(e.to_string()))?;
             if let (Some(p), Some(t)) = (&mut self.profile, started) {
                 c.dev.synchronize().map_err(|e| Error::Device(e.to_string()))?;
-                p[kernel].0 += t.elapsed().as_secs_f64();
-                p[kernel].1 += 1;
+                p[kernel].add(t.elapsed().as_secs_f64(), &program.kernels[kernel], batch);
             }
             return Ok(());
         }
@@ -459,8 +459,7 @@ impl Session {
             Executor::Cuda(_) => Err(Error::Internal("a CUDA launch reached the host path".into())),
         };
         if let (Some(p), Some(t)) = (&mut self.profile, started) {
-            p[kernel].0 += t.elapsed().as_secs_f64();
-            p[kernel].1 += 1;
+            p[kernel].add(t.elapsed().as_secs_f64(), &program.kernels[kernel], batch);
         }
         result
     }
@@ -697,4 +696,25 @@ fn carve<'a>(arena: &'a mut [f32], ranges: &[std::ops::Range<usize>]) -> Result<
         base = r.end;
     }
     Ok(out.into_iter().map(|s| s.expect("every range was carved")).collect())
+}
+
+/// One kernel's launches while profiling.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct KernelTime {
+    pub secs: f64,
+    pub launches: u64,
+    /// The FLOPs of those launches ([`pdgc_codegen::analysis::work`]: contractions and
+    /// loop-nest arithmetic), for achieved FLOP/s.
+    pub flops: u64,
+    /// Whether the kernel holds a contraction (a GEMM-shaped product).
+    pub contraction: bool,
+}
+
+impl KernelTime {
+    fn add(&mut self, secs: f64, kernel: &pdgc_codegen::ir::Kernel, batch: u64) {
+        self.secs += secs;
+        self.launches += 1;
+        self.flops = self.flops.saturating_add(pdgc_codegen::analysis::work::work(kernel, batch).flops());
+        self.contraction = kernel.has_contractions();
+    }
 }

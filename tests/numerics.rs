@@ -4,14 +4,21 @@
 //! vectors PyTorch wrote (tests/data). Written once, run per backend.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::PathBuf;
 
 use pdgc::ops::Strategy;
 use pdgc::reference;
 use pdgc::{Batch, CompileOptions, Device, Labels, Module, Params, TensorMap};
 
+/// Where `samples/` and `tests/data/` are: the repository, or `$PDGC_TEST_ROOT` when this
+/// test binary runs from the GPU bundle (`scripts/gpu-bundle.sh`) on a machine without the
+/// source tree.
+fn root() -> PathBuf {
+    std::env::var_os("PDGC_TEST_ROOT").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
+
 fn read(rel: &str) -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).expect("test input exists")
+    std::fs::read_to_string(root().join(rel)).expect("test input exists")
 }
 
 fn module(rel: &str, batch: usize, overrides: Vec<(String, Strategy)>) -> Module {
@@ -326,7 +333,7 @@ fn per_example_grads_match_central_finite_differences() {
 
 /// f64 tensors of a safetensors file written by `tests/data/make_vectors.py`.
 fn torch_vectors(rel: &str) -> (BTreeMap<String, (Vec<usize>, Vec<f64>)>, String) {
-    let bytes = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).expect("vectors exist");
+    let bytes = std::fs::read(root().join(rel)).expect("vectors exist");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("metadata");
     let model = meta.metadata().as_ref().and_then(|m| m.get("model").cloned()).expect("model path in metadata");
@@ -355,7 +362,7 @@ fn per_example_grads_match_pytorch_vectors() {
 }
 
 fn pytorch_vectors_on(device: Device) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let dir = root().join("tests/data");
     let mut files: Vec<String> = std::fs::read_dir(&dir)
         .expect("tests/data")
         .filter_map(|e| e.ok())

@@ -149,6 +149,19 @@ def _vgg16() -> Net:
     return Net("vgg16", (3, 224, 224), 1000, tuple(layers))
 
 
+def _alexnet() -> Net:
+    """torchvision's alexnet without dropout (its adaptive average pool is the identity on
+    224 x 224 inputs), as samples/alexnet.pdg."""
+    return Net("alexnet", (3, 224, 224), 1000, (
+        Conv("features_0", 64, 11, stride=4, padding=2), Act("relu"), MaxPool(3, 2),
+        Conv("features_3", 192, 5, padding=2), Act("relu"), MaxPool(3, 2),
+        Conv("features_6", 384, 3, padding=1), Act("relu"),
+        Conv("features_8", 256, 3, padding=1), Act("relu"),
+        Conv("features_10", 256, 3, padding=1), Act("relu"), MaxPool(3, 2),
+        Flatten(), Linear("classifier_1", 4096), Act("relu"), Linear("classifier_4", 4096), Act("relu"),
+        Linear("classifier_6", 1000)))
+
+
 NETS = {
     # The DP-SGD MNIST CNN of Papernot et al. 2020 (tanh).
     "mnist_cnn": Net("mnist_cnn", (1, 28, 28), 10, (
@@ -166,8 +179,10 @@ NETS = {
     "toy_l3_r2_k5": _toy("toy_l3_r2_k5", 3, 2, 5, 25600),
     "toy_l4_r2_k3": _toy("toy_l4_r2_k3", 4, 2, 3, 24200),
     "vgg16": _vgg16(),
+    "alexnet": _alexnet(),
 }
 assert feature_count(NETS["cifar_cnn"]) == 2048 and feature_count(NETS["vgg16"]) == 25088
+assert feature_count(NETS["alexnet"]) == 9216
 
 
 

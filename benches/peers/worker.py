@@ -53,9 +53,9 @@ def load_inputs(args, net):
     return None, x, y
 
 
-def torch_step(system, net, params, x, y, clip, threads):
+def torch_step(system, net, params, x, y, clip, threads, device="cpu"):
     """The step as a closure returning `{name: tensor}` (the mean gradient for `torch`, the
-    clipped sum otherwise, per-example gradients etc. for `reference`)."""
+    clipped sum otherwise, per-example gradients etc. for `reference`), on `device`."""
     import torch
     import torch.nn.functional as F
     torch.set_num_threads(threads)
@@ -64,8 +64,9 @@ def torch_step(system, net, params, x, y, clip, threads):
     model = torch_model(net).to(dtype)
     if params is not None:
         model.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+    model = model.to(device)
     names = [k for k, _ in model.named_parameters()]
-    xt, yt = torch.from_numpy(x).to(dtype), torch.from_numpy(y)
+    xt, yt = torch.from_numpy(x).to(dtype).to(device), torch.from_numpy(y).to(device)
 
     if system == "torch":
         def step():
