@@ -44,9 +44,10 @@ pub enum Device {
     Cuda,
     /// The kernel-IR reference interpreter: exact semantics, slow; for testing.
     Interpreter,
-    /// The generated CUDA C compiled for this machine by its C++ compiler and run one
-    /// GPU thread at a time (`pdgc_codegen::cuda::host`): checks the CUDA backend's code
-    /// without a GPU. Slow; for testing.
+    /// The generated CUDA C compiled for this machine by its C++ compiler and run with the
+    /// launch grid a GPU gets, one block at a time, the threads of a block-cooperative kernel
+    /// as coroutines through its barriers (`pdgc_codegen::cuda::host`): checks the CUDA
+    /// backend's code without a GPU. Slow; for testing.
     CudaHost,
 }
 
@@ -174,7 +175,9 @@ impl Session {
         match &self.executor {
             Executor::Cpu(_) => format!("cpu ({} threads)", self.threads),
             Executor::Interpreter => "interpreter".to_string(),
-            Executor::CudaHost(_) => "cuda-host (CUDA C on the CPU, one thread at a time)".to_string(),
+            Executor::CudaHost(_) => {
+                "cuda-host (CUDA C on the CPU, one block at a time, its threads as coroutines)".to_string()
+            }
             Executor::Cuda(c) => format!("cuda ({}, {})", c.dev.name(), c.dev.arch()),
         }
     }
