@@ -431,3 +431,37 @@ fn a_per_example_squared_norm_is_a_block_reduction() {
     assert!(m.source.contains("// The sum into sq: split over the block's threads"), "{}", m.source);
     same_as_interpreter(&k, 3);
 }
+
+#[test]
+fn a_contraction_over_the_batch_tiles_the_batch_rows() {
+    // A linear layer's product, y[n, j] (+)= Σ_k x[n, k] · w[j, k], the batch as rows, tiled
+    // for a batch of 256 (128 × 64 tiles): at batch 200 two block tiles of rows (the last
+    // one partial) and one partial tile of columns, in one block.
+    for accumulate in [false, true] {
+        let mut kb = KernelBuilder::new("linear");
+        let x = kb.input("x", &[B, f(37)]);
+        let w = kb.input("w", &[f(45), f(37)]);
+        let y = kb.arg("y", &[B, f(45)], Mode::InOut);
+        let [g, vm, vn, vk] = ["g", "m", "n", "k"].map(|s| kb.var(s));
+        let k = kb.finish(
+            g,
+            Extent::Fixed(1),
+            vec![Stmt::Contract(Contract {
+                m: vm,
+                n: vn,
+                k: vk,
+                extents: [Extent::Batch, Extent::Fixed(45), Extent::Fixed(37)],
+                a: Operand { arg: x, index: vec![v(vm), v(vk)] },
+                b: Operand { arg: w, index: vec![v(vn), v(vk)] },
+                c: Operand { arg: y, index: vec![v(vm), v(vn)] },
+                accumulate,
+            })],
+        );
+        let m = render_module(std::slice::from_ref(&k)).expect("renders");
+        assert_eq!(m.kernels[0].mode, LaunchMode::Block);
+        assert_eq!(m.kernels[0].dims(200).expect("fits"), Some((1, 128)));
+        assert!(m.source.contains("pdgc_m0 < (long long)batch; pdgc_m0 += 128"), "{}", m.source);
+        same_as_interpreter(&k, 200);
+        same_as_interpreter(&k, 0);
+    }
+}

@@ -3,7 +3,7 @@
 //! barrier after each (the IR's statements run in order; the barrier makes one
 //! statement's stores visible to the next one's loads, global and shared memory alike).
 //!
-//! Each statement of the grid's body becomes a [`Unit`]:
+//! Each statement of the grid's body becomes a `Unit`:
 //! * a contraction: a tiled product ([`Tile`]): the block walks `C` in block tiles of
 //!   `bm × bn`; each thread sums a `tm × tn` register tile, reading `A` and `B` from shared
 //!   memory, where the block stages `bk` steps of `k` at a time in two alternating stages
@@ -23,7 +23,7 @@
 //!
 //! A kernel is rendered this way when its grid iterations are independent (or the grid is a
 //! single iteration), every register read is set earlier in the same unit, and some unit
-//! does work the block can share (a contraction or a spread nest); see [`plan`]. Statements
+//! does work the block can share (a contraction or a spread nest); see `plan`. Statements
 //! that share a register (a running sum set, updated, then stored) are one unit. Otherwise
 //! the one-thread-per-iteration form of [`super`] renders it.
 

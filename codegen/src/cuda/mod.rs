@@ -18,7 +18,12 @@
 //! the thread index too ([`sunk_loops`]): a GEMM-shaped axpy nest becomes one thread per
 //! output element that reduces in its own registers. Otherwise one thread runs the whole
 //! grid loop in order, which is what the IR's sequential semantics asks for. Everything inside runs
-//! sequentially in the thread, exactly in IR order; accumulators are registers.
+//! sequentially in the thread, exactly in IR order; accumulators are registers. Where that
+//! would leave a whole grid iteration to one thread (nothing nested in the grid joins the
+//! thread index), a kernel whose grid iterations are independent is rendered
+//! block-cooperative instead ([`block`]): one block per grid iteration, its threads sharing
+//! each statement (tiled contractions, spread loop nests, tree reductions) with a barrier
+//! after each. [`LaunchMode`] says which form a kernel got.
 //!
 //! Floating point: constants print so that they parse back to the same bits; `exp`, `log`,
 //! `tanh`, `erf` are CUDA's `expf`, `logf`, `tanhf`, `erff` (within a few ulps of the
@@ -118,6 +123,7 @@ pub enum LaunchMode {
 pub struct LaunchInfo {
     /// The `extern "C"` symbol in the module.
     pub symbol: String,
+    /// How its iterations map onto threads; [`Self::dims`] sizes the grid from it.
     pub mode: LaunchMode,
     /// The extents of the parallel nest, outermost (the grid) first; just the grid for the
     /// other modes.
