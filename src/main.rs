@@ -656,7 +656,9 @@ fn artifacts(module: &pdgc::Module, emit: &[Emit]) -> Result<std::collections::B
 }
 
 fn cuda_text(module: &pdgc::Module) -> Result<String, String> {
-    pdgc_codegen::cuda::render_module(&module.program.kernels).map(|m| m.source).map_err(|e| e.to_string())
+    pdgc_codegen::cuda::render_module_for(&module.program.kernels, Some(module.options.batch as u64))
+        .map(|m| m.source)
+        .map_err(|e| e.to_string())
 }
 
 fn clif_text(module: &pdgc::Module) -> Result<String, String> {

@@ -68,8 +68,8 @@ struct CudaExec {
 impl CudaExec {
     fn new(program: &Program, max_batch: usize) -> Result<CudaExec> {
         let dev = CudaDevice::open(0).map_err(|e| Error::Device(e.to_string()))?;
-        let rendered =
-            pdgc_codegen::cuda::render_module(&program.kernels).map_err(|e| Error::Backend(e.to_string()))?;
+        let rendered = pdgc_codegen::cuda::render_module_for(&program.kernels, Some(max_batch as u64))
+            .map_err(|e| Error::Backend(e.to_string()))?;
         let module = dev.load(&rendered, &program.kernels).map_err(|e| Error::Backend(e.to_string()))?;
         let buffers = program
             .buffers
@@ -136,8 +136,8 @@ impl Session {
             Device::Cpu => cpu(&program)?,
             Device::Cuda => Executor::Cuda(Box::new(CudaExec::new(&program, max_batch)?)),
             Device::CudaHost => {
-                let rendered =
-                    pdgc_codegen::cuda::render_module(&program.kernels).map_err(|e| Error::Backend(e.to_string()))?;
+                let rendered = pdgc_codegen::cuda::render_module_for(&program.kernels, Some(max_batch as u64))
+                    .map_err(|e| Error::Backend(e.to_string()))?;
                 Executor::CudaHost(
                     pdgc_codegen::cuda::host::compile(&rendered, &program.kernels)
                         .map_err(|e| Error::Backend(e.to_string()))?,

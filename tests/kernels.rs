@@ -49,7 +49,9 @@ fn every_sample_kernel_compiles_on_the_cpu() {
 fn every_sample_has_its_cuda_c_snapshotted() {
     insta::glob!("../samples", "*.pdg", |path| {
         let m = module(path);
-        let cuda = pdgc_codegen::cuda::render_module(&m.program.kernels).expect("every kernel renders");
+        // As a session at the compiled batch renders it (32-bit indices where they fit).
+        let cuda = pdgc_codegen::cuda::render_module_for(&m.program.kernels, Some(m.options.batch as u64))
+            .expect("every kernel renders");
         assert_eq!(cuda.kernels.len(), m.program.kernels.len());
         insta::assert_snapshot!("cuda", cuda.source);
     });

@@ -13,7 +13,7 @@ use std::process::Command;
 
 use pdgc::{CompileOptions, Module};
 use pdgc_codegen::cuda::nvrtc::{self, Arch, Opt};
-use pdgc_codegen::cuda::{render_module, CudaError};
+use pdgc_codegen::cuda::{render_module, render_module_for, CudaError};
 
 fn required() -> bool {
     std::env::var("PDGC_REQUIRE_NVRTC").is_ok_and(|v| v == "1")
@@ -50,19 +50,22 @@ fn samples() -> Vec<PathBuf> {
     v
 }
 
-/// The distinct CUDA modules of every sample at batches 1, 32 and 256.
+/// The distinct CUDA modules of every sample at batches 1, 32 and 256 as sessions render
+/// them (32-bit indices where they fit that batch), and at 256 with 64-bit indices
+/// throughout.
 fn sample_modules() -> Vec<(String, String, usize)> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for path in samples() {
         let src = std::fs::read_to_string(&path).expect("readable");
-        for batch in [1, 32, 256] {
+        for (batch, max_batch) in [(1, Some(1)), (32, Some(32)), (256, Some(256)), (256, None)] {
             let m = Module::from_source(&path.display().to_string(), &src, &CompileOptions::new(batch))
                 .expect("sample compiles");
-            let cuda = render_module(&m.program.kernels).expect("renders");
+            let cuda = render_module_for(&m.program.kernels, max_batch).expect("renders");
             assert_eq!(cuda.kernels.len(), m.program.kernels.len());
             if seen.insert(cuda.source.clone()) {
-                out.push((format!("{} (batch {batch})", m.name), cuda.source, m.program.kernels.len()));
+                let bits = if max_batch.is_some() { "" } else { ", 64-bit indices" };
+                out.push((format!("{} (batch {batch}{bits})", m.name), cuda.source, m.program.kernels.len()));
             }
         }
     }
@@ -117,7 +120,7 @@ fn every_sample_compiles_with_full_optimization_for_sm80_and_sm90() {
         let src = std::fs::read_to_string(path).expect("sample");
         let name = path.display().to_string();
         let m = Module::from_source(&name, &src, &CompileOptions::new(256)).expect("compiles");
-        let cuda = render_module(&m.program.kernels).expect("renders");
+        let cuda = render_module_for(&m.program.kernels, Some(256)).expect("renders");
         let t = std::time::Instant::now();
         let cubin = nvrtc::compile_cubin(&cuda.source, "pdgc_module.cu", *arch, Opt::Full)
             .unwrap_or_else(|e| panic!("{name} for {arch}: {e}"));

@@ -395,6 +395,7 @@ fn the_host_harness_rejects_a_divergent_barrier() {
             mode: LaunchMode::Block,
             extents: vec![Extent::Fixed(1)],
             args: 1,
+            max_batch: None,
         }],
     };
     let host = host::compile(&module, std::slice::from_ref(&k)).expect("compiles");
@@ -463,5 +464,37 @@ fn a_contraction_over_the_batch_tiles_the_batch_rows() {
         assert!(m.source.contains("pdgc_m0 < (long long)batch; pdgc_m0 += 128"), "{}", m.source);
         same_as_interpreter(&k, 200);
         same_as_interpreter(&k, 0);
+    }
+}
+
+#[test]
+fn indices_are_32_bit_where_every_value_fits_the_batch_rendered_for() {
+    use pdgc_codegen::cuda::{index_bits, render_module_for, CudaError};
+    // conv_shaped at [70, 33, 130]: y has 9100 elements per example, so 32-bit indices hold
+    // up to about 236,000 examples.
+    let k = conv_shaped([70, 33, 130], true);
+    let desugared = k.private_sliced().desugared().into_owned();
+    assert_eq!(index_bits(&desugared, &[Extent::Batch], 1000), 32);
+    assert_eq!(index_bits(&desugared, &[Extent::Batch], 300_000), 64, "y alone passes 2^31");
+    let narrow = render_module_for(std::slice::from_ref(&k), Some(5)).expect("renders");
+    assert!(narrow.source.contains("for (int g = blockIdx.x; g < (int)batch; g += gridDim.x)"), "{}", narrow.source);
+    assert_eq!(narrow.source.matches("long long").count(), 1, "the batch argument only: {}", narrow.source);
+    assert_eq!(narrow.kernels[0].max_batch, Some(5));
+    assert!(matches!(narrow.kernels[0].dims(6), Err(CudaError::BatchAboveIndexLimit { max: 5, .. })));
+    let wide = render_module_for(std::slice::from_ref(&k), Some(300_000)).expect("renders");
+    assert!(wide.source.contains("long long g = blockIdx.x"), "{}", wide.source);
+    assert_eq!(wide.kernels[0].max_batch, None);
+    // The 32-bit form computes what the interpreter does.
+    let mut rng = Rng::new(5);
+    let inputs = random_bufs(&k, 5, &mut rng, -1.0, 1.0);
+    let mut want = inputs.clone();
+    exec(Backend::Interp, &k, &mut want, 5);
+    let host = pdgc_codegen::cuda::host::compile(&narrow, std::slice::from_ref(&k)).expect("compiles");
+    let mut got = inputs;
+    let mut views: Vec<&mut [f32]> = got.iter_mut().map(|b| b.as_mut_slice()).collect();
+    host.launch(0, &mut views, 5).expect("launch");
+    for (i, a) in k.bound().enumerate() {
+        let w: Vec<f64> = want[i].iter().map(|&x| x as f64).collect();
+        assert_close(&format!("32-bit {}", a.name), &got[i], &w, 1e-5);
     }
 }

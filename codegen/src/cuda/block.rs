@@ -365,8 +365,9 @@ impl Renderer<'_> {
             let _ = writeln!(out, "  __shared__ float pdgc_red[{BLOCK}];");
         }
         let _ = writeln!(out, "  // One block per grid iteration; its threads run each statement together.");
-        let extent = Self::extent(k.grid.extent);
-        let _ = writeln!(out, "  for (long long {g} = blockIdx.x; {g} < {extent}; {g} += gridDim.x) {{");
+        let extent = self.extent(k.grid.extent);
+        let it = self.it;
+        let _ = writeln!(out, "  for ({it} {g} = blockIdx.x; {g} < {extent}; {g} += gridDim.x) {{");
         self.locals(out, 2);
         self.units(out, &plan.units, 2);
         let _ = writeln!(out, "  }}");
@@ -378,7 +379,8 @@ impl Renderer<'_> {
             match u {
                 Unit::Uniform { head: Head::Loop(l), body } => {
                     let v = self.var(l.var);
-                    let _ = writeln!(out, "{p}for (long long {v} = 0; {v} < {}; ++{v}) {{", Self::extent(l.extent));
+                    let it = self.it;
+                    let _ = writeln!(out, "{p}for ({it} {v} = 0; {v} < {}; ++{v}) {{", self.extent(l.extent));
                     self.units(out, body, depth + 1);
                     let _ = writeln!(out, "{p}}}");
                 }
@@ -424,10 +426,11 @@ impl Renderer<'_> {
         let _ = writeln!(out, "{q}float pdgc_part = 0.0f;");
         let _ = writeln!(
             out,
-            "{q}for (long long pdgc_i = threadIdx.x; pdgc_i < {}; pdgc_i += blockDim.x) {{",
-            Self::product(&dims)
+            "{q}for ({} pdgc_i = threadIdx.x; pdgc_i < {}; pdgc_i += blockDim.x) {{",
+            self.it,
+            self.product(&dims)
         );
-        Self::decompose(out, &dims, "pdgc_i", depth + 2);
+        self.decompose(out, &dims, "pdgc_i", depth + 2);
         let _ = writeln!(out, "{q}  pdgc_part = pdgc_part + {};", self.expr(term));
         let _ = writeln!(out, "{q}}}");
         let _ = writeln!(out, "{q}pdgc_red[threadIdx.x] = pdgc_part;");
@@ -448,15 +451,15 @@ impl Renderer<'_> {
 
     /// Binds the thread dimensions `dims` (outermost first) from the flat index `from`, the
     /// innermost fastest.
-    pub(super) fn decompose(out: &mut String, dims: &[(String, Extent)], from: &str, depth: usize) {
-        let p = pad(depth);
-        let _ = writeln!(out, "{p}long long pdgc_rest = {from};");
+    pub(super) fn decompose(&self, out: &mut String, dims: &[(String, Extent)], from: &str, depth: usize) {
+        let (p, it) = (pad(depth), self.it);
+        let _ = writeln!(out, "{p}{it} pdgc_rest = {from};");
         for (i, (v, e)) in dims.iter().enumerate().rev() {
             if i == 0 {
-                let _ = writeln!(out, "{p}const long long {v} = pdgc_rest;");
+                let _ = writeln!(out, "{p}const {it} {v} = pdgc_rest;");
             } else {
-                let e = Self::extent(*e);
-                let _ = writeln!(out, "{p}const long long {v} = pdgc_rest % {e};");
+                let e = self.extent(*e);
+                let _ = writeln!(out, "{p}const {it} {v} = pdgc_rest % {e};");
                 let _ = writeln!(out, "{p}pdgc_rest /= {e};");
             }
         }
@@ -480,10 +483,11 @@ impl Renderer<'_> {
         }
         let _ = writeln!(
             out,
-            "{p}for (long long pdgc_i = threadIdx.x; pdgc_i < {}; pdgc_i += blockDim.x) {{",
-            Self::product(&dims)
+            "{p}for ({} pdgc_i = threadIdx.x; pdgc_i < {}; pdgc_i += blockDim.x) {{",
+            self.it,
+            self.product(&dims)
         );
-        Self::decompose(out, &dims, "pdgc_i", depth + 1);
+        self.decompose(out, &dims, "pdgc_i", depth + 1);
         let inner = nest.last().expect("a spread nest has a loop");
         self.stmts(out, &inner.body, depth + 1);
         let _ = writeln!(out, "{p}}}");
@@ -496,7 +500,7 @@ impl Renderer<'_> {
     fn tiled(&self, out: &mut String, c: &Contract, t: &Tile, depth: usize) {
         let p = pad(depth);
         let (m, n) = (self.var(c.m), self.var(c.n));
-        let [em, en, ek] = c.extents.map(Self::extent);
+        let [em, en, ek] = c.extents.map(|e| self.extent(e));
         let head = self.k.stmt_head(&Stmt::Contract(c.clone()));
         let _ = writeln!(out, "{p}// {head}");
         let _ = writeln!(
@@ -508,9 +512,10 @@ impl Renderer<'_> {
         let q = pad(depth + 1);
         let _ =
             writeln!(out, "{q}const int pdgc_tr = threadIdx.x / {}, pdgc_tc = threadIdx.x % {};", t.cols(), t.cols());
-        let _ = writeln!(out, "{q}const long long pdgc_ksteps = ({ek} + {}) / {};", t.bk - 1, t.bk);
-        let _ = writeln!(out, "{q}for (long long pdgc_m0 = 0; pdgc_m0 < {em}; pdgc_m0 += {}) {{", t.bm);
-        let _ = writeln!(out, "{q}for (long long pdgc_n0 = 0; pdgc_n0 < {en}; pdgc_n0 += {}) {{", t.bn);
+        let it = self.it;
+        let _ = writeln!(out, "{q}const {it} pdgc_ksteps = ({ek} + {}) / {};", t.bk - 1, t.bk);
+        let _ = writeln!(out, "{q}for ({it} pdgc_m0 = 0; pdgc_m0 < {em}; pdgc_m0 += {}) {{", t.bm);
+        let _ = writeln!(out, "{q}for ({it} pdgc_n0 = 0; pdgc_n0 < {en}; pdgc_n0 += {}) {{", t.bn);
         let r = pad(depth + 2);
         let _ = writeln!(out, "{r}float pdgc_c[{}][{}];", t.tm, t.tn);
         let _ = writeln!(out, "{r}#pragma unroll");
@@ -519,14 +524,14 @@ impl Renderer<'_> {
         let _ = writeln!(out, "{r}  for (int pdgc_j = 0; pdgc_j < {}; ++pdgc_j) pdgc_c[pdgc_i][pdgc_j] = 0.0f;", t.tn);
         self.stage_loads(out, c, t, "0", "0", depth + 2);
         let _ = writeln!(out, "{r}__syncthreads();");
-        let _ = writeln!(out, "{r}for (long long pdgc_ks = 0; pdgc_ks < pdgc_ksteps; ++pdgc_ks) {{");
+        let _ = writeln!(out, "{r}for ({it} pdgc_ks = 0; pdgc_ks < pdgc_ksteps; ++pdgc_ks) {{");
         let s = pad(depth + 3);
         let _ = writeln!(out, "{s}if (pdgc_ks + 1 < pdgc_ksteps) {{");
         self.stage_loads(out, c, t, "(pdgc_ks + 1)", "((pdgc_ks + 1) & 1)", depth + 4);
         let _ = writeln!(out, "{s}}}");
         let _ = writeln!(out, "{s}const float* pdgc_As = pdgc_smem + (pdgc_ks & 1) * {};", t.stage());
         let _ = writeln!(out, "{s}const float* pdgc_Bs = pdgc_As + {};", t.bk * t.bm);
-        let _ = writeln!(out, "{s}const long long pdgc_kleft = {ek} - pdgc_ks * {};", t.bk);
+        let _ = writeln!(out, "{s}const {it} pdgc_kleft = {ek} - pdgc_ks * {};", t.bk);
         let _ = writeln!(out, "{s}const int pdgc_kn = pdgc_kleft < {0} ? (int)pdgc_kleft : {0};", t.bk);
         let _ = writeln!(out, "{s}for (int pdgc_kk = 0; pdgc_kk < pdgc_kn; ++pdgc_kk) {{");
         let u = pad(depth + 4);
@@ -562,10 +567,10 @@ impl Renderer<'_> {
         let op = if c.accumulate { "+=" } else { "=" };
         let _ = writeln!(out, "{r}#pragma unroll");
         let _ = writeln!(out, "{r}for (int pdgc_i = 0; pdgc_i < {}; ++pdgc_i) {{", t.tm);
-        let _ = writeln!(out, "{r}  const long long {m} = pdgc_m0 + pdgc_tr + pdgc_i * {};", t.bm / t.tm);
+        let _ = writeln!(out, "{r}  const {it} {m} = pdgc_m0 + pdgc_tr + pdgc_i * {};", t.bm / t.tm);
         let _ = writeln!(out, "{r}  #pragma unroll");
         let _ = writeln!(out, "{r}  for (int pdgc_j = 0; pdgc_j < {}; ++pdgc_j) {{", t.tn);
-        let _ = writeln!(out, "{r}    const long long {n} = pdgc_n0 + pdgc_tc + pdgc_j * {};", t.cols());
+        let _ = writeln!(out, "{r}    const {it} {n} = pdgc_n0 + pdgc_tc + pdgc_j * {};", t.cols());
         let _ = writeln!(
             out,
             "{r}    if ({m} < {em} && {n} < {en}) {} {op} pdgc_c[pdgc_i][pdgc_j];",
@@ -584,7 +589,7 @@ impl Renderer<'_> {
     fn stage_loads(&self, out: &mut String, c: &Contract, t: &Tile, ks: &str, stage: &str, depth: usize) {
         let p = pad(depth);
         let (m, n, kv) = (self.var(c.m), self.var(c.n), self.var(c.k));
-        let [em, en, ek] = c.extents.map(Self::extent);
+        let [em, en, ek] = c.extents.map(|e| self.extent(e));
         let _ = writeln!(out, "{p}{{");
         let q = pad(depth + 1);
         let _ = writeln!(out, "{q}float* pdgc_As = pdgc_smem + {stage} * {};", t.stage());
@@ -605,8 +610,9 @@ impl Renderer<'_> {
                 false => (format!("pdgc_l / {width}"), format!("pdgc_l % {width}")),
             };
             let _ = writeln!(out, "{q}  const int pdgc_kk = {kk}, pdgc_o = {oo};");
-            let _ = writeln!(out, "{q}  const long long {kv} = {ks} * {} + pdgc_kk;", t.bk);
-            let _ = writeln!(out, "{q}  const long long {other} = {other_base} + pdgc_o;");
+            let it = self.it;
+            let _ = writeln!(out, "{q}  const {it} {kv} = {ks} * {} + pdgc_kk;", t.bk);
+            let _ = writeln!(out, "{q}  const {it} {other} = {other_base} + pdgc_o;");
             let _ = writeln!(
                 out,
                 "{q}  {tile}[pdgc_kk * {width} + pdgc_o] = ({other} < {other_extent} && {kv} < {ek}) ? {} : 0.0f;",
@@ -617,14 +623,15 @@ impl Renderer<'_> {
         let _ = writeln!(out, "{p}}}");
     }
 
-    /// The product of thread dimensions' extents, in 64 bits (a fixed first factor gets `LL`).
-    pub(super) fn product(dims: &[(String, Extent)]) -> String {
+    /// The product of thread dimensions' extents, in the index type (with 64-bit indices a
+    /// fixed first factor gets `LL`, so two `int` literals never multiply in 32 bits).
+    pub(super) fn product(&self, dims: &[(String, Extent)]) -> String {
         let total: Vec<String> = dims
             .iter()
             .enumerate()
             .map(|(i, d)| match d.1 {
-                Extent::Fixed(n) if i == 0 => format!("{n}LL"),
-                e => Self::extent(e),
+                Extent::Fixed(n) if i == 0 => format!("{n}{}", self.ll),
+                e => self.extent(e),
             })
             .collect();
         total.join(" * ")
