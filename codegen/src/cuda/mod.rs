@@ -295,15 +295,19 @@ const INDEX_LIMIT_32: u128 = (1 << 31) - (1 << 16);
 
 /// 32 when every value the rendered indices take in `k` (desugared, private arguments
 /// sliced) at batch `batch` stays below [`INDEX_LIMIT_32`], else 64: each buffer's length,
-/// each loop's extent, the threads of the launch (`threads`, the extents of its thread
-/// dims), and for every access, guard and index expression the sum of the absolute values
-/// of its terms at their variables' largest values (which bounds every partial sum the
-/// generated arithmetic forms, whatever the signs).
+/// each loop's extent, twice the threads of the launch (`threads`, the extents of its
+/// thread dims) and twice the iterations of every nest below the grid (flattened indices
+/// stride past their end by up to a block or a grid), and for every access, guard and index
+/// expression the sum of the absolute values of its terms at their variables' largest
+/// values (which bounds every partial sum the generated arithmetic forms, whatever the
+/// signs).
 pub fn index_bits(k: &Kernel, threads: &[Extent], batch: u64) -> u32 {
     struct Bound<'a> {
         k: &'a Kernel,
         batch: u64,
         max: Vec<u128>,
+        /// Iterations of the loops enclosing the current one, below the grid.
+        nested: Vec<u128>,
         ok: bool,
     }
     impl Bound<'_> {
@@ -323,6 +327,14 @@ pub fn index_bits(k: &Kernel, threads: &[Extent], batch: u64) -> u32 {
             let n = u128::from(l.extent.resolve(self.batch));
             self.check(n);
             self.max[l.var.0 as usize] = n.saturating_sub(1);
+            // A nest below the grid may run as one flattened index that strides past its
+            // end by a block (spread loops, reductions): twice its iterations must fit.
+            let product = self.nested.last().map_or(1, |p| p.saturating_mul(n));
+            self.check(product.saturating_mul(2));
+            self.nested.push(product);
+        }
+        fn exit_loop(&mut self, _: &'a Loop) {
+            self.nested.pop();
         }
         fn access(&mut self, arg: crate::ir::ArgId, index: &'a [Affine], _: bool) {
             let strides = self.k.args[arg.0 as usize].strides();
@@ -349,13 +361,17 @@ pub fn index_bits(k: &Kernel, threads: &[Extent], batch: u64) -> u32 {
             crate::visit::walk_cond(self, c);
         }
     }
-    let mut b = Bound { k, batch, max: vec![u128::MAX / 4; k.vars.len()], ok: true };
+    let mut b = Bound { k, batch, max: vec![u128::MAX / 4; k.vars.len()], nested: Vec::new(), ok: true };
     for a in &k.args {
         b.check(a.checked_len(batch).map_or(u128::MAX, u128::from));
     }
+    // The launch's threads; a block-cooperative grid loop strides past its end by up to the
+    // grid's own extent.
     let total = threads.iter().fold(1u128, |n, e| n.saturating_mul(u128::from(e.resolve(batch))));
-    b.check(total);
-    b.enter_loop(&k.grid);
+    b.check(total.saturating_mul(2));
+    let grid = u128::from(k.grid.extent.resolve(batch));
+    b.check(grid);
+    b.max[k.grid.var.0 as usize] = grid.saturating_sub(1);
     walk_body(&mut b, &k.grid.body);
     if b.ok {
         32
