@@ -148,35 +148,29 @@ pub(super) fn plan(k: &Kernel) -> Option<BlockPlan<'_>> {
         return None;
     }
     let units = units(k, &k.grid.body)?;
-    let mut plan = BlockPlan { units, shared: 0, sunk: Vec::new(), reduces: false };
-    let mut shares = false;
-    fn walk(units: &[Unit<'_>], plan: &mut (u32, Vec<VarId>, bool), shares: &mut bool) {
+    let mut plan = BlockPlan { units: Vec::new(), shared: 0, sunk: Vec::new(), reduces: false };
+    plan.note(&units);
+    plan.units = units;
+    let (together, alone) = split_work(&plan.units);
+    // Some work shared by the block's threads, at least half of it; otherwise one thread per
+    // grid iteration runs the same serial work with many more iterations in flight.
+    (together > 0.0 && together >= alone).then_some(plan)
+}
+
+impl BlockPlan<'_> {
+    /// Records what `units` need: shared memory for the tiles, the sunk variables, the
+    /// reduction array.
+    fn note(&mut self, units: &[Unit<'_>]) {
         for u in units {
             match u {
-                Unit::Uniform { body, .. } => walk(body, plan, shares),
-                Unit::Reduce { .. } => {
-                    plan.2 = true;
-                    *shares = true;
-                }
-                Unit::Contract(_, tile) => {
-                    plan.0 = plan.0.max(2 * tile.stage());
-                    *shares = true;
-                }
-                Unit::Spread { sunk, .. } => {
-                    plan.1.extend(sunk.iter().flat_map(|s| s.vars.iter().copied()));
-                    *shares = true;
-                }
+                Unit::Uniform { body, .. } => self.note(body),
+                Unit::Reduce { .. } => self.reduces = true,
+                Unit::Contract(_, tile) => self.shared = self.shared.max(2 * tile.stage()),
+                Unit::Spread { sunk, .. } => self.sunk.extend(sunk.iter().flat_map(|s| s.vars.iter().copied())),
                 Unit::Single(_) => {}
             }
         }
     }
-    let mut found = (0, Vec::new(), false);
-    walk(&plan.units, &mut found, &mut shares);
-    (plan.shared, plan.sunk, plan.reduces) = found;
-    let (together, alone) = split_work(&plan.units);
-    // At least half the work shared by the block's threads; otherwise one thread per grid
-    // iteration runs the same serial work with many more iterations in flight.
-    (shares && together >= alone).then_some(plan)
 }
 
 /// The work of `units` (in loop iterations, see [`iterations`]) that the block's threads
@@ -424,13 +418,7 @@ impl Renderer<'_> {
         let _ = writeln!(out, "{p}{{");
         let q = pad(depth + 1);
         let _ = writeln!(out, "{q}float pdgc_part = 0.0f;");
-        let _ = writeln!(
-            out,
-            "{q}for ({} pdgc_i = threadIdx.x; pdgc_i < {}; pdgc_i += blockDim.x) {{",
-            self.it,
-            self.product(&dims)
-        );
-        self.decompose(out, &dims, "pdgc_i", depth + 2);
+        self.strided(out, &dims, depth + 1);
         let _ = writeln!(out, "{q}  pdgc_part = pdgc_part + {};", self.expr(term));
         let _ = writeln!(out, "{q}}}");
         let _ = writeln!(out, "{q}pdgc_red[threadIdx.x] = pdgc_part;");
@@ -447,6 +435,19 @@ impl Renderer<'_> {
         }
         let _ = writeln!(out, "{q}}}");
         let _ = writeln!(out, "{p}}}");
+    }
+
+    /// Opens the loop in which the block's threads stride over the flattened iterations of
+    /// `dims` (outermost first) and binds each dim's variable; the caller closes it.
+    fn strided(&self, out: &mut String, dims: &[(String, Extent)], depth: usize) {
+        let _ = writeln!(
+            out,
+            "{}for ({} pdgc_i = threadIdx.x; pdgc_i < {}; pdgc_i += blockDim.x) {{",
+            pad(depth),
+            self.it,
+            self.product(dims)
+        );
+        self.decompose(out, dims, "pdgc_i", depth + 1);
     }
 
     /// Binds the thread dimensions `dims` (outermost first) from the flat index `from`, the
@@ -481,13 +482,7 @@ impl Renderer<'_> {
         } else {
             let _ = writeln!(out, "{p}// Spread over the block's threads.");
         }
-        let _ = writeln!(
-            out,
-            "{p}for ({} pdgc_i = threadIdx.x; pdgc_i < {}; pdgc_i += blockDim.x) {{",
-            self.it,
-            self.product(&dims)
-        );
-        self.decompose(out, &dims, "pdgc_i", depth + 1);
+        self.strided(out, &dims, depth);
         let inner = nest.last().expect("a spread nest has a loop");
         self.stmts(out, &inner.body, depth + 1);
         let _ = writeln!(out, "{p}}}");
